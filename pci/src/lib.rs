@@ -1,1 +1,31 @@
-//! pci
+//! Interfaces between the VMM's buses and its device models.
+//!
+//! The device crates (`vdsa`, `viommu`) implement these traits; the `vmm`
+//! crate, the only one that talks to KVM, owns the buses and the PCIe root
+//! complex and drives devices through them. Keeping the interfaces here lets
+//! the device models build and test without KVM.
+//!
+//! - [`BusDevice`]: a device on the MMIO or port-I/O bus, including the
+//!   64-byte atomic stores of MOVDIR64B, ENQCMD and ENQCMDS.
+//! - [`PciDevice`]: a PCI(e) function: 4 KiB configuration space and BARs.
+//! - [`PciConfiguration`]: a configuration-space model with BARs, capability
+//!   and extended-capability lists and write masks.
+//! - [`MsixConfig`]: the MSI-X capability, vector table and pending-bit array.
+//! - [`MsiSink`]: where a device sends its message-signalled interrupts.
+
+mod bus;
+mod configuration;
+mod device;
+mod msi;
+mod msix;
+mod pcie;
+
+pub use bus::{BusDevice, StoreKind, StoreReply};
+pub use configuration::{
+    BarKind, ConfigError, MappedBar, PciConfiguration, PciHeader, BAR_COUNT, CONFIG_SPACE_SIZE,
+    LEGACY_CONFIG_SPACE_SIZE,
+};
+pub use device::PciDevice;
+pub use msi::{MsiMessage, MsiRecorder, MsiSink};
+pub use msix::{MsixConfig, MSIX_PBA_ENTRY_SIZE, MSIX_TABLE_ENTRY_SIZE};
+pub use pcie::{cap_id, ext_cap_id, PcieCapability, PcieDeviceType};
