@@ -1,1 +1,13 @@
-//! vmm
+//! The VMM: the only crate that talks to KVM.
+//!
+//! It builds the machine (guest memory, vCPUs, interrupt chip, buses, PCIe
+//! root complex, ACPI tables), loads a Linux kernel or a micro-guest program,
+//! runs the vCPUs and answers their exits. Instruction emulation that the
+//! platform's KVM lacks (MOVDIR64B, ENQCMD, ENQCMDS, and a fallback for
+//! others) lives in [`emulator`].
+
+pub mod acpi;
+pub mod boot;
+pub mod emulator;
+pub mod layout;
+pub mod pci_root;
