@@ -72,6 +72,18 @@ struct Injected {
     cs: u16,
 }
 
+impl Injected {
+    fn at(e: Exception, rip: u64, selector: u16) -> Self {
+        Injected {
+            vector: e.vector,
+            error_code: e.error_code,
+            cr2: e.cr2,
+            rip,
+            cs: selector,
+        }
+    }
+}
+
 struct MockCpu {
     mem: GuestMemoryMmap,
     regs: kvm_regs,
@@ -315,8 +327,13 @@ impl MockCpu {
         b
     }
 
-    /// Switches to CPL 3 (the context a user-mode MOVDIR64B to MMIO traps in).
+    /// Switches to CPL 3 (the context a user-mode MOVDIR64B to MMIO traps
+    /// in), with the usual operands: RAX = the user portal mapping, RDX = a
+    /// descriptor in user data.
     fn enter_user(&mut self) {
+        self.regs.rax = PORTAL;
+        self.regs.rdx = UDATA;
+        self.write(UDATA, &descriptor());
         self.sregs.cs = segment(USER_CS, 3, true);
         self.sregs.ss = segment(USER_SS, 3, false);
         self.regs.rip = UCODE;
@@ -350,6 +367,18 @@ fn descriptor() -> [u8; 64] {
     }
     d[..4].copy_from_slice(&0xffff_ffffu32.to_le_bytes());
     d
+}
+
+/// Runs the emulation-failure path on `bytes` and checks that it raised
+/// `expected` as a fault: injected once, with the vCPU still at the
+/// instruction and no store made.
+fn assert_raises(cpu: &mut MockCpu, bytes: &[u8], expected: Exception) {
+    let (rip, selector) = (cpu.regs.rip, cpu.sregs.cs.selector);
+    let outcome = handle_emulation_failure(cpu, bytes).unwrap();
+    assert_eq!(outcome, Outcome::Exception(expected));
+    assert_eq!(cpu.regs.rip, rip, "RIP stays at the faulting instruction");
+    assert_eq!(cpu.injected, vec![Injected::at(expected, rip, selector)]);
+    assert!(cpu.stores.is_empty());
 }
 
 fn dword0(data: &[u8; 64]) -> u32 {
@@ -438,13 +467,7 @@ fn enqcmd_with_invalid_pasid_msr_is_gp0_and_rip_stays() {
     assert!(cpu.stores.is_empty());
     assert_eq!(
         cpu.injected,
-        vec![Injected {
-            vector: 13,
-            error_code: Some(0),
-            cr2: None,
-            rip: KCODE,
-            cs: KERNEL_CS
-        }]
+        vec![Injected::at(Exception::gp0(), KCODE, KERNEL_CS)]
     );
 }
 
@@ -454,10 +477,7 @@ fn enqcmd_with_invalid_msr_faults_before_touching_memory() {
     let (mut cpu, bytes) = enqcmd_machine();
     cpu.pasid = 0;
     cpu.unmap(KDATA);
-    assert_eq!(
-        handle_emulation_failure(&mut cpu, &bytes).unwrap(),
-        Outcome::Exception(Exception::gp0())
-    );
+    assert_raises(&mut cpu, &bytes, Exception::gp0());
 }
 
 #[test]
@@ -497,16 +517,9 @@ fn enqcmds_keeps_source_pasid_and_privilege() {
 fn enqcmds_at_cpl3_is_gp0() {
     let mut cpu = MockCpu::new();
     cpu.enter_user();
-    cpu.regs.rax = PORTAL;
-    cpu.regs.rdx = UDATA;
     let bytes = cpu.place(|a| a.enqcmds(rax, ptr(rdx)));
 
-    assert_eq!(
-        handle_emulation_failure(&mut cpu, &bytes).unwrap(),
-        Outcome::Exception(Exception::gp0())
-    );
-    assert_eq!(cpu.regs.rip, UCODE);
-    assert!(cpu.stores.is_empty());
+    assert_raises(&mut cpu, &bytes, Exception::gp0());
 }
 
 #[test]
@@ -575,19 +588,13 @@ fn non_canonical_source_is_gp0_or_ss0() {
     cpu.regs.rax = KPORTAL;
     cpu.regs.rdx = 0x8000_0000_0000;
     let bytes = cpu.place(|a| a.movdir64b(rax, ptr(rdx)));
-    assert_eq!(
-        handle_emulation_failure(&mut cpu, &bytes).unwrap(),
-        Outcome::Exception(Exception::gp0())
-    );
+    assert_raises(&mut cpu, &bytes, Exception::gp0());
 
     let mut cpu = MockCpu::new();
     cpu.regs.rax = KPORTAL;
     cpu.regs.rbp = 0x7fff_ffff_fff0; // the 64 bytes run past the canonical end
     let bytes = cpu.place(|a| a.movdir64b(rax, ptr(rbp)));
-    assert_eq!(
-        handle_emulation_failure(&mut cpu, &bytes).unwrap(),
-        Outcome::Exception(Exception::ss0())
-    );
+    assert_raises(&mut cpu, &bytes, Exception::ss0());
     assert_eq!(cpu.injected[0].error_code, Some(0));
     assert_eq!(cpu.injected[0].vector, 12);
 }
@@ -596,35 +603,15 @@ fn non_canonical_source_is_gp0_or_ss0() {
 fn non_canonical_destination_is_gp0() {
     let (mut cpu, bytes) = enqcmd_machine();
     cpu.regs.rax = 0x1234_5678_0000_0000;
-    assert_eq!(
-        handle_emulation_failure(&mut cpu, &bytes).unwrap(),
-        Outcome::Exception(Exception::gp0())
-    );
+    assert_raises(&mut cpu, &bytes, Exception::gp0());
 }
 
 #[test]
 fn source_not_present_is_pf_with_error_code_and_cr2() {
     let (mut cpu, bytes) = enqcmd_machine();
     cpu.unmap(KDATA);
-
-    let outcome = handle_emulation_failure(&mut cpu, &bytes).unwrap();
-
     // Supervisor read of a not-present page: error code 0.
-    assert_eq!(
-        outcome,
-        Outcome::Exception(Exception::page_fault(0, KDATA + 0x100))
-    );
-    assert_eq!(
-        cpu.injected,
-        vec![Injected {
-            vector: 14,
-            error_code: Some(0),
-            cr2: Some(KDATA + 0x100),
-            rip: KCODE,
-            cs: KERNEL_CS
-        }]
-    );
-    assert!(cpu.stores.is_empty());
+    assert_raises(&mut cpu, &bytes, Exception::page_fault(0, KDATA + 0x100));
 }
 
 #[test]
@@ -632,17 +619,13 @@ fn source_split_over_a_missing_second_page_faults_on_that_page() {
     let (mut cpu, bytes) = enqcmd_machine();
     cpu.regs.rdx = KDATA + 0xfe0;
     cpu.unmap(KDATA + 0x1000);
-    assert_eq!(
-        handle_emulation_failure(&mut cpu, &bytes).unwrap(),
-        Outcome::Exception(Exception::page_fault(0, KDATA + 0x1000))
-    );
+    assert_raises(&mut cpu, &bytes, Exception::page_fault(0, KDATA + 0x1000));
 }
 
 #[test]
 fn user_source_on_supervisor_page_is_pf_present_user() {
     let mut cpu = MockCpu::new();
     cpu.enter_user();
-    cpu.regs.rax = PORTAL;
     cpu.regs.rdx = KDATA + 0x40;
     let bytes = cpu.place(|a| a.movdir64b(rax, ptr(rdx)));
 
@@ -664,8 +647,6 @@ fn read_only_destination_is_pf_write() {
     let mut cpu = MockCpu::new();
     cpu.map(PORTAL, PORTAL_PA, PTE_P | PTE_US | PTE_NX);
     cpu.enter_user();
-    cpu.regs.rax = PORTAL;
-    cpu.regs.rdx = UDATA;
     let bytes = cpu.place(|a| a.enqcmd(rax, ptr(rdx)));
 
     let outcome = handle_emulation_failure(&mut cpu, &bytes).unwrap();
@@ -770,7 +751,6 @@ fn five_level_paging() {
     cpu.map(high_user, UDATA_PA, PTE_P | PTE_RW | PTE_US | PTE_NX);
     cpu.write(UDATA, &descriptor());
     cpu.enter_user();
-    cpu.regs.rax = PORTAL;
     cpu.regs.rdx = high_user;
     let bytes = cpu.place(|a| a.enqcmd(rax, ptr(rdx)));
 
@@ -783,13 +763,9 @@ fn five_level_paging() {
     // The same address is non-canonical with 4-level paging.
     let mut cpu = MockCpu::new();
     cpu.enter_user();
-    cpu.regs.rax = PORTAL;
     cpu.regs.rdx = high_user;
     let bytes = cpu.place(|a| a.enqcmd(rax, ptr(rdx)));
-    assert_eq!(
-        handle_emulation_failure(&mut cpu, &bytes).unwrap(),
-        Outcome::Exception(Exception::gp0())
-    );
+    assert_raises(&mut cpu, &bytes, Exception::gp0());
 }
 
 #[test]
@@ -950,13 +926,7 @@ fn user_enqcmd_with_invalid_msr_gets_gp0_in_user_context() {
     );
     assert_eq!(
         cpu.injected,
-        vec![Injected {
-            vector: 13,
-            error_code: Some(0),
-            cr2: None,
-            rip: UCODE,
-            cs: USER_CS
-        }]
+        vec![Injected::at(Exception::gp0(), UCODE, USER_CS)]
     );
     assert!(cpu.stores.is_empty());
 }
@@ -984,13 +954,11 @@ fn user_enqcmd_source_page_fault_is_delivered_from_user_context() {
     assert_back_in_user(&cpu, UCODE);
     assert_eq!(
         cpu.injected,
-        vec![Injected {
-            vector: 14,
-            error_code: Some(5),
-            cr2: Some(KDATA + 8),
-            rip: UCODE,
-            cs: USER_CS
-        }]
+        vec![Injected::at(
+            Exception::page_fault(5, KDATA + 8),
+            UCODE,
+            USER_CS
+        )]
     );
 
     // Source not present: user read, error code 4.
@@ -1121,10 +1089,7 @@ fn clac_and_stac_toggle_ac_at_cpl0_and_raise_ud_at_cpl3() {
     let mut cpu = MockCpu::new();
     cpu.enter_user();
     let bytes = cpu.place(|a| a.clac());
-    assert_eq!(
-        handle_emulation_failure(&mut cpu, &bytes).unwrap(),
-        Outcome::Exception(Exception::ud())
-    );
+    assert_raises(&mut cpu, &bytes, Exception::ud());
     assert_eq!(cpu.regs.rip, UCODE);
 }
 
@@ -1145,10 +1110,7 @@ fn fwait_is_a_no_op_unless_mp_and_ts() {
 
     let mut cpu = MockCpu::new();
     cpu.sregs.cr0 |= 1 << 3; // TS, with MP set
-    assert_eq!(
-        handle_emulation_failure(&mut cpu, &[0x9b]).unwrap(),
-        Outcome::Exception(Exception::nm())
-    );
+    assert_raises(&mut cpu, &[0x9b], Exception::nm());
     assert_eq!(cpu.regs.rip, KCODE);
 }
 
@@ -1197,10 +1159,7 @@ fn popcnt_memory_form_and_its_page_fault() {
     let mut cpu = MockCpu::new();
     cpu.regs.rsi = 0x5000_0000; // unmapped
     let bytes = cpu.place(|a| a.popcnt(ecx, dword_ptr(rsi)));
-    assert_eq!(
-        handle_emulation_failure(&mut cpu, &bytes).unwrap(),
-        Outcome::Exception(Exception::page_fault(0, 0x5000_0000))
-    );
+    assert_raises(&mut cpu, &bytes, Exception::page_fault(0, 0x5000_0000));
 }
 
 #[test]
@@ -1211,15 +1170,10 @@ fn int3_reflects_bp_with_rip_after_it() {
         handle_emulation_failure(&mut cpu, &bytes).unwrap(),
         Outcome::Exception(Exception::bp())
     );
+    assert_eq!(cpu.regs.rip, KCODE + 1);
     assert_eq!(
         cpu.injected,
-        vec![Injected {
-            vector: 3,
-            error_code: None,
-            cr2: None,
-            rip: KCODE + 1,
-            cs: KERNEL_CS
-        }]
+        vec![Injected::at(Exception::bp(), KCODE + 1, KERNEL_CS)]
     );
 }
 
@@ -1265,10 +1219,7 @@ fn lock_cmpxchg16b_exchanges_or_loads() {
     // Misaligned: #GP(0).
     let (mut cpu, bytes) = setup(0);
     cpu.regs.rdi = target + 8;
-    assert_eq!(
-        handle_emulation_failure(&mut cpu, &bytes).unwrap(),
-        Outcome::Exception(Exception::gp0())
-    );
+    assert_raises(&mut cpu, &bytes, Exception::gp0());
     assert_eq!(cpu.regs.rip, KCODE);
 }
 
