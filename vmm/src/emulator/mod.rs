@@ -201,12 +201,14 @@ pub enum Outcome {
     Exception(Exception),
     /// The instruction was the `clac` at the entry of the guest's handler
     /// for `vector`, and the entry logic acted (see [`EntryAction`]); the
-    /// `clac` itself was not executed. A pass-through entry is reported as
-    /// the emulated `clac` instead.
+    /// `clac` itself was not executed. An entry that is not ours, or whose
+    /// instruction cannot be emulated (logged), runs the `clac` and is
+    /// reported as [`Outcome::Emulated`]: the guest's handler then runs.
     ExceptionEntry {
         /// The exception whose handler was entered.
         vector: u8,
-        /// What the entry logic did (never [`EntryAction::PassThrough`]).
+        /// What the entry logic did: [`EntryAction::Emulated`] or
+        /// [`EntryAction::Faulted`].
         action: EntryAction,
     },
     /// Not emulated; the vCPU is unchanged. The caller stops with a
@@ -299,12 +301,17 @@ pub fn handle_emulation_failure<C: GuestCpu + ?Sized>(
             && ctx.cpl() == 0
             && entry::is_entry(&ctx, cpu.memory(), rip, arch::vector::UD)
         {
-            let action = entry::ud_entry(cpu, &ctx)?;
-            if action != EntryAction::PassThrough {
-                return Ok(Outcome::ExceptionEntry {
-                    vector: arch::vector::UD,
-                    action,
-                });
+            match entry::ud_entry(cpu, &ctx)? {
+                EntryAction::PassThrough => {}
+                // The vCPU is unchanged: the guest's handler runs and the
+                // user process sees its #UD.
+                EntryAction::NotHandled(u) => log::warn!("user-mode {u}; #UD left to the guest"),
+                action => {
+                    return Ok(Outcome::ExceptionEntry {
+                        vector: arch::vector::UD,
+                        action,
+                    })
+                }
             }
         }
         fallback::execute(cpu, &mut ctx, &instr, which)?.map(Outcome::Emulated)

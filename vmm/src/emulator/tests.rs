@@ -1317,3 +1317,34 @@ proptest! {
         let _ = handle_exception_entry(&mut cpu, 6).unwrap();
     }
 }
+
+#[test]
+fn user_enqcmd_with_device_source_is_left_to_the_guest() {
+    // Breakpoint route: reported, vCPU unchanged.
+    let (mut cpu, _) = at_ud_entry(0, |a| a.enqcmd(rax, ptr(rdx)));
+    cpu.regs.rdx = PORTAL + 0x40;
+    let before = (cpu.regs, cpu.sregs);
+    let action = handle_exception_entry(&mut cpu, 6).unwrap();
+    let EntryAction::NotHandled(u) = action else {
+        panic!("{action:?}")
+    };
+    assert_eq!(
+        u.to_string(),
+        format!(
+            "RIP {UCODE:#x} bytes [f2 0f 38 f8 02]: 64-byte source at GPA {:#x} is not RAM",
+            PORTAL_PA + 0x40
+        )
+    );
+    assert_eq!((cpu.regs, cpu.sregs), before);
+
+    // clac route: the clac runs and the guest's #UD handler goes on.
+    let (mut cpu, _) = at_ud_entry(4, |a| a.enqcmd(rax, ptr(rdx)));
+    cpu.regs.rdx = PORTAL + 0x40;
+    assert_eq!(
+        handle_emulation_failure(&mut cpu, &[0x0f, 0x01, 0xca]).unwrap(),
+        Outcome::Emulated(FallbackInstruction::Clac)
+    );
+    assert_eq!(cpu.regs.rip, UD_HANDLER + 7);
+    assert_eq!(cpu.sregs.cs.selector, KERNEL_CS);
+    assert!(cpu.stores.is_empty() && cpu.injected.is_empty());
+}
