@@ -185,7 +185,7 @@ pub(crate) fn is_entry(
 }
 
 /// Whether the vCPU's RIP is at the entry of the guest's handler for
-/// `vector` (see [`is_entry`] rules: handler, or handler + 4 after ENDBR64).
+/// `vector`: the handler address, or handler + 4 after an ENDBR64 there.
 pub fn is_exception_entry<C: GuestCpu + ?Sized>(
     cpu: &mut C,
     vector: u8,
@@ -320,7 +320,9 @@ pub(crate) fn ud_entry<C: GuestCpu + ?Sized>(
 
 /// Called when the VMM has control at the entry of the guest's handler for
 /// `vector` (RSP at the hardware exception frame, nothing of the handler
-/// executed except an ENDBR64). For #UD from a 64-bit user context whose
+/// executed except an ENDBR64): by a breakpoint on [`idt_handler`], or, in
+/// Linux, at the `clac` after ENDBR64, which [`super::handle_emulation_failure`]
+/// routes here itself. For #UD from a 64-bit user context whose
 /// instruction is ENQCMD, ENQCMDS or MOVDIR64B: emulates it and returns to
 /// the user context, or delivers its exception there. Anything else:
 /// [`EntryAction::PassThrough`].

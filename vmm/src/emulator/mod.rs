@@ -12,7 +12,7 @@
 //! 2. A CPL 3 ENQCMD raises #UD straight into the guest. The VMM sees the
 //!    guest's #UD handler entry (a breakpoint on it, or the `clac` at
 //!    Linux's entry points, which route 1 already brings here) and calls
-//!    [`handle_exception_entry`]; see [`entry`](self::entry) for the details.
+//!    [`handle_exception_entry`].
 //!
 //! The module does not touch KVM: the vCPU is reached through the
 //! [`GuestCpu`] trait, which the VMM's vCPU implements and which a test can
@@ -20,6 +20,29 @@
 //!
 //! Only 64-bit mode is emulated (long mode with a 64-bit code segment);
 //! anything else is reported as not handled.
+//!
+//! # Wiring it into a vCPU loop
+//!
+//! ```text
+//! KVM_EXIT_INTERNAL_ERROR, suberror KVM_INTERNAL_ERROR_EMULATION:
+//!     bytes = data[1 .. 1 + data[0]] if flags bit 0 (KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES) else []
+//!     match handle_emulation_failure(vcpu, bytes)? {
+//!         Outcome::NotHandled(u) => stop: "emulation failure: {u}"
+//!         _ => resume          // Store / Emulated / Exception / ExceptionEntry
+//!     }
+//! KVM_EXIT_DEBUG at idt_handler(vcpu, 6) (breakpoint route):
+//!     match handle_exception_entry(vcpu, 6)? {
+//!         EntryAction::PassThrough => resume with RFLAGS.RF set (the handler runs)
+//!         EntryAction::NotHandled(u) => log "{u}", resume as for PassThrough
+//!         _ => resume          // the vCPU is back in user mode
+//!     }
+//! KVM_EXIT_X86_RDMSR / WRMSR of IA32_PASID_MSR: keep the value per vCPU;
+//!     GuestCpu::ia32_pasid returns it.
+//! ```
+//!
+//! Other exception entries (e.g. #PF for a SYSCALL fixup) can be recognised
+//! with [`is_exception_entry`] and [`read_exception_frame`] before calling
+//! [`handle_emulation_failure`] on the `clac` there.
 
 mod arch;
 mod context;
