@@ -88,20 +88,6 @@ pub mod vector {
     }
 }
 
-/// Page-fault error-code bits (SDM Vol. 3A, 4.7).
-pub mod pf_error {
-    /// The fault was a protection violation (0: page not present).
-    pub const PRESENT: u32 = 1 << 0;
-    /// The access was a write.
-    pub const WRITE: u32 = 1 << 1;
-    /// The access was a user-mode access.
-    pub const USER: u32 = 1 << 2;
-    /// A reserved bit was set in a paging-structure entry.
-    pub const RSVD: u32 = 1 << 3;
-    /// The access was an instruction fetch.
-    pub const FETCH: u32 = 1 << 4;
-}
-
 /// Requested-privilege-level bits of a segment selector.
 pub const SELECTOR_RPL_MASK: u16 = 3;
 /// Table-indicator bit of a segment selector (1: LDT).

@@ -10,11 +10,30 @@ use kvm_bindings::{kvm_regs, kvm_sregs};
 use super::arch::{cr4, efer, rflags};
 use super::{EmulatorError, GuestCpu};
 
+/// CPUID facts the page walk needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct CpuFeatures {
+    /// MAXPHYADDR.
+    pub phys_addr_bits: u8,
+    /// 1 GiB pages.
+    pub page_1g: bool,
+}
+
+impl Default for CpuFeatures {
+    fn default() -> Self {
+        CpuFeatures {
+            phys_addr_bits: 52,
+            page_1g: true,
+        }
+    }
+}
+
 /// Registers and segment state of one vCPU.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct CpuContext {
     pub regs: kvm_regs,
     pub sregs: kvm_sregs,
+    pub features: CpuFeatures,
 }
 
 impl CpuContext {
@@ -23,6 +42,10 @@ impl CpuContext {
         Ok(CpuContext {
             regs: cpu.regs()?,
             sregs: cpu.sregs()?,
+            features: CpuFeatures {
+                phys_addr_bits: cpu.max_phys_addr_bits(),
+                page_1g: cpu.has_1g_pages(),
+            },
         })
     }
 
@@ -137,6 +160,7 @@ mod tests {
         CpuContext {
             regs: kvm_regs::default(),
             sregs: kvm_sregs::default(),
+            features: CpuFeatures::default(),
         }
     }
 

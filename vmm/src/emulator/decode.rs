@@ -72,6 +72,7 @@ mod tests {
         let mut c = CpuContext {
             regs: kvm_regs::default(),
             sregs: kvm_sregs::default(),
+            features: Default::default(),
         };
         c.regs.rax = 0xffff_ffff_0000_1000;
         c.regs.rdx = 0x2000;

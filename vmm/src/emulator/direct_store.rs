@@ -112,14 +112,14 @@ pub(crate) fn execute<C: GuestCpu + ?Sized>(
         privilege,
     ) {
         Ok(()) => {}
-        Err(AccessError::Fault(e)) => return Ok(Step::Fault(e)),
         Err(AccessError::NotRam { gpa }) => {
             return Ok(Step::Unsupported(UnhandledReason::SourceNotRam { gpa }))
         }
+        Err(e) => return Ok(e.into()),
     }
     let gpa = match translate(cpu.memory(), ctx, dest, AccessKind::Write, privilege) {
         Ok(gpa) => gpa,
-        Err(e) => return Ok(Step::Fault(e)),
+        Err(e) => return Ok(e.into()),
     };
 
     let command = format_command(kind, &source, cpu.ia32_pasid());

@@ -42,6 +42,9 @@ pub enum EntryAction {
     /// The user-mode instruction faulted; the vCPU is back in the user
     /// context at the instruction and this exception has been injected.
     Faulted(Exception),
+    /// The page walk lost a race with other vCPUs: the vCPU is back in the
+    /// user context at the instruction, which runs (and traps) again.
+    Retry,
     /// The instruction is ours but could not be emulated (e.g. its source is
     /// device memory). The vCPU is unchanged: the caller stops with the
     /// diagnostic, or lets the guest's handler run.
@@ -310,6 +313,7 @@ pub(crate) fn ud_entry<C: GuestCpu + ?Sized>(
     Ok(match step {
         Step::Completed(record) => EntryAction::Emulated(record),
         Step::Fault(e) | Step::Trap(e) => EntryAction::Faulted(e),
+        Step::Retry => EntryAction::Retry,
         Step::Unsupported(reason) => EntryAction::NotHandled(Unhandled {
             rip: frame.rip,
             bytes,

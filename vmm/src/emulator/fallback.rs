@@ -75,6 +75,7 @@ pub(crate) fn execute<C: GuestCpu + ?Sized>(
             Step::Trap(e)
         }
         Err(Stop::Fault(e)) => Step::Fault(e),
+        Err(Stop::Retry) => Step::Retry,
         Err(Stop::Unsupported(r)) => Step::Unsupported(r),
     })
 }
@@ -85,6 +86,8 @@ enum Stop {
     Fault(Exception),
     /// Raised after completion (RIP after the instruction).
     Trap(Exception),
+    /// Not executed: to be executed again.
+    Retry,
     Unsupported(UnhandledReason),
 }
 
@@ -101,6 +104,7 @@ impl From<AccessError> for Stop {
             AccessError::NotRam { gpa } => {
                 Stop::Unsupported(UnhandledReason::OperandNotRam { gpa })
             }
+            AccessError::Contended => Stop::Retry,
         }
     }
 }

@@ -8,7 +8,7 @@
 use viommu::paging::{self, AccessType, PagingLevels, WalkConfig, WalkFault};
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
-use super::arch::{cr0, cr4, efer, pf_error, rflags, CR3_ROOT_MASK};
+use super::arch::{cr0, cr4, efer, rflags, CR3_ROOT_MASK};
 use super::context::CpuContext;
 use super::exception::Exception;
 
@@ -57,6 +57,9 @@ pub(crate) enum AccessError {
     /// The address translated to guest-physical memory that is not RAM
     /// (a device): the emulator does not read devices.
     NotRam { gpa: u64 },
+    /// Other vCPUs kept changing the paging entries while the walker set
+    /// accessed/dirty flags: the instruction is to be executed again.
+    Contended,
 }
 
 impl From<Exception> for AccessError {
@@ -78,44 +81,35 @@ fn walk_config(ctx: &CpuContext, privilege: Privilege, set_accessed_dirty: bool)
         nxe: s.efer & efer::NXE != 0,
         write_protect: s.cr0 & cr0::WP != 0,
         smep: s.cr4 & cr4::SMEP != 0,
-        smap: match privilege {
-            Privilege::User => smap_on,
-            Privilege::Supervisor => smap_on && !ac,
-            Privilege::Implicit => smap_on,
-        },
+        // An explicit supervisor access with RFLAGS.AC=1 is exempt from SMAP.
+        smap: smap_on && !(privilege == Privilege::Supervisor && ac),
         set_accessed_dirty,
+        page_1g: ctx.features.page_1g,
+        phys_addr_bits: ctx.features.phys_addr_bits,
     }
 }
 
-/// The #PF error code for a walk fault (SDM Vol. 3A, 4.7).
-fn page_fault(
-    ctx: &CpuContext,
+/// The exception (or retry) a walk fault becomes (SDM Vol. 3A, 4.7).
+fn fault_to_access_error(
     fault: WalkFault,
     va: u64,
-    kind: AccessKind,
-    privilege: Privilege,
-) -> Exception {
-    let mut code = match fault {
-        WalkFault::NotPresent { .. } => 0,
-        WalkFault::Protection { .. } => pf_error::PRESENT,
-        // An entry pointing outside guest memory reads as all ones on real
-        // hardware: bits above MAXPHYADDR are reserved.
-        WalkFault::ReservedBit { .. } | WalkFault::TableOutsideMemory { .. } => {
-            pf_error::PRESENT | pf_error::RSVD
+    access: AccessType,
+    cfg: &WalkConfig,
+) -> AccessError {
+    let code = match fault {
+        WalkFault::NonCanonical => return AccessError::Fault(Exception::gp0()),
+        WalkFault::Contended => return AccessError::Contended,
+        // An entry outside guest memory reads as all ones on real hardware
+        // (bits above MAXPHYADDR are reserved): a reserved-bit #PF.
+        WalkFault::TableOutsideMemory { .. } => {
+            WalkFault::ReservedBit { level: 0 }.page_fault_error_code(access, cfg)
         }
-        WalkFault::NonCanonical => return Exception::gp0(),
+        _ => fault.page_fault_error_code(access, cfg),
     };
-    if kind == AccessKind::Write {
-        code |= pf_error::WRITE;
+    match code {
+        Some(code) => AccessError::Fault(Exception::page_fault(code, va)),
+        None => AccessError::Fault(Exception::gp0()),
     }
-    if privilege == Privilege::User {
-        code |= pf_error::USER;
-    }
-    let s = &ctx.sregs;
-    if kind == AccessKind::Fetch && (s.efer & efer::NXE != 0 || s.cr4 & cr4::SMEP != 0) {
-        code |= pf_error::FETCH;
-    }
-    Exception::page_fault(code, va)
 }
 
 /// Translates one linear address to a guest-physical address.
@@ -125,7 +119,7 @@ pub(crate) fn translate<M: GuestMemory>(
     va: u64,
     kind: AccessKind,
     privilege: Privilege,
-) -> Result<u64, Exception> {
+) -> Result<u64, AccessError> {
     let access = AccessType {
         write: kind == AccessKind::Write,
         user: privilege == Privilege::User,
@@ -139,7 +133,7 @@ pub(crate) fn translate<M: GuestMemory>(
     let root = ctx.sregs.cr3 & CR3_ROOT_MASK;
     paging::walk(mem, root, va, access, &cfg)
         .map(|t| t.phys_addr)
-        .map_err(|f| page_fault(ctx, f, va, kind, privilege))
+        .map_err(|f| fault_to_access_error(f, va, access, &cfg))
 }
 
 /// Splits `[va, va + len)` at page boundaries: (linear address, length).
@@ -172,7 +166,7 @@ pub(crate) fn read_linear<M: GuestMemory>(
 ) -> Result<(), AccessError> {
     let pieces = page_chunks(va, buf.len())
         .map(|(addr, len)| Ok((translate(mem, ctx, addr, kind, privilege)?, len)))
-        .collect::<Result<Vec<_>, Exception>>()?;
+        .collect::<Result<Vec<_>, AccessError>>()?;
     let mut off = 0;
     for (gpa, len) in pieces {
         mem.read_slice(&mut buf[off..off + len], GuestAddress(gpa))

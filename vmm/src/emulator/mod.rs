@@ -111,6 +111,16 @@ pub trait GuestCpu {
     fn memory(&self) -> &vm_memory::GuestMemoryMmap;
     /// This vCPU's IA32_PASID (MSR 0xD93): bits 19:0 PASID, bit 31 valid.
     fn ia32_pasid(&self) -> u64;
+    /// MAXPHYADDR the guest's CPUID reports (leaf 0x8000_0008 EAX[7:0]):
+    /// paging-entry address bits from here to 51 are reserved.
+    fn max_phys_addr_bits(&self) -> u8 {
+        52
+    }
+    /// Whether the guest's CPUID reports 1 GiB pages (leaf 0x8000_0001
+    /// EDX[26]); if not, PS in a PDPTE is a reserved bit.
+    fn has_1g_pages(&self) -> bool {
+        true
+    }
     /// Injects an exception at the vCPU's current state: the frame the guest
     /// sees holds the RIP, CS, RFLAGS, RSP, SS the vCPU has now (so a fault
     /// is injected with RIP still at the instruction; #BP from INT3 after
@@ -234,6 +244,10 @@ pub enum Outcome {
         /// [`EntryAction::Faulted`].
         action: EntryAction,
     },
+    /// Nothing changed: other vCPUs kept rewriting the guest's page tables
+    /// while the walk set accessed/dirty flags. Resuming executes the
+    /// instruction (and exits) again.
+    Retry,
     /// Not emulated; the vCPU is unchanged. The caller stops with a
     /// one-line diagnostic naming the exit and this value.
     NotHandled(Unhandled),
@@ -248,8 +262,25 @@ pub(crate) enum Step<T> {
     Fault(Exception),
     /// Raised after completion: apply the context, then inject.
     Trap(Exception),
+    /// Not executed (the page walk lost a race with other vCPUs): the
+    /// guest executes the instruction again.
+    Retry,
     /// Not emulated; nothing changes.
     Unsupported(UnhandledReason),
+}
+
+impl<T> From<mmu::AccessError> for Step<T> {
+    /// A failed operand access; device memory is reported as an operand
+    /// that is not RAM.
+    fn from(e: mmu::AccessError) -> Self {
+        match e {
+            mmu::AccessError::Fault(e) => Step::Fault(e),
+            mmu::AccessError::NotRam { gpa } => {
+                Step::Unsupported(UnhandledReason::OperandNotRam { gpa })
+            }
+            mmu::AccessError::Contended => Step::Retry,
+        }
+    }
 }
 
 impl<T> Step<T> {
@@ -258,6 +289,7 @@ impl<T> Step<T> {
             Step::Completed(t) => Step::Completed(f(t)),
             Step::Fault(e) => Step::Fault(e),
             Step::Trap(e) => Step::Trap(e),
+            Step::Retry => Step::Retry,
             Step::Unsupported(r) => Step::Unsupported(r),
         }
     }
@@ -277,6 +309,7 @@ pub(crate) fn apply_step<C: GuestCpu + ?Sized, T>(
         Step::Completed(_) => (true, None),
         Step::Trap(e) => (true, Some(e)),
         Step::Fault(e) => (switch_context, Some(e)),
+        Step::Retry => (switch_context, None),
         Step::Unsupported(_) => (false, None),
     };
     if write_back {
@@ -346,6 +379,7 @@ pub fn handle_emulation_failure<C: GuestCpu + ?Sized>(
     Ok(match step {
         Step::Completed(outcome) => outcome,
         Step::Fault(e) | Step::Trap(e) => Outcome::Exception(e),
+        Step::Retry => Outcome::Retry,
         Step::Unsupported(reason) => Outcome::NotHandled(Unhandled { rip, bytes, reason }),
     })
 }

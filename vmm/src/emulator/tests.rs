@@ -7,8 +7,9 @@ use pci::{StoreKind, StoreReply};
 use proptest::prelude::*;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::arch::{pf_error, rflags};
+use super::arch::rflags;
 use super::*;
+use viommu::paging::pf_error;
 
 // ---------------------------------------------------------------------------
 // The machine
@@ -94,6 +95,8 @@ struct MockCpu {
     stores: Vec<(u64, [u8; 64], StoreKind)>,
     injected: Vec<Injected>,
     next_table: u64,
+    /// MAXPHYADDR reported to the emulator.
+    phys_bits: u8,
 }
 
 impl GuestCpu for MockCpu {
@@ -116,6 +119,9 @@ impl GuestCpu for MockCpu {
     }
     fn ia32_pasid(&self) -> u64 {
         self.pasid
+    }
+    fn max_phys_addr_bits(&self) -> u8 {
+        self.phys_bits
     }
     fn inject_exception(
         &mut self,
@@ -215,6 +221,7 @@ impl MockCpu {
             stores: Vec::new(),
             injected: Vec::new(),
             next_table: 0x2000,
+            phys_bits: 52,
         };
         let kernel_rw = PTE_P | PTE_RW | PTE_NX;
         let user_rw = kernel_rw | PTE_US;
@@ -280,6 +287,24 @@ impl MockCpu {
 
     fn unmap(&mut self, va: u64) {
         self.map(va, 0, 0);
+    }
+
+    /// Address of the entry at `level` (4 = PML4 ... 1 = PTE) that maps
+    /// `va`, which must be mapped down to that level.
+    fn entry_addr(&self, va: u64, level: u64) -> u64 {
+        let mut table = self.sregs.cr3 & PTE_ADDR;
+        for l in (level + 1..=4).rev() {
+            let index = (va >> (12 + 9 * (l - 1))) & 0x1ff;
+            let entry: u64 = self.mem.read_obj(GuestAddress(table + index * 8)).unwrap();
+            table = entry & PTE_ADDR;
+        }
+        table + ((va >> (12 + 9 * (level - 1))) & 0x1ff) * 8
+    }
+
+    fn pte(&self, va: u64) -> u64 {
+        self.mem
+            .read_obj(GuestAddress(self.entry_addr(va, 1)))
+            .unwrap()
     }
 
     fn set_gate(&mut self, vector: u64, handler: u64) {
@@ -1347,4 +1372,65 @@ fn user_enqcmd_with_device_source_is_left_to_the_guest() {
     assert_eq!(cpu.regs.rip, UD_HANDLER + 7);
     assert_eq!(cpu.sregs.cs.selector, KERNEL_CS);
     assert!(cpu.stores.is_empty() && cpu.injected.is_empty());
+}
+
+#[test]
+fn reserved_bits_and_tables_outside_ram_are_pf_rsvd() {
+    // An address bit above MAXPHYADDR in the source's PTE.
+    let (mut cpu, bytes) = enqcmd_machine();
+    cpu.phys_bits = 46;
+    cpu.map(KDATA, KDATA_PA | (1 << 47), PTE_P | PTE_RW | PTE_NX);
+    assert_raises(
+        &mut cpu,
+        &bytes,
+        Exception::page_fault(pf_error::PRESENT | pf_error::RESERVED, KDATA + 0x100),
+    );
+
+    // The same entry is fine with 52-bit physical addresses... and then
+    // points outside RAM: the source is not RAM.
+    let (mut cpu, bytes) = enqcmd_machine();
+    cpu.map(KDATA, KDATA_PA | (1 << 47), PTE_P | PTE_RW | PTE_NX);
+    assert!(matches!(
+        handle_emulation_failure(&mut cpu, &bytes).unwrap(),
+        Outcome::NotHandled(Unhandled {
+            reason: UnhandledReason::SourceNotRam { .. },
+            ..
+        })
+    ));
+
+    // A page-directory entry pointing outside guest RAM reads as all ones.
+    let (mut cpu, bytes) = enqcmd_machine();
+    let pde = cpu.entry_addr(KDATA, 2);
+    cpu.mem
+        .write_obj(0x40_0000_0000u64 | PTE_P | PTE_RW, GuestAddress(pde))
+        .unwrap();
+    assert_raises(
+        &mut cpu,
+        &bytes,
+        Exception::page_fault(pf_error::PRESENT | pf_error::RESERVED, KDATA + 0x100),
+    );
+}
+
+#[test]
+fn emulated_accesses_set_accessed_and_dirty_flags() {
+    const ACCESSED: u64 = 1 << 5;
+    const DIRTY: u64 = 1 << 6;
+    let mut cpu = MockCpu::new();
+    cpu.enter_user();
+    cpu.regs.rax = URAM;
+    let bytes = cpu.place(|a| a.movdir64b(rax, ptr(rdx)));
+    assert_eq!(cpu.pte(UDATA) & (ACCESSED | DIRTY), 0);
+    assert_eq!(cpu.pte(URAM) & (ACCESSED | DIRTY), 0);
+
+    assert!(matches!(
+        handle_emulation_failure(&mut cpu, &bytes).unwrap(),
+        Outcome::Store(_)
+    ));
+
+    assert_eq!(cpu.pte(UDATA) & (ACCESSED | DIRTY), ACCESSED, "source read");
+    assert_eq!(
+        cpu.pte(URAM) & (ACCESSED | DIRTY),
+        ACCESSED | DIRTY,
+        "destination written"
+    );
 }
