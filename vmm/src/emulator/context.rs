@@ -1,0 +1,212 @@
+//! A snapshot of the vCPU state an emulated instruction works on.
+//!
+//! The emulator reads the registers once, works on this copy, and writes it
+//! back only when the instruction completes, so a fault leaves the vCPU as
+//! it was (fault semantics: RIP at the instruction).
+
+use iced_x86::Register;
+use kvm_bindings::{kvm_regs, kvm_sregs};
+
+use super::arch::{cr4, efer, rflags};
+use super::{EmulatorError, GuestCpu};
+
+/// CPUID facts the page walk needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct CpuFeatures {
+    /// MAXPHYADDR.
+    pub phys_addr_bits: u8,
+    /// 1 GiB pages.
+    pub page_1g: bool,
+}
+
+impl Default for CpuFeatures {
+    fn default() -> Self {
+        CpuFeatures {
+            phys_addr_bits: 52,
+            page_1g: true,
+        }
+    }
+}
+
+/// Registers and segment state of one vCPU.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct CpuContext {
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    pub features: CpuFeatures,
+}
+
+impl CpuContext {
+    /// Reads the vCPU's registers and segment state.
+    pub fn capture<C: GuestCpu + ?Sized>(cpu: &mut C) -> Result<Self, EmulatorError> {
+        Ok(CpuContext {
+            regs: cpu.regs()?,
+            sregs: cpu.sregs()?,
+            features: CpuFeatures {
+                phys_addr_bits: cpu.max_phys_addr_bits(),
+                page_1g: cpu.has_1g_pages(),
+            },
+        })
+    }
+
+    /// Current privilege level: the DPL of the code segment, which equals
+    /// CS.RPL in protected and long mode.
+    pub fn cpl(&self) -> u8 {
+        self.sregs.cs.dpl & 3
+    }
+
+    /// 64-bit mode: long mode active and a 64-bit code segment.
+    pub fn is_64bit_mode(&self) -> bool {
+        self.sregs.efer & efer::LMA != 0 && self.sregs.cs.l != 0
+    }
+
+    /// 57-bit linear addresses (CR4.LA57).
+    pub fn la57(&self) -> bool {
+        self.sregs.cr4 & cr4::LA57 != 0
+    }
+
+    /// Base address of a segment in 64-bit mode: FS and GS have their bases,
+    /// the others are treated as 0 (SDM Vol. 1, 3.4.2.1).
+    pub fn segment_base(&self, seg: Register) -> Option<u64> {
+        match seg {
+            Register::ES | Register::CS | Register::SS | Register::DS => Some(0),
+            Register::FS => Some(self.sregs.fs.base),
+            Register::GS => Some(self.sregs.gs.base),
+            _ => None,
+        }
+    }
+
+    /// Value of a general-purpose register of any width (AH..BH included).
+    pub fn gpr(&self, reg: Register) -> Option<u64> {
+        let mut regs = self.regs;
+        let full = *gpr_slot(&mut regs, reg.full_register())?;
+        Some(match reg.size() {
+            8 => full,
+            4 => full & 0xffff_ffff,
+            2 => full & 0xffff,
+            1 if is_high_byte(reg) => (full >> 8) & 0xff,
+            1 => full & 0xff,
+            _ => return None,
+        })
+    }
+
+    /// Writes a general-purpose register with x86-64 width rules: a 32-bit
+    /// write zero-extends to 64 bits, 16- and 8-bit writes merge.
+    pub fn set_gpr(&mut self, reg: Register, value: u64) -> Option<()> {
+        let high = is_high_byte(reg);
+        let size = reg.size();
+        let full = gpr_slot(&mut self.regs, reg.full_register())?;
+        *full = match size {
+            8 => value,
+            4 => value & 0xffff_ffff,
+            2 => (*full & !0xffff) | (value & 0xffff),
+            1 if high => (*full & !0xff00) | ((value & 0xff) << 8),
+            1 => (*full & !0xff) | (value & 0xff),
+            _ => return None,
+        };
+        Some(())
+    }
+
+    /// Value for iced-x86's address calculation: a register's value, or a
+    /// segment register's base.
+    pub fn operand_value(&self, reg: Register) -> Option<u64> {
+        if reg.is_segment_register() {
+            self.segment_base(reg)
+        } else {
+            self.gpr(reg)
+        }
+    }
+
+    /// Clears the six status flags and sets those in `set`.
+    pub fn set_status_flags(&mut self, set: u64) {
+        self.regs.rflags = (self.regs.rflags & !rflags::STATUS) | (set & rflags::STATUS);
+    }
+}
+
+fn gpr_slot(r: &mut kvm_regs, full: Register) -> Option<&mut u64> {
+    Some(match full {
+        Register::RAX => &mut r.rax,
+        Register::RCX => &mut r.rcx,
+        Register::RDX => &mut r.rdx,
+        Register::RBX => &mut r.rbx,
+        Register::RSP => &mut r.rsp,
+        Register::RBP => &mut r.rbp,
+        Register::RSI => &mut r.rsi,
+        Register::RDI => &mut r.rdi,
+        Register::R8 => &mut r.r8,
+        Register::R9 => &mut r.r9,
+        Register::R10 => &mut r.r10,
+        Register::R11 => &mut r.r11,
+        Register::R12 => &mut r.r12,
+        Register::R13 => &mut r.r13,
+        Register::R14 => &mut r.r14,
+        Register::R15 => &mut r.r15,
+        _ => return None,
+    })
+}
+
+fn is_high_byte(reg: Register) -> bool {
+    matches!(
+        reg,
+        Register::AH | Register::CH | Register::DH | Register::BH
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx() -> CpuContext {
+        CpuContext {
+            regs: kvm_regs::default(),
+            sregs: kvm_sregs::default(),
+            features: CpuFeatures::default(),
+        }
+    }
+
+    #[test]
+    fn gpr_widths() {
+        let mut c = ctx();
+        c.regs.rax = 0x1122_3344_5566_7788;
+        assert_eq!(c.gpr(Register::RAX), Some(0x1122_3344_5566_7788));
+        assert_eq!(c.gpr(Register::EAX), Some(0x5566_7788));
+        assert_eq!(c.gpr(Register::AX), Some(0x7788));
+        assert_eq!(c.gpr(Register::AH), Some(0x77));
+        assert_eq!(c.gpr(Register::AL), Some(0x88));
+        assert_eq!(c.gpr(Register::XMM0), None);
+    }
+
+    #[test]
+    fn set_gpr_widths() {
+        let mut c = ctx();
+        c.regs.r9 = u64::MAX;
+        c.set_gpr(Register::R9D, 0x1234).unwrap();
+        assert_eq!(c.regs.r9, 0x1234, "32-bit write zero-extends");
+        c.regs.rbx = u64::MAX;
+        c.set_gpr(Register::BX, 0x1234).unwrap();
+        assert_eq!(c.regs.rbx, 0xffff_ffff_ffff_1234, "16-bit write merges");
+        c.set_gpr(Register::BH, 0x56).unwrap();
+        assert_eq!(c.regs.rbx, 0xffff_ffff_ffff_5634);
+        c.set_gpr(Register::BL, 0x78).unwrap();
+        assert_eq!(c.regs.rbx, 0xffff_ffff_ffff_5678);
+    }
+
+    #[test]
+    fn segment_bases_in_64bit_mode() {
+        let mut c = ctx();
+        c.sregs.ds.base = 0x1000;
+        c.sregs.fs.base = 0x7000;
+        c.sregs.gs.base = 0x9000;
+        assert_eq!(c.operand_value(Register::DS), Some(0));
+        assert_eq!(c.operand_value(Register::FS), Some(0x7000));
+        assert_eq!(c.operand_value(Register::GS), Some(0x9000));
+    }
+
+    #[test]
+    fn status_flags_replace_only_status_bits() {
+        let mut c = ctx();
+        c.regs.rflags = 0x2 | rflags::AC | rflags::CF | rflags::OF;
+        c.set_status_flags(rflags::ZF);
+        assert_eq!(c.regs.rflags, 0x2 | rflags::AC | rflags::ZF);
+    }
+}

@@ -1,0 +1,342 @@
+//! "The VMM sees guest exception entries": catching a user-mode ENQCMD at
+//! the guest's #UD handler.
+//!
+//! On this platform a CPL 3 ENQCMD raises #UD straight into the guest's IDT
+//! (PLATFORM.md). The VMM gets control at the handler's entry by one of two
+//! routes, both of which end here with the vCPU at CPL 0, RSP at the
+//! hardware exception frame and the user's general registers untouched:
+//!
+//! - a hardware execution breakpoint on the handler (`KVM_SET_GUEST_DEBUG`,
+//!   DR0 = [`idt_handler`]): RIP = handler. Works in small test guests.
+//! - the emulation-failure exit of the `clac` that Linux's entry points
+//!   begin with after `endbr64`: RIP = handler + 4.
+//!   [`super::handle_emulation_failure`] checks every CPL 0 `clac` with
+//!   [`is_exception_entry`] and comes here itself.
+//!
+//! If the frame's CS is a user selector and the instruction at the frame's
+//! RIP is ENQCMD, ENQCMDS or MOVDIR64B, it is emulated in the interrupted
+//! user context, and the vCPU returns there as IRETQ would (RIP, CS,
+//! RFLAGS, RSP, SS from the frame, CS/SS descriptors from the guest's
+//! GDT), with RIP advanced and ZF set from the device's answer, or with the
+//! instruction's exception delivered from the user context (RIP at the
+//! instruction). Anything else is left to the guest's own handler.
+
+use kvm_bindings::kvm_segment;
+
+use super::arch::{vector, ENDBR64, SELECTOR_RPL_MASK, SELECTOR_TI};
+use super::context::CpuContext;
+use super::decode::decode;
+use super::direct_store::{self, store_kind};
+use super::exception::Exception;
+use super::mmu::{fetch_instruction, read_linear, AccessKind, Privilege};
+use super::{apply_step, EmulatorError, GuestCpu, Step, StoreRecord, Unhandled};
+
+/// What [`handle_exception_entry`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EntryAction {
+    /// Not ours: the vCPU is unchanged and the guest's handler runs.
+    PassThrough,
+    /// The user-mode instruction was emulated; the vCPU is back in the user
+    /// context after it.
+    Emulated(StoreRecord),
+    /// The user-mode instruction faulted; the vCPU is back in the user
+    /// context at the instruction and this exception has been injected.
+    Faulted(Exception),
+    /// The page walk lost a race with other vCPUs: the vCPU is back in the
+    /// user context at the instruction, which runs (and traps) again.
+    Retry,
+    /// The instruction is ours but could not be emulated (e.g. its source is
+    /// device memory). The vCPU is unchanged: the caller stops with the
+    /// diagnostic, or lets the guest's handler run.
+    NotHandled(Unhandled),
+}
+
+/// The frame a 64-bit mode CPU pushes when it delivers an exception.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExceptionFrame {
+    /// Error code, for the vectors that push one.
+    pub error_code: Option<u64>,
+    /// RIP of the interrupted context (the faulting instruction for faults).
+    pub rip: u64,
+    /// Code-segment selector of the interrupted context.
+    pub cs: u16,
+    /// RFLAGS of the interrupted context.
+    pub rflags: u64,
+    /// Stack pointer of the interrupted context.
+    pub rsp: u64,
+    /// Stack-segment selector of the interrupted context.
+    pub ss: u16,
+}
+
+impl ExceptionFrame {
+    /// The interrupted context ran at CPL 3.
+    pub fn from_user(&self) -> bool {
+        self.cs & SELECTOR_RPL_MASK == 3
+    }
+}
+
+fn read_u64s<const N: usize>(
+    ctx: &CpuContext,
+    mem: &vm_memory::GuestMemoryMmap,
+    va: u64,
+) -> Option<[u64; N]> {
+    let mut buf = vec![0u8; N * 8];
+    read_linear(
+        mem,
+        ctx,
+        va,
+        &mut buf,
+        AccessKind::Read,
+        Privilege::Implicit,
+    )
+    .ok()?;
+    let mut out = [0u64; N];
+    for (o, chunk) in out.iter_mut().zip(buf.chunks_exact(8)) {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(chunk);
+        *o = u64::from_le_bytes(b);
+    }
+    Some(out)
+}
+
+/// The frame at `ctx`'s RSP for an exception with vector `v`.
+fn frame_at(ctx: &CpuContext, mem: &vm_memory::GuestMemoryMmap, v: u8) -> Option<ExceptionFrame> {
+    let (error_code, base) = if vector::has_error_code(v) {
+        (
+            Some(read_u64s::<1>(ctx, mem, ctx.regs.rsp)?[0]),
+            ctx.regs.rsp.wrapping_add(8),
+        )
+    } else {
+        (None, ctx.regs.rsp)
+    };
+    let [rip, cs, rflags, rsp, ss] = read_u64s::<5>(ctx, mem, base)?;
+    Some(ExceptionFrame {
+        error_code,
+        rip,
+        cs: cs as u16,
+        rflags,
+        rsp,
+        ss: ss as u16,
+    })
+}
+
+/// Reads the exception frame at the vCPU's RSP, as found at the entry of
+/// the handler for `vector` (64-bit mode). `None` if the stack is not
+/// readable.
+pub fn read_exception_frame<C: GuestCpu + ?Sized>(
+    cpu: &mut C,
+    vector: u8,
+) -> Result<Option<ExceptionFrame>, EmulatorError> {
+    let ctx = CpuContext::capture(cpu)?;
+    Ok(frame_at(&ctx, cpu.memory(), vector))
+}
+
+/// Handler address in the 64-bit IDT gate for `v` (present gates only).
+fn gate_handler(ctx: &CpuContext, mem: &vm_memory::GuestMemoryMmap, v: u8) -> Option<u64> {
+    const GATE_SIZE: u64 = 16;
+    const GATE_PRESENT: u64 = 1 << 47;
+    let offset = u64::from(v) * GATE_SIZE;
+    if offset + GATE_SIZE - 1 > u64::from(ctx.sregs.idt.limit) {
+        return None;
+    }
+    let [lo, hi] = read_u64s::<2>(ctx, mem, ctx.sregs.idt.base.wrapping_add(offset))?;
+    if lo & GATE_PRESENT == 0 {
+        return None;
+    }
+    Some((lo & 0xffff) | ((lo >> 32) & 0xffff_0000) | ((hi & 0xffff_ffff) << 32))
+}
+
+/// The handler address the guest's IDT gives for `vector`: where a VMM puts
+/// an execution breakpoint to see that exception's entries. `None` if the
+/// gate is absent or unreadable.
+pub fn idt_handler<C: GuestCpu + ?Sized>(
+    cpu: &mut C,
+    vector: u8,
+) -> Result<Option<u64>, EmulatorError> {
+    let ctx = CpuContext::capture(cpu)?;
+    Ok(gate_handler(&ctx, cpu.memory(), vector))
+}
+
+/// Whether `rip` is the entry of the handler for `v`: the handler's first
+/// byte, or the instruction after an ENDBR64 there (where Linux's `clac` is).
+pub(crate) fn is_entry(
+    ctx: &CpuContext,
+    mem: &vm_memory::GuestMemoryMmap,
+    rip: u64,
+    v: u8,
+) -> bool {
+    let Some(handler) = gate_handler(ctx, mem, v) else {
+        return false;
+    };
+    if rip == handler {
+        return true;
+    }
+    if rip != handler.wrapping_add(ENDBR64.len() as u64) {
+        return false;
+    }
+    let mut bytes = [0u8; ENDBR64.len()];
+    read_linear(
+        mem,
+        ctx,
+        handler,
+        &mut bytes,
+        AccessKind::Fetch,
+        Privilege::Implicit,
+    )
+    .is_ok()
+        && bytes == ENDBR64
+}
+
+/// Whether the vCPU's RIP is at the entry of the guest's handler for
+/// `vector`: the handler address, or handler + 4 after an ENDBR64 there.
+pub fn is_exception_entry<C: GuestCpu + ?Sized>(
+    cpu: &mut C,
+    vector: u8,
+) -> Result<bool, EmulatorError> {
+    let ctx = CpuContext::capture(cpu)?;
+    Ok(is_entry(&ctx, cpu.memory(), ctx.regs.rip, vector))
+}
+
+/// The segment register state a descriptor in the GDT loads.
+fn load_descriptor(
+    ctx: &CpuContext,
+    mem: &vm_memory::GuestMemoryMmap,
+    selector: u16,
+) -> Option<kvm_segment> {
+    const DESC_SIZE: u64 = 8;
+    if selector & SELECTOR_TI != 0 {
+        // LDT selectors are not supported.
+        return None;
+    }
+    let offset = u64::from(selector & !7);
+    if offset == 0 || offset + DESC_SIZE - 1 > u64::from(ctx.sregs.gdt.limit) {
+        return None;
+    }
+    let [d] = read_u64s::<1>(ctx, mem, ctx.sregs.gdt.base.wrapping_add(offset))?;
+    let access = (d >> 40) as u8;
+    let flags = ((d >> 52) & 0xf) as u8;
+    let raw_limit = ((d & 0xffff) | ((d >> 32) & 0xf_0000)) as u32;
+    let g = (flags >> 3) & 1;
+    Some(kvm_segment {
+        base: ((d >> 16) & 0xff_ffff) | ((d >> 32) & 0xff00_0000),
+        limit: if g != 0 {
+            (raw_limit << 12) | 0xfff
+        } else {
+            raw_limit
+        },
+        selector,
+        // Loading a segment sets its descriptor's accessed bit.
+        type_: (access & 0xf) | 1,
+        present: access >> 7,
+        dpl: (access >> 5) & 3,
+        db: (flags >> 2) & 1,
+        s: (access >> 4) & 1,
+        l: (flags >> 1) & 1,
+        g,
+        avl: flags & 1,
+        unusable: 0,
+        padding: 0,
+    })
+}
+
+/// A 64-bit user code segment: present, code, DPL 3, L=1, D=0.
+fn is_user_code64(s: &kvm_segment) -> bool {
+    const CODE: u8 = 1 << 3;
+    s.present == 1 && s.s == 1 && s.type_ & CODE != 0 && s.dpl == 3 && s.l == 1 && s.db == 0
+}
+
+/// A user stack segment: present, writable data, DPL 3.
+fn is_user_stack(s: &kvm_segment) -> bool {
+    const CODE: u8 = 1 << 3;
+    const WRITABLE: u8 = 1 << 1;
+    s.present == 1 && s.s == 1 && s.type_ & CODE == 0 && s.type_ & WRITABLE != 0 && s.dpl == 3
+}
+
+/// The interrupted 64-bit user context described by `frame`, on top of the
+/// handler-entry state `kernel` (general registers, FS/GS, control
+/// registers are the user's: exception delivery does not change them).
+fn user_context(
+    kernel: &CpuContext,
+    mem: &vm_memory::GuestMemoryMmap,
+    frame: &ExceptionFrame,
+) -> Option<CpuContext> {
+    let cs = load_descriptor(kernel, mem, frame.cs)?;
+    let ss = load_descriptor(kernel, mem, frame.ss)?;
+    if !is_user_code64(&cs) || !is_user_stack(&ss) {
+        return None;
+    }
+    let mut user = *kernel;
+    user.regs.rip = frame.rip;
+    user.regs.rsp = frame.rsp;
+    user.regs.rflags = frame.rflags;
+    user.sregs.cs = cs;
+    user.sregs.ss = ss;
+    Some(user)
+}
+
+/// The #UD entry logic on an already captured handler-entry state.
+pub(crate) fn ud_entry<C: GuestCpu + ?Sized>(
+    cpu: &mut C,
+    kernel: &CpuContext,
+) -> Result<EntryAction, EmulatorError> {
+    if !kernel.is_64bit_mode() {
+        return Ok(EntryAction::PassThrough);
+    }
+    let mem = cpu.memory();
+    let Some(frame) = frame_at(kernel, mem, vector::UD) else {
+        return Ok(EntryAction::PassThrough);
+    };
+    if !frame.from_user() {
+        return Ok(EntryAction::PassThrough);
+    }
+    let Some(user) = user_context(kernel, mem, &frame) else {
+        log::debug!(
+            "#UD from user RIP {:#x}: user CS/SS not loadable, left to the guest",
+            frame.rip
+        );
+        return Ok(EntryAction::PassThrough);
+    };
+    let Ok(bytes) = fetch_instruction(mem, &user, frame.rip, Privilege::User) else {
+        return Ok(EntryAction::PassThrough);
+    };
+    let Some(instr) = decode(&bytes, frame.rip) else {
+        return Ok(EntryAction::PassThrough);
+    };
+    let Some(kind) = store_kind(&instr) else {
+        return Ok(EntryAction::PassThrough);
+    };
+    let bytes = bytes[..instr.len().min(bytes.len())].to_vec();
+
+    let mut ctx = user;
+    let step = direct_store::execute(cpu, &mut ctx, &instr, kind)?;
+    apply_step(cpu, &ctx, &step, true)?;
+    Ok(match step {
+        Step::Completed(record) => EntryAction::Emulated(record),
+        Step::Fault(e) | Step::Trap(e) => EntryAction::Faulted(e),
+        Step::Retry => EntryAction::Retry,
+        Step::Unsupported(reason) => EntryAction::NotHandled(Unhandled {
+            rip: frame.rip,
+            bytes,
+            reason,
+        }),
+    })
+}
+
+/// Called when the VMM has control at the entry of the guest's handler for
+/// `vector` (RSP at the hardware exception frame, nothing of the handler
+/// executed except an ENDBR64): by a breakpoint on [`idt_handler`], or, in
+/// Linux, at the `clac` after ENDBR64, which [`super::handle_emulation_failure`]
+/// routes here itself. For #UD from a 64-bit user context whose
+/// instruction is ENQCMD, ENQCMDS or MOVDIR64B: emulates it and returns to
+/// the user context, or delivers its exception there. Anything else:
+/// [`EntryAction::PassThrough`].
+pub fn handle_exception_entry<C: GuestCpu + ?Sized>(
+    cpu: &mut C,
+    vector: u8,
+) -> Result<EntryAction, EmulatorError> {
+    if vector != vector::UD {
+        return Ok(EntryAction::PassThrough);
+    }
+    let kernel = CpuContext::capture(cpu)?;
+    ud_entry(cpu, &kernel)
+}

@@ -1,0 +1,208 @@
+//! Fallback emulation of instructions the platform's KVM emulator lacks
+//! (PLATFORM.md: seen at CPL 0 in a Linux guest).
+//!
+//! To add an instruction: a variant of [`FallbackInstruction`], its line in
+//! [`FallbackInstruction::of`], and its function in [`execute`]'s match.
+//! Each function works on the [`CpuContext`] copy and returns a [`Step`];
+//! nothing reaches the vCPU unless the instruction completes.
+
+use iced_x86::{Instruction, Mnemonic, OpKind};
+
+use super::arch::{cr0, rflags};
+use super::context::CpuContext;
+use super::decode::{check_canonical, memory_operand};
+use super::exception::Exception;
+use super::guest_atomic::{compare_exchange_u128, AtomicAccessError};
+use super::mmu::{read_linear, translate, AccessError, AccessKind, Privilege};
+use super::{EmulatorError, GuestCpu, Step, UnhandledReason};
+
+/// An instruction the fallback emulator knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FallbackInstruction {
+    /// CLAC: clear RFLAGS.AC (CPL 0 only).
+    Clac,
+    /// STAC: set RFLAGS.AC (CPL 0 only).
+    Stac,
+    /// FWAIT / WAIT: no-op (#NM if CR0.MP and CR0.TS).
+    Fwait,
+    /// POPCNT r, r/m: population count; ZF = (source == 0), other status
+    /// flags cleared.
+    Popcnt,
+    /// INT3: #BP delivered with RIP after the instruction.
+    Int3,
+    /// CMPXCHG16B m128 (normally LOCKed): atomic 128-bit compare-exchange
+    /// with RDX:RAX / RCX:RBX; only ZF changes.
+    Cmpxchg16b,
+}
+
+impl FallbackInstruction {
+    /// The fallback instruction `instr` is, if any.
+    pub fn of(instr: &Instruction) -> Option<Self> {
+        Some(match instr.mnemonic() {
+            Mnemonic::Clac => Self::Clac,
+            Mnemonic::Stac => Self::Stac,
+            Mnemonic::Wait => Self::Fwait,
+            Mnemonic::Popcnt => Self::Popcnt,
+            Mnemonic::Int3 => Self::Int3,
+            Mnemonic::Cmpxchg16b => Self::Cmpxchg16b,
+            _ => return None,
+        })
+    }
+}
+
+/// Executes `which` (decoded as `instr`) on `ctx`.
+pub(crate) fn execute<C: GuestCpu + ?Sized>(
+    cpu: &mut C,
+    ctx: &mut CpuContext,
+    instr: &Instruction,
+    which: FallbackInstruction,
+) -> Result<Step<FallbackInstruction>, EmulatorError> {
+    let step = match which {
+        FallbackInstruction::Clac => set_ac(ctx, false),
+        FallbackInstruction::Stac => set_ac(ctx, true),
+        FallbackInstruction::Fwait => fwait(ctx),
+        FallbackInstruction::Popcnt => popcnt(cpu, ctx, instr),
+        FallbackInstruction::Int3 => int3(ctx),
+        FallbackInstruction::Cmpxchg16b => cmpxchg16b(cpu, ctx, instr),
+    };
+    Ok(match step {
+        Ok(()) => {
+            ctx.regs.rip = instr.next_ip();
+            Step::Completed(which)
+        }
+        Err(Stop::Trap(e)) => {
+            ctx.regs.rip = instr.next_ip();
+            Step::Trap(e)
+        }
+        Err(Stop::Fault(e)) => Step::Fault(e),
+        Err(Stop::Retry) => Step::Retry,
+        Err(Stop::Unsupported(r)) => Step::Unsupported(r),
+    })
+}
+
+/// How an instruction ended if it did not simply complete.
+enum Stop {
+    /// Raised before any change (RIP at the instruction).
+    Fault(Exception),
+    /// Raised after completion (RIP after the instruction).
+    Trap(Exception),
+    /// Not executed: to be executed again.
+    Retry,
+    Unsupported(UnhandledReason),
+}
+
+impl From<Exception> for Stop {
+    fn from(e: Exception) -> Self {
+        Stop::Fault(e)
+    }
+}
+
+impl From<AccessError> for Stop {
+    fn from(e: AccessError) -> Self {
+        match e {
+            AccessError::Fault(e) => Stop::Fault(e),
+            AccessError::NotRam { gpa } => {
+                Stop::Unsupported(UnhandledReason::OperandNotRam { gpa })
+            }
+            AccessError::Contended => Stop::Retry,
+        }
+    }
+}
+
+fn set_ac(ctx: &mut CpuContext, set: bool) -> Result<(), Stop> {
+    if ctx.cpl() != 0 {
+        return Err(Exception::ud().into());
+    }
+    if set {
+        ctx.regs.rflags |= rflags::AC;
+    } else {
+        ctx.regs.rflags &= !rflags::AC;
+    }
+    Ok(())
+}
+
+fn fwait(ctx: &CpuContext) -> Result<(), Stop> {
+    let c = ctx.sregs.cr0;
+    if c & cr0::MP != 0 && c & cr0::TS != 0 {
+        return Err(Exception::nm().into());
+    }
+    Ok(())
+}
+
+fn int3(_ctx: &CpuContext) -> Result<(), Stop> {
+    Err(Stop::Trap(Exception::bp()))
+}
+
+fn popcnt<C: GuestCpu + ?Sized>(
+    cpu: &mut C,
+    ctx: &mut CpuContext,
+    instr: &Instruction,
+) -> Result<(), Stop> {
+    let dest = instr.op0_register();
+    let size = dest.size();
+    let value = match instr.op1_kind() {
+        OpKind::Register => ctx
+            .gpr(instr.op1_register())
+            .ok_or(Stop::Unsupported(UnhandledReason::BadOperand))?,
+        OpKind::Memory => {
+            let m = memory_operand(ctx, instr, 1)
+                .ok_or(Stop::Unsupported(UnhandledReason::BadOperand))?;
+            check_canonical(ctx, m.linear, size as u64, m.ss_based)?;
+            let mut buf = [0u8; 8];
+            read_linear(
+                cpu.memory(),
+                ctx,
+                m.linear,
+                &mut buf[..size],
+                AccessKind::Read,
+                Privilege::of(ctx),
+            )?;
+            u64::from_le_bytes(buf)
+        }
+        _ => return Err(Stop::Unsupported(UnhandledReason::BadOperand)),
+    };
+    ctx.set_gpr(dest, u64::from(value.count_ones()))
+        .ok_or(Stop::Unsupported(UnhandledReason::BadOperand))?;
+    ctx.set_status_flags(if value == 0 { rflags::ZF } else { 0 });
+    Ok(())
+}
+
+fn cmpxchg16b<C: GuestCpu + ?Sized>(
+    cpu: &mut C,
+    ctx: &mut CpuContext,
+    instr: &Instruction,
+) -> Result<(), Stop> {
+    const SIZE: u64 = 16;
+    let m = memory_operand(ctx, instr, 0).ok_or(Stop::Unsupported(UnhandledReason::BadOperand))?;
+    if m.linear % SIZE != 0 {
+        return Err(Exception::gp0().into());
+    }
+    check_canonical(ctx, m.linear, SIZE, m.ss_based)?;
+    // A locked read-modify-write: the page must be writable even when the
+    // comparison fails (SDM: the destination is always written).
+    let gpa = translate(
+        cpu.memory(),
+        ctx,
+        m.linear,
+        AccessKind::Write,
+        Privilege::of(ctx),
+    )?;
+    let r = &ctx.regs;
+    let expected = (u128::from(r.rdx) << 64) | u128::from(r.rax);
+    let new = (u128::from(r.rcx) << 64) | u128::from(r.rbx);
+    let result = compare_exchange_u128(cpu.memory(), gpa, expected, new).map_err(|e| {
+        Stop::Unsupported(match e {
+            AtomicAccessError::NotRam => UnhandledReason::OperandNotRam { gpa },
+            AtomicAccessError::Misaligned => UnhandledReason::BadOperand,
+        })
+    })?;
+    match result {
+        Ok(_) => ctx.regs.rflags |= rflags::ZF,
+        Err(actual) => {
+            ctx.regs.rflags &= !rflags::ZF;
+            ctx.regs.rax = actual as u64;
+            ctx.regs.rdx = (actual >> 64) as u64;
+        }
+    }
+    Ok(())
+}

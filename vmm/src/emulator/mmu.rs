@@ -1,0 +1,206 @@
+//! Guest linear-address accesses on behalf of an emulated instruction.
+//!
+//! Translation walks the guest's IA-32e page tables with the vIOMMU's
+//! first-level walker ([`viommu::paging`], the same format), configured from
+//! the vCPU's CR0/CR3/CR4/EFER/RFLAGS. A walk fault becomes the #PF the CPU
+//! would raise, with its architectural error code and CR2.
+
+use viommu::paging::{self, AccessType, PagingLevels, WalkConfig, WalkFault};
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
+
+use super::arch::{cr0, cr4, efer, rflags, CR3_ROOT_MASK};
+use super::context::CpuContext;
+use super::exception::Exception;
+
+/// Size of the smallest page: accesses are split at this granularity.
+const PAGE_SIZE: u64 = 4096;
+
+/// Longest x86 instruction.
+pub(crate) const MAX_INSN_LEN: usize = 15;
+
+/// What an access does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum AccessKind {
+    Read,
+    Write,
+    Fetch,
+}
+
+/// On whose behalf an access is made (SDM Vol. 3A, 4.6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Privilege {
+    /// A user-mode access (CPL 3).
+    User,
+    /// An explicit supervisor-mode access (CPL 0-2): RFLAGS.AC=1 lifts SMAP.
+    Supervisor,
+    /// An implicit supervisor-mode access (descriptor tables, the exception
+    /// frame): SMAP applies regardless of RFLAGS.AC.
+    Implicit,
+}
+
+impl Privilege {
+    /// The privilege of an instruction's explicit data accesses.
+    pub fn of(ctx: &CpuContext) -> Self {
+        if ctx.cpl() == 3 {
+            Privilege::User
+        } else {
+            Privilege::Supervisor
+        }
+    }
+}
+
+/// Why a linear access did not complete.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum AccessError {
+    /// The guest takes this exception.
+    Fault(Exception),
+    /// The address translated to guest-physical memory that is not RAM
+    /// (a device): the emulator does not read devices.
+    NotRam { gpa: u64 },
+    /// Other vCPUs kept changing the paging entries while the walker set
+    /// accessed/dirty flags: the instruction is to be executed again.
+    Contended,
+}
+
+impl From<Exception> for AccessError {
+    fn from(e: Exception) -> Self {
+        AccessError::Fault(e)
+    }
+}
+
+fn walk_config(ctx: &CpuContext, privilege: Privilege, set_accessed_dirty: bool) -> WalkConfig {
+    let s = &ctx.sregs;
+    let smap_on = s.cr4 & cr4::SMAP != 0;
+    let ac = ctx.regs.rflags & rflags::AC != 0;
+    WalkConfig {
+        levels: if s.cr4 & cr4::LA57 != 0 {
+            PagingLevels::Five
+        } else {
+            PagingLevels::Four
+        },
+        nxe: s.efer & efer::NXE != 0,
+        write_protect: s.cr0 & cr0::WP != 0,
+        smep: s.cr4 & cr4::SMEP != 0,
+        // An explicit supervisor access with RFLAGS.AC=1 is exempt from SMAP.
+        smap: smap_on && !(privilege == Privilege::Supervisor && ac),
+        set_accessed_dirty,
+        page_1g: ctx.features.page_1g,
+        phys_addr_bits: ctx.features.phys_addr_bits,
+    }
+}
+
+/// The exception (or retry) a walk fault becomes (SDM Vol. 3A, 4.7).
+fn fault_to_access_error(
+    fault: WalkFault,
+    va: u64,
+    access: AccessType,
+    cfg: &WalkConfig,
+) -> AccessError {
+    let code = match fault {
+        WalkFault::NonCanonical => return AccessError::Fault(Exception::gp0()),
+        WalkFault::Contended => return AccessError::Contended,
+        // An entry outside guest memory reads as all ones on real hardware
+        // (bits above MAXPHYADDR are reserved): a reserved-bit #PF.
+        WalkFault::TableOutsideMemory { .. } => {
+            WalkFault::ReservedBit { level: 0 }.page_fault_error_code(access, cfg)
+        }
+        _ => fault.page_fault_error_code(access, cfg),
+    };
+    match code {
+        Some(code) => AccessError::Fault(Exception::page_fault(code, va)),
+        None => AccessError::Fault(Exception::gp0()),
+    }
+}
+
+/// Translates one linear address to a guest-physical address.
+pub(crate) fn translate<M: GuestMemory>(
+    mem: &M,
+    ctx: &CpuContext,
+    va: u64,
+    kind: AccessKind,
+    privilege: Privilege,
+) -> Result<u64, AccessError> {
+    let access = AccessType {
+        write: kind == AccessKind::Write,
+        user: privilege == Privilege::User,
+        execute: kind == AccessKind::Fetch,
+    };
+    // The emulator's own peeks (instruction bytes, descriptor tables, the
+    // exception frame) are reads the CPU already made or would make; only
+    // an instruction's data accesses set accessed/dirty bits.
+    let set_ad = kind != AccessKind::Fetch && privilege != Privilege::Implicit;
+    let cfg = walk_config(ctx, privilege, set_ad);
+    let root = ctx.sregs.cr3 & CR3_ROOT_MASK;
+    paging::walk(mem, root, va, access, &cfg)
+        .map(|t| t.phys_addr)
+        .map_err(|f| fault_to_access_error(f, va, access, &cfg))
+}
+
+/// Splits `[va, va + len)` at page boundaries: (linear address, length).
+fn page_chunks(va: u64, len: usize) -> impl Iterator<Item = (u64, usize)> {
+    let mut addr = va;
+    let mut left = len;
+    std::iter::from_fn(move || {
+        if left == 0 {
+            return None;
+        }
+        let in_page = (PAGE_SIZE - (addr % PAGE_SIZE)) as usize;
+        let n = in_page.min(left);
+        let chunk = (addr, n);
+        addr = addr.wrapping_add(n as u64);
+        left -= n;
+        Some(chunk)
+    })
+}
+
+/// Reads `buf.len()` bytes at linear address `va`. Every page is translated
+/// before any byte is read, so a fault on the second page of a split access
+/// reports that page (CR2 = first byte on it) and reads nothing.
+pub(crate) fn read_linear<M: GuestMemory>(
+    mem: &M,
+    ctx: &CpuContext,
+    va: u64,
+    buf: &mut [u8],
+    kind: AccessKind,
+    privilege: Privilege,
+) -> Result<(), AccessError> {
+    let pieces = page_chunks(va, buf.len())
+        .map(|(addr, len)| Ok((translate(mem, ctx, addr, kind, privilege)?, len)))
+        .collect::<Result<Vec<_>, AccessError>>()?;
+    let mut off = 0;
+    for (gpa, len) in pieces {
+        mem.read_slice(&mut buf[off..off + len], GuestAddress(gpa))
+            .map_err(|_| AccessError::NotRam { gpa })?;
+        off += len;
+    }
+    Ok(())
+}
+
+/// Fetches up to 15 instruction bytes at `rip`. The first page must be
+/// reachable; bytes on a following page that cannot be fetched are left out
+/// (the decoder then sees a truncated instruction only if it really spans
+/// into that page).
+pub(crate) fn fetch_instruction<M: GuestMemory>(
+    mem: &M,
+    ctx: &CpuContext,
+    rip: u64,
+    privilege: Privilege,
+) -> Result<Vec<u8>, AccessError> {
+    let mut bytes = Vec::with_capacity(MAX_INSN_LEN);
+    for (i, (addr, len)) in page_chunks(rip, MAX_INSN_LEN).enumerate() {
+        let mut chunk = [0u8; MAX_INSN_LEN];
+        match read_linear(
+            mem,
+            ctx,
+            addr,
+            &mut chunk[..len],
+            AccessKind::Fetch,
+            privilege,
+        ) {
+            Ok(()) => bytes.extend_from_slice(&chunk[..len]),
+            Err(e) if i == 0 => return Err(e),
+            Err(_) => break,
+        }
+    }
+    Ok(bytes)
+}

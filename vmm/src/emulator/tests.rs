@@ -1,0 +1,1436 @@
+//! Behaviour of the trap layer on a mock vCPU over real guest memory with
+//! hand-built IA-32e page tables, GDT and IDT.
+
+use iced_x86::code_asm::*;
+use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
+use pci::{StoreKind, StoreReply};
+use proptest::prelude::*;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::arch::rflags;
+use super::*;
+use viommu::paging::pf_error;
+
+// ---------------------------------------------------------------------------
+// The machine
+// ---------------------------------------------------------------------------
+
+const RAM_SIZE: usize = 16 << 20;
+
+const PTE_P: u64 = 1;
+const PTE_RW: u64 = 1 << 1;
+const PTE_US: u64 = 1 << 2;
+const PTE_NX: u64 = 1 << 63;
+const PTE_ADDR: u64 = 0x000f_ffff_ffff_f000;
+
+/// Kernel code (supervisor, executable).
+const KCODE: u64 = 0xffff_ffff_8100_0000;
+const KCODE_PA: u64 = 0x10_0000;
+/// Two pages of kernel data (supervisor, NX).
+const KDATA: u64 = 0xffff_8880_0020_0000;
+const KDATA_PA: u64 = 0x20_0000;
+/// User code (user, executable).
+const UCODE: u64 = 0x40_0000;
+const UCODE_PA: u64 = 0x30_0000;
+/// Two pages of user data (user, NX).
+const UDATA: u64 = 0x60_0000;
+const UDATA_PA: u64 = 0x31_0000;
+/// A user page of RAM used as a MOVDIR64B destination.
+const URAM: u64 = 0x70_0000;
+const URAM_PA: u64 = 0x32_0000;
+/// A user mapping of the device portal.
+const PORTAL: u64 = 0x7f00_0000;
+const PORTAL_PA: u64 = crate::layout::TEST_DEVICES_START;
+/// A supervisor mapping of the same portal (SMAP forbids CPL 0 stores to
+/// the user mapping).
+const KPORTAL: u64 = 0xffff_c900_0010_0000;
+/// Kernel stack page.
+const KSTACK: u64 = 0xffff_c900_0000_0000;
+const KSTACK_PA: u64 = 0x40_0000;
+/// GDT and IDT pages.
+const GDT: u64 = 0xffff_fe00_0000_0000;
+const GDT_PA: u64 = 0x41_0000;
+const IDT: u64 = 0xffff_fe00_0000_1000;
+const IDT_PA: u64 = 0x41_1000;
+/// The #UD handler.
+const UD_HANDLER: u64 = KCODE + 0x800;
+
+const KERNEL_CS: u16 = 0x10;
+const KERNEL_SS: u16 = 0x18;
+const USER_SS: u16 = 0x2b;
+const USER_CS: u16 = 0x33;
+const USER_RSP: u64 = 0x7fff_f000;
+
+const PASID_VALID: u64 = 1 << 31;
+
+#[derive(Clone, Debug, PartialEq)]
+struct Injected {
+    vector: u8,
+    error_code: Option<u32>,
+    cr2: Option<u64>,
+    /// RIP and CS selector of the vCPU when the exception was injected.
+    rip: u64,
+    cs: u16,
+}
+
+impl Injected {
+    fn at(e: Exception, rip: u64, selector: u16) -> Self {
+        Injected {
+            vector: e.vector,
+            error_code: e.error_code,
+            cr2: e.cr2,
+            rip,
+            cs: selector,
+        }
+    }
+}
+
+struct MockCpu {
+    mem: GuestMemoryMmap,
+    regs: kvm_regs,
+    sregs: kvm_sregs,
+    pasid: u64,
+    /// What the device answers to ENQCMD/ENQCMDS.
+    device_reply: StoreReply,
+    stores: Vec<(u64, [u8; 64], StoreKind)>,
+    injected: Vec<Injected>,
+    next_table: u64,
+    /// MAXPHYADDR reported to the emulator.
+    phys_bits: u8,
+}
+
+impl GuestCpu for MockCpu {
+    fn regs(&mut self) -> Result<kvm_regs, EmulatorError> {
+        Ok(self.regs)
+    }
+    fn set_regs(&mut self, regs: &kvm_regs) -> Result<(), EmulatorError> {
+        self.regs = *regs;
+        Ok(())
+    }
+    fn sregs(&mut self) -> Result<kvm_sregs, EmulatorError> {
+        Ok(self.sregs)
+    }
+    fn set_sregs(&mut self, sregs: &kvm_sregs) -> Result<(), EmulatorError> {
+        self.sregs = *sregs;
+        Ok(())
+    }
+    fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+    fn ia32_pasid(&self) -> u64 {
+        self.pasid
+    }
+    fn max_phys_addr_bits(&self) -> u8 {
+        self.phys_bits
+    }
+    fn inject_exception(
+        &mut self,
+        vector: u8,
+        error_code: Option<u32>,
+        address: Option<u64>,
+    ) -> Result<(), EmulatorError> {
+        self.injected.push(Injected {
+            vector,
+            error_code,
+            cr2: address,
+            rip: self.regs.rip,
+            cs: self.sregs.cs.selector,
+        });
+        Ok(())
+    }
+    fn store64(
+        &mut self,
+        gpa: u64,
+        data: &[u8; 64],
+        kind: StoreKind,
+    ) -> Result<StoreReply, EmulatorError> {
+        self.stores.push((gpa, *data, kind));
+        if (PORTAL_PA..PORTAL_PA + 0x1000).contains(&gpa) {
+            return Ok(match kind {
+                StoreKind::Movdir64b => StoreReply::Accepted,
+                _ => self.device_reply,
+            });
+        }
+        self.mem
+            .write_slice(data, GuestAddress(gpa))
+            .map_err(|e| EmulatorError::Store {
+                gpa,
+                message: e.to_string(),
+            })?;
+        // RAM is no enqueue register: it never accepts a command.
+        Ok(match kind {
+            StoreKind::Movdir64b => StoreReply::Accepted,
+            _ => StoreReply::Retry,
+        })
+    }
+}
+
+fn segment(selector: u16, dpl: u8, code: bool) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_: if code { 0xb } else { 0x3 },
+        present: 1,
+        dpl,
+        db: u8::from(!code),
+        s: 1,
+        l: u8::from(code),
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+impl MockCpu {
+    /// 64-bit mode, CPL 0, 4-level paging with SMEP/SMAP/NXE/WP on, the
+    /// mappings above, a GDT with Linux's selectors and an IDT with #UD.
+    fn new() -> Self {
+        Self::with_levels(4)
+    }
+
+    fn with_levels(levels: u8) -> Self {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM_SIZE)]).unwrap();
+        let mut sregs = kvm_sregs {
+            cr0: 0x8001_0033, // PG, WP, NE, ET, MP, PE
+            cr3: 0x1000,
+            cr4: 0x30_06a0 | if levels == 5 { 1 << 12 } else { 0 }, // SMAP, SMEP, PAE, ...
+            efer: 0xd00,                                            // NXE, LMA, LME
+            cs: segment(KERNEL_CS, 0, true),
+            ss: segment(KERNEL_SS, 0, false),
+            ..Default::default()
+        };
+        sregs.ds = segment(0, 0, false);
+        sregs.es = sregs.ds;
+        sregs.gdt.base = GDT;
+        sregs.gdt.limit = 0x7f;
+        sregs.idt.base = IDT;
+        sregs.idt.limit = 0xfff;
+        let regs = kvm_regs {
+            rflags: 0x2,
+            rip: KCODE,
+            ..Default::default()
+        };
+        let mut cpu = MockCpu {
+            mem,
+            regs,
+            sregs,
+            pasid: PASID_VALID | 0x1234,
+            device_reply: StoreReply::Accepted,
+            stores: Vec::new(),
+            injected: Vec::new(),
+            next_table: 0x2000,
+            phys_bits: 52,
+        };
+        let kernel_rw = PTE_P | PTE_RW | PTE_NX;
+        let user_rw = kernel_rw | PTE_US;
+        cpu.map(KCODE, KCODE_PA, PTE_P);
+        cpu.map(KDATA, KDATA_PA, kernel_rw);
+        cpu.map(KDATA + 0x1000, KDATA_PA + 0x1000, kernel_rw);
+        cpu.map(UCODE, UCODE_PA, PTE_P | PTE_US);
+        cpu.map(UDATA, UDATA_PA, user_rw);
+        cpu.map(UDATA + 0x1000, UDATA_PA + 0x1000, user_rw);
+        cpu.map(URAM, URAM_PA, user_rw);
+        cpu.map(PORTAL, PORTAL_PA, user_rw);
+        cpu.map(KPORTAL, PORTAL_PA, kernel_rw);
+        cpu.map(KSTACK, KSTACK_PA, kernel_rw);
+        cpu.map(GDT, GDT_PA, PTE_P | PTE_NX);
+        cpu.map(IDT, IDT_PA, PTE_P | PTE_NX);
+        // Linux's GDT layout: kernel CS 0x10, kernel DS 0x18, user DS 0x2b,
+        // user CS 0x33.
+        for (index, desc) in [
+            (2u64, 0x00af_9b00_0000_ffffu64),
+            (3, 0x00cf_9300_0000_ffff),
+            (5, 0x00cf_f300_0000_ffff),
+            (6, 0x00af_fb00_0000_ffff),
+        ] {
+            cpu.mem
+                .write_obj(desc, GuestAddress(GDT_PA + index * 8))
+                .unwrap();
+        }
+        cpu.set_gate(6, UD_HANDLER);
+        cpu
+    }
+
+    fn alloc_table(&mut self) -> u64 {
+        let t = self.next_table;
+        self.next_table += 0x1000;
+        assert!(t < KCODE_PA, "page-table area full");
+        t
+    }
+
+    /// Maps the 4 KiB page at `va` to `pa` with leaf `flags`; intermediate
+    /// entries allow everything, so the leaf decides.
+    fn map(&mut self, va: u64, pa: u64, flags: u64) {
+        let levels = if self.sregs.cr4 & (1 << 12) != 0 {
+            5
+        } else {
+            4
+        };
+        let mut table = self.sregs.cr3 & PTE_ADDR;
+        for level in (2..=levels).rev() {
+            let index = (va >> (12 + 9 * (level - 1))) & 0x1ff;
+            let at = GuestAddress(table + index * 8);
+            let mut entry: u64 = self.mem.read_obj(at).unwrap();
+            if entry & PTE_P == 0 {
+                entry = self.alloc_table() | PTE_P | PTE_RW | PTE_US;
+                self.mem.write_obj(entry, at).unwrap();
+            }
+            table = entry & PTE_ADDR;
+        }
+        let index = (va >> 12) & 0x1ff;
+        self.mem
+            .write_obj(pa | flags, GuestAddress(table + index * 8))
+            .unwrap();
+    }
+
+    fn unmap(&mut self, va: u64) {
+        self.map(va, 0, 0);
+    }
+
+    /// Address of the entry at `level` (4 = PML4 ... 1 = PTE) that maps
+    /// `va`, which must be mapped down to that level.
+    fn entry_addr(&self, va: u64, level: u64) -> u64 {
+        let mut table = self.sregs.cr3 & PTE_ADDR;
+        for l in (level + 1..=4).rev() {
+            let index = (va >> (12 + 9 * (l - 1))) & 0x1ff;
+            let entry: u64 = self.mem.read_obj(GuestAddress(table + index * 8)).unwrap();
+            table = entry & PTE_ADDR;
+        }
+        table + ((va >> (12 + 9 * (level - 1))) & 0x1ff) * 8
+    }
+
+    fn pte(&self, va: u64) -> u64 {
+        self.mem
+            .read_obj(GuestAddress(self.entry_addr(va, 1)))
+            .unwrap()
+    }
+
+    fn set_gate(&mut self, vector: u64, handler: u64) {
+        let lo = (handler & 0xffff)
+            | (u64::from(KERNEL_CS) << 16)
+            | (0x8e << 40) // present, DPL 0, 64-bit interrupt gate
+            | ((handler & 0xffff_0000) << 32);
+        let hi = handler >> 32;
+        self.mem
+            .write_obj(lo, GuestAddress(IDT_PA + vector * 16))
+            .unwrap();
+        self.mem
+            .write_obj(hi, GuestAddress(IDT_PA + vector * 16 + 8))
+            .unwrap();
+    }
+
+    /// Guest-physical address of `va` in this machine's fixed mappings.
+    fn pa(va: u64) -> u64 {
+        for (base, pa, len) in [
+            (KCODE, KCODE_PA, 0x1000),
+            (KDATA, KDATA_PA, 0x2000),
+            (UCODE, UCODE_PA, 0x1000),
+            (UDATA, UDATA_PA, 0x2000),
+            (URAM, URAM_PA, 0x1000),
+            (KSTACK, KSTACK_PA, 0x1000),
+        ] {
+            if (base..base + len).contains(&va) {
+                return pa + (va - base);
+            }
+        }
+        panic!("{va:#x} is not a test mapping");
+    }
+
+    fn write(&self, va: u64, bytes: &[u8]) {
+        self.mem
+            .write_slice(bytes, GuestAddress(Self::pa(va)))
+            .unwrap();
+    }
+
+    fn read<const N: usize>(&self, va: u64) -> [u8; N] {
+        let mut b = [0u8; N];
+        self.mem
+            .read_slice(&mut b, GuestAddress(Self::pa(va)))
+            .unwrap();
+        b
+    }
+
+    /// Switches to CPL 3 (the context a user-mode MOVDIR64B to MMIO traps
+    /// in), with the usual operands: RAX = the user portal mapping, RDX = a
+    /// descriptor in user data.
+    fn enter_user(&mut self) {
+        self.regs.rax = PORTAL;
+        self.regs.rdx = UDATA;
+        self.write(UDATA, &descriptor());
+        self.sregs.cs = segment(USER_CS, 3, true);
+        self.sregs.ss = segment(USER_SS, 3, false);
+        self.regs.rip = UCODE;
+        self.regs.rsp = USER_RSP;
+        self.regs.rflags = 0x202;
+    }
+
+    /// Places code at the current RIP and returns its bytes.
+    fn place(&mut self, f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> Vec<u8> {
+        let bytes = assemble(self.regs.rip, f);
+        self.write(self.regs.rip, &bytes);
+        bytes
+    }
+}
+
+/// A test instruction, written with the code assembler.
+type Asm = fn(&mut CodeAssembler) -> Result<(), IcedError>;
+
+fn assemble(ip: u64, f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> Vec<u8> {
+    let mut a = CodeAssembler::new(64).unwrap();
+    f(&mut a).unwrap();
+    a.assemble(ip).unwrap()
+}
+
+/// A recognisable 64-byte descriptor whose dword 0 is all ones (so every
+/// bit ENQCMD/ENQCMDS must rewrite is visible).
+fn descriptor() -> [u8; 64] {
+    let mut d = [0u8; 64];
+    for (i, b) in d.iter_mut().enumerate() {
+        *b = 0x40 + i as u8;
+    }
+    d[..4].copy_from_slice(&0xffff_ffffu32.to_le_bytes());
+    d
+}
+
+/// Runs the emulation-failure path on `bytes` and checks that it raised
+/// `expected` as a fault: injected once, with the vCPU still at the
+/// instruction and no store made.
+fn assert_raises(cpu: &mut MockCpu, bytes: &[u8], expected: Exception) {
+    let (rip, selector) = (cpu.regs.rip, cpu.sregs.cs.selector);
+    let outcome = handle_emulation_failure(cpu, bytes).unwrap();
+    assert_eq!(outcome, Outcome::Exception(expected));
+    assert_eq!(cpu.regs.rip, rip, "RIP stays at the faulting instruction");
+    assert_eq!(cpu.injected, vec![Injected::at(expected, rip, selector)]);
+    assert!(cpu.stores.is_empty());
+}
+
+fn dword0(data: &[u8; 64]) -> u32 {
+    u32::from_le_bytes([data[0], data[1], data[2], data[3]])
+}
+
+// ---------------------------------------------------------------------------
+// ENQCMD / ENQCMDS / MOVDIR64B through the emulation-failure exit
+// ---------------------------------------------------------------------------
+
+/// CPL 0 `enqcmd rax, [rdx]` to the portal with the source in kernel data.
+fn enqcmd_machine() -> (MockCpu, Vec<u8>) {
+    let mut cpu = MockCpu::new();
+    cpu.regs.rax = KPORTAL;
+    cpu.regs.rdx = KDATA + 0x100;
+    cpu.write(KDATA + 0x100, &descriptor());
+    let bytes = cpu.place(|a| a.enqcmd(rax, ptr(rdx)));
+    (cpu, bytes)
+}
+
+#[test]
+fn enqcmd_accepted_clears_zf_and_carries_the_msr_pasid() {
+    let (mut cpu, bytes) = enqcmd_machine();
+    cpu.pasid = PASID_VALID | 0xabcde;
+    cpu.regs.rflags =
+        0x2 | rflags::ZF | rflags::CF | rflags::OF | rflags::SF | rflags::AF | rflags::PF;
+
+    let outcome = handle_emulation_failure(&mut cpu, &bytes).unwrap();
+
+    assert_eq!(
+        outcome,
+        Outcome::Store(StoreRecord {
+            kind: StoreKind::Enqcmd,
+            linear: KPORTAL,
+            gpa: PORTAL_PA,
+            reply: StoreReply::Accepted,
+        })
+    );
+    assert_eq!(cpu.regs.rip, KCODE + bytes.len() as u64);
+    assert_eq!(
+        cpu.regs.rflags, 0x2,
+        "ZF=0 on accept, other status flags cleared"
+    );
+    assert_eq!(cpu.stores.len(), 1);
+    let (gpa, data, kind) = cpu.stores[0];
+    assert_eq!((gpa, kind), (PORTAL_PA, StoreKind::Enqcmd));
+    assert_eq!(
+        dword0(&data),
+        0xabcde,
+        "PASID from the MSR, bits 30:20 and privilege 31 clear"
+    );
+    assert_eq!(data[4..], descriptor()[4..]);
+    assert!(cpu.injected.is_empty());
+}
+
+#[test]
+fn enqcmd_retry_sets_zf() {
+    let (mut cpu, bytes) = enqcmd_machine();
+    cpu.device_reply = StoreReply::Retry;
+    cpu.regs.rflags = 0x2 | rflags::CF;
+
+    let outcome = handle_emulation_failure(&mut cpu, &bytes).unwrap();
+
+    assert!(matches!(
+        outcome,
+        Outcome::Store(StoreRecord {
+            reply: StoreReply::Retry,
+            ..
+        })
+    ));
+    assert_eq!(cpu.regs.rflags, 0x2 | rflags::ZF);
+    assert_eq!(cpu.regs.rip, KCODE + bytes.len() as u64);
+    assert_eq!(dword0(&cpu.stores[0].1), 0x1234);
+}
+
+#[test]
+fn enqcmd_with_invalid_pasid_msr_is_gp0_and_rip_stays() {
+    let (mut cpu, bytes) = enqcmd_machine();
+    cpu.pasid = 0x1234; // valid bit clear
+    let before = cpu.regs;
+
+    let outcome = handle_emulation_failure(&mut cpu, &bytes).unwrap();
+
+    assert_eq!(outcome, Outcome::Exception(Exception::gp0()));
+    assert_eq!(cpu.regs, before);
+    assert!(cpu.stores.is_empty());
+    assert_eq!(
+        cpu.injected,
+        vec![Injected::at(Exception::gp0(), KCODE, KERNEL_CS)]
+    );
+}
+
+#[test]
+fn enqcmd_with_invalid_msr_faults_before_touching_memory() {
+    // Source unmapped too: the MSR check comes first, so #GP, not #PF.
+    let (mut cpu, bytes) = enqcmd_machine();
+    cpu.pasid = 0;
+    cpu.unmap(KDATA);
+    assert_raises(&mut cpu, &bytes, Exception::gp0());
+}
+
+#[test]
+fn enqcmds_keeps_source_pasid_and_privilege() {
+    let mut cpu = MockCpu::new();
+    cpu.pasid = 0; // not used by ENQCMDS
+    let mut desc = descriptor();
+    desc[..4].copy_from_slice(&(0x8000_0000u32 | 0x7ff0_0000 | 0x4_2042).to_le_bytes());
+    cpu.write(KDATA, &desc);
+    cpu.regs.rsi = KPORTAL + 0x40;
+    cpu.regs.rdi = KDATA;
+    let bytes = cpu.place(|a| a.enqcmds(rsi, ptr(rdi)));
+    cpu.device_reply = StoreReply::Retry;
+
+    let outcome = handle_emulation_failure(&mut cpu, &bytes).unwrap();
+
+    assert_eq!(
+        outcome,
+        Outcome::Store(StoreRecord {
+            kind: StoreKind::Enqcmds,
+            linear: KPORTAL + 0x40,
+            gpa: PORTAL_PA + 0x40,
+            reply: StoreReply::Retry,
+        })
+    );
+    let data = cpu.stores[0].1;
+    assert_eq!(
+        dword0(&data),
+        0x8004_2042,
+        "source PASID and privilege kept, bits 30:20 cleared"
+    );
+    assert_eq!(data[4..], desc[4..]);
+    assert_eq!(cpu.regs.rflags & rflags::ZF, rflags::ZF);
+}
+
+#[test]
+fn enqcmds_at_cpl3_is_gp0() {
+    let mut cpu = MockCpu::new();
+    cpu.enter_user();
+    let bytes = cpu.place(|a| a.enqcmds(rax, ptr(rdx)));
+
+    assert_raises(&mut cpu, &bytes, Exception::gp0());
+}
+
+#[test]
+fn movdir64b_to_device_is_verbatim_and_leaves_flags() {
+    let mut cpu = MockCpu::new();
+    cpu.write(KDATA + 0x10, &descriptor());
+    cpu.regs.rcx = KPORTAL + 0xc0;
+    cpu.regs.rbx = KDATA;
+    cpu.regs.rflags = 0x2 | rflags::ZF | rflags::CF;
+    let bytes = cpu.place(|a| a.movdir64b(rcx, ptr(rbx + 0x10)));
+
+    let outcome = handle_emulation_failure(&mut cpu, &bytes).unwrap();
+
+    assert_eq!(
+        outcome,
+        Outcome::Store(StoreRecord {
+            kind: StoreKind::Movdir64b,
+            linear: KPORTAL + 0xc0,
+            gpa: PORTAL_PA + 0xc0,
+            reply: StoreReply::Accepted,
+        })
+    );
+    assert_eq!(cpu.stores[0].1, descriptor());
+    assert_eq!(
+        cpu.regs.rflags,
+        0x2 | rflags::ZF | rflags::CF,
+        "MOVDIR64B changes no flag"
+    );
+    assert_eq!(cpu.regs.rip, KCODE + bytes.len() as u64);
+}
+
+#[test]
+fn movdir64b_at_cpl3_to_ram_writes_ram() {
+    let mut cpu = MockCpu::new();
+    cpu.enter_user();
+    cpu.write(UDATA + 0xff0, &descriptor()); // crosses into the second page
+    cpu.regs.r8 = URAM + 0x80;
+    cpu.regs.r9 = UDATA + 0xff0;
+    let bytes = cpu.place(|a| a.movdir64b(r8, ptr(r9)));
+
+    let outcome = handle_emulation_failure(&mut cpu, &bytes).unwrap();
+
+    assert!(matches!(outcome, Outcome::Store(StoreRecord { gpa, .. }) if gpa == URAM_PA + 0x80));
+    assert_eq!(cpu.read::<64>(URAM + 0x80), descriptor());
+    assert_eq!(cpu.regs.rip, UCODE + bytes.len() as u64);
+}
+
+#[test]
+fn misaligned_destination_is_gp0() {
+    for offset in [1u64, 8, 32, 63] {
+        let (mut cpu, bytes) = enqcmd_machine();
+        cpu.regs.rax = KPORTAL + offset;
+        assert_eq!(
+            handle_emulation_failure(&mut cpu, &bytes).unwrap(),
+            Outcome::Exception(Exception::gp0()),
+            "destination offset {offset}"
+        );
+        assert_eq!(cpu.regs.rip, KCODE);
+        assert!(cpu.stores.is_empty());
+    }
+}
+
+#[test]
+fn non_canonical_source_is_gp0_or_ss0() {
+    let mut cpu = MockCpu::new();
+    cpu.regs.rax = KPORTAL;
+    cpu.regs.rdx = 0x8000_0000_0000;
+    let bytes = cpu.place(|a| a.movdir64b(rax, ptr(rdx)));
+    assert_raises(&mut cpu, &bytes, Exception::gp0());
+
+    let mut cpu = MockCpu::new();
+    cpu.regs.rax = KPORTAL;
+    cpu.regs.rbp = 0x7fff_ffff_fff0; // the 64 bytes run past the canonical end
+    let bytes = cpu.place(|a| a.movdir64b(rax, ptr(rbp)));
+    assert_raises(&mut cpu, &bytes, Exception::ss0());
+    assert_eq!(cpu.injected[0].error_code, Some(0));
+    assert_eq!(cpu.injected[0].vector, 12);
+}
+
+#[test]
+fn non_canonical_destination_is_gp0() {
+    let (mut cpu, bytes) = enqcmd_machine();
+    cpu.regs.rax = 0x1234_5678_0000_0000;
+    assert_raises(&mut cpu, &bytes, Exception::gp0());
+}
+
+#[test]
+fn source_not_present_is_pf_with_error_code_and_cr2() {
+    let (mut cpu, bytes) = enqcmd_machine();
+    cpu.unmap(KDATA);
+    // Supervisor read of a not-present page: error code 0.
+    assert_raises(&mut cpu, &bytes, Exception::page_fault(0, KDATA + 0x100));
+}
+
+#[test]
+fn source_split_over_a_missing_second_page_faults_on_that_page() {
+    let (mut cpu, bytes) = enqcmd_machine();
+    cpu.regs.rdx = KDATA + 0xfe0;
+    cpu.unmap(KDATA + 0x1000);
+    assert_raises(&mut cpu, &bytes, Exception::page_fault(0, KDATA + 0x1000));
+}
+
+#[test]
+fn user_source_on_supervisor_page_is_pf_present_user() {
+    let mut cpu = MockCpu::new();
+    cpu.enter_user();
+    cpu.regs.rdx = KDATA + 0x40;
+    let bytes = cpu.place(|a| a.movdir64b(rax, ptr(rdx)));
+
+    let outcome = handle_emulation_failure(&mut cpu, &bytes).unwrap();
+
+    assert_eq!(
+        outcome,
+        Outcome::Exception(Exception::page_fault(
+            pf_error::PRESENT | pf_error::USER,
+            KDATA + 0x40
+        ))
+    );
+    assert_eq!(cpu.injected[0].error_code, Some(5));
+    assert_eq!(cpu.injected[0].rip, UCODE);
+}
+
+#[test]
+fn read_only_destination_is_pf_write() {
+    let mut cpu = MockCpu::new();
+    cpu.map(PORTAL, PORTAL_PA, PTE_P | PTE_US | PTE_NX);
+    cpu.enter_user();
+    let bytes = cpu.place(|a| a.enqcmd(rax, ptr(rdx)));
+
+    let outcome = handle_emulation_failure(&mut cpu, &bytes).unwrap();
+
+    assert_eq!(
+        outcome,
+        Outcome::Exception(Exception::page_fault(
+            pf_error::PRESENT | pf_error::WRITE | pf_error::USER,
+            PORTAL
+        ))
+    );
+}
+
+#[test]
+fn smap_blocks_supervisor_source_on_user_page_unless_ac() {
+    let (mut cpu, bytes) = enqcmd_machine();
+    cpu.regs.rdx = UDATA;
+    let outcome = handle_emulation_failure(&mut cpu, &bytes).unwrap();
+    assert_eq!(
+        outcome,
+        Outcome::Exception(Exception::page_fault(pf_error::PRESENT, UDATA))
+    );
+
+    let (mut cpu, bytes) = enqcmd_machine();
+    cpu.regs.rdx = UDATA;
+    cpu.regs.rflags |= rflags::AC;
+    let outcome = handle_emulation_failure(&mut cpu, &bytes).unwrap();
+    assert!(matches!(outcome, Outcome::Store(_)));
+}
+
+#[test]
+fn address_size_prefix_truncates_source_and_destination() {
+    let mut cpu = MockCpu::new();
+    cpu.enter_user();
+    // Only the low 32 bits of both registers count under 0x67.
+    cpu.regs.rax = 0xdead_0000_0000_0000 | PORTAL;
+    cpu.regs.rdx = 0xbeef_0000_0000_0000 | UDATA;
+    cpu.write(UDATA, &descriptor());
+    let bytes = cpu.place(|a| a.enqcmd(eax, ptr(edx)));
+    assert_eq!(bytes[0], 0x67);
+
+    let outcome = handle_emulation_failure(&mut cpu, &bytes).unwrap();
+
+    assert_eq!(
+        outcome,
+        Outcome::Store(StoreRecord {
+            kind: StoreKind::Enqcmd,
+            linear: PORTAL,
+            gpa: PORTAL_PA,
+            reply: StoreReply::Accepted,
+        })
+    );
+    assert_eq!(cpu.stores[0].1[4..], descriptor()[4..]);
+}
+
+#[test]
+fn segment_override_uses_the_fs_or_gs_base() {
+    let mut cpu = MockCpu::new();
+    cpu.sregs.gs.base = KDATA;
+    cpu.regs.rdx = 0x200;
+    cpu.regs.rax = KPORTAL;
+    cpu.write(KDATA + 0x200, &descriptor());
+    let bytes = cpu.place(|a| a.movdir64b(rax, ptr(rdx).gs()));
+    assert_eq!(bytes[0], 0x65);
+
+    assert!(matches!(
+        handle_emulation_failure(&mut cpu, &bytes).unwrap(),
+        Outcome::Store(_)
+    ));
+    assert_eq!(cpu.stores[0].1, descriptor());
+}
+
+#[test]
+fn rip_relative_source() {
+    let mut cpu = MockCpu::new();
+    cpu.regs.rax = KPORTAL;
+    cpu.regs.rip = KCODE + 0x100;
+    cpu.write(KCODE + 0x400, &descriptor());
+    // The assembler resolves the label to a RIP-relative displacement.
+    let bytes = cpu.place(|a| {
+        let mut data = a.create_label();
+        a.movdir64b(rax, ptr(data))?;
+        // Pad up to KCODE + 0x400.
+        let pad = 0x300 - 9;
+        a.db(&vec![0x90; pad])?;
+        a.set_label(&mut data)?;
+        a.db(&descriptor())
+    });
+    let insn = &bytes[..9];
+
+    assert!(matches!(
+        handle_emulation_failure(&mut cpu, insn).unwrap(),
+        Outcome::Store(_)
+    ));
+    assert_eq!(cpu.stores[0].1, descriptor());
+}
+
+#[test]
+fn five_level_paging() {
+    let mut cpu = MockCpu::with_levels(5);
+    let high_user = 0x00ff_0000_0000_0000u64; // needs 57-bit addresses
+    cpu.map(high_user, UDATA_PA, PTE_P | PTE_RW | PTE_US | PTE_NX);
+    cpu.write(UDATA, &descriptor());
+    cpu.enter_user();
+    cpu.regs.rdx = high_user;
+    let bytes = cpu.place(|a| a.enqcmd(rax, ptr(rdx)));
+
+    assert!(matches!(
+        handle_emulation_failure(&mut cpu, &bytes).unwrap(),
+        Outcome::Store(_)
+    ));
+    assert_eq!(cpu.stores[0].1[4..], descriptor()[4..]);
+
+    // The same address is non-canonical with 4-level paging.
+    let mut cpu = MockCpu::new();
+    cpu.enter_user();
+    cpu.regs.rdx = high_user;
+    let bytes = cpu.place(|a| a.enqcmd(rax, ptr(rdx)));
+    assert_raises(&mut cpu, &bytes, Exception::gp0());
+}
+
+#[test]
+fn bytes_missing_from_the_exit_are_fetched_at_rip() {
+    let (mut cpu, _) = enqcmd_machine();
+    assert!(matches!(
+        handle_emulation_failure(&mut cpu, &[]).unwrap(),
+        Outcome::Store(_)
+    ));
+}
+
+#[test]
+fn source_in_device_memory_is_not_handled() {
+    let mut cpu = MockCpu::new();
+    cpu.regs.rax = KPORTAL;
+    cpu.regs.rdx = KPORTAL + 0x40;
+    let bytes = cpu.place(|a| a.movdir64b(rax, ptr(rdx)));
+    let before = (cpu.regs, cpu.sregs);
+
+    let outcome = handle_emulation_failure(&mut cpu, &bytes).unwrap();
+
+    let Outcome::NotHandled(u) = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert_eq!(
+        u.reason,
+        UnhandledReason::SourceNotRam {
+            gpa: PORTAL_PA + 0x40
+        }
+    );
+    assert_eq!((cpu.regs, cpu.sregs), before);
+    assert!(cpu.stores.is_empty() && cpu.injected.is_empty());
+}
+
+// ---------------------------------------------------------------------------
+// The #UD handler entry: user-mode ENQCMD
+// ---------------------------------------------------------------------------
+
+/// The user ran `code` at UCODE; it raised #UD; the vCPU is at the entry of
+/// the #UD handler (`rip_offset` 0: breakpoint route; 4: after ENDBR64)
+/// with the hardware frame on the kernel stack. General registers are the
+/// user's.
+fn at_ud_entry(
+    rip_offset: u64,
+    code: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
+) -> (MockCpu, Vec<u8>) {
+    let mut cpu = MockCpu::new();
+    let user_code = assemble(UCODE, code);
+    cpu.write(UCODE, &user_code);
+    cpu.write(
+        UD_HANDLER,
+        &assemble(UD_HANDLER, |a| {
+            a.endbr64()?;
+            a.clac()?;
+            a.ud2()
+        }),
+    );
+    cpu.write(UDATA, &descriptor());
+    cpu.regs.rax = PORTAL;
+    cpu.regs.rdx = UDATA;
+    let frame_rsp = KSTACK + 0x1000 - 40;
+    let frame = [
+        UCODE,
+        u64::from(USER_CS),
+        0x202 | rflags::CF | rflags::SF,
+        USER_RSP,
+        u64::from(USER_SS),
+    ];
+    for (i, v) in frame.iter().enumerate() {
+        cpu.write(frame_rsp + 8 * i as u64, &v.to_le_bytes());
+    }
+    cpu.regs.rsp = frame_rsp;
+    cpu.regs.rip = UD_HANDLER + rip_offset;
+    cpu.regs.rflags = 0x2;
+    (cpu, user_code)
+}
+
+fn assert_back_in_user(cpu: &MockCpu, rip: u64) {
+    assert_eq!(cpu.regs.rip, rip);
+    assert_eq!(cpu.regs.rsp, USER_RSP);
+    assert_eq!(cpu.sregs.cs.selector, USER_CS);
+    assert_eq!(
+        (cpu.sregs.cs.dpl, cpu.sregs.cs.l, cpu.sregs.cs.present),
+        (3, 1, 1)
+    );
+    assert_eq!(cpu.sregs.ss.selector, USER_SS);
+    assert_eq!((cpu.sregs.ss.dpl, cpu.sregs.ss.present), (3, 1));
+}
+
+#[test]
+fn user_enqcmd_at_ud_entry_is_emulated_and_returns_to_user() {
+    for (reply, zf) in [(StoreReply::Accepted, 0), (StoreReply::Retry, rflags::ZF)] {
+        let (mut cpu, code) = at_ud_entry(0, |a| a.enqcmd(rax, ptr(rdx)));
+        cpu.device_reply = reply;
+        cpu.pasid = PASID_VALID | 0x5_4321;
+
+        let action = handle_exception_entry(&mut cpu, 6).unwrap();
+
+        assert_eq!(
+            action,
+            EntryAction::Emulated(StoreRecord {
+                kind: StoreKind::Enqcmd,
+                linear: PORTAL,
+                gpa: PORTAL_PA,
+                reply,
+            })
+        );
+        assert_back_in_user(&cpu, UCODE + code.len() as u64);
+        // User RFLAGS from the frame with the status flags from the answer.
+        assert_eq!(cpu.regs.rflags, 0x202 | zf);
+        assert_eq!(
+            (cpu.regs.rax, cpu.regs.rdx),
+            (PORTAL, UDATA),
+            "user registers kept"
+        );
+        assert_eq!(dword0(&cpu.stores[0].1), 0x5_4321);
+        assert!(cpu.injected.is_empty());
+    }
+}
+
+#[test]
+fn user_enqcmd_through_the_clac_at_linux_entry() {
+    let (mut cpu, code) = at_ud_entry(4, |a| a.enqcmd(rax, ptr(rdx)));
+    let clac = cpu.read::<3>(UD_HANDLER + 4);
+    assert_eq!(clac, [0x0f, 0x01, 0xca]);
+
+    let outcome = handle_emulation_failure(&mut cpu, &clac).unwrap();
+
+    assert_eq!(
+        outcome,
+        Outcome::ExceptionEntry {
+            vector: 6,
+            action: EntryAction::Emulated(StoreRecord {
+                kind: StoreKind::Enqcmd,
+                linear: PORTAL,
+                gpa: PORTAL_PA,
+                reply: StoreReply::Accepted,
+            })
+        }
+    );
+    assert_back_in_user(&cpu, UCODE + code.len() as u64);
+    assert_eq!(cpu.regs.rflags, 0x202);
+}
+
+#[test]
+fn user_enqcmd_with_invalid_msr_gets_gp0_in_user_context() {
+    let (mut cpu, _) = at_ud_entry(0, |a| a.enqcmd(rax, ptr(rdx)));
+    cpu.pasid = 0x77;
+
+    let action = handle_exception_entry(&mut cpu, 6).unwrap();
+
+    assert_eq!(action, EntryAction::Faulted(Exception::gp0()));
+    assert_back_in_user(&cpu, UCODE);
+    assert_eq!(
+        cpu.regs.rflags,
+        0x202 | rflags::CF | rflags::SF,
+        "flags as the user left them"
+    );
+    assert_eq!(
+        cpu.injected,
+        vec![Injected::at(Exception::gp0(), UCODE, USER_CS)]
+    );
+    assert!(cpu.stores.is_empty());
+}
+
+#[test]
+fn user_enqcmds_is_gp0_in_user_context() {
+    let (mut cpu, _) = at_ud_entry(0, |a| a.enqcmds(rax, ptr(rdx)));
+    assert_eq!(
+        handle_exception_entry(&mut cpu, 6).unwrap(),
+        EntryAction::Faulted(Exception::gp0())
+    );
+    assert_back_in_user(&cpu, UCODE);
+    assert_eq!(cpu.injected[0].cs, USER_CS);
+}
+
+#[test]
+fn user_enqcmd_source_page_fault_is_delivered_from_user_context() {
+    // Source on a supervisor page.
+    let (mut cpu, _) = at_ud_entry(0, |a| a.enqcmd(rax, ptr(rdx)));
+    cpu.regs.rdx = KDATA + 8;
+    assert_eq!(
+        handle_exception_entry(&mut cpu, 6).unwrap(),
+        EntryAction::Faulted(Exception::page_fault(5, KDATA + 8))
+    );
+    assert_back_in_user(&cpu, UCODE);
+    assert_eq!(
+        cpu.injected,
+        vec![Injected::at(
+            Exception::page_fault(5, KDATA + 8),
+            UCODE,
+            USER_CS
+        )]
+    );
+
+    // Source not present: user read, error code 4.
+    let (mut cpu, _) = at_ud_entry(0, |a| a.enqcmd(rax, ptr(rdx)));
+    cpu.unmap(UDATA);
+    assert_eq!(
+        handle_exception_entry(&mut cpu, 6).unwrap(),
+        EntryAction::Faulted(Exception::page_fault(pf_error::USER, UDATA))
+    );
+}
+
+#[test]
+fn user_movdir64b_at_ud_entry_is_emulated() {
+    let (mut cpu, code) = at_ud_entry(0, |a| a.movdir64b(rax, ptr(rdx)));
+    let action = handle_exception_entry(&mut cpu, 6).unwrap();
+    assert!(matches!(
+        action,
+        EntryAction::Emulated(StoreRecord {
+            kind: StoreKind::Movdir64b,
+            ..
+        })
+    ));
+    assert_back_in_user(&cpu, UCODE + code.len() as u64);
+    assert_eq!(
+        cpu.regs.rflags,
+        0x202 | rflags::CF | rflags::SF,
+        "MOVDIR64B keeps the user's flags"
+    );
+}
+
+#[test]
+fn ud2_at_ud_entry_passes_through_untouched() {
+    let (mut cpu, _) = at_ud_entry(0, |a| a.ud2());
+    let before = (cpu.regs, cpu.sregs);
+    assert_eq!(
+        handle_exception_entry(&mut cpu, 6).unwrap(),
+        EntryAction::PassThrough
+    );
+    assert_eq!((cpu.regs, cpu.sregs), before);
+    assert!(cpu.injected.is_empty() && cpu.stores.is_empty());
+}
+
+#[test]
+fn ud2_through_the_clac_route_runs_the_clac() {
+    let (mut cpu, _) = at_ud_entry(4, |a| a.ud2());
+    cpu.regs.rflags = 0x2 | rflags::AC;
+    let outcome = handle_emulation_failure(&mut cpu, &[0x0f, 0x01, 0xca]).unwrap();
+    assert_eq!(outcome, Outcome::Emulated(FallbackInstruction::Clac));
+    assert_eq!(cpu.regs.rip, UD_HANDLER + 7);
+    assert_eq!(cpu.regs.rflags, 0x2);
+    assert_eq!(cpu.sregs.cs.selector, KERNEL_CS);
+}
+
+#[test]
+fn kernel_mode_ud_and_other_vectors_pass_through() {
+    let (mut cpu, _) = at_ud_entry(0, |a| a.enqcmd(rax, ptr(rdx)));
+    cpu.write(KSTACK + 0x1000 - 32, &u64::from(KERNEL_CS).to_le_bytes());
+    assert_eq!(
+        handle_exception_entry(&mut cpu, 6).unwrap(),
+        EntryAction::PassThrough
+    );
+
+    let (mut cpu, _) = at_ud_entry(0, |a| a.enqcmd(rax, ptr(rdx)));
+    assert_eq!(
+        handle_exception_entry(&mut cpu, 13).unwrap(),
+        EntryAction::PassThrough
+    );
+    assert!(cpu.stores.is_empty());
+}
+
+#[test]
+fn unreadable_frame_passes_through() {
+    let (mut cpu, _) = at_ud_entry(0, |a| a.enqcmd(rax, ptr(rdx)));
+    cpu.regs.rsp = 0xffff_d000_0000_0000; // unmapped
+    assert_eq!(
+        handle_exception_entry(&mut cpu, 6).unwrap(),
+        EntryAction::PassThrough
+    );
+}
+
+#[test]
+fn frame_and_idt_readers() {
+    let (mut cpu, _) = at_ud_entry(0, |a| a.enqcmd(rax, ptr(rdx)));
+    assert_eq!(idt_handler(&mut cpu, 6).unwrap(), Some(UD_HANDLER));
+    assert_eq!(idt_handler(&mut cpu, 7).unwrap(), None, "gate not present");
+    assert!(is_exception_entry(&mut cpu, 6).unwrap());
+    assert!(!is_exception_entry(&mut cpu, 14).unwrap());
+    assert_eq!(
+        read_exception_frame(&mut cpu, 6).unwrap(),
+        Some(ExceptionFrame {
+            error_code: None,
+            rip: UCODE,
+            cs: USER_CS,
+            rflags: 0x202 | rflags::CF | rflags::SF,
+            rsp: USER_RSP,
+            ss: USER_SS,
+        })
+    );
+    // With an error code (#GP, #PF) the frame starts one slot higher.
+    cpu.regs.rsp -= 8;
+    cpu.write(cpu.regs.rsp, &0x18u64.to_le_bytes());
+    let f = read_exception_frame(&mut cpu, 14).unwrap().unwrap();
+    assert_eq!((f.error_code, f.rip, f.cs), (Some(0x18), UCODE, USER_CS));
+}
+
+// ---------------------------------------------------------------------------
+// Fallback instructions
+// ---------------------------------------------------------------------------
+
+#[test]
+fn clac_and_stac_toggle_ac_at_cpl0_and_raise_ud_at_cpl3() {
+    let mut cpu = MockCpu::new();
+    let bytes = cpu.place(|a| a.stac());
+    assert_eq!(
+        handle_emulation_failure(&mut cpu, &bytes).unwrap(),
+        Outcome::Emulated(FallbackInstruction::Stac)
+    );
+    assert_eq!(cpu.regs.rflags, 0x2 | rflags::AC);
+    assert_eq!(cpu.regs.rip, KCODE + 3);
+    let bytes = cpu.place(|a| a.clac());
+    assert_eq!(
+        handle_emulation_failure(&mut cpu, &bytes).unwrap(),
+        Outcome::Emulated(FallbackInstruction::Clac)
+    );
+    assert_eq!(cpu.regs.rflags, 0x2);
+    assert_eq!(cpu.regs.rip, KCODE + 6);
+
+    let mut cpu = MockCpu::new();
+    cpu.enter_user();
+    let bytes = cpu.place(|a| a.clac());
+    assert_raises(&mut cpu, &bytes, Exception::ud());
+    assert_eq!(cpu.regs.rip, UCODE);
+}
+
+#[test]
+fn fwait_is_a_no_op_unless_mp_and_ts() {
+    let mut cpu = MockCpu::new();
+    cpu.regs.rflags = 0x2 | rflags::CF;
+    let bytes = cpu.place(|a| a.wait());
+    assert_eq!(bytes, [0x9b]);
+    assert_eq!(
+        handle_emulation_failure(&mut cpu, &bytes).unwrap(),
+        Outcome::Emulated(FallbackInstruction::Fwait)
+    );
+    assert_eq!(
+        (cpu.regs.rip, cpu.regs.rflags),
+        (KCODE + 1, 0x2 | rflags::CF)
+    );
+
+    let mut cpu = MockCpu::new();
+    cpu.sregs.cr0 |= 1 << 3; // TS, with MP set
+    assert_raises(&mut cpu, &[0x9b], Exception::nm());
+    assert_eq!(cpu.regs.rip, KCODE);
+}
+
+#[test]
+fn popcnt_register_forms_and_flags() {
+    let cases: [(u64, Asm, u64, u64); 4] = [
+        // (RBX, instruction, expected RAX, expected ZF)
+        (0xf0f0_0000_0000_0003, |a| a.popcnt(rax, rbx), 10, 0),
+        (0xffff_ffff_0000_0007, |a| a.popcnt(eax, ebx), 3, 0),
+        (
+            0xffff_ffff_ffff_0000,
+            |a| a.popcnt(ax, bx),
+            0x1111_2222_3333_0000,
+            rflags::ZF,
+        ),
+        (0, |a| a.popcnt(rax, rbx), 0, rflags::ZF),
+    ];
+    for (source, insn, result, zf) in cases {
+        let mut cpu = MockCpu::new();
+        cpu.regs.rax = 0x1111_2222_3333_4444;
+        cpu.regs.rbx = source;
+        cpu.regs.rflags = 0x2 | rflags::STATUS;
+        let bytes = cpu.place(insn);
+        assert_eq!(
+            handle_emulation_failure(&mut cpu, &bytes).unwrap(),
+            Outcome::Emulated(FallbackInstruction::Popcnt)
+        );
+        assert_eq!(cpu.regs.rax, result, "source {source:#x}");
+        assert_eq!(cpu.regs.rflags, 0x2 | zf, "only ZF may stay set");
+        assert_eq!(cpu.regs.rip, KCODE + bytes.len() as u64);
+    }
+}
+
+#[test]
+fn popcnt_memory_form_and_its_page_fault() {
+    let mut cpu = MockCpu::new();
+    cpu.write(KDATA + 0x18, &0x8000_0000_0000_0001u64.to_le_bytes());
+    cpu.regs.rsi = KDATA;
+    let bytes = cpu.place(|a| a.popcnt(r12, qword_ptr(rsi + 0x18)));
+    assert_eq!(
+        handle_emulation_failure(&mut cpu, &bytes).unwrap(),
+        Outcome::Emulated(FallbackInstruction::Popcnt)
+    );
+    assert_eq!(cpu.regs.r12, 2);
+
+    let mut cpu = MockCpu::new();
+    cpu.regs.rsi = 0x5000_0000; // unmapped
+    let bytes = cpu.place(|a| a.popcnt(ecx, dword_ptr(rsi)));
+    assert_raises(&mut cpu, &bytes, Exception::page_fault(0, 0x5000_0000));
+}
+
+#[test]
+fn int3_reflects_bp_with_rip_after_it() {
+    let mut cpu = MockCpu::new();
+    let bytes = cpu.place(|a| a.int3());
+    assert_eq!(
+        handle_emulation_failure(&mut cpu, &bytes).unwrap(),
+        Outcome::Exception(Exception::bp())
+    );
+    assert_eq!(cpu.regs.rip, KCODE + 1);
+    assert_eq!(
+        cpu.injected,
+        vec![Injected::at(Exception::bp(), KCODE + 1, KERNEL_CS)]
+    );
+}
+
+#[test]
+fn lock_cmpxchg16b_exchanges_or_loads() {
+    let target = KDATA + 0x40;
+    let setup = |memory: u128| {
+        let mut cpu = MockCpu::new();
+        cpu.write(target, &memory.to_le_bytes());
+        cpu.regs.rdi = target;
+        (cpu.regs.rdx, cpu.regs.rax) = (0x1111, 0x2222);
+        (cpu.regs.rcx, cpu.regs.rbx) = (0x3333, 0x4444);
+        cpu.regs.rflags = 0x2 | rflags::CF;
+        let bytes = cpu.place(|a| a.lock().cmpxchg16b(xmmword_ptr(rdi)));
+        assert_eq!(bytes[0], 0xf0);
+        (cpu, bytes)
+    };
+
+    // Equal: RCX:RBX stored, ZF=1, other flags kept.
+    let (mut cpu, bytes) = setup((0x1111u128 << 64) | 0x2222);
+    assert_eq!(
+        handle_emulation_failure(&mut cpu, &bytes).unwrap(),
+        Outcome::Emulated(FallbackInstruction::Cmpxchg16b)
+    );
+    assert_eq!(
+        u128::from_le_bytes(cpu.read::<16>(target)),
+        (0x3333u128 << 64) | 0x4444
+    );
+    assert_eq!(cpu.regs.rflags, 0x2 | rflags::CF | rflags::ZF);
+    assert_eq!(cpu.regs.rip, KCODE + bytes.len() as u64);
+
+    // Different: memory loaded into RDX:RAX, ZF=0, memory unchanged.
+    let (mut cpu, bytes) = setup((0x5555u128 << 64) | 0x6666);
+    cpu.regs.rflags |= rflags::ZF;
+    handle_emulation_failure(&mut cpu, &bytes).unwrap();
+    assert_eq!((cpu.regs.rdx, cpu.regs.rax), (0x5555, 0x6666));
+    assert_eq!(cpu.regs.rflags, 0x2 | rflags::CF);
+    assert_eq!(
+        u128::from_le_bytes(cpu.read::<16>(target)),
+        (0x5555u128 << 64) | 0x6666
+    );
+
+    // Misaligned: #GP(0).
+    let (mut cpu, bytes) = setup(0);
+    cpu.regs.rdi = target + 8;
+    assert_raises(&mut cpu, &bytes, Exception::gp0());
+    assert_eq!(cpu.regs.rip, KCODE);
+}
+
+#[test]
+fn unknown_instruction_gives_a_one_line_diagnostic() {
+    let mut cpu = MockCpu::new();
+    cpu.regs.rsi = KDATA;
+    let bytes = cpu.place(|a| a.xrstor(ptr(rsi)));
+    let before = (cpu.regs, cpu.sregs);
+
+    let outcome = handle_emulation_failure(&mut cpu, &bytes).unwrap();
+
+    let Outcome::NotHandled(u) = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert_eq!(
+        u.to_string(),
+        "RIP 0xffffffff81000000 bytes [0f ae 2e]: no emulation for xrstor"
+    );
+    assert_eq!((cpu.regs, cpu.sregs), before);
+
+    let mut cpu = MockCpu::new();
+    let Outcome::NotHandled(u) = handle_emulation_failure(&mut cpu, &[0x0f, 0xff]).unwrap() else {
+        panic!()
+    };
+    assert_eq!(
+        u.to_string(),
+        "RIP 0xffffffff81000000 bytes [0f ff]: not a valid instruction"
+    );
+}
+
+#[test]
+fn outside_64bit_mode_is_not_handled() {
+    let (mut cpu, bytes) = enqcmd_machine();
+    cpu.sregs.cs.l = 0;
+    let outcome = handle_emulation_failure(&mut cpu, &bytes).unwrap();
+    assert!(matches!(
+        outcome,
+        Outcome::NotHandled(Unhandled {
+            reason: UnhandledReason::NotLongMode,
+            ..
+        })
+    ));
+    assert!(cpu.stores.is_empty());
+}
+
+// ---------------------------------------------------------------------------
+// Garbage never panics
+// ---------------------------------------------------------------------------
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn random_instruction_bytes_never_panic(
+        bytes in proptest::collection::vec(any::<u8>(), 0..=15),
+        regs in proptest::array::uniform8(any::<u64>()),
+        user in any::<bool>(),
+    ) {
+        let mut cpu = MockCpu::new();
+        if user {
+            cpu.enter_user();
+        }
+        cpu.regs.rax = regs[0];
+        cpu.regs.rbx = regs[1];
+        cpu.regs.rcx = regs[2];
+        cpu.regs.rdx = regs[3];
+        cpu.regs.rsi = regs[4];
+        cpu.regs.rdi = regs[5];
+        cpu.regs.rbp = regs[6];
+        cpu.regs.rsp = regs[7];
+        let _ = handle_emulation_failure(&mut cpu, &bytes).unwrap();
+    }
+
+    #[test]
+    fn random_user_code_and_frame_at_ud_entry_never_panic(
+        code in proptest::collection::vec(any::<u8>(), 15),
+        frame in proptest::array::uniform5(any::<u64>()),
+        stack in prop_oneof![Just(KSTACK + 0x1000 - 40), any::<u64>()],
+        source in prop_oneof![Just(UDATA), any::<u64>()],
+    ) {
+        let (mut cpu, _) = at_ud_entry(0, |a| a.nop());
+        cpu.write(UCODE, &code);
+        cpu.regs.rdx = source;
+        for (i, v) in frame.iter().enumerate() {
+            // Keep RIP and CS valid half of the time to reach decoding.
+            let v = match i {
+                0 if v & 1 == 0 => UCODE,
+                1 if v & 1 == 0 => u64::from(USER_CS),
+                _ => *v,
+            };
+            cpu.write(KSTACK + 0x1000 - 40 + 8 * i as u64, &v.to_le_bytes());
+        }
+        cpu.regs.rsp = stack;
+        let _ = handle_exception_entry(&mut cpu, 6).unwrap();
+    }
+}
+
+#[test]
+fn user_enqcmd_with_device_source_is_left_to_the_guest() {
+    // Breakpoint route: reported, vCPU unchanged.
+    let (mut cpu, _) = at_ud_entry(0, |a| a.enqcmd(rax, ptr(rdx)));
+    cpu.regs.rdx = PORTAL + 0x40;
+    let before = (cpu.regs, cpu.sregs);
+    let action = handle_exception_entry(&mut cpu, 6).unwrap();
+    let EntryAction::NotHandled(u) = action else {
+        panic!("{action:?}")
+    };
+    assert_eq!(
+        u.to_string(),
+        format!(
+            "RIP {UCODE:#x} bytes [f2 0f 38 f8 02]: 64-byte source at GPA {:#x} is not RAM",
+            PORTAL_PA + 0x40
+        )
+    );
+    assert_eq!((cpu.regs, cpu.sregs), before);
+
+    // clac route: the clac runs and the guest's #UD handler goes on.
+    let (mut cpu, _) = at_ud_entry(4, |a| a.enqcmd(rax, ptr(rdx)));
+    cpu.regs.rdx = PORTAL + 0x40;
+    assert_eq!(
+        handle_emulation_failure(&mut cpu, &[0x0f, 0x01, 0xca]).unwrap(),
+        Outcome::Emulated(FallbackInstruction::Clac)
+    );
+    assert_eq!(cpu.regs.rip, UD_HANDLER + 7);
+    assert_eq!(cpu.sregs.cs.selector, KERNEL_CS);
+    assert!(cpu.stores.is_empty() && cpu.injected.is_empty());
+}
+
+#[test]
+fn reserved_bits_and_tables_outside_ram_are_pf_rsvd() {
+    // An address bit above MAXPHYADDR in the source's PTE.
+    let (mut cpu, bytes) = enqcmd_machine();
+    cpu.phys_bits = 46;
+    cpu.map(KDATA, KDATA_PA | (1 << 47), PTE_P | PTE_RW | PTE_NX);
+    assert_raises(
+        &mut cpu,
+        &bytes,
+        Exception::page_fault(pf_error::PRESENT | pf_error::RESERVED, KDATA + 0x100),
+    );
+
+    // The same entry is fine with 52-bit physical addresses... and then
+    // points outside RAM: the source is not RAM.
+    let (mut cpu, bytes) = enqcmd_machine();
+    cpu.map(KDATA, KDATA_PA | (1 << 47), PTE_P | PTE_RW | PTE_NX);
+    assert!(matches!(
+        handle_emulation_failure(&mut cpu, &bytes).unwrap(),
+        Outcome::NotHandled(Unhandled {
+            reason: UnhandledReason::SourceNotRam { .. },
+            ..
+        })
+    ));
+
+    // A page-directory entry pointing outside guest RAM reads as all ones.
+    let (mut cpu, bytes) = enqcmd_machine();
+    let pde = cpu.entry_addr(KDATA, 2);
+    cpu.mem
+        .write_obj(0x40_0000_0000u64 | PTE_P | PTE_RW, GuestAddress(pde))
+        .unwrap();
+    assert_raises(
+        &mut cpu,
+        &bytes,
+        Exception::page_fault(pf_error::PRESENT | pf_error::RESERVED, KDATA + 0x100),
+    );
+}
+
+#[test]
+fn emulated_accesses_set_accessed_and_dirty_flags() {
+    const ACCESSED: u64 = 1 << 5;
+    const DIRTY: u64 = 1 << 6;
+    let mut cpu = MockCpu::new();
+    cpu.enter_user();
+    cpu.regs.rax = URAM;
+    let bytes = cpu.place(|a| a.movdir64b(rax, ptr(rdx)));
+    assert_eq!(cpu.pte(UDATA) & (ACCESSED | DIRTY), 0);
+    assert_eq!(cpu.pte(URAM) & (ACCESSED | DIRTY), 0);
+
+    assert!(matches!(
+        handle_emulation_failure(&mut cpu, &bytes).unwrap(),
+        Outcome::Store(_)
+    ));
+
+    assert_eq!(cpu.pte(UDATA) & (ACCESSED | DIRTY), ACCESSED, "source read");
+    assert_eq!(
+        cpu.pte(URAM) & (ACCESSED | DIRTY),
+        ACCESSED | DIRTY,
+        "destination written"
+    );
+}
