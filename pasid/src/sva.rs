@@ -12,6 +12,7 @@
 //! separate per-task reference: taking it twice is an error, dropping it
 //! when absent is a no-op.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -116,19 +117,17 @@ impl SvaRegistry {
     pub fn bind(&self, mm: MmId, device: DeviceId) -> Result<SvaHandle, SvaError> {
         let mut guard = self.lock();
         let inner = &mut *guard;
-        if !inner.spaces.contains_key(&mm) {
-            let pasid = self.space.allocate(Scope::Global, self.owner)?;
-            inner.spaces.insert(
-                mm,
-                AddressSpace {
+        let space = match inner.spaces.entry(mm) {
+            Entry::Occupied(entry) => entry.into_mut(),
+            Entry::Vacant(entry) => {
+                // The address space's PASID: allocated at its first bind.
+                let pasid = self.space.allocate(Scope::Global, self.owner)?;
+                entry.insert(AddressSpace {
                     pasid,
                     domains: HashMap::new(),
                     tasks: HashSet::new(),
-                },
-            );
-        }
-        let Some(space) = inner.spaces.get_mut(&mm) else {
-            return Err(SvaError::UnknownMm(mm));
+                })
+            }
         };
         let next_domain = &mut inner.next_domain;
         let domain = space.domains.entry(device).or_insert_with(|| {
