@@ -1,0 +1,87 @@
+//! The 16550 UART on COM1 (vm-superio), its interrupt through an irqfd, and
+//! where its output goes.
+
+use std::fs::File;
+use std::io::{self, Write};
+
+use pci::BusDevice;
+use vm_superio::serial::NoEvents;
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Raises the UART's interrupt by signalling the irqfd KVM routes to it.
+pub struct EventFdTrigger(pub EventFd);
+
+impl Trigger for EventFdTrigger {
+    type E = io::Error;
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Where the guest's serial output goes.
+pub enum SerialOutput {
+    /// The VMM's standard output.
+    Stdout,
+    /// A file.
+    File(File),
+    /// Nowhere.
+    Sink,
+}
+
+impl Write for SerialOutput {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Self::Stdout => {
+                let mut out = io::stdout().lock();
+                out.write_all(buf)?;
+                out.flush()?;
+                Ok(buf.len())
+            }
+            Self::File(f) => f.write(buf),
+            Self::Sink => Ok(buf.len()),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Self::Stdout => io::stdout().flush(),
+            Self::File(f) => f.flush(),
+            Self::Sink => Ok(()),
+        }
+    }
+}
+
+/// COM1 as a port-I/O bus device.
+pub struct SerialDevice {
+    serial: Serial<EventFdTrigger, NoEvents, SerialOutput>,
+}
+
+impl SerialDevice {
+    /// A UART raising `irq` and writing to `out`.
+    pub fn new(irq: EventFd, out: SerialOutput) -> Self {
+        Self { serial: Serial::new(EventFdTrigger(irq), out) }
+    }
+
+    /// Feeds bytes typed on the VMM's stdin to the guest.
+    pub fn enqueue_input(&mut self, bytes: &[u8]) {
+        if let Err(e) = self.serial.enqueue_raw_bytes(bytes) {
+            log::debug!("serial input dropped: {e:?}");
+        }
+    }
+}
+
+impl BusDevice for SerialDevice {
+    fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
+        if let (Some(byte), Ok(off)) = (data.first_mut(), u8::try_from(offset)) {
+            *byte = self.serial.read(off);
+        }
+    }
+
+    fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
+        if let (Some(&byte), Ok(off)) = (data.first(), u8::try_from(offset)) {
+            if let Err(e) = self.serial.write(off, byte) {
+                log::debug!("serial write: {e:?}");
+            }
+        }
+    }
+}

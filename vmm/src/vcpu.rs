@@ -1,0 +1,297 @@
+//! A vCPU thread's state and its run loop: every exit is answered here.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use kvm_bindings::{
+    kvm_guest_debug, kvm_regs, kvm_sregs, KVM_EXIT_INTERNAL_ERROR, KVM_GUESTDBG_ENABLE,
+    KVM_GUESTDBG_USE_HW_BP, KVM_INTERNAL_ERROR_EMULATION,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use pasid::{PasidMsr, IA32_PASID};
+use pci::{StoreKind, StoreReply};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
+
+use crate::bus::Bus;
+use crate::emulator::{self, EmulatorError, EntryAction, GuestCpu, Outcome};
+
+/// Vector of #UD, the exception a user-mode ENQCMD raises on this platform.
+const UD_VECTOR: u8 = 6;
+/// RFLAGS.RF: resume without re-triggering an instruction breakpoint.
+const RFLAGS_RF: u64 = 1 << 16;
+/// DR7: local enable of breakpoint 0 (execute, length 1).
+const DR7_L0: u64 = 1;
+/// KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES.
+const EMULATION_FLAG_INSTRUCTION_BYTES: u64 = 1;
+
+/// How the VMM sees a guest's #UD entries (where a user-mode ENQCMD lands).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UdHook {
+    /// A hardware execution breakpoint on the guest's #UD handler, armed
+    /// from the guest IDT when the vCPU starts (micro-guests).
+    Breakpoint,
+    /// The emulation-failure exit of the `clac` that Linux's entry points
+    /// begin with; the emulator recognises the #UD entry there.
+    EntryClac,
+}
+
+/// Why a vCPU stopped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VcpuStop {
+    /// Another vCPU or the VMM asked it to.
+    Requested,
+    /// A test-exit write, a power-off or a reset device ended the run.
+    DeviceRequest,
+    /// The guest triple-faulted (KVM_EXIT_SHUTDOWN).
+    TripleFault,
+    /// KVM reported a system event (power-off or reset).
+    SystemEvent(u32),
+    /// An exit the VMM cannot answer: one line for the user.
+    Fatal(String),
+}
+
+/// The state a vCPU thread owns.
+pub struct Vcpu {
+    /// The KVM vCPU.
+    pub fd: VcpuFd,
+    /// Its index.
+    pub id: u8,
+    pub(crate) memory: GuestMemoryMmap,
+    pub(crate) mmio: Arc<Bus>,
+    pub(crate) pio: Arc<Bus>,
+    pub(crate) pasid_msr: PasidMsr,
+    pub(crate) ud_hook: Option<UdHook>,
+    ud_handler: Option<u64>,
+}
+
+impl Vcpu {
+    pub(crate) fn new(fd: VcpuFd, id: u8, memory: GuestMemoryMmap, mmio: Arc<Bus>, pio: Arc<Bus>, ud_hook: Option<UdHook>) -> Self {
+        Self { fd, id, memory, mmio, pio, pasid_msr: PasidMsr::new(), ud_hook, ud_handler: None }
+    }
+
+    /// Arms the #UD breakpoint from the guest IDT (for [`UdHook::Breakpoint`]).
+    fn arm_ud_breakpoint(&mut self) -> Result<(), String> {
+        let handler = emulator::idt_handler(self, UD_VECTOR).map_err(|e| e.to_string())?;
+        let Some(handler) = handler else {
+            return Err("the guest IDT has no #UD gate to watch".into());
+        };
+        let mut debug = kvm_guest_debug { control: KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP, ..Default::default() };
+        debug.arch.debugreg[0] = handler;
+        debug.arch.debugreg[7] = DR7_L0;
+        self.fd.set_guest_debug(&debug).map_err(|e| format!("KVM_SET_GUEST_DEBUG: {e}"))?;
+        self.ud_handler = Some(handler);
+        Ok(())
+    }
+
+    fn rip(&self) -> u64 {
+        self.fd.get_regs().map_or(0, |r| r.rip)
+    }
+
+    /// Runs until the guest or the VMM ends the run.
+    pub fn run(&mut self, stop: &AtomicBool) -> VcpuStop {
+        if self.ud_hook == Some(UdHook::Breakpoint) {
+            if let Err(e) = self.arm_ud_breakpoint() {
+                return VcpuStop::Fatal(format!("vCPU {}: cannot watch #UD entries: {e}", self.id));
+            }
+        }
+        loop {
+            if stop.load(Ordering::Acquire) {
+                return VcpuStop::Requested;
+            }
+            let action = match self.fd.run() {
+                Ok(exit) => match exit {
+                    VcpuExit::IoOut(port, data) => {
+                        if !self.pio.write(port.into(), data) {
+                            log::debug!("OUT to unclaimed port {port:#x}");
+                        }
+                        Action::CheckStop
+                    }
+                    VcpuExit::IoIn(port, data) => {
+                        if !self.pio.read(port.into(), data) {
+                            data.fill(0xff);
+                        }
+                        Action::Resume
+                    }
+                    VcpuExit::MmioRead(addr, data) => {
+                        if !self.mmio.read(addr, data) {
+                            data.fill(0xff);
+                        }
+                        Action::Resume
+                    }
+                    VcpuExit::MmioWrite(addr, data) => {
+                        if !self.mmio.write(addr, data) {
+                            log::debug!("MMIO write to unclaimed {addr:#x}");
+                        }
+                        Action::CheckStop
+                    }
+                    VcpuExit::X86Rdmsr(msr) => {
+                        if msr.index == IA32_PASID {
+                            *msr.data = self.pasid_msr.read();
+                        } else {
+                            *msr.error = 1;
+                        }
+                        Action::Resume
+                    }
+                    VcpuExit::X86Wrmsr(msr) => {
+                        if msr.index != IA32_PASID || self.pasid_msr.write(msr.data).is_err() {
+                            // Reserved bits or an MSR nobody emulates: #GP.
+                            *msr.error = 1;
+                        }
+                        Action::Resume
+                    }
+                    VcpuExit::Debug(arch) => Action::Debug(arch.pc),
+                    VcpuExit::InternalError => Action::InternalError,
+                    VcpuExit::Shutdown => return VcpuStop::TripleFault,
+                    VcpuExit::SystemEvent(kind, _) => return VcpuStop::SystemEvent(kind),
+                    VcpuExit::Hlt => return VcpuStop::Fatal(format!("vCPU {}: HLT exit at RIP {:#x} (interrupts cannot wake it)", self.id, self.rip())),
+                    VcpuExit::Intr => Action::Resume,
+                    other => Action::Fatal(format!("{other:?}")),
+                },
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Action::Resume,
+                Err(e) => return VcpuStop::Fatal(format!("vCPU {}: KVM_RUN failed: {e}", self.id)),
+            };
+            match action {
+                Action::Resume => {}
+                Action::CheckStop => {
+                    if stop.load(Ordering::Acquire) {
+                        return VcpuStop::DeviceRequest;
+                    }
+                }
+                Action::Debug(pc) => {
+                    if let Err(line) = self.on_debug(pc) {
+                        return VcpuStop::Fatal(line);
+                    }
+                }
+                Action::InternalError => {
+                    if let Err(line) = self.on_internal_error() {
+                        return VcpuStop::Fatal(line);
+                    }
+                }
+                Action::Fatal(exit) => {
+                    return VcpuStop::Fatal(format!("vCPU {}: unhandled exit {exit} at RIP {:#x}", self.id, self.rip()));
+                }
+            }
+        }
+    }
+
+    /// A hardware breakpoint hit: the #UD handler entry when armed.
+    fn on_debug(&mut self, pc: u64) -> Result<(), String> {
+        if Some(pc) != self.ud_handler {
+            return Err(format!("vCPU {}: unexpected debug exit at RIP {pc:#x}", self.id));
+        }
+        let action = emulator::handle_exception_entry(self, UD_VECTOR).map_err(|e| self.fatal(&e))?;
+        match action {
+            EntryAction::PassThrough | EntryAction::NotHandled(_) => {
+                if let EntryAction::NotHandled(u) = &action {
+                    log::warn!("vCPU {}: #UD entry left to the guest: {u}", self.id);
+                }
+                // Let the guest's handler run: step over the breakpoint.
+                let mut regs = self.fd.get_regs().map_err(|e| format!("KVM_GET_REGS: {e}"))?;
+                regs.rflags |= RFLAGS_RF;
+                self.fd.set_regs(&regs).map_err(|e| format!("KVM_SET_REGS: {e}"))
+            }
+            EntryAction::Emulated(_) | EntryAction::Faulted(_) | EntryAction::Retry => Ok(()),
+        }
+    }
+
+    /// KVM's emulator gave up: emulate the instruction here or stop.
+    fn on_internal_error(&mut self) -> Result<(), String> {
+        let run = self.fd.get_kvm_run();
+        if run.exit_reason != KVM_EXIT_INTERNAL_ERROR {
+            return Err(format!("vCPU {}: internal error exit with reason {}", self.id, run.exit_reason));
+        }
+        // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so KVM filled the
+        // `emulation_failure` member of the exit union (a plain-data struct
+        // whose every bit pattern is valid).
+        let failure = unsafe { run.__bindgen_anon_1.emulation_failure };
+        if failure.suberror != KVM_INTERNAL_ERROR_EMULATION {
+            return Err(format!("vCPU {}: KVM internal error, suberror {} at RIP {:#x}", self.id, failure.suberror, self.rip()));
+        }
+        // SAFETY: the instruction-bytes member is the only one of its union
+        // and is plain data.
+        let insn = unsafe { failure.__bindgen_anon_1.__bindgen_anon_1 };
+        let bytes: &[u8] = if failure.flags & EMULATION_FLAG_INSTRUCTION_BYTES != 0 {
+            &insn.insn_bytes[..usize::from(insn.insn_size).min(insn.insn_bytes.len())]
+        } else {
+            &[]
+        };
+        let bytes = bytes.to_vec();
+        match emulator::handle_emulation_failure(self, &bytes).map_err(|e| self.fatal(&e))? {
+            Outcome::NotHandled(u) => Err(format!("vCPU {}: emulation failure: {u}", self.id)),
+            _ => Ok(()),
+        }
+    }
+
+    fn fatal(&self, e: &EmulatorError) -> String {
+        format!("vCPU {}: emulator error at RIP {:#x}: {e}", self.id, self.rip())
+    }
+}
+
+enum Action {
+    Resume,
+    CheckStop,
+    Debug(u64),
+    InternalError,
+    Fatal(String),
+}
+
+fn vcpu_error(e: kvm_ioctls::Error) -> EmulatorError {
+    EmulatorError::Vcpu(Box::new(e))
+}
+
+impl GuestCpu for Vcpu {
+    fn regs(&mut self) -> Result<kvm_regs, EmulatorError> {
+        self.fd.get_regs().map_err(vcpu_error)
+    }
+
+    fn set_regs(&mut self, regs: &kvm_regs) -> Result<(), EmulatorError> {
+        self.fd.set_regs(regs).map_err(vcpu_error)
+    }
+
+    fn sregs(&mut self) -> Result<kvm_sregs, EmulatorError> {
+        self.fd.get_sregs().map_err(vcpu_error)
+    }
+
+    fn set_sregs(&mut self, sregs: &kvm_sregs) -> Result<(), EmulatorError> {
+        self.fd.set_sregs(sregs).map_err(vcpu_error)
+    }
+
+    fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    fn ia32_pasid(&self) -> u64 {
+        self.pasid_msr.read()
+    }
+
+    fn inject_exception(&mut self, vector: u8, error_code: Option<u32>, cr2: Option<u64>) -> Result<(), EmulatorError> {
+        if let Some(cr2) = cr2 {
+            let mut sregs = self.fd.get_sregs().map_err(vcpu_error)?;
+            sregs.cr2 = cr2;
+            self.fd.set_sregs(&sregs).map_err(vcpu_error)?;
+        }
+        let mut events = self.fd.get_vcpu_events().map_err(vcpu_error)?;
+        events.exception.injected = 1;
+        events.exception.nr = vector;
+        events.exception.has_error_code = u8::from(error_code.is_some());
+        events.exception.error_code = error_code.unwrap_or(0);
+        self.fd.set_vcpu_events(&events).map_err(vcpu_error)
+    }
+
+    fn store64(&mut self, gpa: u64, data: &[u8; 64], kind: StoreKind) -> Result<StoreReply, EmulatorError> {
+        if self.memory.address_in_range(GuestAddress(gpa)) {
+            self.memory
+                .write_slice(data, GuestAddress(gpa))
+                .map_err(|e| EmulatorError::Store { gpa, message: e.to_string() })?;
+            // Ordinary memory takes a MOVDIR64B; it is no enqueue target.
+            return Ok(match kind {
+                StoreKind::Movdir64b => StoreReply::Accepted,
+                _ => StoreReply::Retry,
+            });
+        }
+        Ok(self.mmio.store64(gpa, data, kind).unwrap_or(match kind {
+            StoreKind::Movdir64b => StoreReply::Accepted,
+            _ => StoreReply::Retry,
+        }))
+    }
+}

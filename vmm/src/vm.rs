@@ -1,0 +1,306 @@
+//! The machine: KVM VM, guest memory, interrupt chip, buses, platform
+//! devices and vCPU threads.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use kvm_bindings::{
+    kvm_enable_cap, kvm_pit_config, kvm_regs, kvm_sregs, kvm_userspace_memory_region,
+    KVM_CAP_EXIT_ON_EMULATION_FAILURE, KVM_CAP_X86_USER_SPACE_MSR, KVM_MSR_EXIT_REASON_FILTER,
+    KVM_MSR_EXIT_REASON_UNKNOWN, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VmFd};
+use thiserror::Error;
+use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::bus::{Bus, BusError};
+use crate::devices::i8042::{I8042, I8042_COMMAND_PORT};
+use crate::devices::serial::{SerialDevice, SerialOutput};
+use crate::devices::test_devices::TestExit;
+use crate::layout;
+use crate::vcpu::{UdHook, Vcpu, VcpuStop};
+
+/// Where KVM on Intel puts its real-mode TSS; harmless elsewhere.
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+/// Smallest machine: room for page tables, a kernel and its stack.
+pub const MIN_MEMORY: u64 = 16 << 20;
+
+/// Errors building the machine.
+#[derive(Debug, Error)]
+pub enum VmError {
+    /// /dev/kvm could not be opened.
+    #[error("cannot open /dev/kvm: {0} (this VMM needs KVM)")]
+    NoKvm(#[source] kvm_ioctls::Error),
+    /// A KVM ioctl failed.
+    #[error("{what}: {source}")]
+    Kvm {
+        /// The operation.
+        what: &'static str,
+        /// The error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory could not be mapped.
+    #[error("guest memory: {0}")]
+    Memory(String),
+    /// Device registration failed.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// A thread could not be started.
+    #[error("cannot start a vCPU thread: {0}")]
+    Thread(#[from] std::io::Error),
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// How a run ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RunExit {
+    /// A micro-guest wrote this value to the test-exit port.
+    TestExit(u32),
+    /// The guest powered off.
+    PowerOff,
+    /// The guest asked for a reset (i8042 or KVM system event).
+    Reset,
+    /// The guest triple-faulted.
+    TripleFault,
+    /// `--timeout` expired.
+    Timeout,
+    /// The VMM could not go on; the line says why.
+    Error(String),
+}
+
+/// What the machine is made of.
+pub struct VmConfig {
+    /// Number of vCPUs (1 to 255).
+    pub cpus: u8,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    /// Where COM1's output goes.
+    pub serial: SerialOutput,
+    /// How vCPUs see guest #UD entries.
+    pub ud_hook: Option<UdHook>,
+}
+
+/// The machine before it runs.
+pub struct Vm {
+    kvm: Kvm,
+    fd: Arc<VmFd>,
+    memory: GuestMemoryMmap,
+    mmio: Arc<Bus>,
+    pio: Arc<Bus>,
+    cpus: u8,
+    ud_hook: Option<UdHook>,
+    boot: Option<(kvm_regs, kvm_sregs)>,
+    stop: Arc<AtomicBool>,
+    test_done: Arc<AtomicBool>,
+    test_result: Arc<AtomicU32>,
+    reset: Arc<AtomicBool>,
+    serial: Arc<Mutex<SerialDevice>>,
+}
+
+/// The guest RAM ranges for `size` bytes: below the 32-bit MMIO hole, then
+/// above 4 GiB.
+pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
+    let low = size.min(layout::MMIO_HOLE_START);
+    let mut ranges = vec![(GuestAddress(layout::RAM_START), low as usize)];
+    if size > low {
+        ranges.push((GuestAddress(layout::HIGH_RAM_START), (size - low) as usize));
+    }
+    ranges
+}
+
+impl Vm {
+    /// Creates the VM, its memory, interrupt chip, PIT, serial port and
+    /// platform devices.
+    pub fn new(config: VmConfig) -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(VmError::NoKvm)?;
+        let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        let memory = GuestMemoryMmap::from_ranges(&ram_ranges(config.memory)).map_err(|e| VmError::Memory(e.to_string()))?;
+        for (slot, region) in memory.iter().enumerate() {
+            let mem_region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().raw_value(),
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+                flags: 0,
+            };
+            // SAFETY: the region is a live mmap owned by `memory`, which the
+            // Vm keeps for as long as the KVM VM exists; the slot ranges do
+            // not overlap.
+            unsafe { fd.set_user_memory_region(mem_region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        fd.set_tss_address(KVM_TSS_ADDRESS).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        fd.create_pit2(kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() })
+            .map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        // Instructions KVM's emulator cannot run come to us with their bytes.
+        let mut cap = kvm_enable_cap { cap: KVM_CAP_EXIT_ON_EMULATION_FAILURE, ..Default::default() };
+        cap.args[0] = 1;
+        fd.enable_cap(&cap).map_err(kvm_err("KVM_CAP_EXIT_ON_EMULATION_FAILURE"))?;
+        // IA32_PASID accesses exit to us: KVM does not know the MSR, and the
+        // filter makes sure of it.
+        let mut cap = kvm_enable_cap { cap: KVM_CAP_X86_USER_SPACE_MSR, ..Default::default() };
+        cap.args[0] = u64::from(KVM_MSR_EXIT_REASON_UNKNOWN | KVM_MSR_EXIT_REASON_FILTER);
+        fd.enable_cap(&cap).map_err(kvm_err("KVM_CAP_X86_USER_SPACE_MSR"))?;
+        let deny = [0u8];
+        let range = MsrFilterRange {
+            flags: MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE,
+            base: pasid::IA32_PASID,
+            msr_count: 1,
+            bitmap: &deny,
+        };
+        fd.set_msr_filter(MsrFilterDefaultAction::ALLOW, &[range]).map_err(kvm_err("KVM_X86_SET_MSR_FILTER"))?;
+
+        let mmio = Arc::new(Bus::new());
+        let pio = Arc::new(Bus::new());
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::Thread)?;
+        fd.register_irqfd(&serial_irq, layout::COM1_IRQ).map_err(kvm_err("KVM_IRQFD (COM1)"))?;
+        let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, config.serial)));
+        pio.insert(layout::COM1_PORT.into(), 8, serial.clone())?;
+        let reset = Arc::new(AtomicBool::new(false));
+        pio.insert(I8042_COMMAND_PORT.into(), 1, Arc::new(Mutex::new(I8042::new(reset.clone()))))?;
+        let test_done = Arc::new(AtomicBool::new(false));
+        let test_result = Arc::new(AtomicU32::new(0));
+        let exit = TestExit::new(test_result.clone(), test_done.clone());
+        pio.insert(layout::TEST_EXIT_PORT.into(), 4, Arc::new(Mutex::new(exit)))?;
+
+        Ok(Self {
+            kvm,
+            fd: Arc::new(fd),
+            memory,
+            mmio,
+            pio,
+            cpus: config.cpus.max(1),
+            ud_hook: config.ud_hook,
+            boot: None,
+            stop: Arc::new(AtomicBool::new(false)),
+            test_done,
+            test_result,
+            reset,
+            serial,
+        })
+    }
+
+    /// Guest RAM.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    /// The MMIO bus.
+    pub fn mmio(&self) -> &Arc<Bus> {
+        &self.mmio
+    }
+
+    /// The port-I/O bus.
+    pub fn pio(&self) -> &Arc<Bus> {
+        &self.pio
+    }
+
+    /// The KVM VM (for MSI delivery and irqfds).
+    pub fn fd(&self) -> &Arc<VmFd> {
+        &self.fd
+    }
+
+    /// COM1, to feed it input.
+    pub fn serial(&self) -> &Arc<Mutex<SerialDevice>> {
+        &self.serial
+    }
+
+    /// The registers vCPU 0 starts with.
+    pub fn set_boot_state(&mut self, regs: kvm_regs, sregs: kvm_sregs) {
+        self.boot = Some((regs, sregs));
+    }
+
+    fn create_vcpu(&self, id: u8) -> Result<Vcpu, VmError> {
+        let fd = self.fd.create_vcpu(id.into()).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        let cpuid = crate::cpuid::template(&self.kvm, id, self.cpus).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+        if id == 0 {
+            if let Some((regs, sregs)) = &self.boot {
+                fd.set_sregs(sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+                fd.set_regs(regs).map_err(kvm_err("KVM_SET_REGS"))?;
+            }
+        }
+        Ok(Vcpu::new(fd, id, self.memory.clone(), self.mmio.clone(), self.pio.clone(), self.ud_hook))
+    }
+
+    /// Runs every vCPU on its own thread until the guest or `timeout` ends
+    /// the run.
+    pub fn run(self, timeout: Option<Duration>) -> RunExit {
+        // KVM_RUN returns EINTR when a vCPU thread gets this signal.
+        extern "C" fn kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+        if let Err(e) = register_signal_handler(SIGRTMIN(), kick) {
+            return RunExit::Error(format!("cannot register the vCPU kick signal: {e}"));
+        }
+        let (tx, rx) = mpsc::channel();
+        let mut threads = Vec::new();
+        for id in 0..self.cpus {
+            let mut vcpu = match self.create_vcpu(id) {
+                Ok(v) => v,
+                Err(e) => return RunExit::Error(e.to_string()),
+            };
+            let (tx, stop) = (tx.clone(), self.stop.clone());
+            let spawned = thread::Builder::new().name(format!("vcpu{id}")).spawn(move || {
+                let why = vcpu.run(&stop);
+                let _ = tx.send(why);
+            });
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => return RunExit::Error(format!("cannot start vCPU {id}: {e}")),
+            }
+        }
+        drop(tx);
+        let first = match timeout {
+            Some(t) => rx.recv_timeout(t).ok(),
+            None => rx.recv().ok(),
+        };
+        let exit = match first {
+            None => RunExit::Timeout,
+            Some(why) => self.classify(why),
+        };
+        self.stop.store(true, Ordering::Release);
+        for t in &threads {
+            let _ = t.kill(SIGRTMIN());
+        }
+        for t in threads {
+            // Kick until the thread leaves KVM_RUN, in case a kick landed
+            // before it entered.
+            while !t.is_finished() {
+                let _ = t.kill(SIGRTMIN());
+                thread::sleep(Duration::from_millis(5));
+            }
+            let _ = t.join();
+        }
+        exit
+    }
+
+    fn classify(&self, why: VcpuStop) -> RunExit {
+        if self.test_done.load(Ordering::Acquire) {
+            return RunExit::TestExit(self.test_result.load(Ordering::Acquire));
+        }
+        if self.reset.load(Ordering::Acquire) {
+            return RunExit::Reset;
+        }
+        match why {
+            VcpuStop::TripleFault => RunExit::TripleFault,
+            VcpuStop::SystemEvent(kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN) => RunExit::PowerOff,
+            VcpuStop::SystemEvent(_) => RunExit::Reset,
+            VcpuStop::Fatal(line) => RunExit::Error(line),
+            VcpuStop::Requested | VcpuStop::DeviceRequest => RunExit::Error("the run ended with no reason recorded".into()),
+        }
+    }
+
+    /// Makes device writes that end the run (test exit, reset, power-off)
+    /// stop every vCPU.
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+}
