@@ -1,6 +1,143 @@
 // Copyright 2025 The vmm-sva Authors
 // SPDX-License-Identifier: Apache-2.0
 
-//! Emulated Intel VT-d IOMMU in scalable mode (PASID, first-stage translation, SVA).
+//! Emulated Intel VT-d remapping unit in scalable mode, for guests that use PASIDs and
+//! Shared Virtual Addressing (SVA).
+//!
+//! [`Iommu`] is a plain state machine over guest memory (vm-memory): the VMM maps its 4 KiB
+//! register window ([`Iommu::mmio_read`] / [`Iommu::mmio_write`]), feeds it DMA requests from
+//! emulated devices ([`Iommu::translate`], [`Iommu::dma_read`], [`Iommu::dma_write`],
+//! [`Iommu::ats_translate`], [`Iommu::page_request`]) and puts [`dmar::build_dmar_table`]'s
+//! table in the guest's ACPI tables.
+//!
+//! Supported: scalable-mode root/context/PASID structures with PGTT first-stage,
+//! second-stage, nested and pass-through; 4- and 5-level first-stage paging with 4 KiB, 2 MiB
+//! and 1 GiB pages; queued invalidation with 128- and 256-bit descriptors; fault recording;
+//! device TLB (ATS) and page requests (PRI). Not supported: legacy-mode translation,
+//! interrupt remapping, advanced fault logging, second-stage A/D flags, execute requests.
+//!
+//! Threading: every method takes `&self`. Register state, the caches and the invalidation
+//! queue sit behind separate mutexes; MSIs and device callbacks are issued after the register
+//! lock is released.
 
+pub mod cache;
+pub mod device;
+pub mod dmar;
+pub mod fault;
+pub mod interrupt;
+pub mod invalidation;
+mod mmio;
 pub mod paging;
+pub mod prq;
+pub mod regs;
+pub mod second_stage;
+pub mod tables;
+mod translate;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use vm_memory::GuestAddressSpace;
+
+pub use cache::PasidCacheScope;
+pub use device::{
+    AtsCompletion, AtsDevice, AtsError, DeviceTlbInvalidation, DmaError, DmaErrorKind, DmaFault,
+    PageGroupResponse, PasidObserver, PasidTag, ResponseCode,
+};
+pub use fault::{FaultReason, FaultRecord};
+pub use interrupt::MsiSink;
+pub use paging::{AccessType, Translation};
+pub use prq::PageRequest;
+pub use tables::PasidEntry;
+
+use cache::Caches;
+use mmio::RegisterFile;
+
+/// Lock a mutex, ignoring poisoning (a panicking device thread must not take the unit down).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One emulated VT-d remapping hardware unit.
+pub struct Iommu<S: GuestAddressSpace> {
+    mem: S,
+    msi: Arc<dyn MsiSink>,
+    regs: Mutex<RegisterFile>,
+    caches: Mutex<Caches>,
+    /// Serialises invalidation-queue processing (held while calling device callbacks).
+    queue: Mutex<()>,
+    /// GSTS.TES, readable without the register lock.
+    translation_enabled: AtomicBool,
+    /// RTADDR as latched by the last SRTP command.
+    root_table: AtomicU64,
+    devices: RwLock<HashMap<u16, Arc<dyn AtsDevice>>>,
+    pasid_observers: RwLock<Vec<Arc<dyn PasidObserver>>>,
+}
+
+impl<S: GuestAddressSpace> std::fmt::Debug for Iommu<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Iommu").finish_non_exhaustive()
+    }
+}
+
+impl<S: GuestAddressSpace> Iommu<S> {
+    /// A unit in its reset state (translation disabled, all events masked) over guest memory
+    /// `mem`, sending its MSIs to `msi`.
+    pub fn new(mem: S, msi: Arc<dyn MsiSink>) -> Self {
+        Iommu {
+            mem,
+            msi,
+            regs: Mutex::new(RegisterFile::default()),
+            caches: Mutex::new(Caches::default()),
+            queue: Mutex::new(()),
+            translation_enabled: AtomicBool::new(false),
+            root_table: AtomicU64::new(0),
+            devices: RwLock::new(HashMap::new()),
+            pasid_observers: RwLock::new(Vec::new()),
+        }
+    }
+
+    /// Register the device with requester ID `rid` for device-TLB invalidations and page
+    /// group responses. Replaces an earlier registration for the same ID.
+    pub fn register_device(&self, rid: u16, device: Arc<dyn AtsDevice>) {
+        self.devices
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(rid, device);
+    }
+
+    /// Forget the device with requester ID `rid`.
+    pub fn unregister_device(&self, rid: u16) {
+        self.devices
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&rid);
+    }
+
+    /// Be told about every PASID-cache invalidation the guest issues (it tore a PASID down or
+    /// changed its entry).
+    pub fn add_pasid_observer(&self, observer: Arc<dyn PasidObserver>) {
+        self.pasid_observers
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(observer);
+    }
+
+    fn device(&self, rid: u16) -> Option<Arc<dyn AtsDevice>> {
+        self.devices
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&rid)
+            .cloned()
+    }
+
+    fn deliver(&self, msi: Option<interrupt::Msi>) {
+        if let Some(msi) = msi {
+            msi.deliver(self.msi.as_ref());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

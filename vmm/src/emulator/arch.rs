@@ -106,28 +106,9 @@ pub mod ia32_pasid {
     pub const VALID: u64 = 1 << 31;
 }
 
-/// Whether `va` is canonical with 48-bit (`la57 == false`) or 57-bit linear
-/// addresses: bits 63 down to the top implemented bit are all equal.
-pub fn is_canonical(va: u64, la57: bool) -> bool {
-    let bits = if la57 { 57 } else { 48 };
-    let shift = 64 - bits;
-    (((va << shift) as i64) >> shift) as u64 == va
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn canonical_boundaries() {
-        assert!(is_canonical(0x0000_7fff_ffff_ffff, false));
-        assert!(!is_canonical(0x0000_8000_0000_0000, false));
-        assert!(is_canonical(0xffff_8000_0000_0000, false));
-        assert!(!is_canonical(0xfff0_0000_0000_0000, false));
-        assert!(is_canonical(0x00ff_ffff_ffff_ffff, true));
-        assert!(!is_canonical(0x0100_0000_0000_0000, true));
-        assert!(is_canonical(0xff00_0000_0000_0000, true));
-    }
 
     #[test]
     fn error_code_vectors() {

@@ -6,6 +6,7 @@
 
 use iced_x86::Register;
 use kvm_bindings::{kvm_regs, kvm_sregs};
+use viommu::paging::PagingLevels;
 
 use super::arch::{cr4, efer, rflags};
 use super::{EmulatorError, GuestCpu};
@@ -60,9 +61,13 @@ impl CpuContext {
         self.sregs.efer & efer::LMA != 0 && self.sregs.cs.l != 0
     }
 
-    /// 57-bit linear addresses (CR4.LA57).
-    pub fn la57(&self) -> bool {
-        self.sregs.cr4 & cr4::LA57 != 0
+    /// Paging levels in use: 5 with CR4.LA57 (57-bit linear addresses).
+    pub fn paging_levels(&self) -> PagingLevels {
+        if self.sregs.cr4 & cr4::LA57 != 0 {
+            PagingLevels::Five
+        } else {
+            PagingLevels::Four
+        }
     }
 
     /// Base address of a segment in 64-bit mode: FS and GS have their bases,

@@ -2,7 +2,6 @@
 
 use iced_x86::{Decoder, DecoderOptions, Instruction, OpKind, Register};
 
-use super::arch::is_canonical;
 use super::context::CpuContext;
 use super::exception::Exception;
 use super::mmu::MAX_INSN_LEN;
@@ -52,10 +51,10 @@ pub(crate) fn check_canonical(
     len: u64,
     ss_based: bool,
 ) -> Result<(), Exception> {
-    let la57 = ctx.la57();
+    let levels = ctx.paging_levels();
     let last = linear.wrapping_add(len.saturating_sub(1));
     // Wrapping past 2^64 crosses the non-canonical hole too.
-    if is_canonical(linear, la57) && is_canonical(last, la57) && last >= linear {
+    if levels.is_canonical(linear) && levels.is_canonical(last) && last >= linear {
         Ok(())
     } else {
         Err(Exception::non_canonical(ss_based))

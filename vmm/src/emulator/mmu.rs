@@ -5,7 +5,7 @@
 //! the vCPU's CR0/CR3/CR4/EFER/RFLAGS. A walk fault becomes the #PF the CPU
 //! would raise, with its architectural error code and CR2.
 
-use viommu::paging::{self, AccessType, PagingLevels, WalkConfig, WalkFault};
+use viommu::paging::{self, AccessType, WalkConfig, WalkFault};
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 use super::arch::{cr0, cr4, efer, rflags, CR3_ROOT_MASK};
@@ -73,11 +73,7 @@ fn walk_config(ctx: &CpuContext, privilege: Privilege, set_accessed_dirty: bool)
     let smap_on = s.cr4 & cr4::SMAP != 0;
     let ac = ctx.regs.rflags & rflags::AC != 0;
     WalkConfig {
-        levels: if s.cr4 & cr4::LA57 != 0 {
-            PagingLevels::Five
-        } else {
-            PagingLevels::Four
-        },
+        levels: ctx.paging_levels(),
         nxe: s.efer & efer::NXE != 0,
         write_protect: s.cr0 & cr0::WP != 0,
         smep: s.cr4 & cr4::SMEP != 0,

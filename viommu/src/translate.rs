@@ -1,0 +1,503 @@
+// Copyright 2025 The vmm-sva Authors
+// SPDX-License-Identifier: Apache-2.0
+
+//! Request processing (VT-d 3.4-3.6): root entry, context entry, PASID entry, then the
+//! first-stage, second-stage, nested or pass-through translation, through the caches; plus the
+//! device-facing entry points built on it (translation, DMA, ATS, page requests).
+
+use std::ops::Range;
+use std::sync::atomic::Ordering;
+
+use log::debug;
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+
+use crate::cache::{CachedStage, Caches, IotlbEntry};
+use crate::device::{
+    AtsCompletion, AtsError, DmaError, DmaErrorKind, DmaFault, PageGroupResponse, PasidTag,
+    ResponseCode,
+};
+use crate::fault::{FaultReason, FaultRecord, LogOutcome};
+use crate::paging::{self, AccessType, Translation, WalkConfig, PAGE_SIZE_4K};
+use crate::prq::{PageRequest, PostOutcome};
+use crate::regs::{rtaddr, HOST_ADDRESS_WIDTH};
+use crate::second_stage;
+use crate::tables::{bus, devfn, ContextEntry, PasidEntry, Pgtt, RootEntry, TableFault};
+use crate::{lock, Iommu};
+
+/// Why a request was not translated (before fault recording).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Failure {
+    Fault(TableFault),
+    Blocked,
+}
+
+impl From<TableFault> for Failure {
+    fn from(f: TableFault) -> Self {
+        Failure::Fault(f)
+    }
+}
+
+/// Why [`Iommu::resolve_pasid`] found no usable PASID entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PasidLookupError {
+    /// Translation is disabled or not in scalable mode: no PASID is set up.
+    #[error("translation disabled or not in scalable mode")]
+    TranslationDisabled,
+    /// The structures leading to the entry fault with this reason.
+    #[error("{0}")]
+    Fault(FaultReason),
+}
+
+/// Why a page request was not queued.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageRequestRejection {
+    /// The request faulted on the root/context structures (recorded unless FPD).
+    Fault(FaultReason),
+    /// The page request queue is full: PRO set.
+    QueueFull,
+    /// No page request queue is set up (PQA=0) or it is not in guest RAM.
+    QueueUnavailable,
+    /// Translation disabled or not in scalable mode.
+    TranslationDisabled,
+}
+
+/// A page request the unit did not queue, with the response the unit itself gives the device
+/// for the group (if the request needed one): Success after a queue overflow (the device
+/// retries the translation), Invalid Request otherwise.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("page request rejected: {reason:?}")]
+pub struct PageRequestError {
+    /// Why.
+    pub reason: PageRequestRejection,
+    /// The unit-generated page group response, if the request needed a response.
+    pub response: Option<PageGroupResponse>,
+}
+
+/// Identity translation of one 4 KiB page (pass-through, or translation disabled).
+fn identity(iova: u64) -> Translation {
+    Translation {
+        phys_addr: iova,
+        page_size: PAGE_SIZE_4K,
+        writable: true,
+        user: true,
+        executable: true,
+        dirty: true,
+    }
+}
+
+/// First-stage paging controls from a PASID-table entry. VT-d never lets supervisor requests
+/// execute from user pages and has no SMAP.
+pub fn first_stage_config(entry: &PasidEntry) -> WalkConfig {
+    WalkConfig {
+        levels: entry.flpm,
+        nxe: entry.nxe,
+        write_protect: entry.wpe,
+        smep: true,
+        smap: false,
+        set_accessed_dirty: true,
+        page_1g: true,
+        phys_addr_bits: HOST_ADDRESS_WIDTH,
+    }
+}
+
+impl<S: GuestAddressSpace> Iommu<S> {
+    /// The scalable-mode root table address, or why there is none.
+    fn scalable_root(&self) -> Result<u64, Failure> {
+        if !self.translation_enabled.load(Ordering::Acquire) {
+            return Err(Failure::Blocked);
+        }
+        let rt = self.root_table.load(Ordering::Acquire);
+        match rtaddr::ttm(rt) {
+            rtaddr::TTM_SCALABLE => Ok(rt & rtaddr::RTA_MASK),
+            rtaddr::TTM_LEGACY => Err(Failure::Blocked),
+            _ => Err(TableFault::new(FaultReason::RootTableInvalid).into()),
+        }
+    }
+
+    fn context_entry(
+        caches: &mut Caches,
+        mem: &S::M,
+        root: u64,
+        rid: u16,
+    ) -> Result<ContextEntry, TableFault> {
+        if let Some(c) = caches.context.get(rid) {
+            return Ok(c);
+        }
+        let table = RootEntry::read(mem, root, bus(rid))?.context_table(devfn(rid))?;
+        let entry = ContextEntry::read(mem, table, devfn(rid))?;
+        caches.context.insert(rid, entry);
+        Ok(entry)
+    }
+
+    fn pasid_entry(
+        caches: &mut Caches,
+        mem: &S::M,
+        rid: u16,
+        context: &ContextEntry,
+        pasid: u32,
+    ) -> Result<PasidEntry, TableFault> {
+        if let Some(e) = caches.pasid.get(rid, pasid) {
+            return Ok(e);
+        }
+        let entry = context.pasid_entry(mem, pasid)?;
+        caches.pasid.insert(rid, pasid, entry);
+        Ok(entry)
+    }
+
+    /// Translate one request through the caches and tables. `ats` marks a translation
+    /// request (needs DTE).
+    fn resolve(
+        &self,
+        mem: &S::M,
+        rid: u16,
+        tag: Option<PasidTag>,
+        iova: u64,
+        access: AccessType,
+        ats: bool,
+    ) -> Result<Translation, Failure> {
+        let root = match self.scalable_root() {
+            Err(Failure::Blocked)
+                if tag.is_none() && !ats && !self.translation_enabled.load(Ordering::Acquire) =>
+            {
+                // Translation disabled: requests without PASID pass through untranslated.
+                return Ok(identity(iova));
+            }
+            other => other?,
+        };
+        let mut caches = lock(&self.caches);
+        let context = Self::context_entry(&mut caches, mem, root, rid)?;
+        let ctx_fault = |reason| Failure::Fault(TableFault::new(reason).with_fpd(context.fpd));
+        let (pasid, privileged) = match tag {
+            Some(_) if !context.paside => return Err(ctx_fault(FaultReason::PasidDisabled)),
+            Some(t) => (t.pasid, t.privileged),
+            None => (context.rid_pasid, false),
+        };
+        if ats && !context.dte {
+            return Err(ctx_fault(FaultReason::DeviceTlbDisabled));
+        }
+        let entry = Self::pasid_entry(&mut caches, mem, rid, &context, pasid)?;
+        let fault = |reason| Failure::Fault(TableFault::new(reason).with_fpd(entry.fpd));
+        if privileged && !entry.sre {
+            return Err(fault(FaultReason::SupervisorRequestsDisabled));
+        }
+        if access.execute {
+            // ECAP.ERS=0: no execute requests.
+            return Err(fault(FaultReason::ExecuteRequestsDisabled));
+        }
+        let access = AccessType {
+            user: !privileged,
+            ..access
+        };
+        let stage = match entry.pgtt {
+            Pgtt::PassThrough if iova >> HOST_ADDRESS_WIDTH != 0 => {
+                return Err(fault(FaultReason::AddressBeyondMax))
+            }
+            Pgtt::PassThrough => return Ok(identity(iova)),
+            Pgtt::FirstStage => CachedStage::FirstStage,
+            Pgtt::SecondStage => CachedStage::SecondStage,
+            Pgtt::Nested => CachedStage::Nested,
+        };
+        if let Some(hit) = caches.iotlb.lookup(entry.did, pasid, iova) {
+            if hit.permits(access) {
+                let t = hit.translation;
+                return Ok(Translation {
+                    phys_addr: t.phys_for(iova),
+                    ..t
+                });
+            }
+        }
+        let cfg = first_stage_config(&entry);
+        let walked = match entry.pgtt {
+            Pgtt::FirstStage => paging::walk(mem, entry.flptr, iova, access, &cfg)
+                .map_err(|f| FaultReason::from_first_stage(&f)),
+            Pgtt::SecondStage => {
+                second_stage::translate(mem, entry.slptptr, iova, access, entry.slee)
+            }
+            _ => second_stage::translate_nested(
+                mem,
+                entry.flptr,
+                entry.slptptr,
+                iova,
+                access,
+                &cfg,
+                entry.slee,
+            ),
+        };
+        let translation = walked.map_err(fault)?;
+        caches.iotlb.insert(
+            entry.did,
+            pasid,
+            iova,
+            IotlbEntry {
+                translation,
+                stage,
+                readable: stage != CachedStage::SecondStage || !access.write,
+                write_protect: stage == CachedStage::SecondStage || entry.wpe,
+            },
+        );
+        Ok(translation)
+    }
+
+    /// Record a fault in the primary fault log and raise the fault event if due.
+    pub(crate) fn record_fault(&self, record: FaultRecord) {
+        debug!("viommu: fault {record:x?}");
+        let msi = {
+            let mut regs = lock(&self.regs);
+            match regs.fault_log.log(&record) {
+                LogOutcome::Recorded {
+                    first_pending: true,
+                }
+                | LogOutcome::Overflowed => regs.fault_event.raise(),
+                _ => None,
+            }
+        };
+        self.deliver(msi);
+    }
+
+    /// Turn a failure into what the device sees, recording the fault unless FPD.
+    fn report(
+        &self,
+        rid: u16,
+        tag: Option<PasidTag>,
+        iova: u64,
+        access: AccessType,
+        failure: Failure,
+    ) -> DmaFault {
+        match failure {
+            Failure::Blocked => DmaFault::Blocked,
+            Failure::Fault(f) => {
+                if !f.fpd {
+                    self.record_fault(FaultRecord {
+                        reason: f.reason,
+                        source_id: rid,
+                        pasid: tag.map(|t| t.pasid),
+                        address: iova,
+                        write: access.write,
+                        privileged: tag.is_some_and(|t| t.privileged),
+                        execute: access.execute,
+                    });
+                }
+                DmaFault::Translation {
+                    reason: f.reason,
+                    recorded: !f.fpd,
+                }
+            }
+        }
+    }
+
+    /// Translate an untranslated DMA request from requester `rid` (bus << 8 | devfn), with the
+    /// PASID prefix `pasid` if any. `access.write` and `access.execute` describe the request;
+    /// `access.user` is ignored: the privilege comes from the PASID prefix (requests without
+    /// PASID are user requests). A failure records a fault (unless FPD) and may raise the
+    /// fault event.
+    pub fn translate(
+        &self,
+        rid: u16,
+        pasid: Option<PasidTag>,
+        iova: u64,
+        access: AccessType,
+    ) -> Result<Translation, DmaFault> {
+        let mem = self.mem.memory();
+        self.resolve(&mem, rid, pasid, iova, access, false)
+            .map_err(|f| self.report(rid, pasid, iova, access, f))
+    }
+
+    fn dma(
+        &self,
+        rid: u16,
+        pasid: Option<PasidTag>,
+        iova: u64,
+        len: usize,
+        write: bool,
+        mut copy: impl FnMut(&S::M, u64, Range<usize>) -> bool,
+    ) -> Result<(), DmaError> {
+        let mem = self.mem.memory();
+        let access = AccessType {
+            write,
+            user: false,
+            execute: false,
+        };
+        let mut done = 0;
+        while done < len {
+            let addr = iova.wrapping_add(done as u64);
+            let t = self
+                .resolve(&mem, rid, pasid, addr, access, false)
+                .map_err(|f| DmaError {
+                    completed: done,
+                    address: addr,
+                    kind: DmaErrorKind::Fault(self.report(rid, pasid, addr, access, f)),
+                })?;
+            let left_in_page = t.page_size - (addr & (t.page_size - 1));
+            let chunk = (len - done).min(usize::try_from(left_in_page).unwrap_or(usize::MAX));
+            if !copy(&mem, t.phys_addr, done..done + chunk) {
+                return Err(DmaError {
+                    completed: done,
+                    address: addr,
+                    kind: DmaErrorKind::Memory {
+                        phys_addr: t.phys_addr,
+                    },
+                });
+            }
+            done += chunk;
+        }
+        Ok(())
+    }
+
+    /// Read `buf.len()` bytes at I/O virtual address `iova` through translation, page by page.
+    /// On failure, the error says how many bytes were read and which address failed.
+    pub fn dma_read(
+        &self,
+        rid: u16,
+        pasid: Option<PasidTag>,
+        iova: u64,
+        buf: &mut [u8],
+    ) -> Result<(), DmaError> {
+        self.dma(rid, pasid, iova, buf.len(), false, |mem, phys, range| {
+            mem.read_slice(&mut buf[range], GuestAddress(phys)).is_ok()
+        })
+    }
+
+    /// Write `data` at I/O virtual address `iova` through translation, page by page. On
+    /// failure, the error says how many bytes were written and which address failed.
+    pub fn dma_write(
+        &self,
+        rid: u16,
+        pasid: Option<PasidTag>,
+        iova: u64,
+        data: &[u8],
+    ) -> Result<(), DmaError> {
+        self.dma(rid, pasid, iova, data.len(), true, |mem, phys, range| {
+            mem.write_slice(&data[range], GuestAddress(phys)).is_ok()
+        })
+    }
+
+    /// An ATS translation request. Not-present and permission failures answer with
+    /// `read == write == false` and record nothing (the device may then send a page request);
+    /// broken structures or a context entry without DTE answer Unsupported Request and record
+    /// a fault. Write permission is granted only when `access.write` is set or the page is
+    /// already dirty, so the first-stage dirty flag stays exact. Execute is never granted
+    /// (ECAP.ERS=0).
+    pub fn ats_translate(
+        &self,
+        rid: u16,
+        pasid: Option<PasidTag>,
+        iova: u64,
+        access: AccessType,
+    ) -> Result<AtsCompletion, AtsError> {
+        let mem = self.mem.memory();
+        let privileged = pasid.is_some_and(|t| t.privileged);
+        match self.resolve(&mem, rid, pasid, iova, access, true) {
+            Ok(t) => Ok(AtsCompletion {
+                translated_addr: t.page_base(),
+                size: t.page_size,
+                read: true,
+                write: t.writable && t.dirty,
+                execute: false,
+                privileged,
+            }),
+            Err(Failure::Blocked) => Err(AtsError::Blocked),
+            Err(Failure::Fault(f)) if f.reason.is_permission_like() => Ok(AtsCompletion {
+                translated_addr: iova & !(PAGE_SIZE_4K - 1),
+                size: PAGE_SIZE_4K,
+                read: false,
+                write: false,
+                execute: false,
+                privileged,
+            }),
+            Err(failure) => match self.report(rid, pasid, iova, access, failure) {
+                DmaFault::Translation { reason, .. } => Err(AtsError::UnsupportedRequest(reason)),
+                DmaFault::Blocked => Err(AtsError::Blocked),
+            },
+        }
+    }
+
+    /// The PASID-table entry the unit uses for (`rid`, `pasid`): the one a request-with-PASID
+    /// from that requester would be translated with, read through the context and PASID
+    /// caches exactly as a DMA request would (so an entry the guest changed without a
+    /// PASID-cache invalidation may still be the cached one). Records no fault.
+    pub fn resolve_pasid(&self, rid: u16, pasid: u32) -> Result<PasidEntry, PasidLookupError> {
+        let root = self
+            .scalable_root()
+            .map_err(|_| PasidLookupError::TranslationDisabled)?;
+        let mem = self.mem.memory();
+        let mut caches = lock(&self.caches);
+        let context = Self::context_entry(&mut caches, &mem, root, rid)
+            .map_err(|f| PasidLookupError::Fault(f.reason))?;
+        if !context.paside {
+            return Err(PasidLookupError::Fault(FaultReason::PasidDisabled));
+        }
+        Self::pasid_entry(&mut caches, &mem, rid, &context, pasid)
+            .map_err(|f| PasidLookupError::Fault(f.reason))
+    }
+
+    /// A device's page request (PCIe PRI). Checks the requester's context entry (present,
+    /// PRE, and PASIDE for a request with PASID), then writes the request to the page request
+    /// queue and raises the page request event. Software answers through the invalidation
+    /// queue; the response reaches the device through [`crate::AtsDevice::page_group_response`].
+    pub fn page_request(&self, request: &PageRequest) -> Result<(), PageRequestError> {
+        let rid = request.requester_id;
+        let reject = |reason, code| PageRequestError {
+            reason,
+            response: request.needs_response().then_some(PageGroupResponse {
+                requester_id: rid,
+                pasid: request.pasid.map(|t| t.pasid),
+                prg_index: request.prg_index,
+                code,
+                private_data: request.private_data,
+                from_hardware: true,
+            }),
+        };
+        let root = self.scalable_root().map_err(|_| {
+            reject(
+                PageRequestRejection::TranslationDisabled,
+                ResponseCode::InvalidRequest,
+            )
+        })?;
+        let mem = self.mem.memory();
+        let context = {
+            let mut caches = lock(&self.caches);
+            Self::context_entry(&mut caches, &mem, root, rid)
+        };
+        let checked = context.and_then(|c| {
+            let fault = |reason| Err(TableFault::new(reason).with_fpd(c.fpd));
+            if !c.pre {
+                fault(FaultReason::PageRequestDisabled)
+            } else if request.pasid.is_some() && !c.paside {
+                fault(FaultReason::PasidDisabled)
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(f) = checked {
+            let access = AccessType {
+                write: request.write,
+                user: false,
+                execute: request.execute,
+            };
+            self.report(
+                rid,
+                request.pasid,
+                request.address,
+                access,
+                Failure::Fault(f),
+            );
+            return Err(reject(
+                PageRequestRejection::Fault(f.reason),
+                ResponseCode::InvalidRequest,
+            ));
+        }
+        let (outcome, msi) = lock(&self.regs).prq.post(&*mem, &request.encode());
+        self.deliver(msi);
+        match outcome {
+            PostOutcome::Queued => Ok(()),
+            PostOutcome::Overflow => Err(reject(
+                PageRequestRejection::QueueFull,
+                ResponseCode::Success,
+            )),
+            PostOutcome::Unavailable => Err(reject(
+                PageRequestRejection::QueueUnavailable,
+                ResponseCode::InvalidRequest,
+            )),
+        }
+    }
+}
