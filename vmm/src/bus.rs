@@ -43,7 +43,10 @@ impl Bus {
     /// Maps `len` bytes at `base` to `device`.
     pub fn insert(&self, base: u64, len: u64, device: SharedDevice) -> Result<(), BusError> {
         let mut ranges = self.ranges.write().unwrap_or_else(|e| e.into_inner());
-        let end = base.checked_add(len).filter(|_| len > 0).ok_or(BusError::Overlap { base, len })?;
+        let end = base
+            .checked_add(len)
+            .filter(|_| len > 0)
+            .ok_or(BusError::Overlap { base, len })?;
         let before = ranges.range(..end).next_back();
         if before.is_some_and(|(&b, e)| b + e.len > base) {
             return Err(BusError::Overlap { base, len });
@@ -109,16 +112,36 @@ mod tests {
     #[test]
     fn dispatch_and_overlap() {
         let bus = Bus::new();
-        bus.insert(0x1000, 0x100, Arc::new(Mutex::new(Echo(vec![])))).unwrap();
-        assert_eq!(bus.insert(0x10ff, 1, Arc::new(Mutex::new(Echo(vec![])))), Err(BusError::Overlap { base: 0x10ff, len: 1 }));
-        assert_eq!(bus.insert(0xf80, 0x81, Arc::new(Mutex::new(Echo(vec![])))), Err(BusError::Overlap { base: 0xf80, len: 0x81 }));
-        bus.insert(0x1100, 0x100, Arc::new(Mutex::new(Echo(vec![])))).unwrap();
+        bus.insert(0x1000, 0x100, Arc::new(Mutex::new(Echo(vec![]))))
+            .unwrap();
+        assert_eq!(
+            bus.insert(0x10ff, 1, Arc::new(Mutex::new(Echo(vec![])))),
+            Err(BusError::Overlap {
+                base: 0x10ff,
+                len: 1
+            })
+        );
+        assert_eq!(
+            bus.insert(0xf80, 0x81, Arc::new(Mutex::new(Echo(vec![])))),
+            Err(BusError::Overlap {
+                base: 0xf80,
+                len: 0x81
+            })
+        );
+        bus.insert(0x1100, 0x100, Arc::new(Mutex::new(Echo(vec![]))))
+            .unwrap();
         let mut b = [0u8; 2];
         assert!(bus.read(0x1010, &mut b));
         assert_eq!(b, [0x10, 0x10]);
         assert!(!bus.read(0x1200, &mut b));
         assert!(!bus.write(0xfff, &b));
-        assert_eq!(bus.store64(0x1100, &[0; 64], StoreKind::Enqcmd), Some(StoreReply::Retry));
-        assert_eq!(bus.store64(0x1100, &[0; 64], StoreKind::Movdir64b), Some(StoreReply::Accepted));
+        assert_eq!(
+            bus.store64(0x1100, &[0; 64], StoreKind::Enqcmd),
+            Some(StoreReply::Retry)
+        );
+        assert_eq!(
+            bus.store64(0x1100, &[0; 64], StoreKind::Movdir64b),
+            Some(StoreReply::Accepted)
+        );
     }
 }

@@ -21,7 +21,9 @@ pub fn template(kvm: &Kvm, cpu_id: u8, num_cpus: u8) -> Result<CpuId, kvm_ioctls
         match (entry.function, entry.index) {
             (1, _) => {
                 // Initial APIC ID and logical processor count.
-                entry.ebx = (entry.ebx & 0x0000_ffff) | (u32::from(cpu_id) << 24) | (u32::from(num_cpus) << 16);
+                entry.ebx = (entry.ebx & 0x0000_ffff)
+                    | (u32::from(cpu_id) << 24)
+                    | (u32::from(num_cpus) << 16);
                 // The backend's emulator cannot run `lock cmpxchg16b` at CPL0
                 // (PLATFORM.md); without CX16 Linux's SLUB avoids it.
                 entry.ecx &= !LEAF1_ECX_CX16;

@@ -8,6 +8,12 @@
 
 pub mod acpi;
 pub mod boot;
+pub mod bus;
+pub mod cpuid;
+pub mod devices;
 pub mod emulator;
 pub mod layout;
+pub mod microguest;
 pub mod pci_root;
+pub mod vcpu;
+pub mod vm;

@@ -10,15 +10,13 @@ use kvm_bindings::{
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use pasid::{PasidMsr, IA32_PASID};
 use pci::{StoreKind, StoreReply};
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::bus::Bus;
 use crate::emulator::{self, EmulatorError, EntryAction, GuestCpu, Outcome};
 
 /// Vector of #UD, the exception a user-mode ENQCMD raises on this platform.
 const UD_VECTOR: u8 = 6;
-/// RFLAGS.RF: resume without re-triggering an instruction breakpoint.
-const RFLAGS_RF: u64 = 1 << 16;
 /// DR7: local enable of breakpoint 0 (execute, length 1).
 const DR7_L0: u64 = 1;
 /// KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES.
@@ -62,11 +60,29 @@ pub struct Vcpu {
     pub(crate) pasid_msr: PasidMsr,
     pub(crate) ud_hook: Option<UdHook>,
     ud_handler: Option<u64>,
+    ud_handler_skip: u64,
 }
 
 impl Vcpu {
-    pub(crate) fn new(fd: VcpuFd, id: u8, memory: GuestMemoryMmap, mmio: Arc<Bus>, pio: Arc<Bus>, ud_hook: Option<UdHook>) -> Self {
-        Self { fd, id, memory, mmio, pio, pasid_msr: PasidMsr::new(), ud_hook, ud_handler: None }
+    pub(crate) fn new(
+        fd: VcpuFd,
+        id: u8,
+        memory: GuestMemoryMmap,
+        mmio: Arc<Bus>,
+        pio: Arc<Bus>,
+        ud_hook: Option<UdHook>,
+    ) -> Self {
+        Self {
+            fd,
+            id,
+            memory,
+            mmio,
+            pio,
+            pasid_msr: PasidMsr::new(),
+            ud_hook,
+            ud_handler: None,
+            ud_handler_skip: 0,
+        }
     }
 
     /// Arms the #UD breakpoint from the guest IDT (for [`UdHook::Breakpoint`]).
@@ -75,12 +91,45 @@ impl Vcpu {
         let Some(handler) = handler else {
             return Err("the guest IDT has no #UD gate to watch".into());
         };
-        let mut debug = kvm_guest_debug { control: KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP, ..Default::default() };
+        let mut debug = kvm_guest_debug {
+            control: KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP,
+            ..Default::default()
+        };
+        // The backend re-fires an instruction breakpoint whatever RFLAGS.RF
+        // says (measured), so letting the guest's handler run means stepping
+        // over its first instruction, which must therefore be one that does
+        // nothing: Linux's entry points begin with `endbr64`.
+        let first = self.read_linear(handler, 4)?;
+        self.ud_handler_skip = match first.as_slice() {
+            [0xf3, 0x0f, 0x1e, 0xfa] => 4,
+            [0x90, ..] => 1,
+            _ => return Err(format!(
+                "the #UD handler at {handler:#x} does not begin with endbr64 or nop ({first:02x?})"
+            )),
+        };
         debug.arch.debugreg[0] = handler;
         debug.arch.debugreg[7] = DR7_L0;
-        self.fd.set_guest_debug(&debug).map_err(|e| format!("KVM_SET_GUEST_DEBUG: {e}"))?;
+        self.fd
+            .set_guest_debug(&debug)
+            .map_err(|e| format!("KVM_SET_GUEST_DEBUG: {e}"))?;
         self.ud_handler = Some(handler);
         Ok(())
+    }
+
+    /// Reads guest-virtual memory through KVM's translation.
+    fn read_linear(&self, addr: u64, len: usize) -> Result<Vec<u8>, String> {
+        let t = self
+            .fd
+            .translate_gva(addr)
+            .map_err(|e| format!("KVM_TRANSLATE {addr:#x}: {e}"))?;
+        if t.valid == 0 {
+            return Err(format!("{addr:#x} is not mapped in the guest"));
+        }
+        let mut buf = vec![0; len];
+        self.memory
+            .read_slice(&mut buf, GuestAddress(t.physical_address))
+            .map_err(|e| format!("reading {addr:#x}: {e}"))?;
+        Ok(buf)
     }
 
     fn rip(&self) -> u64 {
@@ -143,7 +192,13 @@ impl Vcpu {
                     VcpuExit::InternalError => Action::InternalError,
                     VcpuExit::Shutdown => return VcpuStop::TripleFault,
                     VcpuExit::SystemEvent(kind, _) => return VcpuStop::SystemEvent(kind),
-                    VcpuExit::Hlt => return VcpuStop::Fatal(format!("vCPU {}: HLT exit at RIP {:#x} (interrupts cannot wake it)", self.id, self.rip())),
+                    VcpuExit::Hlt => {
+                        return VcpuStop::Fatal(format!(
+                            "vCPU {}: HLT exit at RIP {:#x} (interrupts cannot wake it)",
+                            self.id,
+                            self.rip()
+                        ))
+                    }
                     VcpuExit::Intr => Action::Resume,
                     other => Action::Fatal(format!("{other:?}")),
                 },
@@ -168,7 +223,11 @@ impl Vcpu {
                     }
                 }
                 Action::Fatal(exit) => {
-                    return VcpuStop::Fatal(format!("vCPU {}: unhandled exit {exit} at RIP {:#x}", self.id, self.rip()));
+                    return VcpuStop::Fatal(format!(
+                        "vCPU {}: unhandled exit {exit} at RIP {:#x}",
+                        self.id,
+                        self.rip()
+                    ));
                 }
             }
         }
@@ -177,18 +236,28 @@ impl Vcpu {
     /// A hardware breakpoint hit: the #UD handler entry when armed.
     fn on_debug(&mut self, pc: u64) -> Result<(), String> {
         if Some(pc) != self.ud_handler {
-            return Err(format!("vCPU {}: unexpected debug exit at RIP {pc:#x}", self.id));
+            return Err(format!(
+                "vCPU {}: unexpected debug exit at RIP {pc:#x}",
+                self.id
+            ));
         }
-        let action = emulator::handle_exception_entry(self, UD_VECTOR).map_err(|e| self.fatal(&e))?;
+        let action =
+            emulator::handle_exception_entry(self, UD_VECTOR).map_err(|e| self.fatal(&e))?;
         match action {
             EntryAction::PassThrough | EntryAction::NotHandled(_) => {
                 if let EntryAction::NotHandled(u) = &action {
                     log::warn!("vCPU {}: #UD entry left to the guest: {u}", self.id);
                 }
-                // Let the guest's handler run: step over the breakpoint.
-                let mut regs = self.fd.get_regs().map_err(|e| format!("KVM_GET_REGS: {e}"))?;
-                regs.rflags |= RFLAGS_RF;
-                self.fd.set_regs(&regs).map_err(|e| format!("KVM_SET_REGS: {e}"))
+                // Let the guest's handler run: step over its first
+                // instruction (see arm_ud_breakpoint).
+                let mut regs = self
+                    .fd
+                    .get_regs()
+                    .map_err(|e| format!("KVM_GET_REGS: {e}"))?;
+                regs.rip += self.ud_handler_skip;
+                self.fd
+                    .set_regs(&regs)
+                    .map_err(|e| format!("KVM_SET_REGS: {e}"))
             }
             EntryAction::Emulated(_) | EntryAction::Faulted(_) | EntryAction::Retry => Ok(()),
         }
@@ -198,14 +267,22 @@ impl Vcpu {
     fn on_internal_error(&mut self) -> Result<(), String> {
         let run = self.fd.get_kvm_run();
         if run.exit_reason != KVM_EXIT_INTERNAL_ERROR {
-            return Err(format!("vCPU {}: internal error exit with reason {}", self.id, run.exit_reason));
+            return Err(format!(
+                "vCPU {}: internal error exit with reason {}",
+                self.id, run.exit_reason
+            ));
         }
         // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so KVM filled the
         // `emulation_failure` member of the exit union (a plain-data struct
         // whose every bit pattern is valid).
         let failure = unsafe { run.__bindgen_anon_1.emulation_failure };
         if failure.suberror != KVM_INTERNAL_ERROR_EMULATION {
-            return Err(format!("vCPU {}: KVM internal error, suberror {} at RIP {:#x}", self.id, failure.suberror, self.rip()));
+            return Err(format!(
+                "vCPU {}: KVM internal error, suberror {} at RIP {:#x}",
+                self.id,
+                failure.suberror,
+                self.rip()
+            ));
         }
         // SAFETY: the instruction-bytes member is the only one of its union
         // and is plain data.
@@ -223,7 +300,11 @@ impl Vcpu {
     }
 
     fn fatal(&self, e: &EmulatorError) -> String {
-        format!("vCPU {}: emulator error at RIP {:#x}: {e}", self.id, self.rip())
+        format!(
+            "vCPU {}: emulator error at RIP {:#x}: {e}",
+            self.id,
+            self.rip()
+        )
     }
 }
 
@@ -264,7 +345,12 @@ impl GuestCpu for Vcpu {
         self.pasid_msr.read()
     }
 
-    fn inject_exception(&mut self, vector: u8, error_code: Option<u32>, cr2: Option<u64>) -> Result<(), EmulatorError> {
+    fn inject_exception(
+        &mut self,
+        vector: u8,
+        error_code: Option<u32>,
+        cr2: Option<u64>,
+    ) -> Result<(), EmulatorError> {
         if let Some(cr2) = cr2 {
             let mut sregs = self.fd.get_sregs().map_err(vcpu_error)?;
             sregs.cr2 = cr2;
@@ -278,11 +364,19 @@ impl GuestCpu for Vcpu {
         self.fd.set_vcpu_events(&events).map_err(vcpu_error)
     }
 
-    fn store64(&mut self, gpa: u64, data: &[u8; 64], kind: StoreKind) -> Result<StoreReply, EmulatorError> {
+    fn store64(
+        &mut self,
+        gpa: u64,
+        data: &[u8; 64],
+        kind: StoreKind,
+    ) -> Result<StoreReply, EmulatorError> {
         if self.memory.address_in_range(GuestAddress(gpa)) {
             self.memory
                 .write_slice(data, GuestAddress(gpa))
-                .map_err(|e| EmulatorError::Store { gpa, message: e.to_string() })?;
+                .map_err(|e| EmulatorError::Store {
+                    gpa,
+                    message: e.to_string(),
+                })?;
             // Ordinary memory takes a MOVDIR64B; it is no enqueue target.
             return Ok(match kind {
                 StoreKind::Movdir64b => StoreReply::Accepted,

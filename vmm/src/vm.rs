@@ -14,7 +14,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VmFd};
 use thiserror::Error;
-use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
@@ -123,7 +123,8 @@ impl Vm {
     pub fn new(config: VmConfig) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::NoKvm)?;
         let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        let memory = GuestMemoryMmap::from_ranges(&ram_ranges(config.memory)).map_err(|e| VmError::Memory(e.to_string()))?;
+        let memory = GuestMemoryMmap::from_ranges(&ram_ranges(config.memory))
+            .map_err(|e| VmError::Memory(e.to_string()))?;
         for (slot, region) in memory.iter().enumerate() {
             let mem_region = kvm_userspace_memory_region {
                 slot: slot as u32,
@@ -135,21 +136,35 @@ impl Vm {
             // SAFETY: the region is a live mmap owned by `memory`, which the
             // Vm keeps for as long as the KVM VM exists; the slot ranges do
             // not overlap.
-            unsafe { fd.set_user_memory_region(mem_region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+            unsafe { fd.set_user_memory_region(mem_region) }
+                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         }
-        fd.set_tss_address(KVM_TSS_ADDRESS).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        fd.create_pit2(kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() })
-            .map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        fd.set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        fd.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        fd.create_pit2(kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .map_err(kvm_err("KVM_CREATE_PIT2"))?;
         // Instructions KVM's emulator cannot run come to us with their bytes.
-        let mut cap = kvm_enable_cap { cap: KVM_CAP_EXIT_ON_EMULATION_FAILURE, ..Default::default() };
+        let mut cap = kvm_enable_cap {
+            cap: KVM_CAP_EXIT_ON_EMULATION_FAILURE,
+            ..Default::default()
+        };
         cap.args[0] = 1;
-        fd.enable_cap(&cap).map_err(kvm_err("KVM_CAP_EXIT_ON_EMULATION_FAILURE"))?;
+        fd.enable_cap(&cap)
+            .map_err(kvm_err("KVM_CAP_EXIT_ON_EMULATION_FAILURE"))?;
         // IA32_PASID accesses exit to us: KVM does not know the MSR, and the
         // filter makes sure of it.
-        let mut cap = kvm_enable_cap { cap: KVM_CAP_X86_USER_SPACE_MSR, ..Default::default() };
+        let mut cap = kvm_enable_cap {
+            cap: KVM_CAP_X86_USER_SPACE_MSR,
+            ..Default::default()
+        };
         cap.args[0] = u64::from(KVM_MSR_EXIT_REASON_UNKNOWN | KVM_MSR_EXIT_REASON_FILTER);
-        fd.enable_cap(&cap).map_err(kvm_err("KVM_CAP_X86_USER_SPACE_MSR"))?;
+        fd.enable_cap(&cap)
+            .map_err(kvm_err("KVM_CAP_X86_USER_SPACE_MSR"))?;
         let deny = [0u8];
         let range = MsrFilterRange {
             flags: MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE,
@@ -157,19 +172,26 @@ impl Vm {
             msr_count: 1,
             bitmap: &deny,
         };
-        fd.set_msr_filter(MsrFilterDefaultAction::ALLOW, &[range]).map_err(kvm_err("KVM_X86_SET_MSR_FILTER"))?;
+        fd.set_msr_filter(MsrFilterDefaultAction::ALLOW, &[range])
+            .map_err(kvm_err("KVM_X86_SET_MSR_FILTER"))?;
 
         let mmio = Arc::new(Bus::new());
         let pio = Arc::new(Bus::new());
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::Thread)?;
-        fd.register_irqfd(&serial_irq, layout::COM1_IRQ).map_err(kvm_err("KVM_IRQFD (COM1)"))?;
+        fd.register_irqfd(&serial_irq, layout::COM1_IRQ)
+            .map_err(kvm_err("KVM_IRQFD (COM1)"))?;
         let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, config.serial)));
         pio.insert(layout::COM1_PORT.into(), 8, serial.clone())?;
+        let stop = Arc::new(AtomicBool::new(false));
         let reset = Arc::new(AtomicBool::new(false));
-        pio.insert(I8042_COMMAND_PORT.into(), 1, Arc::new(Mutex::new(I8042::new(reset.clone()))))?;
+        pio.insert(
+            I8042_COMMAND_PORT.into(),
+            1,
+            Arc::new(Mutex::new(I8042::new(reset.clone(), stop.clone()))),
+        )?;
         let test_done = Arc::new(AtomicBool::new(false));
         let test_result = Arc::new(AtomicU32::new(0));
-        let exit = TestExit::new(test_result.clone(), test_done.clone());
+        let exit = TestExit::new(test_result.clone(), test_done.clone(), stop.clone());
         pio.insert(layout::TEST_EXIT_PORT.into(), 4, Arc::new(Mutex::new(exit)))?;
 
         Ok(Self {
@@ -181,7 +203,7 @@ impl Vm {
             cpus: config.cpus.max(1),
             ud_hook: config.ud_hook,
             boot: None,
-            stop: Arc::new(AtomicBool::new(false)),
+            stop,
             test_done,
             test_result,
             reset,
@@ -220,8 +242,12 @@ impl Vm {
     }
 
     fn create_vcpu(&self, id: u8) -> Result<Vcpu, VmError> {
-        let fd = self.fd.create_vcpu(id.into()).map_err(kvm_err("KVM_CREATE_VCPU"))?;
-        let cpuid = crate::cpuid::template(&self.kvm, id, self.cpus).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let fd = self
+            .fd
+            .create_vcpu(id.into())
+            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        let cpuid = crate::cpuid::template(&self.kvm, id, self.cpus)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
         if id == 0 {
             if let Some((regs, sregs)) = &self.boot {
@@ -229,7 +255,14 @@ impl Vm {
                 fd.set_regs(regs).map_err(kvm_err("KVM_SET_REGS"))?;
             }
         }
-        Ok(Vcpu::new(fd, id, self.memory.clone(), self.mmio.clone(), self.pio.clone(), self.ud_hook))
+        Ok(Vcpu::new(
+            fd,
+            id,
+            self.memory.clone(),
+            self.mmio.clone(),
+            self.pio.clone(),
+            self.ud_hook,
+        ))
     }
 
     /// Runs every vCPU on its own thread until the guest or `timeout` ends
@@ -248,10 +281,12 @@ impl Vm {
                 Err(e) => return RunExit::Error(e.to_string()),
             };
             let (tx, stop) = (tx.clone(), self.stop.clone());
-            let spawned = thread::Builder::new().name(format!("vcpu{id}")).spawn(move || {
-                let why = vcpu.run(&stop);
-                let _ = tx.send(why);
-            });
+            let spawned = thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || {
+                    let why = vcpu.run(&stop);
+                    let _ = tx.send(why);
+                });
             match spawned {
                 Ok(t) => threads.push(t),
                 Err(e) => return RunExit::Error(format!("cannot start vCPU {id}: {e}")),
@@ -294,7 +329,9 @@ impl Vm {
             VcpuStop::SystemEvent(kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN) => RunExit::PowerOff,
             VcpuStop::SystemEvent(_) => RunExit::Reset,
             VcpuStop::Fatal(line) => RunExit::Error(line),
-            VcpuStop::Requested | VcpuStop::DeviceRequest => RunExit::Error("the run ended with no reason recorded".into()),
+            VcpuStop::Requested | VcpuStop::DeviceRequest => {
+                RunExit::Error("the run ended with no reason recorded".into())
+            }
         }
     }
 

@@ -14,12 +14,13 @@ const CMD_RESET_CPU: u8 = 0xfe;
 /// Sets `reset` when the guest asks for a reset.
 pub struct I8042 {
     reset: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
 }
 
 impl I8042 {
-    /// A controller that raises `reset`.
-    pub fn new(reset: Arc<AtomicBool>) -> Self {
-        Self { reset }
+    /// A controller that raises `reset` and `stop`.
+    pub fn new(reset: Arc<AtomicBool>, stop: Arc<AtomicBool>) -> Self {
+        Self { reset, stop }
     }
 }
 
@@ -32,6 +33,7 @@ impl BusDevice for I8042 {
     fn write(&mut self, _base: u64, _offset: u64, data: &[u8]) {
         if data.first() == Some(&CMD_RESET_CPU) {
             self.reset.store(true, Ordering::SeqCst);
+            self.stop.store(true, Ordering::SeqCst);
         }
     }
 }

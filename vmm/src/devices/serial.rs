@@ -59,7 +59,9 @@ pub struct SerialDevice {
 impl SerialDevice {
     /// A UART raising `irq` and writing to `out`.
     pub fn new(irq: EventFd, out: SerialOutput) -> Self {
-        Self { serial: Serial::new(EventFdTrigger(irq), out) }
+        Self {
+            serial: Serial::new(EventFdTrigger(irq), out),
+        }
     }
 
     /// Feeds bytes typed on the VMM's stdin to the guest.

@@ -11,12 +11,14 @@ use pci::{BusDevice, StoreKind, StoreReply};
 pub struct TestExit {
     result: Arc<AtomicU32>,
     done: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
 }
 
 impl TestExit {
-    /// Reports through `result` and `done`.
-    pub fn new(result: Arc<AtomicU32>, done: Arc<AtomicBool>) -> Self {
-        Self { result, done }
+    /// Reports through `result` and `done`, and raises `stop` so that every
+    /// vCPU leaves its run loop.
+    pub fn new(result: Arc<AtomicU32>, done: Arc<AtomicBool>, stop: Arc<AtomicBool>) -> Self {
+        Self { result, done, stop }
     }
 }
 
@@ -29,8 +31,10 @@ impl BusDevice for TestExit {
         let mut value = [0u8; 4];
         let n = data.len().min(4);
         value[..n].copy_from_slice(&data[..n]);
-        self.result.store(u32::from_le_bytes(value), Ordering::SeqCst);
+        self.result
+            .store(u32::from_le_bytes(value), Ordering::SeqCst);
         self.done.store(true, Ordering::SeqCst);
+        self.stop.store(true, Ordering::SeqCst);
     }
 }
 
@@ -62,7 +66,10 @@ impl BusDevice for TestMmio {
     }
 
     fn write(&mut self, _: u64, offset: u64, data: &[u8]) {
-        if let Some(dst) = self.regs.get_mut(offset as usize..offset as usize + data.len()) {
+        if let Some(dst) = self
+            .regs
+            .get_mut(offset as usize..offset as usize + data.len())
+        {
             dst.copy_from_slice(data);
         }
     }
@@ -121,7 +128,11 @@ impl BusDevice for TestPortal {
             _ => StoreReply::Accepted,
         };
         if let Ok(mut stores) = self.log.stores.lock() {
-            stores.push(PortalStore { kind, offset, data: *data });
+            stores.push(PortalStore {
+                kind,
+                offset,
+                data: *data,
+            });
         }
         reply
     }

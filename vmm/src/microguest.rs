@@ -1,0 +1,455 @@
+//! Micro-guests: small x86-64 programs, written with iced-x86's code
+//! assembler, run as guests in 64-bit long mode.
+//!
+//! The harness gives a program:
+//! - identity paging of the first 4 GiB (2 MiB pages, all user-accessible),
+//!   except [`DATA_START`]..+2 MiB, mapped with 4 KiB pages whose entries a
+//!   test can change ([`MicroGuest::map_page`]);
+//! - a GDT laid out like Linux's (kernel CS 0x10, DS 0x18, user DS 0x2b,
+//!   user CS 0x33, TSS 0x40) and a TSS whose RSP0 is the kernel stack;
+//! - an IDT whose handlers the program supplies ([`MicroGuest::handler`]);
+//!   like Linux's, a #UD handler must begin with `endbr64` (or `nop`): the
+//!   VMM's breakpoint there steps over it when the guest's handler should
+//!   run, because this platform's KVM does not honour RFLAGS.RF;
+//!   every other vector reports `0xDEAD_00vv` through the test-exit port;
+//! - the test-exit port [`layout::TEST_EXIT_PORT`]: a 4-byte OUT there ends
+//!   the run and the value written is its result.
+//!
+//! The program starts at CPL0 at its first instruction with RSP at
+//! [`KERNEL_STACK_TOP`]. [`enter_user`] emits the IRETQ to CPL3 code;
+//! exceptions (`ud2`, a privileged instruction) bring it back to CPL0.
+
+use iced_x86::code_asm::*;
+use iced_x86::BlockEncoderOptions;
+use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
+use thiserror::Error;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::layout;
+
+/// GDT base.
+pub const GDT_START: u64 = 0x1000;
+/// IDT base.
+pub const IDT_START: u64 = 0x2000;
+/// TSS base.
+pub const TSS_START: u64 = 0x3000;
+/// PML4 (CR3).
+pub const PML4_START: u64 = 0x8000;
+const PDPT_START: u64 = 0x9000;
+/// Four page directories for 4 GiB.
+const PD_START: u64 = 0xa000;
+/// The 4 KiB page table of the data area.
+pub const DATA_PT_START: u64 = 0xe000;
+/// Where the program is assembled and loaded.
+pub const CODE_START: u64 = 0x10_0000;
+/// Largest program.
+pub const CODE_SIZE: u64 = 0xe_0000;
+/// Top of the CPL0 stack (also TSS.RSP0).
+pub const KERNEL_STACK_TOP: u64 = 0x1f_f000;
+/// Start of the 4 KiB-mapped data area (user stack, buffers, test pages).
+pub const DATA_START: u64 = 0x20_0000;
+/// Top of the conventional user stack, at the end of the data area.
+pub const USER_STACK_TOP: u64 = 0x3f_f000;
+
+/// Kernel code selector.
+pub const KERNEL_CS: u16 = 0x10;
+/// Kernel data selector.
+pub const KERNEL_DS: u16 = 0x18;
+/// User data selector (RPL 3).
+pub const USER_DS: u16 = 0x2b;
+/// User code selector (RPL 3).
+pub const USER_CS: u16 = 0x33;
+/// TSS selector.
+pub const TSS_SELECTOR: u16 = 0x40;
+
+// Page-table entry bits.
+/// Present.
+pub const PTE_P: u64 = 1 << 0;
+/// Writable.
+pub const PTE_W: u64 = 1 << 1;
+/// User-accessible.
+pub const PTE_U: u64 = 1 << 2;
+const PTE_PS: u64 = 1 << 7;
+
+// Control-register and EFER bits for long mode.
+const CR0_PE: u64 = 1 << 0;
+const CR0_MP: u64 = 1 << 1;
+const CR0_ET: u64 = 1 << 4;
+const CR0_NE: u64 = 1 << 5;
+const CR0_WP: u64 = 1 << 16;
+const CR0_PG: u64 = 1 << 31;
+const CR4_PAE: u64 = 1 << 5;
+const CR4_OSFXSR: u64 = 1 << 9;
+const CR4_OSXMMEXCPT: u64 = 1 << 10;
+const EFER_SCE: u64 = 1 << 0;
+const EFER_LME: u64 = 1 << 8;
+const EFER_LMA: u64 = 1 << 10;
+const EFER_NXE: u64 = 1 << 11;
+const RFLAGS_RESERVED: u64 = 1 << 1;
+
+// Segment descriptors (flat).
+const GDT_KERNEL_CS: u64 = 0x00af_9b00_0000_ffff;
+const GDT_KERNEL_DS: u64 = 0x00cf_9300_0000_ffff;
+const GDT_USER_DS: u64 = 0x00cf_f300_0000_ffff;
+const GDT_USER_CS: u64 = 0x00af_fb00_0000_ffff;
+const TSS_LIMIT: u64 = 0x67;
+/// TSS.RSP0 offset.
+const TSS_RSP0: u64 = 4;
+/// IDT gate type: present 64-bit interrupt gate, DPL 0.
+const GATE_INTERRUPT: u8 = 0x8e;
+/// Result a default handler reports: `DEFAULT_HANDLER_RESULT | vector`.
+pub const DEFAULT_HANDLER_RESULT: u32 = 0xdead_0000;
+
+/// Errors building a micro-guest.
+#[derive(Debug, Error)]
+pub enum MicroGuestError {
+    /// The assembler rejected the program.
+    #[error("assembling the micro-guest failed: {0}")]
+    Assemble(#[from] IcedError),
+    /// The program is larger than its area.
+    #[error("the micro-guest program is {0} bytes, more than fits")]
+    TooLarge(usize),
+    /// Writing guest memory failed.
+    #[error("writing micro-guest memory: {0}")]
+    Memory(#[from] vm_memory::GuestMemoryError),
+    /// A page edit outside the 4 KiB-mapped data area.
+    #[error("{0:#x} is outside the micro-guest data area")]
+    NotDataPage(u64),
+}
+
+/// A micro-guest program being written.
+pub struct MicroGuest {
+    /// The program: entry at its first instruction.
+    pub asm: CodeAssembler,
+    handlers: Vec<(u8, CodeLabel)>,
+    page_edits: Vec<(u64, u64)>,
+    data: Vec<(u64, Vec<u8>)>,
+}
+
+/// A program loaded into guest memory.
+pub struct LoadedGuest {
+    /// Registers vCPU 0 starts with.
+    pub regs: kvm_regs,
+    /// Segment and control registers vCPU 0 starts with.
+    pub sregs: kvm_sregs,
+    /// Where each handler label landed, by vector.
+    pub handlers: Vec<(u8, u64)>,
+}
+
+impl Default for MicroGuest {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MicroGuest {
+    /// An empty 64-bit program.
+    pub fn new() -> Self {
+        // 64 is a valid bitness: this cannot fail.
+        let asm = CodeAssembler::new(64).unwrap_or_else(|_| unreachable!("64-bit assembler"));
+        Self {
+            asm,
+            handlers: Vec::new(),
+            page_edits: Vec::new(),
+            data: Vec::new(),
+        }
+    }
+
+    /// Routes exception/interrupt `vector` to `label` (an interrupt gate,
+    /// DPL 0: user code reaches it only through exceptions).
+    pub fn handler(&mut self, vector: u8, label: CodeLabel) {
+        self.handlers.push((vector, label));
+    }
+
+    /// Sets the 4 KiB page-table entry of `addr` (in the data area) to map
+    /// `addr` itself with `flags` (0 makes it not present).
+    pub fn map_page(&mut self, addr: u64, flags: u64) -> Result<(), MicroGuestError> {
+        if !(DATA_START..DATA_START + 0x20_0000).contains(&addr) {
+            return Err(MicroGuestError::NotDataPage(addr));
+        }
+        self.page_edits.push((addr & !0xfff, flags));
+        Ok(())
+    }
+
+    /// Writes `bytes` at `gpa` before the program starts.
+    pub fn write(&mut self, gpa: u64, bytes: &[u8]) {
+        self.data.push((gpa, bytes.to_vec()));
+    }
+
+    /// Assembles the program and writes it, the tables and the data into
+    /// `memory`; returns the state vCPU 0 starts with.
+    pub fn load(mut self, memory: &GuestMemoryMmap) -> Result<LoadedGuest, MicroGuestError> {
+        // Default handlers report the vector through the test-exit port.
+        let mut defaults = Vec::new();
+        for vector in 0..=255u8 {
+            if self.handlers.iter().any(|&(v, _)| v == vector) {
+                continue;
+            }
+            let mut label = self.asm.create_label();
+            self.asm.set_label(&mut label)?;
+            self.asm.endbr64()?;
+            self.asm
+                .mov(eax, DEFAULT_HANDLER_RESULT | u32::from(vector))?;
+            self.asm.out(i32::from(layout::TEST_EXIT_PORT as u8), eax)?;
+            self.asm.hlt()?;
+            defaults.push((vector, label));
+        }
+        let result = self.asm.assemble_options(
+            CODE_START,
+            BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+        )?;
+        let code = &result.inner.code_buffer;
+        if code.len() as u64 > CODE_SIZE {
+            return Err(MicroGuestError::TooLarge(code.len()));
+        }
+        memory.write_slice(code, GuestAddress(CODE_START))?;
+
+        let mut handlers = Vec::new();
+        for &(vector, label) in self.handlers.iter().chain(&defaults) {
+            let addr = result.label_ip(&label)?;
+            write_gate(memory, vector, addr)?;
+            if self.handlers.iter().any(|&(v, _)| v == vector) {
+                handlers.push((vector, addr));
+            }
+        }
+        write_gdt_and_tss(memory)?;
+        write_page_tables(memory)?;
+        for (addr, flags) in &self.page_edits {
+            let pte = addr | flags;
+            memory.write_obj(
+                pte,
+                GuestAddress(DATA_PT_START + ((addr - DATA_START) >> 12) * 8),
+            )?;
+        }
+        for (gpa, bytes) in &self.data {
+            memory.write_slice(bytes, GuestAddress(*gpa))?;
+        }
+        let regs = kvm_regs {
+            rip: CODE_START,
+            rsp: KERNEL_STACK_TOP,
+            rflags: RFLAGS_RESERVED,
+            ..Default::default()
+        };
+        Ok(LoadedGuest {
+            regs,
+            sregs: long_mode_sregs(),
+            handlers,
+        })
+    }
+}
+
+fn write_gate(memory: &GuestMemoryMmap, vector: u8, handler: u64) -> Result<(), MicroGuestError> {
+    let mut gate = [0u8; 16];
+    gate[0..2].copy_from_slice(&(handler as u16).to_le_bytes());
+    gate[2..4].copy_from_slice(&KERNEL_CS.to_le_bytes());
+    gate[5] = GATE_INTERRUPT;
+    gate[6..8].copy_from_slice(&((handler >> 16) as u16).to_le_bytes());
+    gate[8..12].copy_from_slice(&((handler >> 32) as u32).to_le_bytes());
+    memory.write_slice(&gate, GuestAddress(IDT_START + u64::from(vector) * 16))?;
+    Ok(())
+}
+
+fn tss_descriptor() -> [u64; 2] {
+    let base = TSS_START;
+    let low = TSS_LIMIT
+        | ((base & 0xff_ffff) << 16)
+        | (0x89 << 40) // present, available 64-bit TSS
+        | (((base >> 24) & 0xff) << 56);
+    [low, base >> 32]
+}
+
+fn write_gdt_and_tss(memory: &GuestMemoryMmap) -> Result<(), MicroGuestError> {
+    let mut gdt = [0u64; 10];
+    gdt[usize::from(KERNEL_CS >> 3)] = GDT_KERNEL_CS;
+    gdt[usize::from(KERNEL_DS >> 3)] = GDT_KERNEL_DS;
+    gdt[usize::from(USER_DS >> 3)] = GDT_USER_DS;
+    gdt[usize::from(USER_CS >> 3)] = GDT_USER_CS;
+    let tss = tss_descriptor();
+    gdt[usize::from(TSS_SELECTOR >> 3)] = tss[0];
+    gdt[usize::from(TSS_SELECTOR >> 3) + 1] = tss[1];
+    for (i, d) in gdt.iter().enumerate() {
+        memory.write_obj(*d, GuestAddress(GDT_START + i as u64 * 8))?;
+    }
+    memory.write_obj(KERNEL_STACK_TOP, GuestAddress(TSS_START + TSS_RSP0))?;
+    Ok(())
+}
+
+fn write_page_tables(memory: &GuestMemoryMmap) -> Result<(), MicroGuestError> {
+    let table = PTE_P | PTE_W | PTE_U;
+    memory.write_obj(PDPT_START | table, GuestAddress(PML4_START))?;
+    for gib in 0..4u64 {
+        let pd = PD_START + gib * 0x1000;
+        memory.write_obj(pd | table, GuestAddress(PDPT_START + gib * 8))?;
+        for i in 0..512u64 {
+            let addr = (gib << 30) | (i << 21);
+            let entry = if addr == DATA_START {
+                DATA_PT_START | table
+            } else {
+                addr | table | PTE_PS
+            };
+            memory.write_obj(entry, GuestAddress(pd + i * 8))?;
+        }
+    }
+    for i in 0..512u64 {
+        let addr = DATA_START + (i << 12);
+        memory.write_obj(addr | table, GuestAddress(DATA_PT_START + i * 8))?;
+    }
+    Ok(())
+}
+
+fn segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_,
+        present: 1,
+        dpl: (selector & 3) as u8,
+        db: u8::from(!long),
+        s: 1,
+        l: u8::from(long),
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+/// Long mode with the harness's GDT, IDT, TSS and page tables.
+pub fn long_mode_sregs() -> kvm_sregs {
+    let mut sregs = kvm_sregs {
+        cr0: CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG,
+        ..Default::default()
+    };
+    sregs.cr3 = PML4_START;
+    sregs.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT;
+    sregs.efer = EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE;
+    sregs.cs = segment(KERNEL_CS, 0xb, true);
+    let data = segment(KERNEL_DS, 0x3, false);
+    (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
+    sregs.tr = kvm_segment {
+        base: TSS_START,
+        limit: TSS_LIMIT as u32,
+        selector: TSS_SELECTOR,
+        type_: 0xb, // busy 64-bit TSS
+        present: 1,
+        s: 0,
+        ..Default::default()
+    };
+    sregs.gdt.base = GDT_START;
+    sregs.gdt.limit = 10 * 8 - 1;
+    sregs.idt.base = IDT_START;
+    sregs.idt.limit = 256 * 16 - 1;
+    sregs
+}
+
+/// Emits the end of a run: `value` to the test-exit port.
+pub fn exit_with(asm: &mut CodeAssembler, value: u32) -> Result<(), IcedError> {
+    asm.mov(eax, value)?;
+    asm.out(i32::from(layout::TEST_EXIT_PORT as u8), eax)?;
+    asm.hlt()
+}
+
+/// Emits an IRETQ to CPL3 code at `target` with the stack at `user_rsp`
+/// and IOPL 3 (so user code may use the test-exit port).
+pub fn enter_user(
+    asm: &mut CodeAssembler,
+    target: CodeLabel,
+    user_rsp: u64,
+) -> Result<(), IcedError> {
+    const IOPL3: u32 = 3 << 12;
+    asm.push(i32::from(USER_DS))?;
+    asm.mov(rax, user_rsp)?;
+    asm.push(rax)?;
+    asm.push((IOPL3 | RFLAGS_RESERVED as u32) as i32)?;
+    asm.push(i32::from(USER_CS))?;
+    asm.lea(rax, ptr(target))?;
+    asm.push(rax)?;
+    asm.iretq()
+}
+
+/// Where the scratch MMIO device of micro-guests lives.
+pub const TEST_MMIO_START: u64 = layout::TEST_DEVICES_START;
+/// Where the test portal of micro-guests lives.
+pub const TEST_PORTAL_START: u64 = layout::TEST_DEVICES_START + 0x1000;
+/// Guest RAM of a micro-guest.
+pub const MICRO_MEMORY: u64 = 64 << 20;
+
+/// The result of running a micro-guest.
+pub struct MicroRun {
+    /// How the run ended.
+    pub exit: crate::vm::RunExit,
+    /// What the test portal received.
+    pub portal: std::sync::Arc<crate::devices::test_devices::PortalLog>,
+}
+
+/// Options of a micro-guest run.
+#[derive(Clone, Copy, Debug)]
+pub struct MicroOptions {
+    /// Answer ENQCMD/ENQCMDS at the test portal with Retry.
+    pub portal_retry: bool,
+    /// Give up after this long.
+    pub timeout: std::time::Duration,
+}
+
+impl Default for MicroOptions {
+    fn default() -> Self {
+        Self {
+            portal_retry: false,
+            timeout: std::time::Duration::from_secs(30),
+        }
+    }
+}
+
+/// Errors of a micro-guest run.
+#[derive(Debug, Error)]
+pub enum MicroRunError {
+    /// The machine could not be built.
+    #[error(transparent)]
+    Vm(#[from] crate::vm::VmError),
+    /// The program could not be loaded.
+    #[error(transparent)]
+    Load(#[from] MicroGuestError),
+}
+
+/// Runs `guest` on a one-vCPU machine with the test devices, watching #UD
+/// entries with a breakpoint, serial output discarded.
+pub fn run(guest: MicroGuest, options: MicroOptions) -> Result<MicroRun, MicroRunError> {
+    use crate::devices::serial::SerialOutput;
+    use crate::devices::test_devices::{
+        PortalLog, TestMmio, TestPortal, TEST_MMIO_SIZE, TEST_PORTAL_SIZE,
+    };
+    use crate::vcpu::UdHook;
+    use crate::vm::{Vm, VmConfig};
+    use std::sync::{Arc, Mutex};
+
+    let config = VmConfig {
+        cpus: 1,
+        memory: MICRO_MEMORY,
+        serial: SerialOutput::Sink,
+        ud_hook: Some(UdHook::Breakpoint),
+    };
+    let mut vm = Vm::new(config)?;
+    let portal = Arc::new(PortalLog::default());
+    portal
+        .retry
+        .store(options.portal_retry, std::sync::atomic::Ordering::SeqCst);
+    vm.mmio()
+        .insert(
+            TEST_MMIO_START,
+            TEST_MMIO_SIZE,
+            Arc::new(Mutex::new(TestMmio::default())),
+        )
+        .map_err(crate::vm::VmError::from)?;
+    vm.mmio()
+        .insert(
+            TEST_PORTAL_START,
+            TEST_PORTAL_SIZE,
+            Arc::new(Mutex::new(TestPortal::new(portal.clone()))),
+        )
+        .map_err(crate::vm::VmError::from)?;
+    let loaded = guest.load(vm.memory())?;
+    vm.set_boot_state(loaded.regs, loaded.sregs);
+    let exit = vm.run(Some(options.timeout));
+    Ok(MicroRun { exit, portal })
+}

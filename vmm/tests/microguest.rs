@@ -1,0 +1,92 @@
+//! Micro-guests on KVM: the harness's basic abilities.
+//! These tests need /dev/kvm and fail with a message saying so without it.
+
+use iced_x86::code_asm::*;
+use vmm::microguest::{
+    self, enter_user, exit_with, MicroGuest, MicroOptions, DEFAULT_HANDLER_RESULT, TEST_MMIO_START,
+    USER_CS, USER_STACK_TOP,
+};
+use vmm::vm::RunExit;
+
+fn run(guest: MicroGuest) -> RunExit {
+    assert!(
+        std::path::Path::new("/dev/kvm").exists(),
+        "these tests need /dev/kvm, which this machine lacks"
+    );
+    microguest::run(guest, MicroOptions::default())
+        .expect("micro-guest machine")
+        .exit
+}
+
+#[test]
+fn port_io_reports_the_result() {
+    let mut g = MicroGuest::new();
+    exit_with(&mut g.asm, 0x1234_5678).unwrap();
+    assert_eq!(run(g), RunExit::TestExit(0x1234_5678));
+}
+
+#[test]
+fn mmio_read_and_write_reach_the_test_device() {
+    let mut g = MicroGuest::new();
+    let a = &mut g.asm;
+    a.mov(rbx, TEST_MMIO_START).unwrap();
+    a.mov(eax, dword_ptr(rbx)).unwrap(); // the magic "TEST"
+    a.mov(dword_ptr(rbx + 8), 0x55aa_1234u32).unwrap();
+    a.add(eax, dword_ptr(rbx + 8)).unwrap();
+    a.out(0xf4, eax).unwrap();
+    a.hlt().unwrap();
+    assert_eq!(
+        run(g),
+        RunExit::TestExit(0x5453_4554u32.wrapping_add(0x55aa_1234))
+    );
+}
+
+#[test]
+fn exception_reaches_the_guests_own_handler() {
+    let mut g = MicroGuest::new();
+    let mut handler = g.asm.create_label();
+    g.asm.xor(edx, edx).unwrap();
+    g.asm.div(edx).unwrap(); // #DE
+    exit_with(&mut g.asm, 1).unwrap();
+    g.asm.set_label(&mut handler).unwrap();
+    // The frame's RIP is the faulting instruction.
+    g.asm.mov(rax, qword_ptr(rsp)).unwrap();
+    g.asm.sub(eax, microguest::CODE_START as u32).unwrap();
+    g.asm.or(eax, 0xde00u32).unwrap();
+    g.asm.out(0xf4, eax).unwrap();
+    g.asm.hlt().unwrap();
+    g.handler(0, handler);
+    assert_eq!(
+        run(g),
+        RunExit::TestExit(0xde02),
+        "div edx sits 2 bytes into the program"
+    );
+}
+
+#[test]
+fn unhandled_vector_reports_through_the_default_handler() {
+    let mut g = MicroGuest::new();
+    g.asm.ud2().unwrap();
+    assert_eq!(run(g), RunExit::TestExit(DEFAULT_HANDLER_RESULT | 6));
+}
+
+#[test]
+fn switch_to_cpl3_and_back() {
+    let mut g = MicroGuest::new();
+    let mut user = g.asm.create_label();
+    let mut back = g.asm.create_label();
+    enter_user(&mut g.asm, user, USER_STACK_TOP).unwrap();
+    g.asm.set_label(&mut user).unwrap();
+    g.asm.mov(ecx, cs).unwrap(); // CPL3 reads its own selector
+    g.asm.hlt().unwrap(); // privileged: #GP back to CPL0
+    g.asm.set_label(&mut back).unwrap();
+    // #GP frame: error code, RIP, CS, ...; report the user CS and ECX.
+    g.asm.mov(rax, qword_ptr(rsp + 16)).unwrap();
+    g.asm.shl(ecx, 16).unwrap();
+    g.asm.or(eax, ecx).unwrap();
+    g.asm.out(0xf4, eax).unwrap();
+    g.asm.hlt().unwrap();
+    g.handler(13, back);
+    let expected = (u32::from(USER_CS) << 16) | u32::from(USER_CS);
+    assert_eq!(run(g), RunExit::TestExit(expected));
+}
