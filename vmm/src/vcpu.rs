@@ -103,9 +103,11 @@ impl Vcpu {
         self.ud_handler_skip = match first.as_slice() {
             [0xf3, 0x0f, 0x1e, 0xfa] => 4,
             [0x90, ..] => 1,
-            _ => return Err(format!(
+            _ => {
+                return Err(format!(
                 "the #UD handler at {handler:#x} does not begin with endbr64 or nop ({first:02x?})"
-            )),
+            ))
+            }
         };
         debug.arch.debugreg[0] = handler;
         debug.arch.debugreg[7] = DR7_L0;

@@ -1,0 +1,277 @@
+//! The instruction trap layer on KVM: MOVDIR64B, ENQCMD and ENQCMDS from
+//! micro-guests at CPL0 and CPL3, reaching the test portal.
+//! These tests need /dev/kvm and fail with a message saying so without it.
+
+use iced_x86::code_asm::*;
+use pci::StoreKind;
+use vmm::devices::test_devices::PortalStore;
+use vmm::microguest::{
+    self, enter_user, exit_with, MicroGuest, MicroOptions, MicroRun, DATA_START, TEST_PORTAL_START,
+    USER_CS, USER_STACK_TOP,
+};
+use vmm::vm::RunExit;
+
+const IA32_PASID: u32 = 0xd93;
+/// The 64-byte command the guests submit.
+const SRC: u64 = DATA_START + 0x1000;
+/// Vector numbers.
+const UD: u8 = 6;
+const GP: u8 = 13;
+const PF: u8 = 14;
+
+fn command(dword0: u32) -> [u8; 64] {
+    let mut c = [0u8; 64];
+    for (i, b) in c.iter_mut().enumerate() {
+        *b = i as u8 ^ 0xa5;
+    }
+    c[..4].copy_from_slice(&dword0.to_le_bytes());
+    c
+}
+
+fn run(guest: MicroGuest, portal_retry: bool) -> MicroRun {
+    assert!(
+        std::path::Path::new("/dev/kvm").exists(),
+        "these tests need /dev/kvm, which this machine lacks"
+    );
+    microguest::run(
+        guest,
+        MicroOptions {
+            portal_retry,
+            ..Default::default()
+        },
+    )
+    .expect("micro-guest machine")
+}
+
+fn stores(run: &MicroRun) -> Vec<PortalStore> {
+    run.portal.stores.lock().unwrap().clone()
+}
+
+/// A #UD handler that reports "unexpected #UD" (it must begin with endbr64).
+fn ud_reports(g: &mut MicroGuest, value: u32) {
+    let mut l = g.asm.create_label();
+    g.asm.set_label(&mut l).unwrap();
+    g.asm.endbr64().unwrap();
+    exit_with(&mut g.asm, value).unwrap();
+    g.handler(UD, l);
+}
+
+/// User ENQCMD with IA32_PASID clear: #GP, the guest's handler loads the MSR
+/// and returns, the retried ENQCMD reaches the portal with the MSR's PASID.
+fn enqcmd_after_gp(portal_retry: bool) -> (RunExit, Vec<PortalStore>) {
+    let mut g = MicroGuest::new();
+    g.write(SRC, &command(0xffff_ffff));
+    let mut user = g.asm.create_label();
+    let mut gp = g.asm.create_label();
+    g.asm.xor(r15d, r15d).unwrap();
+    enter_user(&mut g.asm, user, USER_STACK_TOP).unwrap();
+
+    g.asm.set_label(&mut user).unwrap();
+    g.asm.mov(rdi, TEST_PORTAL_START).unwrap();
+    g.asm.mov(rsi, SRC).unwrap();
+    g.asm.enqcmd(rdi, zmmword_ptr(rsi)).unwrap();
+    g.asm.setz(al).unwrap();
+    g.asm.movzx(eax, al).unwrap();
+    g.asm.shl(r15d, 4).unwrap();
+    g.asm.or(eax, r15d).unwrap();
+    g.asm.or(eax, 0x600).unwrap();
+    g.asm.out(0xf4, eax).unwrap();
+    g.asm.hlt().unwrap();
+
+    // #GP: count it, load IA32_PASID with PASID 0x1234 and retry.
+    g.asm.set_label(&mut gp).unwrap();
+    g.asm.inc(r15d).unwrap();
+    g.asm.mov(ecx, IA32_PASID).unwrap();
+    g.asm.mov(eax, 0x8000_1234u32).unwrap();
+    g.asm.xor(edx, edx).unwrap();
+    g.asm.wrmsr().unwrap();
+    g.asm.add(rsp, 8).unwrap(); // the error code
+    g.asm.iretq().unwrap();
+    g.handler(GP, gp);
+    ud_reports(&mut g, 0xbad6);
+    let r = run(g, portal_retry);
+    let s = stores(&r);
+    (r.exit, s)
+}
+
+#[test]
+fn user_enqcmd_takes_gp_then_carries_the_msr_pasid_accepted() {
+    let (exit, stores) = enqcmd_after_gp(false);
+    assert_eq!(
+        exit,
+        RunExit::TestExit(0x610),
+        "one #GP, then ZF=0 (accepted)"
+    );
+    assert_eq!(stores.len(), 1);
+    assert_eq!(stores[0].kind, StoreKind::Enqcmd);
+    assert_eq!(stores[0].offset, 0);
+    assert_eq!(
+        stores[0].data,
+        command(0x1234),
+        "PASID from the MSR, privilege and bits 30:20 clear"
+    );
+}
+
+#[test]
+fn user_enqcmd_retry_sets_zf() {
+    let (exit, stores) = enqcmd_after_gp(true);
+    assert_eq!(exit, RunExit::TestExit(0x611), "one #GP, then ZF=1 (retry)");
+    assert_eq!(stores.len(), 1);
+    assert_eq!(stores[0].data, command(0x1234));
+}
+
+fn kernel_store(kind: StoreKind, portal_retry: bool) -> (RunExit, Vec<PortalStore>) {
+    let mut g = MicroGuest::new();
+    g.write(SRC, &command(0x8000_0042));
+    g.asm.mov(rdi, TEST_PORTAL_START + 0x40).unwrap();
+    g.asm.mov(rsi, SRC).unwrap();
+    match kind {
+        StoreKind::Enqcmds => g.asm.enqcmds(rdi, zmmword_ptr(rsi)).unwrap(),
+        StoreKind::Enqcmd => g.asm.enqcmd(rdi, zmmword_ptr(rsi)).unwrap(),
+        StoreKind::Movdir64b => g.asm.movdir64b(rdi, zmmword_ptr(rsi)).unwrap(),
+    }
+    g.asm.setz(al).unwrap();
+    g.asm.movzx(eax, al).unwrap();
+    g.asm.or(eax, 0x700).unwrap();
+    g.asm.out(0xf4, eax).unwrap();
+    g.asm.hlt().unwrap();
+    let r = run(g, portal_retry);
+    let s = stores(&r);
+    (r.exit, s)
+}
+
+#[test]
+fn kernel_enqcmds_keeps_the_source_pasid_and_privilege() {
+    for (retry, zf) in [(false, 0), (true, 1)] {
+        let (exit, stores) = kernel_store(StoreKind::Enqcmds, retry);
+        assert_eq!(exit, RunExit::TestExit(0x700 | zf));
+        assert_eq!(stores.len(), 1);
+        assert_eq!(stores[0].kind, StoreKind::Enqcmds);
+        assert_eq!(stores[0].offset, 0x40);
+        assert_eq!(stores[0].data, command(0x8000_0042));
+    }
+}
+
+#[test]
+fn kernel_movdir64b_reaches_the_portal() {
+    let (exit, stores) = kernel_store(StoreKind::Movdir64b, true);
+    assert_eq!(
+        exit,
+        RunExit::TestExit(0x700),
+        "MOVDIR64B leaves ZF alone (clear here)"
+    );
+    assert_eq!(
+        stores,
+        vec![PortalStore {
+            kind: StoreKind::Movdir64b,
+            offset: 0x40,
+            data: command(0x8000_0042)
+        }]
+    );
+}
+
+#[test]
+fn kernel_enqcmd_with_msr_clear_takes_gp() {
+    let mut g = MicroGuest::new();
+    let mut gp = g.asm.create_label();
+    g.write(SRC, &command(0));
+    g.asm.mov(rdi, TEST_PORTAL_START).unwrap();
+    g.asm.mov(rsi, SRC).unwrap();
+    g.asm.enqcmd(rdi, zmmword_ptr(rsi)).unwrap();
+    exit_with(&mut g.asm, 1).unwrap();
+    g.asm.set_label(&mut gp).unwrap();
+    g.asm.pop(rax).unwrap(); // error code
+    g.asm.or(eax, 0xd00).unwrap();
+    g.asm.out(0xf4, eax).unwrap();
+    g.asm.hlt().unwrap();
+    g.handler(GP, gp);
+    let r = run(g, false);
+    assert_eq!(r.exit, RunExit::TestExit(0xd00), "#GP(0)");
+    assert!(stores(&r).is_empty());
+}
+
+#[test]
+fn user_movdir64b_reaches_the_portal() {
+    let mut g = MicroGuest::new();
+    g.write(SRC, &command(7));
+    let mut user = g.asm.create_label();
+    enter_user(&mut g.asm, user, USER_STACK_TOP).unwrap();
+    g.asm.set_label(&mut user).unwrap();
+    g.asm.mov(rdi, TEST_PORTAL_START + 0xfc0).unwrap();
+    g.asm.mov(rsi, SRC).unwrap();
+    g.asm.movdir64b(rdi, zmmword_ptr(rsi)).unwrap();
+    exit_with(&mut g.asm, 0x64b).unwrap();
+    ud_reports(&mut g, 0xbad6);
+    let r = run(g, false);
+    assert_eq!(r.exit, RunExit::TestExit(0x64b));
+    assert_eq!(
+        stores(&r),
+        vec![PortalStore {
+            kind: StoreKind::Movdir64b,
+            offset: 0xfc0,
+            data: command(7)
+        }]
+    );
+}
+
+#[test]
+fn user_ud2_reaches_the_guests_own_handler() {
+    let mut g = MicroGuest::new();
+    let mut user = g.asm.create_label();
+    let mut ud = g.asm.create_label();
+    enter_user(&mut g.asm, user, USER_STACK_TOP).unwrap();
+    g.asm.set_label(&mut user).unwrap();
+    g.asm.ud2().unwrap();
+    g.asm.set_label(&mut ud).unwrap();
+    g.asm.endbr64().unwrap();
+    g.asm.mov(rax, qword_ptr(rsp + 8)).unwrap(); // frame CS
+    g.asm.shl(eax, 8).unwrap();
+    g.asm.or(eax, 0x06).unwrap();
+    g.asm.out(0xf4, eax).unwrap();
+    g.asm.hlt().unwrap();
+    g.handler(UD, ud);
+    assert_eq!(
+        run(g, false).exit,
+        RunExit::TestExit((u32::from(USER_CS) << 8) | 6)
+    );
+}
+
+#[test]
+fn page_fault_on_the_enqcmd_source_is_delivered_to_the_guest() {
+    let mut g = MicroGuest::new();
+    g.map_page(SRC, 0).unwrap(); // not present
+    let mut user = g.asm.create_label();
+    let mut pf = g.asm.create_label();
+    g.asm.mov(ecx, IA32_PASID).unwrap();
+    g.asm.mov(eax, 0x8000_0001u32).unwrap();
+    g.asm.xor(edx, edx).unwrap();
+    g.asm.wrmsr().unwrap();
+    enter_user(&mut g.asm, user, USER_STACK_TOP).unwrap();
+    g.asm.set_label(&mut user).unwrap();
+    g.asm.mov(rdi, TEST_PORTAL_START).unwrap();
+    g.asm.mov(rsi, SRC + 8).unwrap();
+    g.asm.enqcmd(rdi, zmmword_ptr(rsi - 8)).unwrap();
+    exit_with(&mut g.asm, 1).unwrap();
+    // #PF: report the error code and whether CR2 is the source address.
+    g.asm.set_label(&mut pf).unwrap();
+    g.asm.pop(rbx).unwrap();
+    g.asm.mov(rax, cr2).unwrap();
+    g.asm.mov(rcx, SRC).unwrap();
+    g.asm.cmp(rax, rcx).unwrap();
+    g.asm.sete(al).unwrap();
+    g.asm.movzx(eax, al).unwrap();
+    g.asm.shl(eax, 8).unwrap();
+    g.asm.or(eax, ebx).unwrap();
+    g.asm.or(eax, 0xe000).unwrap();
+    g.asm.out(0xf4, eax).unwrap();
+    g.asm.hlt().unwrap();
+    g.handler(PF, pf);
+    ud_reports(&mut g, 0xbad6);
+    let r = run(g, false);
+    assert_eq!(
+        r.exit,
+        RunExit::TestExit(0xe104),
+        "#PF error code 4 (user read, not present), CR2 = source"
+    );
+    assert!(stores(&r).is_empty());
+}
