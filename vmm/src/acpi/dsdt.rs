@@ -79,28 +79,34 @@ fn pci_host_bridge(config: &AcpiConfig) -> Vec<u8> {
     ))
 }
 
+/// A device identified by a PNP ID, with one instance and fixed resources.
+fn pnp_device(name: &str, pnp_id: &str, crs: &ResourceTemplate) -> Vec<u8> {
+    aml_bytes(&Device::new(
+        Path::new(name),
+        vec![
+            &Name::new(Path::new("_HID"), &EISAName::new(pnp_id)),
+            &Name::new(Path::new("_UID"), &0u8),
+            &Name::new(Path::new("_CRS"), crs),
+        ],
+    ))
+}
+
 /// `\_SB.COM1`: the 16550 UART.
 fn serial_port(config: &AcpiConfig) -> Vec<u8> {
-    let hid = EISAName::new("PNP0501");
     let ports = IO::new(config.serial_port, config.serial_port, 1, UART_PORTS_LEN);
     // ISA interrupts are edge-triggered, active high, exclusive.
     let irq = Interrupt::new(true, true, false, false, config.serial_irq);
-    let crs = ResourceTemplate::new(vec![&ports, &irq]);
-    aml_bytes(&Device::new(
-        Path::new("COM1"),
-        vec![
-            &Name::new(Path::new("_HID"), &hid),
-            &Name::new(Path::new("_UID"), &0u8),
-            &Name::new(Path::new("_CRS"), &crs),
-        ],
-    ))
+    pnp_device(
+        "COM1",
+        "PNP0501",
+        &ResourceTemplate::new(vec![&ports, &irq]),
+    )
 }
 
 /// `\_SB.MRES`: motherboard resources. Linux uses MMCONFIG only when the
 /// ECAM window is reserved here or in the E820 map; the sleep registers are
 /// listed so that nothing else claims their ports.
 fn motherboard_resources(config: &AcpiConfig) -> Vec<u8> {
-    let hid = EISAName::new("PNP0C02");
     let ecam_size = layout::PCIE_ECAM_SIZE;
     let ecam32 = u32::try_from(config.ecam_base + ecam_size)
         .ok()
@@ -122,15 +128,11 @@ fn motherboard_resources(config: &AcpiConfig) -> Vec<u8> {
         1,
         SLEEP_PORTS_LEN,
     );
-    let crs = ResourceTemplate::new(vec![ecam, &sleep]);
-    aml_bytes(&Device::new(
-        Path::new("MRES"),
-        vec![
-            &Name::new(Path::new("_HID"), &hid),
-            &Name::new(Path::new("_UID"), &0u8),
-            &Name::new(Path::new("_CRS"), &crs),
-        ],
-    ))
+    pnp_device(
+        "MRES",
+        "PNP0C02",
+        &ResourceTemplate::new(vec![ecam, &sleep]),
+    )
 }
 
 /// The complete DSDT for `config`.

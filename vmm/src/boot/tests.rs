@@ -359,6 +359,14 @@ fn error_of(mem: &GuestMemoryMmap, cfg: &BootConfig) -> String {
     load_linux(mem, cfg).unwrap_err().to_string()
 }
 
+/// What the CLI prints for a file that is not a kernel.
+fn not_a_kernel(file: &TempFile, reason: &str) -> String {
+    format!(
+        "{} is not a bootable x86-64 Linux kernel: {reason}",
+        file.as_path().display()
+    )
+}
+
 #[test]
 fn unreadable_and_garbage_kernels() {
     let mem = memory(64 * MIB);
@@ -367,18 +375,14 @@ fn unreadable_and_garbage_kernels() {
         "cannot read kernel image /nonexistent/vmlinux: No such file or directory (os error 2)"
     );
     let garbage = file_with(&[0x42; 4096]);
-    let p = garbage.as_path().display().to_string();
     assert_eq!(
         error_of(&mem, &config(garbage.as_path())),
-        format!("{p} is not a bootable x86-64 Linux kernel: neither an ELF vmlinux nor a bzImage")
+        not_a_kernel(&garbage, "neither an ELF vmlinux nor a bzImage")
     );
     let empty = file_with(&[]);
     assert_eq!(
         error_of(&mem, &config(empty.as_path())),
-        format!(
-            "{} is not a bootable x86-64 Linux kernel: neither an ELF vmlinux nor a bzImage",
-            empty.as_path().display()
-        )
+        not_a_kernel(&empty, "neither an ELF vmlinux nor a bzImage")
     );
 }
 
@@ -389,34 +393,25 @@ fn truncated_and_foreign_elf_files() {
     let cut = file_with(&full[..full.len() - 3]);
     assert_eq!(
         error_of(&mem, &config(cut.as_path())),
-        format!(
-            "{} is not a bootable x86-64 Linux kernel: truncated: segment 0 ends at byte 128, the file has 125",
-            cut.as_path().display()
+        not_a_kernel(
+            &cut,
+            "truncated: segment 0 ends at byte 128, the file has 125"
         )
     );
     let header_only = file_with(&full[..20]);
     assert_eq!(
         error_of(&mem, &config(header_only.as_path())),
-        format!(
-            "{} is not a bootable x86-64 Linux kernel: truncated ELF header",
-            header_only.as_path().display()
-        )
+        not_a_kernel(&header_only, "truncated ELF header")
     );
     let arm = file_with(&synthetic_elf(EM_AARCH64, 0x100_0000, &CODE, 0x1000));
     assert_eq!(
         error_of(&mem, &config(arm.as_path())),
-        format!(
-            "{} is not a bootable x86-64 Linux kernel: an ELF file for machine 183, not x86-64",
-            arm.as_path().display()
-        )
+        not_a_kernel(&arm, "an ELF file for machine 183, not x86-64")
     );
     let low = file_with(&synthetic_elf(EM_X86_64, 0x8000, &CODE, 0x1000));
     assert_eq!(
         error_of(&mem, &config(low.as_path())),
-        format!(
-            "{} is not a bootable x86-64 Linux kernel: segment 0 loads at 0x8000, below 0x100000",
-            low.as_path().display()
-        )
+        not_a_kernel(&low, "segment 0 loads at 0x8000, below 0x100000")
     );
 }
 
@@ -426,17 +421,14 @@ fn bzimages_without_64_bit_entry() {
     let no64 = file_with(&synthetic_bzimage(0x020f, 0, 0x4000));
     assert_eq!(
         error_of(&mem, &config(no64.as_path())),
-        format!(
-            "{} is not a bootable x86-64 Linux kernel: a bzImage without a 64-bit entry point",
-            no64.as_path().display()
-        )
+        not_a_kernel(&no64, "a bzImage without a 64-bit entry point")
     );
     let old = file_with(&synthetic_bzimage(0x020a, 0, 0x4000));
     assert_eq!(
         error_of(&mem, &config(old.as_path())),
-        format!(
-            "{} is not a bootable x86-64 Linux kernel: boot protocol 2.10, 2.12 or later is needed for 64-bit entry",
-            old.as_path().display()
+        not_a_kernel(
+            &old,
+            "boot protocol 2.10, 2.12 or later is needed for 64-bit entry"
         )
     );
 }

@@ -41,9 +41,10 @@ impl PciConfigIo {
         Self { root, address: 0 }
     }
 
-    /// The function and register a data access at `port_offset` (0..4 from
-    /// 0xCFC) of `len` bytes reaches, if any.
-    fn target(&self, port_offset: u64, len: usize) -> Option<(u8, u16)> {
+    /// The function and register a data access at `offset` (from 0xCF8) of
+    /// `len` bytes reaches, if any.
+    fn target(&self, offset: u64, len: usize) -> Option<(u8, u16)> {
+        let port_offset = offset.checked_sub(CONFIG_DATA_OFFSET)?;
         if self.address & ADDRESS_ENABLE == 0 || (self.address >> ADDRESS_BUS_SHIFT) & 0xff != 0 {
             return None;
         }
@@ -65,10 +66,7 @@ impl BusDevice for PciConfigIo {
             data.copy_from_slice(&self.address.to_le_bytes());
             return;
         }
-        let target = offset
-            .checked_sub(CONFIG_DATA_OFFSET)
-            .and_then(|port| self.target(port, data.len()));
-        match target {
+        match self.target(offset, data.len()) {
             Some((devfn, register)) => self.root.config_read(devfn, register, data),
             None => data.fill(0xff),
         }
@@ -80,10 +78,7 @@ impl BusDevice for PciConfigIo {
             self.address = value & ADDRESS_WRITABLE;
             return;
         }
-        let target = offset
-            .checked_sub(CONFIG_DATA_OFFSET)
-            .and_then(|port| self.target(port, data.len()));
-        match target {
+        match self.target(offset, data.len()) {
             Some((devfn, register)) => self.root.config_write(devfn, register, data),
             None => debug!(
                 "pci config port: dropped {}-byte write at 0xcf8+{offset}",

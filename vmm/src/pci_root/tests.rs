@@ -166,6 +166,17 @@ fn mmio_write(windows: &mut PciMmioWindows, addr: u64, data: &[u8]) {
     windows.write(base, offset, data);
 }
 
+/// A 64-byte store at an absolute address through the MMIO windows device.
+fn mmio_store64(
+    windows: &mut PciMmioWindows,
+    addr: u64,
+    data: &[u8; 64],
+    kind: StoreKind,
+) -> StoreReply {
+    let (base, offset) = window_split(addr);
+    windows.store64(base, offset, data, kind)
+}
+
 /// The registration base and offset the MMIO bus would pass for `addr`.
 fn window_split(addr: u64) -> (u64, u64) {
     if addr >= PCI_MMIO64_START {
@@ -377,18 +388,13 @@ fn dispatch_reads_writes_and_64_byte_stores_to_the_bar() {
     );
 
     let desc = [0x5a; 64];
-    let (base, offset) = window_split(PCI_MMIO64_START + 0x2000);
-    assert_eq!(
-        windows.store64(base, offset, &desc, StoreKind::Movdir64b),
-        StoreReply::Accepted
-    );
-    assert_eq!(
-        windows.store64(base, offset, &desc, StoreKind::Enqcmd),
-        StoreReply::Accepted
-    );
+    let portal = PCI_MMIO64_START + 0x2000;
+    let replies = [StoreKind::Movdir64b, StoreKind::Enqcmd]
+        .map(|kind| mmio_store64(&mut windows, portal, &desc, kind));
+    assert_eq!(replies, [StoreReply::Accepted, StoreReply::Accepted]);
     fake.lock().unwrap().enqcmd_reply = StoreReply::Retry;
     assert_eq!(
-        windows.store64(base, offset, &desc, StoreKind::Enqcmds),
+        mmio_store64(&mut windows, portal, &desc, StoreKind::Enqcmds),
         StoreReply::Retry,
         "the device's answer is passed back"
     );
@@ -410,28 +416,25 @@ fn unclaimed_window_accesses() {
     let hole = PCI_MMIO32_START + 0x10_0000;
     assert_eq!(mmio_read(&mut windows, hole, 4), 0xffff_ffff);
     mmio_write(&mut windows, hole, &[1, 2, 3, 4]);
-    let (base, offset) = window_split(hole);
     let desc = [0x11; 64];
+    let replies = [StoreKind::Enqcmd, StoreKind::Enqcmds, StoreKind::Movdir64b]
+        .map(|kind| mmio_store64(&mut windows, hole, &desc, kind));
     assert_eq!(
-        windows.store64(base, offset, &desc, StoreKind::Enqcmd),
-        StoreReply::Retry
-    );
-    assert_eq!(
-        windows.store64(base, offset, &desc, StoreKind::Enqcmds),
-        StoreReply::Retry
-    );
-    assert_eq!(
-        windows.store64(base, offset, &desc, StoreKind::Movdir64b),
-        StoreReply::Accepted
+        replies,
+        [StoreReply::Retry, StoreReply::Retry, StoreReply::Accepted]
     );
     // An access that starts in BAR0 and runs past its end is unclaimed too.
     assert_eq!(
         mmio_read(&mut windows, PCI_MMIO32_START + BAR0_SIZE - 4, 8),
         u64::MAX
     );
-    let (base, offset) = window_split(PCI_MMIO64_START + BAR2_SIZE - 32);
     assert_eq!(
-        windows.store64(base, offset, &desc, StoreKind::Movdir64b),
+        mmio_store64(
+            &mut windows,
+            PCI_MMIO64_START + BAR2_SIZE - 32,
+            &desc,
+            StoreKind::Movdir64b
+        ),
         StoreReply::Accepted
     );
     let fake = fake.lock().unwrap();
@@ -459,9 +462,8 @@ fn guest_moves_a_bar_and_disables_decode() {
     // Memory space disabled: nothing decodes.
     ecam_write32(&mut ecam, bdf, 0x04, 0);
     assert_eq!(mmio_read(&mut windows, new_base, 4), 0xffff_ffff);
-    let (base, offset) = window_split(new_base);
     assert_eq!(
-        windows.store64(base, offset, &[0; 64], StoreKind::Enqcmd),
+        mmio_store64(&mut windows, new_base, &[0; 64], StoreKind::Enqcmd),
         StoreReply::Retry
     );
     ecam_write32(&mut ecam, bdf, 0x04, 0x2);
