@@ -1,0 +1,216 @@
+//! The boot vCPU's 64-bit entry state: GDT, identity page tables, control
+//! registers and segment registers, as Linux's 64-bit boot protocol wants
+//! them (Documentation/arch/x86/boot.rst, "64-bit Boot Protocol").
+
+use kvm_bindings::{kvm_dtable, kvm_segment};
+
+use crate::layout;
+
+/// CR0 bits.
+pub mod cr0 {
+    /// Protected mode.
+    pub const PE: u64 = 1 << 0;
+    /// Extension type (always 1 on modern CPUs).
+    pub const ET: u64 = 1 << 4;
+    /// Native x87 error reporting.
+    pub const NE: u64 = 1 << 5;
+    /// Paging.
+    pub const PG: u64 = 1 << 31;
+}
+
+/// CR4 bits.
+pub mod cr4 {
+    /// Physical address extension, required for long mode.
+    pub const PAE: u64 = 1 << 5;
+}
+
+/// IA32_EFER bits.
+pub mod efer {
+    /// Long mode enable.
+    pub const LME: u64 = 1 << 8;
+    /// Long mode active.
+    pub const LMA: u64 = 1 << 10;
+}
+
+/// RFLAGS with only the always-one bit 1 set: interrupts disabled.
+pub const RFLAGS_RESERVED_ONE: u64 = 1 << 1;
+
+/// A segment descriptor in the GDT (flat: base 0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SegmentDescriptor {
+    /// Limit in units of the granularity (20 bits).
+    pub limit: u32,
+    /// Type field (bits 43:40).
+    pub kind: u8,
+    /// S: code/data (true) or system (false).
+    pub code_or_data: bool,
+    /// L: 64-bit code segment.
+    pub long: bool,
+    /// D/B: 32-bit default operand size.
+    pub default_32: bool,
+    /// G: limit in 4 KiB units.
+    pub granularity_4k: bool,
+}
+
+/// Segment types.
+mod seg_type {
+    /// Code: execute/read, accessed.
+    pub const CODE_EXEC_READ_ACCESSED: u8 = 0xb;
+    /// Data: read/write, accessed.
+    pub const DATA_READ_WRITE_ACCESSED: u8 = 0x3;
+    /// System: 64-bit TSS, busy.
+    pub const TSS64_BUSY: u8 = 0xb;
+}
+
+impl SegmentDescriptor {
+    /// The 8-byte descriptor (present, DPL 0, base 0).
+    pub fn to_u64(self) -> u64 {
+        let limit = u64::from(self.limit & 0xf_ffff);
+        let access = u64::from(self.kind & 0xf) | (u64::from(self.code_or_data) << 4) | (1 << 7); // present, DPL 0
+        let flags = (u64::from(self.long) << 1)
+            | (u64::from(self.default_32) << 2)
+            | (u64::from(self.granularity_4k) << 3);
+        (limit & 0xffff) | ((limit >> 16) << 48) | (access << 40) | (flags << 52)
+    }
+
+    /// The same segment as KVM's segment-register state, loaded with
+    /// `selector`.
+    pub fn to_kvm_segment(self, selector: u16) -> kvm_segment {
+        let limit = if self.granularity_4k {
+            (self.limit << 12) | 0xfff
+        } else {
+            self.limit
+        };
+        kvm_segment {
+            base: 0,
+            limit,
+            selector,
+            type_: self.kind,
+            present: 1,
+            dpl: 0,
+            db: u8::from(self.default_32),
+            s: u8::from(self.code_or_data),
+            l: u8::from(self.long),
+            g: u8::from(self.granularity_4k),
+            avl: 0,
+            unusable: 0,
+            padding: 0,
+        }
+    }
+}
+
+/// __BOOT_CS: flat 64-bit code.
+pub const BOOT_CS: SegmentDescriptor = SegmentDescriptor {
+    limit: 0xf_ffff,
+    kind: seg_type::CODE_EXEC_READ_ACCESSED,
+    code_or_data: true,
+    long: true,
+    default_32: false,
+    granularity_4k: true,
+};
+/// __BOOT_DS: flat read/write data.
+pub const BOOT_DS: SegmentDescriptor = SegmentDescriptor {
+    limit: 0xf_ffff,
+    kind: seg_type::DATA_READ_WRITE_ACCESSED,
+    code_or_data: true,
+    long: false,
+    default_32: true,
+    granularity_4k: true,
+};
+/// A busy 64-bit TSS, so that TR holds a valid system segment until the
+/// kernel loads its own.
+pub const BOOT_TSS: SegmentDescriptor = SegmentDescriptor {
+    limit: 0x67,
+    kind: seg_type::TSS64_BUSY,
+    code_or_data: false,
+    long: false,
+    default_32: false,
+    granularity_4k: false,
+};
+
+/// Selectors the boot protocol names: GDT entries 2 and 3.
+pub const BOOT_CS_SELECTOR: u16 = 0x10;
+/// __BOOT_DS.
+pub const BOOT_DS_SELECTOR: u16 = 0x18;
+/// The TSS (a 16-byte system descriptor: entries 4 and 5).
+pub const BOOT_TSS_SELECTOR: u16 = 0x20;
+
+/// The boot GDT: null, unused, __BOOT_CS, __BOOT_DS, TSS (two entries).
+pub fn gdt() -> [u64; 6] {
+    [
+        0,
+        0,
+        BOOT_CS.to_u64(),
+        BOOT_DS.to_u64(),
+        BOOT_TSS.to_u64(),
+        0,
+    ]
+}
+
+/// The GDT register value for [`gdt`] at `layout::BOOT_GDT_START`.
+pub fn gdt_register() -> kvm_dtable {
+    kvm_dtable {
+        base: layout::BOOT_GDT_START,
+        limit: (std::mem::size_of::<[u64; 6]>() - 1) as u16,
+        padding: [0; 3],
+    }
+}
+
+/// Page-table entry bits.
+mod pte {
+    pub const PRESENT: u64 = 1 << 0;
+    pub const WRITABLE: u64 = 1 << 1;
+    /// In a page-directory entry: maps a 2 MiB page.
+    pub const PAGE_SIZE: u64 = 1 << 7;
+}
+
+/// GiB of address space the boot page tables map (one page directory each).
+pub const IDENTITY_MAPPED_GIB: u64 = 4;
+const ENTRIES_PER_TABLE: u64 = 512;
+const PAGE_2M: u64 = 2 << 20;
+
+/// A page-table page to write: its address and its 512 entries.
+pub struct PageTable {
+    /// Guest-physical address of the page.
+    pub addr: u64,
+    /// The entries.
+    pub entries: Vec<u64>,
+}
+
+/// Identity page tables for the first [`IDENTITY_MAPPED_GIB`] GiB with
+/// 2 MiB pages (no CPUID feature needed, unlike 1 GiB pages): a PML4 at
+/// `layout::BOOT_PML4_START`, a PDPT at `BOOT_PDPT_START` and one page
+/// directory per GiB from `BOOT_PD_START`. CR3 is the PML4's address.
+pub fn identity_page_tables() -> Vec<PageTable> {
+    let table_flags = pte::PRESENT | pte::WRITABLE;
+    let mut pml4 = vec![0; ENTRIES_PER_TABLE as usize];
+    pml4[0] = layout::BOOT_PDPT_START | table_flags;
+    let mut pdpt = vec![0; ENTRIES_PER_TABLE as usize];
+    let mut tables = Vec::new();
+    for gib in 0..IDENTITY_MAPPED_GIB {
+        let pd_addr = layout::BOOT_PD_START + gib * 0x1000;
+        pdpt[gib as usize] = pd_addr | table_flags;
+        let entries = (0..ENTRIES_PER_TABLE)
+            .map(|i| ((gib * ENTRIES_PER_TABLE + i) * PAGE_2M) | table_flags | pte::PAGE_SIZE)
+            .collect();
+        tables.push(PageTable {
+            addr: pd_addr,
+            entries,
+        });
+    }
+    tables.insert(
+        0,
+        PageTable {
+            addr: layout::BOOT_PDPT_START,
+            entries: pdpt,
+        },
+    );
+    tables.insert(
+        0,
+        PageTable {
+            addr: layout::BOOT_PML4_START,
+            entries: pml4,
+        },
+    );
+    tables
+}
