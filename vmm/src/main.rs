@@ -1,1 +1,332 @@
-fn main() {}
+//! The `vmm` command.
+//!
+//! Exit status: 0 when the guest powered off (or a demo/benchmark
+//! succeeded), 1 when the VMM hit an error it could not answer, 2 for bad
+//! command-line input, 3 when the guest triple-faulted, 4 on `--timeout`,
+//! 5 when the guest reset itself. `vmm micro PROGRAM` exits with the
+//! low 8 bits of the value the program wrote to the test-exit port unless
+//! the program is a built-in demo, which checks its own result.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use vm_memory::{Bytes, GuestAddress};
+use vmm::demos::{self, BENCH_RESULT_START, DEMO_PASID};
+use vmm::devices::serial::SerialOutput;
+use vmm::machine::{run_linux, LinuxConfig};
+use vmm::microguest::{self, MicroOptions};
+use vmm::vm::{RunExit, MIN_MEMORY};
+
+const EXIT_ERROR: u8 = 1;
+const EXIT_USAGE: u8 = 2;
+const EXIT_TRIPLE_FAULT: u8 = 3;
+const EXIT_TIMEOUT: u8 = 4;
+const EXIT_RESET: u8 = 5;
+
+/// A KVM VMM with an emulated VT-d IOMMU (scalable mode) and a DSA-like
+/// accelerator with ENQCMD portals.
+#[derive(Parser, Debug)]
+#[command(name = "vmm", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Linux kernel to boot (ELF vmlinux or bzImage).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initramfs for the kernel.
+    #[arg(long)]
+    initramfs: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, default_value = "console=ttyS0")]
+    cmdline: String,
+    /// Number of vCPUs (1-255).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..))]
+    cpus: u8,
+    /// Guest RAM, e.g. 256M or 1G (K, M, G suffixes; at least 16M).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    memory: u64,
+    /// Where the serial console goes: stdout, none or file:PATH.
+    #[arg(long, default_value = "stdout", value_parser = parse_serial)]
+    serial: SerialTarget,
+    /// Stop the guest after this many seconds.
+    #[arg(long)]
+    timeout: Option<u64>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a built-in micro-guest program.
+    Micro {
+        /// The program.
+        program: MicroProgram,
+    },
+    /// Measure a trapped user ENQCMD against a bare port-I/O exit.
+    Bench {
+        /// Round trips of each kind.
+        #[arg(long, default_value_t = 20_000)]
+        iterations: u32,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum MicroProgram {
+    /// User ENQCMD: #GP with IA32_PASID clear, the guest loads the MSR, the
+    /// retried ENQCMD reaches a portal with that PASID.
+    EnqcmdDemo,
+}
+
+#[derive(Clone, Debug)]
+enum SerialTarget {
+    Stdout,
+    None,
+    File(PathBuf),
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (digits, shift) = match t.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&t[..i], 10),
+        Some((i, 'M' | 'm')) => (&t[..i], 20),
+        Some((i, 'G' | 'g')) => (&t[..i], 30),
+        _ => (t, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| "expected a number with an optional K, M or G suffix".to_string())?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| "size too large".to_string())
+}
+
+fn parse_serial(s: &str) -> Result<SerialTarget, String> {
+    match s {
+        "stdout" => Ok(SerialTarget::Stdout),
+        "none" => Ok(SerialTarget::None),
+        _ => match s.strip_prefix("file:") {
+            Some(path) if !path.is_empty() => Ok(SerialTarget::File(path.into())),
+            _ => Err("expected stdout, none or file:PATH".into()),
+        },
+    }
+}
+
+/// Prints one line naming the problem and returns the usage exit code.
+fn usage_error(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::from(EXIT_USAGE)
+}
+
+fn exit_code(exit: &RunExit) -> ExitCode {
+    match exit {
+        RunExit::PowerOff => ExitCode::SUCCESS,
+        RunExit::TestExit(v) => ExitCode::from(*v as u8),
+        RunExit::TripleFault => {
+            eprintln!("vmm: the guest triple-faulted");
+            ExitCode::from(EXIT_TRIPLE_FAULT)
+        }
+        RunExit::Timeout => {
+            eprintln!("vmm: timeout");
+            ExitCode::from(EXIT_TIMEOUT)
+        }
+        RunExit::Reset => {
+            eprintln!("vmm: the guest reset the machine");
+            ExitCode::from(EXIT_RESET)
+        }
+        RunExit::Error(line) => {
+            eprintln!("vmm: {line}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e)
+            if matches!(
+                e.kind(),
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
+            ) =>
+        {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // clap's first line names the problem; the usage lines after it
+            // are left out.
+            let text = e.render().to_string();
+            let line = text.lines().next().unwrap_or("invalid command line");
+            eprintln!("{}", line.trim());
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    match cli.command {
+        Some(Command::Micro {
+            program: MicroProgram::EnqcmdDemo,
+        }) => enqcmd_demo(cli.timeout),
+        Some(Command::Bench { iterations }) => bench(iterations),
+        None => boot(cli),
+    }
+}
+
+fn boot(cli: Cli) -> ExitCode {
+    let Some(kernel) = cli.kernel else {
+        return usage_error("--kernel is required (or use a subcommand: micro, bench)");
+    };
+    if let Err(e) = File::open(&kernel) {
+        return usage_error(format_args!(
+            "cannot read kernel '{}': {e}",
+            kernel.display()
+        ));
+    }
+    if let Some(initramfs) = &cli.initramfs {
+        if let Err(e) = File::open(initramfs) {
+            return usage_error(format_args!(
+                "cannot read initramfs '{}': {e}",
+                initramfs.display()
+            ));
+        }
+    }
+    if cli.memory < MIN_MEMORY {
+        return usage_error(format_args!(
+            "--memory {} bytes is below the minimum of {} MiB",
+            cli.memory,
+            MIN_MEMORY >> 20
+        ));
+    }
+    let serial = match cli.serial {
+        SerialTarget::Stdout => SerialOutput::Stdout,
+        SerialTarget::None => SerialOutput::Sink,
+        SerialTarget::File(path) => match File::create(&path) {
+            Ok(f) => SerialOutput::File(f),
+            Err(e) => {
+                return usage_error(format_args!(
+                    "cannot write serial file '{}': {e}",
+                    path.display()
+                ))
+            }
+        },
+    };
+    let config = LinuxConfig {
+        kernel,
+        initramfs: cli.initramfs,
+        cmdline: cli.cmdline,
+        cpus: cli.cpus,
+        memory: cli.memory,
+        serial,
+        timeout: cli.timeout.map(Duration::from_secs),
+    };
+    match run_linux(config) {
+        Ok(exit) => exit_code(&exit),
+        // Kernel/initramfs problems found while loading are input errors.
+        Err(vmm::machine::MachineError::Boot(e)) => usage_error(e),
+        Err(e) => {
+            eprintln!("vmm: {e}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+fn enqcmd_demo(timeout: Option<u64>) -> ExitCode {
+    println!("micro-guest: user-mode ENQCMD with IA32_PASID clear, then retried after the guest's #GP handler loads PASID {DEMO_PASID:#x}");
+    let options = MicroOptions {
+        timeout: Duration::from_secs(timeout.unwrap_or(30)),
+        ..Default::default()
+    };
+    let run = match demos::enqcmd_after_gp()
+        .map_err(|e| e.to_string())
+        .and_then(|g| microguest::run(g, options).map_err(|e| e.to_string()))
+    {
+        Ok(run) => run,
+        Err(e) => {
+            eprintln!("vmm: {e}");
+            return ExitCode::from(EXIT_ERROR);
+        }
+    };
+    let RunExit::TestExit(result) = run.exit else {
+        return exit_code(&run.exit);
+    };
+    let gps = (result >> 4) & 0xf;
+    let zf = result & 1;
+    println!(
+        "guest: took {gps} #GP, ENQCMD returned ZF={zf} ({})",
+        if zf == 0 { "accepted" } else { "retry" }
+    );
+    let stores = run
+        .portal
+        .stores
+        .lock()
+        .map(|s| s.clone())
+        .unwrap_or_default();
+    for s in &stores {
+        let dword0 = u32::from_le_bytes([s.data[0], s.data[1], s.data[2], s.data[3]]);
+        println!(
+            "portal: {:?} at offset {:#x}, descriptor dword0 {dword0:#010x}: PASID {:#x}, privilege {}",
+            s.kind,
+            s.offset,
+            dword0 & 0xf_ffff,
+            dword0 >> 31
+        );
+    }
+    let ok =
+        gps == 1 && zf == 0 && stores.len() == 1 && stores[0].data[..4] == DEMO_PASID.to_le_bytes();
+    println!(
+        "{}",
+        if ok {
+            "ENQCMD trap demo: OK"
+        } else {
+            "ENQCMD trap demo: FAILED"
+        }
+    );
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_ERROR)
+    }
+}
+
+fn bench(iterations: u32) -> ExitCode {
+    let iterations = iterations.max(1);
+    let run = match demos::trap_benchmark(iterations)
+        .map_err(|e| e.to_string())
+        .and_then(|g| {
+            microguest::run(
+                g,
+                MicroOptions {
+                    timeout: Duration::from_secs(600),
+                    ..Default::default()
+                },
+            )
+            .map_err(|e| e.to_string())
+        }) {
+        Ok(run) => run,
+        Err(e) => {
+            eprintln!("vmm: {e}");
+            return ExitCode::from(EXIT_ERROR);
+        }
+    };
+    if run.exit != RunExit::TestExit(0xbe) {
+        return exit_code(&run.exit);
+    }
+    let read = |off: u64| {
+        run.memory
+            .read_obj::<u64>(GuestAddress(BENCH_RESULT_START + off))
+            .unwrap_or(0)
+    };
+    let (pio, enq) = (read(0), read(8));
+    let per = |t: u64| t as f64 / f64::from(iterations);
+    println!("bench: {iterations} round trips each, guest TSC ticks per round trip");
+    println!("bench: bare port-I/O exit: {:.0}", per(pio));
+    println!("bench: trapped user ENQCMD: {:.0}", per(enq));
+    println!(
+        "bench: ENQCMD / port-I/O ratio = {:.2} (target <= 1.5)",
+        enq as f64 / pio.max(1) as f64
+    );
+    ExitCode::SUCCESS
+}

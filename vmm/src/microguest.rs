@@ -381,6 +381,8 @@ pub struct MicroRun {
     pub exit: crate::vm::RunExit,
     /// What the test portal received.
     pub portal: std::sync::Arc<crate::devices::test_devices::PortalLog>,
+    /// Guest RAM as the run left it.
+    pub memory: GuestMemoryMmap,
 }
 
 /// Options of a micro-guest run.
@@ -450,6 +452,11 @@ pub fn run(guest: MicroGuest, options: MicroOptions) -> Result<MicroRun, MicroRu
         .map_err(crate::vm::VmError::from)?;
     let loaded = guest.load(vm.memory())?;
     vm.set_boot_state(loaded.regs, loaded.sregs);
+    let memory = vm.memory().clone();
     let exit = vm.run(Some(options.timeout));
-    Ok(MicroRun { exit, portal })
+    Ok(MicroRun {
+        exit,
+        portal,
+        memory,
+    })
 }

@@ -89,6 +89,10 @@ pub struct VmConfig {
     pub ud_hook: Option<UdHook>,
 }
 
+/// How vCPU 0's segment and control registers are set up from KVM's reset
+/// values.
+pub type SregsSetup = Box<dyn Fn(&mut kvm_sregs) + Send>;
+
 /// The machine before it runs.
 pub struct Vm {
     kvm: Kvm,
@@ -98,7 +102,8 @@ pub struct Vm {
     pio: Arc<Bus>,
     cpus: u8,
     ud_hook: Option<UdHook>,
-    boot: Option<(kvm_regs, kvm_sregs)>,
+    boot: Option<(kvm_regs, SregsSetup)>,
+    power_off: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     test_done: Arc<AtomicBool>,
     test_result: Arc<AtomicU32>,
@@ -203,6 +208,7 @@ impl Vm {
             cpus: config.cpus.max(1),
             ud_hook: config.ud_hook,
             boot: None,
+            power_off: Arc::new(AtomicBool::new(false)),
             stop,
             test_done,
             test_result,
@@ -238,7 +244,19 @@ impl Vm {
 
     /// The registers vCPU 0 starts with.
     pub fn set_boot_state(&mut self, regs: kvm_regs, sregs: kvm_sregs) {
-        self.boot = Some((regs, sregs));
+        self.boot = Some((regs, Box::new(move |s: &mut kvm_sregs| *s = sregs)));
+    }
+
+    /// The registers vCPU 0 starts with, its segment and control registers
+    /// derived from KVM's reset values by `setup`.
+    pub fn set_boot_state_with(&mut self, regs: kvm_regs, setup: SregsSetup) {
+        self.boot = Some((regs, setup));
+    }
+
+    /// A flag a power-off device raises; the run then ends as
+    /// [`RunExit::PowerOff`].
+    pub fn power_off_flag(&self) -> Arc<AtomicBool> {
+        self.power_off.clone()
     }
 
     fn create_vcpu(&self, id: u8) -> Result<Vcpu, VmError> {
@@ -250,8 +268,10 @@ impl Vm {
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
         if id == 0 {
-            if let Some((regs, sregs)) = &self.boot {
-                fd.set_sregs(sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+            if let Some((regs, setup)) = &self.boot {
+                let mut sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+                setup(&mut sregs);
+                fd.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
                 fd.set_regs(regs).map_err(kvm_err("KVM_SET_REGS"))?;
             }
         }
@@ -323,6 +343,9 @@ impl Vm {
         }
         if self.reset.load(Ordering::Acquire) {
             return RunExit::Reset;
+        }
+        if self.power_off.load(Ordering::Acquire) {
+            return RunExit::PowerOff;
         }
         match why {
             VcpuStop::TripleFault => RunExit::TripleFault,

@@ -59,37 +59,7 @@ fn ud_reports(g: &mut MicroGuest, value: u32) {
 /// User ENQCMD with IA32_PASID clear: #GP, the guest's handler loads the MSR
 /// and returns, the retried ENQCMD reaches the portal with the MSR's PASID.
 fn enqcmd_after_gp(portal_retry: bool) -> (RunExit, Vec<PortalStore>) {
-    let mut g = MicroGuest::new();
-    g.write(SRC, &command(0xffff_ffff));
-    let mut user = g.asm.create_label();
-    let mut gp = g.asm.create_label();
-    g.asm.xor(r15d, r15d).unwrap();
-    enter_user(&mut g.asm, user, USER_STACK_TOP).unwrap();
-
-    g.asm.set_label(&mut user).unwrap();
-    g.asm.mov(rdi, TEST_PORTAL_START).unwrap();
-    g.asm.mov(rsi, SRC).unwrap();
-    g.asm.enqcmd(rdi, zmmword_ptr(rsi)).unwrap();
-    g.asm.setz(al).unwrap();
-    g.asm.movzx(eax, al).unwrap();
-    g.asm.shl(r15d, 4).unwrap();
-    g.asm.or(eax, r15d).unwrap();
-    g.asm.or(eax, 0x600).unwrap();
-    g.asm.out(0xf4, eax).unwrap();
-    g.asm.hlt().unwrap();
-
-    // #GP: count it, load IA32_PASID with PASID 0x1234 and retry.
-    g.asm.set_label(&mut gp).unwrap();
-    g.asm.inc(r15d).unwrap();
-    g.asm.mov(ecx, IA32_PASID).unwrap();
-    g.asm.mov(eax, 0x8000_1234u32).unwrap();
-    g.asm.xor(edx, edx).unwrap();
-    g.asm.wrmsr().unwrap();
-    g.asm.add(rsp, 8).unwrap(); // the error code
-    g.asm.iretq().unwrap();
-    g.handler(GP, gp);
-    ud_reports(&mut g, 0xbad6);
-    let r = run(g, portal_retry);
+    let r = run(vmm::demos::enqcmd_after_gp().unwrap(), portal_retry);
     let s = stores(&r);
     (r.exit, s)
 }
@@ -117,7 +87,7 @@ fn user_enqcmd_retry_sets_zf() {
     let (exit, stores) = enqcmd_after_gp(true);
     assert_eq!(exit, RunExit::TestExit(0x611), "one #GP, then ZF=1 (retry)");
     assert_eq!(stores.len(), 1);
-    assert_eq!(stores[0].data, command(0x1234));
+    assert_eq!(stores[0].data[..4], 0x1234u32.to_le_bytes());
 }
 
 fn kernel_store(kind: StoreKind, portal_retry: bool) -> (RunExit, Vec<PortalStore>) {

@@ -1,0 +1,112 @@
+//! The standard machine for Linux guests: the VM, the PCIe root complex,
+//! ACPI tables with the power-off device, and the loaded kernel.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use thiserror::Error;
+
+use crate::acpi::{create_acpi_tables, AcpiConfig, AcpiError, AcpiSleepDevice};
+use crate::boot::{load_linux, BootConfig, BootError};
+use crate::devices::serial::SerialOutput;
+use crate::layout;
+use crate::pci_root::{PciConfigIo, PciRoot};
+use crate::vcpu::UdHook;
+use crate::vm::{RunExit, Vm, VmConfig, VmError};
+
+/// What to boot and on what.
+pub struct LinuxConfig {
+    /// ELF vmlinux or bzImage.
+    pub kernel: PathBuf,
+    /// Optional initramfs.
+    pub initramfs: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// vCPUs.
+    pub cpus: u8,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    /// Where COM1 writes.
+    pub serial: SerialOutput,
+    /// Give up after this long.
+    pub timeout: Option<Duration>,
+}
+
+/// Errors building the Linux machine; each prints as one line.
+#[derive(Debug, Error)]
+pub enum MachineError {
+    /// The VM.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// The ACPI tables.
+    #[error(transparent)]
+    Acpi(#[from] AcpiError),
+    /// The kernel or initramfs.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+}
+
+/// Builds the machine, boots the kernel and runs it to the end.
+pub fn run_linux(config: LinuxConfig) -> Result<RunExit, MachineError> {
+    let vm_config = VmConfig {
+        cpus: config.cpus,
+        memory: config.memory,
+        serial: config.serial,
+        ud_hook: Some(UdHook::EntryClac),
+    };
+    let mut vm = Vm::new(vm_config)?;
+
+    let root = PciRoot::new();
+    vm.mmio()
+        .insert(
+            layout::PCIE_ECAM_START,
+            layout::PCIE_ECAM_SIZE,
+            Arc::new(Mutex::new(root.ecam())),
+        )
+        .map_err(VmError::from)?;
+    vm.pio()
+        .insert(
+            layout::PCI_CONFIG_ADDRESS_PORT.into(),
+            PciConfigIo::PORT_COUNT,
+            Arc::new(Mutex::new(root.config_io())),
+        )
+        .map_err(VmError::from)?;
+    let windows = Arc::new(Mutex::new(root.mmio_windows()));
+    vm.mmio()
+        .insert(
+            layout::PCI_MMIO32_START,
+            layout::PCI_MMIO32_SIZE,
+            windows.clone(),
+        )
+        .map_err(VmError::from)?;
+    vm.mmio()
+        .insert(layout::PCI_MMIO64_START, layout::PCI_MMIO64_SIZE, windows)
+        .map_err(VmError::from)?;
+
+    let (power_off, stop) = (vm.power_off_flag(), vm.stop_flag());
+    let sleep = AcpiSleepDevice::new(move || {
+        power_off.store(true, Ordering::SeqCst);
+        stop.store(true, Ordering::SeqCst);
+    });
+    vm.pio()
+        .insert(
+            layout::ACPI_SLEEP_CONTROL_PORT.into(),
+            AcpiSleepDevice::PORT_COUNT,
+            Arc::new(Mutex::new(sleep)),
+        )
+        .map_err(VmError::from)?;
+
+    let rsdp = create_acpi_tables(vm.memory(), &AcpiConfig::new(config.cpus))?;
+    let boot = BootConfig {
+        kernel: config.kernel,
+        initramfs: config.initramfs,
+        cmdline: config.cmdline,
+        rsdp: Some(rsdp),
+    };
+    let state = load_linux(vm.memory(), &boot)?;
+    let regs = state.regs();
+    vm.set_boot_state_with(regs, Box::new(move |sregs| state.apply_sregs(sregs)));
+    Ok(vm.run(config.timeout))
+}

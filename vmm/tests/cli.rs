@@ -1,0 +1,163 @@
+//! The command line: every bad input gets one line naming the problem and
+//! exit status 2; the micro-guest demo works end to end.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn vmm(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .args(args)
+        .output()
+        .expect("run vmm");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+fn assert_usage_error(args: &[&str], line: &str) {
+    let (code, _, err) = vmm(args);
+    assert_eq!(err, format!("{line}\n"), "args {args:?}");
+    assert_eq!(code, 2, "args {args:?}");
+}
+
+/// An ELF64 x86-64 kernel whose one segment needs RAM up to 80 MiB.
+fn big_kernel() -> PathBuf {
+    let mut elf = Vec::new();
+    let mut ident = [0u8; 16];
+    ident[..7].copy_from_slice(b"\x7fELF\x02\x01\x01");
+    elf.extend_from_slice(&ident);
+    for (v, n) in [
+        (2u64, 2),
+        (0x3e, 2),
+        (1, 4),
+        (0x100_0000, 8),
+        (64, 8),
+        (0, 8),
+        (0, 4),
+        (64, 2),
+        (56, 2),
+        (1, 2),
+        (64, 2),
+        (0, 2),
+        (0, 2),
+    ] {
+        elf.extend_from_slice(&v.to_le_bytes()[..n]);
+    }
+    for (v, n) in [
+        (1u64, 4),
+        (7, 4),
+        (0, 8),
+        (0xffff_ffff_8100_0000, 8),
+        (0x100_0000, 8),
+        (0, 8),
+        (64 << 20, 8),
+        (0x1000, 8),
+    ] {
+        elf.extend_from_slice(&v.to_le_bytes()[..n]);
+    }
+    let path = std::env::temp_dir().join(format!("vmm-cli-big-{}.elf", std::process::id()));
+    std::fs::write(&path, elf).unwrap();
+    path
+}
+
+#[test]
+fn missing_kernel_option() {
+    assert_usage_error(
+        &[],
+        "error: --kernel is required (or use a subcommand: micro, bench)",
+    );
+}
+
+#[test]
+fn missing_kernel_file() {
+    assert_usage_error(
+        &["--kernel", "/nonexistent/vmlinux"],
+        "error: cannot read kernel '/nonexistent/vmlinux': No such file or directory (os error 2)",
+    );
+}
+
+#[test]
+fn unreadable_kernel() {
+    let dir = std::env::temp_dir();
+    let line = format!(
+        "error: cannot read kernel image {}: Is a directory (os error 21)",
+        dir.display()
+    );
+    assert_usage_error(&["--kernel", dir.to_str().unwrap()], &line);
+}
+
+#[test]
+fn missing_initramfs() {
+    let k = big_kernel();
+    assert_usage_error(&["--kernel", k.to_str().unwrap(), "--initramfs", "/nonexistent/initrd"], "error: cannot read initramfs '/nonexistent/initrd': No such file or directory (os error 2)");
+}
+
+#[test]
+fn unparseable_memory_size() {
+    let k = big_kernel();
+    assert_usage_error(&["--kernel", k.to_str().unwrap(), "--memory", "12X"], "error: invalid value '12X' for '--memory <MEMORY>': expected a number with an optional K, M or G suffix");
+}
+
+#[test]
+fn memory_below_minimum() {
+    let k = big_kernel();
+    assert_usage_error(
+        &["--kernel", k.to_str().unwrap(), "--memory", "1M"],
+        "error: --memory 1048576 bytes is below the minimum of 16 MiB",
+    );
+}
+
+#[test]
+fn memory_too_small_for_the_image() {
+    let k = big_kernel();
+    let line = format!("error: guest memory is too small for {}: it needs RAM up to 80 MiB, the guest has 16 MiB below the PCI hole", k.display());
+    assert_usage_error(&["--kernel", k.to_str().unwrap(), "--memory", "16M"], &line);
+}
+
+#[test]
+fn zero_cpus() {
+    let k = big_kernel();
+    assert_usage_error(
+        &["--kernel", k.to_str().unwrap(), "--cpus", "0"],
+        "error: invalid value '0' for '--cpus <CPUS>': 0 is not in 1..=255",
+    );
+}
+
+#[test]
+fn bad_serial_target() {
+    assert_usage_error(
+        &["--serial", "tty9"],
+        "error: invalid value 'tty9' for '--serial <SERIAL>': expected stdout, none or file:PATH",
+    );
+}
+
+#[test]
+fn unknown_micro_program() {
+    assert_usage_error(
+        &["micro", "nosuch"],
+        "error: invalid value 'nosuch' for '<PROGRAM>'",
+    );
+}
+
+#[test]
+fn enqcmd_demo_runs() {
+    assert!(
+        std::path::Path::new("/dev/kvm").exists(),
+        "this test needs /dev/kvm, which this machine lacks"
+    );
+    let (code, out, err) = vmm(&["micro", "enqcmd-demo"]);
+    assert_eq!(code, 0, "stderr: {err}");
+    assert!(
+        out.contains("guest: took 1 #GP, ENQCMD returned ZF=0 (accepted)"),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "portal: Enqcmd at offset 0x0, descriptor dword0 0x00001234: PASID 0x1234, privilege 0"
+        ),
+        "{out}"
+    );
+    assert!(out.ends_with("ENQCMD trap demo: OK\n"), "{out}");
+}
