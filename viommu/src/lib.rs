@@ -50,6 +50,7 @@ pub use interrupt::MsiSink;
 pub use paging::{AccessType, Translation};
 pub use prq::PageRequest;
 pub use tables::PasidEntry;
+pub use translate::{first_stage_config, PageRequestError, PageRequestRejection, PasidLookupError};
 
 use cache::Caches;
 use mmio::RegisterFile;

@@ -20,7 +20,7 @@ use crate::fault::{FaultReason, FaultRecord, LogOutcome};
 use crate::paging::{self, AccessType, Translation, WalkConfig, PAGE_SIZE_4K};
 use crate::prq::{PageRequest, PostOutcome};
 use crate::regs::{rtaddr, HOST_ADDRESS_WIDTH};
-use crate::second_stage;
+use crate::second_stage::{self, StageTranslation};
 use crate::tables::{bus, devfn, ContextEntry, PasidEntry, Pgtt, RootEntry, TableFault};
 use crate::{lock, Iommu};
 
@@ -209,6 +209,10 @@ impl<S: GuestAddressSpace> Iommu<S> {
         let cfg = first_stage_config(&entry);
         let walked = match entry.pgtt {
             Pgtt::FirstStage => paging::walk(mem, entry.flptr, iova, access, &cfg)
+                .map(|translation| StageTranslation {
+                    translation,
+                    readable: true,
+                })
                 .map_err(|f| FaultReason::from_first_stage(&f)),
             Pgtt::SecondStage => {
                 second_stage::translate(mem, entry.slptptr, iova, access, entry.slee)
@@ -223,7 +227,10 @@ impl<S: GuestAddressSpace> Iommu<S> {
                 entry.slee,
             ),
         };
-        let translation = walked.map_err(fault)?;
+        let StageTranslation {
+            translation,
+            readable,
+        } = walked.map_err(fault)?;
         caches.iotlb.insert(
             entry.did,
             pasid,
@@ -231,7 +238,7 @@ impl<S: GuestAddressSpace> Iommu<S> {
             IotlbEntry {
                 translation,
                 stage,
-                readable: stage != CachedStage::SecondStage || !access.write,
+                readable,
                 write_protect: stage == CachedStage::SecondStage || entry.wpe,
             },
         );
