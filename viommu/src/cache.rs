@@ -333,13 +333,18 @@ impl Iotlb {
         addr: u64,
         am: u8,
     ) {
-        let len = PAGE_SIZE_4K << am.min(52);
-        let start = addr & !(len - 1);
-        let end = start.saturating_add(len);
+        // AM beyond the address width covers everything.
+        let (start, end) = if am >= 52 {
+            (0, u64::MAX)
+        } else {
+            let len = PAGE_SIZE_4K << am;
+            let start = addr & !(len - 1);
+            (start, start.saturating_add(len))
+        };
         self.retain(|k, e| {
             let size = PAGE_SIZES[usize::from(k.size_class)];
             let base = k.page * size;
-            let overlaps = base < end && start < base + size;
+            let overlaps = base < end && start < base.saturating_add(size);
             !(overlaps
                 && k.did == did
                 && pasid.is_none_or(|p| p == k.pasid)
