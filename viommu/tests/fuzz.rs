@@ -13,20 +13,59 @@ use vm_memory::{Bytes, GuestAddress};
 
 #[derive(Clone, Debug)]
 enum Op {
-    Write { offset: u64, value: u64, wide: bool },
-    Read { offset: u64, wide: bool },
-    Poke { addr: u64, value: u64 },
-    Translate { rid: u16, pasid: Option<(u32, bool)>, iova: u64, write: bool },
-    Ats { rid: u16, iova: u64 },
-    PageRequest { rid: u16, pasid: u32, addr: u64, lpig: bool },
+    Write {
+        offset: u64,
+        value: u64,
+        wide: bool,
+    },
+    Read {
+        offset: u64,
+        wide: bool,
+    },
+    Poke {
+        addr: u64,
+        value: u64,
+    },
+    Translate {
+        rid: u16,
+        pasid: Option<(u32, bool)>,
+        iova: u64,
+        write: bool,
+    },
+    Ats {
+        rid: u16,
+        iova: u64,
+    },
+    PageRequest {
+        rid: u16,
+        pasid: u32,
+        addr: u64,
+        lpig: bool,
+    },
 }
 
 /// Offsets near real registers, plus anything in the window.
 fn offset() -> impl Strategy<Value = u64> {
     prop_oneof![
         prop::sample::select(vec![
-            GCMD, RTADDR, CCMD, FSTS, FECTL, IQT, IQA, ICS, IECTL, PQH, PQT, PQA, PRS, PECTL,
-            IVA, IOTLB_REG, FRCD_BASE + 8, FRCD_BASE + 12,
+            GCMD,
+            RTADDR,
+            CCMD,
+            FSTS,
+            FECTL,
+            IQT,
+            IQA,
+            ICS,
+            IECTL,
+            PQH,
+            PQT,
+            PQA,
+            PRS,
+            PECTL,
+            IVA,
+            IOTLB_REG,
+            FRCD_BASE + 8,
+            FRCD_BASE + 12,
         ]),
         (0u64..REG_WINDOW_SIZE / 4).prop_map(|i| i * 4),
     ]
