@@ -1116,3 +1116,76 @@ fn dmar_table_for_this_unit() {
     assert_eq!(t.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
     assert_eq!(t[36] + 1, HOST_ADDRESS_WIDTH);
 }
+
+#[test]
+fn remaining_invalidation_scopes() {
+    let Sva { mut g, pgd } = sva();
+    let observer = Arc::new(RecordingObserver::default());
+    g.iommu.add_pasid_observer(observer.clone());
+    let translates = |g: &Guest| g.iommu.translate(RID, user(PASID), VA_4K, READ).is_ok();
+    assert!(translates(&g));
+    // PASID cache, domain-selective: wrong domain leaves the stale entry, right one drops it.
+    g.set_pasid_entry(RID, PASID, [0; 8]);
+    assert!(g.submit(&[qi::piotlb_pasid(DID, PASID), [7 | (7u64 << 16), 0, 0, 0]]));
+    assert!(translates(&g));
+    assert!(g.submit(&[[7 | (u64::from(DID) << 16), 0, 0, 0]]));
+    assert!(!translates(&g));
+    // PASID cache, global.
+    g.set_pasid_entry(RID, PASID, first_level_entry(pgd, DID, false, false));
+    assert!(translates(&g));
+    g.set_pasid_entry(RID, PASID, [0; 8]);
+    assert!(g.submit(&[qi::piotlb_pasid(DID, PASID)]));
+    assert!(translates(&g));
+    assert!(g.submit(&[qi::pasid_cache_global()]));
+    assert!(!translates(&g));
+    assert_eq!(
+        *observer.0.lock().unwrap(),
+        vec![
+            PasidCacheScope::Domain { did: 7 },
+            PasidCacheScope::Domain { did: DID },
+            PasidCacheScope::Global
+        ]
+    );
+    // Context cache, global.
+    g.set_pasid_entry(RID, PASID, first_level_entry(pgd, DID, false, false));
+    assert!(g.submit(&[qi::pasid_cache_global()]));
+    assert!(translates(&g));
+    g.set_context(
+        RID,
+        ContextFlags {
+            paside: false,
+            ..Default::default()
+        },
+    );
+    assert!(translates(&g));
+    assert!(g.submit(&[qi::context_global()]));
+    assert!(!translates(&g));
+}
+
+#[test]
+fn queue_of_128_bit_descriptors() {
+    let mut g = Guest::new();
+    let q = g.alloc(1);
+    let status = g.alloc(1);
+    g.gcmd(gcmd::QIE, false);
+    g.write64(IQT, 0);
+    g.write64(IQA, q); // DW=0, QS=0: 256 descriptors of 16 bytes
+    g.gcmd(gcmd::QIE, true);
+    assert_eq!(g.read64(IQH), 0);
+    let wait = qi::wait(status, 0x77, false);
+    for (i, d) in [qi::iotlb_global(), wait].iter().enumerate() {
+        g.mem
+            .write_obj([d[0], d[1]], GuestAddress(q + i as u64 * 16))
+            .unwrap();
+    }
+    g.write64(IQT, 2 << 4);
+    assert_eq!(g.read_obj::<u32>(status), 0x77);
+    assert_eq!(g.read64(IQH), 32);
+    // A PASID-based descriptor needs 256 bits.
+    let p = qi::piotlb_pasid(DID, 1);
+    g.mem.write_obj([p[0], p[1]], GuestAddress(q + 32)).unwrap();
+    g.write64(IQT, 3 << 4);
+    assert_ne!(g.read32(FSTS) & fsts::IQE, 0);
+    assert_eq!(g.read64(IQERCD) & 0xf, 5, "invalid descriptor width");
+    assert_eq!(g.read64(IQH), 32);
+}
