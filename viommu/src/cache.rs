@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
-use crate::paging::{AccessType, Translation, PAGE_SIZE_1G, PAGE_SIZE_2M, PAGE_SIZE_4K};
+use crate::paging::{AccessType, Translation, PAGE_SIZE_4K};
 use crate::tables::{ContextEntry, PasidEntry};
 
 /// A small multiplicative hasher for the fixed-size integer keys of the caches (the default
@@ -60,43 +60,55 @@ pub fn sid_matches(sid: u16, target: u16, function_mask: u8) -> bool {
     sid & mask == target & mask
 }
 
-/// Context cache: decoded context entries by requester ID.
+/// Context cache: decoded context entries by requester ID, indexed by bus then devfn (no
+/// hashing on the request path).
 #[derive(Debug, Default)]
 pub struct ContextCache {
-    entries: KeyMap<u16, ContextEntry>,
+    buses: KeyMap<u8, Box<[Option<ContextEntry>; 256]>>,
 }
 
 impl ContextCache {
     /// Cached entry for `rid`.
     pub fn get(&self, rid: u16) -> Option<ContextEntry> {
-        self.entries.get(&rid).copied()
+        self.buses.get(&((rid >> 8) as u8))?[usize::from(rid as u8)]
     }
 
     /// Cache a present entry.
     pub fn insert(&mut self, rid: u16, entry: ContextEntry) {
-        self.entries.insert(rid, entry);
+        self.buses
+            .entry((rid >> 8) as u8)
+            .or_insert_with(|| Box::new([None; 256]))[usize::from(rid as u8)] = Some(entry);
     }
 
     /// Global (and, in scalable mode where context entries carry no domain, domain-selective)
     /// invalidation.
     pub fn invalidate_all(&mut self) {
-        self.entries.clear();
+        self.buses.clear();
     }
 
     /// Device-selective invalidation.
     pub fn invalidate_device(&mut self, sid: u16, function_mask: u8) {
-        self.entries
-            .retain(|&rid, _| !sid_matches(rid, sid, function_mask));
+        if let Some(bus) = self.buses.get_mut(&((sid >> 8) as u8)) {
+            for (devfn, slot) in bus.iter_mut().enumerate() {
+                let rid = (sid & 0xff00) | devfn as u16;
+                if sid_matches(rid, sid, function_mask) {
+                    *slot = None;
+                }
+            }
+        }
     }
 
     /// Number of cached entries.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.buses
+            .values()
+            .map(|b| b.iter().filter(|e| e.is_some()).count())
+            .sum()
     }
 
     /// Whether the cache is empty.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.len() == 0
     }
 }
 
@@ -211,21 +223,86 @@ impl IotlbEntry {
     }
 }
 
-/// IOTLB key: domain, PASID (RID_PASID for requests without PASID), input page number at the
-/// entry's page size, and the page size class.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct IotlbKey {
+/// An IOTLB slot: the tag (domain, PASID, input page number) and the cached entry.
+#[derive(Clone, Copy, Debug)]
+struct Slot {
     did: u16,
     pasid: u32,
+    /// Input address >> page shift.
     page: u64,
-    size_class: u8,
+    entry: IotlbEntry,
 }
 
-/// Page sizes the IOTLB holds, smallest first.
-const PAGE_SIZES: [u64; 3] = [PAGE_SIZE_4K, PAGE_SIZE_2M, PAGE_SIZE_1G];
+/// One direct-mapped array of the IOTLB, for one page size.
+#[derive(Debug)]
+struct Way {
+    shift: u32,
+    slots: Box<[Option<Slot>]>,
+    used: usize,
+}
 
-/// Upper bound of IOTLB entries before it is flushed to make room.
-const IOTLB_CAPACITY: usize = 8192;
+impl Way {
+    fn new(shift: u32, entries: usize) -> Self {
+        Way {
+            shift,
+            slots: vec![None; entries].into_boxed_slice(),
+            used: 0,
+        }
+    }
+
+    fn size(&self) -> u64 {
+        1 << self.shift
+    }
+
+    /// Consecutive pages of one address space fall in consecutive slots.
+    fn index(&self, did: u16, pasid: u32, page: u64) -> usize {
+        let tag = page ^ (u64::from(pasid) << 7) ^ (u64::from(did) << 13);
+        (tag as usize) & (self.slots.len() - 1)
+    }
+
+    fn lookup(&self, did: u16, pasid: u32, iova: u64) -> Option<&IotlbEntry> {
+        let page = iova >> self.shift;
+        match &self.slots[self.index(did, pasid, page)] {
+            Some(s) if s.page == page && s.pasid == pasid && s.did == did => Some(&s.entry),
+            _ => None,
+        }
+    }
+
+    fn insert(&mut self, did: u16, pasid: u32, iova: u64, entry: IotlbEntry) {
+        let page = iova >> self.shift;
+        let index = self.index(did, pasid, page);
+        let slot = &mut self.slots[index];
+        if slot.is_none() {
+            self.used += 1;
+        }
+        *slot = Some(Slot {
+            did,
+            pasid,
+            page,
+            entry,
+        });
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(&Slot, u64) -> bool) {
+        if self.used == 0 {
+            return;
+        }
+        let size = self.size();
+        for slot in self.slots.iter_mut() {
+            if let Some(s) = slot {
+                if !keep(s, size) {
+                    *slot = None;
+                    self.used -= 1;
+                }
+            }
+        }
+    }
+}
+
+/// Entries of the 4 KiB, 2 MiB and 1 GiB arrays.
+const WAY_ENTRIES: [usize; 3] = [4096, 512, 64];
+/// Page shifts of the arrays.
+const WAY_SHIFTS: [u32; 3] = [12, 21, 30];
 
 /// Which IOTLB entries an invalidation reaches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -245,82 +322,60 @@ impl IotlbFamily {
     }
 }
 
-/// The IOTLB.
-#[derive(Debug, Default)]
+/// The IOTLB: one direct-mapped array per page size, like a hardware TLB. A new entry
+/// replaces whatever shared its slot (hardware may drop entries at any time).
+#[derive(Debug)]
 pub struct Iotlb {
-    entries: KeyMap<IotlbKey, IotlbEntry>,
-    /// Entries per page-size class, to skip lookups of sizes not present.
-    per_size: [usize; 3],
+    ways: [Way; 3],
 }
 
-fn size_class(page_size: u64) -> Option<usize> {
-    PAGE_SIZES.iter().position(|&s| s == page_size)
+impl Default for Iotlb {
+    fn default() -> Self {
+        Iotlb {
+            ways: [0, 1, 2].map(|i| Way::new(WAY_SHIFTS[i], WAY_ENTRIES[i])),
+        }
+    }
 }
 
 impl Iotlb {
     /// Look up the translation of `iova` for (`did`, `pasid`).
     pub fn lookup(&self, did: u16, pasid: u32, iova: u64) -> Option<&IotlbEntry> {
-        for (class, &size) in PAGE_SIZES.iter().enumerate() {
-            if self.per_size[class] == 0 {
-                continue;
-            }
-            let key = IotlbKey {
-                did,
-                pasid,
-                page: iova / size,
-                size_class: class as u8,
-            };
-            if let Some(e) = self.entries.get(&key) {
-                return Some(e);
-            }
-        }
-        None
+        self.ways
+            .iter()
+            .filter(|w| w.used != 0)
+            .find_map(|w| w.lookup(did, pasid, iova))
     }
 
     /// Cache the translation of the page containing `iova`.
     pub fn insert(&mut self, did: u16, pasid: u32, iova: u64, entry: IotlbEntry) {
-        let Some(class) = size_class(entry.translation.page_size) else {
+        let Some(way) = self
+            .ways
+            .iter_mut()
+            .find(|w| w.size() == entry.translation.page_size)
+        else {
             return;
-        };
-        if self.entries.len() >= IOTLB_CAPACITY {
-            self.clear();
-        }
-        let key = IotlbKey {
-            did,
-            pasid,
-            page: iova / entry.translation.page_size,
-            size_class: class as u8,
         };
         let mut entry = entry;
         entry.translation.phys_addr = entry.translation.page_base();
-        if self.entries.insert(key, entry).is_none() {
-            self.per_size[class] += 1;
-        }
+        way.insert(did, pasid, iova, entry);
     }
 
     /// Drop everything (global invalidation).
     pub fn clear(&mut self) {
-        self.entries.clear();
-        self.per_size = [0; 3];
-    }
-
-    /// Drop the entries matching `pred`.
-    fn retain(&mut self, mut keep: impl FnMut(&IotlbKey, &IotlbEntry) -> bool) {
-        let per_size = &mut self.per_size;
-        self.entries.retain(|k, e| {
-            let kept = keep(k, e);
-            if !kept {
-                per_size[usize::from(k.size_class)] -= 1;
-            }
-            kept
-        });
+        for way in &mut self.ways {
+            way.retain(|_, _| false);
+        }
     }
 
     /// Domain-selective invalidation (optionally restricted to one PASID).
     pub fn invalidate_domain(&mut self, family: IotlbFamily, did: u16, pasid: Option<u32>) {
-        self.retain(|k, e| {
-            !(k.did == did && pasid.is_none_or(|p| p == k.pasid) && family.reaches(e.stage))
-        });
+        for way in &mut self.ways {
+            way.retain(|s, _| {
+                !(s.did == did
+                    && pasid.is_none_or(|p| p == s.pasid)
+                    && family.reaches(s.entry.stage))
+            });
+        }
     }
 
     /// Page-selective invalidation of `[addr, addr + 4 KiB << am)` (addr aligned down to
@@ -333,28 +388,34 @@ impl Iotlb {
         addr: u64,
         am: u8,
     ) {
-        let len = PAGE_SIZE_4K << am.min(52);
-        let start = addr & !(len - 1);
-        let end = start.saturating_add(len);
-        self.retain(|k, e| {
-            let size = PAGE_SIZES[usize::from(k.size_class)];
-            let base = k.page * size;
-            let overlaps = base < end && start < base + size;
-            !(overlaps
-                && k.did == did
-                && pasid.is_none_or(|p| p == k.pasid)
-                && family.reaches(e.stage))
-        });
+        // AM beyond the address width covers everything.
+        let (start, end) = if am >= 52 {
+            (0, u64::MAX)
+        } else {
+            let len = PAGE_SIZE_4K << am;
+            let start = addr & !(len - 1);
+            (start, start.saturating_add(len))
+        };
+        for way in &mut self.ways {
+            way.retain(|s, size| {
+                let base = s.page.wrapping_mul(size);
+                let overlaps = base < end && start < base.saturating_add(size);
+                !(overlaps
+                    && s.did == did
+                    && pasid.is_none_or(|p| p == s.pasid)
+                    && family.reaches(s.entry.stage))
+            });
+        }
     }
 
     /// Number of cached translations.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.ways.iter().map(|w| w.used).sum()
     }
 
     /// Whether the IOTLB is empty.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.len() == 0
     }
 }
 
@@ -372,6 +433,7 @@ pub struct Caches {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::paging::{PAGE_SIZE_1G, PAGE_SIZE_2M};
 
     fn entry(phys: u64, size: u64, stage: CachedStage) -> IotlbEntry {
         IotlbEntry {
@@ -428,6 +490,33 @@ mod tests {
     }
 
     #[test]
+    fn conflicting_pages_replace_each_other() {
+        let mut tlb = Iotlb::default();
+        tlb.insert(
+            1,
+            0,
+            0x1000,
+            entry(0xa000, PAGE_SIZE_4K, CachedStage::FirstStage),
+        );
+        // Same slot: 4096 pages further on.
+        tlb.insert(
+            1,
+            0,
+            0x1000 + (4096 << 12),
+            entry(0xb000, PAGE_SIZE_4K, CachedStage::FirstStage),
+        );
+        assert!(tlb.lookup(1, 0, 0x1000).is_none());
+        assert_eq!(
+            tlb.lookup(1, 0, 0x1000 + (4096 << 12))
+                .unwrap()
+                .translation
+                .phys_addr,
+            0xb000
+        );
+        assert_eq!(tlb.len(), 1);
+    }
+
+    #[test]
     fn invalidation_families_reach_their_stages() {
         let mut tlb = Iotlb::default();
         tlb.insert(
@@ -480,7 +569,7 @@ mod tests {
         // AM=1 covers 8 KiB aligned down: both 4 KiB pages.
         tlb.invalidate_range(IotlbFamily::FirstStage, 1, Some(2), 0x40_1000, 1);
         assert!(tlb.is_empty());
-        assert_eq!(tlb.per_size, [0; 3]);
+        assert!(tlb.ways.iter().all(|w| w.used == 0));
     }
 
     #[test]
@@ -496,6 +585,28 @@ mod tests {
         assert!(!e.permits(AccessType::WRITE), "needs a walk to set D");
         e.translation.user = false;
         assert!(!e.permits(AccessType::READ.as_user()));
+    }
+
+    #[test]
+    fn context_cache_device_selective() {
+        let e = ContextEntry {
+            fpd: false,
+            dte: false,
+            paside: true,
+            pre: false,
+            pdts: 0,
+            pasid_dir: 0,
+            rid_pasid: 0,
+        };
+        let mut c = ContextCache::default();
+        for rid in [0x0810, 0x0811, 0x0817, 0x0818, 0x0910] {
+            c.insert(rid, e);
+        }
+        c.invalidate_device(0x0810, 3);
+        assert_eq!(c.len(), 2);
+        assert!(c.get(0x0818).is_some() && c.get(0x0910).is_some());
+        c.invalidate_all();
+        assert!(c.is_empty());
     }
 
     #[test]

@@ -427,7 +427,7 @@ impl<S: GuestAddressSpace> Iommu<S> {
         debug!("viommu: {descriptor:x?}");
         match descriptor {
             Descriptor::ContextCache(scope) => {
-                let mut caches = lock(&self.caches);
+                let mut caches = self.caches_for_invalidation();
                 match scope {
                     ContextScope::Global | ContextScope::Domain(_) => {
                         caches.context.invalidate_all()
@@ -438,7 +438,7 @@ impl<S: GuestAddressSpace> Iommu<S> {
                 }
             }
             Descriptor::Iotlb(scope) => {
-                let mut caches = lock(&self.caches);
+                let mut caches = self.caches_for_invalidation();
                 match scope {
                     IotlbScope::Global => caches.iotlb.clear(),
                     IotlbScope::Domain(did) => {
@@ -454,7 +454,7 @@ impl<S: GuestAddressSpace> Iommu<S> {
                 }
             }
             Descriptor::PasidIotlb { did, pasid, range } => {
-                let mut caches = lock(&self.caches);
+                let mut caches = self.caches_for_invalidation();
                 match range {
                     None => {
                         caches
@@ -471,7 +471,7 @@ impl<S: GuestAddressSpace> Iommu<S> {
                 }
             }
             Descriptor::PasidCache(scope) => {
-                lock(&self.caches).pasid.invalidate(scope);
+                self.caches_for_invalidation().pasid.invalidate(scope);
                 self.notify_pasid_observers(scope);
             }
             Descriptor::DeviceTlb {

@@ -35,7 +35,7 @@ pub mod tables;
 mod translate;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use vm_memory::GuestAddressSpace;
@@ -50,9 +50,13 @@ pub use interrupt::MsiSink;
 pub use paging::{AccessType, Translation};
 pub use prq::PageRequest;
 pub use tables::PasidEntry;
+pub use translate::{first_stage_config, PageRequestError, PageRequestRejection, PasidLookupError};
 
 use cache::Caches;
 use mmio::RegisterFile;
+
+/// Source of [`Iommu`] unit IDs.
+static NEXT_UNIT_ID: AtomicU64 = AtomicU64::new(0);
 
 /// Lock a mutex, ignoring poisoning (a panicking device thread must not take the unit down).
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -71,6 +75,11 @@ pub struct Iommu<S: GuestAddressSpace> {
     translation_enabled: AtomicBool,
     /// RTADDR as latched by the last SRTP command.
     root_table: AtomicU64,
+    /// Distinguishes units in per-thread translation memos.
+    unit_id: u64,
+    /// Moves on with every cache invalidation and translation-mode change; translations
+    /// memoised outside the cache lock are only valid for the generation they were made in.
+    generation: AtomicU64,
     devices: RwLock<HashMap<u16, Arc<dyn AtsDevice>>>,
     pasid_observers: RwLock<Vec<Arc<dyn PasidObserver>>>,
 }
@@ -93,6 +102,8 @@ impl<S: GuestAddressSpace> Iommu<S> {
             queue: Mutex::new(()),
             translation_enabled: AtomicBool::new(false),
             root_table: AtomicU64::new(0),
+            unit_id: NEXT_UNIT_ID.fetch_add(1, Ordering::Relaxed),
+            generation: AtomicU64::new(0),
             devices: RwLock::new(HashMap::new()),
             pasid_observers: RwLock::new(Vec::new()),
         }
@@ -130,6 +141,14 @@ impl<S: GuestAddressSpace> Iommu<S> {
             .unwrap_or_else(|e| e.into_inner())
             .get(&rid)
             .cloned()
+    }
+
+    /// Lock the caches to invalidate some of them: also retires every translation memoised
+    /// outside the lock.
+    fn caches_for_invalidation(&self) -> MutexGuard<'_, Caches> {
+        let caches = lock(&self.caches);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        caches
     }
 
     fn deliver(&self, msi: Option<interrupt::Msi>) {

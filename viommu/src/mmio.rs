@@ -274,9 +274,12 @@ impl<S: GuestAddressSpace> Iommu<S> {
             regs.gsts ^= gcmd::TE;
             self.translation_enabled
                 .store(value & gcmd::TE != 0, Ordering::Release);
+            // After the store: a memo made from the old mode carries the old generation.
+            self.generation.fetch_add(1, Ordering::AcqRel);
         }
         if value & gcmd::SRTP != 0 {
             self.root_table.store(regs.rtaddr, Ordering::Release);
+            self.generation.fetch_add(1, Ordering::AcqRel);
             regs.gsts |= gcmd::SRTP;
         }
         if (value ^ status) & gcmd::QIE != 0 {
@@ -299,7 +302,7 @@ impl<S: GuestAddressSpace> Iommu<S> {
             return value;
         }
         let granularity = ccmd::cirg(value);
-        let mut caches = lock(&self.caches);
+        let mut caches = self.caches_for_invalidation();
         match granularity {
             1 | 2 => caches.context.invalidate_all(),
             3 => caches
@@ -318,7 +321,7 @@ impl<S: GuestAddressSpace> Iommu<S> {
         }
         let granularity = iotlb_reg::iirg(value);
         let did = iotlb_reg::did(value);
-        let mut caches = lock(&self.caches);
+        let mut caches = self.caches_for_invalidation();
         match granularity {
             1 => caches.iotlb.clear(),
             2 => caches

@@ -190,7 +190,7 @@ mod tests {
         assert_eq!((qw0 >> 52) & 3, 0, "exe/pm");
         assert_eq!(qw1 & 7, 0b111, "rd, wr, lpig");
         assert_eq!((qw1 >> 3) & 0x1ff, 0x1ab, "prg_index");
-        assert_eq!(qw1 >> 12, 0x7fff_1234_5, "addr");
+        assert_eq!(qw1 & !0xfff, 0x7fff_1234_5000, "addr");
         assert_eq!((qw2, qw3), (0, 0));
     }
 

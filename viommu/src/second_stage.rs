@@ -36,8 +36,18 @@ const SL_LEVELS: u8 = 4;
 /// Input-address width of 4-level second-stage tables.
 const SL_INPUT_BITS: u32 = 48;
 
-/// A second-stage fault: reason and whether it is a permission-like answer.
-pub type SecondStageResult = Result<Translation, FaultReason>;
+/// A second-stage (or nested) translation: the translation and whether reads are allowed
+/// (second-stage entries can be write-only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StageTranslation {
+    /// The translation.
+    pub translation: Translation,
+    /// R=1 at every second-stage level.
+    pub readable: bool,
+}
+
+/// Result of a second-stage or nested translation.
+pub type SecondStageResult = Result<StageTranslation, FaultReason>;
 
 /// Translate `addr` through the second-stage tables at `root`. `slee` enables the X bit check
 /// for execute requests. Second-stage A/D flags are not supported (ECAP.SLADS=0), so the
@@ -85,14 +95,17 @@ pub fn translate<M: GuestMemory + ?Sized>(
             if denied {
                 return Err(FaultReason::SecondStagePermission);
             }
-            return Ok(Translation {
-                phys_addr: (e & sl_entry::ADDRESS_MASK & !(page_size - 1))
-                    | (addr & (page_size - 1)),
-                page_size,
-                writable: write,
-                user: true,
-                executable: !slee || exec,
-                dirty: true,
+            return Ok(StageTranslation {
+                translation: Translation {
+                    phys_addr: (e & sl_entry::ADDRESS_MASK & !(page_size - 1))
+                        | (addr & (page_size - 1)),
+                    page_size,
+                    writable: write,
+                    user: true,
+                    executable: !slee || exec,
+                    dirty: true,
+                },
+                readable: read,
             });
         }
         table = e & sl_entry::ADDRESS_MASK;
@@ -117,7 +130,7 @@ impl<M: GuestMemory + ?Sized> NestedTables<'_, M> {
             execute: false,
         };
         match translate(self.mem, self.sl_root, gpa, access, false) {
-            Ok(t) => Ok(t.phys_addr),
+            Ok(t) => Ok(t.translation.phys_addr),
             Err(reason) => {
                 let reason = match reason {
                     FaultReason::SecondStagePermission if write => {
@@ -185,14 +198,17 @@ pub fn translate_nested<M: GuestMemory + ?Sized>(
             .unwrap_or_else(|| FaultReason::from_first_stage(&f))
     })?;
     let second = translate(mem, sl_root, first.phys_addr, access, slee)?;
-    let page_size = first.page_size.min(second.page_size);
-    Ok(Translation {
-        phys_addr: second.phys_addr,
-        page_size,
-        writable: first.writable && second.writable,
-        user: first.user,
-        executable: first.executable && second.executable,
-        dirty: first.dirty,
+    let page_size = first.page_size.min(second.translation.page_size);
+    Ok(StageTranslation {
+        translation: Translation {
+            phys_addr: second.translation.phys_addr,
+            page_size,
+            writable: first.writable && second.translation.writable,
+            user: first.user,
+            executable: first.executable && second.translation.executable,
+            dirty: first.dirty,
+        },
+        readable: second.readable,
     })
 }
 
@@ -231,14 +247,20 @@ mod tests {
         b.map(0x4000_0000, 0x8000_0000, PAGE_SIZE_1G, RW).unwrap();
         let root = b.root();
 
-        let t = translate(&m, root, 0x1234, WRITE, false).unwrap();
+        let t = translate(&m, root, 0x1234, WRITE, false)
+            .unwrap()
+            .translation;
         assert_eq!((t.phys_addr, t.page_size), (0x40_0234, PAGE_SIZE_4K));
-        let t = translate(&m, root, 0x2f_ffff, READ, false).unwrap();
+        let t = translate(&m, root, 0x2f_ffff, READ, false)
+            .unwrap()
+            .translation;
         assert_eq!(
             (t.phys_addr, t.page_size, t.writable),
             (0x6f_ffff, PAGE_SIZE_2M, false)
         );
-        let t = translate(&m, root, 0x4000_1000, READ, false).unwrap();
+        let t = translate(&m, root, 0x4000_1000, READ, false)
+            .unwrap()
+            .translation;
         assert_eq!((t.phys_addr, t.page_size), (0x8000_1000, PAGE_SIZE_1G));
 
         assert_eq!(
@@ -261,7 +283,8 @@ mod tests {
             translate(&m, root, 0x5000, READ, false),
             Err(FaultReason::SecondStagePermission)
         );
-        assert!(translate(&m, root, 0x5000, WRITE, false).is_ok());
+        let w = translate(&m, root, 0x5000, WRITE, false).unwrap();
+        assert!(!w.readable && w.translation.writable);
     }
 
     #[test]
@@ -326,8 +349,8 @@ mod tests {
         let user_write = WRITE.as_user();
         let t =
             translate_nested(&m, fl.root(), sl.root(), 0x1abc, user_write, &cfg, false).unwrap();
-        assert_eq!(t.phys_addr, 0x50_3abc);
-        assert_eq!(t.page_size, PAGE_SIZE_4K);
+        assert_eq!(t.translation.phys_addr, 0x50_3abc);
+        assert_eq!(t.translation.page_size, PAGE_SIZE_4K);
         // The first stage's A/D bits were written through the second stage.
         let pte = fl.entry_addr(0x1000, 1).unwrap();
         assert_eq!(

@@ -20,7 +20,7 @@ use crate::fault::{FaultReason, FaultRecord, LogOutcome};
 use crate::paging::{self, AccessType, Translation, WalkConfig, PAGE_SIZE_4K};
 use crate::prq::{PageRequest, PostOutcome};
 use crate::regs::{rtaddr, HOST_ADDRESS_WIDTH};
-use crate::second_stage;
+use crate::second_stage::{self, StageTranslation};
 use crate::tables::{bus, devfn, ContextEntry, PasidEntry, Pgtt, RootEntry, TableFault};
 use crate::{lock, Iommu};
 
@@ -85,6 +85,108 @@ fn identity(iova: u64) -> Translation {
     }
 }
 
+/// Identity translation as an IOTLB-style entry (not inserted in the IOTLB).
+fn identity_entry(iova: u64) -> IotlbEntry {
+    IotlbEntry {
+        translation: identity(iova & !(PAGE_SIZE_4K - 1)),
+        stage: CachedStage::SecondStage,
+        readable: true,
+        write_protect: false,
+    }
+}
+
+/// Pages a DMA translates per acquisition of the cache lock.
+const DMA_WINDOW_PAGES: usize = 256;
+
+/// Who is asking for what, for a DMA.
+#[derive(Clone, Copy)]
+struct DmaRequest {
+    rid: u16,
+    tag: Option<PasidTag>,
+    access: AccessType,
+}
+
+/// The address-independent part of a translated request.
+struct Route {
+    entry: PasidEntry,
+    pasid: u32,
+    /// The access, with `user` set from the request's privilege.
+    access: AccessType,
+}
+
+/// Each thread's most recent translation: a one-entry, lock-free front of the IOTLB for
+/// devices that DMA page after page. It is a copy of an IOTLB entry, tagged with the unit's
+/// invalidation generation; any invalidation (or translation/root-table change) moves the
+/// generation on and so retires it, as it retires the IOTLB entry itself.
+mod recent {
+    use std::cell::Cell;
+
+    use crate::cache::IotlbEntry;
+    use crate::device::PasidTag;
+    use crate::paging::{AccessType, Translation};
+
+    #[derive(Clone, Copy)]
+    struct Recent {
+        unit: u64,
+        generation: u64,
+        rid: u16,
+        tag: Option<PasidTag>,
+        /// Input address of the page.
+        page: u64,
+        entry: IotlbEntry,
+    }
+
+    thread_local! {
+        static RECENT: Cell<Option<Recent>> = const { Cell::new(None) };
+    }
+
+    pub(super) fn lookup(
+        unit: u64,
+        generation: u64,
+        rid: u16,
+        tag: Option<PasidTag>,
+        iova: u64,
+        access: AccessType,
+    ) -> Option<Translation> {
+        let r = RECENT.with(Cell::get)?;
+        let t = r.entry.translation;
+        let access = AccessType {
+            user: !tag.is_some_and(|t| t.privileged),
+            ..access
+        };
+        (r.unit == unit
+            && r.generation == generation
+            && r.rid == rid
+            && r.tag == tag
+            && iova & !(t.page_size - 1) == r.page
+            && r.entry.permits(access))
+        .then(|| Translation {
+            phys_addr: t.phys_for(iova),
+            ..t
+        })
+    }
+
+    pub(super) fn remember(
+        unit: u64,
+        generation: u64,
+        rid: u16,
+        tag: Option<PasidTag>,
+        iova: u64,
+        entry: &IotlbEntry,
+    ) {
+        RECENT.with(|c| {
+            c.set(Some(Recent {
+                unit,
+                generation,
+                rid,
+                tag,
+                page: iova & !(entry.translation.page_size - 1),
+                entry: *entry,
+            }))
+        });
+    }
+}
+
 /// First-stage paging controls from a PASID-table entry. VT-d never lets supervisor requests
 /// execute from user pages and has no SMAP.
 pub fn first_stage_config(entry: &PasidEntry) -> WalkConfig {
@@ -144,28 +246,18 @@ impl<S: GuestAddressSpace> Iommu<S> {
         Ok(entry)
     }
 
-    /// Translate one request through the caches and tables. `ats` marks a translation
-    /// request (needs DTE).
-    fn resolve(
-        &self,
+    /// Everything about a request that does not depend on its address: the PASID entry found
+    /// through the context and PASID caches, and the checks on it. Needs the cache lock.
+    fn route(
+        caches: &mut Caches,
         mem: &S::M,
+        root: u64,
         rid: u16,
         tag: Option<PasidTag>,
-        iova: u64,
         access: AccessType,
         ats: bool,
-    ) -> Result<Translation, Failure> {
-        let root = match self.scalable_root() {
-            Err(Failure::Blocked)
-                if tag.is_none() && !ats && !self.translation_enabled.load(Ordering::Acquire) =>
-            {
-                // Translation disabled: requests without PASID pass through untranslated.
-                return Ok(identity(iova));
-            }
-            other => other?,
-        };
-        let mut caches = lock(&self.caches);
-        let context = Self::context_entry(&mut caches, mem, root, rid)?;
+    ) -> Result<Route, Failure> {
+        let context = Self::context_entry(caches, mem, root, rid)?;
         let ctx_fault = |reason| Failure::Fault(TableFault::new(reason).with_fpd(context.fpd));
         let (pasid, privileged) = match tag {
             Some(_) if !context.paside => return Err(ctx_fault(FaultReason::PasidDisabled)),
@@ -175,7 +267,7 @@ impl<S: GuestAddressSpace> Iommu<S> {
         if ats && !context.dte {
             return Err(ctx_fault(FaultReason::DeviceTlbDisabled));
         }
-        let entry = Self::pasid_entry(&mut caches, mem, rid, &context, pasid)?;
+        let entry = Self::pasid_entry(caches, mem, rid, &context, pasid)?;
         let fault = |reason| Failure::Fault(TableFault::new(reason).with_fpd(entry.fpd));
         if privileged && !entry.sre {
             return Err(fault(FaultReason::SupervisorRequestsDisabled));
@@ -184,31 +276,47 @@ impl<S: GuestAddressSpace> Iommu<S> {
             // ECAP.ERS=0: no execute requests.
             return Err(fault(FaultReason::ExecuteRequestsDisabled));
         }
-        let access = AccessType {
-            user: !privileged,
-            ..access
-        };
+        Ok(Route {
+            entry,
+            pasid,
+            access: AccessType {
+                user: !privileged,
+                ..access
+            },
+        })
+    }
+
+    /// Translate one address of a routed request: IOTLB, else a walk that fills the IOTLB.
+    fn translate_page(
+        caches: &mut Caches,
+        mem: &S::M,
+        route: &Route,
+        iova: u64,
+    ) -> Result<IotlbEntry, Failure> {
+        let entry = &route.entry;
+        let access = route.access;
+        let fault = |reason| Failure::Fault(TableFault::new(reason).with_fpd(entry.fpd));
         let stage = match entry.pgtt {
             Pgtt::PassThrough if iova >> HOST_ADDRESS_WIDTH != 0 => {
                 return Err(fault(FaultReason::AddressBeyondMax))
             }
-            Pgtt::PassThrough => return Ok(identity(iova)),
+            Pgtt::PassThrough => return Ok(identity_entry(iova)),
             Pgtt::FirstStage => CachedStage::FirstStage,
             Pgtt::SecondStage => CachedStage::SecondStage,
             Pgtt::Nested => CachedStage::Nested,
         };
-        if let Some(hit) = caches.iotlb.lookup(entry.did, pasid, iova) {
+        if let Some(hit) = caches.iotlb.lookup(entry.did, route.pasid, iova) {
             if hit.permits(access) {
-                let t = hit.translation;
-                return Ok(Translation {
-                    phys_addr: t.phys_for(iova),
-                    ..t
-                });
+                return Ok(*hit);
             }
         }
-        let cfg = first_stage_config(&entry);
+        let cfg = first_stage_config(entry);
         let walked = match entry.pgtt {
             Pgtt::FirstStage => paging::walk(mem, entry.flptr, iova, access, &cfg)
+                .map(|translation| StageTranslation {
+                    translation,
+                    readable: true,
+                })
                 .map_err(|f| FaultReason::from_first_stage(&f)),
             Pgtt::SecondStage => {
                 second_stage::translate(mem, entry.slptptr, iova, access, entry.slee)
@@ -223,19 +331,62 @@ impl<S: GuestAddressSpace> Iommu<S> {
                 entry.slee,
             ),
         };
-        let translation = walked.map_err(fault)?;
-        caches.iotlb.insert(
-            entry.did,
-            pasid,
-            iova,
-            IotlbEntry {
-                translation,
-                stage,
-                readable: stage != CachedStage::SecondStage || !access.write,
-                write_protect: stage == CachedStage::SecondStage || entry.wpe,
-            },
-        );
-        Ok(translation)
+        let StageTranslation {
+            translation,
+            readable,
+        } = walked.map_err(fault)?;
+        let new = IotlbEntry {
+            translation,
+            stage,
+            readable,
+            write_protect: stage == CachedStage::SecondStage || entry.wpe,
+        };
+        caches.iotlb.insert(entry.did, route.pasid, iova, new);
+        Ok(new)
+    }
+
+    /// The root table when translation is on; `Ok(None)` when it is off and the request
+    /// passes through untranslated (requests without PASID, not ATS).
+    fn root_for(&self, tag: Option<PasidTag>, ats: bool) -> Result<Option<u64>, Failure> {
+        match self.scalable_root() {
+            Err(Failure::Blocked)
+                if tag.is_none() && !ats && !self.translation_enabled.load(Ordering::Acquire) =>
+            {
+                Ok(None)
+            }
+            other => other.map(Some),
+        }
+    }
+
+    /// Translate one request through the caches and tables. `ats` marks a translation
+    /// request (needs DTE).
+    fn resolve(
+        &self,
+        mem: &S::M,
+        rid: u16,
+        tag: Option<PasidTag>,
+        iova: u64,
+        access: AccessType,
+        ats: bool,
+    ) -> Result<Translation, Failure> {
+        // Read before taking the cache lock: an invalidation racing with this request makes
+        // the memo below stale from birth.
+        let generation = self.generation.load(Ordering::Acquire);
+        let Some(root) = self.root_for(tag, ats)? else {
+            return Ok(identity(iova));
+        };
+        let mut caches = lock(&self.caches);
+        let route = Self::route(&mut caches, mem, root, rid, tag, access, ats)?;
+        let hit = Self::translate_page(&mut caches, mem, &route, iova)?;
+        drop(caches);
+        if !ats {
+            recent::remember(self.unit_id, generation, rid, tag, iova, &hit);
+        }
+        let t = hit.translation;
+        Ok(Translation {
+            phys_addr: t.phys_for(iova),
+            ..t
+        })
     }
 
     /// Record a fault in the primary fault log and raise the fault event if due.
@@ -297,9 +448,55 @@ impl<S: GuestAddressSpace> Iommu<S> {
         iova: u64,
         access: AccessType,
     ) -> Result<Translation, DmaFault> {
+        let generation = self.generation.load(Ordering::Acquire);
+        if let Some(t) = recent::lookup(self.unit_id, generation, rid, pasid, iova, access) {
+            return Ok(t);
+        }
         let mem = self.mem.memory();
         self.resolve(&mem, rid, pasid, iova, access, false)
             .map_err(|f| self.report(rid, pasid, iova, access, f))
+    }
+
+    /// Translate up to [`DMA_WINDOW_PAGES`] pages of `[iova, iova + len)` under one cache lock,
+    /// appending physically contiguous runs to `runs` as (physical address, byte count).
+    /// Stops at the first failing address.
+    fn translate_window(
+        &self,
+        mem: &S::M,
+        request: &DmaRequest,
+        iova: u64,
+        len: usize,
+        runs: &mut Vec<(u64, usize)>,
+    ) -> Result<(), (u64, Failure)> {
+        let DmaRequest { rid, tag, access } = *request;
+        let mut push = |phys: u64, n: usize| match runs.last_mut() {
+            Some((start, count)) if *start + *count as u64 == phys => *count += n,
+            _ => runs.push((phys, n)),
+        };
+        let chunk_len = |addr: u64, page_size: u64, done: usize| {
+            let left_in_page = page_size - (addr & (page_size - 1));
+            (len - done).min(usize::try_from(left_in_page).unwrap_or(usize::MAX))
+        };
+        let root = self.root_for(tag, false).map_err(|f| (iova, f))?;
+        let Some(root) = root else {
+            push(iova, len);
+            return Ok(());
+        };
+        let mut caches = lock(&self.caches);
+        let route =
+            Self::route(&mut caches, mem, root, rid, tag, access, false).map_err(|f| (iova, f))?;
+        let mut done = 0;
+        for _ in 0..DMA_WINDOW_PAGES {
+            if done == len {
+                break;
+            }
+            let addr = iova.wrapping_add(done as u64);
+            let e = Self::translate_page(&mut caches, mem, &route, addr).map_err(|f| (addr, f))?;
+            let n = chunk_len(addr, e.translation.page_size, done);
+            push(e.translation.phys_for(addr), n);
+            done += n;
+        }
+        Ok(())
     }
 
     fn dma(
@@ -317,30 +514,60 @@ impl<S: GuestAddressSpace> Iommu<S> {
             user: false,
             execute: false,
         };
+        let request = DmaRequest {
+            rid,
+            tag: pasid,
+            access,
+        };
+        let mut runs = Vec::new();
         let mut done = 0;
         while done < len {
-            let addr = iova.wrapping_add(done as u64);
-            let t = self
-                .resolve(&mem, rid, pasid, addr, access, false)
-                .map_err(|f| DmaError {
-                    completed: done,
-                    address: addr,
-                    kind: DmaErrorKind::Fault(self.report(rid, pasid, addr, access, f)),
-                })?;
-            let left_in_page = t.page_size - (addr & (t.page_size - 1));
-            let chunk = (len - done).min(usize::try_from(left_in_page).unwrap_or(usize::MAX));
-            if !copy(&mem, t.phys_addr, done..done + chunk) {
+            runs.clear();
+            let start = iova.wrapping_add(done as u64);
+            let result = self.translate_window(&mem, &request, start, len - done, &mut runs);
+            for &(phys, n) in &runs {
+                if !copy(&mem, phys, done..done + n) {
+                    return Err(self.memory_error(&mem, iova, done, phys, n, &mut copy));
+                }
+                done += n;
+            }
+            if let Err((addr, failure)) = result {
                 return Err(DmaError {
                     completed: done,
                     address: addr,
-                    kind: DmaErrorKind::Memory {
-                        phys_addr: t.phys_addr,
-                    },
+                    kind: DmaErrorKind::Fault(self.report(rid, pasid, addr, access, failure)),
                 });
             }
-            done += chunk;
         }
         Ok(())
+    }
+
+    /// A run of `n` bytes at `phys` failed to copy: find the first page of it that is not
+    /// guest memory, copying the pages before it.
+    fn memory_error(
+        &self,
+        mem: &S::M,
+        iova: u64,
+        mut done: usize,
+        phys: u64,
+        n: usize,
+        copy: &mut impl FnMut(&S::M, u64, Range<usize>) -> bool,
+    ) -> DmaError {
+        let end = done + n;
+        let mut p = phys;
+        while done < end {
+            let step = ((PAGE_SIZE_4K - (p & (PAGE_SIZE_4K - 1))) as usize).min(end - done);
+            if !copy(mem, p, done..done + step) {
+                break;
+            }
+            done += step;
+            p += step as u64;
+        }
+        DmaError {
+            completed: done,
+            address: iova.wrapping_add(done as u64),
+            kind: DmaErrorKind::Memory { phys_addr: p },
+        }
     }
 
     /// Read `buf.len()` bytes at I/O virtual address `iova` through translation, page by page.

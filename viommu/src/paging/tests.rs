@@ -243,67 +243,64 @@ fn access_rights_follow_the_sdm() {
         .unwrap();
 
     let c = cfg(PagingLevels::Four);
-    let prot = |level, violation| Err(WalkFault::Protection { level, violation });
-    let root = b.root();
-
-    assert_eq!(
-        walk(&mem, root, ro_user, USER_WRITE, &c),
-        prot(1, Violation::Write)
-    );
-    assert_eq!(
-        walk(&mem, root, rw_super, USER_READ, &c),
-        prot(1, Violation::User)
-    );
-    assert_eq!(
-        walk(&mem, root, user_under_super_table, USER_READ, &c),
-        prot(1, Violation::User)
-    );
-    assert_eq!(
-        walk(&mem, root, xd_user, USER_EXEC, &c),
-        prot(1, Violation::Execute)
-    );
-    assert_eq!(
-        walk(&mem, root, xd_user, SUPER_EXEC, &c),
-        prot(1, Violation::Execute)
-    );
-    // Supervisor write to a read-only page: faults only with CR0.WP.
-    assert_eq!(
-        walk(&mem, root, ro_user, AccessType::WRITE, &c),
-        prot(1, Violation::Write)
-    );
     let no_wp = WalkConfig {
         write_protect: false,
         ..c
     };
-    assert!(walk(&mem, root, ro_user, AccessType::WRITE, &no_wp).is_ok());
-    // Without NXE, XD is reserved rather than a protection.
     let no_nx = WalkConfig { nxe: false, ..c };
-    assert_eq!(
-        walk(&mem, root, xd_user, USER_EXEC, &no_nx),
-        Err(WalkFault::ReservedBit { level: 1 })
-    );
-    // SMEP: supervisor fetch from a user page.
-    assert!(walk(&mem, root, ro_user, SUPER_EXEC, &c).is_ok());
     let smep = WalkConfig { smep: true, ..c };
-    assert_eq!(
-        walk(&mem, root, ro_user, SUPER_EXEC, &smep),
-        prot(1, Violation::SupervisorExecute)
-    );
-    assert!(walk(&mem, root, rw_super, SUPER_EXEC, &smep).is_ok());
-    // SMAP: supervisor data access to a user page.
     let smap = WalkConfig { smap: true, ..c };
-    assert!(walk(&mem, root, ro_user, AccessType::READ, &c).is_ok());
-    assert_eq!(
-        walk(&mem, root, ro_user, AccessType::READ, &smap),
-        prot(1, Violation::SupervisorAccess)
-    );
-    assert!(walk(&mem, root, rw_super, AccessType::WRITE, &smap).is_ok());
+    let root = b.root();
+    let prot = |violation| {
+        Err(WalkFault::Protection {
+            level: 1,
+            violation,
+        })
+    };
+    use Violation::*;
+    let cases: [(u64, AccessType, WalkConfig, Result<(), WalkFault>); 16] = [
+        (ro_user, USER_WRITE, c, prot(Write)),
+        (rw_super, USER_READ, c, prot(User)),
+        (user_under_super_table, USER_READ, c, prot(User)),
+        (xd_user, USER_EXEC, c, prot(Execute)),
+        (xd_user, SUPER_EXEC, c, prot(Execute)),
+        // Supervisor write to a read-only page: faults only with CR0.WP.
+        (ro_user, AccessType::WRITE, c, prot(Write)),
+        (ro_user, AccessType::WRITE, no_wp, Ok(())),
+        // Without NXE, XD is reserved rather than a protection.
+        (
+            xd_user,
+            USER_EXEC,
+            no_nx,
+            Err(WalkFault::ReservedBit { level: 1 }),
+        ),
+        // SMEP: supervisor fetch from a user page.
+        (ro_user, SUPER_EXEC, c, Ok(())),
+        (ro_user, SUPER_EXEC, smep, prot(SupervisorExecute)),
+        (rw_super, SUPER_EXEC, smep, Ok(())),
+        // SMAP: supervisor data access to a user page.
+        (ro_user, AccessType::READ, c, Ok(())),
+        (ro_user, AccessType::READ, smap, prot(SupervisorAccess)),
+        (rw_super, AccessType::WRITE, smap, Ok(())),
+        (rw_super, AccessType::WRITE, c, Ok(())),
+        (user_under_super_table, AccessType::READ, smap, Ok(())),
+    ];
+    for (va, access, cfg, expected) in cases {
+        assert_eq!(
+            walk(&mem, root, va, access, &cfg).map(|_| ()),
+            expected,
+            "va {va:#x} {access:?} {cfg:?}"
+        );
+    }
     // A protection fault on a large page reports the leaf level.
     b.map(0x8000_0000, 0x20_0000, PAGE_SIZE_2M, entry::USER)
         .unwrap();
     assert_eq!(
         walk(&mem, root, 0x8000_0000, USER_WRITE, &c),
-        prot(2, Violation::Write)
+        Err(WalkFault::Protection {
+            level: 2,
+            violation: Write
+        })
     );
 }
 
