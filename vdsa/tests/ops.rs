@@ -473,3 +473,22 @@ fn ats_translations_are_cached_until_invalidated() {
     g.cfg_write16(ext.ats + 6, 0);
     assert_eq!(g.iommu.cached_translations(), 0);
 }
+
+#[test]
+fn translation_errors_and_unmapped_addresses() {
+    let (mut g, mock) = guest();
+    mock.refuse_page(0x20_1000);
+    let mut d = op(Opcode::Memmove, flags::BOF);
+    d.set_src(0x10_0000).set_dst(0x20_0000).set_xfer_size(0x2000);
+    let cr = run(&mut g, d);
+    assert_eq!((cr[0], u32_at(&cr, 4), u64_at(&cr, 8)), (0x22, 0x1000, 0x20_1000), "no page request can help");
+    assert!(mock.take_page_requests().is_empty());
+    // Past the end of guest RAM: an unsupported request, read or write.
+    let beyond = MEM_SIZE as u64;
+    d.set_src(beyond - 0x800).set_dst(0x30_0000).set_xfer_size(0x1000);
+    let cr = run(&mut g, d);
+    assert_eq!((cr[0], u32_at(&cr, 4), u64_at(&cr, 8)), (0x20, 0x800, beyond));
+    d.set_src(0x30_0000).set_dst(beyond - 0x100);
+    let cr = run(&mut g, d);
+    assert_eq!((cr[0], u32_at(&cr, 4), u64_at(&cr, 8)), (0x21, 0x100, beyond));
+}

@@ -17,6 +17,8 @@ enum FaultRule {
     NotPresent,
     /// Read-only: writes fault.
     ReadOnly,
+    /// The IOMMU refuses every access.
+    Refused,
 }
 
 #[derive(Default)]
@@ -71,6 +73,12 @@ impl MockIommu {
     /// Makes the page holding `addr` read-only.
     pub fn fault_page_writes(&self, addr: u64) {
         self.lock().faults.insert(addr & !(PAGE - 1), FaultRule::ReadOnly);
+    }
+
+    /// Makes the IOMMU refuse accesses to the page holding `addr` (a
+    /// translation error no page request can fix).
+    pub fn refuse_page(&self, addr: u64) {
+        self.lock().faults.insert(addr & !(PAGE - 1), FaultRule::Refused);
     }
 
     /// Makes the page holding `addr` present and writable again.
@@ -164,6 +172,9 @@ impl MockIommu {
                         Some(FaultRule::ReadOnly) if write => {
                             return Err(fault(done, FaultKind::PageFault))
                         }
+                        Some(FaultRule::Refused) => {
+                            return Err(fault(done, FaultKind::TranslationError))
+                        }
                         _ => {}
                     }
                     state.remap.get(&page).copied().unwrap_or(page) | (at & (PAGE - 1))
@@ -216,8 +227,10 @@ impl DmaPort for MockIommu {
             return Some(Err(fault(FaultKind::TranslationError)));
         }
         let rule = state.faults.get(&page).copied();
-        if rule == Some(FaultRule::NotPresent) {
-            return Some(Err(fault(FaultKind::PageFault)));
+        match rule {
+            Some(FaultRule::NotPresent) => return Some(Err(fault(FaultKind::PageFault))),
+            Some(FaultRule::Refused) => return Some(Err(fault(FaultKind::TranslationError))),
+            _ => {}
         }
         Some(Ok(Translation {
             addr: state.remap.get(&page).copied().unwrap_or(page),

@@ -312,7 +312,8 @@ pub fn fault_record(fault: Fault, bytes_completed: usize) -> Result<CompletionRe
         Cause::Aborted => return Err(Abandoned),
     };
     let mut record = CompletionRecord::new(status);
-    record.fault_write = fault.write;
+    // The R/W bit is defined only for translation faults.
+    record.fault_write = fault.write && status.is_fault();
     record.fault_addr = fault.addr;
     record.bytes_completed = bytes_completed as u32;
     Ok(record)
