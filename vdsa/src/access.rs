@@ -100,7 +100,10 @@ impl Access<'_> {
                 if retries.page == Some(page) {
                     retries.count += 1;
                 } else {
-                    *retries = Retries { page: Some(page), count: 1 };
+                    *retries = Retries {
+                        page: Some(page),
+                        count: 1,
+                    };
                 }
                 if retries.count > MAX_PAGE_REQUESTS {
                     return Err(Cause::PageRequestInvalid);
@@ -132,10 +135,7 @@ impl Access<'_> {
 
     /// Runs `step(done)` until it succeeds, resolving faults in between;
     /// `step` returns the raw fault of the remaining part.
-    fn retrying(
-        &self,
-        mut step: impl FnMut(usize) -> Result<(), DmaFault>,
-    ) -> Result<(), Fault> {
+    fn retrying(&self, mut step: impl FnMut(usize) -> Result<(), DmaFault>) -> Result<(), Fault> {
         let mut done = 0;
         let mut retries = Retries::default();
         loop {
@@ -159,9 +159,12 @@ impl Access<'_> {
         let len = buf.len();
         self.retrying(|done| {
             let rest = &mut buf[done..];
-            self.pieces(addr.wrapping_add(done as u64), len - done, false, &mut |space, a, r| {
-                self.path.port.read(space, a, &mut rest[r])
-            })
+            self.pieces(
+                addr.wrapping_add(done as u64),
+                len - done,
+                false,
+                &mut |space, a, r| self.path.port.read(space, a, &mut rest[r]),
+            )
         })
     }
 
@@ -169,9 +172,12 @@ impl Access<'_> {
     pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), Fault> {
         self.retrying(|done| {
             let rest = &data[done..];
-            self.pieces(addr.wrapping_add(done as u64), rest.len(), true, &mut |space, a, r| {
-                self.path.port.write(space, a, &rest[r])
-            })
+            self.pieces(
+                addr.wrapping_add(done as u64),
+                rest.len(),
+                true,
+                &mut |space, a, r| self.path.port.write(space, a, &rest[r]),
+            )
         })
     }
 
@@ -182,7 +188,10 @@ impl Access<'_> {
             let dst = dst.wrapping_add(done as u64);
             let len = len - done;
             if !self.ats {
-                return self.path.port.copy(AddressSpace::Untranslated(self.tag), src, dst, len);
+                return self
+                    .path
+                    .port
+                    .copy(AddressSpace::Untranslated(self.tag), src, dst, len);
             }
             let mut moved = 0usize;
             while moved < len {
@@ -198,7 +207,10 @@ impl Access<'_> {
                         .path
                         .port
                         .copy(AddressSpace::Untranslated(self.tag), s, d, len - moved)
-                        .map_err(|f| DmaFault { done: moved + f.done, ..f });
+                        .map_err(|f| DmaFault {
+                            done: moved + f.done,
+                            ..f
+                        });
                 };
                 let room = usize::try_from(from.1.min(to.1)).unwrap_or(usize::MAX);
                 let n = room.min(len - moved);
@@ -238,8 +250,10 @@ impl Access<'_> {
                 .translation(at, write)
                 .map_err(|f| DmaFault { done, ..f })?;
             let Some((target, room)) = translated else {
-                return io(untranslated, at, done..len)
-                    .map_err(|f| DmaFault { done: done + f.done, ..f });
+                return io(untranslated, at, done..len).map_err(|f| DmaFault {
+                    done: done + f.done,
+                    ..f
+                });
             };
             let n = usize::try_from(room).unwrap_or(usize::MAX).min(len - done);
             io(AddressSpace::Translated, target, done..done + n).map_err(|f| DmaFault {
@@ -257,7 +271,12 @@ impl Access<'_> {
     /// from the ATC or a fresh ATS request; `None` when the port has no ATS.
     fn translation(&self, addr: u64, write: bool) -> Result<Option<(u64, u64)>, DmaFault> {
         let allows = |t: &Translation| if write { t.write } else { t.read };
-        let fault = |kind| DmaFault { done: 0, addr, write, kind };
+        let fault = |kind| DmaFault {
+            done: 0,
+            addr,
+            write,
+            kind,
+        };
         let cached = self.path.atc.lookup(self.tag, addr);
         let (base, t) = match cached {
             Some((base, t)) if allows(&t) => (base, t),
@@ -271,7 +290,10 @@ impl Access<'_> {
                     Some(Err(f)) => return Err(fault(f.kind)),
                     Some(Ok(t)) => {
                         let base = self.path.atc.insert(self.tag, addr, t);
-                        (base, self.path.atc.lookup(self.tag, addr).map_or(t, |h| h.1))
+                        (
+                            base,
+                            self.path.atc.lookup(self.tag, addr).map_or(t, |h| h.1),
+                        )
                     }
                 }
             }

@@ -47,7 +47,13 @@ impl Atc {
     pub fn insert(&self, tag: Option<PasidTag>, addr: u64, translation: Translation) -> u64 {
         let size = translation.size.max(PAGE_SIZES[0]).next_power_of_two();
         let base = addr & !(size - 1);
-        self.lock().insert((tag, base), Translation { size, ..translation });
+        self.lock().insert(
+            (tag, base),
+            Translation {
+                size,
+                ..translation
+            },
+        );
         base
     }
 
@@ -83,16 +89,27 @@ mod tests {
     use super::*;
 
     fn page(addr: u64, size: u64) -> Translation {
-        Translation { addr, size, read: true, write: true }
+        Translation {
+            addr,
+            size,
+            read: true,
+            write: true,
+        }
     }
 
     #[test]
     fn lookup_and_invalidate() {
         let atc = Atc::default();
-        let tag = Some(PasidTag { pasid: 7, privileged: false });
+        let tag = Some(PasidTag {
+            pasid: 7,
+            privileged: false,
+        });
         assert_eq!(atc.insert(tag, 0x20_1234, page(0x9000, 0x1000)), 0x20_1000);
         atc.insert(tag, 0x40_0000, page(0x80_0000, 1 << 21));
-        assert_eq!(atc.lookup(tag, 0x20_1fff), Some((0x20_1000, page(0x9000, 0x1000))));
+        assert_eq!(
+            atc.lookup(tag, 0x20_1fff),
+            Some((0x20_1000, page(0x9000, 0x1000)))
+        );
         assert_eq!(atc.lookup(tag, 0x5f_0000).map(|h| h.0), Some(0x40_0000));
         assert_eq!(atc.lookup(None, 0x20_1000), None, "other tag misses");
         atc.invalidate(Some(8), 0, u64::MAX);

@@ -114,7 +114,11 @@ const INT_HANDLE_IMS: u32 = 1 << 16;
 pub(crate) fn run(inner: Arc<Inner>, commands: Receiver<CmdReg>) {
     while let Ok(cmd) = commands.recv() {
         let (err, result) = inner.execute(cmd);
-        log::debug!("DSA command {:#x} operand {:#x}: status {err:#x}", cmd.cmd(), cmd.operand());
+        log::debug!(
+            "DSA command {:#x} operand {:#x}: status {err:#x}",
+            cmd.cmd(),
+            cmd.operand()
+        );
         let mut regs = inner.regs();
         let mut sts = CmdSts(0);
         sts.set_err(err).set_result(result);
@@ -155,7 +159,11 @@ impl Inner {
     }
 
     fn groups(&self) -> Vec<Arc<Group>> {
-        self.runtime.lock().unwrap_or_else(|e| e.into_inner()).groups.clone()
+        self.runtime
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .groups
+            .clone()
     }
 
     fn route(&self, wq: usize) -> Option<(Arc<Group>, usize)> {
@@ -232,7 +240,10 @@ impl Inner {
             if g.engines == 0 {
                 continue;
             }
-            let wqs: Vec<u8> = (0..num_wqs).filter(|&wq| g.has_wq(wq)).map(|wq| wq as u8).collect();
+            let wqs: Vec<u8> = (0..num_wqs)
+                .filter(|&wq| g.has_wq(wq))
+                .map(|wq| wq as u8)
+                .collect();
             let group = Arc::new(Group::new(id, &wqs, g.engines.count_ones() as usize));
             for (slot, &wq) in wqs.iter().enumerate() {
                 routes[usize::from(wq)] = Some(Route {
@@ -275,12 +286,18 @@ impl Inner {
             }
         }
         for group in self.groups() {
-            group.lock().wqs.iter_mut().for_each(|q| q.accepting = false);
+            group
+                .lock()
+                .wqs
+                .iter_mut()
+                .for_each(|q| q.accepting = false);
             group.wait_until(None, |state| !state.pending(u64::MAX, |_, _| true));
         }
         self.stop_engines(false);
         let mut regs = self.regs();
-        regs.wq_state.iter_mut().for_each(|s| *s = WqState::Disabled);
+        regs.wq_state
+            .iter_mut()
+            .for_each(|s| *s = WqState::Disabled);
         regs.set_state(DeviceState::Disabled);
         OK
     }
@@ -352,16 +369,24 @@ impl Inner {
                 status::BOF_EN,
             ),
             (
-                (!cfg.dedicated() && !cfg.pasid_en()) || (cfg.pasid_en() && !PcieState::get(&pcie.pasid)),
+                (!cfg.dedicated() && !cfg.pasid_en())
+                    || (cfg.pasid_en() && !PcieState::get(&pcie.pasid)),
                 status::PASID_EN,
             ),
             (
-                cfg.max_batch_shift() == 0 || u64::from(cfg.max_batch_shift()) > gencap.max_batch_shift(),
+                cfg.max_batch_shift() == 0
+                    || u64::from(cfg.max_batch_shift()) > gencap.max_batch_shift(),
                 status::MAX_BATCH_SIZE,
             ),
-            (u64::from(cfg.max_xfer_shift()) > gencap.max_xfer_shift(), status::MAX_XFER_SIZE),
             (
-                cfg.dedicated() && cfg.pasid_en() && cfg.privileged() && !PcieState::get(&pcie.pasid_priv),
+                u64::from(cfg.max_xfer_shift()) > gencap.max_xfer_shift(),
+                status::MAX_XFER_SIZE,
+            ),
+            (
+                cfg.dedicated()
+                    && cfg.pasid_en()
+                    && cfg.privileged()
+                    && !PcieState::get(&pcie.pasid_priv),
                 status::WQ_PRIV,
             ),
             (
@@ -414,7 +439,9 @@ impl Inner {
         };
         let selected = |wq: u8, _pasid: Option<u32>| enabled.contains(&usize::from(wq));
         for &wq in &enabled {
-            let Some((group, slot)) = self.route(wq) else { continue };
+            let Some((group, slot)) = self.route(wq) else {
+                continue;
+            };
             if matches!(command, WqCommand::Disable | WqCommand::Reset) {
                 group.lock().wqs[slot].accepting = false;
             }
@@ -449,7 +476,14 @@ impl Inner {
         let index = (operand & 0xffff) as usize;
         if operand & INT_HANDLE_IMS != 0 {
             // No interrupt message storage: no IMS handle exists.
-            return (if request { status::NO_HANDLE } else { status::INVAL_INT_IDX }, 0);
+            return (
+                if request {
+                    status::NO_HANDLE
+                } else {
+                    status::INVAL_INT_IDX
+                },
+                0,
+            );
         }
         let Some(handle) = self.int_handles.get(index) else {
             return (status::INVAL_INT_IDX, 0);

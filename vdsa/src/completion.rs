@@ -146,7 +146,13 @@ mod tests {
         assert_eq!(b[0], 0x83);
         assert_eq!(b[1], 1);
         assert_eq!(&b[4..8], &[0x34, 0x12, 0, 0]);
-        assert_eq!(u64::from_le_bytes(b[8..16].try_into().unwrap()), 0xdead_b000);
-        assert_eq!(u32::from_le_bytes(b[16..20].try_into().unwrap()), 0xe306_9283);
+        assert_eq!(
+            u64::from_le_bytes(b[8..16].try_into().unwrap()),
+            0xdead_b000
+        );
+        assert_eq!(
+            u32::from_le_bytes(b[16..20].try_into().unwrap()),
+            0xe306_9283
+        );
     }
 }

@@ -75,13 +75,31 @@ pub enum DsaError {
 
 impl DsaConfig {
     fn validate(&self) -> Result<(), DsaError> {
-        let check = |ok: bool, what| if ok { Ok(()) } else { Err(DsaError::InvalidConfig(what)) };
+        let check = |ok: bool, what| {
+            if ok {
+                Ok(())
+            } else {
+                Err(DsaError::InvalidConfig(what))
+            }
+        };
         check((1..=16).contains(&self.num_wqs), "num_wqs must be 1 to 16")?;
-        check((1..=8).contains(&self.num_engines), "num_engines must be 1 to 8")?;
-        check((1..=8).contains(&self.num_groups), "num_groups must be 1 to 8")?;
+        check(
+            (1..=8).contains(&self.num_engines),
+            "num_engines must be 1 to 8",
+        )?;
+        check(
+            (1..=8).contains(&self.num_groups),
+            "num_groups must be 1 to 8",
+        )?;
         check(self.total_wq_size > 0, "total_wq_size must not be 0")?;
-        check((12..=31).contains(&self.max_xfer_shift), "max_xfer_shift must be 12 to 31")?;
-        check((1..=15).contains(&self.max_batch_shift), "max_batch_shift must be 1 to 15")
+        check(
+            (12..=31).contains(&self.max_xfer_shift),
+            "max_xfer_shift must be 12 to 31",
+        )?;
+        check(
+            (1..=15).contains(&self.max_batch_shift),
+            "max_batch_shift must be 1 to 15",
+        )
     }
 
     /// MSI-X vectors: one per WQ plus the misc vector 0.
@@ -114,7 +132,10 @@ impl RegFile {
             swerr: SwErrReg::default(),
             wqcfg: vec![WqCfg::reset_value(&caps.opcap); usize::from(config.num_wqs)],
             wq_state: vec![WqState::Disabled; usize::from(config.num_wqs)],
-            grpcfg: vec![GrpCfg::reset_value(caps.grpcap.total_rdbufs()); usize::from(config.num_groups)],
+            grpcfg: vec![
+                GrpCfg::reset_value(caps.grpcap.total_rdbufs());
+                usize::from(config.num_groups)
+            ],
         }
     }
 
@@ -178,7 +199,9 @@ pub(crate) struct Inner {
 impl Inner {
     /// A strong reference to this state (for threads it starts).
     pub fn self_arc(&self) -> Arc<Inner> {
-        self.me.upgrade().expect("Inner is alive while its methods run")
+        self.me
+            .upgrade()
+            .expect("Inner is alive while its methods run")
     }
 
     pub fn regs(&self) -> MutexGuard<'_, RegFile> {
@@ -255,7 +278,8 @@ impl Inner {
         let caps = &self.caps;
         let lo_hi = |v: u64, at: u64, base: u64| (v >> (8 * (at - base))) as u32;
         let table = |base: u64, entry: u64, count: usize| {
-            (at >= base && at < base + entry * count as u64).then(|| ((at - base) / entry, (at - base) % entry))
+            (at >= base && at < base + entry * count as u64)
+                .then(|| ((at - base) / entry, (at - base) % entry))
         };
         if let Some((wq, off)) = table(layout::WQCFG, layout::WQCFG_SIZE, regs.wqcfg.len()) {
             let dw = (off / 4) as usize;
@@ -268,8 +292,16 @@ impl Inner {
             let q = regs.grpcfg[g as usize].qword(off & !7);
             return lo_hi(q, off & 4, 0);
         }
-        if let Some((v, off)) = table(layout::MSIX_PERM, layout::MSIX_PERM_SIZE, self.msix_perm.len()) {
-            return if off == 0 { self.msix_perm[v as usize].load(Ordering::SeqCst) } else { 0 };
+        if let Some((v, off)) = table(
+            layout::MSIX_PERM,
+            layout::MSIX_PERM_SIZE,
+            self.msix_perm.len(),
+        ) {
+            return if off == 0 {
+                self.msix_perm[v as usize].load(Ordering::SeqCst)
+            } else {
+                0
+            };
         }
         match at {
             offset::VERSION => DEVICE_VERSION_1,
@@ -300,10 +332,12 @@ impl Inner {
     }
 
     fn write_dword(&self, regs: &mut RegFile, at: u64, value: u32, mask: u32) {
-        let merge = |old: u32, writable: u32| (old & !(mask & writable)) | (value & mask & writable);
+        let merge =
+            |old: u32, writable: u32| (old & !(mask & writable)) | (value & mask & writable);
         let disabled = regs.state() == DeviceState::Disabled;
         let table = |base: u64, entry: u64, count: usize| {
-            (at >= base && at < base + entry * count as u64).then(|| ((at - base) / entry, (at - base) % entry))
+            (at >= base && at < base + entry * count as u64)
+                .then(|| ((at - base) / entry, (at - base) % entry))
         };
         if let Some((wq, off)) = table(layout::WQCFG, layout::WQCFG_SIZE, regs.wqcfg.len()) {
             let wq = wq as usize;
@@ -316,14 +350,25 @@ impl Inner {
         if let Some((g, off)) = table(layout::GRPCFG, layout::GRPCFG_SIZE, regs.grpcfg.len()) {
             if disabled {
                 let shift = 8 * (off & 4);
-                regs.grpcfg[g as usize].write_qword(off & !7, u64::from(value) << shift, u64::from(mask) << shift);
+                regs.grpcfg[g as usize].write_qword(
+                    off & !7,
+                    u64::from(value) << shift,
+                    u64::from(mask) << shift,
+                );
             }
             return;
         }
-        if let Some((v, off)) = table(layout::MSIX_PERM, layout::MSIX_PERM_SIZE, self.msix_perm.len()) {
+        if let Some((v, off)) = table(
+            layout::MSIX_PERM,
+            layout::MSIX_PERM_SIZE,
+            self.msix_perm.len(),
+        ) {
             if off == 0 {
                 let perm = &self.msix_perm[v as usize];
-                perm.store(merge(perm.load(Ordering::SeqCst), MsixPerm::WRITABLE), Ordering::SeqCst);
+                perm.store(
+                    merge(perm.load(Ordering::SeqCst), MsixPerm::WRITABLE),
+                    Ordering::SeqCst,
+                );
             }
             return;
         }
@@ -380,7 +425,8 @@ impl Inner {
         }
         let regs = self.regs();
         let value = if len == 8 {
-            u64::from(self.read_dword(&regs, at)) | (u64::from(self.read_dword(&regs, at + 4)) << 32)
+            u64::from(self.read_dword(&regs, at))
+                | (u64::from(self.read_dword(&regs, at + 4)) << 32)
         } else {
             u64::from(self.read_dword(&regs, at & !3) >> (8 * (at & 3)))
         };
@@ -395,7 +441,9 @@ impl Inner {
             return;
         }
         if (layout::MSIX_TABLE..layout::MSIX_PBA).contains(&at) {
-            return self.msix().table_write(at - layout::MSIX_TABLE, data, &*self.msi);
+            return self
+                .msix()
+                .table_write(at - layout::MSIX_TABLE, data, &*self.msi);
         }
         if at >= layout::MSIX_PBA {
             return;
@@ -472,7 +520,11 @@ pub struct Dsa {
 impl Dsa {
     /// Creates the device. All its memory accesses go through `dma`; its
     /// MSI-X messages go to `msi`.
-    pub fn new(config: DsaConfig, dma: Arc<dyn DmaPort>, msi: Arc<dyn MsiSink>) -> Result<Self, DsaError> {
+    pub fn new(
+        config: DsaConfig,
+        dma: Arc<dyn DmaPort>,
+        msi: Arc<dyn MsiSink>,
+    ) -> Result<Self, DsaError> {
         config.validate()?;
         let caps = Capabilities::new(&config);
         let mut msix = MsixConfig::new(config.vectors());
@@ -536,7 +588,8 @@ impl Dsa {
 
     fn refresh_pri_status(&mut self) {
         let (rf, uprgi, idle) = self.inner.prs.status();
-        let enabled = self.config.read_u16(self.ext.pri_ctrl()) & config_space::PRI_CTRL_ENABLE != 0;
+        let enabled =
+            self.config.read_u16(self.ext.pri_ctrl()) & config_space::PRI_CTRL_ENABLE != 0;
         let mut status = config_space::PRI_STATUS_PASID_REQUIRED;
         if rf {
             status |= config_space::PRI_STATUS_RF;
@@ -553,7 +606,11 @@ impl Dsa {
 
 impl Drop for Dsa {
     fn drop(&mut self) {
-        self.inner.commands.lock().unwrap_or_else(|e| e.into_inner()).take();
+        self.inner
+            .commands
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         if let Some(thread) = self.command_thread.take() {
             let _ = thread.join();
         }
@@ -600,8 +657,10 @@ impl PciDevice for Dsa {
         self.config.write(offset, data);
         let pri_ctrl = self.config.read_u16(self.ext.pri_ctrl());
         if pri_ctrl & config_space::PRI_CTRL_RESET != 0 {
-            self.config
-                .set_u16(self.ext.pri_ctrl(), pri_ctrl & !config_space::PRI_CTRL_RESET);
+            self.config.set_u16(
+                self.ext.pri_ctrl(),
+                pri_ctrl & !config_space::PRI_CTRL_RESET,
+            );
             if pri_ctrl & config_space::PRI_CTRL_ENABLE == 0 {
                 self.inner.prs.reset();
             }
@@ -648,7 +707,13 @@ impl PciDevice for Dsa {
         }
     }
 
-    fn bar_store64(&mut self, bar: u8, offset: u64, data: &[u8; 64], kind: StoreKind) -> StoreReply {
+    fn bar_store64(
+        &mut self,
+        bar: u8,
+        offset: u64,
+        data: &[u8; 64],
+        kind: StoreKind,
+    ) -> StoreReply {
         match (bar, kind) {
             (2, _) => self.inner.submit(offset, data, kind),
             (_, StoreKind::Movdir64b) => {

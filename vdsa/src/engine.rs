@@ -9,7 +9,7 @@
 //! completed. Administrative drains and aborts wait on the same state.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -24,6 +24,9 @@ use crate::wqcfg::WqCfg;
 
 /// How often a waiter re-checks for an abort.
 const POLL: Duration = Duration::from_millis(20);
+/// How long an idle engine polls for new work before it sleeps: a futex
+/// wake-up costs several microseconds, more than most descriptors take.
+const IDLE_SPIN: Duration = Duration::from_micros(50);
 
 /// A WQ's configuration, fixed when the WQ was enabled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -178,6 +181,9 @@ pub struct Group {
     idle: Condvar,
     /// Per-engine abort flags for the descriptor being run.
     cancel: Vec<AtomicBool>,
+    /// Descriptors queued in all WQs of the group (read without the lock
+    /// by idle engines).
+    queued: AtomicUsize,
 }
 
 impl Group {
@@ -202,6 +208,7 @@ impl Group {
             work: Condvar::new(),
             idle: Condvar::new(),
             cancel: (0..engines).map(|_| AtomicBool::new(false)).collect(),
+            queued: AtomicUsize::new(0),
         }
     }
 
@@ -216,10 +223,20 @@ impl Group {
     }
 
     /// Queues `item` on WQ slot `slot` and wakes an engine.
-    pub fn push(&self, mut state: MutexGuard<'_, GroupState>, slot: usize, desc: Descriptor, pasid: Option<u32>) {
+    pub fn push(
+        &self,
+        mut state: MutexGuard<'_, GroupState>,
+        slot: usize,
+        desc: Descriptor,
+        pasid: Option<u32>,
+    ) {
         let ticket = state.next_ticket;
         state.next_ticket += 1;
-        state.wqs[slot].queue.push_back(Queued { ticket, desc, pasid });
+        state.wqs[slot].queue.push_back(Queued {
+            ticket,
+            desc,
+            pasid,
+        });
         let wake = state.sleepers > 0;
         drop(state);
         if wake {
@@ -229,7 +246,11 @@ impl Group {
 
     /// Waits until `done(state)` holds or `cancel` is set; returns whether
     /// the condition held.
-    pub fn wait_until(&self, cancel: Option<&AtomicBool>, mut done: impl FnMut(&GroupState) -> bool) -> bool {
+    pub fn wait_until(
+        &self,
+        cancel: Option<&AtomicBool>,
+        mut done: impl FnMut(&GroupState) -> bool,
+    ) -> bool {
         let mut state = self.lock();
         loop {
             if done(&state) {
@@ -255,7 +276,10 @@ impl Group {
         let mut state = self.lock();
         for q in state.wqs.iter_mut() {
             let id = q.id;
+            let before = q.queue.len();
             q.queue.retain(|item| !pred(id, item.pasid));
+            self.queued
+                .fetch_sub(before - q.queue.len(), Ordering::SeqCst);
         }
         for f in &state.in_flight {
             if pred(f.wq, f.pasid) {
@@ -276,8 +300,10 @@ impl Group {
         loop {
             let (item, wq) = {
                 let mut state = group.lock();
+                let mut spun = false;
                 loop {
                     if let Some((item, wq)) = state.pick() {
+                        group.queued.fetch_sub(1, Ordering::SeqCst);
                         // In flight before the lock drops, so drains never
                         // miss it.
                         state.in_flight.push(InFlight {
@@ -292,6 +318,19 @@ impl Group {
                     if state.shutdown {
                         return;
                     }
+                    if !spun {
+                        drop(state);
+                        let start = std::time::Instant::now();
+                        while group.queued.load(Ordering::SeqCst) == 0
+                            && start.elapsed() < IDLE_SPIN
+                        {
+                            std::hint::spin_loop();
+                        }
+                        spun = true;
+                        state = group.lock();
+                        continue;
+                    }
+                    spun = false;
                     state.sleepers += 1;
                     state = group.work.wait(state).unwrap_or_else(|e| e.into_inner());
                     state.sleepers -= 1;
@@ -360,7 +399,13 @@ impl Submission<'_> {
         }
     }
 
-    fn software_error(&self, code: Status, info: DescInfo, fault: Option<(u64, bool)>, extra: Option<u32>) {
+    fn software_error(
+        &self,
+        code: Status,
+        info: DescInfo,
+        fault: Option<(u64, bool)>,
+        extra: Option<u32>,
+    ) {
         self.inner.record_software_error(&SoftwareError {
             code: code as u8,
             wq: Some(self.wq.id),
@@ -406,10 +451,17 @@ impl Submission<'_> {
             max_batch: self.wq.max_batch,
             op_config: self.wq.op_config,
             int_handle_ok: !desc.has(flags::RCI)
-                || self.inner.interrupt_handle_ok(desc.int_handle(), pasid_en, self.tag.map(|t| t.pasid)),
+                || self.inner.interrupt_handle_ok(
+                    desc.int_handle(),
+                    pasid_en,
+                    self.tag.map(|t| t.pasid),
+                ),
         };
         let (record, interrupt) = match ops::check(desc, &ctx) {
-            Err(rejection) => (rejection.record(), rejection.status != Status::IntHandleInval),
+            Err(rejection) => (
+                rejection.record(),
+                rejection.status != Status::IntHandleInval,
+            ),
             Ok(Opcode::Batch) => (self.batch(desc).ok()?, true),
             Ok(Opcode::Drain) => {
                 if !self.drain() {
@@ -429,11 +481,14 @@ impl Submission<'_> {
     /// shared WQ); false if aborted.
     fn drain(&self) -> bool {
         let (wq, ticket) = (self.wq.id, self.ticket);
-        let pasid = (!self.wq.dedicated).then(|| self.tag.map(|t| t.pasid)).flatten();
+        let pasid = (!self.wq.dedicated)
+            .then(|| self.tag.map(|t| t.pasid))
+            .flatten();
         self.group.wait_until(Some(self.cancel()), |state| {
-            !state.in_flight.iter().any(|f| {
-                f.ticket < ticket && f.wq == wq && (pasid.is_none() || f.pasid == pasid)
-            })
+            !state
+                .in_flight
+                .iter()
+                .any(|f| f.ticket < ticket && f.wq == wq && (pasid.is_none() || f.pasid == pasid))
         })
     }
 
@@ -464,16 +519,28 @@ impl Submission<'_> {
             failed |= status != Status::Success;
             processed += 1;
         }
-        let mut record = CompletionRecord::new(if failed { Status::BatchFail } else { Status::Success });
+        let mut record = CompletionRecord::new(if failed {
+            Status::BatchFail
+        } else {
+            Status::Success
+        });
         record.bytes_completed = processed;
         Ok(record)
     }
 
     /// Writes the completion record (status byte last), reports errors that
     /// have no record in SWERROR, and raises the completion interrupt.
-    fn deliver(&self, desc: &Descriptor, record: &CompletionRecord, interrupt: bool, info: DescInfo) -> Status {
+    fn deliver(
+        &self,
+        desc: &Descriptor,
+        record: &CompletionRecord,
+        interrupt: bool,
+        info: DescInfo,
+    ) -> Status {
         let status = record.status;
-        let fault = status.is_fault().then_some((record.fault_addr, record.fault_write));
+        let fault = status
+            .is_fault()
+            .then_some((record.fault_addr, record.fault_write));
         let invalid_flags = (status == Status::InvalidFlags).then(|| {
             let mut b = [0u8; 4];
             b.copy_from_slice(&record.op_specific[..4]);
@@ -484,12 +551,10 @@ impl Submission<'_> {
                 let bytes = record.to_bytes();
                 let target = desc.completion_addr();
                 let cr = self.access(true);
-                let written = cr
-                    .write(target + 1, &bytes[1..])
-                    .and_then(|()| {
-                        std::sync::atomic::fence(Ordering::Release);
-                        cr.write(target, &bytes[..1])
-                    });
+                let written = cr.write(target + 1, &bytes[1..]).and_then(|()| {
+                    std::sync::atomic::fence(Ordering::Release);
+                    cr.write(target, &bytes[..1])
+                });
                 if let Err(fault) = written {
                     if fault.cause != Cause::Aborted {
                         self.software_error(Status::CraXlat, info, Some((target, true)), None);
@@ -501,7 +566,8 @@ impl Submission<'_> {
                 self.software_error(status, info, None, Some(u32::from(desc.int_handle())));
             }
         } else if !status.is_quiet() {
-            let extra = invalid_flags.or((status == Status::IntHandleInval).then(|| u32::from(desc.int_handle())));
+            let extra = invalid_flags
+                .or((status == Status::IntHandleInval).then(|| u32::from(desc.int_handle())));
             self.software_error(status, info, fault, extra);
         }
         if interrupt && desc.has(flags::RCI) {

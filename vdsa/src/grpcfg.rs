@@ -67,7 +67,8 @@ impl GrpCfg {
     /// A guest write to the qword at byte offset `at`, `mask` selecting the
     /// bytes written. Callers drop writes while the device is enabled.
     pub fn write_qword(&mut self, at: u64, value: u64, mask: u64) {
-        let merge = |old: u64, writable: u64| (old & !(mask & writable)) | (value & mask & writable);
+        let merge =
+            |old: u64, writable: u64| (old & !(mask & writable)) | (value & mask & writable);
         match at {
             0..=31 => {
                 let slot = &mut self.wqs[(at / 8) as usize];

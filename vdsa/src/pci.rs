@@ -116,7 +116,12 @@ pub fn build(
     let mut body = [0u8; 4];
     body[..2].copy_from_slice(&ATS_CAP.to_le_bytes());
     let ats_writable = (ATS_CTRL_ENABLE | 0x1f).to_le_bytes();
-    let ats = config.add_extended_capability(ext_cap_id::ATS, 1, &body, &[0, 0, ats_writable[0], ats_writable[1]])?;
+    let ats = config.add_extended_capability(
+        ext_cap_id::ATS,
+        1,
+        &body,
+        &[0, 0, ats_writable[0], ats_writable[1]],
+    )?;
 
     body[..2].copy_from_slice(&PASID_CAP.to_le_bytes());
     let pasid_writable = (PASID_CTRL_ENABLE | PASID_CTRL_EXEC | PASID_CTRL_PRIV).to_le_bytes();
@@ -163,8 +168,14 @@ impl PcieState {
         set(&self.bus_master, config.bus_master_enabled());
         set(&self.pasid, pasid & PASID_CTRL_ENABLE != 0);
         set(&self.pasid_priv, pasid & PASID_CTRL_PRIV != 0);
-        set(&self.ats, config.read_u16(caps.ats_ctrl()) & ATS_CTRL_ENABLE != 0);
-        set(&self.pri, config.read_u16(caps.pri_ctrl()) & PRI_CTRL_ENABLE != 0);
+        set(
+            &self.ats,
+            config.read_u16(caps.ats_ctrl()) & ATS_CTRL_ENABLE != 0,
+        );
+        set(
+            &self.pri,
+            config.read_u16(caps.pri_ctrl()) & PRI_CTRL_ENABLE != 0,
+        );
         self.pri_alloc
             .store(config.read_u32(caps.pri_alloc()), Ordering::SeqCst);
     }

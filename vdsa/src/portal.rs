@@ -48,7 +48,11 @@ impl Inner {
     /// dropped; enqueue stores get Retry, posted ones get no answer.
     pub(crate) fn submit(&self, offset: u64, data: &[u8; 64], kind: StoreKind) -> StoreReply {
         let enqueue = kind != StoreKind::Movdir64b;
-        let rejected = if enqueue { StoreReply::Retry } else { StoreReply::Accepted };
+        let rejected = if enqueue {
+            StoreReply::Retry
+        } else {
+            StoreReply::Accepted
+        };
         let Some(portal) = Portal::decode(offset) else {
             return rejected;
         };
@@ -113,9 +117,30 @@ mod tests {
 
     #[test]
     fn decode_portals() {
-        assert_eq!(Portal::decode(0x1000), Some(Portal { wq: 0, limited: true, ims: false }));
-        assert_eq!(Portal::decode(0x4fc0), Some(Portal { wq: 1, limited: false, ims: false }));
-        assert_eq!(Portal::decode(0x7040), Some(Portal { wq: 1, limited: true, ims: true }));
+        assert_eq!(
+            Portal::decode(0x1000),
+            Some(Portal {
+                wq: 0,
+                limited: true,
+                ims: false
+            })
+        );
+        assert_eq!(
+            Portal::decode(0x4fc0),
+            Some(Portal {
+                wq: 1,
+                limited: false,
+                ims: false
+            })
+        );
+        assert_eq!(
+            Portal::decode(0x7040),
+            Some(Portal {
+                wq: 1,
+                limited: true,
+                ims: true
+            })
+        );
         assert_eq!(Portal::decode(0x1020), None);
         assert_eq!(Portal::offset(3, true), 0xd000);
     }

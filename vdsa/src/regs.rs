@@ -358,7 +358,11 @@ impl Capabilities {
             .set_wqcfg(layout::WQCFG / 0x100)
             .set_msix_perm(layout::MSIX_PERM / 0x100);
         // Commands 1 (Enable Device) to 14 (Release Interrupt Handle).
-        let cmdcap = if config.interrupt_handles { 0x7ffe } else { 0x1ffe };
+        let cmdcap = if config.interrupt_handles {
+            0x7ffe
+        } else {
+            0x1ffe
+        };
         Self {
             gencap,
             wqcap,

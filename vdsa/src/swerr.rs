@@ -96,7 +96,9 @@ impl SwErrReg {
         }
         let overflow = q0.overflow();
         let mut q0 = SwErrQ0(0);
-        q0.set_valid(1).set_overflow(overflow).set_error(u64::from(err.code));
+        q0.set_valid(1)
+            .set_overflow(overflow)
+            .set_error(u64::from(err.code));
         if let Some(wq) = err.wq {
             q0.set_wq_idx_valid(1).set_wq_idx(u64::from(wq));
         }

@@ -211,7 +211,10 @@ mod tests {
         cfg.write(0, 16, u32::MAX, true, true);
         cfg.write(2, 0, u32::MAX, false, false);
         assert!(cfg.dedicated(), "mode is read-only while the WQ is enabled");
-        assert!(cfg.write(1, 8, u32::MAX, false, false), "threshold always writable");
+        assert!(
+            cfg.write(1, 8, u32::MAX, false, false),
+            "threshold always writable"
+        );
         assert_eq!(cfg.threshold(), 8);
         // PRS disable (bit 3) is hardwired to 0; status dword is read-only.
         cfg.write(2, 0x8, u32::MAX, true, true);

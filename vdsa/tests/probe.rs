@@ -22,27 +22,59 @@ fn identity_guest(config: DsaConfig) -> Guest {
 fn configuration_space_is_what_linux_checks() {
     let mut g = identity_guest(DsaConfig::default());
     assert_eq!(g.cfg_read32(0x00), 0x0b25_8086);
-    assert_eq!(g.cfg_read32(0x08) >> 8, 0x08_8000, "class: other system peripheral");
+    assert_eq!(
+        g.cfg_read32(0x08) >> 8,
+        0x08_8000,
+        "class: other system peripheral"
+    );
     assert_eq!(g.cfg_read32(0x10), 0xfe00_000c, "BAR0: 64-bit prefetchable");
     assert_eq!(g.cfg_read32(0x18), 0xfd00_000c, "BAR2: 64-bit prefetchable");
     let pcie = g.find_cap(cap_id::PCI_EXPRESS);
-    assert_eq!(g.cfg_read16(pcie + 2), 0x0092, "PCIe v2, root complex integrated endpoint");
-    assert_eq!(g.cfg_read32(pcie + 0x24) & (1 << 21), 1 << 21, "end-end TLP prefix");
+    assert_eq!(
+        g.cfg_read16(pcie + 2),
+        0x0092,
+        "PCIe v2, root complex integrated endpoint"
+    );
+    assert_eq!(
+        g.cfg_read32(pcie + 0x24) & (1 << 21),
+        1 << 21,
+        "end-end TLP prefix"
+    );
     let msix = g.find_cap(cap_id::MSIX);
-    assert_eq!(g.cfg_read16(msix + 2) & 0x7ff, 8, "9 vectors: one per WQ plus misc");
+    assert_eq!(
+        g.cfg_read16(msix + 2) & 0x7ff,
+        8,
+        "9 vectors: one per WQ plus misc"
+    );
     assert_eq!(g.cfg_read32(msix + 4), 0x1000, "table in BAR0 at 0x1000");
     assert_eq!(g.cfg_read32(msix + 8), 0x1800, "PBA in BAR0 at 0x1800");
     let ext = g.dsa.extended_capabilities();
     assert_eq!(g.cfg_read32(ext.ats) & 0xf_ffff, 0x1_000f);
-    assert_eq!(g.cfg_read16(ext.ats + 4), 0x0060, "page-aligned requests, global invalidate");
+    assert_eq!(
+        g.cfg_read16(ext.ats + 4),
+        0x0060,
+        "page-aligned requests, global invalidate"
+    );
     assert_eq!(g.cfg_read32(ext.pasid) & 0xf_ffff, 0x1_001b);
-    assert_eq!(g.cfg_read16(ext.pasid + 4), 0x1406, "20-bit PASID, exec, privileged");
+    assert_eq!(
+        g.cfg_read16(ext.pasid + 4),
+        0x1406,
+        "20-bit PASID, exec, privileged"
+    );
     assert_eq!(g.cfg_read32(ext.pri) & 0xf_ffff, 0x1_0013);
-    assert_eq!(g.cfg_read16(ext.pri + 6), 0x8100, "PRG response PASID required, stopped");
+    assert_eq!(
+        g.cfg_read16(ext.pri + 6),
+        0x8100,
+        "PRG response PASID required, stopped"
+    );
     assert_eq!(g.cfg_read32(ext.pri + 8), 0x200);
     g.enable_pasid_pri_ats();
     assert_eq!(g.cfg_read16(ext.pasid + 6), 0b101);
-    assert_eq!(g.cfg_read16(ext.pri + 6), 0x8000, "enabled PRI is not stopped");
+    assert_eq!(
+        g.cfg_read16(ext.pri + 6),
+        0x8000,
+        "enabled PRI is not stopped"
+    );
     assert_eq!(g.cfg_read16(ext.ats + 6), 0x8000);
 }
 
@@ -67,7 +99,10 @@ fn capability_registers() {
     g.dsa.bar_read(2, 0x1000, &mut b);
     assert_eq!(b, [0xff; 8]);
 
-    let mut g = identity_guest(DsaConfig { interrupt_handles: false, ..DsaConfig::default() });
+    let mut g = identity_guest(DsaConfig {
+        interrupt_handles: false,
+        ..DsaConfig::default()
+    });
     assert_eq!(g.read64(offset::GENCAP), 0x815f_0007, "no cmd_cap");
     assert_eq!(g.read32(offset::CMDCAP), 0);
 }
@@ -86,20 +121,35 @@ fn linux_probe_sequence() {
     let gencap = g.read64(offset::GENCAP);
     assert_eq!(gencap >> 31 & 1, 1, "configurable");
     let offsets = g.read64(offset::OFFSETS);
-    let (grpcfg, wqcfg, perm) = ((offsets & 0xffff) * 0x100, (offsets >> 16 & 0xffff) * 0x100, (offsets >> 32 & 0xffff) * 0x100);
+    let (grpcfg, wqcfg, perm) = (
+        (offsets & 0xffff) * 0x100,
+        (offsets >> 16 & 0xffff) * 0x100,
+        (offsets >> 32 & 0xffff) * 0x100,
+    );
     assert_eq!((grpcfg, wqcfg, perm), (0x400, 0x800, 0x300));
 
     // idxd_setup_interrupts.
     g.enable_msix();
     g.write32(offset::GENCTRL, 0b11);
     for v in 1..=8u32 {
-        assert_eq!(g.command(13, v), v << 8, "handle of vector {v} is its index");
+        assert_eq!(
+            g.command(13, v),
+            v << 8,
+            "handle of vector {v} is its index"
+        );
     }
 
     // idxd_device_config with wq0 as a kernel dedicated WQ in group 0.
     let spec = WqSpec::dedicated(0, 0);
     for wq in 0..8 {
-        let s = if wq == 0 { spec } else { WqSpec { size: 0, ..WqSpec::dedicated(wq, 0) } };
+        let s = if wq == 0 {
+            spec
+        } else {
+            WqSpec {
+                size: 0,
+                ..WqSpec::dedicated(wq, 0)
+            }
+        };
         if wq == 0 {
             g.write_wq(&s);
         }
@@ -115,7 +165,11 @@ fn linux_probe_sequence() {
     }
     assert_eq!(g.command(1, 0), 0, "ENABLE_DEVICE");
     assert_eq!(g.read32(offset::GENSTS), 1);
-    assert_eq!(g.read32(offset::INTCAUSE), 0, "INTCAUSE is write-1-to-clear");
+    assert_eq!(
+        g.read32(offset::INTCAUSE),
+        0,
+        "INTCAUSE is write-1-to-clear"
+    );
     assert_eq!(g.command(6, 0), 0, "ENABLE_WQ 0");
     assert_eq!(g.read32(g.wqcfg(0, 6)), 1 << 30, "WQ enabled, empty");
     // The config rewrite drv_enable_wq does for other WQs while enabled.
@@ -125,7 +179,10 @@ fn linux_probe_sequence() {
     // dmaengine memcpy with DMA_PREP_INTERRUPT: MEMMOVE, CRAV|RCR|RCI|CC.
     let data = pattern(4096, 1);
     g.fill(0x10_0000, &data);
-    let mut desc = Descriptor::new(Opcode::Memmove, flags::CRAV | flags::RCR | flags::RCI | flags::CC);
+    let mut desc = Descriptor::new(
+        Opcode::Memmove,
+        flags::CRAV | flags::RCR | flags::RCI | flags::CC,
+    );
     desc.set_pasid(0, true)
         .set_completion_addr(0x8000)
         .set_src(0x10_0000)
@@ -140,11 +197,19 @@ fn linux_probe_sequence() {
         c
     });
     assert_eq!(g.bytes(0x20_0000, 4096), data);
-    assert_eq!(g.wait_msis(1), vec![msi(1)], "completion on the WQ's vector");
+    assert_eq!(
+        g.wait_msis(1),
+        vec![msi(1)],
+        "completion on the WQ's vector"
+    );
 
     // Unbind: drain, release handle (polled), reset WQ, disable, reset.
     assert_eq!(g.command(8, 1), 0, "DRAIN_WQ bitmask form");
-    assert_eq!(g.command_polled(14, 1, false), 0, "RELEASE_INT_HANDLE polled");
+    assert_eq!(
+        g.command_polled(14, 1, false),
+        0,
+        "RELEASE_INT_HANDLE polled"
+    );
     assert_eq!(g.command(10, 1), 0, "RESET_WQ");
     assert_eq!(g.read32(g.wqcfg(0, 6)), 0, "WQ disabled");
     assert_eq!(g.read32(g.wqcfg(0, 0)), 16, "Reset WQ keeps the size");
@@ -209,7 +274,11 @@ fn cmdsts_error_codes() {
     g.write64(g.grpcfg(0), 0);
     g.write64(g.grpcfg(1), 2);
     g.write64(g.grpcfg(1) + 32, 2);
-    assert_eq!(g.command(1, 0), 0x16, "GRP_CONFIG2: WQ 0 has a size but no group, WQ 1 the reverse");
+    assert_eq!(
+        g.command(1, 0),
+        0x16,
+        "GRP_CONFIG2: WQ 0 has a size but no group, WQ 1 the reverse"
+    );
     g.write64(g.grpcfg(1), 0);
     g.write64(g.grpcfg(1) + 32, 0);
     g.write64(g.grpcfg(0), 1);
@@ -223,7 +292,11 @@ fn cmdsts_error_codes() {
     g.write64(g.grpcfg(1) + 32, 1);
     assert_eq!(g.command(1, 0), 0x17, "GRP_CONFIG3: engine 0 in two groups");
     g.write64(g.grpcfg(1) + 32, 1 << 9);
-    assert_eq!(g.command(1, 0), 0x17, "GRP_CONFIG3: engine 9 does not exist");
+    assert_eq!(
+        g.command(1, 0),
+        0x17,
+        "GRP_CONFIG3: engine 9 does not exist"
+    );
     g.write64(g.grpcfg(1), 0);
     g.write64(g.grpcfg(1) + 32, 0);
     g.write32(g.wqcfg(1, 0), 0);
@@ -248,17 +321,29 @@ fn cmdsts_error_codes() {
     assert_eq!(g.command(6, 0), 0x27, "MAX_BATCH_SIZE over GENCAP");
     g.write32(g.wqcfg(0, 3), (10 << 5) | 31);
     g.write32(g.wqcfg(0, 8), 0x0003_03ff | (1 << 0x13));
-    assert_eq!(g.command(6, 0), 0x2d, "OPCFG with DIF Insert, which OPCAP lacks");
+    assert_eq!(
+        g.command(6, 0),
+        0x2d,
+        "OPCFG with DIF Insert, which OPCAP lacks"
+    );
     g.write32(g.wqcfg(0, 8), 0x0003_03ff);
     let ext = g.dsa.extended_capabilities();
     g.cfg_write16(ext.pasid + 6, 1);
     g.write32(g.wqcfg(0, 2), 1 | (1 << 28) | (1 << 29));
-    assert_eq!(g.command(6, 0), 0x2a, "privileged DWQ without PASID privileged mode");
+    assert_eq!(
+        g.command(6, 0),
+        0x2a,
+        "privileged DWQ without PASID privileged mode"
+    );
     g.cfg_write16(ext.pasid + 6, 0b101);
     assert_eq!(g.command(6, 0), 0, "enable WQ");
     assert_eq!(g.command(6, 0), 0x21, "WQ_ENABLED");
     assert_eq!(g.command(7, 0b10), 0x32, "Disable WQ 1: not enabled");
-    assert_eq!(g.command(8, 0b11), 0x32, "Drain WQ 0 and 1: WQ 1 not enabled");
+    assert_eq!(
+        g.command(8, 0b11),
+        0x32,
+        "Drain WQ 0 and 1: WQ 1 not enabled"
+    );
     assert_eq!(g.command(9, 1 << 9), 0x02, "Abort WQ 9: no such WQ");
     assert_eq!(g.command(13, 9), 0x41, "INVAL_INT_IDX");
     assert_eq!(g.command(13, 1 | (1 << 16)), 0x42, "NO_HANDLE: no IMS");
@@ -267,10 +352,17 @@ fn cmdsts_error_codes() {
     assert_eq!(g.command(7, 1), 0, "disable WQ 0");
     assert_eq!(g.command(2, 0), 0, "disable device");
 
-    let mut g = identity_guest(DsaConfig { interrupt_handles: false, ..DsaConfig::default() });
+    let mut g = identity_guest(DsaConfig {
+        interrupt_handles: false,
+        ..DsaConfig::default()
+    });
     g.enable_pci();
     g.enable_msix();
-    assert_eq!(g.command(13, 1), 0x01, "no Request Interrupt Handle without CMDCAP");
+    assert_eq!(
+        g.command(13, 1),
+        0x01,
+        "no Request Interrupt Handle without CMDCAP"
+    );
 }
 
 #[test]
@@ -299,7 +391,10 @@ fn swerror_rules() {
     desc.set_completion_addr(0x8010);
     g.movdir64b(0, &desc);
     let err = g.wait_swerr();
-    assert_eq!(err[0], 0x0000_0000_0000_1b0d, "valid, desc valid, WQ 0 valid, code 0x1b, NOOP");
+    assert_eq!(
+        err[0], 0x0000_0000_0000_1b0d,
+        "valid, desc valid, WQ 0 valid, code 0x1b, NOOP"
+    );
     assert_eq!(g.wait_msis(1), vec![msi(0)], "software error interrupt");
     assert_eq!(g.read32(offset::INTCAUSE), 1, "INTCAUSE.ERR");
     // A second error while Valid: Overflow.
@@ -311,7 +406,11 @@ fn swerror_rules() {
         assert!(start.elapsed() < TIMEOUT);
         std::thread::yield_now();
     }
-    assert_eq!(g.read64(offset::SWERR), 0x1b0f, "first error kept, overflow set");
+    assert_eq!(
+        g.read64(offset::SWERR),
+        0x1b0f,
+        "first error kept, overflow set"
+    );
     assert!(g.msi.is_empty(), "overflow raises no interrupt");
     // The driver's ack: write back q0 & 3.
     g.write64(offset::SWERR, 3);
@@ -322,8 +421,15 @@ fn swerror_rules() {
     // invalid flags in the error information.
     g.movdir64b(0, &bad);
     let err = g.wait_swerr();
-    assert_eq!(err[0], 0x0000_0003_0000_118d, "code 0x11, MEMMOVE, info valid");
-    assert_eq!(err[1] >> 32, u64::from(flags::FENCE), "invalid flag: FENCE outside a batch");
+    assert_eq!(
+        err[0], 0x0000_0003_0000_118d,
+        "code 0x11, MEMMOVE, info valid"
+    );
+    assert_eq!(
+        err[1] >> 32,
+        u64::from(flags::FENCE),
+        "invalid flag: FENCE outside a batch"
+    );
     g.write64(offset::SWERR, 3);
     // A full dedicated WQ drops the descriptor: 0x53. Stop the engine by
     // disabling bus mastering? No: block it with a long batch of NOOPs.
@@ -338,14 +444,25 @@ fn halt_when_bus_mastering_is_turned_off() {
     g.setup(&[WqSpec::dedicated(0, 0)]);
     g.msi.take();
     g.cfg_write16(0x04, 0x0002);
-    assert_eq!(g.read32(offset::GENSTS), 3, "halted, software reset suffices");
+    assert_eq!(
+        g.read32(offset::GENSTS),
+        3,
+        "halted, software reset suffices"
+    );
     assert_eq!(g.read64(offset::SWERR) & 0xff01, 0x5101, "SWERROR 0x51");
     assert_eq!(g.read32(offset::INTCAUSE), 0x11, "ERR and HALT_STATE");
     assert!(g.msi.is_empty(), "no MSI without bus mastering");
     let desc = Descriptor::new(Opcode::Noop, 0);
-    assert_eq!(g.submit(0, true, &desc, StoreKind::Enqcmds), StoreReply::Retry);
+    assert_eq!(
+        g.submit(0, true, &desc, StoreKind::Enqcmds),
+        StoreReply::Retry
+    );
     g.enable_pci();
-    assert_eq!(g.command(6, 0), 0x05, "commands other than reset fail while halted");
+    assert_eq!(
+        g.command(6, 0),
+        0x05,
+        "commands other than reset fail while halted"
+    );
     assert_eq!(g.command(5, 0), 0, "reset recovers");
     assert_eq!(g.read32(offset::GENSTS), 0);
 }

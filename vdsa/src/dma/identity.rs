@@ -108,8 +108,11 @@ mod tests {
 
     fn memory() -> Arc<GuestMemoryMmap> {
         Arc::new(
-            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x2000), (GuestAddress(0x2000), 0x1000)])
-                .unwrap(),
+            GuestMemoryMmap::from_ranges(&[
+                (GuestAddress(0), 0x2000),
+                (GuestAddress(0x2000), 0x1000),
+            ])
+            .unwrap(),
         )
     }
 
@@ -133,11 +136,21 @@ mod tests {
         let mut buf = [0u8; 0x20];
         assert_eq!(
             dma.read(SPACE, 0x2ff0, &mut buf),
-            Err(DmaFault { done: 0x10, addr: 0x3000, write: false, kind: FaultKind::Unmapped })
+            Err(DmaFault {
+                done: 0x10,
+                addr: 0x3000,
+                write: false,
+                kind: FaultKind::Unmapped
+            })
         );
         assert_eq!(
             dma.copy(SPACE, 0x0, 0x2ff8, 0x10),
-            Err(DmaFault { done: 8, addr: 0x3000, write: true, kind: FaultKind::Unmapped })
+            Err(DmaFault {
+                done: 8,
+                addr: 0x3000,
+                write: true,
+                kind: FaultKind::Unmapped
+            })
         );
         assert_eq!(
             dma.write(SPACE, u64::MAX - 3, &[1; 8]).unwrap_err().kind,

@@ -67,18 +67,24 @@ impl MockIommu {
 
     /// Makes the page holding `addr` not present.
     pub fn fault_page(&self, addr: u64) {
-        self.lock().faults.insert(addr & !(PAGE - 1), FaultRule::NotPresent);
+        self.lock()
+            .faults
+            .insert(addr & !(PAGE - 1), FaultRule::NotPresent);
     }
 
     /// Makes the page holding `addr` read-only.
     pub fn fault_page_writes(&self, addr: u64) {
-        self.lock().faults.insert(addr & !(PAGE - 1), FaultRule::ReadOnly);
+        self.lock()
+            .faults
+            .insert(addr & !(PAGE - 1), FaultRule::ReadOnly);
     }
 
     /// Makes the IOMMU refuse accesses to the page holding `addr` (a
     /// translation error no page request can fix).
     pub fn refuse_page(&self, addr: u64) {
-        self.lock().faults.insert(addr & !(PAGE - 1), FaultRule::Refused);
+        self.lock()
+            .faults
+            .insert(addr & !(PAGE - 1), FaultRule::Refused);
     }
 
     /// Makes the page holding `addr` present and writable again.
@@ -88,7 +94,9 @@ impl MockIommu {
 
     /// Maps the page holding `iova` to the page holding `target`.
     pub fn remap_page(&self, iova: u64, target: u64) {
-        self.lock().remap.insert(iova & !(PAGE - 1), target & !(PAGE - 1));
+        self.lock()
+            .remap
+            .insert(iova & !(PAGE - 1), target & !(PAGE - 1));
     }
 
     /// Refuses every request tagged with `pasid`.
@@ -168,7 +176,9 @@ impl MockIommu {
                     let state = self.lock();
                     let page = at & !(PAGE - 1);
                     match state.faults.get(&page) {
-                        Some(FaultRule::NotPresent) => return Err(fault(done, FaultKind::PageFault)),
+                        Some(FaultRule::NotPresent) => {
+                            return Err(fault(done, FaultKind::PageFault))
+                        }
                         Some(FaultRule::ReadOnly) if write => {
                             return Err(fault(done, FaultKind::PageFault))
                         }

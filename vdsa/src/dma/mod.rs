@@ -137,12 +137,20 @@ pub trait DmaPort: Send + Sync {
             if let Err(fault) = self.read(space, at(src), chunk) {
                 if fault.done > 0 {
                     self.write(space, at(dst), &chunk[..fault.done])
-                        .map_err(|w| DmaFault { done: done + w.done, ..w })?;
+                        .map_err(|w| DmaFault {
+                            done: done + w.done,
+                            ..w
+                        })?;
                 }
-                return Err(DmaFault { done: done + fault.done, ..fault });
+                return Err(DmaFault {
+                    done: done + fault.done,
+                    ..fault
+                });
             }
-            self.write(space, at(dst), chunk)
-                .map_err(|w| DmaFault { done: done + w.done, ..w })?;
+            self.write(space, at(dst), chunk).map_err(|w| DmaFault {
+                done: done + w.done,
+                ..w
+            })?;
             done += n;
         }
         Ok(())
@@ -152,7 +160,11 @@ pub trait DmaPort: Send + Sync {
     ///
     /// `None` means the port does not implement ATS; the device then makes
     /// untranslated requests even when the guest enabled ATS.
-    fn translate(&self, pasid: Option<PasidTag>, addr: u64) -> Option<Result<Translation, DmaFault>> {
+    fn translate(
+        &self,
+        pasid: Option<PasidTag>,
+        addr: u64,
+    ) -> Option<Result<Translation, DmaFault>> {
         let _ = (pasid, addr);
         None
     }

@@ -48,7 +48,11 @@ pub fn compare(desc: &Descriptor, acc: &Access<'_>) -> Result<CompletionRecord, 
         }
         let diff = a[..valid].iter().zip(&b[..valid]).position(|(x, y)| x != y);
         if diff.is_some() || fault.is_some() {
-            return finish(desc, diff.map(|d| done + d), fault.map(|f| (f, done + valid)));
+            return finish(
+                desc,
+                diff.map(|d| done + d),
+                fault.map(|f| (f, done + valid)),
+            );
         }
         done += n;
     }
@@ -73,7 +77,11 @@ pub fn compare_pattern(desc: &Descriptor, acc: &Access<'_>) -> Result<Completion
             .zip(pattern.iter().cycle())
             .position(|(x, y)| x != y);
         if diff.is_some() || fault.is_some() {
-            return finish(desc, diff.map(|d| done + d), fault.map(|f| (f, done + valid)));
+            return finish(
+                desc,
+                diff.map(|d| done + d),
+                fault.map(|f| (f, done + valid)),
+            );
         }
         done += n;
     }

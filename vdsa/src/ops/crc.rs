@@ -26,7 +26,11 @@ impl Crc32c {
     pub fn new(seed: u32, flags: u32) -> Self {
         let bypass_inversion = flags & flags::CRC_BYPASS_INVERSION != 0;
         Self {
-            register: if bypass_inversion { seed.reverse_bits() } else { !seed },
+            register: if bypass_inversion {
+                seed.reverse_bits()
+            } else {
+                !seed
+            },
             bypass_inversion,
             bypass_data_reflection: flags & flags::CRC_BYPASS_DATA_REFLECTION != 0,
         }
@@ -74,7 +78,11 @@ fn faulted(fault: Fault, bytes: usize, crc: &Crc32c) -> Result<CompletionRecord,
 /// CRC Generation over the source; with `copy`, Copy with CRC Generation
 /// to the destination at byte 24. The seed is at byte 40, or read from the
 /// address at byte 48 with Read CRC Seed.
-pub fn generate(desc: &Descriptor, acc: &Access<'_>, copy: bool) -> Result<CompletionRecord, Abandoned> {
+pub fn generate(
+    desc: &Descriptor,
+    acc: &Access<'_>,
+    copy: bool,
+) -> Result<CompletionRecord, Abandoned> {
     let seed = if desc.has(flags::CRC_READ_SEED) {
         let mut seed = [0u8; 4];
         if let Err(fault) = acc.read(desc.u64_at(48), &mut seed) {
@@ -131,12 +139,24 @@ mod tests {
     fn reference(seed: u32, data: &[u8], flags: u32) -> u32 {
         let bypass_inv = flags & flags::CRC_BYPASS_INVERSION != 0;
         let bypass_ref = flags & flags::CRC_BYPASS_DATA_REFLECTION != 0;
-        let mut reg = if bypass_inv { seed.reverse_bits() } else { !seed };
+        let mut reg = if bypass_inv {
+            seed.reverse_bits()
+        } else {
+            !seed
+        };
         for &byte in data {
-            let byte = if bypass_ref { byte.reverse_bits() } else { byte };
+            let byte = if bypass_ref {
+                byte.reverse_bits()
+            } else {
+                byte
+            };
             reg ^= u32::from(byte);
             for _ in 0..8 {
-                reg = if reg & 1 != 0 { (reg >> 1) ^ 0x82f6_3b78 } else { reg >> 1 };
+                reg = if reg & 1 != 0 {
+                    (reg >> 1) ^ 0x82f6_3b78
+                } else {
+                    reg >> 1
+                };
             }
         }
         if bypass_inv {
@@ -157,11 +177,18 @@ mod tests {
         ] {
             let mut crc = Crc32c::new(0x1234_5678, flags);
             crc.update(&data);
-            assert_eq!(crc.value(), reference(0x1234_5678, &data, flags), "flags {flags:#x}");
+            assert_eq!(
+                crc.value(),
+                reference(0x1234_5678, &data, flags),
+                "flags {flags:#x}"
+            );
         }
         // Known vector with both bypasses: the register starts at 0.
         let mut crc = Crc32c::new(0, flags::CRC_BYPASS_INVERSION);
         crc.update(b"123456789");
-        assert_eq!(crc.value(), reference(0, b"123456789", flags::CRC_BYPASS_INVERSION));
+        assert_eq!(
+            crc.value(),
+            reference(0, b"123456789", flags::CRC_BYPASS_INVERSION)
+        );
     }
 }

@@ -28,7 +28,8 @@ impl Writer<'_, '_> {
     }
 
     fn push(&mut self, word_offset: usize, data: &[u8]) {
-        self.pending.extend_from_slice(&((word_offset / 8) as u16).to_le_bytes());
+        self.pending
+            .extend_from_slice(&((word_offset / 8) as u16).to_le_bytes());
         self.pending.extend_from_slice(data);
         self.words.push(word_offset);
     }
@@ -88,12 +89,13 @@ pub fn create(desc: &Descriptor, acc: &Access<'_>) -> Result<CompletionRecord, A
         };
         create_record(desc, status, result, bytes, size)
     };
-    let faulted = |fault: Fault, bytes: usize, size: usize| -> Result<CompletionRecord, Abandoned> {
-        let mut record = fault_record(fault, bytes)?;
-        record.result = u8::from(size > 0);
-        record.set_op_u32(0, size as u32);
-        Ok(record)
-    };
+    let faulted =
+        |fault: Fault, bytes: usize, size: usize| -> Result<CompletionRecord, Abandoned> {
+            let mut record = fault_record(fault, bytes)?;
+            record.result = u8::from(size > 0);
+            record.set_op_u32(0, size as u32);
+            Ok(record)
+        };
     let mut a = vec![0u8; len.min(CHUNK)];
     let mut b = vec![0u8; len.min(CHUNK)];
     let mut done = 0;

@@ -61,7 +61,12 @@ pub fn memmove(desc: &Descriptor, acc: &Access<'_>) -> Result<CompletionRecord, 
 pub fn fill(desc: &Descriptor, acc: &Access<'_>) -> Result<CompletionRecord, Abandoned> {
     let pattern = desc.src().to_le_bytes();
     let len = desc.xfer_size() as usize;
-    let buf: Vec<u8> = pattern.iter().copied().cycle().take(len.min(CHUNK)).collect();
+    let buf: Vec<u8> = pattern
+        .iter()
+        .copied()
+        .cycle()
+        .take(len.min(CHUNK))
+        .collect();
     let mut done = 0;
     while done < len {
         let n = (len - done).min(CHUNK);

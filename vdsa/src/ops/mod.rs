@@ -44,7 +44,10 @@ pub struct Rejection {
 
 impl Rejection {
     fn new(status: Status) -> Self {
-        Self { status, invalid_flags: 0 }
+        Self {
+            status,
+            invalid_flags: 0,
+        }
     }
 
     /// The completion record reporting the rejection.
@@ -102,6 +105,8 @@ const CRC_FLAGS: u32 =
     flags::CRC_READ_SEED | flags::CRC_BYPASS_INVERSION | flags::CRC_BYPASS_DATA_REFLECTION;
 const RESULT: u32 = flags::CRAV | flags::RCR;
 
+// Reserved bytes are lists of ranges; some operations have just one.
+#[allow(clippy::single_range_in_vec_init)]
 fn spec(op: Opcode, desc: &Descriptor) -> Spec {
     let read_seed = desc.has(flags::CRC_READ_SEED);
     let s = |allowed, reserved, required, has_size| Spec {
@@ -139,7 +144,12 @@ fn spec(op: Opcode, desc: &Descriptor) -> Spec {
             RESULT,
             true,
         ),
-        Opcode::Crcgen => s(BOF | A1 | CRC_FLAGS, &[24..32, 38..40, 44..64], RESULT, true),
+        Opcode::Crcgen => s(
+            BOF | A1 | CRC_FLAGS,
+            &[24..32, 38..40, 44..64],
+            RESULT,
+            true,
+        ),
         Opcode::CopyCrc if read_seed => s(
             BOF | CC | STORD | A1 | A2 | A3 | CRC_FLAGS,
             &[38..44, 56..64],
@@ -159,8 +169,8 @@ fn spec(op: Opcode, desc: &Descriptor) -> Spec {
 /// Checks a descriptor before it runs; returns its operation.
 pub fn check(desc: &Descriptor, ctx: &CheckContext<'_>) -> Result<Opcode, Rejection> {
     let code = desc.opcode();
-    let op_allowed = ctx.caps.supports(code)
-        && ctx.op_config[usize::from(code) / 64] & (1 << (code % 64)) != 0;
+    let op_allowed =
+        ctx.caps.supports(code) && ctx.op_config[usize::from(code) / 64] & (1 << (code % 64)) != 0;
     let op = Opcode::from_u8(code)
         .filter(|_| op_allowed)
         .filter(|op| !(ctx.in_batch && matches!(op, Opcode::Batch | Opcode::Drain)))
@@ -188,14 +198,23 @@ pub fn check(desc: &Descriptor, ctx: &CheckContext<'_>) -> Result<Opcode, Reject
     }
     let invalid = f & !allowed;
     if invalid != 0 {
-        return Err(Rejection { status: Status::InvalidFlags, invalid_flags: invalid });
+        return Err(Rejection {
+            status: Status::InvalidFlags,
+            invalid_flags: invalid,
+        });
     }
     let missing = spec.required & !f;
     if missing != 0 {
-        return Err(Rejection { status: Status::InvalidFlags, invalid_flags: missing });
+        return Err(Rejection {
+            status: Status::InvalidFlags,
+            invalid_flags: missing,
+        });
     }
     if op == Opcode::Drain && f & (flags::RCR | flags::RCI) == 0 {
-        return Err(Rejection { status: Status::InvalidFlags, invalid_flags: flags::RCR });
+        return Err(Rejection {
+            status: Status::InvalidFlags,
+            invalid_flags: flags::RCR,
+        });
     }
 
     let mut conditional: Vec<Range<usize>> = Vec::new();
@@ -233,17 +252,21 @@ fn check_operands(op: Opcode, desc: &Descriptor, ctx: &CheckContext<'_>) -> Resu
                 return reject(Status::DesclistAlign);
             }
         }
-        Opcode::Memmove => {
-            if ctx.caps.gencap.overlap_copy() == 0 && overlaps(desc.src(), size, desc.dst(), size) {
-                return reject(Status::OverlapBuffers);
-            }
+        Opcode::Memmove
+            if ctx.caps.gencap.overlap_copy() == 0
+                && overlaps(desc.src(), size, desc.dst(), size) =>
+        {
+            return reject(Status::OverlapBuffers);
         }
         Opcode::Dualcast => {
             let (src, d1, d2) = (desc.src(), desc.dst(), desc.u64_at(field::OP_SPECIFIC));
             if (d1 ^ d2) & 0xfff != 0 {
                 return reject(Status::DcastErr);
             }
-            if overlaps(src, size, d1, size) || overlaps(src, size, d2, size) || overlaps(d1, size, d2, size) {
+            if overlaps(src, size, d1, size)
+                || overlaps(src, size, d2, size)
+                || overlaps(d1, size, d2, size)
+            {
                 return reject(Status::OverlapBuffers);
             }
         }
@@ -330,7 +353,11 @@ fn predicate(desc: &Descriptor, expected: bool) -> Status {
 }
 
 /// Runs a data operation (not Batch or Drain).
-pub fn execute(op: Opcode, desc: &Descriptor, data: &Access<'_>) -> Result<CompletionRecord, Abandoned> {
+pub fn execute(
+    op: Opcode,
+    desc: &Descriptor,
+    data: &Access<'_>,
+) -> Result<CompletionRecord, Abandoned> {
     match op {
         Opcode::Noop | Opcode::Cflush => Ok(success()),
         Opcode::Memmove => memory::memmove(desc, data),
@@ -368,7 +395,10 @@ mod tests {
 
     fn memmove() -> Descriptor {
         let mut d = Descriptor::new(Opcode::Memmove, flags::CRAV | flags::RCR);
-        d.set_completion_addr(0x1000).set_src(0x2000).set_dst(0x3000).set_xfer_size(64);
+        d.set_completion_addr(0x1000)
+            .set_src(0x2000)
+            .set_dst(0x3000)
+            .set_xfer_size(64);
         d
     }
 
@@ -384,7 +414,10 @@ mod tests {
         };
         assert_eq!(
             check(&fence, &c),
-            Err(Rejection { status: Status::InvalidFlags, invalid_flags: flags::FENCE | flags::BOF })
+            Err(Rejection {
+                status: Status::InvalidFlags,
+                invalid_flags: flags::FENCE | flags::BOF
+            })
         );
         let mut bad = memmove();
         bad.0[40] = 1;
@@ -398,11 +431,20 @@ mod tests {
         d.set_completion_addr(0x40).set_xfer_size(8);
         assert_eq!(
             check(&d, &c),
-            Err(Rejection { status: Status::InvalidFlags, invalid_flags: flags::RCR })
+            Err(Rejection {
+                status: Status::InvalidFlags,
+                invalid_flags: flags::RCR
+            })
         );
         let batch_in_batch = Descriptor::new(Opcode::Batch, 0);
-        let in_batch = CheckContext { in_batch: true, ..c };
-        assert_eq!(check(&batch_in_batch, &in_batch), Err(Rejection::new(Status::BadOpcode)));
+        let in_batch = CheckContext {
+            in_batch: true,
+            ..c
+        };
+        assert_eq!(
+            check(&batch_in_batch, &in_batch),
+            Err(Rejection::new(Status::BadOpcode))
+        );
         assert_eq!(
             check(&Descriptor::new(Opcode::Noop, 0).tap_opcode(0x12), &c),
             Err(Rejection::new(Status::BadOpcode))

@@ -23,7 +23,10 @@ pub fn msi_data(v: u16) -> u32 {
 }
 
 pub fn msi(v: u16) -> MsiMessage {
-    MsiMessage { address: MSI_ADDRESS, data: msi_data(v) }
+    MsiMessage {
+        address: MSI_ADDRESS,
+        data: msi_data(v),
+    }
 }
 
 pub fn memory() -> Arc<GuestMemoryMmap> {
@@ -93,10 +96,20 @@ impl Guest {
         let msi = Arc::new(MsiRecorder::new());
         let mut dsa = Dsa::new(config, port, msi.clone()).unwrap();
         // Firmware: assign BARs.
-        dsa.config_space_mut().set_bar_address(0, 0xfe00_0000).unwrap();
-        dsa.config_space_mut().set_bar_address(2, 0xfd00_0000).unwrap();
+        dsa.config_space_mut()
+            .set_bar_address(0, 0xfe00_0000)
+            .unwrap();
+        dsa.config_space_mut()
+            .set_bar_address(2, 0xfd00_0000)
+            .unwrap();
         let iommu = dsa.iommu_handle();
-        Self { dsa, mem, msi, iommu, config }
+        Self {
+            dsa,
+            mem,
+            msi,
+            iommu,
+            config,
+        }
     }
 
     /// A device over a mock IOMMU (with or without ATS).
@@ -193,7 +206,10 @@ impl Guest {
 
     /// Writes CMD and polls CMDSTS until Active clears; returns CMDSTS.
     pub fn command_polled(&mut self, cmd: u32, operand: u32, int_req: bool) -> u32 {
-        self.write32(offset::CMD, (cmd << 20) | operand | (u32::from(int_req) << 31));
+        self.write32(
+            offset::CMD,
+            (cmd << 20) | operand | (u32::from(int_req) << 31),
+        );
         let start = Instant::now();
         loop {
             let sts = self.read32(offset::CMDSTS);
@@ -212,10 +228,17 @@ impl Guest {
         self.write32(offset::CMD, (cmd << 20) | operand | (1 << 31));
         let start = Instant::now();
         while self.msi.is_empty() {
-            assert!(start.elapsed() < TIMEOUT, "no completion interrupt for command {cmd}");
+            assert!(
+                start.elapsed() < TIMEOUT,
+                "no completion interrupt for command {cmd}"
+            );
             std::thread::sleep(Duration::from_micros(200));
         }
-        assert_eq!(self.msi.take(), vec![msi(0)], "command completion is vector 0");
+        assert_eq!(
+            self.msi.take(),
+            vec![msi(0)],
+            "command completion is vector 0"
+        );
         let cause = self.read32(offset::INTCAUSE);
         assert_eq!(cause & 0x2, 0x2, "INTCAUSE.CMD set");
         self.write32(offset::INTCAUSE, cause);
@@ -274,13 +297,23 @@ impl Guest {
         }
     }
 
-    pub fn submit(&mut self, wq: usize, limited: bool, desc: &Descriptor, kind: StoreKind) -> StoreReply {
-        self.dsa.bar_store64(2, Portal::offset(wq, limited), &desc.0, kind)
+    pub fn submit(
+        &mut self,
+        wq: usize,
+        limited: bool,
+        desc: &Descriptor,
+        kind: StoreKind,
+    ) -> StoreReply {
+        self.dsa
+            .bar_store64(2, Portal::offset(wq, limited), &desc.0, kind)
     }
 
     /// Submits with MOVDIR64B to a dedicated WQ.
     pub fn movdir64b(&mut self, wq: usize, desc: &Descriptor) {
-        assert_eq!(self.submit(wq, true, desc, StoreKind::Movdir64b), StoreReply::Accepted);
+        assert_eq!(
+            self.submit(wq, true, desc, StoreKind::Movdir64b),
+            StoreReply::Accepted
+        );
     }
 
     /// Waits for the completion record at `addr` to have a non-zero status.
@@ -293,7 +326,10 @@ impl Guest {
                 self.mem.read_slice(&mut cr, GuestAddress(addr)).unwrap();
                 return cr;
             }
-            assert!(start.elapsed() < TIMEOUT, "no completion record at {addr:#x}");
+            assert!(
+                start.elapsed() < TIMEOUT,
+                "no completion record at {addr:#x}"
+            );
             std::thread::sleep(Duration::from_micros(100));
         }
     }
@@ -302,7 +338,11 @@ impl Guest {
     pub fn wait_msis(&self, n: usize) -> Vec<MsiMessage> {
         let start = Instant::now();
         while self.msi.len() < n {
-            assert!(start.elapsed() < TIMEOUT, "expected {n} MSIs, got {}", self.msi.len());
+            assert!(
+                start.elapsed() < TIMEOUT,
+                "expected {n} MSIs, got {}",
+                self.msi.len()
+            );
             std::thread::sleep(Duration::from_micros(100));
         }
         self.msi.take()
