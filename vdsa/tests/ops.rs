@@ -9,24 +9,22 @@ use std::sync::Arc;
 use common::*;
 use vdsa::descriptor::{flags, Descriptor, Opcode};
 use vdsa::dma::{AddressSpace, MockIommu, PageResponseCode};
-use vdsa::DsaConfig;
 
 const RESULT: u32 = flags::CRAV | flags::RCR;
 
 /// WQ 0: dedicated, block-on-fault enabled, group 0. WQ 1: shared, group 1.
 /// PASID, PRI and ATS enabled.
 fn guest_with(ats: bool) -> (Guest, Arc<MockIommu>) {
-    let (mut g, mock) = Guest::with_mock(DsaConfig::default(), ats);
-    g.enable_pci();
-    g.enable_pasid_pri_ats();
-    g.setup(&[
-        WqSpec {
-            bof: true,
-            ..WqSpec::dedicated(0, 0)
-        },
-        WqSpec::shared(1, 1),
-    ]);
-    (g, mock)
+    Guest::with_wqs(
+        ats,
+        &[
+            WqSpec {
+                bof: true,
+                ..WqSpec::dedicated(0, 0)
+            },
+            WqSpec::shared(1, 1),
+        ],
+    )
 }
 
 fn guest() -> (Guest, Arc<MockIommu>) {

@@ -272,24 +272,20 @@ fn cmdsts_error_codes() {
     assert_eq!(g.command(1, 0), 0x15, "GRP_CONFIG");
     // An active WQ in no group, an inactive WQ in a group.
     g.write64(g.grpcfg(0), 0);
-    g.write64(g.grpcfg(1), 2);
-    g.write64(g.grpcfg(1) + 32, 2);
+    g.set_group(1, 2, 2);
     assert_eq!(
         g.command(1, 0),
         0x16,
         "GRP_CONFIG2: WQ 0 has a size but no group, WQ 1 the reverse"
     );
-    g.write64(g.grpcfg(1), 0);
-    g.write64(g.grpcfg(1) + 32, 0);
-    g.write64(g.grpcfg(0), 1);
-    g.write64(g.grpcfg(0) + 32, 1);
+    g.set_group(1, 0, 0);
+    g.set_group(0, 1, 1);
     // Engines without WQs.
     g.write64(g.grpcfg(1) + 32, 2);
     assert_eq!(g.command(1, 0), 0x15, "GRP_CONFIG: engines without WQs");
     // An engine in two groups, and an engine that does not exist.
     g.write32(g.wqcfg(1, 0), 4);
-    g.write64(g.grpcfg(1), 2);
-    g.write64(g.grpcfg(1) + 32, 1);
+    g.set_group(1, 2, 1);
     assert_eq!(g.command(1, 0), 0x17, "GRP_CONFIG3: engine 0 in two groups");
     g.write64(g.grpcfg(1) + 32, 1 << 9);
     assert_eq!(
@@ -297,8 +293,7 @@ fn cmdsts_error_codes() {
         0x17,
         "GRP_CONFIG3: engine 9 does not exist"
     );
-    g.write64(g.grpcfg(1), 0);
-    g.write64(g.grpcfg(1) + 32, 0);
+    g.set_group(1, 0, 0);
     g.write32(g.wqcfg(1, 0), 0);
     // Enable WQ before the device.
     assert_eq!(g.command(6, 0), 0x20, "DEV_NOTEN");
@@ -377,8 +372,7 @@ fn pri_allocation_checked_at_enable() {
     assert_eq!(g.command(1, 0), 0x13, "allocation over capacity");
     g.cfg_write32(ext.pri + 0xc, 0x200);
     g.write32(g.wqcfg(0, 0), 4);
-    g.write64(g.grpcfg(0), 1);
-    g.write64(g.grpcfg(0) + 32, 1);
+    g.set_group(0, 1, 1);
     assert_eq!(g.command(1, 0), 0);
 }
 
@@ -431,10 +425,8 @@ fn swerror_rules() {
         "invalid flag: FENCE outside a batch"
     );
     g.write64(offset::SWERR, 3);
-    // A full dedicated WQ drops the descriptor: 0x53. Stop the engine by
-    // disabling bus mastering? No: block it with a long batch of NOOPs.
-    // The command register written while a command is active: 0x52 is
-    // covered in the submission tests.
+    // The full dedicated WQ (0x53) and the command written while active
+    // (0x52) are in the submission tests.
     assert_eq!(g.read64(offset::SWERR) & 1, 0);
 }
 

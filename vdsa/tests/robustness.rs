@@ -7,14 +7,9 @@ use common::*;
 use pci::{PciDevice, StoreKind};
 use proptest::prelude::*;
 use vdsa::descriptor::{flags, Descriptor, Opcode};
-use vdsa::DsaConfig;
 
 fn working_guest() -> Guest {
-    let (mut g, _) = Guest::with_mock(DsaConfig::default(), false);
-    g.enable_pci();
-    g.enable_pasid_pri_ats();
-    g.setup(&[WqSpec::dedicated(0, 0), WqSpec::shared(1, 1)]);
-    g
+    Guest::with_wqs(false, &[WqSpec::dedicated(0, 0), WqSpec::shared(1, 1)]).0
 }
 
 /// The device still executes a NOOP on the dedicated WQ.

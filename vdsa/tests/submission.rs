@@ -12,26 +12,24 @@ use vdsa::descriptor::{flags, Descriptor, Opcode};
 use vdsa::dma::{AddressSpace, MockIommu, PageRequest, PageResponseCode, PasidTag};
 use vdsa::portal::Portal;
 use vdsa::regs::{layout, offset};
-use vdsa::DsaConfig;
 
 /// WQ 0 dedicated (block-on-fault), WQ 1 shared (block-on-fault, size 16,
 /// threshold 4), one engine each.
 fn guest() -> (Guest, Arc<MockIommu>) {
-    let (mut g, mock) = Guest::with_mock(DsaConfig::default(), false);
-    g.enable_pci();
-    g.enable_pasid_pri_ats();
-    g.setup(&[
-        WqSpec {
-            bof: true,
-            ..WqSpec::dedicated(0, 0)
-        },
-        WqSpec {
-            bof: true,
-            threshold: 4,
-            ..WqSpec::shared(1, 1)
-        },
-    ]);
-    (g, mock)
+    Guest::with_wqs(
+        false,
+        &[
+            WqSpec {
+                bof: true,
+                ..WqSpec::dedicated(0, 0)
+            },
+            WqSpec {
+                bof: true,
+                threshold: 4,
+                ..WqSpec::shared(1, 1)
+            },
+        ],
+    )
 }
 
 fn noop(cr: u64) -> Descriptor {
@@ -188,14 +186,14 @@ fn portal_rules() {
 
 #[test]
 fn full_dedicated_wq_drops_with_swerror() {
-    let (mut g, mock) = Guest::with_mock(DsaConfig::default(), false);
-    g.enable_pci();
-    g.enable_pasid_pri_ats();
-    g.setup(&[WqSpec {
-        bof: true,
-        size: 2,
-        ..WqSpec::dedicated(0, 0)
-    }]);
+    let (mut g, mock) = Guest::with_wqs(
+        false,
+        &[WqSpec {
+            bof: true,
+            size: 2,
+            ..WqSpec::dedicated(0, 0)
+        }],
+    );
     let (request, blocked) = block_engine(&mut g, &mock, 0, StoreKind::Movdir64b);
     g.fill(0x3000, &[0; 96]);
     for i in 0..3 {
@@ -211,18 +209,18 @@ fn full_dedicated_wq_drops_with_swerror() {
 
 #[test]
 fn pasid_and_privilege_of_requests() {
-    let (mut g, mock) = Guest::with_mock(DsaConfig::default(), false);
-    g.enable_pci();
-    g.enable_pasid_pri_ats();
-    g.setup(&[
-        WqSpec {
-            pasid_en: true,
-            pasid: 0x42,
-            privileged: true,
-            ..WqSpec::dedicated(0, 0)
-        },
-        WqSpec::shared(1, 1),
-    ]);
+    let (mut g, mock) = Guest::with_wqs(
+        false,
+        &[
+            WqSpec {
+                pasid_en: true,
+                pasid: 0x42,
+                privileged: true,
+                ..WqSpec::dedicated(0, 0)
+            },
+            WqSpec::shared(1, 1),
+        ],
+    );
     // Dedicated: the WQCFG PASID and privilege; the descriptor's are ignored.
     let mut d = Descriptor::new(Opcode::Memfill, flags::CRAV | flags::RCR);
     d.set_pasid(0x99, false)
@@ -332,14 +330,14 @@ fn completion_interrupts() {
 
 #[test]
 fn drain_descriptor_and_commands_wait_for_blocked_work() {
-    let (mut g, mock) = Guest::with_mock(DsaConfig::default(), false);
-    g.enable_pci();
-    g.enable_pasid_pri_ats();
+    let (mut g, mock) = Guest::with_wqs(
+        false,
+        &[WqSpec {
+            bof: true,
+            ..WqSpec::dedicated(0, 0)
+        }],
+    );
     // Two engines in group 0, so the drain runs beside the blocked copy.
-    g.setup(&[WqSpec {
-        bof: true,
-        ..WqSpec::dedicated(0, 0)
-    }]);
     assert_eq!(g.command(2, 0), 0);
     g.write64(g.grpcfg(0) + 32, 0b11);
     assert_eq!(g.command(1, 0), 0);

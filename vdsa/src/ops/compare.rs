@@ -4,7 +4,7 @@
 //! difference. A difference found before a fault is reported instead of the
 //! fault. Check Result compares Result with bit 0 of Expected Result.
 
-use super::{fault_record, predicate, Abandoned, CHUNK};
+use super::{fault_record, predicate, read_pair, read_partial, Abandoned, CHUNK};
 use crate::access::{Access, Fault};
 use crate::completion::CompletionRecord;
 use crate::descriptor::{field, Descriptor};
@@ -28,24 +28,19 @@ fn finish(
     Ok(CompletionRecord::new(predicate(desc, expected)))
 }
 
-/// Compare source 1 (byte 16) with source 2 (byte 24).
-pub fn compare(desc: &Descriptor, acc: &Access<'_>) -> Result<CompletionRecord, Abandoned> {
+/// Compares the source at byte 16 with what `second` produces for each
+/// chunk (source 2, or the repeated pattern).
+fn scan(
+    desc: &Descriptor,
+    mut second: impl FnMut(usize, &mut [u8], &mut [u8]) -> (usize, Option<Fault>),
+) -> Result<CompletionRecord, Abandoned> {
     let len = desc.xfer_size() as usize;
     let mut a = vec![0u8; len.min(CHUNK)];
     let mut b = vec![0u8; len.min(CHUNK)];
     let mut done = 0;
     while done < len {
         let n = (len - done).min(CHUNK);
-        let mut valid = n;
-        let mut fault = None;
-        if let Err(f) = acc.read(desc.src() + done as u64, &mut a[..n]) {
-            valid = f.done;
-            fault = Some(f);
-        }
-        if let Err(f) = acc.read(desc.dst() + done as u64, &mut b[..valid]) {
-            valid = f.done;
-            fault = Some(f);
-        }
+        let (valid, fault) = second(done, &mut a[..n], &mut b[..n]);
         let diff = a[..valid].iter().zip(&b[..valid]).position(|(x, y)| x != y);
         if diff.is_some() || fault.is_some() {
             return finish(
@@ -59,31 +54,21 @@ pub fn compare(desc: &Descriptor, acc: &Access<'_>) -> Result<CompletionRecord, 
     finish(desc, None, None)
 }
 
+/// Compare source 1 (byte 16) with source 2 (byte 24).
+pub fn compare(desc: &Descriptor, acc: &Access<'_>) -> Result<CompletionRecord, Abandoned> {
+    scan(desc, |done, a, b| {
+        read_pair(acc, (desc.src(), desc.dst()), done, a, b)
+    })
+}
+
 /// Compare the source (byte 16) with the 8-byte pattern at byte 24.
 pub fn compare_pattern(desc: &Descriptor, acc: &Access<'_>) -> Result<CompletionRecord, Abandoned> {
-    let len = desc.xfer_size() as usize;
     let pattern = desc.dst().to_le_bytes();
-    let mut a = vec![0u8; len.min(CHUNK)];
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(CHUNK);
-        let (valid, fault) = match acc.read(desc.src() + done as u64, &mut a[..n]) {
-            Ok(()) => (n, None),
-            Err(f) => (f.done, Some(f)),
-        };
+    scan(desc, |done, a, b| {
         // CHUNK is a multiple of 8, so the pattern phase restarts at 0.
-        let diff = a[..valid]
-            .iter()
-            .zip(pattern.iter().cycle())
-            .position(|(x, y)| x != y);
-        if diff.is_some() || fault.is_some() {
-            return finish(
-                desc,
-                diff.map(|d| done + d),
-                fault.map(|f| (f, done + valid)),
-            );
+        for (x, y) in b.iter_mut().zip(pattern.iter().cycle()) {
+            *x = *y;
         }
-        done += n;
-    }
-    finish(desc, None, None)
+        read_partial(acc, desc.src() + done as u64, a)
+    })
 }

@@ -7,7 +7,7 @@
 //! inversion (the seed and result are then bit-reversed instead) and the
 //! data reflection, as accel-config's reference implementation does.
 
-use super::{fault_record, Abandoned, CHUNK};
+use super::{fault_record, read_partial, Abandoned, CHUNK};
 use crate::access::{Access, Fault};
 use crate::completion::{CompletionRecord, Status};
 use crate::descriptor::{field, flags, Descriptor};
@@ -99,10 +99,7 @@ pub fn generate(
     while done < len {
         let n = (len - done).min(CHUNK);
         let chunk = &mut buf[..n];
-        let (valid, read_fault) = match acc.read(desc.src() + done as u64, chunk) {
-            Ok(()) => (n, None),
-            Err(f) => (f.done, Some(f)),
-        };
+        let (valid, read_fault) = read_partial(acc, desc.src() + done as u64, chunk);
         if copy {
             if let Err(fault) = acc.write(desc.dst() + done as u64, &chunk[..valid]) {
                 crc.update(&chunk[..fault.done]);

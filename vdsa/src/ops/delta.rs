@@ -5,7 +5,7 @@
 //! offset, in 8-byte words, followed by the 8 bytes of source 2 at that
 //! word.
 
-use super::{fault_record, predicate, Abandoned, CHUNK, DELTA_ENTRY};
+use super::{fault_record, predicate, read_pair, read_partial, Abandoned, CHUNK, DELTA_ENTRY};
 use crate::access::{Access, Fault};
 use crate::completion::{CompletionRecord, Status};
 use crate::descriptor::{field, Descriptor};
@@ -53,18 +53,11 @@ impl Writer<'_, '_> {
     }
 }
 
-fn create_record(
-    desc: &Descriptor,
-    status: Status,
-    result: u8,
-    bytes: usize,
-    delta_size: usize,
-) -> CompletionRecord {
+fn create_record(status: Status, result: u8, bytes: usize, delta_size: usize) -> CompletionRecord {
     let mut record = CompletionRecord::new(status);
     record.result = result;
     record.bytes_completed = bytes as u32;
     record.set_op_u32(0, delta_size as u32);
-    let _ = desc;
     record
 }
 
@@ -87,7 +80,7 @@ pub fn create(desc: &Descriptor, acc: &Access<'_>) -> Result<CompletionRecord, A
         } else {
             status
         };
-        create_record(desc, status, result, bytes, size)
+        create_record(status, result, bytes, size)
     };
     let faulted =
         |fault: Fault, bytes: usize, size: usize| -> Result<CompletionRecord, Abandoned> {
@@ -101,16 +94,13 @@ pub fn create(desc: &Descriptor, acc: &Access<'_>) -> Result<CompletionRecord, A
     let mut done = 0;
     while done < len {
         let n = (len - done).min(CHUNK);
-        let mut valid = n;
-        let mut read_fault = None;
-        if let Err(f) = acc.read(desc.src() + done as u64, &mut a[..n]) {
-            valid = f.done;
-            read_fault = Some(f);
-        }
-        if let Err(f) = acc.read(desc.dst() + done as u64, &mut b[..valid]) {
-            valid = f.done;
-            read_fault = Some(f);
-        }
+        let (valid, read_fault) = read_pair(
+            acc,
+            (desc.src(), desc.dst()),
+            done,
+            &mut a[..n],
+            &mut b[..n],
+        );
         let words = valid / 8;
         for w in 0..words {
             let (x, y) = (&a[w * 8..w * 8 + 8], &b[w * 8..w * 8 + 8]);
@@ -154,10 +144,7 @@ pub fn apply(desc: &Descriptor, acc: &Access<'_>) -> Result<CompletionRecord, Ab
     let mut previous: Option<u16> = None;
     while applied < size {
         let n = (size - applied).min(step);
-        let (valid, read_fault) = match acc.read(desc.src() + applied as u64, &mut buf[..n]) {
-            Ok(()) => (n, None),
-            Err(f) => (f.done, Some(f)),
-        };
+        let (valid, read_fault) = read_partial(acc, desc.src() + applied as u64, &mut buf[..n]);
         for entry in buf[..valid].chunks_exact(DELTA_ENTRY) {
             let offset = u16::from_le_bytes([entry[0], entry[1]]);
             let status = if previous.is_some_and(|p| offset <= p) {

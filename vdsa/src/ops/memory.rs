@@ -1,7 +1,7 @@
 //! Memory Move, Fill and Memory Copy with Dualcast (DSA specification
 //! §8.3.4, §8.3.5, §8.3.10).
 
-use super::{fault_record, success, Abandoned, CHUNK};
+use super::{fault_record, read_partial, success, Abandoned, CHUNK};
 use crate::access::Access;
 use crate::bits::overlaps;
 use crate::completion::CompletionRecord;
@@ -89,10 +89,7 @@ pub fn dualcast(desc: &Descriptor, acc: &Access<'_>) -> Result<CompletionRecord,
         let n = (len - done).min(CHUNK);
         let chunk = &mut buf[..n];
         let at = |base: u64| base + done as u64;
-        let (valid, read_fault) = match acc.read(at(src), chunk) {
-            Ok(()) => (n, None),
-            Err(fault) => (fault.done, Some(fault)),
-        };
+        let (valid, read_fault) = read_partial(acc, at(src), chunk);
         if let Err(fault) = acc.write(at(dst1), &chunk[..valid]) {
             // Bring the second destination to the same point.
             if let Err(second) = acc.write(at(dst2), &chunk[..fault.done]) {

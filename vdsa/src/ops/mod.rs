@@ -318,6 +318,31 @@ fn check_operands(op: Opcode, desc: &Descriptor, ctx: &CheckContext<'_>) -> Resu
     Ok(())
 }
 
+/// Reads as much of `buf` at `addr` as possible: the bytes read and the
+/// fault that stopped the read, if any.
+fn read_partial(acc: &Access<'_>, addr: u64, buf: &mut [u8]) -> (usize, Option<Fault>) {
+    match acc.read(addr, buf) {
+        Ok(()) => (buf.len(), None),
+        Err(fault) => (fault.done, Some(fault)),
+    }
+}
+
+/// Reads `a.len()` bytes of two sources at `offset`: the bytes valid in
+/// both and the first fault.
+fn read_pair(
+    acc: &Access<'_>,
+    (src1, src2): (u64, u64),
+    offset: usize,
+    a: &mut [u8],
+    b: &mut [u8],
+) -> (usize, Option<Fault>) {
+    let (valid, fault) = read_partial(acc, src1 + offset as u64, a);
+    match read_partial(acc, src2 + offset as u64, &mut b[..valid]) {
+        (valid, Some(second)) => (valid, Some(second)),
+        (valid, None) => (valid, fault),
+    }
+}
+
 /// A successful completion record.
 fn success() -> CompletionRecord {
     CompletionRecord::new(Status::Success)

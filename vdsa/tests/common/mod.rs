@@ -123,6 +123,16 @@ impl Guest {
         (Self::new(config, mock.clone(), mem), mock)
     }
 
+    /// A device over a mock IOMMU with PASID, PRI and ATS enabled and
+    /// `wqs` configured and enabled.
+    pub fn with_wqs(ats: bool, wqs: &[WqSpec]) -> (Self, Arc<MockIommu>) {
+        let (mut g, mock) = Self::with_mock(DsaConfig::default(), ats);
+        g.enable_pci();
+        g.enable_pasid_pri_ats();
+        g.setup(wqs);
+        (g, mock)
+    }
+
     pub fn cfg_read16(&mut self, at: u16) -> u16 {
         let mut b = [0u8; 2];
         self.dsa.config_read(at, &mut b);
@@ -251,6 +261,13 @@ impl Guest {
 
     pub fn grpcfg(&self, group: usize) -> u64 {
         layout::GRPCFG + group as u64 * 64
+    }
+
+    /// Writes a group's WQ and engine bitmaps.
+    pub fn set_group(&mut self, group: usize, wqs: u64, engines: u64) {
+        let at = self.grpcfg(group);
+        self.write64(at, wqs);
+        self.write64(at + 32, engines);
     }
 
     /// Writes the WQ configuration the way idxd_wq_config_write does
