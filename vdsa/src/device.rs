@@ -611,6 +611,19 @@ impl Drop for Dsa {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
+        // Abandon queued and blocked work first, so a command that waits
+        // for it (a drain, a disable) finishes and its thread can exit.
+        let groups = self
+            .inner
+            .runtime
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .groups
+            .clone();
+        for group in groups {
+            group.abort(|_, _| true);
+        }
+        self.inner.prs.wake();
         if let Some(thread) = self.command_thread.take() {
             let _ = thread.join();
         }

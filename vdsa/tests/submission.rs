@@ -419,3 +419,15 @@ fn abort_abandons_blocked_work() {
     assert_eq!(g.read32(g.wqcfg(1, 0)), 16, "size kept");
     assert_eq!(g.bytes(blocked, 1)[0], 0);
 }
+
+#[test]
+fn dropping_the_device_ends_blocked_work_and_commands() {
+    let (mut g, mock) = guest();
+    let _ = block_engine(&mut g, &mock, 0, StoreKind::Movdir64b);
+    // A Drain WQ command now waits for the blocked descriptor...
+    g.write32(offset::CMD, (8 << 20) | 1 | (1 << 31));
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(g.read32(offset::CMDSTS), 1 << 31);
+    // ...and dropping the device (VM shutdown) does not hang.
+    drop(g);
+}

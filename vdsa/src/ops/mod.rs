@@ -476,6 +476,58 @@ mod tests {
         );
     }
 
+    #[test]
+    fn wq_operation_configuration_is_respected() {
+        let caps = Capabilities::new(&DsaConfig::default());
+        let mut op_config = caps.opcap;
+        op_config[0] &= !(1 << Opcode::Memmove as u8);
+        let c = CheckContext {
+            op_config,
+            ..ctx(&caps)
+        };
+        assert_eq!(
+            check(&memmove(), &c),
+            Err(Rejection::new(Status::BadOpcode))
+        );
+        let mut noop = Descriptor::new(Opcode::Noop, flags::CRAV);
+        noop.set_completion_addr(0x40);
+        assert_eq!(check(&noop, &c), Ok(Opcode::Noop));
+        // Interrupt requests from user-mode descriptors on a PASID WQ need
+        // GENCFG.user_int_en; the handle must pass the permission check.
+        let user = CheckContext {
+            wq_pasid_en: true,
+            privileged: false,
+            ..ctx(&caps)
+        };
+        let mut rci = Descriptor::new(Opcode::Noop, flags::RCI);
+        rci.set_int_handle(1);
+        assert_eq!(
+            check(&rci, &user),
+            Err(Rejection {
+                status: Status::InvalidFlags,
+                invalid_flags: flags::RCI
+            })
+        );
+        assert_eq!(
+            check(
+                &rci,
+                &CheckContext {
+                    user_int_en: true,
+                    ..user
+                }
+            ),
+            Ok(Opcode::Noop)
+        );
+        let refused = CheckContext {
+            int_handle_ok: false,
+            ..ctx(&caps)
+        };
+        assert_eq!(
+            check(&rci, &refused),
+            Err(Rejection::new(Status::IntHandleInval))
+        );
+    }
+
     trait Tap {
         fn tap_opcode(self, op: u8) -> Self;
     }
