@@ -69,6 +69,6 @@ pub fn compare_pattern(desc: &Descriptor, acc: &Access<'_>) -> Result<Completion
         for (x, y) in b.iter_mut().zip(pattern.iter().cycle()) {
             *x = *y;
         }
-        read_partial(acc, desc.src() + done as u64, a)
+        read_partial(acc, desc.src().wrapping_add(done as u64), a)
     })
 }

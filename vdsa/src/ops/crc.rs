@@ -99,9 +99,9 @@ pub fn generate(
     while done < len {
         let n = (len - done).min(CHUNK);
         let chunk = &mut buf[..n];
-        let (valid, read_fault) = read_partial(acc, desc.src() + done as u64, chunk);
+        let (valid, read_fault) = read_partial(acc, desc.src().wrapping_add(done as u64), chunk);
         if copy {
-            if let Err(fault) = acc.write(desc.dst() + done as u64, &chunk[..valid]) {
+            if let Err(fault) = acc.write(desc.dst().wrapping_add(done as u64), &chunk[..valid]) {
                 crc.update(&chunk[..fault.done]);
                 return faulted(fault, done + fault.done, &crc);
             }

@@ -40,7 +40,7 @@ impl Writer<'_, '_> {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let at = self.base + self.written as u64;
+        let at = self.base.wrapping_add(self.written as u64);
         if let Err(fault) = self.acc.write(at, &self.pending) {
             let entries = fault.done / DELTA_ENTRY;
             self.written += entries * DELTA_ENTRY;
@@ -144,7 +144,8 @@ pub fn apply(desc: &Descriptor, acc: &Access<'_>) -> Result<CompletionRecord, Ab
     let mut previous: Option<u16> = None;
     while applied < size {
         let n = (size - applied).min(step);
-        let (valid, read_fault) = read_partial(acc, desc.src() + applied as u64, &mut buf[..n]);
+        let (valid, read_fault) =
+            read_partial(acc, desc.src().wrapping_add(applied as u64), &mut buf[..n]);
         for entry in buf[..valid].chunks_exact(DELTA_ENTRY) {
             let offset = u16::from_le_bytes([entry[0], entry[1]]);
             let status = if previous.is_some_and(|p| offset <= p) {
@@ -159,7 +160,9 @@ pub fn apply(desc: &Descriptor, acc: &Access<'_>) -> Result<CompletionRecord, Ab
                 record.bytes_completed = applied as u32;
                 return Ok(record);
             }
-            if let Err(fault) = acc.write(desc.dst() + u64::from(offset) * 8, &entry[2..]) {
+            if let Err(fault) =
+                acc.write(desc.dst().wrapping_add(u64::from(offset) * 8), &entry[2..])
+            {
                 return fault_record(fault, applied);
             }
             previous = Some(offset);

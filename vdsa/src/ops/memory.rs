@@ -28,8 +28,8 @@ pub fn memmove(desc: &Descriptor, acc: &Access<'_>) -> Result<CompletionRecord, 
             let start = remaining - n;
             let chunk = &mut buf[..n];
             let moved = acc
-                .read(src + start as u64, chunk)
-                .and_then(|()| acc.write(dst + start as u64, chunk));
+                .read(src.wrapping_add(start as u64), chunk)
+                .and_then(|()| acc.write(dst.wrapping_add(start as u64), chunk));
             if let Err(fault) = moved {
                 let mut record = fault_record(fault, len - remaining)?;
                 record.result = 1;
@@ -43,13 +43,13 @@ pub fn memmove(desc: &Descriptor, acc: &Access<'_>) -> Result<CompletionRecord, 
     while done < len {
         let n = (len - done).min(CHUNK);
         let chunk = &mut buf[..n];
-        if let Err(fault) = acc.read(src + done as u64, chunk) {
-            if let Err(w) = acc.write(dst + done as u64, &chunk[..fault.done]) {
+        if let Err(fault) = acc.read(src.wrapping_add(done as u64), chunk) {
+            if let Err(w) = acc.write(dst.wrapping_add(done as u64), &chunk[..fault.done]) {
                 return fault_record(w, done + w.done);
             }
             return fault_record(fault, done + fault.done);
         }
-        if let Err(fault) = acc.write(dst + done as u64, chunk) {
+        if let Err(fault) = acc.write(dst.wrapping_add(done as u64), chunk) {
             return fault_record(fault, done + fault.done);
         }
         done += n;
@@ -70,7 +70,7 @@ pub fn fill(desc: &Descriptor, acc: &Access<'_>) -> Result<CompletionRecord, Aba
     let mut done = 0;
     while done < len {
         let n = (len - done).min(CHUNK);
-        if let Err(fault) = acc.write(desc.dst() + done as u64, &buf[..n]) {
+        if let Err(fault) = acc.write(desc.dst().wrapping_add(done as u64), &buf[..n]) {
             return fault_record(fault, done + fault.done);
         }
         done += n;
@@ -88,7 +88,7 @@ pub fn dualcast(desc: &Descriptor, acc: &Access<'_>) -> Result<CompletionRecord,
     while done < len {
         let n = (len - done).min(CHUNK);
         let chunk = &mut buf[..n];
-        let at = |base: u64| base + done as u64;
+        let at = |base: u64| base.wrapping_add(done as u64);
         let (valid, read_fault) = read_partial(acc, at(src), chunk);
         if let Err(fault) = acc.write(at(dst1), &chunk[..valid]) {
             // Bring the second destination to the same point.

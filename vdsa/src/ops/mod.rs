@@ -336,8 +336,8 @@ fn read_pair(
     a: &mut [u8],
     b: &mut [u8],
 ) -> (usize, Option<Fault>) {
-    let (valid, fault) = read_partial(acc, src1 + offset as u64, a);
-    match read_partial(acc, src2 + offset as u64, &mut b[..valid]) {
+    let (valid, fault) = read_partial(acc, src1.wrapping_add(offset as u64), a);
+    match read_partial(acc, src2.wrapping_add(offset as u64), &mut b[..valid]) {
         (valid, Some(second)) => (valid, Some(second)),
         (valid, None) => (valid, fault),
     }
