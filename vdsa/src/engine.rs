@@ -1,0 +1,578 @@
+//! Groups, WQ queues and the engines that run descriptors.
+//!
+//! While the device is enabled, each group with engines has one worker
+//! thread per engine. The workers of a group take descriptors from the
+//! group's WQs in turn and run them; a group with one engine runs each WQ
+//! strictly in order. Batches run on one engine, member by member, so a
+//! Fence sees every earlier member complete. A Drain descriptor waits until
+//! every earlier descriptor of its WQ (of its PASID, on a shared WQ) has
+//! completed. Administrative drains and aborts wait on the same state.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use crate::access::{Access, Cause, Path};
+use crate::completion::{CompletionRecord, Status};
+use crate::descriptor::{flags, Descriptor, Opcode};
+use crate::device::Inner;
+use crate::dma::PasidTag;
+use crate::ops::{self, fault_record, Abandoned, CheckContext};
+use crate::swerr::{DescInfo, SoftwareError};
+use crate::wqcfg::WqCfg;
+
+/// How often a waiter re-checks for an abort.
+const POLL: Duration = Duration::from_millis(20);
+/// How long an idle engine polls for new work before it sleeps: a futex
+/// wake-up costs several microseconds, more than most descriptors take.
+const IDLE_SPIN: Duration = Duration::from_micros(50);
+
+/// A WQ's configuration, fixed when the WQ was enabled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WqSnapshot {
+    /// WQ index.
+    pub id: u8,
+    /// Dedicated mode.
+    pub dedicated: bool,
+    /// Block-on-fault enable.
+    pub bof: bool,
+    /// ATS disabled for this WQ.
+    pub ats_disable: bool,
+    /// PASID enable.
+    pub pasid_en: bool,
+    /// WQ PASID (dedicated).
+    pub pasid: u32,
+    /// WQ privilege (dedicated).
+    pub privileged: bool,
+    /// WQ size.
+    pub size: u16,
+    /// Maximum transfer size in bytes.
+    pub max_xfer: u64,
+    /// Maximum batch size.
+    pub max_batch: u32,
+    /// Allowed operations.
+    pub op_config: [u64; 4],
+}
+
+impl WqSnapshot {
+    /// The snapshot of WQ `id` with configuration `cfg`.
+    pub fn new(id: u8, cfg: &WqCfg) -> Self {
+        Self {
+            id,
+            dedicated: cfg.dedicated(),
+            bof: cfg.bof(),
+            ats_disable: cfg.ats_disable(),
+            pasid_en: cfg.pasid_en(),
+            pasid: cfg.pasid(),
+            privileged: cfg.privileged(),
+            size: cfg.size(),
+            max_xfer: 1 << cfg.max_xfer_shift(),
+            max_batch: 1 << cfg.max_batch_shift(),
+            op_config: cfg.op_config(),
+        }
+    }
+
+    /// The PASID prefix and privilege of descriptor `desc` from this WQ.
+    pub fn tag_for(&self, desc: &Descriptor) -> (Option<PasidTag>, bool) {
+        if self.dedicated {
+            let tag = self.pasid_en.then_some(PasidTag {
+                pasid: self.pasid,
+                privileged: self.privileged,
+            });
+            (tag, self.pasid_en && self.privileged)
+        } else {
+            let tag = PasidTag {
+                pasid: desc.pasid(),
+                privileged: desc.privileged(),
+            };
+            (Some(tag), tag.privileged)
+        }
+    }
+}
+
+/// A descriptor waiting in a WQ.
+#[derive(Clone, Copy, Debug)]
+pub struct Queued {
+    /// Submission order within the group.
+    pub ticket: u64,
+    /// The descriptor.
+    pub desc: Descriptor,
+    /// The PASID it runs with (for Drain/Abort PASID).
+    pub pasid: Option<u32>,
+}
+
+/// One WQ of a group.
+#[derive(Debug)]
+pub struct WqQueue {
+    /// WQ index.
+    pub id: u8,
+    /// Taking submissions (enabled and not being disabled).
+    pub accepting: bool,
+    /// The configuration while enabled.
+    pub snapshot: Option<WqSnapshot>,
+    /// Current threshold (writable while enabled).
+    pub threshold: u16,
+    /// Descriptors not yet dispatched: the WQ occupancy.
+    pub queue: VecDeque<Queued>,
+}
+
+/// A descriptor an engine is running.
+#[derive(Clone, Copy, Debug)]
+pub struct InFlight {
+    /// Its ticket.
+    pub ticket: u64,
+    /// Its WQ.
+    pub wq: u8,
+    /// Its PASID.
+    pub pasid: Option<u32>,
+    /// The engine running it.
+    pub worker: usize,
+}
+
+/// The mutable state of a group.
+#[derive(Debug, Default)]
+pub struct GroupState {
+    /// The group's WQs.
+    pub wqs: Vec<WqQueue>,
+    next_wq: usize,
+    /// Next submission ticket.
+    pub next_ticket: u64,
+    /// Descriptors being run.
+    pub in_flight: Vec<InFlight>,
+    shutdown: bool,
+    sleepers: usize,
+    idle_waiters: usize,
+}
+
+impl GroupState {
+    /// Whether any queued or running descriptor older than `ticket`
+    /// matches `pred(wq, pasid)`.
+    pub fn pending(&self, ticket: u64, pred: impl Fn(u8, Option<u32>) -> bool) -> bool {
+        self.in_flight
+            .iter()
+            .any(|f| f.ticket < ticket && pred(f.wq, f.pasid))
+            || self.wqs.iter().any(|q| {
+                q.queue
+                    .iter()
+                    .any(|item| item.ticket < ticket && pred(q.id, item.pasid))
+            })
+    }
+
+    fn pick(&mut self) -> Option<(Queued, WqSnapshot)> {
+        let n = self.wqs.len();
+        for i in 0..n {
+            let slot = (self.next_wq + i) % n;
+            let q = &mut self.wqs[slot];
+            if let (Some(snapshot), Some(item)) = (q.snapshot, q.queue.front().copied()) {
+                q.queue.pop_front();
+                self.next_wq = (slot + 1) % n;
+                return Some((item, snapshot));
+            }
+        }
+        None
+    }
+}
+
+/// A group of WQs and engines.
+pub struct Group {
+    state: Mutex<GroupState>,
+    work: Condvar,
+    idle: Condvar,
+    /// Per-engine abort flags for the descriptor being run.
+    cancel: Vec<AtomicBool>,
+    /// Descriptors queued in all WQs of the group (read without the lock
+    /// by idle engines).
+    queued: AtomicUsize,
+}
+
+impl Group {
+    /// A group with `wqs` (indexes) and `engines` engines.
+    pub fn new(id: usize, wqs: &[u8], engines: usize) -> Self {
+        let state = GroupState {
+            wqs: wqs
+                .iter()
+                .map(|&id| WqQueue {
+                    id,
+                    accepting: false,
+                    snapshot: None,
+                    threshold: 0,
+                    queue: VecDeque::new(),
+                })
+                .collect(),
+            ..GroupState::default()
+        };
+        log::debug!("DSA group {id}: WQs {wqs:?}, {engines} engines");
+        Self {
+            state: Mutex::new(state),
+            work: Condvar::new(),
+            idle: Condvar::new(),
+            cancel: (0..engines).map(|_| AtomicBool::new(false)).collect(),
+            queued: AtomicUsize::new(0),
+        }
+    }
+
+    /// Locks the group state.
+    pub fn lock(&self) -> MutexGuard<'_, GroupState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The number of engines.
+    pub fn engines(&self) -> usize {
+        self.cancel.len()
+    }
+
+    /// Queues `item` on WQ slot `slot` and wakes an engine.
+    pub fn push(
+        &self,
+        mut state: MutexGuard<'_, GroupState>,
+        slot: usize,
+        desc: Descriptor,
+        pasid: Option<u32>,
+    ) {
+        let ticket = state.next_ticket;
+        state.next_ticket += 1;
+        state.wqs[slot].queue.push_back(Queued {
+            ticket,
+            desc,
+            pasid,
+        });
+        let wake = state.sleepers > 0;
+        drop(state);
+        if wake {
+            self.work.notify_one();
+        }
+    }
+
+    /// Waits until `done(state)` holds or `cancel` is set; returns whether
+    /// the condition held.
+    pub fn wait_until(
+        &self,
+        cancel: Option<&AtomicBool>,
+        mut done: impl FnMut(&GroupState) -> bool,
+    ) -> bool {
+        let mut state = self.lock();
+        loop {
+            if done(&state) {
+                return true;
+            }
+            if cancel.is_some_and(|c| c.load(Ordering::SeqCst)) {
+                return false;
+            }
+            state.idle_waiters += 1;
+            state = self
+                .idle
+                .wait_timeout(state, POLL)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+            state.idle_waiters -= 1;
+        }
+    }
+
+    /// Abandons queued descriptors matching `pred(wq, pasid)` and flags
+    /// running ones to stop at their next wait; returns the ticket limit
+    /// to wait for.
+    pub fn abort(&self, pred: impl Fn(u8, Option<u32>) -> bool) -> u64 {
+        let mut state = self.lock();
+        for q in state.wqs.iter_mut() {
+            let id = q.id;
+            let before = q.queue.len();
+            q.queue.retain(|item| !pred(id, item.pasid));
+            self.queued
+                .fetch_sub(before - q.queue.len(), Ordering::SeqCst);
+        }
+        for f in &state.in_flight {
+            if pred(f.wq, f.pasid) {
+                self.cancel[f.worker].store(true, Ordering::SeqCst);
+            }
+        }
+        state.next_ticket
+    }
+
+    /// Asks the engines to exit once their queues are empty.
+    pub fn shut_down(&self) {
+        self.lock().shutdown = true;
+        self.work.notify_all();
+    }
+
+    /// The engine loop.
+    pub(crate) fn run_engine(inner: Arc<Inner>, group: Arc<Group>, worker: usize) {
+        loop {
+            let (item, wq) = {
+                let mut state = group.lock();
+                let mut spun = false;
+                loop {
+                    if let Some((item, wq)) = state.pick() {
+                        group.queued.fetch_sub(1, Ordering::SeqCst);
+                        // In flight before the lock drops, so drains never
+                        // miss it.
+                        state.in_flight.push(InFlight {
+                            ticket: item.ticket,
+                            wq: wq.id,
+                            pasid: item.pasid,
+                            worker,
+                        });
+                        group.cancel[worker].store(false, Ordering::SeqCst);
+                        break (item, wq);
+                    }
+                    if state.shutdown {
+                        return;
+                    }
+                    if !spun {
+                        drop(state);
+                        let start = std::time::Instant::now();
+                        while group.queued.load(Ordering::SeqCst) == 0
+                            && start.elapsed() < IDLE_SPIN
+                        {
+                            std::hint::spin_loop();
+                        }
+                        spun = true;
+                        state = group.lock();
+                        continue;
+                    }
+                    spun = false;
+                    state.sleepers += 1;
+                    state = group.work.wait(state).unwrap_or_else(|e| e.into_inner());
+                    state.sleepers -= 1;
+                }
+            };
+            let (tag, privileged) = wq.tag_for(&item.desc);
+            let submission = Submission {
+                inner: &inner,
+                group: &group,
+                worker,
+                wq,
+                ticket: item.ticket,
+                tag,
+                privileged,
+            };
+            submission.process(&item.desc);
+            let mut state = group.lock();
+            state.in_flight.retain(|f| f.ticket != item.ticket);
+            let wake = state.idle_waiters > 0;
+            drop(state);
+            if wake {
+                group.idle.notify_all();
+            }
+        }
+    }
+}
+
+/// One descriptor (and, for a batch, its members) being run.
+struct Submission<'a> {
+    inner: &'a Inner,
+    group: &'a Group,
+    worker: usize,
+    wq: WqSnapshot,
+    ticket: u64,
+    tag: Option<PasidTag>,
+    privileged: bool,
+}
+
+impl Submission<'_> {
+    fn cancel(&self) -> &AtomicBool {
+        &self.group.cancel[self.worker]
+    }
+
+    fn access(&self, block_on_fault: bool) -> Access<'_> {
+        let pcie = &self.inner.pcie;
+        Access {
+            path: Path {
+                port: &*self.inner.dma,
+                atc: &self.inner.atc,
+                prs: &self.inner.prs,
+                pri_allocation: pcie.pri_alloc.load(Ordering::SeqCst),
+            },
+            tag: self.tag,
+            ats: crate::pci::PcieState::get(&pcie.ats) && !self.wq.ats_disable,
+            block_on_fault: block_on_fault && pcie.page_requests(),
+            cancel: self.cancel(),
+        }
+    }
+
+    fn info(&self, desc: &Descriptor, batch_index: Option<u16>) -> DescInfo {
+        DescInfo {
+            operation: desc.opcode(),
+            pasid: self.tag.map_or(0, |t| t.pasid),
+            privileged: self.privileged,
+            batch_index,
+        }
+    }
+
+    fn software_error(
+        &self,
+        code: Status,
+        info: DescInfo,
+        fault: Option<(u64, bool)>,
+        extra: Option<u32>,
+    ) {
+        self.inner.record_software_error(&SoftwareError {
+            code: code as u8,
+            wq: Some(self.wq.id),
+            desc: Some(info),
+            fault,
+            info: extra,
+        });
+    }
+
+    /// A descriptor taken from the WQ.
+    fn process(&self, desc: &Descriptor) {
+        if !self.wq.dedicated {
+            // Trusted fields of a shared-WQ submission.
+            if desc.privileged() && !crate::pci::PcieState::get(&self.inner.pcie.pasid_priv) {
+                self.software_error(Status::PrivBad, self.info(desc, None), None, None);
+                return;
+            }
+            if desc.trusted_reserved() != 0 {
+                let record = CompletionRecord::new(Status::NonzeroReserve);
+                self.deliver(desc, &record, true, self.info(desc, None));
+                return;
+            }
+        }
+        self.run(desc, None);
+    }
+
+    /// Checks, runs and completes one descriptor; `None` if abandoned.
+    fn run(&self, desc: &Descriptor, batch_index: Option<u16>) -> Option<Status> {
+        let info = self.info(desc, batch_index);
+        if desc.has(flags::CRAV) && desc.completion_addr() & 31 != 0 {
+            self.software_error(Status::CraAlign, info, None, None);
+            return Some(Status::CraAlign);
+        }
+        let pasid_en = self.wq.pasid_en || !self.wq.dedicated;
+        let ctx = CheckContext {
+            caps: &self.inner.caps,
+            in_batch: batch_index.is_some(),
+            wq_bof: self.wq.bof,
+            wq_pasid_en: pasid_en,
+            privileged: self.privileged,
+            user_int_en: self.inner.user_interrupts(),
+            max_xfer: self.wq.max_xfer,
+            max_batch: self.wq.max_batch,
+            op_config: self.wq.op_config,
+            int_handle_ok: !desc.has(flags::RCI)
+                || self.inner.interrupt_handle_ok(
+                    desc.int_handle(),
+                    pasid_en,
+                    self.tag.map(|t| t.pasid),
+                ),
+        };
+        let (record, interrupt) = match ops::check(desc, &ctx) {
+            Err(rejection) => (
+                rejection.record(),
+                rejection.status != Status::IntHandleInval,
+            ),
+            Ok(Opcode::Batch) => (self.batch(desc).ok()?, true),
+            Ok(Opcode::Drain) => {
+                if !self.drain() {
+                    return None;
+                }
+                (CompletionRecord::new(Status::Success), true)
+            }
+            Ok(op) => {
+                let data = self.access(desc.has(flags::BOF));
+                (ops::execute(op, desc, &data).ok()?, true)
+            }
+        };
+        Some(self.deliver(desc, &record, interrupt, info))
+    }
+
+    /// Waits for earlier descriptors of the WQ (of the same PASID on a
+    /// shared WQ); false if aborted.
+    fn drain(&self) -> bool {
+        let (wq, ticket) = (self.wq.id, self.ticket);
+        let pasid = (!self.wq.dedicated)
+            .then(|| self.tag.map(|t| t.pasid))
+            .flatten();
+        self.group.wait_until(Some(self.cancel()), |state| {
+            !state
+                .in_flight
+                .iter()
+                .any(|f| f.ticket < ticket && f.wq == wq && (pasid.is_none() || f.pasid == pasid))
+        })
+    }
+
+    fn batch(&self, desc: &Descriptor) -> Result<CompletionRecord, Abandoned> {
+        let count = desc.xfer_size();
+        let list = self.access(true);
+        let mut processed = 0u32;
+        let mut failed = false;
+        for index in 0..count {
+            let mut bytes = [0u8; 64];
+            let at = desc.src().wrapping_add(u64::from(index) * 64);
+            if let Err(fault) = list.read(at, &mut bytes) {
+                let mut record = fault_record(fault, processed as usize)?;
+                if matches!(fault.cause, Cause::PageFault | Cause::PageRequestInvalid) {
+                    record.status = Status::BatchPageFault;
+                }
+                return Ok(record);
+            }
+            let member = Descriptor(bytes);
+            if member.has(flags::FENCE) && failed {
+                // Abandon the fenced member and everything after it.
+                break;
+            }
+            if self.cancel().load(Ordering::SeqCst) {
+                return Err(Abandoned);
+            }
+            let status = self.run(&member, Some(index as u16)).ok_or(Abandoned)?;
+            failed |= status != Status::Success;
+            processed += 1;
+        }
+        let mut record = CompletionRecord::new(if failed {
+            Status::BatchFail
+        } else {
+            Status::Success
+        });
+        record.bytes_completed = processed;
+        Ok(record)
+    }
+
+    /// Writes the completion record (status byte last), reports errors that
+    /// have no record in SWERROR, and raises the completion interrupt.
+    fn deliver(
+        &self,
+        desc: &Descriptor,
+        record: &CompletionRecord,
+        interrupt: bool,
+        info: DescInfo,
+    ) -> Status {
+        let status = record.status;
+        let fault = status
+            .is_fault()
+            .then_some((record.fault_addr, record.fault_write));
+        let invalid_flags = (status == Status::InvalidFlags).then(|| {
+            let mut b = [0u8; 4];
+            b.copy_from_slice(&record.op_specific[..4]);
+            u32::from_le_bytes(b)
+        });
+        if desc.has(flags::CRAV) {
+            if desc.has(flags::RCR) || !status.is_quiet() {
+                let bytes = record.to_bytes();
+                let target = desc.completion_addr();
+                let cr = self.access(true);
+                let written = cr.write(target + 1, &bytes[1..]).and_then(|()| {
+                    std::sync::atomic::fence(Ordering::Release);
+                    cr.write(target, &bytes[..1])
+                });
+                if let Err(fault) = written {
+                    if fault.cause != Cause::Aborted {
+                        self.software_error(Status::CraXlat, info, Some((target, true)), None);
+                    }
+                    return Status::CraXlat;
+                }
+            }
+            if status == Status::IntHandleInval {
+                self.software_error(status, info, None, Some(u32::from(desc.int_handle())));
+            }
+        } else if !status.is_quiet() {
+            let extra = invalid_flags
+                .or((status == Status::IntHandleInval).then(|| u32::from(desc.int_handle())));
+            self.software_error(status, info, fault, extra);
+        }
+        if interrupt && desc.has(flags::RCI) {
+            self.inner.completion_interrupt(desc.int_handle());
+        }
+        status
+    }
+}
