@@ -35,7 +35,6 @@
 
 static const char *const search_dirs[] = { "/usr/bin/", "/usr/sbin/" };
 static const char fallback_path[] = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-static const char busybox[] = "/usr/bin/busybox";
 
 struct settings {
 	char *cmd;      /* vmm.cmd=   encoded argv, see decode_argv() */
@@ -304,9 +303,6 @@ static void exec_command(char **argv)
 		if (errno != ENOENT)
 			return;
 	}
-	/* Not installed as a file: let busybox try it as one of its applets. */
-	execve(busybox, argv, cmd_envp);
-	errno = ENOENT;
 }
 
 static void child(int outfd, int stdin_console)
@@ -315,9 +311,10 @@ static void child(int outfd, int stdin_console)
 	int fd;
 
 	setsid();
-	if (outfd != 1)
-		ioctl(outfd, TIOCSCTTY, (void *)0);
 	if (stdin_console) {
+		/* Interactive use: the console becomes the controlling terminal. */
+		if (outfd != 1)
+			ioctl(outfd, TIOCSCTTY, (void *)0);
 		dup2(outfd, 0);
 	} else {
 		fd = open("/dev/null", O_RDONLY | O_CLOEXEC, 0);
@@ -389,7 +386,7 @@ int main(int argc, char **argv, char **envp)
 {
 	struct settings st = { 0 };
 	struct msg m = { .len = 0 };
-	int outfd, code;
+	int outfd, code, stdin_console;
 
 	mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, 0);
 	mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, 0);
@@ -414,7 +411,18 @@ int main(int argc, char **argv, char **envp)
 	}
 	build_envp(envp);
 
-	code = run(outfd, st.in && streq(st.in, "console"));
+	stdin_console = st.in && streq(st.in, "console");
+	code = run(outfd, stdin_console);
+	if (stdin_console && outfd != 1) {
+		/*
+		 * The command's session leader exiting hung up its controlling
+		 * terminal, and with it our descriptor: open the port again.
+		 */
+		close(outfd);
+		outfd = open_output(st.out);
+		if (outfd < 0)
+			outfd = 1;
+	}
 	if (code < 0) {
 		report_error(outfd, "fork-or-wait-failed");
 		finish(outfd, st.exit);
