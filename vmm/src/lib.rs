@@ -16,6 +16,7 @@ pub mod emulator;
 pub mod layout;
 pub mod machine;
 pub mod microguest;
+pub mod msi;
 pub mod pci_root;
 pub mod vcpu;
 pub mod vm;

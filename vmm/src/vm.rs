@@ -242,9 +242,17 @@ impl Vm {
         &self.serial
     }
 
-    /// The registers vCPU 0 starts with.
+    /// The registers vCPU 0 starts with. The APIC base keeps KVM's reset
+    /// value (LAPIC enabled, BSP): a zero there would disable the LAPIC.
     pub fn set_boot_state(&mut self, regs: kvm_regs, sregs: kvm_sregs) {
-        self.boot = Some((regs, Box::new(move |s: &mut kvm_sregs| *s = sregs)));
+        self.boot = Some((
+            regs,
+            Box::new(move |s: &mut kvm_sregs| {
+                let apic_base = s.apic_base;
+                *s = sregs;
+                s.apic_base = apic_base;
+            }),
+        ));
     }
 
     /// The registers vCPU 0 starts with, its segment and control registers

@@ -90,3 +90,58 @@ fn switch_to_cpl3_and_back() {
     let expected = (u32::from(USER_CS) << 16) | u32::from(USER_CS);
     assert_eq!(run(g), RunExit::TestExit(expected));
 }
+
+#[test]
+fn msi_from_a_device_reaches_the_guest_idt() {
+    use vmm::devices::serial::SerialOutput;
+    use vmm::msi::KvmMsiSink;
+    use vmm::vcpu::UdHook;
+    use vmm::vm::{Vm, VmConfig};
+
+    assert!(
+        std::path::Path::new("/dev/kvm").exists(),
+        "these tests need /dev/kvm, which this machine lacks"
+    );
+    // The guest enables its LAPIC, sets IF and waits; vector 0x40 ends the run.
+    const LAPIC_SVR: u64 = 0xfee0_00f0;
+    let mut g = MicroGuest::new();
+    let mut handler = g.asm.create_label();
+    let mut wait = g.asm.create_label();
+    g.asm.mov(rbx, LAPIC_SVR).unwrap();
+    g.asm.mov(dword_ptr(rbx), 0x1ffu32).unwrap(); // APIC software enable, spurious 0xff
+    g.asm.sti().unwrap();
+    g.asm.set_label(&mut wait).unwrap();
+    g.asm.mov(eax, 0x1u32).unwrap();
+    g.asm.out(0x80, eax).unwrap(); // an exit, so the VMM thread can inject meanwhile
+    g.asm.jmp(wait).unwrap();
+    g.asm.set_label(&mut handler).unwrap();
+    exit_with(&mut g.asm, 0x4040).unwrap();
+    g.handler(0x40, handler);
+
+    let config = VmConfig {
+        cpus: 1,
+        memory: microguest::MICRO_MEMORY,
+        serial: SerialOutput::Sink,
+        ud_hook: Some(UdHook::Breakpoint),
+    };
+    let mut vm = Vm::new(config).unwrap();
+    let loaded = g.load(vm.memory()).unwrap();
+    vm.set_boot_state(loaded.regs, loaded.sregs);
+    let sink = KvmMsiSink::new(vm.fd().clone());
+    let sender = std::thread::spawn(move || {
+        for _ in 0..200 {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            // Fixed delivery to APIC 0, vector 0x40.
+            pci::MsiSink::send_msi(
+                &sink,
+                pci::MsiMessage {
+                    address: 0xfee0_0000,
+                    data: 0x40,
+                },
+            );
+        }
+    });
+    let exit = vm.run(Some(std::time::Duration::from_secs(10)));
+    drop(sender);
+    assert_eq!(exit, RunExit::TestExit(0x4040));
+}
