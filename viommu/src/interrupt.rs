@@ -7,14 +7,8 @@
 
 use crate::regs::{ectl, EADDR_WRITABLE, EDATA_WRITABLE};
 
-/// Where the unit sends its MSIs.
-///
-/// TODO(integration): this mirrors `pci::MsiSink` (being written on main); replace it with
-/// `pci::MsiSink` when the branches meet. Only this module names the trait.
-pub trait MsiSink: Send + Sync {
-    /// Deliver an MSI with the given address and data.
-    fn send_msi(&self, address: u64, data: u32);
-}
+use pci::MsiMessage;
+pub use pci::MsiSink;
 
 /// An MSI the unit decided to send; delivered after internal locks are released.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,7 +22,10 @@ pub struct Msi {
 impl Msi {
     /// Send through `sink`.
     pub fn deliver(self, sink: &dyn MsiSink) {
-        sink.send_msi(self.address, self.data);
+        sink.send_msi(MsiMessage {
+            address: self.address,
+            data: self.data,
+        });
     }
 }
 

@@ -38,7 +38,8 @@ pub const RID_HIGH: u16 = 0x0285;
 pub struct RecordingMsi(pub Mutex<Vec<(u64, u32)>>);
 
 impl MsiSink for RecordingMsi {
-    fn send_msi(&self, address: u64, data: u32) {
+    fn send_msi(&self, msg: pci::MsiMessage) {
+        let (address, data) = (msg.address, msg.data);
         self.0.lock().unwrap().push((address, data));
     }
 }
