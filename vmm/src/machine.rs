@@ -50,6 +50,7 @@ pub enum MachineError {
 
 /// Builds the machine, boots the kernel and runs it to the end.
 pub fn run_linux(config: LinuxConfig) -> Result<RunExit, MachineError> {
+    let interactive = matches!(config.serial, SerialOutput::Stdout);
     let vm_config = VmConfig {
         cpus: config.cpus,
         memory: config.memory,
@@ -57,6 +58,9 @@ pub fn run_linux(config: LinuxConfig) -> Result<RunExit, MachineError> {
         ud_hook: Some(UdHook::EntryClac),
     };
     let mut vm = Vm::new(vm_config)?;
+    if interactive {
+        forward_stdin(vm.serial().clone());
+    }
 
     let root = PciRoot::new();
     vm.mmio()
@@ -109,4 +113,24 @@ pub fn run_linux(config: LinuxConfig) -> Result<RunExit, MachineError> {
     let regs = state.regs();
     vm.set_boot_state_with(regs, Box::new(move |sregs| state.apply_sregs(sregs)));
     Ok(vm.run(config.timeout))
+}
+
+/// Feeds what is typed on the VMM's stdin to COM1. The thread ends at
+/// end of input (CI runs with no stdin) and otherwise with the process.
+fn forward_stdin(serial: Arc<Mutex<crate::devices::serial::SerialDevice>>) {
+    let spawned = std::thread::Builder::new()
+        .name("stdin".into())
+        .spawn(move || {
+            use std::io::Read;
+            let mut buf = [0u8; 64];
+            let mut stdin = std::io::stdin().lock();
+            while let Ok(n @ 1..) = stdin.read(&mut buf) {
+                if let Ok(mut serial) = serial.lock() {
+                    serial.enqueue_input(&buf[..n]);
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        log::warn!("serial input disabled: {e}");
+    }
 }
