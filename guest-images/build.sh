@@ -51,7 +51,7 @@ for arg in "$@"; do
 done
 
 start=$SECONDS
-log() { [[ $quiet == 1 ]] || echo "build.sh: $*" >&2; }
+log() { [[ $quiet == 1 ]] || echo "build.sh: [$((SECONDS - start)) s] $*" >&2; }
 die() {
 	echo "build.sh: error: $*" >&2
 	exit 1

@@ -52,20 +52,22 @@ check() { # name, condition result (0 = ok), detail
 	fi
 }
 
-# run NAME INITRAMFS VIRTIO(0/1) CMDLINE -- ARGV...   (@CMD@ in CMDLINE: the encoded ARGV)
+# run NAME INITRAMFS VIRTIO CMDLINE -- ARGV...   (@CMD@ in CMDLINE: the encoded ARGV)
+# VIRTIO: 0 no virtio console, 1 its output to NAME.hvc, 2 a pipe pair NAME.pipe.{in,out}
 # Leaves $work/NAME.serial, $work/NAME.hvc, $work/NAME.rc, $work/NAME.secs
 run_guest() {
 	local name=$1 initrd=$2 virtio=$3 cmdline=$4
 	shift 5
 	local enc dev=() t0
 	enc=$(vmm_encode_argv "$@")
-	if [[ $virtio == 1 ]]; then
-		# shellcheck disable=SC2054 # commas belong to QEMU's option syntax
-		dev=(-device virtio-serial-pci,id=vser
-			-chardev "file,id=hvc,path=$work/$name.hvc"
-			-device virtconsole,chardev=hvc,bus=vser.0,nr=0)
-	fi
-	: >"$work/$name.hvc"
+	case $virtio in
+	1) dev=(-chardev "file,id=hvc,path=$work/$name.hvc") ;;
+	2) dev=(-chardev "pipe,id=hvc,path=$work/$name.pipe") ;;
+	esac
+	# shellcheck disable=SC2054 # commas belong to QEMU's option syntax
+	[[ $virtio == 0 ]] || dev+=(-device virtio-serial-pci,id=vser
+		-device virtconsole,chardev=hvc,bus=vser.0,nr=0)
+	[[ $virtio == 2 ]] || : >"$work/$name.hvc"
 	t0=$(date +%s.%N)
 	set +e
 	timeout "$timeout_s" qemu-system-x86_64 -accel tcg -cpu max -smp 2 -m 512 \
@@ -146,15 +148,8 @@ reader=$!
 (sleep 5 && printf 'hello world\n' >"$work/stdin.pipe.in") &
 writer=$!
 # shellcheck disable=SC2016 # the script is for the guest's shell
-enc=$(vmm_encode_argv sh -c 'read x; echo "got:$x"; tty; exit 4')
-t0=$(date +%s.%N)
-timeout "$timeout_s" qemu-system-x86_64 -accel tcg -cpu max -m 512 -machine q35 -display none \
-	-no-reboot -serial "file:$work/stdin.serial" -monitor none -device virtio-serial-pci,id=vser \
-	-chardev "pipe,id=hvc,path=$work/stdin.pipe" -device virtconsole,chardev=hvc,bus=vser.0,nr=0 \
-	-kernel "$out/bzImage" -initrd "$out/initramfs-base.cpio" \
-	-append "$std -- vmm.cmd=$enc vmm.stdin=console vmm.out=hvc0" \
-	>"$work/stdin.qemu" 2>&1 || true
-echo "$(date +%s.%N) - $t0" | bc >"$work/stdin.secs"
+run_guest stdin initramfs-base.cpio 2 "$std -- vmm.cmd=@CMD@ vmm.stdin=console vmm.out=hvc0" -- \
+	sh -c 'read x; echo "got:$x"; tty; exit 4'
 wait "$writer" || true
 wait "$reader" || true
 check "vmm.stdin=console: input, controlling tty, status" \

@@ -360,8 +360,8 @@ static int run(int outfd, int stdin_console)
 
 static void finish(int outfd, const char *exit_mode)
 {
-	if (outfd != 1)
-		ioctl(outfd, TCSBRK, (void *)1); /* tcdrain: the host must see the trailer */
+	/* tcdrain: the host must see the trailer before the power goes off. */
+	ioctl(outfd, TCSBRK, (void *)1);
 	if (exit_mode && streq(exit_mode, "reboot"))
 		reboot(LINUX_REBOOT_CMD_RESTART);
 	else
