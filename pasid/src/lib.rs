@@ -1,29 +1,161 @@
-//! PASID bookkeeping shared by the vIOMMU, the accelerator and the ENQCMD
-//! trap.
+//! PASID bookkeeping shared by the vIOMMU, the accelerator and the ENQCMD trap.
 //!
-//! - [`PasidSpace`]: the host's 20-bit PASID space, shared by every guest.
-//!   Allocations are global (valid for every device, as ENQCMD needs) or
-//!   scoped to one requester ID, and are charged to an owner with an
-//!   optional limit.
-//! - [`GuestPasidTable`]: one per guest, translating guest PASIDs to host
-//!   PASIDs for all of that guest's devices and vCPUs, with a lock-free read
-//!   path.
-//! - [`PasidMsr`]: the IA32_PASID MSR of one vCPU.
-//! - [`SvaRegistry`]: bindings of address spaces to devices (handles,
-//!   domains, the address space's PASID) and per-task MSR references.
+//! A PASID (Process Address Space ID, 20 bits, PCIe) tags a DMA request with
+//! the address space it targets. This crate keeps the host-side accounting of
+//! PASIDs for the VMM; it is a plain library with no KVM dependency and no
+//! `unsafe`.
 //!
-//! The rules follow where Linux settled: a PASID belongs to an address space
-//! for its whole life (no refcounted free on unbind), ENQCMD PASIDs are
-//! global, the guest-wide table is one per guest, allocation is charged to
-//! whoever asked, and binding the same address space to the same device
-//! twice gives two handles on one domain and one PASID.
+//! How the VMM wires it:
+//!
+//! * one [`PasidSpace`] for the whole host, shared between guests behind an
+//!   [`Arc`](std::sync::Arc). It hands out host PASIDs (PASID 0 reserved),
+//!   either [`Scope::Global`] (valid on every device and IOMMU, what ENQCMD
+//!   needs) or [`Scope::Device`] (valid for one requester ID only), and charges
+//!   each one to an [`OwnerId`] (a guest, or [`OwnerId::VMM`]) that may carry a
+//!   limit;
+//! * one [`PasidTable`] per guest, shared by all its devices and vCPUs, that
+//!   translates guest PASIDs to host PASIDs without taking a lock. A miss is
+//!   [`Error::TranslationFault`]: the VMM resolves it (asks the vIOMMU whether
+//!   the guest set that PASID up), calls [`PasidTable::install`] and retries;
+//! * one [`Ia32Pasid`] per vCPU, the `IA32_PASID` MSR (0xD93). A write with
+//!   reserved bits set returns [`Error::MsrReservedBits`], which the VMM turns
+//!   into #GP;
+//! * one [`SvaRegistry`] per guest for Shared Virtual Addressing bindings
+//!   (address space x device -> handle), with the PASID living as long as the
+//!   address space, and the per-task "PASID loaded into the MSR" reference.
+//!
+//! Every fallible call returns a distinct [`Error`] variant; none panics on
+//! bad input.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use pasid::{AddressSpaceId, Error, Ia32Pasid, PasidSpace, PasidTable, RequesterId, SvaRegistry};
+//!
+//! let space = Arc::new(PasidSpace::new());
+//! let guest = space.add_owner("guest0", Some(4096));
+//! let table = PasidTable::new(space.clone(), guest).unwrap();
+//!
+//! // ENQCMD trap: the guest's IA32_PASID names guest PASID 5.
+//! let mut msr = Ia32Pasid::new();
+//! msr.write(Ia32Pasid::VALID | 5).unwrap();
+//! let gpasid = msr.active_pasid().unwrap();
+//! let hpasid = match table.translate(gpasid) {
+//!     Ok(hpasid) => hpasid,
+//!     // The guest did set PASID 5 up (the vIOMMU says so): install, retry.
+//!     Err(Error::TranslationFault(_)) => table.install(gpasid).unwrap(),
+//!     Err(err) => panic!("{err}"),
+//! };
+//! assert_eq!(table.translate(gpasid), Ok(hpasid));
+//! assert_eq!(msr.write(1 << 40), Err(Error::MsrReservedBits(1 << 40))); // #GP
+//!
+//! // SVA: the same process bound twice to one device.
+//! let sva = SvaRegistry::new(space.clone(), guest).unwrap();
+//! let dev = RequesterId::new(0, 4, 0);
+//! let first = sva.bind(AddressSpaceId(0x1000), dev).unwrap();
+//! let second = sva.bind(AddressSpaceId(0x1000), dev).unwrap();
+//! assert_ne!(first.handle, second.handle);
+//! assert_eq!((first.domain, first.pasid), (second.domain, second.pasid));
+//! assert_eq!(space.charged(guest), Ok(2));
+//! ```
 
-mod msr;
-mod space;
-mod sva;
-mod table;
+#![warn(missing_docs)]
 
-pub use msr::{MsrError, PasidMsr, IA32_PASID, IA32_PASID_VALID};
-pub use space::{OwnerId, PasidError, PasidSpace, Scope, PASID_BITS, PASID_COUNT, RESERVED_PASID};
-pub use sva::{DeviceId, DomainId, HandleId, MmId, SvaError, SvaHandle, SvaRegistry, TaskId};
-pub use table::{GuestPasidTable, TableError, LEAF_ENTRIES};
+mod bitmap;
+pub mod msr;
+pub mod space;
+pub mod sva;
+pub mod table;
+
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+pub use msr::{Ia32Pasid, MSR_IA32_PASID};
+pub use space::{
+    OwnerId, PasidSpace, RequesterId, Scope, PASID_BITS, PASID_MAX, PASID_SPACE_SIZE,
+    RESERVED_PASID,
+};
+pub use sva::{AddressSpaceId, Binding, DomainId, SvaHandle, SvaRegistry, TaskId};
+pub use table::PasidTable;
+
+/// Everything that can go wrong in this crate. Each case is a distinct
+/// variant so that callers can map it to the architectural answer (fault
+/// record, completion status, #GP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// Every PASID that the request's scope could use is taken.
+    #[error("no free PASID left for {0} scope")]
+    NoSpace(Scope),
+    /// The owner already holds as many PASIDs as its limit allows.
+    #[error("{owner} is at its limit of {limit} PASIDs")]
+    OverLimit {
+        /// Owner the allocation was to be charged to.
+        owner: OwnerId,
+        /// Its limit.
+        limit: u32,
+    },
+    /// A PASID (guest or host) outside the 20-bit range, or beyond the width
+    /// of a narrower host space.
+    #[error("PASID {0:#x} is out of range")]
+    OutOfRange(u32),
+    /// PASID 0 is reserved for requests without PASID and is never handed
+    /// out, installed or freed.
+    #[error("PASID 0 is reserved")]
+    Reserved,
+    /// The owner was never registered with this space, or was removed.
+    #[error("unknown {0}")]
+    UnknownOwner(OwnerId),
+    /// An owner cannot be removed while PASIDs are still charged to it.
+    #[error("{owner} still has {charged} PASIDs charged")]
+    OwnerBusy {
+        /// The owner.
+        owner: OwnerId,
+        /// How many PASIDs are still charged to it.
+        charged: u32,
+    },
+    /// Freeing a PASID that is not allocated in that scope (double free).
+    #[error("PASID {pasid:#x} is not allocated in {scope} scope")]
+    NotAllocated {
+        /// The PASID.
+        pasid: u32,
+        /// The scope it was looked up in.
+        scope: Scope,
+    },
+    /// Freeing a PASID that is charged to another owner.
+    #[error("PASID {pasid:#x} is not charged to {owner}")]
+    NotOwner {
+        /// The PASID.
+        pasid: u32,
+        /// The owner that asked for the free.
+        owner: OwnerId,
+    },
+    /// The guest PASID has no host PASID in the translation table yet: the
+    /// caller resolves the fault and retries.
+    #[error("translation fault on guest PASID {0:#x}")]
+    TranslationFault(u32),
+    /// Removing a guest PASID that is not in the translation table.
+    #[error("guest PASID {0:#x} is not installed")]
+    NotInstalled(u32),
+    /// A write to IA32_PASID with reserved bits set (the VMM injects #GP).
+    #[error("IA32_PASID value {0:#x} sets reserved bits")]
+    MsrReservedBits(u64),
+    /// An SVA handle that was never returned, or was already unbound.
+    #[error("unknown {0}")]
+    UnknownHandle(SvaHandle),
+    /// An address space that has no PASID: never bound, or already released.
+    #[error("unknown {0}")]
+    UnknownAddressSpace(AddressSpaceId),
+    /// The task already holds a reference to its address space's PASID.
+    #[error("{0} already holds its PASID reference")]
+    TaskRefHeld(TaskId),
+    /// A host PASID width outside 1..=20 bits.
+    #[error("PASID width of {0} bits is not in 1..=20")]
+    InvalidWidth(u32),
+}
+
+/// Result type of this crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Locks a mutex, ignoring poisoning: the state behind every mutex here is
+/// consistent between statements, so a panic elsewhere cannot leave it torn.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}

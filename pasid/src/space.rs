@@ -1,121 +1,260 @@
-//! The host PASID space: 20 bits, shared by every guest.
+//! The host PASID space (rules 1 to 3 of the PASID design).
+//!
+//! * 20 bits; PASID 0 ([`RESERVED_PASID`]) is reserved for requests without
+//!   PASID and is never handed out.
+//! * A request is either [`Scope::Global`] (valid for every device and IOMMU
+//!   in the system: ENQCMD takes the PASID from one MSR, not per device) or
+//!   [`Scope::Device`] (valid for one requester ID). A global PASID never
+//!   collides with a PASID allocated to any device; device spaces are
+//!   independent of each other, so two devices may hold the same number.
+//! * Every allocation is charged to an [`OwnerId`]; an owner may have a limit,
+//!   past which allocation fails with [`Error::OverLimit`]. Freeing returns the
+//!   charge.
+//!
+//! The space does no reference counting: a PASID is freed exactly once, by
+//! whoever holds it, when the address space it names ends (see
+//! [`crate::sva`]). Running out is only possible by abuse, and then fails
+//! cleanly with [`Error::NoSpace`].
+//!
+//! Allocation is next-fit over bitmaps: the search resumes after the last
+//! PASID handed out, so a freed PASID is handed out again only after the
+//! allocator has gone round the whole space, and an alloc+free pair costs a
+//! few word operations.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard};
+use std::fmt;
+use std::sync::Mutex;
 
-use thiserror::Error;
+use crate::bitmap::{find_clear, Bitmap};
+use crate::{lock, Error, Result};
 
-/// Width of a PASID.
+/// Width of a PASID in bits.
 pub const PASID_BITS: u32 = 20;
-/// Number of PASID values.
-pub const PASID_COUNT: u32 = 1 << PASID_BITS;
-/// PASID 0 is reserved: it stands for requests without a PASID.
+/// Number of PASID values, the reserved one included.
+pub const PASID_SPACE_SIZE: u32 = 1 << PASID_BITS;
+/// Largest PASID value.
+pub const PASID_MAX: u32 = PASID_SPACE_SIZE - 1;
+/// PASID of requests without PASID (RID_PASID); never allocated.
 pub const RESERVED_PASID: u32 = 0;
 
-const WORDS: usize = (PASID_COUNT / 64) as usize;
+/// A PCI requester ID (bus, device, function), as carried by DMA requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RequesterId(pub u16);
 
-/// Errors of the PASID space.
-#[derive(Clone, Copy, Debug, Error, PartialEq, Eq)]
-pub enum PasidError {
-    /// Every PASID the scope could use is taken.
-    #[error("no free PASID left in the {0:?} scope")]
-    NoSpace(Scope),
-    /// The owner's limit is reached.
-    #[error("owner {owner:?} is at its limit of {limit} PASIDs")]
-    OverLimit {
-        /// The owner.
-        owner: OwnerId,
-        /// Its limit.
-        limit: u32,
-    },
-    /// The owner was never registered.
-    #[error("unknown owner {0:?}")]
-    UnknownOwner(OwnerId),
-    /// The PASID is not allocated in that scope (never was, or freed twice).
-    #[error("PASID {pasid:#x} is not allocated in the {scope:?} scope")]
-    NotAllocated {
-        /// The scope.
-        scope: Scope,
-        /// The PASID.
-        pasid: u32,
-    },
+impl RequesterId {
+    /// The requester ID of `bus:device.function` (`device` < 32,
+    /// `function` < 8; higher bits are dropped).
+    pub fn new(bus: u8, device: u8, function: u8) -> Self {
+        RequesterId(u16::from(bus) << 8 | u16::from(device & 0x1f) << 3 | u16::from(function & 7))
+    }
+
+    /// Bus number (bits 15:8).
+    pub fn bus(self) -> u8 {
+        (self.0 >> 8) as u8
+    }
+
+    /// Device number (bits 7:3).
+    pub fn device(self) -> u8 {
+        ((self.0 >> 3) & 0x1f) as u8
+    }
+
+    /// Function number (bits 2:0).
+    pub fn function(self) -> u8 {
+        (self.0 & 7) as u8
+    }
+}
+
+impl fmt::Display for RequesterId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:02x}:{:02x}.{}",
+            self.bus(),
+            self.device(),
+            self.function()
+        )
+    }
 }
 
 /// Where an allocated PASID must be valid.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Scope {
-    /// Every device and IOMMU in the system: what ENQCMD needs, since the
-    /// CPU takes the PASID from one MSR whatever the target device.
+    /// Valid for every device and IOMMU in the system (ENQCMD, SVA).
     Global,
-    /// Only for one requester ID; such spaces are independent of each other.
-    Device(u16),
+    /// Valid only for DMA from this requester ID.
+    Device(RequesterId),
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Scope::Global => write!(f, "global"),
+            Scope::Device(rid) => write!(f, "device {rid}"),
+        }
+    }
 }
 
 /// Who an allocation is charged to: a guest, or the VMM itself.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, PartialOrd, Ord)]
-pub struct OwnerId(pub u32);
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct OwnerId(u32);
 
-#[derive(Debug)]
-struct Account {
+impl OwnerId {
+    /// The VMM's own owner, present in every space with no limit.
+    pub const VMM: OwnerId = OwnerId(0);
+
+    /// The owner's number within its space.
+    pub fn raw(self) -> u32 {
+        self.0
+    }
+}
+
+impl fmt::Display for OwnerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "owner {}", self.0)
+    }
+}
+
+struct Owner {
+    name: String,
     limit: Option<u32>,
     charged: u32,
+    removed: bool,
 }
 
-/// A bitmap over the PASID space with a rotating search hint.
-#[derive(Clone)]
-struct Bitmap {
-    words: Box<[u64]>,
-}
-
-impl Bitmap {
-    fn new() -> Self {
-        Self {
-            words: vec![0; WORDS].into_boxed_slice(),
-        }
-    }
-
-    fn get(&self, pasid: u32) -> bool {
-        self.words[(pasid / 64) as usize] & (1 << (pasid % 64)) != 0
-    }
-
-    fn set(&mut self, pasid: u32, value: bool) {
-        let word = &mut self.words[(pasid / 64) as usize];
-        if value {
-            *word |= 1 << (pasid % 64);
-        } else {
-            *word &= !(1 << (pasid % 64));
-        }
-    }
-}
-
-/// Finds a PASID clear in both bitmaps, starting at word `hint`.
-fn find_free(a: &Bitmap, b: &Bitmap, hint: usize) -> Option<u32> {
-    (hint..WORDS).chain(0..hint).find_map(|w| {
-        let taken = a.words[w] | b.words[w];
-        (taken != u64::MAX).then(|| w as u32 * 64 + (!taken).trailing_zeros())
-    })
+/// The PASIDs one requester ID holds in device scope.
+struct DeviceSpace {
+    map: Bitmap,
+    owners: HashMap<u32, OwnerId>,
+    hint: u32,
 }
 
 struct Inner {
-    /// Globally allocated PASIDs (bit 0, the reserved PASID, always set).
+    /// Words per bitmap.
+    words: usize,
+    /// Globally allocated PASIDs, plus PASID 0 and the values past the
+    /// space's width, which stay set forever.
     global: Bitmap,
-    /// PASIDs used by at least one device-scoped space.
-    any_device: Bitmap,
-    /// Per requester ID, its device-scoped PASIDs.
-    devices: HashMap<u16, Bitmap>,
-    /// How many device spaces use each device-scoped PASID.
-    device_users: HashMap<u32, u32>,
-    /// Who each allocation is charged to.
-    charged_to: HashMap<(Scope, u32), OwnerId>,
-    accounts: HashMap<OwnerId, Account>,
-    next_owner: u32,
-    hint: usize,
+    /// Owner of each globally allocated PASID (meaningful where `global` is
+    /// set).
+    global_owner: Box<[u32]>,
+    /// `global` plus every PASID some device holds: what a global allocation
+    /// must avoid.
+    any: Bitmap,
+    global_hint: u32,
+    devices: HashMap<RequesterId, DeviceSpace>,
+    owners: Vec<Owner>,
+    allocated: u32,
 }
 
-/// The host PASID space.
-///
-/// All methods take `&self`; share it between guests with an `Arc`.
+impl Inner {
+    fn owner_mut(&mut self, owner: OwnerId) -> Result<&mut Owner> {
+        match self.owners.get_mut(owner.0 as usize) {
+            Some(record) if !record.removed => Ok(record),
+            _ => Err(Error::UnknownOwner(owner)),
+        }
+    }
+
+    fn check_pasid(&self, pasid: u32) -> Result<()> {
+        if pasid == RESERVED_PASID {
+            Err(Error::Reserved)
+        } else if pasid as usize >= self.global_owner.len() {
+            Err(Error::OutOfRange(pasid))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn owner_of(&self, scope: Scope, pasid: u32) -> Option<OwnerId> {
+        self.check_pasid(pasid).ok()?;
+        match scope {
+            Scope::Global => self
+                .global
+                .get(pasid)
+                .then(|| OwnerId(self.global_owner[pasid as usize])),
+            Scope::Device(rid) => self.devices.get(&rid)?.owners.get(&pasid).copied(),
+        }
+    }
+
+    fn alloc(&mut self, owner: OwnerId, scope: Scope) -> Result<u32> {
+        let record = self.owner_mut(owner)?;
+        if let Some(limit) = record.limit {
+            if record.charged >= limit {
+                return Err(Error::OverLimit { owner, limit });
+            }
+        }
+        let words = self.words;
+        let pasid = match scope {
+            Scope::Global => {
+                let pasid = find_clear(words, self.global_hint, |w| self.any.word(w))
+                    .ok_or(Error::NoSpace(scope))?;
+                self.global.set(pasid);
+                self.global_owner[pasid as usize] = owner.0;
+                self.global_hint = pasid + 1;
+                pasid
+            }
+            Scope::Device(rid) => {
+                let global = &self.global;
+                let device = self.devices.entry(rid).or_insert_with(|| DeviceSpace {
+                    map: Bitmap::with_words(words),
+                    owners: HashMap::new(),
+                    hint: 0,
+                });
+                let found = find_clear(words, device.hint, |w| global.word(w) | device.map.word(w));
+                let Some(pasid) = found else {
+                    if device.owners.is_empty() {
+                        self.devices.remove(&rid);
+                    }
+                    return Err(Error::NoSpace(scope));
+                };
+                device.map.set(pasid);
+                device.owners.insert(pasid, owner);
+                device.hint = pasid + 1;
+                pasid
+            }
+        };
+        self.any.set(pasid);
+        self.allocated += 1;
+        self.owners[owner.0 as usize].charged += 1;
+        Ok(pasid)
+    }
+
+    fn free(&mut self, owner: OwnerId, scope: Scope, pasid: u32) -> Result<()> {
+        self.owner_mut(owner)?;
+        self.check_pasid(pasid)?;
+        match self.owner_of(scope, pasid) {
+            None => return Err(Error::NotAllocated { pasid, scope }),
+            Some(holder) if holder != owner => return Err(Error::NotOwner { pasid, owner }),
+            Some(_) => {}
+        }
+        match scope {
+            Scope::Global => {
+                // No device holds a globally allocated PASID.
+                self.global.clear(pasid);
+                self.any.clear(pasid);
+            }
+            Scope::Device(rid) => {
+                if let Some(device) = self.devices.get_mut(&rid) {
+                    device.map.clear(pasid);
+                    device.owners.remove(&pasid);
+                    if device.owners.is_empty() {
+                        self.devices.remove(&rid);
+                    }
+                }
+                if !self.devices.values().any(|device| device.map.get(pasid)) {
+                    self.any.clear(pasid);
+                }
+            }
+        }
+        self.allocated -= 1;
+        self.owners[owner.0 as usize].charged -= 1;
+        Ok(())
+    }
+}
+
+/// The host's PASID space. Share one between guests behind an `Arc`; every
+/// method takes `&self`.
 pub struct PasidSpace {
+    bits: u32,
     inner: Mutex<Inner>,
 }
 
@@ -125,149 +264,153 @@ impl Default for PasidSpace {
     }
 }
 
-impl std::fmt::Debug for PasidSpace {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PasidSpace")
-            .field("allocated", &self.allocated())
-            .finish()
-    }
-}
-
 impl PasidSpace {
-    /// An empty space: every PASID but the reserved one is free.
+    /// A full 20-bit space with only the [`OwnerId::VMM`] owner.
     pub fn new() -> Self {
-        let mut global = Bitmap::new();
-        global.set(RESERVED_PASID, true);
-        Self {
-            inner: Mutex::new(Inner {
-                global,
-                any_device: Bitmap::new(),
-                devices: HashMap::new(),
-                device_users: HashMap::new(),
-                charged_to: HashMap::new(),
-                accounts: HashMap::new(),
-                next_owner: 0,
-                hint: 0,
-            }),
+        Self::build(PASID_BITS)
+    }
+
+    /// A space of `bits` bits (1..=20), for hosts whose IOMMU supports fewer
+    /// PASIDs (VT-d ECAP.PSS).
+    pub fn with_bits(bits: u32) -> Result<Self> {
+        if (1..=PASID_BITS).contains(&bits) {
+            Ok(Self::build(bits))
+        } else {
+            Err(Error::InvalidWidth(bits))
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        // The state is consistent between statements: recover from a panic
-        // elsewhere rather than propagating it.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    fn build(bits: u32) -> Self {
+        let size = 1u32 << bits;
+        let words = size.div_ceil(64) as usize;
+        // PASID 0 and the values past the width are busy forever.
+        let reserved = || {
+            let mut map = Bitmap::with_words(words);
+            map.set(RESERVED_PASID);
+            for bit in size..words as u32 * 64 {
+                map.set(bit);
+            }
+            map
+        };
+        let inner = Inner {
+            words,
+            global: reserved(),
+            any: reserved(),
+            global_owner: vec![0; size as usize].into_boxed_slice(),
+            global_hint: 1,
+            devices: HashMap::new(),
+            owners: vec![Owner {
+                name: "vmm".to_string(),
+                limit: None,
+                charged: 0,
+                removed: false,
+            }],
+            allocated: 0,
+        };
+        PasidSpace {
+            bits,
+            inner: Mutex::new(inner),
+        }
     }
 
-    /// Registers an owner with an optional limit on how many PASIDs it may
-    /// hold at once.
-    pub fn register_owner(&self, limit: Option<u32>) -> OwnerId {
-        let mut inner = self.lock();
-        let id = OwnerId(inner.next_owner);
-        inner.next_owner += 1;
-        inner.accounts.insert(id, Account { limit, charged: 0 });
+    /// Width of the space in bits.
+    pub fn bits(&self) -> u32 {
+        self.bits
+    }
+
+    /// How many PASIDs can be allocated in global scope when nothing is
+    /// allocated: every value but the reserved one.
+    pub fn capacity(&self) -> u32 {
+        (1 << self.bits) - 1
+    }
+
+    /// PASIDs currently allocated, all scopes together.
+    pub fn allocated(&self) -> u32 {
+        lock(&self.inner).allocated
+    }
+
+    /// Registers an owner (typically a guest) with an optional limit on how
+    /// many PASIDs may be charged to it at once.
+    pub fn add_owner(&self, name: &str, limit: Option<u32>) -> OwnerId {
+        let mut inner = lock(&self.inner);
+        let id = OwnerId(inner.owners.len() as u32);
+        inner.owners.push(Owner {
+            name: name.to_string(),
+            limit,
+            charged: 0,
+            removed: false,
+        });
+        log::debug!("PASID space: added {id} ({name}), limit {limit:?}");
         id
     }
 
-    /// How many PASIDs `owner` holds.
-    pub fn charged(&self, owner: OwnerId) -> Result<u32, PasidError> {
-        let inner = self.lock();
-        inner
-            .accounts
-            .get(&owner)
-            .map(|a| a.charged)
-            .ok_or(PasidError::UnknownOwner(owner))
+    /// Removes an owner that has nothing charged. Its id is never reused.
+    pub fn remove_owner(&self, owner: OwnerId) -> Result<()> {
+        let mut inner = lock(&self.inner);
+        let record = inner.owner_mut(owner)?;
+        if record.charged != 0 {
+            return Err(Error::OwnerBusy {
+                owner,
+                charged: record.charged,
+            });
+        }
+        record.removed = true;
+        log::debug!("PASID space: removed {owner} ({})", record.name);
+        Ok(())
     }
 
-    /// Allocates a PASID in `scope`, charged to `owner`.
+    /// Changes an owner's limit. Lowering it below the current charge makes
+    /// further allocations fail until enough PASIDs are freed.
+    pub fn set_limit(&self, owner: OwnerId, limit: Option<u32>) -> Result<()> {
+        lock(&self.inner).owner_mut(owner)?.limit = limit;
+        Ok(())
+    }
+
+    /// An owner's limit.
+    pub fn limit(&self, owner: OwnerId) -> Result<Option<u32>> {
+        Ok(lock(&self.inner).owner_mut(owner)?.limit)
+    }
+
+    /// How many PASIDs are charged to an owner.
+    pub fn charged(&self, owner: OwnerId) -> Result<u32> {
+        Ok(lock(&self.inner).owner_mut(owner)?.charged)
+    }
+
+    /// Allocates a PASID valid in `scope`, charged to `owner`.
     ///
-    /// A global PASID is free in every device space too; a device-scoped one
-    /// is never a global one.
-    pub fn allocate(&self, scope: Scope, owner: OwnerId) -> Result<u32, PasidError> {
-        let mut guard = self.lock();
-        let inner = &mut *guard;
-        let account = inner
-            .accounts
-            .get(&owner)
-            .ok_or(PasidError::UnknownOwner(owner))?;
-        if let Some(limit) = account.limit {
-            if account.charged >= limit {
-                return Err(PasidError::OverLimit { owner, limit });
-            }
+    /// Errors: [`Error::UnknownOwner`], [`Error::OverLimit`] (checked first),
+    /// [`Error::NoSpace`].
+    pub fn alloc(&self, owner: OwnerId, scope: Scope) -> Result<u32> {
+        let result = lock(&self.inner).alloc(owner, scope);
+        match result {
+            Ok(pasid) => log::trace!("PASID space: {pasid:#x} ({scope}) to {owner}"),
+            Err(err) => log::debug!("PASID space: allocation for {owner} ({scope}) failed: {err}"),
         }
-        let pasid = match scope {
-            Scope::Global => {
-                let pasid = find_free(&inner.global, &inner.any_device, inner.hint)
-                    .ok_or(PasidError::NoSpace(scope))?;
-                inner.global.set(pasid, true);
-                pasid
-            }
-            Scope::Device(rid) => {
-                let device = inner.devices.entry(rid).or_insert_with(Bitmap::new);
-                let pasid = find_free(&inner.global, device, inner.hint)
-                    .ok_or(PasidError::NoSpace(scope))?;
-                device.set(pasid, true);
-                inner.any_device.set(pasid, true);
-                *inner.device_users.entry(pasid).or_default() += 1;
-                pasid
-            }
-        };
-        inner.hint = (pasid / 64) as usize;
-        inner.charged_to.insert((scope, pasid), owner);
-        if let Some(account) = inner.accounts.get_mut(&owner) {
-            account.charged += 1;
-        }
-        Ok(pasid)
+        result
     }
 
-    /// Frees `pasid` in `scope` and returns its charge to the owner, whom it
-    /// names.
-    pub fn free(&self, scope: Scope, pasid: u32) -> Result<OwnerId, PasidError> {
-        let mut guard = self.lock();
-        let inner = &mut *guard;
-        let owner = inner
-            .charged_to
-            .remove(&(scope, pasid))
-            .ok_or(PasidError::NotAllocated { scope, pasid })?;
-        match scope {
-            Scope::Global => inner.global.set(pasid, false),
-            Scope::Device(rid) => {
-                if let Some(device) = inner.devices.get_mut(&rid) {
-                    device.set(pasid, false);
-                }
-                let users = inner.device_users.entry(pasid).or_default();
-                *users = users.saturating_sub(1);
-                if *users == 0 {
-                    inner.device_users.remove(&pasid);
-                    inner.any_device.set(pasid, false);
-                }
-            }
+    /// Frees a PASID that `owner` allocated in `scope`, returning the charge.
+    ///
+    /// Errors: [`Error::UnknownOwner`], [`Error::Reserved`],
+    /// [`Error::OutOfRange`], [`Error::NotAllocated`] (double free or wrong
+    /// scope), [`Error::NotOwner`].
+    ///
+    /// PASIDs that a [`PasidTable`](crate::PasidTable) or an
+    /// [`SvaRegistry`](crate::SvaRegistry) allocated are theirs to free:
+    /// freeing one behind their back would let the space hand it to another
+    /// owner while they still use it.
+    pub fn free(&self, owner: OwnerId, scope: Scope, pasid: u32) -> Result<()> {
+        let result = lock(&self.inner).free(owner, scope, pasid);
+        match result {
+            Ok(()) => log::trace!("PASID space: {pasid:#x} ({scope}) freed by {owner}"),
+            Err(err) => log::debug!("PASID space: free by {owner} failed: {err}"),
         }
-        if let Some(account) = inner.accounts.get_mut(&owner) {
-            account.charged -= 1;
-        }
-        Ok(owner)
+        result
     }
 
-    /// Who `pasid` in `scope` is charged to, if it is allocated.
+    /// Who `pasid` is charged to in `scope`, if it is allocated there.
     pub fn owner_of(&self, scope: Scope, pasid: u32) -> Option<OwnerId> {
-        self.lock().charged_to.get(&(scope, pasid)).copied()
-    }
-
-    /// Whether `pasid` is allocated in `scope`.
-    pub fn is_allocated(&self, scope: Scope, pasid: u32) -> bool {
-        if pasid >= PASID_COUNT {
-            return false;
-        }
-        let inner = self.lock();
-        match scope {
-            Scope::Global => pasid != RESERVED_PASID && inner.global.get(pasid),
-            Scope::Device(rid) => inner.devices.get(&rid).is_some_and(|d| d.get(pasid)),
-        }
-    }
-
-    /// The number of allocations across all scopes.
-    pub fn allocated(&self) -> usize {
-        self.lock().charged_to.len()
+        lock(&self.inner).owner_of(scope, pasid)
     }
 }
 
@@ -275,119 +418,185 @@ impl PasidSpace {
 mod tests {
     use super::*;
 
+    const RID_A: Scope = Scope::Device(RequesterId(0x0010));
+    const RID_B: Scope = Scope::Device(RequesterId(0x0018));
+
     #[test]
-    fn reserved_pasid_is_never_handed_out() {
-        let space = PasidSpace::new();
-        let owner = space.register_owner(None);
-        assert_eq!(space.allocate(Scope::Global, owner), Ok(1));
-        assert_eq!(space.allocate(Scope::Device(8), owner), Ok(2));
-        assert!(!space.is_allocated(Scope::Global, RESERVED_PASID));
+    fn requester_id_fields() {
+        let rid = RequesterId::new(0x3a, 0x1f, 7);
+        assert_eq!(rid, RequesterId(0x3aff));
+        assert_eq!((rid.bus(), rid.device(), rid.function()), (0x3a, 0x1f, 7));
+        assert_eq!(rid.to_string(), "3a:1f.7");
+    }
+
+    #[test]
+    fn pasid_zero_is_never_allocated_and_cannot_be_freed() {
+        let space = PasidSpace::with_bits(2).unwrap();
+        let got: Vec<u32> = (0..3)
+            .map(|_| space.alloc(OwnerId::VMM, Scope::Global).unwrap())
+            .collect();
+        assert_eq!(got, vec![1, 2, 3]);
+        assert_eq!(space.alloc(OwnerId::VMM, RID_A), Err(Error::NoSpace(RID_A)));
         assert_eq!(
-            space.free(Scope::Global, RESERVED_PASID),
-            Err(PasidError::NotAllocated {
-                scope: Scope::Global,
-                pasid: 0
+            space.free(OwnerId::VMM, Scope::Global, 0),
+            Err(Error::Reserved)
+        );
+        assert_eq!(space.owner_of(Scope::Global, 0), None);
+    }
+
+    #[test]
+    fn width_is_checked() {
+        assert_eq!(PasidSpace::with_bits(0).err(), Some(Error::InvalidWidth(0)));
+        assert_eq!(
+            PasidSpace::with_bits(21).err(),
+            Some(Error::InvalidWidth(21))
+        );
+        let space = PasidSpace::with_bits(20).unwrap();
+        assert_eq!((space.bits(), space.capacity()), (20, PASID_MAX));
+        let small = PasidSpace::with_bits(4).unwrap();
+        assert_eq!(
+            small.free(OwnerId::VMM, Scope::Global, 16),
+            Err(Error::OutOfRange(16))
+        );
+        assert_eq!(
+            space.free(OwnerId::VMM, Scope::Global, PASID_SPACE_SIZE),
+            Err(Error::OutOfRange(PASID_SPACE_SIZE))
+        );
+    }
+
+    #[test]
+    fn next_fit_does_not_reuse_a_freed_pasid_at_once() {
+        let space = PasidSpace::new();
+        let first = space.alloc(OwnerId::VMM, Scope::Global).unwrap();
+        space.free(OwnerId::VMM, Scope::Global, first).unwrap();
+        let second = space.alloc(OwnerId::VMM, Scope::Global).unwrap();
+        assert_eq!((first, second), (1, 2));
+    }
+
+    #[test]
+    fn device_spaces_are_independent() {
+        let space = PasidSpace::with_bits(2).unwrap();
+        let a: Vec<u32> = (0..3)
+            .map(|_| space.alloc(OwnerId::VMM, RID_A).unwrap())
+            .collect();
+        let b: Vec<u32> = (0..3)
+            .map(|_| space.alloc(OwnerId::VMM, RID_B).unwrap())
+            .collect();
+        assert_eq!(a, b);
+        assert_eq!(space.alloc(OwnerId::VMM, RID_A), Err(Error::NoSpace(RID_A)));
+        assert_eq!(space.owner_of(RID_B, 2), Some(OwnerId::VMM));
+        assert_eq!(
+            space.free(OwnerId::VMM, Scope::Global, 2),
+            Err(Error::NotAllocated {
+                pasid: 2,
+                scope: Scope::Global
             })
         );
     }
 
     #[test]
-    fn global_never_collides_with_device_scoped() {
-        let space = PasidSpace::new();
-        let owner = space.register_owner(None);
-        let d1 = space.allocate(Scope::Device(0x10), owner).unwrap();
-        let d2 = space.allocate(Scope::Device(0x18), owner).unwrap();
-        assert_eq!(d1, d2, "device spaces are independent of each other");
-        let g = space.allocate(Scope::Global, owner).unwrap();
-        assert_ne!(g, d1);
-        let d3 = space.allocate(Scope::Device(0x10), owner).unwrap();
-        assert_ne!(d3, g, "a device-scoped PASID is never a global one");
-        space.free(Scope::Device(0x10), d1).unwrap();
+    fn global_never_collides_with_any_device_pasid() {
+        let space = PasidSpace::with_bits(3).unwrap();
+        let on_a = space.alloc(OwnerId::VMM, RID_A).unwrap();
+        let on_b = [
+            space.alloc(OwnerId::VMM, RID_B).unwrap(),
+            space.alloc(OwnerId::VMM, RID_B).unwrap(),
+        ];
+        assert_eq!((on_a, on_b), (1, [1, 2]));
+        // 1 and 2 are used by some device: global allocation skips them.
+        let global: Vec<u32> = (0..5)
+            .map(|_| space.alloc(OwnerId::VMM, Scope::Global).unwrap())
+            .collect();
+        assert_eq!(global, vec![3, 4, 5, 6, 7]);
         assert_eq!(
-            space.allocate(Scope::Global, owner).unwrap(),
-            4,
-            "1 is still used by 0x18, 3 by 0x10"
+            space.alloc(OwnerId::VMM, Scope::Global),
+            Err(Error::NoSpace(Scope::Global))
         );
-        space.free(Scope::Device(0x18), d2).unwrap();
-        assert_eq!(space.allocate(Scope::Global, owner), Ok(d1));
+        // Device allocations avoid the global ones too.
+        assert_eq!(space.alloc(OwnerId::VMM, RID_A), Ok(2));
+        assert_eq!(space.alloc(OwnerId::VMM, RID_A), Err(Error::NoSpace(RID_A)));
+        // PASID 1 stays busy for global use until both devices dropped it.
+        space.free(OwnerId::VMM, RID_A, 1).unwrap();
+        assert_eq!(
+            space.alloc(OwnerId::VMM, Scope::Global),
+            Err(Error::NoSpace(Scope::Global))
+        );
+        space.free(OwnerId::VMM, RID_B, 1).unwrap();
+        assert_eq!(space.alloc(OwnerId::VMM, Scope::Global), Ok(1));
     }
 
     #[test]
-    fn limits_and_charges() {
+    fn owners_are_charged_and_limited() {
         let space = PasidSpace::new();
-        let guest = space.register_owner(Some(2));
-        let vmm = space.register_owner(None);
-        let a = space.allocate(Scope::Global, guest).unwrap();
-        space.allocate(Scope::Device(1), guest).unwrap();
+        let guest = space.add_owner("guest0", Some(2));
+        let p1 = space.alloc(guest, Scope::Global).unwrap();
+        let p2 = space.alloc(guest, RID_A).unwrap();
+        assert_eq!(space.charged(guest), Ok(2));
         assert_eq!(
-            space.allocate(Scope::Global, guest),
-            Err(PasidError::OverLimit {
+            space.alloc(guest, RID_B),
+            Err(Error::OverLimit {
                 owner: guest,
                 limit: 2
             })
         );
-        assert!(
-            space.allocate(Scope::Global, vmm).is_ok(),
-            "limits are per owner"
-        );
-        assert_eq!(space.charged(guest), Ok(2));
-        assert_eq!(space.free(Scope::Global, a), Ok(guest));
+        // Other owners are not affected by the guest's limit.
+        assert!(space.alloc(OwnerId::VMM, Scope::Global).is_ok());
+        space.free(guest, RID_A, p2).unwrap();
         assert_eq!(space.charged(guest), Ok(1));
-        assert!(space.allocate(Scope::Global, guest).is_ok());
+        let p3 = space.alloc(guest, Scope::Global).unwrap();
+        space.set_limit(guest, None).unwrap();
+        assert_eq!(space.limit(guest), Ok(None));
+        let p4 = space.alloc(guest, Scope::Global).unwrap();
+        assert_eq!(space.owner_of(Scope::Global, p1), Some(guest));
         assert_eq!(
-            space.charged(OwnerId(99)),
-            Err(PasidError::UnknownOwner(OwnerId(99)))
-        );
-        assert_eq!(
-            space.allocate(Scope::Global, OwnerId(99)),
-            Err(PasidError::UnknownOwner(OwnerId(99)))
-        );
-    }
-
-    #[test]
-    fn double_free_is_an_error() {
-        let space = PasidSpace::new();
-        let owner = space.register_owner(None);
-        let p = space.allocate(Scope::Global, owner).unwrap();
-        assert_eq!(space.free(Scope::Global, p), Ok(owner));
-        assert_eq!(
-            space.free(Scope::Global, p),
-            Err(PasidError::NotAllocated {
-                scope: Scope::Global,
-                pasid: p
+            space.remove_owner(guest),
+            Err(Error::OwnerBusy {
+                owner: guest,
+                charged: 3
             })
         );
-        assert_eq!(
-            space.free(Scope::Device(3), p),
-            Err(PasidError::NotAllocated {
-                scope: Scope::Device(3),
-                pasid: p
-            })
-        );
-        assert_eq!(space.charged(owner), Ok(0));
-    }
-
-    #[test]
-    fn exhaustion_global() {
-        let space = PasidSpace::new();
-        let owner = space.register_owner(None);
-        for _ in 0..PASID_COUNT - 1 {
-            space.allocate(Scope::Global, owner).unwrap();
+        for pasid in [p1, p3, p4] {
+            space.free(guest, Scope::Global, pasid).unwrap();
         }
+        assert_eq!(space.charged(guest), Ok(0));
+        assert_eq!(space.allocated(), 1);
+        space.remove_owner(guest).unwrap();
+        assert_eq!(space.charged(guest), Err(Error::UnknownOwner(guest)));
         assert_eq!(
-            space.allocate(Scope::Global, owner),
-            Err(PasidError::NoSpace(Scope::Global))
+            space.alloc(guest, Scope::Global),
+            Err(Error::UnknownOwner(guest))
+        );
+    }
+
+    #[test]
+    fn free_checks_owner_scope_and_double_free() {
+        let space = PasidSpace::new();
+        let guest = space.add_owner("guest0", None);
+        let other = space.add_owner("guest1", None);
+        let pasid = space.alloc(guest, RID_A).unwrap();
+        assert_eq!(
+            space.free(other, RID_A, pasid),
+            Err(Error::NotOwner {
+                pasid,
+                owner: other
+            })
         );
         assert_eq!(
-            space.allocate(Scope::Device(5), owner),
-            Err(PasidError::NoSpace(Scope::Device(5)))
+            space.free(guest, RID_B, pasid),
+            Err(Error::NotAllocated {
+                pasid,
+                scope: RID_B
+            })
         );
-        space.free(Scope::Global, 0x5_4321).unwrap();
-        assert_eq!(space.allocate(Scope::Global, owner), Ok(0x5_4321));
+        assert_eq!(space.free(guest, RID_A, pasid), Ok(()));
         assert_eq!(
-            space.allocate(Scope::Global, owner),
-            Err(PasidError::NoSpace(Scope::Global))
+            space.free(guest, RID_A, pasid),
+            Err(Error::NotAllocated {
+                pasid,
+                scope: RID_A
+            })
         );
-        assert_eq!(space.charged(owner), Ok(PASID_COUNT - 1));
+        assert_eq!(space.charged(guest), Ok(0));
+        assert_eq!(space.charged(other), Ok(0));
     }
 }

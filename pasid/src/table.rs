@@ -1,181 +1,243 @@
-//! The guest-wide guest-PASID to host-PASID translation table.
+//! Guest-wide guest-PASID to host-PASID translation table (rule 4).
 //!
-//! Two levels, like the VMX PASID-translation structure: a directory of 1024
-//! slots indexed by guest PASID bits 19:10, each naming a table of 1024
-//! entries indexed by bits 9:0. Leaves are created on first use and live as
-//! long as the table, so memory grows with the directory slots in use (4
-//! bytes per entry in a full leaf). Lookups are two loads with no lock;
-//! installs and removals are serialized by a writer lock.
+//! One table per guest, shared by all its devices and vCPUs. Like the VMX
+//! PASID-translation structure it has two levels: a directory of
+//! [`DIR_ENTRIES`] slots indexed by guest PASID bits 19:10, each pointing to a
+//! leaf of [`LEAF_ENTRIES`] entries indexed by bits 9:0. A leaf is created the
+//! first time a guest PASID in its range is installed, so memory grows with
+//! the directory slots in use: 4 bytes per entry in a full leaf, plus the
+//! fixed directory.
+//!
+//! Reads take no lock: a directory slot is a [`OnceLock`] and an entry an
+//! [`AtomicU32`] holding `host PASID | ENTRY_VALID`, stored with `Release`
+//! and loaded with `Acquire`, so a vCPU thread translating while the VMM
+//! updates sees either the old or the new mapping. Writers are serialized by
+//! a mutex.
+//!
+//! The table allocates the host PASIDs itself, in global scope (ENQCMD takes
+//! the PASID from the MSR, not per device) and charged to the guest's owner,
+//! and frees them when the entry goes. There is no way to put another
+//! owner's host PASID in a table, so one guest's table never names a host
+//! PASID charged to another guest.
+//!
+//! Removing an entry does not wait for readers that loaded it just before:
+//! like a hardware translation cache, the VMM must flush what it derived
+//! from the old mapping (the space's next-fit allocation keeps the freed host
+//! PASID from being handed out again until the allocator has gone round the
+//! space).
 
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::mem::size_of;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use thiserror::Error;
+use crate::space::{OwnerId, PasidSpace, Scope, PASID_MAX, RESERVED_PASID};
+use crate::{lock, Error, Result};
 
-use crate::{OwnerId, PasidError, PasidSpace, Scope, PASID_BITS, PASID_COUNT};
+/// Guest PASID bits that index a leaf.
+pub const LEAF_BITS: u32 = 10;
+/// Entries in a leaf (guest PASID bits 9:0).
+pub const LEAF_ENTRIES: usize = 1 << LEAF_BITS;
+/// Slots in the directory (guest PASID bits 19:10).
+pub const DIR_ENTRIES: usize = 1 << (crate::space::PASID_BITS - LEAF_BITS);
+/// Valid bit of a table entry; bits 19:0 hold the host PASID.
+pub const ENTRY_VALID: u32 = 1 << 31;
 
-/// Entries per leaf table.
-pub const LEAF_ENTRIES: usize = 1024;
-const DIRECTORY_ENTRIES: usize = (PASID_COUNT as usize) / LEAF_ENTRIES;
-const LEAF_SHIFT: u32 = PASID_BITS / 2;
-/// Bit 31 of an entry: the host PASID in bits 19:0 is valid.
-const ENTRY_VALID: u32 = 1 << 31;
-const ENTRY_PASID: u32 = PASID_COUNT - 1;
+type Leaf = [AtomicU32; LEAF_ENTRIES];
 
-/// Errors of the translation table.
-#[derive(Clone, Copy, Debug, Error, PartialEq, Eq)]
-pub enum TableError {
-    /// The guest PASID does not fit in 20 bits.
-    #[error("guest PASID {0:#x} is out of range")]
-    OutOfRange(u32),
-    /// No translation: the caller resolves it (asks the vIOMMU whether the
-    /// guest set that PASID up, then installs) and retries.
-    #[error("no translation for guest PASID {0:#x}")]
-    TranslationFault(u32),
-    /// Removal of a guest PASID that has no translation.
-    #[error("guest PASID {0:#x} is not mapped")]
-    NotMapped(u32),
-    /// The host space refused an allocation.
-    #[error(transparent)]
-    Space(#[from] PasidError),
+fn new_leaf() -> Box<Leaf> {
+    Box::new(std::array::from_fn(|_| AtomicU32::new(0)))
 }
 
-type Leaf = Box<[AtomicU32]>;
+#[inline]
+fn split(gpasid: u32) -> (usize, usize) {
+    (
+        (gpasid >> LEAF_BITS) as usize,
+        (gpasid as usize) & (LEAF_ENTRIES - 1),
+    )
+}
 
-/// One guest's gPASID to hPASID table, shared by all its devices and vCPUs.
-///
-/// Every host PASID it holds is a global one charged to the guest that owns
-/// the table; removing an entry or dropping the table frees them.
-pub struct GuestPasidTable {
+/// One guest's gPASID -> hPASID table. Share it between the guest's vCPU
+/// and device threads behind an `Arc`; every method takes `&self`.
+pub struct PasidTable {
     space: Arc<PasidSpace>,
     owner: OwnerId,
-    directory: Box<[OnceLock<Leaf>]>,
-    writer: Mutex<()>,
-    entries: AtomicUsize,
+    directory: Box<[OnceLock<Box<Leaf>>; DIR_ENTRIES]>,
+    /// Serializes writers; counts the valid entries.
+    writer: Mutex<u32>,
 }
 
-impl std::fmt::Debug for GuestPasidTable {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GuestPasidTable")
-            .field("owner", &self.owner)
-            .field("entries", &self.len())
-            .finish()
-    }
-}
-
-fn split(gpasid: u32) -> Result<(usize, usize), TableError> {
-    if gpasid >= PASID_COUNT {
-        return Err(TableError::OutOfRange(gpasid));
-    }
-    Ok((
-        (gpasid >> LEAF_SHIFT) as usize,
-        gpasid as usize % LEAF_ENTRIES,
-    ))
-}
-
-impl GuestPasidTable {
-    /// An empty table for `owner`, allocating from `space`.
-    pub fn new(space: Arc<PasidSpace>, owner: OwnerId) -> Self {
-        Self {
+impl PasidTable {
+    /// An empty table whose host PASIDs come from `space`, charged to
+    /// `owner` (the guest).
+    pub fn new(space: Arc<PasidSpace>, owner: OwnerId) -> Result<Self> {
+        space.charged(owner)?;
+        Ok(PasidTable {
             space,
             owner,
-            directory: (0..DIRECTORY_ENTRIES).map(|_| OnceLock::new()).collect(),
-            writer: Mutex::new(()),
-            entries: AtomicUsize::new(0),
-        }
+            directory: Box::new(std::array::from_fn(|_| OnceLock::new())),
+            writer: Mutex::new(0),
+        })
     }
 
-    /// The guest this table belongs to.
+    /// The owner (guest) the table's host PASIDs are charged to.
     pub fn owner(&self) -> OwnerId {
         self.owner
     }
 
-    /// Translates a guest PASID. Lock-free; safe against concurrent updates
-    /// (a reader sees the old or the new mapping).
+    /// The host PASID space the table allocates from.
+    pub fn space(&self) -> &Arc<PasidSpace> {
+        &self.space
+    }
+
+    /// Translates a guest PASID, without locking.
+    ///
+    /// Errors: [`Error::OutOfRange`] for `gpasid` >= 2^20,
+    /// [`Error::TranslationFault`] when no host PASID is installed (guest
+    /// PASID 0 never is).
     #[inline]
-    pub fn lookup(&self, gpasid: u32) -> Result<u32, TableError> {
-        let (dir, index) = split(gpasid)?;
+    pub fn translate(&self, gpasid: u32) -> Result<u32> {
+        if gpasid > PASID_MAX {
+            return Err(Error::OutOfRange(gpasid));
+        }
+        let (dir, index) = split(gpasid);
         let entry = match self.directory[dir].get() {
             Some(leaf) => leaf[index].load(Ordering::Acquire),
             None => 0,
         };
-        if entry & ENTRY_VALID == 0 {
-            return Err(TableError::TranslationFault(gpasid));
-        }
-        Ok(entry & ENTRY_PASID)
-    }
-
-    /// Gives `gpasid` a host PASID: a new global one charged to the owner,
-    /// or the one it already has (two vCPUs may resolve the same miss).
-    pub fn install(&self, gpasid: u32) -> Result<u32, TableError> {
-        let (dir, index) = split(gpasid)?;
-        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        let leaf = self.directory[dir]
-            .get_or_init(|| (0..LEAF_ENTRIES).map(|_| AtomicU32::new(0)).collect());
-        let entry = leaf[index].load(Ordering::Acquire);
         if entry & ENTRY_VALID != 0 {
-            return Ok(entry & ENTRY_PASID);
+            Ok(entry & PASID_MAX)
+        } else {
+            Err(Error::TranslationFault(gpasid))
         }
-        let hpasid = self.space.allocate(Scope::Global, self.owner)?;
-        leaf[index].store(ENTRY_VALID | hpasid, Ordering::Release);
-        self.entries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Resolves a translation fault: gives `gpasid` a host PASID (global
+    /// scope, charged to the table's owner) and returns it. If the entry is
+    /// already there (another thread resolved the same fault first) its host
+    /// PASID is returned and nothing is allocated.
+    ///
+    /// Errors: [`Error::OutOfRange`], [`Error::Reserved`] for guest PASID 0,
+    /// and the space's [`Error::OverLimit`], [`Error::NoSpace`],
+    /// [`Error::UnknownOwner`].
+    pub fn install(&self, gpasid: u32) -> Result<u32> {
+        if gpasid > PASID_MAX {
+            return Err(Error::OutOfRange(gpasid));
+        }
+        if gpasid == RESERVED_PASID {
+            return Err(Error::Reserved);
+        }
+        let (dir, index) = split(gpasid);
+        let mut populated = lock(&self.writer);
+        if let Some(leaf) = self.directory[dir].get() {
+            // Only writers store entries, and we are the writer.
+            let entry = leaf[index].load(Ordering::Relaxed);
+            if entry & ENTRY_VALID != 0 {
+                return Ok(entry & PASID_MAX);
+            }
+        }
+        let hpasid = self.space.alloc(self.owner, Scope::Global)?;
+        let leaf = self.directory[dir].get_or_init(new_leaf);
+        leaf[index].store(hpasid | ENTRY_VALID, Ordering::Release);
+        *populated += 1;
+        log::trace!("{}: guest PASID {gpasid:#x} -> {hpasid:#x}", self.owner);
         Ok(hpasid)
     }
 
-    /// Removes `gpasid`'s translation (the guest tore its PASID down) and
-    /// frees the host PASID. Returns the host PASID that was freed.
-    pub fn remove(&self, gpasid: u32) -> Result<u32, TableError> {
-        let (dir, index) = split(gpasid)?;
-        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        let leaf = self.directory[dir]
-            .get()
-            .ok_or(TableError::NotMapped(gpasid))?;
-        let entry = leaf[index].load(Ordering::Acquire);
+    /// Removes the entry of `gpasid` (the guest tore that PASID down), frees
+    /// its host PASID back to the space and returns it.
+    ///
+    /// Errors: [`Error::OutOfRange`], [`Error::NotInstalled`].
+    pub fn remove(&self, gpasid: u32) -> Result<u32> {
+        if gpasid > PASID_MAX {
+            return Err(Error::OutOfRange(gpasid));
+        }
+        let (dir, index) = split(gpasid);
+        let mut populated = lock(&self.writer);
+        let slot = match self.directory[dir].get() {
+            Some(leaf) => &leaf[index],
+            None => return Err(Error::NotInstalled(gpasid)),
+        };
+        let entry = slot.load(Ordering::Relaxed);
         if entry & ENTRY_VALID == 0 {
-            return Err(TableError::NotMapped(gpasid));
+            return Err(Error::NotInstalled(gpasid));
         }
-        leaf[index].store(0, Ordering::Release);
-        self.entries.fetch_sub(1, Ordering::Relaxed);
-        let hpasid = entry & ENTRY_PASID;
-        self.space.free(Scope::Global, hpasid)?;
+        slot.store(0, Ordering::Release);
+        *populated -= 1;
+        let hpasid = entry & PASID_MAX;
+        self.space.free(self.owner, Scope::Global, hpasid)?;
+        log::trace!("{}: guest PASID {gpasid:#x} removed", self.owner);
         Ok(hpasid)
     }
 
-    /// The number of guest PASIDs with a translation.
-    pub fn len(&self) -> usize {
-        self.entries.load(Ordering::Relaxed)
-    }
-
-    /// Whether no guest PASID has a translation.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Bytes the table's structure takes: the directory plus the leaves in
-    /// use.
-    pub fn memory_bytes(&self) -> usize {
-        let leaves = self
-            .directory
-            .iter()
-            .filter(|slot| slot.get().is_some())
-            .count();
-        std::mem::size_of_val(&*self.directory)
-            + leaves * LEAF_ENTRIES * std::mem::size_of::<AtomicU32>()
-    }
-}
-
-impl Drop for GuestPasidTable {
-    fn drop(&mut self) {
+    /// Removes every entry, freeing their host PASIDs (guest reset), and
+    /// returns how many there were.
+    pub fn clear(&self) -> u32 {
+        let mut populated = lock(&self.writer);
+        let mut removed = 0;
         for leaf in self.directory.iter().filter_map(OnceLock::get) {
-            for entry in leaf.iter() {
-                let entry = entry.load(Ordering::Acquire);
+            for slot in leaf.iter() {
+                let entry = slot.swap(0, Ordering::AcqRel);
                 if entry & ENTRY_VALID != 0 {
-                    if let Err(e) = self.space.free(Scope::Global, entry & ENTRY_PASID) {
-                        log::error!("guest PASID table teardown: {e}");
+                    removed += 1;
+                    if let Err(err) = self
+                        .space
+                        .free(self.owner, Scope::Global, entry & PASID_MAX)
+                    {
+                        log::error!("{}: freeing host PASID on clear: {err}", self.owner);
                     }
                 }
             }
         }
+        *populated = 0;
+        removed
+    }
+
+    /// Number of installed entries.
+    pub fn len(&self) -> u32 {
+        *lock(&self.writer)
+    }
+
+    /// Whether no entry is installed.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every installed `(guest PASID, host PASID)` pair, by guest PASID.
+    pub fn entries(&self) -> Vec<(u32, u32)> {
+        let _writer = lock(&self.writer);
+        let mut entries = Vec::new();
+        for (dir, slot) in self.directory.iter().enumerate() {
+            let Some(leaf) = slot.get() else { continue };
+            for (index, entry) in leaf.iter().enumerate() {
+                let entry = entry.load(Ordering::Relaxed);
+                if entry & ENTRY_VALID != 0 {
+                    entries.push(((dir << LEAF_BITS | index) as u32, entry & PASID_MAX));
+                }
+            }
+        }
+        entries
+    }
+
+    /// Directory slots that have a leaf.
+    pub fn leaves(&self) -> usize {
+        self.directory
+            .iter()
+            .filter(|slot| slot.get().is_some())
+            .count()
+    }
+
+    /// Bytes the table occupies: the structure, the directory and the leaves
+    /// in use.
+    pub fn memory_bytes(&self) -> usize {
+        size_of::<Self>()
+            + size_of::<[OnceLock<Box<Leaf>>; DIR_ENTRIES]>()
+            + self.leaves() * size_of::<Leaf>()
+    }
+}
+
+impl Drop for PasidTable {
+    fn drop(&mut self) {
+        self.clear();
     }
 }
 
@@ -183,84 +245,117 @@ impl Drop for GuestPasidTable {
 mod tests {
     use super::*;
 
-    fn table() -> (Arc<PasidSpace>, GuestPasidTable) {
+    fn guest_table(limit: Option<u32>) -> PasidTable {
         let space = Arc::new(PasidSpace::new());
-        let owner = space.register_owner(None);
-        let table = GuestPasidTable::new(space.clone(), owner);
-        (space, table)
+        let guest = space.add_owner("guest", limit);
+        PasidTable::new(space, guest).unwrap()
     }
 
     #[test]
-    fn miss_install_hit_remove() {
-        let (space, table) = table();
-        assert_eq!(table.lookup(0x42), Err(TableError::TranslationFault(0x42)));
-        let h = table.install(0x42).unwrap();
-        assert_eq!(table.lookup(0x42), Ok(h));
+    fn miss_is_a_translation_fault_then_install_resolves_it() {
+        let table = guest_table(None);
+        assert_eq!(table.translate(0x42), Err(Error::TranslationFault(0x42)));
+        let hpasid = table.install(0x42).unwrap();
+        assert_eq!(table.translate(0x42), Ok(hpasid));
+        // A second fault on the same PASID gets the same host PASID.
+        assert_eq!(table.install(0x42), Ok(hpasid));
+        assert_eq!(table.len(), 1);
+        assert_eq!(table.space().charged(table.owner()), Ok(1));
         assert_eq!(
-            table.install(0x42),
-            Ok(h),
-            "installing again keeps the mapping"
-        );
-        assert_eq!(space.owner_of(Scope::Global, h), Some(table.owner()));
-        assert_eq!(table.remove(0x42), Ok(h));
-        assert_eq!(table.lookup(0x42), Err(TableError::TranslationFault(0x42)));
-        assert!(
-            !space.is_allocated(Scope::Global, h),
-            "removal frees the host PASID"
-        );
-        assert_eq!(space.charged(table.owner()), Ok(0));
-    }
-
-    #[test]
-    fn bad_inputs() {
-        let (_, table) = table();
-        assert_eq!(table.lookup(1 << 20), Err(TableError::OutOfRange(1 << 20)));
-        assert_eq!(
-            table.install(u32::MAX),
-            Err(TableError::OutOfRange(u32::MAX))
-        );
-        assert_eq!(table.remove(7), Err(TableError::NotMapped(7)));
-        table.install(8).unwrap();
-        assert_eq!(
-            table.remove(7),
-            Err(TableError::NotMapped(7)),
-            "same leaf, absent entry"
+            table.space().owner_of(Scope::Global, hpasid),
+            Some(table.owner())
         );
     }
 
     #[test]
-    fn limit_surfaces_as_space_error() {
-        let space = Arc::new(PasidSpace::new());
-        let owner = space.register_owner(Some(1));
-        let table = GuestPasidTable::new(space, owner);
+    fn remove_frees_the_host_pasid() {
+        let table = guest_table(None);
+        let hpasid = table.install(PASID_MAX).unwrap();
+        assert_eq!(table.remove(PASID_MAX), Ok(hpasid));
+        assert_eq!(
+            table.translate(PASID_MAX),
+            Err(Error::TranslationFault(PASID_MAX))
+        );
+        assert_eq!(table.space().charged(table.owner()), Ok(0));
+        assert_eq!(table.space().owner_of(Scope::Global, hpasid), None);
+        assert_eq!(table.remove(PASID_MAX), Err(Error::NotInstalled(PASID_MAX)));
+    }
+
+    #[test]
+    fn bad_guest_pasids() {
+        let table = guest_table(None);
+        let big = PASID_MAX + 1;
+        assert_eq!(table.translate(big), Err(Error::OutOfRange(big)));
+        assert_eq!(table.install(big), Err(Error::OutOfRange(big)));
+        assert_eq!(table.remove(u32::MAX), Err(Error::OutOfRange(u32::MAX)));
+        assert_eq!(table.install(0), Err(Error::Reserved));
+        assert_eq!(table.translate(0), Err(Error::TranslationFault(0)));
+        assert_eq!(table.remove(0), Err(Error::NotInstalled(0)));
+        // Absent in an existing leaf and in a missing leaf.
         table.install(1).unwrap();
+        assert_eq!(table.remove(2), Err(Error::NotInstalled(2)));
+        assert_eq!(table.remove(5000), Err(Error::NotInstalled(5000)));
+    }
+
+    #[test]
+    fn install_reports_the_owner_limit() {
+        let table = guest_table(Some(1));
+        table.install(7).unwrap();
         assert_eq!(
-            table.install(2),
-            Err(TableError::Space(PasidError::OverLimit { owner, limit: 1 }))
+            table.install(8),
+            Err(Error::OverLimit {
+                owner: table.owner(),
+                limit: 1
+            })
+        );
+        assert_eq!(table.translate(8), Err(Error::TranslationFault(8)));
+    }
+
+    #[test]
+    fn unknown_owner_is_refused() {
+        let space = Arc::new(PasidSpace::new());
+        let guest = space.add_owner("gone", None);
+        space.remove_owner(guest).unwrap();
+        assert_eq!(
+            PasidTable::new(space, guest).err(),
+            Some(Error::UnknownOwner(guest))
         );
     }
 
     #[test]
     fn memory_follows_directory_slots_in_use() {
-        let (_, table) = table();
+        let table = guest_table(None);
         let empty = table.memory_bytes();
-        table.install(0).unwrap();
-        table.install(1023).unwrap();
-        assert_eq!(table.memory_bytes(), empty + 4096, "one leaf");
-        table.install(0xf_ffff).unwrap();
-        assert_eq!(table.memory_bytes(), empty + 8192, "two leaves");
+        assert_eq!(table.leaves(), 0);
+        for gpasid in [1, 2, 1023] {
+            table.install(gpasid).unwrap();
+        }
+        assert_eq!(table.leaves(), 1);
+        table.install(1024).unwrap();
+        table.install(PASID_MAX).unwrap();
+        assert_eq!(table.leaves(), 3);
+        assert_eq!(table.memory_bytes(), empty + 3 * LEAF_ENTRIES * 4);
     }
 
     #[test]
-    fn drop_frees_host_pasids() {
-        let (space, table) = table();
-        let owner = table.owner();
-        for g in 0..100 {
-            table.install(g * 977).unwrap();
+    fn clear_and_drop_return_every_charge() {
+        let space = Arc::new(PasidSpace::new());
+        let guest = space.add_owner("guest", None);
+        let table = PasidTable::new(space.clone(), guest).unwrap();
+        for gpasid in [3, 4000, 70000] {
+            table.install(gpasid).unwrap();
         }
-        assert_eq!(space.charged(owner), Ok(100));
+        let entries = table.entries();
+        assert_eq!(
+            entries.iter().map(|&(g, _)| g).collect::<Vec<_>>(),
+            vec![3, 4000, 70000]
+        );
+        assert_eq!(table.clear(), 3);
+        assert!(table.is_empty());
+        assert_eq!(space.charged(guest), Ok(0));
+        table.install(9).unwrap();
         drop(table);
-        assert_eq!(space.charged(owner), Ok(0));
+        assert_eq!(space.charged(guest), Ok(0));
         assert_eq!(space.allocated(), 0);
     }
 }

@@ -1,122 +1,304 @@
-//! Property tests: the allocator and the translation table against simple
-//! models over random sequences of operations, and isolation between guests.
+//! Property tests: the host PASID space and the translation table against
+//! simple models, over random sequences of operations.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use pasid::{GuestPasidTable, PasidError, PasidSpace, Scope, TableError};
+use pasid::{Error, OwnerId, PasidSpace, PasidTable, RequesterId, Scope, PASID_MAX};
 use proptest::prelude::*;
 
-#[derive(Clone, Debug)]
-enum SpaceOp {
-    Alloc(Option<u16>),
-    /// Free the n-th live allocation (modulo), or a PASID never given out.
-    Free(usize),
-    FreeBogus(Option<u16>, u32),
+// ---- allocator ----
+
+const BITS: u32 = 3;
+const SIZE: u32 = 1 << BITS;
+const OWNERS: usize = 3;
+const DEVICES: u16 = 3;
+
+#[derive(Clone, Copy, Debug)]
+enum Op {
+    Alloc {
+        owner: usize,
+        scope: Option<u16>,
+    },
+    Free {
+        owner: usize,
+        scope: Option<u16>,
+        pasid: u32,
+    },
+    /// Free something the model says is held, by `owner` (right or wrong).
+    FreeHeld {
+        pick: usize,
+        owner: Option<usize>,
+    },
+    SetLimit {
+        owner: usize,
+        limit: Option<u32>,
+    },
 }
 
-fn space_op() -> impl Strategy<Value = SpaceOp> {
-    let scope = prop_oneof![Just(None), (0u16..3).prop_map(Some)];
+fn scope_strategy() -> impl Strategy<Value = Option<u16>> {
+    prop_oneof![Just(None), (0..DEVICES).prop_map(Some)]
+}
+
+fn op_strategy() -> impl Strategy<Value = Op> {
     prop_oneof![
-        4 => scope.clone().prop_map(SpaceOp::Alloc),
-        2 => any::<usize>().prop_map(SpaceOp::Free),
-        1 => (scope, 1u32..64).prop_map(|(s, p)| SpaceOp::FreeBogus(s, p)),
+        4 => (0..OWNERS, scope_strategy()).prop_map(|(owner, scope)| Op::Alloc { owner, scope }),
+        1 => (0..OWNERS, scope_strategy(), 0..SIZE + 2)
+            .prop_map(|(owner, scope, pasid)| Op::Free { owner, scope, pasid }),
+        3 => (any::<usize>(), proptest::option::weighted(0.2, 0..OWNERS))
+            .prop_map(|(pick, owner)| Op::FreeHeld { pick, owner }),
+        1 => (0..OWNERS, proptest::option::of(0..5u32))
+            .prop_map(|(owner, limit)| Op::SetLimit { owner, limit }),
     ]
 }
 
-fn to_scope(s: Option<u16>) -> Scope {
-    s.map_or(Scope::Global, Scope::Device)
+fn to_scope(scope: Option<u16>) -> Scope {
+    match scope {
+        None => Scope::Global,
+        Some(dev) => Scope::Device(RequesterId(0x100 + dev * 8)),
+    }
+}
+
+/// Which owner holds each PASID, per scope.
+#[derive(Default)]
+struct SpaceModel {
+    held: BTreeMap<(Option<u16>, u32), usize>,
+    limits: [Option<u32>; OWNERS],
+}
+
+impl SpaceModel {
+    fn charged(&self, owner: usize) -> u32 {
+        self.held.values().filter(|&&o| o == owner).count() as u32
+    }
+
+    fn busy(&self, scope: Option<u16>, pasid: u32) -> bool {
+        self.held
+            .keys()
+            .any(|&(s, p)| p == pasid && (s.is_none() || scope.is_none() || s == scope))
+    }
+
+    fn alloc(&self, owner: usize, scope: Option<u16>) -> Result<BTreeSet<u32>, Error> {
+        if let Some(limit) = self.limits[owner] {
+            if self.charged(owner) >= limit {
+                return Err(Error::OverLimit {
+                    owner: OwnerId::VMM,
+                    limit,
+                });
+            }
+        }
+        let free: BTreeSet<u32> = (1..SIZE).filter(|&p| !self.busy(scope, p)).collect();
+        if free.is_empty() {
+            Err(Error::NoSpace(to_scope(scope)))
+        } else {
+            Ok(free)
+        }
+    }
+
+    fn free(&self, owner: usize, scope: Option<u16>, pasid: u32) -> Result<(), Error> {
+        if pasid == 0 {
+            return Err(Error::Reserved);
+        }
+        if pasid >= SIZE {
+            return Err(Error::OutOfRange(pasid));
+        }
+        match self.held.get(&(scope, pasid)) {
+            None => Err(Error::NotAllocated {
+                pasid,
+                scope: to_scope(scope),
+            }),
+            Some(&holder) if holder != owner => Err(Error::NotOwner {
+                pasid,
+                owner: OwnerId::VMM,
+            }),
+            Some(_) => Ok(()),
+        }
+    }
+}
+
+/// Errors carry owner ids the model does not know: compare with the owner
+/// put back in.
+fn with_owner(err: Error, owner: OwnerId) -> Error {
+    match err {
+        Error::OverLimit { limit, .. } => Error::OverLimit { owner, limit },
+        Error::NotOwner { pasid, .. } => Error::NotOwner { pasid, owner },
+        other => other,
+    }
 }
 
 proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
     #[test]
-    fn allocator_matches_model(ops in prop::collection::vec(space_op(), 1..200)) {
-        let space = PasidSpace::new();
-        let owner = space.register_owner(None);
-        // Model: live allocations per scope.
-        let mut live: Vec<(Scope, u32)> = Vec::new();
+    fn allocator_matches_model(ops in proptest::collection::vec(op_strategy(), 1..120)) {
+        let space = PasidSpace::with_bits(BITS).unwrap();
+        let owners: Vec<OwnerId> = std::iter::once(OwnerId::VMM)
+            .chain((1..OWNERS).map(|i| space.add_owner(&format!("guest{i}"), None)))
+            .collect();
+        let mut model = SpaceModel::default();
         for op in ops {
             match op {
-                SpaceOp::Alloc(s) => {
-                    let scope = to_scope(s);
-                    let p = space.allocate(scope, owner).unwrap();
-                    prop_assert_ne!(p, 0);
-                    for &(other, q) in &live {
-                        let conflicts = match (scope, other) {
-                            (Scope::Device(a), Scope::Device(b)) => a == b,
-                            _ => true,
-                        };
-                        prop_assert!(!(conflicts && q == p), "{:?} {} collides with {:?}", scope, p, other);
+                Op::Alloc { owner, scope } => {
+                    let got = space.alloc(owners[owner], to_scope(scope));
+                    match (model.alloc(owner, scope), got) {
+                        (Ok(free), Ok(pasid)) => {
+                            prop_assert!(free.contains(&pasid), "{pasid} not free in {free:?}");
+                            model.held.insert((scope, pasid), owner);
+                        }
+                        (Err(want), got) => prop_assert_eq!(Err(with_owner(want, owners[owner])), got),
+                        (Ok(_), Err(err)) => prop_assert!(false, "unexpected {err}"),
                     }
-                    live.push((scope, p));
                 }
-                SpaceOp::Free(n) if !live.is_empty() => {
-                    let (scope, p) = live.swap_remove(n % live.len());
-                    prop_assert_eq!(space.free(scope, p), Ok(owner));
-                }
-                SpaceOp::Free(_) => {}
-                SpaceOp::FreeBogus(s, p) => {
-                    let scope = to_scope(s);
-                    if !live.contains(&(scope, p)) {
-                        prop_assert_eq!(space.free(scope, p), Err(PasidError::NotAllocated { scope, pasid: p }));
+                Op::Free { owner, scope, pasid } => {
+                    let want = model.free(owner, scope, pasid).map_err(|e| with_owner(e, owners[owner]));
+                    prop_assert_eq!(space.free(owners[owner], to_scope(scope), pasid), want);
+                    if want.is_ok() {
+                        model.held.remove(&(scope, pasid));
                     }
+                }
+                Op::FreeHeld { pick, owner } => {
+                    if model.held.is_empty() {
+                        continue;
+                    }
+                    let (&(scope, pasid), &holder) = model.held.iter().nth(pick % model.held.len()).unwrap();
+                    let owner = owner.unwrap_or(holder);
+                    let want = model.free(owner, scope, pasid).map_err(|e| with_owner(e, owners[owner]));
+                    prop_assert_eq!(space.free(owners[owner], to_scope(scope), pasid), want);
+                    if want.is_ok() {
+                        model.held.remove(&(scope, pasid));
+                    }
+                }
+                Op::SetLimit { owner, limit } => {
+                    space.set_limit(owners[owner], limit).unwrap();
+                    model.limits[owner] = limit;
                 }
             }
-            prop_assert_eq!(space.charged(owner).unwrap() as usize, live.len());
-            prop_assert_eq!(space.allocated(), live.len());
+            prop_assert_eq!(space.allocated(), model.held.len() as u32);
+            for (i, &owner) in owners.iter().enumerate() {
+                prop_assert_eq!(space.charged(owner), Ok(model.charged(i)));
+            }
+            for scope in std::iter::once(None).chain((0..DEVICES).map(Some)) {
+                for pasid in 0..SIZE + 1 {
+                    let want = model.held.get(&(scope, pasid)).map(|&o| owners[o]);
+                    prop_assert_eq!(space.owner_of(to_scope(scope), pasid), want);
+                }
+            }
         }
     }
+}
+
+// ---- translation table ----
+
+#[derive(Clone, Copy, Debug)]
+enum TableOp {
+    Install(u32),
+    Remove(u32),
+    Translate(u32),
+    /// The VMM takes (or gives back) a host PASID of its own, competing
+    /// with the guest for the space.
+    VmmAlloc,
+    VmmFree,
+    SetLimit(Option<u32>),
+    Clear,
+}
+
+fn gpasid_strategy() -> impl Strategy<Value = u32> {
+    prop_oneof![
+        6 => 0..8u32,
+        3 => prop::sample::select(vec![1023, 1024, 1025, 0x8_0000, PASID_MAX]),
+        1 => prop::sample::select(vec![PASID_MAX + 1, 0x7fff_ffff, u32::MAX]),
+    ]
+}
+
+fn table_op_strategy() -> impl Strategy<Value = TableOp> {
+    prop_oneof![
+        6 => gpasid_strategy().prop_map(TableOp::Install),
+        4 => gpasid_strategy().prop_map(TableOp::Remove),
+        4 => gpasid_strategy().prop_map(TableOp::Translate),
+        1 => Just(TableOp::VmmAlloc),
+        1 => Just(TableOp::VmmFree),
+        1 => proptest::option::of(0..6u32).prop_map(TableOp::SetLimit),
+        1 => Just(TableOp::Clear),
+    ]
+}
+
+const TABLE_BITS: u32 = 4;
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
 
     #[test]
-    fn table_matches_model(ops in prop::collection::vec((0u8..3, 0u32..2048), 1..300)) {
-        let space = Arc::new(PasidSpace::new());
-        let owner = space.register_owner(None);
-        let table = GuestPasidTable::new(space.clone(), owner);
-        let mut model: HashMap<u32, u32> = HashMap::new();
-        for (kind, g) in ops {
-            match kind {
-                0 => {
-                    let h = table.install(g).unwrap();
-                    prop_assert_eq!(*model.entry(g).or_insert(h), h);
-                }
-                1 => match model.remove(&g) {
-                    Some(h) => prop_assert_eq!(table.remove(g), Ok(h)),
-                    None => prop_assert_eq!(table.remove(g), Err(TableError::NotMapped(g))),
-                },
-                _ => match model.get(&g) {
-                    Some(&h) => prop_assert_eq!(table.lookup(g), Ok(h)),
-                    None => prop_assert_eq!(table.lookup(g), Err(TableError::TranslationFault(g))),
-                },
-            }
-            let distinct: HashSet<u32> = model.values().copied().collect();
-            prop_assert_eq!(distinct.len(), model.len(), "host PASIDs are distinct");
-            prop_assert_eq!(table.len(), model.len());
-            prop_assert_eq!(space.charged(owner).unwrap() as usize, model.len());
-        }
-    }
-
-    #[test]
-    fn guests_are_isolated(ops in prop::collection::vec((any::<bool>(), any::<bool>(), 0u32..64), 1..300)) {
-        let space = Arc::new(PasidSpace::new());
-        let guests: Vec<GuestPasidTable> = (0..2)
-            .map(|_| GuestPasidTable::new(space.clone(), space.register_owner(None)))
-            .collect();
-        for (which, install, g) in ops {
-            let table = &guests[usize::from(which)];
-            if install {
-                table.install(g).unwrap();
-            } else {
-                let _ = table.remove(g);
-            }
-            let mut seen = BTreeSet::new();
-            for table in &guests {
-                for g in 0..64 {
-                    if let Ok(h) = table.lookup(g) {
-                        prop_assert_eq!(space.owner_of(Scope::Global, h), Some(table.owner()));
-                        prop_assert!(seen.insert(h), "host PASID {} in two places", h);
+    fn table_matches_model(ops in proptest::collection::vec(table_op_strategy(), 1..150)) {
+        let space = Arc::new(PasidSpace::with_bits(TABLE_BITS).unwrap());
+        let guest = space.add_owner("guest", None);
+        let table = PasidTable::new(space.clone(), guest).unwrap();
+        let mut model: BTreeMap<u32, u32> = BTreeMap::new();
+        let mut vmm_held: Vec<u32> = Vec::new();
+        let mut limit = None;
+        for op in ops {
+            match op {
+                TableOp::Install(g) => {
+                    let got = table.install(g);
+                    if g > PASID_MAX {
+                        prop_assert_eq!(got, Err(Error::OutOfRange(g)));
+                    } else if g == 0 {
+                        prop_assert_eq!(got, Err(Error::Reserved));
+                    } else if let Some(&h) = model.get(&g) {
+                        prop_assert_eq!(got, Ok(h));
+                    } else if limit.is_some_and(|l| model.len() as u32 >= l) {
+                        prop_assert_eq!(got, Err(Error::OverLimit { owner: guest, limit: limit.unwrap() }));
+                    } else if model.len() + vmm_held.len() == (1 << TABLE_BITS) - 1 {
+                        prop_assert_eq!(got, Err(Error::NoSpace(Scope::Global)));
+                    } else {
+                        let h = got.unwrap();
+                        prop_assert!(h != 0 && h < 1 << TABLE_BITS);
+                        prop_assert!(!model.values().any(|&v| v == h) && !vmm_held.contains(&h));
+                        model.insert(g, h);
                     }
                 }
+                TableOp::Remove(g) => {
+                    let want = if g > PASID_MAX {
+                        Err(Error::OutOfRange(g))
+                    } else {
+                        model.remove(&g).ok_or(Error::NotInstalled(g))
+                    };
+                    prop_assert_eq!(table.remove(g), want);
+                }
+                TableOp::Translate(g) => {
+                    let want = if g > PASID_MAX {
+                        Err(Error::OutOfRange(g))
+                    } else {
+                        model.get(&g).copied().ok_or(Error::TranslationFault(g))
+                    };
+                    prop_assert_eq!(table.translate(g), want);
+                }
+                TableOp::VmmAlloc => {
+                    if let Ok(h) = space.alloc(OwnerId::VMM, Scope::Global) {
+                        vmm_held.push(h);
+                    }
+                }
+                TableOp::VmmFree => {
+                    if let Some(h) = vmm_held.pop() {
+                        space.free(OwnerId::VMM, Scope::Global, h).unwrap();
+                    }
+                }
+                TableOp::SetLimit(l) => {
+                    space.set_limit(guest, l).unwrap();
+                    limit = l;
+                }
+                TableOp::Clear => {
+                    prop_assert_eq!(table.clear(), model.len() as u32);
+                    model.clear();
+                }
+            }
+            let entries: Vec<(u32, u32)> = model.iter().map(|(&g, &h)| (g, h)).collect();
+            prop_assert_eq!(table.entries(), entries);
+            prop_assert_eq!(table.len(), model.len() as u32);
+            prop_assert_eq!(space.charged(guest), Ok(model.len() as u32));
+            for &h in model.values() {
+                prop_assert_eq!(space.owner_of(Scope::Global, h), Some(guest));
             }
         }
+        drop(table);
+        prop_assert_eq!(space.charged(guest), Ok(0));
     }
 }

@@ -8,7 +8,7 @@ use kvm_bindings::{
     KVM_GUESTDBG_USE_HW_BP, KVM_INTERNAL_ERROR_EMULATION,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use pasid::{PasidMsr, IA32_PASID};
+use pasid::{Ia32Pasid, MSR_IA32_PASID};
 use pci::{StoreKind, StoreReply};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -57,7 +57,7 @@ pub struct Vcpu {
     pub(crate) memory: GuestMemoryMmap,
     pub(crate) mmio: Arc<Bus>,
     pub(crate) pio: Arc<Bus>,
-    pub(crate) pasid_msr: PasidMsr,
+    pub(crate) pasid_msr: Ia32Pasid,
     pub(crate) ud_hook: Option<UdHook>,
     ud_handler: Option<u64>,
     ud_handler_skip: u64,
@@ -78,7 +78,7 @@ impl Vcpu {
             memory,
             mmio,
             pio,
-            pasid_msr: PasidMsr::new(),
+            pasid_msr: Ia32Pasid::new(),
             ud_hook,
             ud_handler: None,
             ud_handler_skip: 0,
@@ -176,7 +176,7 @@ impl Vcpu {
                         Action::CheckStop
                     }
                     VcpuExit::X86Rdmsr(msr) => {
-                        if msr.index == IA32_PASID {
+                        if msr.index == MSR_IA32_PASID {
                             *msr.data = self.pasid_msr.read();
                         } else {
                             *msr.error = 1;
@@ -184,7 +184,7 @@ impl Vcpu {
                         Action::Resume
                     }
                     VcpuExit::X86Wrmsr(msr) => {
-                        if msr.index != IA32_PASID || self.pasid_msr.write(msr.data).is_err() {
+                        if msr.index != MSR_IA32_PASID || self.pasid_msr.write(msr.data).is_err() {
                             // Reserved bits or an MSR nobody emulates: #GP.
                             *msr.error = 1;
                         }

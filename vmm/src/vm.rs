@@ -173,7 +173,7 @@ impl Vm {
         let deny = [0u8];
         let range = MsrFilterRange {
             flags: MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE,
-            base: pasid::IA32_PASID,
+            base: pasid::MSR_IA32_PASID,
             msr_count: 1,
             bitmap: &deny,
         };
