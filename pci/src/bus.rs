@@ -15,6 +15,18 @@ pub enum StoreKind {
     Enqcmds,
 }
 
+impl StoreKind {
+    /// The answer when the store reaches no enqueue target (ordinary
+    /// memory, an unclaimed address, a device without enqueue support): a
+    /// posted MOVDIR64B completes, a non-posted enqueue is not accepted.
+    pub const fn reply_without_enqueue_target(self) -> StoreReply {
+        match self {
+            StoreKind::Movdir64b => StoreReply::Accepted,
+            StoreKind::Enqcmd | StoreKind::Enqcmds => StoreReply::Retry,
+        }
+    }
+}
+
 /// The target's answer to a 64-byte store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StoreReply {
@@ -44,12 +56,9 @@ pub trait BusDevice: Send {
     /// ENQCMD/ENQCMDS with [`StoreReply::Retry`]: a target that does not
     /// implement enqueue stores never accepts a command.
     fn store64(&mut self, base: u64, offset: u64, data: &[u8; 64], kind: StoreKind) -> StoreReply {
-        match kind {
-            StoreKind::Movdir64b => {
-                self.write(base, offset, data);
-                StoreReply::Accepted
-            }
-            StoreKind::Enqcmd | StoreKind::Enqcmds => StoreReply::Retry,
+        if kind == StoreKind::Movdir64b {
+            self.write(base, offset, data);
         }
+        kind.reply_without_enqueue_target()
     }
 }

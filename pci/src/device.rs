@@ -38,12 +38,9 @@ pub trait PciDevice: Send {
         data: &[u8; 64],
         kind: StoreKind,
     ) -> StoreReply {
-        match kind {
-            StoreKind::Movdir64b => {
-                self.bar_write(bar, offset, data);
-                StoreReply::Accepted
-            }
-            StoreKind::Enqcmd | StoreKind::Enqcmds => StoreReply::Retry,
+        if kind == StoreKind::Movdir64b {
+            self.bar_write(bar, offset, data);
         }
+        kind.reply_without_enqueue_target()
     }
 }

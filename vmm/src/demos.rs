@@ -20,15 +20,20 @@ const BENCH_PORT: i32 = 0x80;
 const UD_VECTOR: u8 = 6;
 const GP_VECTOR: u8 = 13;
 
-/// The demo's 64-byte command: dword 0 all ones (ENQCMD overwrites it),
-/// then a recognisable pattern.
-pub fn demo_command() -> [u8; 64] {
+/// A 64-byte command: `dword0` (PASID and privilege), then a
+/// recognisable pattern.
+pub fn command(dword0: u32) -> [u8; 64] {
     let mut c = [0u8; 64];
     for (i, b) in c.iter_mut().enumerate() {
         *b = i as u8 ^ 0xa5;
     }
-    c[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+    c[..4].copy_from_slice(&dword0.to_le_bytes());
     c
+}
+
+/// The demo's command: dword 0 all ones, which ENQCMD overwrites.
+pub fn demo_command() -> [u8; 64] {
+    command(u32::MAX)
 }
 
 /// A #UD handler that ends the run with `value` (it begins with endbr64,

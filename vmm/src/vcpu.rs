@@ -380,14 +380,11 @@ impl GuestCpu for Vcpu {
                     message: e.to_string(),
                 })?;
             // Ordinary memory takes a MOVDIR64B; it is no enqueue target.
-            return Ok(match kind {
-                StoreKind::Movdir64b => StoreReply::Accepted,
-                _ => StoreReply::Retry,
-            });
+            return Ok(kind.reply_without_enqueue_target());
         }
-        Ok(self.mmio.store64(gpa, data, kind).unwrap_or(match kind {
-            StoreKind::Movdir64b => StoreReply::Accepted,
-            _ => StoreReply::Retry,
-        }))
+        Ok(self
+            .mmio
+            .store64(gpa, data, kind)
+            .unwrap_or_else(|| kind.reply_without_enqueue_target()))
     }
 }

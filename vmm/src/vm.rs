@@ -366,8 +366,8 @@ impl Vm {
         }
     }
 
-    /// Makes device writes that end the run (test exit, reset, power-off)
-    /// stop every vCPU.
+    /// The flag that makes every vCPU leave its run loop; devices that end
+    /// the run (test exit, reset, power-off) raise it.
     pub fn stop_flag(&self) -> Arc<AtomicBool> {
         self.stop.clone()
     }

@@ -4,6 +4,7 @@
 
 use iced_x86::code_asm::*;
 use pci::StoreKind;
+use vmm::demos::command;
 use vmm::devices::test_devices::PortalStore;
 use vmm::microguest::{
     self, enter_user, exit_with, MicroGuest, MicroOptions, MicroRun, DATA_START, TEST_PORTAL_START,
@@ -11,22 +12,13 @@ use vmm::microguest::{
 };
 use vmm::vm::RunExit;
 
-const IA32_PASID: u32 = 0xd93;
+use pasid::MSR_IA32_PASID as IA32_PASID;
 /// The 64-byte command the guests submit.
 const SRC: u64 = DATA_START + 0x1000;
 /// Vector numbers.
 const UD: u8 = 6;
 const GP: u8 = 13;
 const PF: u8 = 14;
-
-fn command(dword0: u32) -> [u8; 64] {
-    let mut c = [0u8; 64];
-    for (i, b) in c.iter_mut().enumerate() {
-        *b = i as u8 ^ 0xa5;
-    }
-    c[..4].copy_from_slice(&dword0.to_le_bytes());
-    c
-}
 
 fn run(guest: MicroGuest, portal_retry: bool) -> MicroRun {
     assert!(

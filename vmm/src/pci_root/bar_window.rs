@@ -53,12 +53,9 @@ impl BusDevice for PciMmioWindows {
             }
             None => {
                 trace!("pci: unclaimed {kind:?} at {addr:#x}");
-                match kind {
-                    // A posted store nobody claims is lost.
-                    StoreKind::Movdir64b => StoreReply::Accepted,
-                    // A non-posted enqueue nobody claims is not accepted.
-                    StoreKind::Enqcmd | StoreKind::Enqcmds => StoreReply::Retry,
-                }
+                // A posted store nobody claims is lost; a non-posted
+                // enqueue nobody claims is not accepted.
+                kind.reply_without_enqueue_target()
             }
         }
     }
