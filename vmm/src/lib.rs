@@ -13,6 +13,7 @@ pub mod cpuid;
 pub mod demos;
 pub mod devices;
 pub mod emulator;
+pub mod entry_watch;
 pub mod layout;
 pub mod machine;
 pub mod microguest;

@@ -55,7 +55,7 @@ pub fn run_linux(config: LinuxConfig) -> Result<RunExit, MachineError> {
         cpus: config.cpus,
         memory: config.memory,
         serial: config.serial,
-        ud_hook: Some(UdHook::EntryClac),
+        ud_hook: Some(UdHook::Breakpoint),
     };
     let mut vm = Vm::new(vm_config)?;
     if interactive {

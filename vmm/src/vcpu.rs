@@ -3,34 +3,32 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use kvm_bindings::{
-    kvm_guest_debug, kvm_regs, kvm_sregs, KVM_EXIT_INTERNAL_ERROR, KVM_GUESTDBG_ENABLE,
-    KVM_GUESTDBG_USE_HW_BP, KVM_INTERNAL_ERROR_EMULATION,
-};
+use kvm_bindings::{kvm_msr_entry, kvm_regs, kvm_sregs, Msrs, KVM_EXIT_INTERNAL_ERROR, KVM_INTERNAL_ERROR_EMULATION};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use pasid::{Ia32Pasid, MSR_IA32_PASID};
 use pci::{StoreKind, StoreReply};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::bus::Bus;
-use crate::emulator::{self, EmulatorError, EntryAction, GuestCpu, Outcome};
+use crate::emulator::{self, EmulatorError, EntryAction, GuestCpu, Outcome, StepOver, SyscallMsrs};
+use crate::entry_watch::EntryWatch;
 
 /// Vector of #UD, the exception a user-mode ENQCMD raises on this platform.
 const UD_VECTOR: u8 = 6;
-/// DR7: local enable of breakpoint 0 (execute, length 1).
-const DR7_L0: u64 = 1;
+/// Vector of #PF, where the backend's half-done SYSCALL lands.
+const PF_VECTOR: u8 = 14;
 /// KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES.
 const EMULATION_FLAG_INSTRUCTION_BYTES: u64 = 1;
 
-/// How the VMM sees a guest's #UD entries (where a user-mode ENQCMD lands).
+/// How the VMM sees a guest's exception entries: a user-mode ENQCMD's #UD,
+/// the backend's half-done SYSCALL (#PF).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UdHook {
-    /// A hardware execution breakpoint on the guest's #UD handler, armed
-    /// from the guest IDT when the vCPU starts (micro-guests).
+    /// Hardware execution breakpoints on the guest's handlers
+    /// ([`crate::entry_watch`]), armed from the guest IDT when the vCPU
+    /// starts (micro-guests) and whenever the guest writes a SYSCALL MSR
+    /// (Linux).
     Breakpoint,
-    /// The emulation-failure exit of the `clac` that Linux's entry points
-    /// begin with; the emulator recognises the #UD entry there.
-    EntryClac,
 }
 
 /// Why a vCPU stopped.
@@ -59,8 +57,8 @@ pub struct Vcpu {
     pub(crate) pio: Arc<Bus>,
     pub(crate) pasid_msr: Ia32Pasid,
     pub(crate) ud_hook: Option<UdHook>,
-    ud_handler: Option<u64>,
-    ud_handler_skip: u64,
+    watch: EntryWatch,
+    syscall_msrs: SyscallMsrs,
 }
 
 impl Vcpu {
@@ -80,58 +78,59 @@ impl Vcpu {
             pio,
             pasid_msr: Ia32Pasid::new(),
             ud_hook,
-            ud_handler: None,
-            ud_handler_skip: 0,
+            watch: EntryWatch::default(),
+            syscall_msrs: SyscallMsrs::default(),
         }
     }
 
-    /// Arms the #UD breakpoint from the guest IDT (for [`UdHook::Breakpoint`]).
-    fn arm_ud_breakpoint(&mut self) -> Result<(), String> {
-        let handler = emulator::idt_handler(self, UD_VECTOR).map_err(|e| e.to_string())?;
-        let Some(handler) = handler else {
-            return Err("the guest IDT has no #UD gate to watch".into());
-        };
-        let mut debug = kvm_guest_debug {
-            control: KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP,
-            ..Default::default()
-        };
-        // The backend re-fires an instruction breakpoint whatever RFLAGS.RF
-        // says (measured), so letting the guest's handler run means stepping
-        // over its first instruction, which must therefore be one that does
-        // nothing: Linux's entry points begin with `endbr64`.
-        let first = self.read_linear(handler, 4)?;
-        self.ud_handler_skip = match first.as_slice() {
-            [0xf3, 0x0f, 0x1e, 0xfa] => 4,
-            [0x90, ..] => 1,
-            _ => {
-                return Err(format!(
-                "the #UD handler at {handler:#x} does not begin with endbr64 or nop ({first:02x?})"
-            ))
+    /// (Re)arms the exception-entry watch from the guest IDT: #UD, and #PF
+    /// once the guest has configured SYSCALL. Gates the IDT lacks (none
+    /// before the guest loads one) are not watched.
+    fn arm_entry_watch(&mut self) -> Result<(), String> {
+        if self.ud_hook != Some(UdHook::Breakpoint) {
+            return Ok(());
+        }
+        let mut vectors = vec![UD_VECTOR];
+        if self.syscall_msrs.configured() {
+            vectors.push(PF_VECTOR);
+        }
+        let mut handlers = Vec::new();
+        for v in vectors {
+            if let Some(h) = emulator::idt_handler(self, v).map_err(|e| e.to_string())? {
+                handlers.push((v, h));
             }
-        };
-        debug.arch.debugreg[0] = handler;
-        debug.arch.debugreg[7] = DR7_L0;
-        self.fd
-            .set_guest_debug(&debug)
-            .map_err(|e| format!("KVM_SET_GUEST_DEBUG: {e}"))?;
-        self.ud_handler = Some(handler);
+        }
+        let watch = EntryWatch::new(&handlers).map_err(|e| e.to_string())?;
+        if watch != self.watch {
+            self.fd
+                .set_guest_debug(&watch.guest_debug())
+                .map_err(|e| format!("KVM_SET_GUEST_DEBUG: {e}"))?;
+            log::debug!("vCPU {}: watching exception entries {handlers:x?}", self.id);
+            self.watch = watch;
+        }
         Ok(())
     }
 
-    /// Reads guest-virtual memory through KVM's translation.
-    fn read_linear(&self, addr: u64, len: usize) -> Result<Vec<u8>, String> {
-        let t = self
-            .fd
-            .translate_gva(addr)
-            .map_err(|e| format!("KVM_TRANSLATE {addr:#x}: {e}"))?;
-        if t.valid == 0 {
-            return Err(format!("{addr:#x} is not mapped in the guest"));
+    /// The guest wrote a SYSCALL MSR, which the VMM's MSR filter intercepts:
+    /// give KVM the value, keep it for the SYSCALL fix, and watch #PF.
+    fn on_syscall_msr(&mut self, index: u32, data: u64) -> Result<(), String> {
+        let msrs = Msrs::from_entries(&[kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        }])
+        .map_err(|e| format!("MSR list: {e}"))?;
+        match self.fd.set_msrs(&msrs) {
+            Ok(1) => {}
+            other => {
+                return Err(format!(
+                    "vCPU {}: KVM_SET_MSRS of MSR {index:#x} = {data:#x} failed: {other:?}",
+                    self.id
+                ))
+            }
         }
-        let mut buf = vec![0; len];
-        self.memory
-            .read_slice(&mut buf, GuestAddress(t.physical_address))
-            .map_err(|e| format!("reading {addr:#x}: {e}"))?;
-        Ok(buf)
+        self.syscall_msrs.record(index, data);
+        self.arm_entry_watch()
     }
 
     fn rip(&self) -> u64 {
@@ -140,10 +139,11 @@ impl Vcpu {
 
     /// Runs until the guest or the VMM ends the run.
     pub fn run(&mut self, stop: &AtomicBool) -> VcpuStop {
-        if self.ud_hook == Some(UdHook::Breakpoint) {
-            if let Err(e) = self.arm_ud_breakpoint() {
-                return VcpuStop::Fatal(format!("vCPU {}: cannot watch #UD entries: {e}", self.id));
-            }
+        if let Err(e) = self.arm_entry_watch() {
+            return VcpuStop::Fatal(format!(
+                "vCPU {}: cannot watch exception entries: {e}",
+                self.id
+            ));
         }
         loop {
             if stop.load(Ordering::Acquire) {
@@ -183,6 +183,15 @@ impl Vcpu {
                         }
                         Action::Resume
                     }
+                    VcpuExit::X86Wrmsr(msr) if is_syscall_msr(msr.index) => {
+                        if msr.index == emulator::syscall_msr::LSTAR && !is_canonical(msr.data) {
+                            // What KVM itself answers to a non-canonical LSTAR.
+                            *msr.error = 1;
+                            Action::Resume
+                        } else {
+                            Action::SyscallMsr(msr.index, msr.data)
+                        }
+                    }
                     VcpuExit::X86Wrmsr(msr) => {
                         if msr.index != MSR_IA32_PASID || self.pasid_msr.write(msr.data).is_err() {
                             // Reserved bits or an MSR nobody emulates: #GP.
@@ -214,6 +223,11 @@ impl Vcpu {
                         return VcpuStop::DeviceRequest;
                     }
                 }
+                Action::SyscallMsr(index, data) => {
+                    if let Err(line) = self.on_syscall_msr(index, data) {
+                        return VcpuStop::Fatal(line);
+                    }
+                }
                 Action::Debug(pc) => {
                     if let Err(line) = self.on_debug(pc) {
                         return VcpuStop::Fatal(line);
@@ -235,33 +249,50 @@ impl Vcpu {
         }
     }
 
-    /// A hardware breakpoint hit: the #UD handler entry when armed.
+    /// A hardware breakpoint hit: the entry of a watched exception handler.
     fn on_debug(&mut self, pc: u64) -> Result<(), String> {
-        if Some(pc) != self.ud_handler {
+        let Some(vector) = self.watch.vector_at(pc) else {
             return Err(format!(
                 "vCPU {}: unexpected debug exit at RIP {pc:#x}",
                 self.id
             ));
-        }
-        let action =
-            emulator::handle_exception_entry(self, UD_VECTOR).map_err(|e| self.fatal(&e))?;
-        match action {
-            EntryAction::PassThrough | EntryAction::NotHandled(_) => {
-                if let EntryAction::NotHandled(u) = &action {
-                    log::warn!("vCPU {}: #UD entry left to the guest: {u}", self.id);
+        };
+        let handled = match vector {
+            UD_VECTOR => {
+                match emulator::handle_exception_entry(self, UD_VECTOR).map_err(|e| self.fatal(&e))? {
+                    EntryAction::PassThrough => false,
+                    EntryAction::NotHandled(u) => {
+                        log::warn!("vCPU {}: #UD entry left to the guest: {u}", self.id);
+                        false
+                    }
+                    EntryAction::Emulated(_) | EntryAction::Faulted(_) | EntryAction::Retry => true,
                 }
-                // Let the guest's handler run: step over its first
-                // instruction (see arm_ud_breakpoint).
-                let mut regs = self
-                    .fd
-                    .get_regs()
-                    .map_err(|e| format!("KVM_GET_REGS: {e}"))?;
-                regs.rip += self.ud_handler_skip;
-                self.fd
-                    .set_regs(&regs)
-                    .map_err(|e| format!("KVM_SET_REGS: {e}"))
             }
-            EntryAction::Emulated(_) | EntryAction::Faulted(_) | EntryAction::Retry => Ok(()),
+            PF_VECTOR => {
+                let msrs = self.syscall_msrs;
+                let entry = emulator::complete_syscall(self, &msrs).map_err(|e| self.fatal(&e))?;
+                if entry.is_some() && log::log_enabled!(log::Level::Trace) {
+                    if let Ok(r) = self.fd.get_regs() {
+                        log::trace!(
+                            "vCPU {}: system call {} ({:#x}, {:#x}, {:#x}) from {:#x}",
+                            self.id, r.rax, r.rdi, r.rsi, r.rdx, r.rcx
+                        );
+                    }
+                }
+                entry.is_some()
+            }
+            _ => false,
+        };
+        if handled {
+            return Ok(());
+        }
+        // The guest's handler runs: execute its first instruction here.
+        match emulator::step_over_handler_entry(self).map_err(|e| self.fatal(&e))? {
+            StepOver::NotHandled(u) => Err(format!(
+                "vCPU {}: cannot step over the first instruction of the vector {vector} handler: {u}",
+                self.id
+            )),
+            StepOver::Skipped(_) | StepOver::Emulated(_) => Ok(()),
         }
     }
 
@@ -313,9 +344,21 @@ impl Vcpu {
 enum Action {
     Resume,
     CheckStop,
+    SyscallMsr(u32, u64),
     Debug(u64),
     InternalError,
     Fatal(String),
+}
+
+fn is_syscall_msr(index: u32) -> bool {
+    use emulator::syscall_msr::{FMASK, LSTAR, STAR};
+    matches!(index, STAR | LSTAR | FMASK)
+}
+
+/// Canonical for 4-level paging (48-bit linear addresses); KVM's own LSTAR
+/// check.
+fn is_canonical(addr: u64) -> bool {
+    ((addr as i64) << 16 >> 16) as u64 == addr
 }
 
 fn vcpu_error(e: kvm_ioctls::Error) -> EmulatorError {

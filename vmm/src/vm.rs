@@ -23,6 +23,7 @@ use crate::devices::i8042::{I8042, I8042_COMMAND_PORT};
 use crate::devices::serial::{SerialDevice, SerialOutput};
 use crate::devices::test_devices::TestExit;
 use crate::layout;
+use crate::emulator::syscall_msr;
 use crate::vcpu::{UdHook, Vcpu, VcpuStop};
 
 /// Where KVM on Intel puts its real-mode TSS; harmless elsewhere.
@@ -177,7 +178,17 @@ impl Vm {
             msr_count: 1,
             bitmap: &deny,
         };
-        fd.set_msr_filter(MsrFilterDefaultAction::ALLOW, &[range])
+        // Writes of STAR, LSTAR and FMASK exit too: the vCPU keeps them for
+        // the SYSCALL fix and arms its exception-entry watch then
+        // (crate::entry_watch). CSTAR (bit 2 of the bitmap) stays allowed.
+        let syscall_writes = [0b0100u8];
+        let syscall_range = MsrFilterRange {
+            flags: MsrFilterRangeFlags::WRITE,
+            base: syscall_msr::STAR,
+            msr_count: 4,
+            bitmap: &syscall_writes,
+        };
+        fd.set_msr_filter(MsrFilterDefaultAction::ALLOW, &[range, syscall_range])
             .map_err(kvm_err("KVM_X86_SET_MSR_FILTER"))?;
 
         let mmio = Arc::new(Bus::new());

@@ -14,8 +14,14 @@ pub mod rflags {
     pub const ZF: u64 = 1 << 6;
     /// Sign flag.
     pub const SF: u64 = 1 << 7;
+    /// Interrupt-enable flag.
+    pub const IF: u64 = 1 << 9;
     /// Overflow flag.
     pub const OF: u64 = 1 << 11;
+    /// Resume flag.
+    pub const RF: u64 = 1 << 16;
+    /// Bit 1, which always reads as 1.
+    pub const FIXED: u64 = 1 << 1;
     /// Alignment-check / access-control flag (SMAP override).
     pub const AC: u64 = 1 << 18;
     /// The six status flags.

@@ -100,7 +100,7 @@ fn read_u64s<const N: usize>(
 }
 
 /// The frame at `ctx`'s RSP for an exception with vector `v`.
-fn frame_at(ctx: &CpuContext, mem: &vm_memory::GuestMemoryMmap, v: u8) -> Option<ExceptionFrame> {
+pub(crate) fn frame_at(ctx: &CpuContext, mem: &vm_memory::GuestMemoryMmap, v: u8) -> Option<ExceptionFrame> {
     let (error_code, base) = if vector::has_error_code(v) {
         (
             Some(read_u64s::<1>(ctx, mem, ctx.regs.rsp)?[0]),
@@ -339,4 +339,65 @@ pub fn handle_exception_entry<C: GuestCpu + ?Sized>(
     }
     let kernel = CpuContext::capture(cpu)?;
     ud_entry(cpu, &kernel)
+}
+
+/// What [`step_over_handler_entry`] executed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StepOver {
+    /// A no-op (`nop` of any length, `endbr64`) skipped.
+    Skipped(u64),
+    /// An instruction the fallback emulator executed (Linux's `clac`).
+    Emulated(super::FallbackInstruction),
+    /// Neither: the vCPU is unchanged.
+    NotHandled(Unhandled),
+}
+
+/// Executes the first instruction of a guest exception handler, where a
+/// VMM execution breakpoint stopped the vCPU, so that the guest's handler
+/// can go on without the breakpoint firing again.
+///
+/// What the guest did: took an exception whose handler the VMM watches
+/// (`crate::entry_watch`), the VMM looked and left it to the guest. Why
+/// the VMM answers so: this platform's KVM re-fires an instruction
+/// breakpoint whatever RFLAGS.RF says (measured), so resuming at the
+/// breakpoint would loop. Linux's entry points begin with `endbr64` (IBT
+/// kernels) or the slot of `clac` (a 3-byte NOP when SMAP is off, `clac`
+/// when on); micro-guests' handlers with `endbr64` or `nop`.
+pub fn step_over_handler_entry<C: GuestCpu + ?Sized>(
+    cpu: &mut C,
+) -> Result<StepOver, EmulatorError> {
+    use iced_x86::Mnemonic;
+
+    let mut ctx = CpuContext::capture(cpu)?;
+    let rip = ctx.regs.rip;
+    let not_handled = |bytes: Vec<u8>, reason| {
+        Ok(StepOver::NotHandled(Unhandled { rip, bytes, reason }))
+    };
+    if !ctx.is_64bit_mode() {
+        return not_handled(Vec::new(), super::UnhandledReason::NotLongMode);
+    }
+    let Ok(bytes) = fetch_instruction(cpu.memory(), &ctx, rip, Privilege::of(&ctx)) else {
+        return not_handled(Vec::new(), super::UnhandledReason::Undecodable);
+    };
+    let Some(instr) = decode(&bytes, rip) else {
+        return not_handled(bytes, super::UnhandledReason::Undecodable);
+    };
+    if matches!(instr.mnemonic(), Mnemonic::Nop | Mnemonic::Endbr64) {
+        ctx.regs.rip = instr.next_ip();
+        cpu.set_regs(&ctx.regs)?;
+        return Ok(StepOver::Skipped(instr.len() as u64));
+    }
+    let bytes = bytes[..instr.len().min(bytes.len())].to_vec();
+    let Some(which) = super::FallbackInstruction::of(&instr) else {
+        return not_handled(
+            bytes,
+            super::UnhandledReason::UnknownInstruction(instr.mnemonic()),
+        );
+    };
+    let step = super::fallback::execute(cpu, &mut ctx, &instr, which)?;
+    apply_step(cpu, &ctx, &step, false)?;
+    Ok(match step {
+        Step::Unsupported(reason) => StepOver::NotHandled(Unhandled { rip, bytes, reason }),
+        _ => StepOver::Emulated(which),
+    })
 }

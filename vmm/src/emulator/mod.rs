@@ -53,6 +53,7 @@ mod exception;
 mod fallback;
 mod guest_atomic;
 mod mmu;
+mod syscall;
 
 #[cfg(test)]
 mod tests;
@@ -68,11 +69,12 @@ use mmu::Privilege;
 
 pub use arch::ia32_pasid::MSR as IA32_PASID_MSR;
 pub use entry::{
-    handle_exception_entry, idt_handler, is_exception_entry, read_exception_frame, EntryAction,
-    ExceptionFrame,
+    handle_exception_entry, idt_handler, is_exception_entry, read_exception_frame,
+    step_over_handler_entry, EntryAction, ExceptionFrame, StepOver,
 };
 pub use exception::Exception;
 pub use fallback::FallbackInstruction;
+pub use syscall::{broken_syscall_entry, complete_syscall, msr as syscall_msr, SyscallEntry, SyscallMsrs};
 
 /// Errors of the VMM side: the vCPU or a device could not be reached. A
 /// guest's bad instruction or operand is never an error: it gets its

@@ -1,0 +1,134 @@
+//! Exception-entry watch: hardware execution breakpoints (DR0..DR3) on the
+//! guest's own exception handlers, so the VMM sees the exception entries it
+//! must act on.
+//!
+//! On this platform some guest events never exit to the VMM: a user-mode
+//! ENQCMD's #UD and the backend's half-done SYSCALL (a #PF at LSTAR) are
+//! delivered straight to the guest's IDT. The guest's CPL 0 code is always
+//! run by KVM's instruction emulator, which checks code breakpoints before
+//! each instruction (docs/pvm-backend.md §2.8), so a breakpoint on a
+//! handler's first instruction ends KVM_RUN with `KVM_EXIT_DEBUG` there,
+//! the exception frame on the stack.
+//!
+//! Which handlers are watched:
+//! - #UD, always (user ENQCMD, `crate::emulator::handle_exception_entry`);
+//! - #PF, once the guest has configured SYSCALL (LSTAR written): the
+//!   SYSCALL fix (`crate::emulator::complete_syscall`). A guest that never
+//!   uses SYSCALL pays nothing for page faults.
+//!
+//! The vCPU re-reads the handler addresses from the guest IDT (re)arming:
+//! at its start (micro-guests have their IDT then) and at every write of a
+//! SYSCALL MSR (Linux writes LSTAR in `syscall_init()`, after
+//! `idt_setup_traps()`, on every CPU).
+
+use kvm_bindings::{kvm_guest_debug, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_USE_HW_BP};
+
+/// Number of hardware breakpoints (DR0..DR3).
+pub const SLOTS: usize = 4;
+
+/// DR7 bits for breakpoint `slot`: local enable, R/W = 00 (instruction
+/// execution), LEN = 00 (one byte) (SDM Vol. 3B, 18.2.4).
+fn dr7_enable(slot: usize) -> u64 {
+    1 << (slot * 2)
+}
+
+/// The handlers being watched.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EntryWatch {
+    slots: [Option<(u8, u64)>; SLOTS],
+}
+
+/// More vectors than debug registers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("more than {SLOTS} exception handlers to watch")]
+pub struct TooManyWatches;
+
+impl EntryWatch {
+    /// A watch of `handlers` (vector, handler address), one debug register
+    /// each.
+    pub fn new(handlers: &[(u8, u64)]) -> Result<Self, TooManyWatches> {
+        if handlers.len() > SLOTS {
+            return Err(TooManyWatches);
+        }
+        let mut watch = Self::default();
+        for (slot, &h) in watch.slots.iter_mut().zip(handlers) {
+            *slot = Some(h);
+        }
+        Ok(watch)
+    }
+
+    /// Nothing watched.
+    pub fn is_empty(&self) -> bool {
+        self.slots.iter().all(Option::is_none)
+    }
+
+    /// The vector whose handler is at `pc`, if watched.
+    pub fn vector_at(&self, pc: u64) -> Option<u8> {
+        self.slots
+            .iter()
+            .flatten()
+            .find(|&&(_, handler)| handler == pc)
+            .map(|&(v, _)| v)
+    }
+
+    /// The handler watched for `vector`.
+    pub fn handler(&self, vector: u8) -> Option<u64> {
+        self.slots
+            .iter()
+            .flatten()
+            .find(|&&(v, _)| v == vector)
+            .map(|&(_, h)| h)
+    }
+
+    /// The `KVM_SET_GUEST_DEBUG` argument that arms the watch (or disarms
+    /// it, when empty).
+    pub fn guest_debug(&self) -> kvm_guest_debug {
+        let mut debug = kvm_guest_debug::default();
+        if self.is_empty() {
+            return debug;
+        }
+        debug.control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP;
+        for (slot, watched) in self.slots.iter().enumerate() {
+            if let Some((_, handler)) = watched {
+                debug.arch.debugreg[slot] = *handler;
+                debug.arch.debugreg[7] |= dr7_enable(slot);
+            }
+        }
+        debug
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_registers_follow_the_slots() {
+        let w = EntryWatch::new(&[(6, 0xffff_ffff_8140_0a40), (14, 0xffff_ffff_8140_0aa0)]).unwrap();
+        let d = w.guest_debug();
+        assert_eq!(d.control, KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP);
+        assert_eq!(d.arch.debugreg[0], 0xffff_ffff_8140_0a40);
+        assert_eq!(d.arch.debugreg[1], 0xffff_ffff_8140_0aa0);
+        assert_eq!(d.arch.debugreg[2], 0);
+        assert_eq!(d.arch.debugreg[7], 0b101, "L0 and L1, execute, length 1");
+        assert_eq!(w.vector_at(0xffff_ffff_8140_0aa0), Some(14));
+        assert_eq!(w.vector_at(0xffff_ffff_8140_0aa1), None);
+        assert_eq!(w.handler(6), Some(0xffff_ffff_8140_0a40));
+    }
+
+    #[test]
+    fn empty_watch_disarms() {
+        let d = EntryWatch::default().guest_debug();
+        assert_eq!(d.control, 0);
+        assert_eq!(d.arch.debugreg[7], 0);
+    }
+
+    #[test]
+    fn at_most_four_handlers() {
+        assert_eq!(
+            EntryWatch::new(&[(1, 1), (2, 2), (3, 3), (4, 4), (5, 5)]),
+            Err(TooManyWatches)
+        );
+        assert!(EntryWatch::new(&[(1, 1), (2, 2), (3, 3), (4, 4)]).is_ok());
+    }
+}
