@@ -104,7 +104,8 @@ mod tests {
 
     #[test]
     fn debug_registers_follow_the_slots() {
-        let w = EntryWatch::new(&[(6, 0xffff_ffff_8140_0a40), (14, 0xffff_ffff_8140_0aa0)]).unwrap();
+        let w =
+            EntryWatch::new(&[(6, 0xffff_ffff_8140_0a40), (14, 0xffff_ffff_8140_0aa0)]).unwrap();
         let d = w.guest_debug();
         assert_eq!(d.control, KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP);
         assert_eq!(d.arch.debugreg[0], 0xffff_ffff_8140_0a40);

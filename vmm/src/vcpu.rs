@@ -3,7 +3,9 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use kvm_bindings::{kvm_msr_entry, kvm_regs, kvm_sregs, Msrs, KVM_EXIT_INTERNAL_ERROR, KVM_INTERNAL_ERROR_EMULATION};
+use kvm_bindings::{
+    kvm_msr_entry, kvm_regs, kvm_sregs, Msrs, KVM_EXIT_INTERNAL_ERROR, KVM_INTERNAL_ERROR_EMULATION,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use pasid::{Ia32Pasid, MSR_IA32_PASID};
 use pci::{StoreKind, StoreReply};
@@ -259,7 +261,9 @@ impl Vcpu {
         };
         let handled = match vector {
             UD_VECTOR => {
-                match emulator::handle_exception_entry(self, UD_VECTOR).map_err(|e| self.fatal(&e))? {
+                match emulator::handle_exception_entry(self, UD_VECTOR)
+                    .map_err(|e| self.fatal(&e))?
+                {
                     EntryAction::PassThrough => false,
                     EntryAction::NotHandled(u) => {
                         log::warn!("vCPU {}: #UD entry left to the guest: {u}", self.id);
@@ -275,7 +279,12 @@ impl Vcpu {
                     if let Ok(r) = self.fd.get_regs() {
                         log::trace!(
                             "vCPU {}: system call {} ({:#x}, {:#x}, {:#x}) from {:#x}",
-                            self.id, r.rax, r.rdi, r.rsi, r.rdx, r.rcx
+                            self.id,
+                            r.rax,
+                            r.rdi,
+                            r.rsi,
+                            r.rdx,
+                            r.rcx
                         );
                     }
                 }

@@ -22,8 +22,8 @@ use crate::bus::{Bus, BusError};
 use crate::devices::i8042::{I8042, I8042_COMMAND_PORT};
 use crate::devices::serial::{SerialDevice, SerialOutput};
 use crate::devices::test_devices::TestExit;
-use crate::layout;
 use crate::emulator::syscall_msr;
+use crate::layout;
 use crate::vcpu::{UdHook, Vcpu, VcpuStop};
 
 /// Where KVM on Intel puts its real-mode TSS; harmless elsewhere.

@@ -100,7 +100,11 @@ fn read_u64s<const N: usize>(
 }
 
 /// The frame at `ctx`'s RSP for an exception with vector `v`.
-pub(crate) fn frame_at(ctx: &CpuContext, mem: &vm_memory::GuestMemoryMmap, v: u8) -> Option<ExceptionFrame> {
+pub(crate) fn frame_at(
+    ctx: &CpuContext,
+    mem: &vm_memory::GuestMemoryMmap,
+    v: u8,
+) -> Option<ExceptionFrame> {
     let (error_code, base) = if vector::has_error_code(v) {
         (
             Some(read_u64s::<1>(ctx, mem, ctx.regs.rsp)?[0]),
@@ -370,9 +374,8 @@ pub fn step_over_handler_entry<C: GuestCpu + ?Sized>(
 
     let mut ctx = CpuContext::capture(cpu)?;
     let rip = ctx.regs.rip;
-    let not_handled = |bytes: Vec<u8>, reason| {
-        Ok(StepOver::NotHandled(Unhandled { rip, bytes, reason }))
-    };
+    let not_handled =
+        |bytes: Vec<u8>, reason| Ok(StepOver::NotHandled(Unhandled { rip, bytes, reason }));
     if !ctx.is_64bit_mode() {
         return not_handled(Vec::new(), super::UnhandledReason::NotLongMode);
     }

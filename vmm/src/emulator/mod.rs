@@ -74,7 +74,9 @@ pub use entry::{
 };
 pub use exception::Exception;
 pub use fallback::FallbackInstruction;
-pub use syscall::{broken_syscall_entry, complete_syscall, msr as syscall_msr, SyscallEntry, SyscallMsrs};
+pub use syscall::{
+    broken_syscall_entry, complete_syscall, msr as syscall_msr, SyscallEntry, SyscallMsrs,
+};
 
 /// Errors of the VMM side: the vCPU or a device could not be reached. A
 /// guest's bad instruction or operand is never an error: it gets its

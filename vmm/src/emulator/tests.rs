@@ -1434,3 +1434,282 @@ fn emulated_accesses_set_accessed_and_dirty_flags() {
         "destination written"
     );
 }
+
+// ---------------------------------------------------------------------------
+// SYSCALL completion at the #PF entry, and stepping over a handler's first
+// instruction
+// ---------------------------------------------------------------------------
+
+/// Linux's entry_SYSCALL_64 in the test kernel's image.
+const LSTAR_VALUE: u64 = KCODE + 0x40;
+/// The #PF handler.
+const PF_HANDLER: u64 = KCODE + 0xa00;
+/// Linux's STAR: kernel CS 0x10, SYSRET base 0x23.
+const LINUX_STAR: u64 = (0x23 << 48) | (0x10 << 32);
+/// Linux's FMASK: TF, DF, IF, IOPL, AC, NT.
+const LINUX_FMASK: u64 = 0x47700;
+/// The user's RFLAGS that SYSCALL saved in R11: RF, IF, ZF, PF, bit 1.
+const USER_RFLAGS: u64 = 0x1_0246;
+
+fn linux_msrs() -> SyscallMsrs {
+    SyscallMsrs {
+        star: LINUX_STAR,
+        lstar: LSTAR_VALUE,
+        fmask: LINUX_FMASK,
+    }
+}
+
+/// The frame the backend's half-done SYSCALL leaves at the #PF entry
+/// (measured: error code 15 in Linux, 5 in a small guest).
+fn broken_syscall_frame() -> ExceptionFrame {
+    ExceptionFrame {
+        error_code: Some(0xf),
+        rip: LSTAR_VALUE,
+        cs: USER_CS,
+        rflags: (USER_RFLAGS & !LINUX_FMASK) | 2,
+        rsp: USER_RSP,
+        ss: USER_SS,
+    }
+}
+
+#[test]
+fn broken_syscall_frame_gives_the_architectural_syscall_state() {
+    let entry = broken_syscall_entry(
+        &broken_syscall_frame(),
+        LSTAR_VALUE,
+        USER_RFLAGS,
+        &linux_msrs(),
+    )
+    .expect("recognised");
+    assert_eq!(
+        entry,
+        SyscallEntry {
+            rip: LSTAR_VALUE,
+            rsp: USER_RSP,
+            // R11 & ~FMASK (IF gone), RF cleared, bit 1 set.
+            rflags: 0x46,
+            cs: 0x10,
+            ss: 0x18,
+        }
+    );
+    let code = entry.cs_segment();
+    assert_eq!(
+        (
+            code.selector,
+            code.dpl,
+            code.l,
+            code.db,
+            code.type_,
+            code.present,
+            code.s
+        ),
+        (0x10, 0, 1, 0, 0xb, 1, 1)
+    );
+    let stack = entry.ss_segment();
+    assert_eq!(
+        (
+            stack.selector,
+            stack.dpl,
+            stack.db,
+            stack.type_,
+            stack.present,
+            stack.limit
+        ),
+        (0x18, 0, 1, 0x3, 1, 0xffff_ffff)
+    );
+    // STAR with an RPL in its CS field still loads RPL 0.
+    let msrs = SyscallMsrs {
+        star: LINUX_STAR | (3 << 32),
+        ..linux_msrs()
+    };
+    let entry = broken_syscall_entry(&broken_syscall_frame(), LSTAR_VALUE, USER_RFLAGS, &msrs)
+        .expect("recognised");
+    assert_eq!((entry.cs, entry.ss), (0x10, 0x18));
+}
+
+#[test]
+fn other_page_faults_are_not_taken_for_a_syscall() {
+    let msrs = linux_msrs();
+    let f = broken_syscall_frame();
+    let cases: [(&str, ExceptionFrame, u64, SyscallMsrs); 7] = [
+        (
+            "kernel-mode fault",
+            ExceptionFrame {
+                cs: KERNEL_CS,
+                error_code: Some(0xb),
+                ..f
+            },
+            LSTAR_VALUE,
+            msrs,
+        ),
+        (
+            "user fault at another address",
+            ExceptionFrame {
+                rip: LSTAR_VALUE + 1,
+                ..f
+            },
+            LSTAR_VALUE + 1,
+            msrs,
+        ),
+        ("CR2 elsewhere", f, UDATA, msrs),
+        (
+            "user code with IF set jumping to LSTAR",
+            ExceptionFrame { rflags: 0x202, ..f },
+            LSTAR_VALUE,
+            msrs,
+        ),
+        (
+            "error code without the user bit",
+            ExceptionFrame {
+                error_code: Some(0x1),
+                ..f
+            },
+            LSTAR_VALUE,
+            msrs,
+        ),
+        (
+            "no error code",
+            ExceptionFrame {
+                error_code: None,
+                ..f
+            },
+            LSTAR_VALUE,
+            msrs,
+        ),
+        (
+            "SYSCALL not configured",
+            f,
+            LSTAR_VALUE,
+            SyscallMsrs::default(),
+        ),
+    ];
+    for (what, frame, fault_address, msrs) in cases {
+        assert_eq!(
+            broken_syscall_entry(&frame, fault_address, USER_RFLAGS, &msrs),
+            None,
+            "{what}"
+        );
+    }
+}
+
+/// The vCPU at the #PF entry with `frame` on the kernel stack, CR2 `cr2`,
+/// the user's RCX/R11 as SYSCALL left them.
+fn at_pf_entry(frame: &ExceptionFrame, fault_address: u64) -> MockCpu {
+    let mut cpu = MockCpu::new();
+    cpu.set_gate(14, PF_HANDLER);
+    let words = [
+        frame.error_code.unwrap_or(0),
+        frame.rip,
+        u64::from(frame.cs),
+        frame.rflags,
+        frame.rsp,
+        u64::from(frame.ss),
+    ];
+    let frame_rsp = KSTACK + 0x1000 - 48;
+    for (i, v) in words.iter().enumerate() {
+        cpu.write(frame_rsp + 8 * i as u64, &v.to_le_bytes());
+    }
+    cpu.regs.rsp = frame_rsp;
+    cpu.regs.rip = PF_HANDLER;
+    cpu.regs.rflags = 0x2;
+    cpu.regs.rcx = UCODE + 2;
+    cpu.regs.r11 = USER_RFLAGS;
+    cpu.regs.rax = 39; // getpid
+    cpu.sregs.cr2 = fault_address;
+    cpu
+}
+
+#[test]
+fn complete_syscall_puts_the_vcpu_at_lstar_in_kernel_mode() {
+    let mut cpu = at_pf_entry(&broken_syscall_frame(), LSTAR_VALUE);
+    let before = cpu.regs;
+    let entry = complete_syscall(&mut cpu, &linux_msrs()).unwrap();
+    assert!(entry.is_some());
+    assert_eq!(cpu.regs.rip, LSTAR_VALUE);
+    assert_eq!(cpu.regs.rsp, USER_RSP, "SYSCALL keeps the user stack");
+    assert_eq!(cpu.regs.rflags, 0x46);
+    assert_eq!(
+        (cpu.regs.rcx, cpu.regs.r11, cpu.regs.rax),
+        (before.rcx, before.r11, before.rax),
+        "return RIP, saved RFLAGS and the call number are SYSCALL's"
+    );
+    assert_eq!((cpu.sregs.cs.selector, cpu.sregs.cs.dpl), (0x10, 0));
+    assert_eq!((cpu.sregs.ss.selector, cpu.sregs.ss.dpl), (0x18, 0));
+    assert!(cpu.injected.is_empty());
+}
+
+#[test]
+fn complete_syscall_leaves_an_ordinary_fault_to_the_guest() {
+    let frame = ExceptionFrame {
+        error_code: Some(0x6),
+        rip: UCODE,
+        rflags: 0x202,
+        ..broken_syscall_frame()
+    };
+    let mut cpu = at_pf_entry(&frame, UDATA);
+    let (regs, sregs) = (cpu.regs, cpu.sregs);
+    assert_eq!(complete_syscall(&mut cpu, &linux_msrs()).unwrap(), None);
+    assert_eq!(cpu.regs, regs);
+    assert_eq!(cpu.sregs.cs.selector, sregs.cs.selector);
+    assert_eq!(cpu.sregs.ss.selector, sregs.ss.selector);
+}
+
+#[test]
+fn syscall_msrs_are_recorded_by_index() {
+    let mut m = SyscallMsrs::default();
+    assert!(!m.configured());
+    assert!(m.record(0xc000_0081, LINUX_STAR));
+    assert!(m.record(0xc000_0082, LSTAR_VALUE));
+    assert!(m.record(0xc000_0084, LINUX_FMASK));
+    assert!(!m.record(0xc000_0083, 1), "CSTAR is not kept");
+    assert_eq!(m, linux_msrs());
+    assert!(m.configured());
+    assert_eq!(m.kernel_cs(), 0x10);
+}
+
+/// Writes `first` at the #PF handler, puts the vCPU there and steps over.
+fn step_over_at_handler(first: &[u8], rflags: u64) -> (MockCpu, StepOver) {
+    let mut cpu = MockCpu::new();
+    cpu.write(PF_HANDLER, first);
+    cpu.regs.rip = PF_HANDLER;
+    cpu.regs.rflags = rflags;
+    let result = step_over_handler_entry(&mut cpu).unwrap();
+    (cpu, result)
+}
+
+#[test]
+fn step_over_skips_the_nops_linux_entry_points_begin_with() {
+    for (bytes, len) in [
+        (&[0x0f, 0x1f, 0x00][..], 3),   // the clac slot with SMAP off
+        (&[0x90, 0x90, 0x90][..], 1),   // the same slot before alternatives
+        (&super::arch::ENDBR64[..], 4), // IBT kernels
+        (&[0x66, 0x0f, 0x1f, 0x44, 0x00, 0x00][..], 6),
+    ] {
+        let (cpu, result) = step_over_at_handler(bytes, 0x2);
+        assert_eq!(result, StepOver::Skipped(len), "{bytes:02x?}");
+        assert_eq!(cpu.regs.rip, PF_HANDLER + len);
+        assert_eq!(cpu.regs.rflags, 0x2);
+    }
+}
+
+#[test]
+fn step_over_emulates_a_clac_at_the_entry() {
+    let (cpu, result) = step_over_at_handler(&[0x0f, 0x01, 0xca], 0x2 | rflags::AC);
+    assert_eq!(result, StepOver::Emulated(FallbackInstruction::Clac));
+    assert_eq!(cpu.regs.rip, PF_HANDLER + 3);
+    assert_eq!(cpu.regs.rflags, 0x2, "AC cleared, nothing else");
+}
+
+#[test]
+fn step_over_refuses_an_instruction_with_effects() {
+    let (cpu, result) = step_over_at_handler(&[0x50], 0x2); // push rax
+    assert_eq!(
+        result,
+        StepOver::NotHandled(Unhandled {
+            rip: PF_HANDLER,
+            bytes: vec![0x50],
+            reason: UnhandledReason::UnknownInstruction(iced_x86::Mnemonic::Push),
+        })
+    );
+    assert_eq!(cpu.regs.rip, PF_HANDLER, "the vCPU is unchanged");
+}
