@@ -106,13 +106,55 @@ pub fn run_linux(config: LinuxConfig) -> Result<RunExit, MachineError> {
     let boot = BootConfig {
         kernel: config.kernel,
         initramfs: config.initramfs,
-        cmdline: config.cmdline,
+        cmdline: with_platform_params(&config.cmdline),
         rsdp: Some(rsdp),
     };
     let state = load_linux(vm.memory(), &boot)?;
     let regs = state.regs();
     vm.set_boot_state_with(regs, Box::new(move |sregs| state.apply_sregs(sregs)));
     Ok(vm.run(config.timeout))
+}
+
+/// Kernel parameters every Linux guest needs on this platform, each with
+/// the reason; the VMM puts them before the user's command line.
+pub const PLATFORM_PARAMS: &[(&str, &str)] = &[
+    (
+        "noxsave",
+        // What the guest does: with XSAVE, FPU initialisation runs XRSTOR at
+        // CPL 0. The backend's emulator cannot run it and the VMM's fallback
+        // emulator does not have it, so the boot would stop there.
+        "the backend cannot emulate XRSTOR",
+    ),
+    (
+        "forcecpuid=movdir64b,enqcmd",
+        // What the guest does: idxd refuses to load without MOVDIR64B and
+        // offers shared work queues only with ENQCMD. The backend ignores
+        // KVM_SET_CPUID2 for leaf 7, so the VMM cannot advertise them; the
+        // guest kernel's forcecpuid= (guest-images/patches/0002) takes them
+        // from here. The VMM emulates both where the backend traps them.
+        "CPUID leaf 7 cannot advertise MOVDIR64B and ENQCMD on this backend",
+    ),
+];
+
+/// `cmdline` with [`PLATFORM_PARAMS`] in front (before any `--`, so init
+/// never sees them), except those the user already gave.
+pub fn with_platform_params(cmdline: &str) -> String {
+    let given = |p: &str| {
+        let name = p.split('=').next().unwrap_or(p);
+        cmdline
+            .split_whitespace()
+            .take_while(|w| *w != "--")
+            .any(|w| w.split('=').next() == Some(name))
+    };
+    let mut params: Vec<&str> = PLATFORM_PARAMS
+        .iter()
+        .map(|(p, _)| *p)
+        .filter(|p| !given(p))
+        .collect();
+    if !cmdline.trim().is_empty() {
+        params.push(cmdline.trim());
+    }
+    params.join(" ")
 }
 
 /// Feeds what is typed on the VMM's stdin to COM1. The thread ends at
@@ -132,5 +174,35 @@ fn forward_stdin(serial: Arc<Mutex<crate::devices::serial::SerialDevice>>) {
         });
     if let Err(e) = spawned {
         log::warn!("serial input disabled: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn platform_params_come_before_the_users_and_before_init_args() {
+        assert_eq!(
+            with_platform_params("console=ttyS0 -- vmm.cmd=true"),
+            "noxsave forcecpuid=movdir64b,enqcmd console=ttyS0 -- vmm.cmd=true"
+        );
+        assert_eq!(
+            with_platform_params(""),
+            "noxsave forcecpuid=movdir64b,enqcmd"
+        );
+    }
+
+    #[test]
+    fn a_parameter_the_user_gave_is_not_repeated() {
+        assert_eq!(
+            with_platform_params("forcecpuid=movdir64b console=ttyS0"),
+            "noxsave forcecpuid=movdir64b console=ttyS0"
+        );
+        // After `--` it is an argument of init, not a kernel parameter.
+        assert_eq!(
+            with_platform_params("console=ttyS0 -- noxsave"),
+            "noxsave forcecpuid=movdir64b,enqcmd console=ttyS0 -- noxsave"
+        );
     }
 }

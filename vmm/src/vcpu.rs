@@ -288,6 +288,16 @@ impl Vcpu {
                         );
                     }
                 }
+                if entry.is_none() {
+                    if let Ok(Some(frame)) = emulator::read_exception_frame(self, PF_VECTOR) {
+                        if frame.rip == msrs.lstar {
+                            log::warn!(
+                                "vCPU {}: #PF at LSTAR not taken for a SYSCALL: {frame:x?}, {msrs:x?}",
+                                self.id
+                            );
+                        }
+                    }
+                }
                 entry.is_some()
             }
             _ => false,

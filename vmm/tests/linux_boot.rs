@@ -1,0 +1,140 @@
+//! The project's Linux 6.12 guest (guest-images/) boots on this machine's
+//! KVM with one and with two vCPUs, runs a shell command through its init
+//! and powers off. These tests need /dev/kvm and the guest images, which
+//! they build (or reuse) with guest-images/build.sh.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+
+/// One guest at a time: a boot keeps both of the machine's cores busy.
+static ONE_GUEST: Mutex<()> = Mutex::new(());
+
+/// Seconds a boot may take before the VMM gives up (a 1-vCPU boot takes
+/// about a minute on a quiet machine).
+const TIMEOUT_SECS: u32 = 900;
+
+struct Images {
+    bzimage: PathBuf,
+    initramfs: PathBuf,
+}
+
+/// Builds or reuses the guest images; their paths come from build.sh's
+/// last lines.
+fn images() -> Images {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-images/build.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg("--quiet")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    assert!(
+        out.status.success(),
+        "{} failed ({}), so the Linux guest images are missing:\n{}",
+        script.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let path = |key: &str| -> PathBuf {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_else(|| panic!("build.sh printed no {key} line:\n{stdout}"))
+            .into()
+    };
+    Images {
+        bzimage: path("bzImage="),
+        initramfs: path("initramfs_base="),
+    }
+}
+
+/// What the user sees of one boot: the serial console and the VMM's exit.
+struct Boot {
+    console: String,
+    status: std::process::ExitStatus,
+    stderr: String,
+}
+
+fn boot(cpus: u8, shell_command: &str) -> Boot {
+    assert!(
+        Path::new("/dev/kvm").exists(),
+        "these tests need /dev/kvm, which this machine lacks"
+    );
+    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    let images = images();
+    // vmm.cmd encoding (guest-images/README.md): elements joined by ',',
+    // every byte outside the safe set as %XX.
+    let encode = |s: &str| -> String {
+        s.bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() || b"-._/:=+@^".contains(&b) {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect()
+    };
+    let cmdline = format!(
+        "console=ttyS0 -- vmm.cmd=sh,-c,{} vmm.out=console",
+        encode(shell_command)
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .arg("--kernel")
+        .arg(&images.bzimage)
+        .arg("--initramfs")
+        .arg(&images.initramfs)
+        .args(["--memory", "128M", "--cpus", &cpus.to_string()])
+        .args(["--timeout", &TIMEOUT_SECS.to_string()])
+        .arg("--cmdline")
+        .arg(&cmdline)
+        .output()
+        .expect("run the vmm");
+    Boot {
+        console: String::from_utf8_lossy(&out.stdout).replace('\r', ""),
+        status: out.status,
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn assert_command_ran(b: &Boot) {
+    let log = format!("console:\n{}\nvmm stderr:\n{}", b.console, b.stderr);
+    assert!(
+        b.console.contains("Linux version 6.12"),
+        "kernel banner missing\n{log}"
+    );
+    assert!(
+        b.console.lines().any(|l| l == "linux-boot-42"),
+        "the command's output line is missing\n{log}"
+    );
+    assert!(
+        b.console.contains("\nVMM-EXIT-STATUS=0\n"),
+        "init reported no exit status 0\n{log}"
+    );
+    assert_eq!(
+        b.status.code(),
+        Some(0),
+        "the VMM ends with 0 when the guest powers off\n{log}"
+    );
+}
+
+/// The shell computes the line, so it shows a process that made system
+/// calls (fork, exec, write) and did work of its own.
+const COMMAND: &str = "echo linux-boot-$((6 * 7))";
+
+#[test]
+fn boots_and_runs_a_command_with_one_vcpu() {
+    assert_command_ran(&boot(1, COMMAND));
+}
+
+#[test]
+fn boots_and_runs_a_command_with_two_vcpus() {
+    let b = boot(2, COMMAND);
+    assert!(
+        b.console.contains("smp: Brought up 1 node, 2 CPUs"),
+        "the second vCPU did not come up\n{}",
+        b.console
+    );
+    assert_command_ran(&b);
+}
