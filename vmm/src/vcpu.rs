@@ -259,6 +259,11 @@ impl Vcpu {
                 self.id
             ));
         };
+        if log::log_enabled!(log::Level::Trace) {
+            if let Ok(frame) = emulator::read_exception_frame(self, vector) {
+                log::trace!("vCPU {}: entry of vector {vector}: {frame:x?}", self.id);
+            }
+        }
         let handled = match vector {
             UD_VECTOR => {
                 match emulator::handle_exception_entry(self, UD_VECTOR)
