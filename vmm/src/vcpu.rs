@@ -352,7 +352,10 @@ impl Vcpu {
         let bytes = bytes.to_vec();
         match emulator::handle_emulation_failure(self, &bytes).map_err(|e| self.fatal(&e))? {
             Outcome::NotHandled(u) => Err(format!("vCPU {}: emulation failure: {u}", self.id)),
-            _ => Ok(()),
+            outcome => {
+                log::trace!("vCPU {}: emulation failure answered: {outcome:x?}", self.id);
+                Ok(())
+            }
         }
     }
 
