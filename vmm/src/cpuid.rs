@@ -40,7 +40,10 @@ pub fn template(kvm: &Kvm, cpu_id: u8, num_cpus: u8) -> Result<CpuId, kvm_ioctls
                 entry.ecx |= LEAF7_ECX_MOVDIRI | LEAF7_ECX_MOVDIR64B | LEAF7_ECX_ENQCMD;
                 // SMAP would make every `clac`/`stac` of a Linux guest an
                 // emulation-failure exit (about 30 us each); hiding it lets
-                // the kernel patch them out.
+                // the kernel patch them out. This backend ignores leaf 7
+                // here (measured: a Linux guest still saw SMAP), so the Linux
+                // machine also puts `clearcpuid=smap` on the command line
+                // (crate::machine::PLATFORM_PARAMS).
                 entry.ebx &= !LEAF7_EBX_SMAP;
             }
             (0xb, _) | (0x1f, _) => entry.edx = u32::from(cpu_id),
