@@ -3,15 +3,19 @@
 //! work from CPL3 (issue 7, item 4). No Linux involved.
 //! These tests need /dev/kvm and fail with a message saying so without it.
 
-use vm_memory::GuestMemoryMmap;
+use iced_x86::code_asm::*;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use viommu::paging::{walk, AccessType, PagingLevels};
 use viommu::tables::{ContextEntry, Pgtt, RootEntry};
 use viommu::FaultReason;
-use vmm::microguest::sva::vtd::{ContextControls, FirstStageBinding, ScalableTables};
-use vmm::microguest::sva::GuestFailure;
+use vmm::microguest::sva::dsa::{memmove, wait_for_completion, DsaDriver, WqSetup};
+use vmm::microguest::sva::ecam::PciFunction;
+use vmm::microguest::sva::vtd::{ContextControls, FirstStageBinding, ScalableTables, Vtd};
+use vmm::microguest::sva::{report, slot, store_bytes, GuestFailure, DSA_BAR0, DSA_BAR2};
 use vmm::microguest::{
-    self, exit_with, MicroGuest, MicroOptions, MicroRun, DATA_START, PML4_START,
+    self, enter_user, exit_with, MicroGuest, MicroOptions, MicroRun, DATA_START, PML4_START,
+    USER_STACK_TOP,
 };
 use vmm::vm::RunExit;
 
@@ -306,5 +310,272 @@ mod iommu_alone {
                 from_hardware: false,
             }]
         );
+    }
+}
+
+/// IA32_PASID.
+const IA32_PASID: u32 = pasid::MSR_IA32_PASID;
+/// IA32_PASID valid bit.
+const PASID_VALID: u32 = 1 << 31;
+const GP: u8 = 13;
+
+/// One MEMMOVE of the program: buffers and records in the data area.
+#[derive(Clone, Copy, Debug)]
+struct Copy {
+    src: u64,
+    dst: u64,
+    len: u32,
+    record: u64,
+    descriptor: u64,
+}
+
+/// The dedicated-WQ copy (MOVDIR64B).
+const COPY_DWQ: Copy = Copy {
+    src: DATA_START + 0x1_0000,
+    dst: DATA_START + 0x1_2000,
+    len: 0x1800,
+    record: DATA_START + 0x1_4000,
+    descriptor: DATA_START + 0x1_4040,
+};
+/// The shared-WQ copy (ENQCMD).
+const COPY_SWQ: Copy = Copy {
+    src: DATA_START + 0x2_0000,
+    dst: DATA_START + 0x2_2000,
+    len: 0x1000,
+    record: DATA_START + 0x2_4000,
+    descriptor: DATA_START + 0x2_4040,
+};
+/// Report slot of the number of #GPs the user program took.
+const SLOT_GP: usize = slot::USER;
+/// Report slot of the dedicated copy's completion status.
+const SLOT_DWQ_STATUS: usize = slot::USER + 1;
+/// Report slot of the shared copy's completion status.
+const SLOT_SWQ_STATUS: usize = slot::USER + 2;
+
+/// A recognisable pattern for guest `seed`'s buffers.
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 8) as u8)
+        .collect()
+}
+
+fn bytes(memory: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    memory.read_slice(&mut v, GuestAddress(addr)).unwrap();
+    v
+}
+
+/// What the SVA program does and where its devices are.
+#[derive(Clone, Copy, Debug)]
+struct SvaProgram {
+    /// The vDSA's requester ID.
+    dsa_rid: u16,
+    /// The guest PASID of the user process.
+    pasid: u32,
+    /// Domain ID of the process's PASID entry.
+    did: u16,
+    /// Build VT-d structures and turn translation on.
+    iommu: bool,
+    /// Seed of the source patterns (tells two guests' data apart).
+    seed: u8,
+}
+
+/// The main end-to-end program. At CPL0: (with the vIOMMU) the
+/// scalable-mode structures with a PASID entry on the guest's own page
+/// tables, the unit's enable sequence; ECAM: identity, BAR sizing and
+/// assignment, bus master, PASID/PRI/ATS; the vDSA with WQ 0 dedicated to
+/// the PASID and WQ 1 shared; both descriptors. At CPL3: MOVDIR64B to WQ 0,
+/// ENQCMD to WQ 1 with IA32_PASID clear (#GP, the handler loads the MSR,
+/// the ENQCMD is retried), then polling of both completion records.
+fn sva_program(p: SvaProgram) -> MicroGuest {
+    let mut g = MicroGuest::new();
+    for (i, c) in [COPY_DWQ, COPY_SWQ].iter().enumerate() {
+        g.write(
+            c.src,
+            &pattern(c.len as usize, p.seed.wrapping_add(i as u8)),
+        );
+    }
+    let a = &mut g.asm;
+    if p.iommu {
+        let mut tables = ScalableTables::default();
+        tables
+            .add_device(p.dsa_rid, ContextControls::default())
+            .unwrap();
+        tables
+            .bind(
+                p.dsa_rid,
+                FirstStageBinding {
+                    pasid: p.pasid,
+                    flptr: PML4_START,
+                    did: p.did,
+                },
+            )
+            .unwrap();
+        tables.emit(a).unwrap();
+        Vtd::default().enable(a, tables.root_table()).unwrap();
+    }
+    let function = PciFunction::from_rid(p.dsa_rid);
+    function
+        .check_identity(a, vdsa::pci::VENDOR_ID, vdsa::pci::DEVICE_ID)
+        .unwrap();
+    function
+        .size_and_assign_bar64(a, 0, DSA_BAR0, slot::BAR0_SIZE)
+        .unwrap();
+    function
+        .size_and_assign_bar64(a, 2, DSA_BAR2, slot::BAR2_SIZE)
+        .unwrap();
+    function.enable_memory_and_bus_master(a).unwrap();
+    function.enable_pasid_pri_ats(a).unwrap();
+    let dsa = DsaDriver::default();
+    dsa.bring_up(
+        a,
+        &[WqSetup::dedicated(0, 0, p.pasid), WqSetup::shared(1, 1)],
+    )
+    .unwrap();
+    for c in [COPY_DWQ, COPY_SWQ] {
+        let d = memmove(c.src, c.dst, c.len, c.record, false);
+        store_bytes(a, c.descriptor, &d.0).unwrap();
+    }
+
+    let mut user = a.create_label();
+    let mut gp = a.create_label();
+    a.xor(r15d, r15d).unwrap();
+    enter_user(a, user, USER_STACK_TOP).unwrap();
+
+    a.set_label(&mut user).unwrap();
+    dsa.movdir64b(a, 0, COPY_DWQ.descriptor).unwrap();
+    dsa.enqcmd(a, 1, COPY_SWQ.descriptor).unwrap();
+    for (c, s) in [(COPY_DWQ, SLOT_DWQ_STATUS), (COPY_SWQ, SLOT_SWQ_STATUS)] {
+        wait_for_completion(a, c.record).unwrap();
+        report(a, s, rax).unwrap();
+    }
+    report(a, SLOT_GP, r15).unwrap();
+    exit_with(a, DONE).unwrap();
+
+    // #GP: the kernel's ENQCMD fixup loads the process's PASID and retries.
+    a.set_label(&mut gp).unwrap();
+    a.inc(r15d).unwrap();
+    a.push(rax).unwrap();
+    a.push(rcx).unwrap();
+    a.push(rdx).unwrap();
+    a.mov(ecx, IA32_PASID).unwrap();
+    a.mov(eax, PASID_VALID | p.pasid).unwrap();
+    a.xor(edx, edx).unwrap();
+    a.wrmsr().unwrap();
+    a.pop(rdx).unwrap();
+    a.pop(rcx).unwrap();
+    a.pop(rax).unwrap();
+    a.add(rsp, 8).unwrap(); // the error code
+    a.iretq().unwrap();
+    g.handler(GP, gp);
+    g
+}
+
+/// What every run of [`sva_program`] must show: both copies done, both
+/// records Success with every byte, one #GP, the BAR sizes the vDSA has.
+fn assert_sva_program_results(run: &MicroRun, seed: u8) {
+    assert_done(run);
+    let m = &run.memory;
+    for (i, c) in [COPY_DWQ, COPY_SWQ].iter().enumerate() {
+        assert_eq!(
+            bytes(m, c.dst, c.len as usize),
+            pattern(c.len as usize, seed.wrapping_add(i as u8)),
+            "copy {i}"
+        );
+        let mut record = [0u8; 32];
+        m.read_slice(&mut record, GuestAddress(c.record)).unwrap();
+        assert_eq!(
+            record[0],
+            vdsa::completion::Status::Success as u8,
+            "copy {i} status"
+        );
+        assert_eq!(
+            u32::from_le_bytes(record[4..8].try_into().unwrap()),
+            0,
+            "bytes completed is only reported for partial completions"
+        );
+    }
+    assert_eq!(
+        vmm::microguest::sva::read_report(m, SLOT_GP),
+        1,
+        "one #GP, then the ENQCMD went through"
+    );
+    assert_eq!(
+        vmm::microguest::sva::read_report(m, slot::BAR0_SIZE),
+        vdsa::regs::layout::BAR0_SIZE
+    );
+    assert_eq!(
+        vmm::microguest::sva::read_report(m, slot::BAR2_SIZE),
+        8 * vdsa::regs::layout::PORTALS_PER_WQ,
+        "8 WQs"
+    );
+}
+
+mod dsa_alone {
+    //! The guest's PCI and DSA driver against a vDSA without an IOMMU
+    //! (untranslated DMA), on a machine this test assembles itself.
+
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use vdsa::dma::IdentityDma;
+    use vdsa::{Dsa, DsaConfig};
+    use vmm::layout;
+    use vmm::microguest::MICRO_MEMORY;
+    use vmm::pci_root::PciRoot;
+    use vmm::vcpu::UdHook;
+    use vmm::vm::{Vm, VmConfig};
+
+    use super::*;
+
+    #[test]
+    fn user_movdir64b_and_enqcmd_copy_without_iommu() {
+        assert!(std::path::Path::new("/dev/kvm").exists(), "needs /dev/kvm");
+        let mut vm = Vm::new(VmConfig {
+            cpus: 1,
+            memory: MICRO_MEMORY,
+            serial: vmm::devices::serial::SerialOutput::Sink,
+            ud_hook: Some(UdHook::Breakpoint),
+        })
+        .unwrap();
+        let root = PciRoot::new();
+        let dsa = Dsa::new(
+            DsaConfig::default(),
+            Arc::new(IdentityDma::new(Arc::new(vm.memory().clone()))),
+            Arc::new(pci::MsiRecorder::new()),
+        )
+        .unwrap();
+        let bdf = root.add_device(Arc::new(Mutex::new(dsa))).unwrap();
+        vm.mmio()
+            .insert(
+                layout::PCIE_ECAM_START,
+                layout::PCIE_ECAM_SIZE,
+                Arc::new(Mutex::new(root.ecam())),
+            )
+            .unwrap();
+        vm.mmio()
+            .insert(
+                layout::PCI_MMIO32_START,
+                layout::PCI_MMIO32_SIZE,
+                Arc::new(Mutex::new(root.mmio_windows())),
+            )
+            .unwrap();
+        let g = sva_program(SvaProgram {
+            dsa_rid: u16::from(bdf.devfn()),
+            pasid: 0x42,
+            did: 1,
+            iommu: false,
+            seed: 3,
+        });
+        let loaded = g.load(vm.memory()).unwrap();
+        vm.set_boot_state(loaded.regs, loaded.sregs);
+        let memory = vm.memory().clone();
+        let exit = vm.run(Some(Duration::from_secs(30)));
+        let run = MicroRun {
+            exit,
+            portal: Default::default(),
+            memory,
+        };
+        assert_sva_program_results(&run, 3);
     }
 }
