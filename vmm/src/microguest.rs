@@ -27,7 +27,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::layout;
 
-pub mod sva;
+pub mod driver;
 
 /// GDT base.
 pub const GDT_START: u64 = 0x1000;

@@ -4,15 +4,18 @@
 //! These tests need /dev/kvm and fail with a message saying so without it.
 
 use iced_x86::code_asm::*;
+use vdsa::completion::{CompletionRecord, Status};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use viommu::paging::{walk, AccessType, PagingLevels};
 use viommu::tables::{ContextEntry, Pgtt, RootEntry};
 use viommu::FaultReason;
-use vmm::microguest::sva::dsa::{memmove, wait_for_completion, DsaDriver, WqSetup};
-use vmm::microguest::sva::ecam::PciFunction;
-use vmm::microguest::sva::vtd::{ContextControls, FirstStageBinding, ScalableTables, Vtd};
-use vmm::microguest::sva::{report, slot, store_bytes, GuestFailure, DSA_BAR0, DSA_BAR2};
+use vmm::microguest::driver::dsa::{memmove, wait_for_completion, DsaDriver, WqSetup};
+use vmm::microguest::driver::ecam::PciFunction;
+use vmm::microguest::driver::vtd::{ContextControls, FirstStageBinding, ScalableTables, Vtd};
+use vmm::microguest::driver::{
+    read_report, report, slot, store_bytes, GuestFailure, DSA_BAR0, DSA_BAR2,
+};
 use vmm::microguest::{
     self, enter_user, exit_with, MicroGuest, MicroOptions, MicroRun, DATA_START, PML4_START,
     USER_STACK_TOP,
@@ -157,8 +160,8 @@ mod iommu_alone {
     };
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
     use vmm::layout;
-    use vmm::microguest::sva::vtd::{ContextControls, FirstStageBinding, ScalableTables, Vtd};
-    use vmm::microguest::sva::{read_report, slot};
+    use vmm::microguest::driver::vtd::{ContextControls, FirstStageBinding, ScalableTables, Vtd};
+    use vmm::microguest::driver::{read_report, slot};
     use vmm::microguest::{
         exit_with, MicroGuest, DATA_PT_START, DATA_START, MICRO_MEMORY, PML4_START, PTE_P, PTE_U,
         PTE_W,
@@ -318,6 +321,7 @@ const IA32_PASID: u32 = pasid::MSR_IA32_PASID;
 /// IA32_PASID valid bit.
 const PASID_VALID: u32 = 1 << 31;
 const GP: u8 = 13;
+const UD: u8 = 6;
 
 /// One MEMMOVE of the program: buffers and records in the data area.
 #[derive(Clone, Copy, Debug)]
@@ -380,22 +384,11 @@ struct SvaProgram {
     seed: u8,
 }
 
-/// The main end-to-end program. At CPL0: (with the vIOMMU) the
-/// scalable-mode structures with a PASID entry on the guest's own page
-/// tables, the unit's enable sequence; ECAM: identity, BAR sizing and
-/// assignment, bus master, PASID/PRI/ATS; the vDSA with WQ 0 dedicated to
-/// the PASID and WQ 1 shared; both descriptors. At CPL3: MOVDIR64B to WQ 0,
-/// ENQCMD to WQ 1 with IA32_PASID clear (#GP, the handler loads the MSR,
-/// the ENQCMD is retried), then polling of both completion records.
-fn sva_program(p: SvaProgram) -> MicroGuest {
-    let mut g = MicroGuest::new();
-    for (i, c) in [COPY_DWQ, COPY_SWQ].iter().enumerate() {
-        g.write(
-            c.src,
-            &pattern(c.len as usize, p.seed.wrapping_add(i as u8)),
-        );
-    }
-    let a = &mut g.asm;
+/// The kernel's bring-up, at CPL0: (with the vIOMMU) the scalable-mode
+/// structures with a PASID entry on the guest's own page tables and the
+/// unit's enable sequence; ECAM: identity, BAR sizing and assignment, bus
+/// master, PASID/PRI/ATS; the vDSA with `wqs`.
+fn bring_up(a: &mut CodeAssembler, p: &SvaProgram, wqs: &[WqSetup]) {
     if p.iommu {
         let mut tables = ScalableTables::default();
         tables
@@ -426,19 +419,59 @@ fn sva_program(p: SvaProgram) -> MicroGuest {
         .unwrap();
     function.enable_memory_and_bus_master(a).unwrap();
     function.enable_pasid_pri_ats(a).unwrap();
-    let dsa = DsaDriver::default();
-    dsa.bring_up(
-        a,
-        &[WqSetup::dedicated(0, 0, p.pasid), WqSetup::shared(1, 1)],
-    )
-    .unwrap();
-    for c in [COPY_DWQ, COPY_SWQ] {
-        let d = memmove(c.src, c.dst, c.len, c.record, false);
-        store_bytes(a, c.descriptor, &d.0).unwrap();
-    }
+    DsaDriver::default().bring_up(a, wqs).unwrap();
+}
 
-    let mut user = a.create_label();
+/// Installs the kernel's ENQCMD #GP fixup: count the #GP in r15, load the
+/// process's PASID into IA32_PASID, return to retry.
+fn install_gp_fixup(g: &mut MicroGuest, pasid: u32) {
+    let a = &mut g.asm;
     let mut gp = a.create_label();
+    a.set_label(&mut gp).unwrap();
+    a.inc(r15d).unwrap();
+    a.push(rax).unwrap();
+    a.push(rcx).unwrap();
+    a.push(rdx).unwrap();
+    a.mov(ecx, IA32_PASID).unwrap();
+    a.mov(eax, PASID_VALID | pasid).unwrap();
+    a.xor(edx, edx).unwrap();
+    a.wrmsr().unwrap();
+    a.pop(rdx).unwrap();
+    a.pop(rcx).unwrap();
+    a.pop(rax).unwrap();
+    a.add(rsp, 8).unwrap(); // the error code
+    a.iretq().unwrap();
+    g.handler(GP, gp);
+}
+
+/// Emits the guest's store of `c`'s MEMMOVE descriptor.
+fn store_descriptor(a: &mut CodeAssembler, c: &Copy, block_on_fault: bool) {
+    let d = memmove(c.src, c.dst, c.len, c.record, block_on_fault);
+    store_bytes(a, c.descriptor, &d.0).unwrap();
+}
+
+/// The main end-to-end program: [`bring_up`] with WQ 0 dedicated to the
+/// PASID and WQ 1 shared, then at CPL3: MOVDIR64B to WQ 0, ENQCMD to WQ 1
+/// with IA32_PASID clear (#GP, the fixup loads the MSR, the ENQCMD is
+/// retried), then polling of both completion records.
+fn sva_program(p: SvaProgram) -> MicroGuest {
+    let mut g = MicroGuest::new();
+    for (i, c) in [COPY_DWQ, COPY_SWQ].iter().enumerate() {
+        g.write(
+            c.src,
+            &pattern(c.len as usize, p.seed.wrapping_add(i as u8)),
+        );
+    }
+    let dsa = DsaDriver::default();
+    let a = &mut g.asm;
+    bring_up(
+        a,
+        &p,
+        &[WqSetup::dedicated(0, 0, p.pasid), WqSetup::shared(1, 1)],
+    );
+    store_descriptor(a, &COPY_DWQ, false);
+    store_descriptor(a, &COPY_SWQ, false);
+    let mut user = a.create_label();
     a.xor(r15d, r15d).unwrap();
     enter_user(a, user, USER_STACK_TOP).unwrap();
 
@@ -451,24 +484,72 @@ fn sva_program(p: SvaProgram) -> MicroGuest {
     }
     report(a, SLOT_GP, r15).unwrap();
     exit_with(a, DONE).unwrap();
-
-    // #GP: the kernel's ENQCMD fixup loads the process's PASID and retries.
-    a.set_label(&mut gp).unwrap();
-    a.inc(r15d).unwrap();
-    a.push(rax).unwrap();
-    a.push(rcx).unwrap();
-    a.push(rdx).unwrap();
-    a.mov(ecx, IA32_PASID).unwrap();
-    a.mov(eax, PASID_VALID | p.pasid).unwrap();
-    a.xor(edx, edx).unwrap();
-    a.wrmsr().unwrap();
-    a.pop(rdx).unwrap();
-    a.pop(rcx).unwrap();
-    a.pop(rax).unwrap();
-    a.add(rsp, 8).unwrap(); // the error code
-    a.iretq().unwrap();
-    g.handler(GP, gp);
+    install_gp_fixup(&mut g, p.pasid);
     g
+}
+
+/// The page-fault copy: two pages, the second destination page not
+/// present in the process's page tables.
+const COPY_PF: Copy = Copy {
+    src: DATA_START + 0x3_0000,
+    dst: DATA_START + 0x3_4000,
+    len: 0x2000,
+    record: DATA_START + 0x3_8000,
+    descriptor: DATA_START + 0x3_8040,
+};
+/// The destination page that is not present.
+const MISSING_PAGE: u64 = COPY_PF.dst + 0x1000;
+/// Report slot of the page-fault copy's completion status.
+const SLOT_PF_STATUS: usize = slot::USER + 3;
+
+/// The page-fault program: [`bring_up`] with WQ 0 dedicated to the PASID
+/// (block-on-fault as `block_on_fault` says), then at CPL3 MOVDIR64B of
+/// [`COPY_PF`] with the descriptor's BOF flag likewise. With
+/// block-on-fault the user program gives the CPU back to the kernel (ud2),
+/// which services the page request from the page request queue (maps the
+/// page, answers Success) and polls the record; without it the user
+/// program polls the record itself.
+fn page_fault_program(p: SvaProgram, block_on_fault: bool) -> MicroGuest {
+    let mut g = MicroGuest::new();
+    g.write(COPY_PF.src, &pattern(COPY_PF.len as usize, p.seed));
+    g.map_page(MISSING_PAGE, 0).unwrap();
+    let dsa = DsaDriver::default();
+    let a = &mut g.asm;
+    let wq = WqSetup::dedicated(0, 0, p.pasid).with_block_on_fault(block_on_fault);
+    bring_up(a, &p, &[wq]);
+    store_descriptor(a, &COPY_PF, block_on_fault);
+    let mut user = a.create_label();
+    enter_user(a, user, USER_STACK_TOP).unwrap();
+
+    a.set_label(&mut user).unwrap();
+    dsa.movdir64b(a, 0, COPY_PF.descriptor).unwrap();
+    if block_on_fault {
+        // Back to the kernel, which services the fault.
+        let mut kernel = a.create_label();
+        a.ud2().unwrap();
+        a.set_label(&mut kernel).unwrap();
+        a.endbr64().unwrap();
+        Vtd::default().service_page_request(a).unwrap();
+        g.handler(UD, kernel);
+    }
+    let a = &mut g.asm;
+    wait_for_completion(a, COPY_PF.record).unwrap();
+    report(a, SLOT_PF_STATUS, rax).unwrap();
+    exit_with(a, DONE).unwrap();
+    g
+}
+
+/// The 32 bytes of the completion record at `addr`.
+fn record(memory: &GuestMemoryMmap, addr: u64) -> [u8; 32] {
+    let mut b = [0u8; 32];
+    memory.read_slice(&mut b, GuestAddress(addr)).unwrap();
+    b
+}
+
+/// The record of a descriptor that completed (status Success, no bytes
+/// completed or fault address: those are for partial completions).
+fn success() -> [u8; 32] {
+    CompletionRecord::new(Status::Success).to_bytes()
 }
 
 /// What every run of [`sva_program`] must show: both copies done, both
@@ -482,30 +563,19 @@ fn assert_sva_program_results(run: &MicroRun, seed: u8) {
             pattern(c.len as usize, seed.wrapping_add(i as u8)),
             "copy {i}"
         );
-        let mut record = [0u8; 32];
-        m.read_slice(&mut record, GuestAddress(c.record)).unwrap();
-        assert_eq!(
-            record[0],
-            vdsa::completion::Status::Success as u8,
-            "copy {i} status"
-        );
-        assert_eq!(
-            u32::from_le_bytes(record[4..8].try_into().unwrap()),
-            0,
-            "bytes completed is only reported for partial completions"
-        );
+        assert_eq!(record(m, c.record), success(), "copy {i}'s record");
     }
     assert_eq!(
-        vmm::microguest::sva::read_report(m, SLOT_GP),
+        read_report(m, SLOT_GP),
         1,
         "one #GP, then the ENQCMD went through"
     );
     assert_eq!(
-        vmm::microguest::sva::read_report(m, slot::BAR0_SIZE),
+        read_report(m, slot::BAR0_SIZE),
         vdsa::regs::layout::BAR0_SIZE
     );
     assert_eq!(
-        vmm::microguest::sva::read_report(m, slot::BAR2_SIZE),
+        read_report(m, slot::BAR2_SIZE),
         8 * vdsa::regs::layout::PORTALS_PER_WQ,
         "8 WQs"
     );

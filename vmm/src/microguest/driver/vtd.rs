@@ -576,3 +576,130 @@ fn poll_differs_from_r11(asm: &mut CodeAssembler) -> Result<(), IcedError> {
     fail_with_eax(asm, Step::PageRequestTimeout)?;
     asm.set_label(&mut done)
 }
+
+#[cfg(test)]
+mod tests {
+    use viommu::invalidation::{ContextScope, Descriptor, IotlbScope};
+    use viommu::tables::Pgtt;
+    use viommu::{PageGroupResponse, PageRequest, PasidCacheScope, PasidTag, ResponseCode};
+
+    use super::*;
+
+    #[test]
+    fn descriptors_decode_as_the_unit_reads_them() {
+        let decode = |qw| Descriptor::decode(qw, true).unwrap();
+        assert_eq!(
+            decode(qi::context_global()),
+            Descriptor::ContextCache(ContextScope::Global)
+        );
+        assert_eq!(
+            decode(qi::pasid_cache_global()),
+            Descriptor::PasidCache(PasidCacheScope::Global)
+        );
+        assert_eq!(
+            decode(qi::pasid_cache_pasid(7, 0x1234)),
+            Descriptor::PasidCache(PasidCacheScope::Pasid {
+                did: 7,
+                pasid: 0x1234
+            })
+        );
+        assert_eq!(
+            decode(qi::iotlb_global()),
+            Descriptor::Iotlb(IotlbScope::Global)
+        );
+        assert_eq!(
+            decode(qi::piotlb_pasid(7, 0x1234)),
+            Descriptor::PasidIotlb {
+                did: 7,
+                pasid: 0x1234,
+                range: None
+            }
+        );
+        assert_eq!(
+            decode(qi::wait(0x41_1000, QI_DONE)),
+            Descriptor::Wait {
+                interrupt: false,
+                status_write: true,
+                fence: true,
+                drain: false,
+                status_data: QI_DONE,
+                status_addr: 0x41_1000
+            }
+        );
+    }
+
+    #[test]
+    fn the_page_group_response_echoes_the_request() {
+        // What service_page_request computes from a queued request.
+        let request = PageRequest {
+            requester_id: 0x0108,
+            pasid: Some(PasidTag {
+                pasid: 0xa_bcde,
+                privileged: false,
+            }),
+            address: 0x7654_3000,
+            read: true,
+            write: true,
+            execute: false,
+            last_in_group: true,
+            prg_index: 0x1ff,
+            private_data: None,
+        };
+        let [qw0, qw1, _, _] = request.encode();
+        let response = [
+            (qw0 & qi::RESPONSE_QW0_FROM_REQUEST) | qi::RESPONSE_QW0_SUCCESS,
+            qw1 & qi::RESPONSE_QW1_FROM_REQUEST,
+            0,
+            0,
+        ];
+        assert_eq!(
+            Descriptor::decode(response, true),
+            Ok(Descriptor::PageGroupResponse(PageGroupResponse {
+                requester_id: 0x0108,
+                pasid: Some(0xa_bcde),
+                prg_index: 0x1ff,
+                code: ResponseCode::Success,
+                private_data: None,
+                from_hardware: false,
+            }))
+        );
+    }
+
+    #[test]
+    fn first_stage_entry_decodes_as_a_user_binding() {
+        let e = PasidEntry::decode(&first_stage_entry(FirstStageBinding {
+            pasid: 3,
+            flptr: 0x8000,
+            did: 9,
+        }))
+        .unwrap();
+        assert_eq!((e.pgtt, e.flptr, e.did), (Pgtt::FirstStage, 0x8000, 9));
+        assert!(!e.sre && e.nxe && !e.fpd);
+    }
+
+    #[test]
+    fn planning_errors() {
+        let binding = |pasid| FirstStageBinding {
+            pasid,
+            flptr: 0x8000,
+            did: 1,
+        };
+        let mut t = ScalableTables::default();
+        assert_eq!(t.bind(0x18, binding(1)), Err(TablesError::NoContext(0x18)));
+        t.add_device(0x18, ContextControls::default()).unwrap();
+        assert_eq!(
+            t.bind(0x18, binding(MAX_PASIDS)),
+            Err(TablesError::PasidTooLarge(MAX_PASIDS))
+        );
+        // Root, context table, directory: 13 PASID tables fit, the 14th not.
+        for i in 0..13 {
+            t.bind(0x18, binding(i * PASIDS_PER_TABLE)).unwrap();
+        }
+        assert_eq!(
+            t.bind(0x18, binding(13 * PASIDS_PER_TABLE)),
+            Err(TablesError::OutOfPages(VTD_TABLES_PAGES))
+        );
+        // Another PASID in an existing table needs no page.
+        assert!(t.bind(0x18, binding(5)).is_ok());
+    }
+}

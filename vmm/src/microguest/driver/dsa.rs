@@ -293,3 +293,44 @@ pub fn memmove(src: u64, dst: u64, len: u32, record: u64, block_on_fault: bool) 
         .set_xfer_size(len);
     d
 }
+
+#[cfg(test)]
+mod tests {
+    use vdsa::wqcfg::WqCfg;
+
+    use super::*;
+
+    fn programmed(setup: WqSetup) -> WqCfg {
+        let mut cfg = WqCfg::reset_value(&[0; 4]);
+        cfg.write(dword::MODE, setup.mode_dword(), u32::MAX, true, true);
+        cfg.write(dword::LIMITS, LIMITS, u32::MAX, true, true);
+        cfg
+    }
+
+    #[test]
+    fn wqcfg_images_read_back_as_intended() {
+        let d = programmed(WqSetup::dedicated(0, 0, 0x4_2042).with_block_on_fault(true));
+        assert!(d.dedicated() && d.pasid_en() && d.bof() && !d.privileged());
+        assert_eq!((d.pasid(), d.priority()), (0x4_2042, 1));
+        assert_eq!((d.max_xfer_shift(), d.max_batch_shift()), (31, 10));
+        let s = programmed(WqSetup::shared(1, 1));
+        assert!(!s.dedicated() && s.pasid_en() && !s.bof());
+        assert_eq!(s.pasid(), 0);
+        let no_pasid = WqSetup {
+            mode: WqMode::Dedicated { pasid: None },
+            ..WqSetup::dedicated(0, 0, 5)
+        };
+        assert!(!programmed(no_pasid).pasid_en());
+    }
+
+    #[test]
+    fn memmove_descriptor_fields() {
+        let d = memmove(0x1000, 0x2000, 0x300, 0x4000, true);
+        assert_eq!(d.opcode(), Opcode::Memmove as u8);
+        assert_eq!((d.src(), d.dst(), d.xfer_size()), (0x1000, 0x2000, 0x300));
+        assert_eq!(d.completion_addr(), 0x4000);
+        assert!(d.has(flags::CRAV | flags::RCR | flags::BOF));
+        assert_eq!((d.pasid(), d.privileged()), (0, false));
+        assert!(!memmove(0, 0, 1, 0, false).has(flags::BOF));
+    }
+}
