@@ -205,6 +205,22 @@ fn read_tsc(asm: &mut CodeAssembler) -> Result<(), IcedError> {
     asm.or(rax, rdx)
 }
 
+/// Emits `r8 = TSC + POLL_TSC_BUDGET`, the deadline of a poll.
+pub(super) fn start_deadline(asm: &mut CodeAssembler) -> Result<(), IcedError> {
+    read_tsc(asm)?;
+    asm.mov(r8, POLL_TSC_BUDGET)?;
+    asm.add(r8, rax)
+}
+
+/// Emits `pause`, then a jump to `again` while the TSC is before the
+/// deadline in `r8`.
+pub(super) fn before_deadline(asm: &mut CodeAssembler, again: CodeLabel) -> Result<(), IcedError> {
+    asm.pause()?;
+    read_tsc(asm)?;
+    asm.cmp(rax, r8)?;
+    asm.jb(again)
+}
+
 /// Emits a poll of the value at `[rdi]` until `(value & mask)` satisfies
 /// `until`; leaves the value in `eax`. After [`POLL_TSC_BUDGET`] cycles the
 /// run fails with `step` and the last value.
@@ -217,9 +233,7 @@ pub fn poll_rdi(
 ) -> Result<(), IcedError> {
     let mut again = asm.create_label();
     let mut done = asm.create_label();
-    read_tsc(asm)?;
-    asm.mov(r8, POLL_TSC_BUDGET)?;
-    asm.add(r8, rax)?;
+    start_deadline(asm)?;
     asm.set_label(&mut again)?;
     match width {
         Width::Byte => asm.movzx(eax, byte_ptr(rdi))?,
@@ -234,10 +248,7 @@ pub fn poll_rdi(
         Until::Differs(_) => asm.jne(done)?,
     }
     asm.mov(r10d, eax)?;
-    asm.pause()?;
-    read_tsc(asm)?;
-    asm.cmp(rax, r8)?;
-    asm.jb(again)?;
+    before_deadline(asm, again)?;
     asm.mov(eax, r10d)?;
     fail_with_eax(asm, step)?;
     asm.set_label(&mut done)

@@ -557,21 +557,12 @@ impl Vtd {
 fn poll_differs_from_r11(asm: &mut CodeAssembler) -> Result<(), IcedError> {
     let mut again = asm.create_label();
     let mut done = asm.create_label();
-    asm.rdtsc()?;
-    asm.shl(rdx, 32)?;
-    asm.or(rax, rdx)?;
-    asm.mov(r8, super::POLL_TSC_BUDGET)?;
-    asm.add(r8, rax)?;
+    super::start_deadline(asm)?;
     asm.set_label(&mut again)?;
     asm.mov(rax, qword_ptr(rdi))?;
     asm.cmp(rax, r11)?;
     asm.jne(done)?;
-    asm.pause()?;
-    asm.rdtsc()?;
-    asm.shl(rdx, 32)?;
-    asm.or(rax, rdx)?;
-    asm.cmp(rax, r8)?;
-    asm.jb(again)?;
+    super::before_deadline(asm, again)?;
     asm.mov(eax, r11d)?;
     fail_with_eax(asm, Step::PageRequestTimeout)?;
     asm.set_label(&mut done)
