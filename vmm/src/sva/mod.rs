@@ -27,6 +27,7 @@
 mod dma;
 mod function;
 mod guest_pasids;
+pub mod micro;
 #[cfg(test)]
 mod tests;
 
