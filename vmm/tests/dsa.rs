@@ -84,3 +84,76 @@ fn kernel_movdir64b_memmove_through_a_dedicated_wq() {
         .unwrap();
     assert_eq!(record[0], Status::Success as u8);
 }
+
+/// Two address spaces (page-table roots) alternate on one vCPU: each
+/// loaded IA32_PASID once, under its own CR3; every ENQCMD carries the
+/// PASID of the address space it runs in, not the MSR's last value (the
+/// PTI user PGD, 4 KiB above the kernel one, is the same address space);
+/// an address space that never loaded one takes #GP.
+#[test]
+fn ia32_pasid_follows_cr3_across_context_switches() {
+    use vmm::demos::command;
+    use vmm::microguest::{PML4_START, TEST_PORTAL_START};
+    const CMD: u64 = DATA_START + 0x1000;
+    // 8 KiB aligned, as Linux's PGDs are; A's PTI user half follows it.
+    const PML4_A: u64 = DATA_START + 0x4000;
+    const PML4_A_USER: u64 = PML4_A + 0x1000;
+    const PML4_B: u64 = DATA_START + 0x6000;
+    const GP: u8 = 13;
+    const GP_RESULT: u32 = 0x6d0d;
+    let (pasid_a, pasid_b) = (0x11u32, 0x22u32);
+    let mut g = MicroGuest::new();
+    g.write(CMD, &command(u32::MAX));
+    let a = &mut g.asm;
+    // Two copies of the harness's PML4: same mappings, distinct roots.
+    for pml4 in [PML4_A, PML4_A_USER, PML4_B] {
+        a.mov(rsi, PML4_START).unwrap();
+        a.mov(rdi, pml4).unwrap();
+        a.mov(ecx, 512).unwrap();
+        a.rep().movsq().unwrap();
+    }
+    let switch_and_load = |a: &mut CodeAssembler, pml4: u64, pasid: u32| {
+        a.mov(rax, pml4).unwrap();
+        a.mov(cr3, rax).unwrap();
+        a.mov(ecx, pasid::MSR_IA32_PASID).unwrap();
+        a.mov(eax, 0x8000_0000 | pasid).unwrap();
+        a.xor(edx, edx).unwrap();
+        a.wrmsr().unwrap();
+    };
+    let switch_and_enqcmd = |a: &mut CodeAssembler, pml4: u64| {
+        a.mov(rax, pml4).unwrap();
+        a.mov(cr3, rax).unwrap();
+        a.mov(rdi, TEST_PORTAL_START).unwrap();
+        a.mov(rsi, CMD).unwrap();
+        a.enqcmd(rdi, zmmword_ptr(rsi)).unwrap();
+    };
+    switch_and_load(a, PML4_A, pasid_a);
+    switch_and_load(a, PML4_B, pasid_b);
+    switch_and_enqcmd(a, PML4_A);
+    switch_and_enqcmd(a, PML4_B);
+    switch_and_enqcmd(a, PML4_A_USER);
+    switch_and_enqcmd(a, PML4_B);
+    // The harness's own address space never loaded a PASID.
+    switch_and_enqcmd(a, PML4_START);
+    vmm::microguest::exit_with(a, 0x600d).unwrap();
+    let mut gp = g.asm.create_label();
+    g.asm.set_label(&mut gp).unwrap();
+    vmm::microguest::exit_with(&mut g.asm, GP_RESULT).unwrap();
+    g.handler(GP, gp);
+
+    let r = run(g, AccelConfig::default());
+    assert_eq!(
+        r.exit,
+        RunExit::TestExit(GP_RESULT),
+        "the last ENQCMD takes #GP"
+    );
+    let pasids: Vec<u32> = r
+        .portal
+        .stores
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| u32::from_le_bytes(s.data[..4].try_into().unwrap()))
+        .collect();
+    assert_eq!(pasids, vec![pasid_a, pasid_b, pasid_a, pasid_b]);
+}
