@@ -186,10 +186,7 @@ impl GuestPasids {
     pub fn remove(&self, gpasid: u32) -> Option<u32> {
         let hpasid = self.table.remove(gpasid).ok()?;
         log::debug!("guest PASID {gpasid:#x} torn down; host PASID {hpasid:#x} freed");
-        self.address_spaces
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .retain(|_, g| *g != gpasid);
+        self.forget_address_spaces(|_, g| g == gpasid);
         for f in read(&self.freed).iter() {
             f(hpasid);
         }
@@ -213,10 +210,15 @@ impl GuestPasids {
     }
 
     /// The IA32_PASID value an ENQCMD executed with CR3 `cr3` uses: the
-    /// PASID recorded for that address space, valid only while the guest's
-    /// PASID-table entry for it (when there is a vIOMMU) still names this
-    /// address space's page tables as its first stage. 0 (not valid: the
-    /// ENQCMD takes #GP) otherwise.
+    /// PASID recorded for that address space, or 0 (not valid: the ENQCMD
+    /// takes #GP) when it has none.
+    ///
+    /// With a vIOMMU the recorded PASID is checked first: if the guest's
+    /// PASID-table entry for it now translates through another address
+    /// space's page tables, the record is stale (the page-table root was
+    /// reused) and is dropped. A PASID with no entry at all keeps its
+    /// record: the ENQCMD goes out with it and the portal refuses it, as
+    /// hardware would send it and fail it.
     pub fn enqcmd_pasid(&self, cr3: u64) -> u64 {
         let key = address_space_key(cr3);
         let recorded = self
@@ -228,39 +230,56 @@ impl GuestPasids {
         let Some(gpasid) = recorded else {
             return 0;
         };
-        if let Some(authority) = self.authority() {
-            let current = authority
-                .pasid_setup(None, gpasid)
-                .is_some_and(|s| s.first_stage_root.is_none_or(|root| root == key));
-            if !current {
-                log::debug!(
-                    "address space {key:#x}: guest PASID {gpasid:#x} no longer names it; dropped"
-                );
-                self.address_spaces
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .remove(&key);
-                return 0;
-            }
+        let root = self
+            .authority()
+            .and_then(|a| a.pasid_setup(None, gpasid))
+            .and_then(|s| s.first_stage_root);
+        if root.is_some_and(|root| root != key) {
+            log::debug!(
+                "address space {key:#x}: guest PASID {gpasid:#x} now translates through \
+                 {:#x}; dropped",
+                root.unwrap_or(0)
+            );
+            self.forget_address_spaces(|space, _| space == key);
+            return 0;
         }
         Ia32Pasid::VALID | u64::from(gpasid)
     }
 
-    /// Re-checks the mapped guest PASIDs that `scope` covers against the
-    /// authority and removes those the guest no longer has.
+    fn forget_address_spaces(&self, pred: impl Fn(u64, u32) -> bool) {
+        self.address_spaces
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|&space, &mut gpasid| !pred(space, gpasid));
+    }
+
+    /// Re-checks the guest PASIDs that `scope` covers (mapped, or recorded
+    /// for an address space) against the authority; those the guest no
+    /// longer has lose their mapping, their host PASID and their address
+    /// spaces.
     fn revalidate(&self, scope: PasidCacheScope) {
         let Some(authority) = self.authority() else {
             return;
         };
-        let candidates: Vec<u32> = match scope {
+        let mut candidates: Vec<u32> = match scope {
             PasidCacheScope::Pasid { pasid, .. } => vec![pasid],
             PasidCacheScope::Domain { .. } | PasidCacheScope::Global => {
-                self.table.entries().into_iter().map(|(g, _)| g).collect()
+                let mut all: Vec<u32> = self.table.entries().into_iter().map(|(g, _)| g).collect();
+                all.extend(
+                    self.address_spaces
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .values(),
+                );
+                all
             }
         };
+        candidates.sort_unstable();
+        candidates.dedup();
         for gpasid in candidates {
             if authority.pasid_setup(None, gpasid).is_none() {
                 self.remove(gpasid);
+                self.forget_address_spaces(|_, g| g == gpasid);
             }
         }
     }

@@ -158,6 +158,10 @@ fn ia32_pasid_follows_the_address_space() {
     assert_eq!(pasids.enqcmd_pasid(cr3_b), 0);
     iommu.set(6, Some(cr3_b));
     assert_eq!(pasids.enqcmd_pasid(cr3_b), 0);
+    // A PASID without any entry keeps its record: the ENQCMD goes out
+    // with it and the portal refuses it.
+    iommu.tear_down(5);
+    assert_eq!(pasids.enqcmd_pasid(cr3_a), VALID | 5);
     // Clearing the MSR's valid bit forgets the address space's PASID.
     pasids.record_msr_write(cr3_a, 0);
     assert_eq!(pasids.enqcmd_pasid(cr3_a), 0);
@@ -168,14 +172,21 @@ fn teardown_forgets_the_address_spaces_of_the_pasid() {
     let space = Arc::new(PasidSpace::new());
     let (pasids, iommu) = guest(&space, "g");
     iommu.set(5, Some(0x10_0000));
+    iommu.set(6, Some(0x20_0000));
     pasids.record_msr_write(0x10_0000, VALID | 5);
+    // PASID 6 is recorded but no ENQCMD mapped it yet.
+    pasids.record_msr_write(0x20_0000, VALID | 6);
     pasids.host_pasid(None, 5).unwrap();
     iommu.tear_down(5);
+    iommu.tear_down(6);
     pasids.pasid_cache_invalidated(PasidCacheScope::Domain { did: 1 });
-    // Even with the PASID set up again for those page tables, the old
-    // MSR value is not revived: the task must load it again (#GP fixup).
+    // Even with the PASIDs set up again for those page tables, the old
+    // MSR values are not revived: the tasks must load them again (#GP
+    // fixup).
     iommu.set(5, Some(0x10_0000));
+    iommu.set(6, Some(0x20_0000));
     assert_eq!(pasids.enqcmd_pasid(0x10_0000), 0);
+    assert_eq!(pasids.enqcmd_pasid(0x20_0000), 0);
 }
 
 #[test]
