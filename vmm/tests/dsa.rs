@@ -157,3 +157,79 @@ fn ia32_pasid_follows_cr3_across_context_switches() {
         .collect();
     assert_eq!(pasids, vec![pasid_a, pasid_b, pasid_a, pasid_b]);
 }
+
+/// A CPL0 guest with a shared WQ 0 (PASID enabled) that loads IA32_PASID
+/// with `pasid` and ENQCMDs a MEMMOVE to the WQ's portal. The run ends with
+/// `0x5a00 | ZF` when the ENQCMD was refused, else with the completion
+/// status.
+fn enqcmd_to_shared_wq(accel: &AccelConfig, pasid: u32) -> MicroGuest {
+    use vmm::sva::micro::{enable_pasid, WQCFG_PASID_EN};
+    let dsa = dsa_placements(&accel.dsa)[0];
+    let mut g = MicroGuest::new();
+    let mut desc = Descriptor::new(Opcode::Memmove, flags::CRAV | flags::RCR);
+    desc.set_completion_addr(COMPLETION)
+        .set_src(SRC)
+        .set_dst(DST)
+        .set_xfer_size(LEN as u32);
+    g.write(DESC, &desc.0);
+    g.write(SRC, &pattern(LEN));
+    enable_pasid(&mut g.asm, &dsa, false).unwrap();
+    bring_up_wq(
+        &mut g.asm,
+        &dsa,
+        0,
+        16,
+        WQCFG_PASID_EN | WQCFG_PRIORITY_1,
+        BRING_UP_FAILED,
+    )
+    .unwrap();
+    let a = &mut g.asm;
+    a.mov(ecx, pasid::MSR_IA32_PASID).unwrap();
+    a.mov(eax, 0x8000_0000 | pasid).unwrap();
+    a.xor(edx, edx).unwrap();
+    a.wrmsr().unwrap();
+    a.mov(rdi, dsa.bar2).unwrap();
+    a.mov(rsi, DESC).unwrap();
+    a.enqcmd(rdi, zmmword_ptr(rsi)).unwrap();
+    let mut accepted = a.create_label();
+    a.jnz(accepted).unwrap();
+    vmm::microguest::exit_with(a, 0x5a01).unwrap();
+    a.set_label(&mut accepted).unwrap();
+    exit_with_completion_status(a, COMPLETION).unwrap();
+    g
+}
+
+#[test]
+fn without_a_viommu_enqcmd_pasids_still_go_through_the_guest_table() {
+    let accel = AccelConfig {
+        iommu: false,
+        dsa: vec![DsaConfig::default()],
+    };
+    let r = run(enqcmd_to_shared_wq(&accel, 0x77), accel);
+    assert_eq!(r.exit, RunExit::TestExit(Status::Success as u32));
+    let mut copied = vec![0u8; LEN];
+    r.memory.read_slice(&mut copied, GuestAddress(DST)).unwrap();
+    assert_eq!(copied, pattern(LEN));
+    let host = r
+        .pasids
+        .table()
+        .translate(0x77)
+        .expect("mapped on first use");
+    assert_eq!(r.pasids.guest_pasid(host), Some(0x77));
+}
+
+#[test]
+fn enqcmd_with_a_pasid_the_viommu_does_not_know_is_not_accepted() {
+    // The guest never set up PASID tables (translation is off): PASID 0x77
+    // does not exist for the vIOMMU, so the descriptor is not enqueued and
+    // ENQCMD reports ZF=1.
+    let accel = AccelConfig {
+        iommu: true,
+        dsa: vec![DsaConfig::default()],
+    };
+    let r = run(enqcmd_to_shared_wq(&accel, 0x77), accel);
+    assert_eq!(r.exit, RunExit::TestExit(0x5a01), "ZF=1");
+    assert!(r.pasids.table().is_empty(), "no host PASID allocated");
+    let record: [u8; 32] = r.memory.read_obj(GuestAddress(COMPLETION)).unwrap();
+    assert_eq!(record, [0; 32], "the device never ran it");
+}

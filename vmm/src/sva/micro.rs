@@ -44,6 +44,48 @@ pub fn enable_pci(asm: &mut CodeAssembler, dsa: &DsaPlacement) -> Result<(), Ice
     asm.mov(word_ptr(rbx), u32::from(PCI_COMMAND_MEMORY_MASTER))
 }
 
+/// PCIe extended capability ID of PASID.
+const EXT_CAP_PASID: u32 = 0x1b;
+/// First extended capability.
+const EXT_CAP_START: u64 = 0x100;
+/// PASID control: enable (bit 0) and privileged mode (bit 2).
+const PASID_CTRL_ENABLE: u32 = 1 << 0;
+const PASID_CTRL_PRIV: u32 = 1 << 2;
+
+/// Emits what the IOMMU driver does before SVA: find the PASID extended
+/// capability (walking the list through ECAM) and enable PASID, with
+/// privileged mode if `privileged`. Clobbers RAX, RBX and RCX. A function
+/// without the capability stops at a HLT.
+pub fn enable_pasid(
+    asm: &mut CodeAssembler,
+    dsa: &DsaPlacement,
+    privileged: bool,
+) -> Result<(), IcedError> {
+    let control = PASID_CTRL_ENABLE | if privileged { PASID_CTRL_PRIV } else { 0 };
+    let mut walk = asm.create_label();
+    let mut found = asm.create_label();
+    asm.mov(rcx, ecam_address(dsa, EXT_CAP_START))?;
+    asm.set_label(&mut walk)?;
+    asm.mov(eax, dword_ptr(rcx))?;
+    asm.movzx(ebx, ax)?;
+    asm.cmp(ebx, EXT_CAP_PASID)?;
+    asm.je(found)?;
+    // Next capability offset: header bits 31:20; none left stops the vCPU
+    // (HLT, which the VMM reports).
+    asm.shr(eax, 20)?;
+    asm.test(eax, eax)?;
+    let mut next = asm.create_label();
+    asm.jnz(next)?;
+    asm.hlt()?;
+    asm.set_label(&mut next)?;
+    asm.mov(rcx, ecam_address(dsa, 0))?;
+    asm.add(rcx, rax)?;
+    asm.jmp(walk)?;
+    asm.set_label(&mut found)?;
+    // PASID control is the word at +6.
+    asm.mov(word_ptr(rcx + 6), control)
+}
+
 /// Emits a 64-bit store of `value` at BAR0 offset `at`.
 pub fn write64(
     asm: &mut CodeAssembler,
