@@ -1,5 +1,6 @@
 //! The standard machine for Linux guests: the VM, the PCIe root complex,
-//! ACPI tables with the power-off device, and the loaded kernel.
+//! ACPI tables with the power-off device (and the vIOMMU's DMAR), the
+//! vIOMMU and vDSA functions, and the loaded kernel.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -13,6 +14,7 @@ use crate::boot::{load_linux, BootConfig, BootError};
 use crate::devices::serial::SerialOutput;
 use crate::layout;
 use crate::pci_root::{PciConfigIo, PciRoot};
+use crate::sva::{attach, AccelConfig, AccelError};
 use crate::vcpu::UdHook;
 use crate::vm::{RunExit, Vm, VmConfig, VmError};
 
@@ -32,6 +34,8 @@ pub struct LinuxConfig {
     pub serial: SerialOutput,
     /// Give up after this long.
     pub timeout: Option<Duration>,
+    /// The vIOMMU and vDSA functions.
+    pub accel: AccelConfig,
 }
 
 /// Errors building the Linux machine; each prints as one line.
@@ -46,6 +50,9 @@ pub enum MachineError {
     /// The kernel or initramfs.
     #[error(transparent)]
     Boot(#[from] BootError),
+    /// The vIOMMU or a vDSA.
+    #[error(transparent)]
+    Accel(#[from] AccelError),
 }
 
 /// Builds the machine, boots the kernel and runs it to the end.
@@ -56,38 +63,15 @@ pub fn run_linux(config: LinuxConfig) -> Result<RunExit, MachineError> {
         memory: config.memory,
         serial: config.serial,
         ud_hook: Some(UdHook::EntryClac),
+        pasid_space: None,
     };
     let mut vm = Vm::new(vm_config)?;
     if interactive {
         forward_stdin(vm.serial().clone());
     }
 
-    let root = PciRoot::new();
-    vm.mmio()
-        .insert(
-            layout::PCIE_ECAM_START,
-            layout::PCIE_ECAM_SIZE,
-            Arc::new(Mutex::new(root.ecam())),
-        )
-        .map_err(VmError::from)?;
-    vm.pio()
-        .insert(
-            layout::PCI_CONFIG_ADDRESS_PORT.into(),
-            PciConfigIo::PORT_COUNT,
-            Arc::new(Mutex::new(root.config_io())),
-        )
-        .map_err(VmError::from)?;
-    let windows = Arc::new(Mutex::new(root.mmio_windows()));
-    vm.mmio()
-        .insert(
-            layout::PCI_MMIO32_START,
-            layout::PCI_MMIO32_SIZE,
-            windows.clone(),
-        )
-        .map_err(VmError::from)?;
-    vm.mmio()
-        .insert(layout::PCI_MMIO64_START, layout::PCI_MMIO64_SIZE, windows)
-        .map_err(VmError::from)?;
+    let root = attach_pci_root(&vm)?;
+    let accel = attach(&vm, &root, &config.accel)?;
 
     let (power_off, stop) = (vm.power_off_flag(), vm.stop_flag());
     let sleep = AcpiSleepDevice::new(move || {
@@ -102,7 +86,9 @@ pub fn run_linux(config: LinuxConfig) -> Result<RunExit, MachineError> {
         )
         .map_err(VmError::from)?;
 
-    let rsdp = create_acpi_tables(vm.memory(), &AcpiConfig::new(config.cpus))?;
+    let mut acpi = AcpiConfig::new(config.cpus);
+    acpi.extra_tables.extend(accel.dmar);
+    let rsdp = create_acpi_tables(vm.memory(), &acpi)?;
     let boot = BootConfig {
         kernel: config.kernel,
         initramfs: config.initramfs,
@@ -113,6 +99,31 @@ pub fn run_linux(config: LinuxConfig) -> Result<RunExit, MachineError> {
     let regs = state.regs();
     vm.set_boot_state_with(regs, Box::new(move |sregs| state.apply_sregs(sregs)));
     Ok(vm.run(config.timeout))
+}
+
+/// Puts a PCIe root complex on `vm`'s buses: ECAM, the 0xCF8/0xCFC ports
+/// and the BAR windows.
+pub fn attach_pci_root(vm: &Vm) -> Result<PciRoot, VmError> {
+    let root = PciRoot::new();
+    vm.mmio().insert(
+        layout::PCIE_ECAM_START,
+        layout::PCIE_ECAM_SIZE,
+        Arc::new(Mutex::new(root.ecam())),
+    )?;
+    vm.pio().insert(
+        layout::PCI_CONFIG_ADDRESS_PORT.into(),
+        PciConfigIo::PORT_COUNT,
+        Arc::new(Mutex::new(root.config_io())),
+    )?;
+    let windows = Arc::new(Mutex::new(root.mmio_windows()));
+    vm.mmio().insert(
+        layout::PCI_MMIO32_START,
+        layout::PCI_MMIO32_SIZE,
+        windows.clone(),
+    )?;
+    vm.mmio()
+        .insert(layout::PCI_MMIO64_START, layout::PCI_MMIO64_SIZE, windows)?;
+    Ok(root)
 }
 
 /// Feeds what is typed on the VMM's stdin to COM1. The thread ends at

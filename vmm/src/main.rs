@@ -13,11 +13,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use vdsa::DsaConfig;
 use vm_memory::{Bytes, GuestAddress};
 use vmm::demos::{self, BENCH_RESULT_START, DEMO_PASID};
 use vmm::devices::serial::SerialOutput;
 use vmm::machine::{run_linux, LinuxConfig};
 use vmm::microguest::{self, MicroOptions};
+use vmm::sva::AccelConfig;
 use vmm::vm::{RunExit, MIN_MEMORY};
 
 const EXIT_ERROR: u8 = 1;
@@ -54,6 +56,23 @@ struct Cli {
     /// Stop the guest after this many seconds.
     #[arg(long)]
     timeout: Option<u64>,
+    /// Add the vIOMMU (VT-d, scalable mode) with every PCI device behind
+    /// it and its DMAR in the ACPI tables; without it devices do
+    /// untranslated DMA into guest RAM.
+    #[arg(long)]
+    iommu: bool,
+    /// Add a vDSA (repeatable; at 00:01.0, 00:02.0, ...). SPEC is a comma
+    /// list of wqs=1-16, engines=1-8, groups=1-8, wq-size=1-65535 (WQ
+    /// entries in total), max-batch=2-32768 (a power of two); defaults, as a
+    /// DSA 1.0: wqs=8,engines=4,groups=4,wq-size=128,max-batch=1024.
+    #[arg(
+        long,
+        value_name = "SPEC",
+        num_args = 0..=1,
+        default_missing_value = "",
+        value_parser = parse_dsa
+    )]
+    dsa: Vec<DsaConfig>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -102,6 +121,48 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .map_err(|_| "expected a number with an optional K, M or G suffix".to_string())?;
     n.checked_mul(1 << shift)
         .ok_or_else(|| "size too large".to_string())
+}
+
+/// Parses a `--dsa` SPEC: `key=value` pairs separated by commas, each key
+/// at most once; an empty SPEC is the default device.
+fn parse_dsa(spec: &str) -> Result<DsaConfig, String> {
+    let mut config = DsaConfig::default();
+    let mut seen = Vec::new();
+    for item in spec.split(',').filter(|item| !item.is_empty()) {
+        let Some((key, value)) = item.split_once('=') else {
+            return Err(format!("expected key=value, got '{item}'"));
+        };
+        if seen.contains(&key) {
+            return Err(format!("{key} given twice"));
+        }
+        seen.push(key);
+        let number = |min: u32, max: u32| -> Result<u32, String> {
+            value
+                .parse::<u32>()
+                .ok()
+                .filter(|n| (min..=max).contains(n))
+                .ok_or_else(|| format!("{key} must be a number from {min} to {max}, got '{value}'"))
+        };
+        match key {
+            "wqs" => config.num_wqs = number(1, 16)? as u8,
+            "engines" => config.num_engines = number(1, 8)? as u8,
+            "groups" => config.num_groups = number(1, 8)? as u8,
+            "wq-size" => config.total_wq_size = number(1, u32::from(u16::MAX))? as u16,
+            "max-batch" => {
+                let n = number(2, 1 << 15)?;
+                if !n.is_power_of_two() {
+                    return Err(format!("max-batch must be a power of two, got {n}"));
+                }
+                config.max_batch_shift = n.trailing_zeros() as u8;
+            }
+            _ => {
+                return Err(format!(
+                    "unknown key '{key}' (expected wqs, engines, groups, wq-size, max-batch)"
+                ))
+            }
+        }
+    }
+    Ok(config)
 }
 
 fn parse_serial(s: &str) -> Result<SerialTarget, String> {
@@ -166,16 +227,20 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    let accel = AccelConfig {
+        iommu: cli.iommu,
+        dsa: cli.dsa.clone(),
+    };
     match cli.command {
         Some(Command::Micro {
             program: MicroProgram::EnqcmdDemo,
-        }) => enqcmd_demo(cli.timeout),
-        Some(Command::Bench { iterations }) => bench(iterations),
-        None => boot(cli),
+        }) => enqcmd_demo(cli.timeout, accel),
+        Some(Command::Bench { iterations }) => bench(iterations, accel),
+        None => boot(cli, accel),
     }
 }
 
-fn boot(cli: Cli) -> ExitCode {
+fn boot(cli: Cli, accel: AccelConfig) -> ExitCode {
     let Some(kernel) = cli.kernel else {
         return usage_error("--kernel is required (or use a subcommand: micro, bench)");
     };
@@ -221,6 +286,7 @@ fn boot(cli: Cli) -> ExitCode {
         memory: cli.memory,
         serial,
         timeout: cli.timeout.map(Duration::from_secs),
+        accel,
     };
     match run_linux(config) {
         Ok(exit) => exit_code(&exit),
@@ -233,10 +299,11 @@ fn boot(cli: Cli) -> ExitCode {
     }
 }
 
-fn enqcmd_demo(timeout: Option<u64>) -> ExitCode {
+fn enqcmd_demo(timeout: Option<u64>, accel: AccelConfig) -> ExitCode {
     println!("micro-guest: user-mode ENQCMD with IA32_PASID clear, then retried after the guest's #GP handler loads PASID {DEMO_PASID:#x}");
     let options = MicroOptions {
         timeout: Duration::from_secs(timeout.unwrap_or(30)),
+        accel,
         ..Default::default()
     };
     let run = match demos::enqcmd_after_gp()
@@ -291,7 +358,7 @@ fn enqcmd_demo(timeout: Option<u64>) -> ExitCode {
     }
 }
 
-fn bench(iterations: u32) -> ExitCode {
+fn bench(iterations: u32, accel: AccelConfig) -> ExitCode {
     let iterations = iterations.max(1);
     let run = match demos::trap_benchmark(iterations)
         .map_err(|e| e.to_string())
@@ -300,6 +367,7 @@ fn bench(iterations: u32) -> ExitCode {
                 g,
                 MicroOptions {
                     timeout: Duration::from_secs(600),
+                    accel,
                     ..Default::default()
                 },
             )
