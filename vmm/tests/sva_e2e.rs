@@ -5,6 +5,7 @@
 
 use iced_x86::code_asm::*;
 use vdsa::completion::{CompletionRecord, Status};
+use vdsa::DsaConfig;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use viommu::paging::{walk, AccessType, PagingLevels};
@@ -20,6 +21,7 @@ use vmm::microguest::{
     self, enter_user, exit_with, MicroGuest, MicroOptions, MicroRun, DATA_START, PML4_START,
     USER_STACK_TOP,
 };
+use vmm::sva::{dsa_placements, AccelConfig};
 use vmm::vm::RunExit;
 
 /// What every guest program ends with when all its checks passed.
@@ -202,6 +204,7 @@ mod iommu_alone {
             memory: MICRO_MEMORY,
             serial: vmm::devices::serial::SerialOutput::Sink,
             ud_hook: Some(UdHook::Breakpoint),
+            pasid_space: None,
         })
         .unwrap();
         let unit = Arc::new(Iommu::new(
@@ -273,30 +276,24 @@ mod iommu_alone {
         };
         let exit = vm.run(Some(Duration::from_secs(30)));
         let posted = poster.join().unwrap();
-        let run = vmm::microguest::MicroRun {
-            exit,
-            portal: Default::default(),
-            memory,
-        };
-        super::assert_done(&run);
+        assert_eq!(exit, vmm::vm::RunExit::TestExit(super::DONE));
         assert_eq!(posted, Ok(()));
-        let gsts = read_report(&run.memory, slot::GSTS) as u32;
+        let gsts = read_report(&memory, slot::GSTS) as u32;
         assert_eq!(
             gsts & (gcmd::TE | gcmd::QIE | gcmd::SRTP),
             gcmd::TE | gcmd::QIE | gcmd::SRTP
         );
         // The request as the guest read it from the queue.
-        let qw0 = read_report(&run.memory, slot::PRQ_QW0);
-        let qw1 = read_report(&run.memory, slot::PRQ_QW1);
+        let qw0 = read_report(&memory, slot::PRQ_QW0);
+        let qw1 = read_report(&memory, slot::PRQ_QW1);
         assert_eq!((qw0 >> 16) as u16, RID, "requester ID");
         assert_eq!((qw0 >> 32) & 0xf_ffff, u64::from(PASID), "PASID");
         assert_ne!(qw0 & (1 << 8), 0, "PASID present");
         assert_eq!(qw1 & !0xfff, PAGE);
         assert_eq!(qw1 & 0b111, 0b111, "read, write, last in group");
-        assert_eq!(read_report(&run.memory, slot::PRQ_SERVICED), 1);
+        assert_eq!(read_report(&memory, slot::PRQ_SERVICED), 1);
         // The guest mapped the page and answered Success for the group.
-        let pte: u64 = run
-            .memory
+        let pte: u64 = memory
             .read_obj(GuestAddress(
                 DATA_PT_START + ((PAGE - DATA_START) >> 12) * 8,
             ))
@@ -581,71 +578,72 @@ fn assert_sva_program_results(run: &MicroRun, seed: u8) {
     );
 }
 
-mod dsa_alone {
-    //! The guest's PCI and DSA driver against a vDSA without an IOMMU
-    //! (untranslated DMA), on a machine this test assembles itself.
+/// The guest PASID the programs use: far from the host PASIDs a fresh
+/// host space hands out first, so a device that used the guest's number
+/// instead of its host PASID could not go unnoticed.
+const GUEST_PASID: u32 = 0x1234;
 
-    use std::sync::{Arc, Mutex};
-    use std::time::Duration;
-
-    use vdsa::dma::IdentityDma;
-    use vdsa::{Dsa, DsaConfig};
-    use vmm::layout;
-    use vmm::microguest::MICRO_MEMORY;
-    use vmm::pci_root::PciRoot;
-    use vmm::vcpu::UdHook;
-    use vmm::vm::{Vm, VmConfig};
-
-    use super::*;
-
-    #[test]
-    fn user_movdir64b_and_enqcmd_copy_without_iommu() {
-        assert!(std::path::Path::new("/dev/kvm").exists(), "needs /dev/kvm");
-        let mut vm = Vm::new(VmConfig {
-            cpus: 1,
-            memory: MICRO_MEMORY,
-            serial: vmm::devices::serial::SerialOutput::Sink,
-            ud_hook: Some(UdHook::Breakpoint),
-        })
-        .unwrap();
-        let root = PciRoot::new();
-        let dsa = Dsa::new(
-            DsaConfig::default(),
-            Arc::new(IdentityDma::new(Arc::new(vm.memory().clone()))),
-            Arc::new(pci::MsiRecorder::new()),
-        )
-        .unwrap();
-        let bdf = root.add_device(Arc::new(Mutex::new(dsa))).unwrap();
-        vm.mmio()
-            .insert(
-                layout::PCIE_ECAM_START,
-                layout::PCIE_ECAM_SIZE,
-                Arc::new(Mutex::new(root.ecam())),
-            )
-            .unwrap();
-        vm.mmio()
-            .insert(
-                layout::PCI_MMIO32_START,
-                layout::PCI_MMIO32_SIZE,
-                Arc::new(Mutex::new(root.mmio_windows())),
-            )
-            .unwrap();
-        let g = sva_program(SvaProgram {
-            dsa_rid: u16::from(bdf.devfn()),
-            pasid: 0x42,
-            did: 1,
-            iommu: false,
-            seed: 3,
-        });
-        let loaded = g.load(vm.memory()).unwrap();
-        vm.set_boot_state(loaded.regs, loaded.sregs);
-        let memory = vm.memory().clone();
-        let exit = vm.run(Some(Duration::from_secs(30)));
-        let run = MicroRun {
-            exit,
-            portal: Default::default(),
-            memory,
-        };
-        assert_sva_program_results(&run, 3);
+/// One vDSA (DSA 1.0 defaults), with or without the vIOMMU.
+fn accel(iommu: bool) -> AccelConfig {
+    AccelConfig {
+        iommu,
+        dsa: vec![DsaConfig::default()],
     }
+}
+
+fn options(iommu: bool) -> MicroOptions {
+    MicroOptions {
+        accel: accel(iommu),
+        ..Default::default()
+    }
+}
+
+/// The program's parameters for the machine of [`accel`].
+fn program(iommu: bool, seed: u8) -> SvaProgram {
+    SvaProgram {
+        dsa_rid: dsa_placements(&accel(iommu).dsa)[0].rid(),
+        pasid: GUEST_PASID,
+        did: 1,
+        iommu,
+        seed,
+    }
+}
+
+/// FSTS of the vIOMMU.
+fn fault_status(iommu: &vmm::sva::Viommu) -> u32 {
+    let mut b = [0u8; 4];
+    iommu.mmio_read(viommu::regs::FSTS, &mut b);
+    u32::from_le_bytes(b)
+}
+
+/// The host PASID the guest's PASID maps to after the run.
+fn host_pasid(run: &MicroRun, gpasid: u32) -> u32 {
+    let hpasid = run
+        .pasids
+        .table()
+        .translate(gpasid)
+        .expect("the guest PASID has a host PASID");
+    assert_eq!(run.pasids.guest_pasid(hpasid), Some(gpasid));
+    hpasid
+}
+
+#[test]
+fn user_movdir64b_and_enqcmd_copy_through_the_viommu() {
+    let r = run(sva_program(program(true, 3)), options(true));
+    assert_sva_program_results(&r, 3);
+    // The device worked in the host PASID: the vIOMMU adapter refuses any
+    // host PASID that is not one of this guest's, so the guest's number
+    // (which is not one) would have failed both copies.
+    let hpasid = host_pasid(&r, GUEST_PASID);
+    assert_ne!(hpasid, GUEST_PASID);
+    assert_eq!(r.pasids.guest_pasid(GUEST_PASID), None);
+    let iommu = r.iommu.as_ref().expect("a vIOMMU");
+    assert_eq!(fault_status(iommu), 0, "no fault recorded on the way");
+}
+
+#[test]
+fn user_movdir64b_and_enqcmd_copy_without_iommu() {
+    let r = run(sva_program(program(false, 5)), options(false));
+    assert_sva_program_results(&r, 5);
+    assert!(r.iommu.is_none());
 }
