@@ -647,3 +647,66 @@ fn user_movdir64b_and_enqcmd_copy_without_iommu() {
     assert_sva_program_results(&r, 5);
     assert!(r.iommu.is_none());
 }
+
+#[test]
+fn block_on_fault_page_request_serviced_by_the_guest_completes_the_copy() {
+    let p = program(true, 7);
+    let r = run(page_fault_program(p, true), options(true));
+    assert_done(&r);
+    let m = &r.memory;
+    assert_eq!(
+        bytes(m, COPY_PF.dst, COPY_PF.len as usize),
+        pattern(COPY_PF.len as usize, 7),
+        "both pages copied once the guest mapped the second"
+    );
+    assert_eq!(record(m, COPY_PF.record), success());
+    // The page request as the guest read it from its page request queue:
+    // the vDSA's requester ID, the guest's PASID (not the host's), the
+    // missing page, a write, last of its group.
+    assert_eq!(read_report(m, slot::PRQ_SERVICED), 1);
+    let qw0 = read_report(m, slot::PRQ_QW0);
+    let qw1 = read_report(m, slot::PRQ_QW1);
+    assert_eq!((qw0 >> 16) as u16, p.dsa_rid, "requester ID");
+    assert_ne!(qw0 & (1 << 8), 0, "PASID present");
+    assert_eq!((qw0 >> 32) as u32 & 0xf_ffff, GUEST_PASID, "guest PASID");
+    assert_eq!(qw0 & (1 << 53), 0, "user request (no privilege)");
+    assert_eq!(qw1 & !0xfff, MISSING_PAGE, "page address");
+    assert_eq!(qw1 & 0b110, 0b110, "write, last in group");
+    assert_ne!(host_pasid(&r, GUEST_PASID), GUEST_PASID);
+    let iommu = r.iommu.as_ref().unwrap();
+    assert_eq!(fault_status(iommu), 0, "a page request is no fault record");
+}
+
+#[test]
+fn without_block_on_fault_the_copy_completes_partially_at_the_fault() {
+    let p = program(true, 9);
+    let r = run(page_fault_program(p, false), options(true));
+    assert_done(&r);
+    let m = &r.memory;
+    // The first page arrived, the missing one was never written.
+    assert_eq!(
+        bytes(m, COPY_PF.dst, 0x1000),
+        pattern(COPY_PF.len as usize, 9)[..0x1000]
+    );
+    assert_eq!(bytes(m, MISSING_PAGE, 0x1000), vec![0u8; 0x1000]);
+    let mut expected = CompletionRecord::new(Status::PageFaultNobof);
+    expected.fault_write = true;
+    expected.bytes_completed = 0x1000;
+    expected.fault_addr = MISSING_PAGE;
+    assert_eq!(
+        record(m, COPY_PF.record),
+        expected.to_bytes(),
+        "status 0x83 (page fault, write), 0x1000 bytes done, fault address"
+    );
+    assert_eq!(
+        read_report(m, SLOT_PF_STATUS),
+        u64::from(expected.status_byte())
+    );
+    // No page request: nothing in the queue.
+    let iommu = r.iommu.as_ref().unwrap();
+    let mut head = [0u8; 8];
+    let mut tail = [0u8; 8];
+    iommu.mmio_read(viommu::regs::PQH, &mut head);
+    iommu.mmio_read(viommu::regs::PQT, &mut tail);
+    assert_eq!(head, tail, "the page request queue stayed empty");
+}
