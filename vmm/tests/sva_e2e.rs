@@ -3,7 +3,10 @@
 //! work from CPL3 (issue 7, item 4). No Linux involved.
 //! These tests need /dev/kvm and fail with a message saying so without it.
 
+use std::sync::Arc;
+
 use iced_x86::code_asm::*;
+use pasid::{PasidSpace, Scope};
 use vdsa::completion::{CompletionRecord, Status};
 use vdsa::DsaConfig;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -631,12 +634,13 @@ fn host_pasid(run: &MicroRun, gpasid: u32) -> u32 {
 fn user_movdir64b_and_enqcmd_copy_through_the_viommu() {
     let r = run(sva_program(program(true, 3)), options(true));
     assert_sva_program_results(&r, 3);
-    // The device worked in the host PASID: the vIOMMU adapter refuses any
-    // host PASID that is not one of this guest's, so the guest's number
-    // (which is not one) would have failed both copies.
+    // Both WQs' DMA carried the host PASID, never the guest's number.
     let hpasid = host_pasid(&r, GUEST_PASID);
     assert_ne!(hpasid, GUEST_PASID);
-    assert_eq!(r.pasids.guest_pasid(GUEST_PASID), None);
+    assert_eq!(
+        r.pasids.device_requests(),
+        vec![(program(true, 3).dsa_rid, hpasid)]
+    );
     let iommu = r.iommu.as_ref().expect("a vIOMMU");
     assert_eq!(fault_status(iommu), 0, "no fault recorded on the way");
 }
@@ -672,7 +676,10 @@ fn block_on_fault_page_request_serviced_by_the_guest_completes_the_copy() {
     assert_eq!(qw0 & (1 << 53), 0, "user request (no privilege)");
     assert_eq!(qw1 & !0xfff, MISSING_PAGE, "page address");
     assert_eq!(qw1 & 0b110, 0b110, "write, last in group");
-    assert_ne!(host_pasid(&r, GUEST_PASID), GUEST_PASID);
+    // The device asked in the host PASID; the guest saw its own.
+    let hpasid = host_pasid(&r, GUEST_PASID);
+    assert_ne!(hpasid, GUEST_PASID);
+    assert_eq!(r.pasids.device_requests(), vec![(p.dsa_rid, hpasid)]);
     let iommu = r.iommu.as_ref().unwrap();
     assert_eq!(fault_status(iommu), 0, "a page request is no fault record");
 }
@@ -709,4 +716,50 @@ fn without_block_on_fault_the_copy_completes_partially_at_the_fault() {
     iommu.mmio_read(viommu::regs::PQH, &mut head);
     iommu.mmio_read(viommu::regs::PQT, &mut tail);
     assert_eq!(head, tail, "the page request queue stayed empty");
+}
+
+#[test]
+fn two_guests_with_the_same_guest_pasid_get_different_host_pasids_and_keep_to_their_memory() {
+    // Two VMs of one VMM process, one host PASID space, running at once:
+    // both use guest PASID GUEST_PASID and the same buffer addresses, with
+    // different data.
+    let space = Arc::new(PasidSpace::new());
+    let guest = |seed: u8| {
+        let space = space.clone();
+        std::thread::spawn(move || {
+            run(
+                sva_program(program(true, seed)),
+                MicroOptions {
+                    pasid_space: Some(space),
+                    ..options(true)
+                },
+            )
+        })
+    };
+    let (a, b) = (guest(11), guest(12));
+    let (a, b) = (a.join().unwrap(), b.join().unwrap());
+    // Each copy read and wrote its own guest's memory only.
+    assert_sva_program_results(&a, 11);
+    assert_sva_program_results(&b, 12);
+    for (run, seed) in [(&a, 11u8), (&b, 12u8)] {
+        for (i, c) in [COPY_DWQ, COPY_SWQ].iter().enumerate() {
+            assert_eq!(
+                bytes(&run.memory, c.src, c.len as usize),
+                pattern(c.len as usize, seed.wrapping_add(i as u8)),
+                "sources untouched"
+            );
+        }
+    }
+    // Same guest PASID, two host PASIDs, each charged to its guest, and
+    // neither guest's table knows the other's.
+    let (ha, hb) = (host_pasid(&a, GUEST_PASID), host_pasid(&b, GUEST_PASID));
+    assert_ne!(ha, hb);
+    assert_eq!(a.pasids.guest_pasid(hb), None);
+    assert_eq!(b.pasids.guest_pasid(ha), None);
+    assert_eq!(space.owner_of(Scope::Global, ha), Some(a.pasids.owner()));
+    assert_eq!(space.owner_of(Scope::Global, hb), Some(b.pasids.owner()));
+    // Each vDSA's DMA carried its own guest's host PASID only.
+    let rid = program(true, 0).dsa_rid;
+    assert_eq!(a.pasids.device_requests(), vec![(rid, ha)]);
+    assert_eq!(b.pasids.device_requests(), vec![(rid, hb)]);
 }
