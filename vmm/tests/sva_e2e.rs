@@ -18,7 +18,7 @@ use vmm::microguest::driver::dsa::{memmove, wait_for_completion, DsaDriver, WqSe
 use vmm::microguest::driver::ecam::PciFunction;
 use vmm::microguest::driver::vtd::{ContextControls, FirstStageBinding, ScalableTables, Vtd};
 use vmm::microguest::driver::{
-    read_report, report, slot, store_bytes, GuestFailure, DSA_BAR0, DSA_BAR2,
+    read_report, report, slot, store_bytes, store_qwords, GuestFailure, DSA_BAR0, DSA_BAR2,
 };
 use vmm::microguest::{
     self, enter_user, exit_with, MicroGuest, MicroOptions, MicroRun, DATA_START, PML4_START,
@@ -762,4 +762,116 @@ fn two_guests_with_the_same_guest_pasid_get_different_host_pasids_and_keep_to_th
     let rid = program(true, 0).dsa_rid;
     assert_eq!(a.pasids.device_requests(), vec![(rid, ha)]);
     assert_eq!(b.pasids.device_requests(), vec![(rid, hb)]);
+}
+
+/// Report slot of ZF after the ENQCMD that follows the teardown.
+const SLOT_ZF_AFTER_TEARDOWN: usize = slot::USER + 4;
+
+/// The teardown program: the PASID entry is set up as in [`bring_up`] (WQ
+/// 1 shared), the process copies [`COPY_SWQ`] with ENQCMD, then gives the
+/// CPU to its kernel (ud2), which tears the PASID down as intel-iommu
+/// does on unbind (PASID-table entry cleared, PASID-cache and PASID-based
+/// IOTLB invalidation) and submits [`COPY_DWQ`]'s descriptor with ENQCMD
+/// once more (through the #GP fixup if it takes one), recording ZF and the
+/// number of #GPs.
+fn teardown_program(p: SvaProgram) -> MicroGuest {
+    let mut g = MicroGuest::new();
+    g.write(COPY_SWQ.src, &pattern(COPY_SWQ.len as usize, p.seed));
+    g.write(COPY_DWQ.src, &pattern(COPY_DWQ.len as usize, p.seed ^ 0xff));
+    let dsa = DsaDriver::default();
+    let vtd = Vtd::default();
+    // bring_up's tables, planned again to learn the entry's address.
+    let mut tables = ScalableTables::default();
+    tables
+        .add_device(p.dsa_rid, ContextControls::default())
+        .unwrap();
+    let entry = tables
+        .bind(
+            p.dsa_rid,
+            FirstStageBinding {
+                pasid: p.pasid,
+                flptr: PML4_START,
+                did: p.did,
+            },
+        )
+        .unwrap();
+    let a = &mut g.asm;
+    bring_up(a, &p, &[WqSetup::shared(1, 1)]);
+    store_descriptor(a, &COPY_SWQ, false);
+    // The second submission reuses COPY_DWQ's buffers on the shared WQ.
+    store_descriptor(a, &COPY_DWQ, false);
+    let mut user = a.create_label();
+    a.xor(r15d, r15d).unwrap();
+    enter_user(a, user, USER_STACK_TOP).unwrap();
+
+    a.set_label(&mut user).unwrap();
+    dsa.enqcmd(a, 1, COPY_SWQ.descriptor).unwrap();
+    wait_for_completion(a, COPY_SWQ.record).unwrap();
+    report(a, SLOT_SWQ_STATUS, rax).unwrap();
+    a.ud2().unwrap();
+
+    let mut kernel = a.create_label();
+    a.set_label(&mut kernel).unwrap();
+    a.endbr64().unwrap();
+    store_qwords(a, entry, &[0; 8]).unwrap();
+    vtd.invalidate_pasid(a, p.did, p.pasid).unwrap();
+    a.mov(rdi, dsa.portal(1)).unwrap();
+    a.mov(rsi, COPY_DWQ.descriptor).unwrap();
+    a.enqcmd(rdi, zmmword_ptr(rsi)).unwrap();
+    a.setz(al).unwrap();
+    a.movzx(eax, al).unwrap();
+    report(a, SLOT_ZF_AFTER_TEARDOWN, rax).unwrap();
+    report(a, SLOT_GP, r15).unwrap();
+    exit_with(a, DONE).unwrap();
+    g.handler(UD, kernel);
+    install_gp_fixup(&mut g, p.pasid);
+    g
+}
+
+#[test]
+fn after_the_guest_tears_its_pasid_down_the_host_pasid_is_freed_and_enqcmd_refused() {
+    let space = Arc::new(PasidSpace::new());
+    let p = program(true, 21);
+    let r = run(
+        teardown_program(p),
+        MicroOptions {
+            pasid_space: Some(space.clone()),
+            ..options(true)
+        },
+    );
+    assert_done(&r);
+    let m = &r.memory;
+    // Before the teardown: the copy went through in a host PASID.
+    assert_eq!(
+        bytes(m, COPY_SWQ.dst, COPY_SWQ.len as usize),
+        pattern(COPY_SWQ.len as usize, 21)
+    );
+    assert_eq!(record(m, COPY_SWQ.record), success());
+    // Two #GPs: the first ENQCMD's, and the one after the teardown (the
+    // VMM forgets the address space's IA32_PASID with the mapping; the
+    // fixup loads it again and the retried ENQCMD is refused below).
+    assert_eq!(read_report(m, SLOT_GP), 2);
+    let requests = r.pasids.device_requests();
+    assert_eq!(requests.len(), 1);
+    let (rid, hpasid) = requests[0];
+    assert_eq!(rid, p.dsa_rid);
+    // The teardown unmapped the guest PASID and gave the host PASID back.
+    assert!(r.pasids.table().translate(GUEST_PASID).is_err());
+    assert_eq!(r.pasids.guest_pasid(hpasid), None);
+    assert_eq!(
+        space.owner_of(Scope::Global, hpasid),
+        None,
+        "host PASID freed"
+    );
+    // The ENQCMD after it was refused (ZF=1) and nothing ran.
+    assert_eq!(
+        read_report(m, SLOT_ZF_AFTER_TEARDOWN),
+        1,
+        "ZF=1: not accepted"
+    );
+    assert_eq!(record(m, COPY_DWQ.record), [0u8; 32]);
+    assert_eq!(
+        bytes(m, COPY_DWQ.dst, COPY_DWQ.len as usize),
+        vec![0u8; COPY_DWQ.len as usize]
+    );
 }
