@@ -369,6 +369,22 @@ fn bytes(memory: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
     v
 }
 
+/// Asserts guest memory at `addr` holds `expected`, naming the first
+/// differing byte rather than printing kilobytes.
+fn assert_memory(memory: &GuestMemoryMmap, addr: u64, expected: &[u8], what: &str) {
+    let actual = bytes(memory, addr, expected.len());
+    if let Some(i) = actual.iter().zip(expected).position(|(a, e)| a != e) {
+        let wrong = actual.iter().zip(expected).filter(|(a, e)| a != e).count();
+        panic!(
+            "{what}: {wrong} of {} bytes differ, the first at {:#x}: {:#04x} instead of {:#04x}",
+            expected.len(),
+            addr + i as u64,
+            actual[i],
+            expected[i]
+        );
+    }
+}
+
 /// What the SVA program does and where its devices are.
 #[derive(Clone, Copy, Debug)]
 struct SvaProgram {
@@ -558,10 +574,11 @@ fn assert_sva_program_results(run: &MicroRun, seed: u8) {
     assert_done(run);
     let m = &run.memory;
     for (i, c) in [COPY_DWQ, COPY_SWQ].iter().enumerate() {
-        assert_eq!(
-            bytes(m, c.dst, c.len as usize),
-            pattern(c.len as usize, seed.wrapping_add(i as u8)),
-            "copy {i}"
+        assert_memory(
+            m,
+            c.dst,
+            &pattern(c.len as usize, seed.wrapping_add(i as u8)),
+            &format!("copy {i}'s destination"),
         );
         assert_eq!(record(m, c.record), success(), "copy {i}'s record");
     }
@@ -658,10 +675,11 @@ fn block_on_fault_page_request_serviced_by_the_guest_completes_the_copy() {
     let r = run(page_fault_program(p, true), options(true));
     assert_done(&r);
     let m = &r.memory;
-    assert_eq!(
-        bytes(m, COPY_PF.dst, COPY_PF.len as usize),
-        pattern(COPY_PF.len as usize, 7),
-        "both pages copied once the guest mapped the second"
+    assert_memory(
+        m,
+        COPY_PF.dst,
+        &pattern(COPY_PF.len as usize, 7),
+        "both pages copied once the guest mapped the second",
     );
     assert_eq!(record(m, COPY_PF.record), success());
     // The page request as the guest read it from its page request queue:
@@ -691,11 +709,13 @@ fn without_block_on_fault_the_copy_completes_partially_at_the_fault() {
     assert_done(&r);
     let m = &r.memory;
     // The first page arrived, the missing one was never written.
-    assert_eq!(
-        bytes(m, COPY_PF.dst, 0x1000),
-        pattern(COPY_PF.len as usize, 9)[..0x1000]
+    assert_memory(
+        m,
+        COPY_PF.dst,
+        &pattern(COPY_PF.len as usize, 9)[..0x1000],
+        "the page before the fault",
     );
-    assert_eq!(bytes(m, MISSING_PAGE, 0x1000), vec![0u8; 0x1000]);
+    assert_memory(m, MISSING_PAGE, &[0u8; 0x1000], "the missing page");
     let mut expected = CompletionRecord::new(Status::PageFaultNobof);
     expected.fault_write = true;
     expected.bytes_completed = 0x1000;
@@ -743,10 +763,11 @@ fn two_guests_with_the_same_guest_pasid_get_different_host_pasids_and_keep_to_th
     assert_sva_program_results(&b, 12);
     for (run, seed) in [(&a, 11u8), (&b, 12u8)] {
         for (i, c) in [COPY_DWQ, COPY_SWQ].iter().enumerate() {
-            assert_eq!(
-                bytes(&run.memory, c.src, c.len as usize),
-                pattern(c.len as usize, seed.wrapping_add(i as u8)),
-                "sources untouched"
+            assert_memory(
+                &run.memory,
+                c.src,
+                &pattern(c.len as usize, seed.wrapping_add(i as u8)),
+                "sources untouched",
             );
         }
     }
@@ -842,9 +863,11 @@ fn after_the_guest_tears_its_pasid_down_the_host_pasid_is_freed_and_enqcmd_refus
     assert_done(&r);
     let m = &r.memory;
     // Before the teardown: the copy went through in a host PASID.
-    assert_eq!(
-        bytes(m, COPY_SWQ.dst, COPY_SWQ.len as usize),
-        pattern(COPY_SWQ.len as usize, 21)
+    assert_memory(
+        m,
+        COPY_SWQ.dst,
+        &pattern(COPY_SWQ.len as usize, 21),
+        "the copy before the teardown",
     );
     assert_eq!(record(m, COPY_SWQ.record), success());
     // Two #GPs: the first ENQCMD's, and the one after the teardown (the
@@ -870,8 +893,10 @@ fn after_the_guest_tears_its_pasid_down_the_host_pasid_is_freed_and_enqcmd_refus
         "ZF=1: not accepted"
     );
     assert_eq!(record(m, COPY_DWQ.record), [0u8; 32]);
-    assert_eq!(
-        bytes(m, COPY_DWQ.dst, COPY_DWQ.len as usize),
-        vec![0u8; COPY_DWQ.len as usize]
+    assert_memory(
+        m,
+        COPY_DWQ.dst,
+        &vec![0u8; COPY_DWQ.len as usize],
+        "the refused copy's destination",
     );
 }
