@@ -400,26 +400,33 @@ struct SvaProgram {
     seed: u8,
 }
 
+/// The process's VT-d structures: the vDSA's context entry and its PASID
+/// entry on the guest's own page tables; also returns the entry's address.
+fn sva_tables(p: &SvaProgram) -> (ScalableTables, u64) {
+    let mut tables = ScalableTables::default();
+    tables
+        .add_device(p.dsa_rid, ContextControls::default())
+        .unwrap();
+    let entry = tables
+        .bind(
+            p.dsa_rid,
+            FirstStageBinding {
+                pasid: p.pasid,
+                flptr: PML4_START,
+                did: p.did,
+            },
+        )
+        .unwrap();
+    (tables, entry)
+}
+
 /// The kernel's bring-up, at CPL0: (with the vIOMMU) the scalable-mode
 /// structures with a PASID entry on the guest's own page tables and the
 /// unit's enable sequence; ECAM: identity, BAR sizing and assignment, bus
 /// master, PASID/PRI/ATS; the vDSA with `wqs`.
 fn bring_up(a: &mut CodeAssembler, p: &SvaProgram, wqs: &[WqSetup]) {
     if p.iommu {
-        let mut tables = ScalableTables::default();
-        tables
-            .add_device(p.dsa_rid, ContextControls::default())
-            .unwrap();
-        tables
-            .bind(
-                p.dsa_rid,
-                FirstStageBinding {
-                    pasid: p.pasid,
-                    flptr: PML4_START,
-                    did: p.did,
-                },
-            )
-            .unwrap();
+        let (tables, _) = sva_tables(p);
         tables.emit(a).unwrap();
         Vtd::default().enable(a, tables.root_table()).unwrap();
     }
@@ -802,20 +809,7 @@ fn teardown_program(p: SvaProgram) -> MicroGuest {
     let dsa = DsaDriver::default();
     let vtd = Vtd::default();
     // bring_up's tables, planned again to learn the entry's address.
-    let mut tables = ScalableTables::default();
-    tables
-        .add_device(p.dsa_rid, ContextControls::default())
-        .unwrap();
-    let entry = tables
-        .bind(
-            p.dsa_rid,
-            FirstStageBinding {
-                pasid: p.pasid,
-                flptr: PML4_START,
-                did: p.did,
-            },
-        )
-        .unwrap();
+    let (_, entry) = sva_tables(&p);
     let a = &mut g.asm;
     bring_up(a, &p, &[WqSetup::shared(1, 1)]);
     store_descriptor(a, &COPY_SWQ, false);
