@@ -226,6 +226,28 @@ impl DsaDriver {
         Ok(())
     }
 
+    /// Emits a wait for SWERROR.Valid (an error with no completion record
+    /// to go to), then records the register's four quadwords in
+    /// [`slot::SWERROR`] and following.
+    pub fn wait_for_software_error(&self, asm: &mut CodeAssembler) -> Result<(), IcedError> {
+        let mut valid = vdsa::swerr::SwErrQ0(0);
+        valid.set_valid(1);
+        poll(
+            asm,
+            self.bar0 + offset::SWERR,
+            Width::Dword,
+            valid.0 as u32,
+            Until::Equals(valid.0 as u32),
+            Step::SoftwareErrorTimeout,
+        )?;
+        for q in 0..4u64 {
+            asm.mov(rsi, self.bar0 + offset::SWERR + 8 * q)?;
+            asm.mov(rax, qword_ptr(rsi))?;
+            report(asm, slot::SWERROR + q as usize, rax)?;
+        }
+        Ok(())
+    }
+
     /// Emits MOVDIR64B of the descriptor at `descriptor` to `wq`'s portal.
     pub fn movdir64b(
         &self,

@@ -78,6 +78,8 @@ pub mod slot {
     pub const PRQ_SERVICED: usize = 8;
     /// GSTS after translation enable.
     pub const GSTS: usize = 9;
+    /// The vDSA's SWERROR, four quadwords (slots 10 to 13).
+    pub const SWERROR: usize = 10;
     /// First slot free for test programs.
     pub const USER: usize = 16;
 }
@@ -123,10 +125,12 @@ pub enum Step {
     PageRequestAddress = 14,
     /// ENQCMD/ENQCMDS answered Retry too often.
     EnqueueRetry = 15,
+    /// SWERROR never showed an error.
+    SoftwareErrorTimeout = 16,
 }
 
 impl Step {
-    const ALL: [Step; 15] = [
+    const ALL: [Step; 16] = [
         Step::QueuedInvalidationEnable,
         Step::SetRootTablePointer,
         Step::TranslationEnable,
@@ -142,6 +146,7 @@ impl Step {
         Step::PageRequestTimeout,
         Step::PageRequestAddress,
         Step::EnqueueRetry,
+        Step::SoftwareErrorTimeout,
     ];
 
     /// The step with code `code`.
