@@ -259,11 +259,11 @@ impl Vcpu {
                 }
                 Action::PasidWritten(value) => {
                     // The running address space now has this PASID.
-                    match self.fd.get_sregs() {
+                    match GuestCpu::sregs(self) {
                         Ok(sregs) => self.pasids.record_msr_write(sregs.cr3, value),
                         Err(e) => {
                             return VcpuStop::Fatal(format!(
-                                "vCPU {}: KVM_GET_SREGS after WRMSR IA32_PASID: {e}",
+                                "vCPU {}: reading CR3 after WRMSR IA32_PASID: {e}",
                                 self.id
                             ))
                         }

@@ -40,13 +40,9 @@ fn pattern(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 7 + i / 256) as u8).collect()
 }
 
-#[test]
-fn kernel_movdir64b_memmove_through_a_dedicated_wq() {
-    let accel = AccelConfig {
-        iommu: false,
-        dsa: vec![DsaConfig::default()],
-    };
-    let dsa = dsa_placements(&accel.dsa)[0];
+/// A guest with a MEMMOVE descriptor of [`pattern`] at `DESC` (`SRC` to
+/// `DST`, completion record at `COMPLETION`) and its source filled.
+fn memmove_guest() -> MicroGuest {
     let mut g = MicroGuest::new();
     let mut desc = Descriptor::new(Opcode::Memmove, flags::CRAV | flags::RCR);
     desc.set_completion_addr(COMPLETION)
@@ -55,6 +51,17 @@ fn kernel_movdir64b_memmove_through_a_dedicated_wq() {
         .set_xfer_size(LEN as u32);
     g.write(DESC, &desc.0);
     g.write(SRC, &pattern(LEN));
+    g
+}
+
+#[test]
+fn kernel_movdir64b_memmove_through_a_dedicated_wq() {
+    let accel = AccelConfig {
+        iommu: false,
+        dsa: vec![DsaConfig::default()],
+    };
+    let dsa = dsa_placements(&accel.dsa)[0];
+    let mut g = memmove_guest();
     bring_up_wq(
         &mut g.asm,
         &dsa,
@@ -165,14 +172,7 @@ fn ia32_pasid_follows_cr3_across_context_switches() {
 fn enqcmd_to_shared_wq(accel: &AccelConfig, pasid: u32) -> MicroGuest {
     use vmm::sva::micro::{enable_pasid, WQCFG_PASID_EN};
     let dsa = dsa_placements(&accel.dsa)[0];
-    let mut g = MicroGuest::new();
-    let mut desc = Descriptor::new(Opcode::Memmove, flags::CRAV | flags::RCR);
-    desc.set_completion_addr(COMPLETION)
-        .set_src(SRC)
-        .set_dst(DST)
-        .set_xfer_size(LEN as u32);
-    g.write(DESC, &desc.0);
-    g.write(SRC, &pattern(LEN));
+    let mut g = memmove_guest();
     enable_pasid(&mut g.asm, &dsa, false).unwrap();
     bring_up_wq(
         &mut g.asm,
