@@ -989,3 +989,45 @@ fn swerror_and_the_fault_log_name_the_stray_pasid() {
     let iommu = r.iommu.as_ref().unwrap();
     assert_ne!(fault_status(iommu) & 0x2, 0, "FSTS.PPF: a fault recorded");
 }
+
+#[test]
+fn a_guest_naming_another_guests_host_pasid_gets_its_own_address_space() {
+    // Guest A runs first and keeps its mapping (its run, and with it its
+    // PASID table, stays alive). Guest B, sharing the host PASID space,
+    // then uses A's host PASID number as its own guest PASID.
+    let space = Arc::new(PasidSpace::new());
+    let shared = |p: SvaProgram| {
+        run(
+            sva_program(p),
+            MicroOptions {
+                pasid_space: Some(space.clone()),
+                ..options(true)
+            },
+        )
+    };
+    let a = shared(program(true, 41));
+    assert_sva_program_results(&a, 41);
+    let ha = host_pasid(&a, GUEST_PASID);
+    let b = shared(SvaProgram {
+        pasid: ha,
+        ..program(true, 42)
+    });
+    // B's copies read and wrote B's memory, in a host PASID of its own.
+    assert_sva_program_results(&b, 42);
+    let hb = host_pasid(&b, ha);
+    assert_ne!(hb, ha);
+    assert_eq!(
+        b.pasids.device_requests(),
+        vec![(program(true, 0).dsa_rid, hb)]
+    );
+    // A's memory is as A's run left it.
+    for (i, c) in [COPY_DWQ, COPY_SWQ].iter().enumerate() {
+        let own = pattern(c.len as usize, 41u8.wrapping_add(i as u8));
+        assert_memory(&a.memory, c.src, &own, "A's source");
+        assert_memory(&a.memory, c.dst, &own, "A's destination");
+    }
+    assert_eq!(
+        a.pasids.device_requests(),
+        vec![(program(true, 0).dsa_rid, ha)]
+    );
+}
