@@ -105,7 +105,8 @@ impl WqSetup {
     }
 }
 
-/// The WQCFG limits dword: maximum transfer 2^31, batch 2^10 (Linux's defaults).
+/// The WQCFG limits dword: maximum transfer 2^31 and batch 2^10, the
+/// default vDSA's GENCAP maximums (what Linux configures unless told less).
 const LIMITS: u32 = 31 | (10 << MAX_BATCH_SHIFT_POS);
 
 /// The guest driver of one vDSA whose BARs the guest placed at

@@ -34,8 +34,9 @@ const ATS_CTRL: u16 = 6;
 const PRI_CTRL: u16 = 4;
 /// PRI outstanding page request allocation (capability + 0xc).
 const PRI_ALLOC: u16 = 0xc;
-/// Outstanding page requests Linux allocates (PRQ_DEPTH of intel-iommu
-/// is larger; idxd's devices take what the IOMMU driver gives).
+/// Outstanding page requests the guest allocates to the function (PRI
+/// allocation register): plenty for these programs, within the vDSA's
+/// capacity.
 pub const PRI_REQUESTS: u32 = 32;
 
 /// One function's 4 KiB configuration space in the ECAM window.
