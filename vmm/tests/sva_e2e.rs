@@ -15,11 +15,9 @@ use viommu::paging::{walk, AccessType, PagingLevels};
 use viommu::tables::{ContextEntry, Pgtt, RootEntry};
 use viommu::FaultReason;
 use vmm::microguest::driver::dsa::{memmove, wait_for_completion, DsaDriver, WqSetup};
-use vmm::microguest::driver::ecam::PciFunction;
+use vmm::microguest::driver::kernel::SvaSetup;
 use vmm::microguest::driver::vtd::{ContextControls, FirstStageBinding, ScalableTables, Vtd};
-use vmm::microguest::driver::{
-    read_report, report, slot, store_bytes, store_qwords, GuestFailure, DSA_BAR0, DSA_BAR2,
-};
+use vmm::microguest::driver::{read_report, report, slot, store_bytes, store_qwords, GuestFailure};
 use vmm::microguest::{
     self, enter_user, exit_with, MicroGuest, MicroOptions, MicroRun, DATA_START, PML4_START,
     USER_STACK_TOP,
@@ -316,11 +314,7 @@ mod iommu_alone {
     }
 }
 
-/// IA32_PASID.
-const IA32_PASID: u32 = pasid::MSR_IA32_PASID;
-/// IA32_PASID valid bit.
-const PASID_VALID: u32 = 1 << 31;
-const GP: u8 = 13;
+/// #UD vector: the user program gives the CPU back to its kernel with ud2.
 const UD: u8 = 6;
 
 /// One MEMMOVE of the program: buffers and records in the data area.
@@ -400,71 +394,25 @@ struct SvaProgram {
     seed: u8,
 }
 
-/// The process's VT-d structures: the vDSA's context entry and its PASID
-/// entry on the guest's own page tables; also returns the entry's address.
-fn sva_tables(p: &SvaProgram) -> (ScalableTables, u64) {
-    let mut tables = ScalableTables::default();
-    tables
-        .add_device(p.dsa_rid, ContextControls::default())
-        .unwrap();
-    let entry = tables
-        .bind(
-            p.dsa_rid,
-            FirstStageBinding {
-                pasid: p.pasid,
-                flptr: PML4_START,
-                did: p.did,
-            },
-        )
-        .unwrap();
-    (tables, entry)
-}
-
-/// The kernel's bring-up, at CPL0: (with the vIOMMU) the scalable-mode
-/// structures with a PASID entry on the guest's own page tables and the
-/// unit's enable sequence; ECAM: identity, BAR sizing and assignment, bus
-/// master, PASID/PRI/ATS; the vDSA with `wqs`.
-fn bring_up(a: &mut CodeAssembler, p: &SvaProgram, wqs: &[WqSetup]) {
-    if p.iommu {
-        let (tables, _) = sva_tables(p);
-        tables.emit(a).unwrap();
-        Vtd::default().enable(a, tables.root_table()).unwrap();
+impl SvaProgram {
+    fn setup(&self) -> SvaSetup {
+        SvaSetup {
+            dsa_rid: self.dsa_rid,
+            pasid: self.pasid,
+            did: self.did,
+            iommu: self.iommu,
+        }
     }
-    let function = PciFunction::from_rid(p.dsa_rid);
-    function
-        .check_identity(a, vdsa::pci::VENDOR_ID, vdsa::pci::DEVICE_ID)
-        .unwrap();
-    function
-        .size_and_assign_bar64(a, 0, DSA_BAR0, slot::BAR0_SIZE)
-        .unwrap();
-    function
-        .size_and_assign_bar64(a, 2, DSA_BAR2, slot::BAR2_SIZE)
-        .unwrap();
-    function.enable_memory_and_bus_master(a).unwrap();
-    function.enable_pasid_pri_ats(a).unwrap();
-    DsaDriver::default().bring_up(a, wqs).unwrap();
 }
 
-/// Installs the kernel's ENQCMD #GP fixup: count the #GP in r15, load the
-/// process's PASID into IA32_PASID, return to retry.
-fn install_gp_fixup(g: &mut MicroGuest, pasid: u32) {
-    let a = &mut g.asm;
-    let mut gp = a.create_label();
-    a.set_label(&mut gp).unwrap();
-    a.inc(r15d).unwrap();
-    a.push(rax).unwrap();
-    a.push(rcx).unwrap();
-    a.push(rdx).unwrap();
-    a.mov(ecx, IA32_PASID).unwrap();
-    a.mov(eax, PASID_VALID | pasid).unwrap();
-    a.xor(edx, edx).unwrap();
-    a.wrmsr().unwrap();
-    a.pop(rdx).unwrap();
-    a.pop(rcx).unwrap();
-    a.pop(rax).unwrap();
-    a.add(rsp, 8).unwrap(); // the error code
-    a.iretq().unwrap();
-    g.handler(GP, gp);
+/// The kernel's bring-up at CPL0 ([`SvaSetup::bring_up`]).
+fn bring_up(a: &mut CodeAssembler, p: &SvaProgram, wqs: &[WqSetup]) {
+    p.setup().bring_up(a, wqs).unwrap();
+}
+
+/// Installs the kernel's ENQCMD #GP fixup ([`SvaSetup::install_gp_fixup`]).
+fn install_gp_fixup(g: &mut MicroGuest, p: &SvaProgram) {
+    p.setup().install_gp_fixup(g).unwrap();
 }
 
 /// Emits the guest's store of `c`'s MEMMOVE descriptor.
@@ -507,7 +455,7 @@ fn sva_program(p: SvaProgram) -> MicroGuest {
     }
     report(a, SLOT_GP, r15).unwrap();
     exit_with(a, DONE).unwrap();
-    install_gp_fixup(&mut g, p.pasid);
+    install_gp_fixup(&mut g, &p);
     g
 }
 
@@ -809,7 +757,7 @@ fn teardown_program(p: SvaProgram) -> MicroGuest {
     let dsa = DsaDriver::default();
     let vtd = Vtd::default();
     // bring_up's tables, planned again to learn the entry's address.
-    let (_, entry) = sva_tables(&p);
+    let (_, entry) = p.setup().tables().unwrap();
     let a = &mut g.asm;
     bring_up(a, &p, &[WqSetup::shared(1, 1)]);
     store_descriptor(a, &COPY_SWQ, false);
@@ -839,7 +787,7 @@ fn teardown_program(p: SvaProgram) -> MicroGuest {
     report(a, SLOT_GP, r15).unwrap();
     exit_with(a, DONE).unwrap();
     g.handler(UD, kernel);
-    install_gp_fixup(&mut g, p.pasid);
+    install_gp_fixup(&mut g, &p);
     g
 }
 

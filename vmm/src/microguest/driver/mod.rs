@@ -13,6 +13,8 @@
 //!   and assignment, bus master, and the PASID, ATS and PRI enables.
 //! - [`dsa`]: the vDSA's BAR0: Reset Device, GRPCFG, WQCFG, Enable Device,
 //!   Enable WQ with CMDSTS checks; descriptors and completion records.
+//! - [`kernel`]: all of it in one call for one process and one vDSA, and
+//!   the ENQCMD #GP fixup.
 //!
 //! # Conventions
 //!
@@ -27,6 +29,7 @@
 
 pub mod dsa;
 pub mod ecam;
+pub mod kernel;
 pub mod vtd;
 
 use iced_x86::code_asm::*;
