@@ -129,9 +129,15 @@ fn two_vms_in_one_process_get_different_host_pasids() {
         (a.guest_pasid(b.quarantine()), a.guest_pasid(a.quarantine())),
         (None, None)
     );
+    let owner = a.owner();
     drop(a);
     drop(b);
     assert_eq!(space.allocated(), 0, "every host PASID returned");
+    assert_eq!(
+        space.charged(owner),
+        Err(pasid::Error::UnknownOwner(owner)),
+        "the guest left the space"
+    );
 }
 
 #[test]
