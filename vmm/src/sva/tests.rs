@@ -482,6 +482,11 @@ fn guest_pasid_teardown_unmaps_and_frees_through_the_viommu() {
 /// A vDSA behind `g`'s vIOMMU, with PASID (and ATS if `ats`) enabled and
 /// WQ 0 shared in group 0, enabled.
 fn shared_wq_device(g: &ScalableGuest, ats: bool) -> (Arc<GuestPasids>, Accelerators) {
+    wq_device(g, ats, micro::WQCFG_PASID_EN | micro::WQCFG_PRIORITY_1)
+}
+
+/// [`shared_wq_device`] with WQCFG dword 2 `mode`.
+fn wq_device(g: &ScalableGuest, ats: bool, mode: u32) -> (Arc<GuestPasids>, Accelerators) {
     use vdsa::command::code;
     use vdsa::regs::{layout as regs, offset};
     let pasids = Arc::new(GuestPasids::new(Arc::new(PasidSpace::new()), "g").unwrap());
@@ -517,11 +522,7 @@ fn shared_wq_device(g: &ScalableGuest, ats: bool) -> (Arc<GuestPasids>, Accelera
     w64(dev, regs::GRPCFG + 32, 1);
     w32(dev, regs::WQCFG, 16);
     w32(dev, regs::WQCFG + 4, 8);
-    w32(
-        dev,
-        regs::WQCFG + 8,
-        micro::WQCFG_PASID_EN | micro::WQCFG_PRIORITY_1,
-    );
+    w32(dev, regs::WQCFG + 8, mode);
     w32(dev, regs::WQCFG + 12, 31 | (10 << 5));
     for cmd in [code::ENABLE_DEVICE << 20, code::ENABLE_WQ << 20] {
         w32(dev, offset::CMD, cmd);
@@ -620,6 +621,53 @@ fn teardown_flushes_the_device_tlb_of_the_host_pasid() {
         "nothing cached under {h:#x}"
     );
     assert_eq!(enqcmd_memmove(&attached, GPASID), StoreReply::Retry);
+}
+
+#[test]
+fn a_dedicated_wq_with_a_pasid_the_guest_never_set_up_fails_translation() {
+    use vdsa::regs::offset;
+    let (g, _) = ScalableGuest::new();
+    let unknown = GPASID + 4;
+    let mode = micro::WQCFG_MODE_DEDICATED
+        | micro::WQCFG_PRIORITY_1
+        | micro::WQCFG_PASID_EN
+        | (unknown << micro::WQCFG_PASID_SHIFT);
+    let (pasids, attached) = wq_device(&g, false, mode);
+    assert!(pasids.table().is_empty(), "no host PASID for it");
+    let mut desc = vdsa::descriptor::Descriptor::new(
+        vdsa::descriptor::Opcode::Memmove,
+        vdsa::descriptor::flags::CRAV | vdsa::descriptor::flags::RCR,
+    );
+    desc.set_completion_addr(IOVA + 0x800)
+        .set_src(IOVA)
+        .set_dst(IOVA + 0x100)
+        .set_xfer_size(0x40);
+    let mut dev = attached.functions[0].lock().unwrap();
+    assert_eq!(
+        pci::PciDevice::bar_store64(&mut *dev, 2, 0, &desc.0, StoreKind::Movdir64b),
+        StoreReply::Accepted
+    );
+    // Nothing can be written in that address space, not even the record:
+    // SWERROR 0x1a (completion record translation), WQ 0, descriptor valid,
+    // with the record address; the PASID field reads 0 (the quarantine
+    // host PASID is no guest PASID).
+    let start = std::time::Instant::now();
+    let mut q = [0u8; 8];
+    loop {
+        pci::PciDevice::bar_read(&mut *dev, 0, offset::SWERR, &mut q);
+        if u64::from_le_bytes(q) & 1 != 0 {
+            break;
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(10));
+        std::thread::yield_now();
+    }
+    let swerr = u64::from_le_bytes(q);
+    assert_eq!(swerr & 0xff00, 0x1a00, "{swerr:#x}");
+    assert_eq!((swerr >> 16) & 0xff, 0, "WQ 0");
+    assert_eq!((swerr >> 40) & 0xf_ffff, 0, "PASID field");
+    pci::PciDevice::bar_read(&mut *dev, 0, offset::SWERR + 16, &mut q);
+    assert_eq!(u64::from_le_bytes(q), IOVA + 0x800);
+    assert_eq!(g.mem.read_obj::<u8>(GuestAddress(GPA + 0x800)).unwrap(), 0);
 }
 
 /// PCIe extended capability IDs.
