@@ -414,6 +414,9 @@ pub struct MicroRun {
     /// Where the vDSA functions were put (as [`crate::sva::dsa_placements`]
     /// predicts).
     pub dsa: Vec<crate::sva::DsaPlacement>,
+    /// The vDSA functions themselves (registers, device TLB), in the same
+    /// order.
+    pub dsa_functions: Vec<std::sync::Arc<std::sync::Mutex<crate::sva::DsaFunction>>>,
     /// The vIOMMU, if [`MicroOptions::accel`] asked for one.
     pub iommu: Option<std::sync::Arc<crate::sva::Viommu>>,
     /// The guest's PASIDs (its gPASID -> hPASID table), as the run left
@@ -510,12 +513,12 @@ pub fn run(guest: MicroGuest, options: MicroOptions) -> Result<MicroRun, MicroRu
         )
         .map_err(crate::vm::VmError::from)?;
     let accel = &options.accel;
-    let (dsa, iommu) = if accel.iommu || !accel.dsa.is_empty() {
+    let (dsa, dsa_functions, iommu) = if accel.iommu || !accel.dsa.is_empty() {
         let root = crate::machine::attach_pci_root(&vm)?;
         let attached = crate::sva::attach(&vm, &root, accel)?;
-        (attached.dsa, attached.iommu)
+        (attached.dsa, attached.functions, attached.iommu)
     } else {
-        (Vec::new(), None)
+        (Vec::new(), Vec::new(), None)
     };
     let loaded = guest.load(vm.memory())?;
     vm.set_boot_state(loaded.regs, loaded.sregs);
@@ -527,6 +530,7 @@ pub fn run(guest: MicroGuest, options: MicroOptions) -> Result<MicroRun, MicroRu
         portal,
         memory,
         dsa,
+        dsa_functions,
         iommu,
         pasids,
     })

@@ -318,5 +318,9 @@ impl Drop for GuestPasids {
         if let Err(e) = space.free(owner, Scope::Global, self.quarantine) {
             log::error!("{owner}: freeing the quarantine PASID: {e}");
         }
+        // Nothing is charged any more (the table's own drop finds it empty).
+        if let Err(e) = space.remove_owner(owner) {
+            log::error!("{owner}: leaving the host PASID space: {e}");
+        }
     }
 }

@@ -151,6 +151,8 @@ pub struct Accelerators {
     pub iommu: Option<Arc<Viommu>>,
     /// The vDSA functions, in [`AccelConfig::dsa`] order.
     pub dsa: Vec<DsaPlacement>,
+    /// The same functions, for the host to inspect.
+    pub functions: Vec<Arc<Mutex<DsaFunction>>>,
     /// The DMAR table to put in the ACPI tables (with the vIOMMU).
     pub dmar: Option<Vec<u8>>,
 }
@@ -198,6 +200,7 @@ pub fn attach_devices(
     configs: &[DsaConfig],
 ) -> Result<Accelerators, AccelError> {
     let mut placements = Vec::new();
+    let mut functions = Vec::new();
     for (index, dsa_config) in configs.iter().enumerate() {
         let bdf = root.first_free_device().ok_or(PciRootError::BusFull)?;
         let rid = u16::from(bdf.devfn());
@@ -251,6 +254,7 @@ pub fn attach_devices(
             bar0: base(0),
             bar2: base(2),
         });
+        functions.push(function);
     }
     let dmar = iommu.as_ref().map(|iommu| {
         iommu.add_pasid_observer(pasids.clone());
@@ -261,6 +265,7 @@ pub fn attach_devices(
     Ok(Accelerators {
         iommu,
         dsa: placements,
+        functions,
         dmar,
     })
 }

@@ -129,9 +129,15 @@ fn two_vms_in_one_process_get_different_host_pasids() {
         (a.guest_pasid(b.quarantine()), a.guest_pasid(a.quarantine())),
         (None, None)
     );
+    let owner = a.owner();
     drop(a);
     drop(b);
     assert_eq!(space.allocated(), 0, "every host PASID returned");
+    assert_eq!(
+        space.charged(owner),
+        Err(pasid::Error::UnknownOwner(owner)),
+        "the guest left the space"
+    );
 }
 
 #[test]
@@ -473,11 +479,16 @@ fn guest_pasid_teardown_unmaps_and_frees_through_the_viommu() {
     );
 }
 
-#[test]
-fn enqcmd_to_a_shared_wq_runs_in_the_guests_address_space() {
-    // The whole path without KVM: a vDSA behind the vIOMMU, a shared WQ,
-    // an ENQCMD-formatted MEMMOVE with the guest PASID at the portal.
-    let (g, _) = ScalableGuest::new();
+/// A vDSA behind `g`'s vIOMMU, with PASID (and ATS if `ats`) enabled and
+/// WQ 0 shared in group 0, enabled.
+fn shared_wq_device(g: &ScalableGuest, ats: bool) -> (Arc<GuestPasids>, Accelerators) {
+    wq_device(g, ats, micro::WQCFG_PASID_EN | micro::WQCFG_PRIORITY_1)
+}
+
+/// [`shared_wq_device`] with WQCFG dword 2 `mode`.
+fn wq_device(g: &ScalableGuest, ats: bool, mode: u32) -> (Arc<GuestPasids>, Accelerators) {
+    use vdsa::command::code;
+    use vdsa::regs::{layout as regs, offset};
     let pasids = Arc::new(GuestPasids::new(Arc::new(PasidSpace::new()), "g").unwrap());
     let root = crate::pci_root::PciRoot::new();
     let attached = attach_devices(
@@ -492,35 +503,29 @@ fn enqcmd_to_a_shared_wq_runs_in_the_guests_address_space() {
         }],
     )
     .unwrap();
-    let dsa = attached.dsa[0];
-    assert_eq!(dsa.rid(), RID);
-    let function = root.device(dsa.bdf).unwrap();
-    let mut dev = function.lock().unwrap();
-    // PCI command, PASID capability enable, group 0 = WQ 0 + engine 0,
-    // WQ 0 shared with PASID enabled, Enable Device, Enable WQ.
+    assert_eq!(attached.dsa[0].rid(), RID);
+    let function = attached.functions[0].clone();
+    let mut guard = function.lock().unwrap();
+    let dev: &mut dyn pci::PciDevice = &mut *guard;
     dev.config_write(0x04, &6u16.to_le_bytes());
-    use vdsa::regs::{layout as regs, offset};
+    let pasid_cap = find_ext_cap(dev, EXT_CAP_PASID);
+    dev.config_write(pasid_cap + 6, &1u16.to_le_bytes());
+    if ats {
+        let ats_cap = find_ext_cap(dev, EXT_CAP_ATS);
+        dev.config_write(ats_cap + 6, &0x8000u16.to_le_bytes());
+    }
     let w32 =
         |dev: &mut dyn pci::PciDevice, at: u64, v: u32| dev.bar_write(0, at, &v.to_le_bytes());
     let w64 =
         |dev: &mut dyn pci::PciDevice, at: u64, v: u64| dev.bar_write(0, at, &v.to_le_bytes());
-    let pasid_cap = find_ext_cap(&mut *dev, 0x1b);
-    dev.config_write(pasid_cap + 6, &1u16.to_le_bytes());
-    w64(&mut *dev, regs::GRPCFG, 1);
-    w64(&mut *dev, regs::GRPCFG + 32, 1);
-    w32(&mut *dev, regs::WQCFG, 16);
-    w32(&mut *dev, regs::WQCFG + 4, 8);
-    w32(
-        &mut *dev,
-        regs::WQCFG + 8,
-        micro::WQCFG_PASID_EN | micro::WQCFG_PRIORITY_1,
-    );
-    w32(&mut *dev, regs::WQCFG + 12, 31 | (10 << 5));
-    for cmd in [
-        vdsa::command::code::ENABLE_DEVICE << 20,
-        vdsa::command::code::ENABLE_WQ << 20,
-    ] {
-        w32(&mut *dev, offset::CMD, cmd);
+    w64(dev, regs::GRPCFG, 1);
+    w64(dev, regs::GRPCFG + 32, 1);
+    w32(dev, regs::WQCFG, 16);
+    w32(dev, regs::WQCFG + 4, 8);
+    w32(dev, regs::WQCFG + 8, mode);
+    w32(dev, regs::WQCFG + 12, 31 | (10 << 5));
+    for cmd in [code::ENABLE_DEVICE << 20, code::ENABLE_WQ << 20] {
+        w32(dev, offset::CMD, cmd);
         let mut sts = [0u8; 4];
         loop {
             dev.bar_read(0, offset::CMDSTS, &mut sts);
@@ -531,30 +536,52 @@ fn enqcmd_to_a_shared_wq_runs_in_the_guests_address_space() {
         }
         assert_eq!(u32::from_le_bytes(sts), 0, "command {cmd:#x}");
     }
+    drop(guard);
+    (pasids, attached)
+}
+
+/// ENQCMD-formats a 64-byte MEMMOVE in GPASID's address space (`IOVA` to
+/// `IOVA + 0x100`, record at `IOVA + 0x800`) with guest PASID `gpasid`,
+/// stores it at WQ 0's portal and returns the answer.
+fn enqcmd_memmove(attached: &Accelerators, gpasid: u32) -> StoreReply {
     let mut desc = vdsa::descriptor::Descriptor::new(
         vdsa::descriptor::Opcode::Memmove,
         vdsa::descriptor::flags::CRAV | vdsa::descriptor::flags::RCR,
     );
-    desc.set_pasid(GPASID, false)
+    desc.set_pasid(gpasid, false)
         .set_completion_addr(IOVA + 0x800)
         .set_src(IOVA)
         .set_dst(IOVA + 0x100)
         .set_xfer_size(0x40);
-    g.mem.write_slice(&[0xc3; 0x40], GuestAddress(GPA)).unwrap();
-    assert_eq!(
-        dev.bar_store64(2, 0, &desc.0, StoreKind::Enqcmd),
-        StoreReply::Accepted
-    );
-    drop(dev);
-    let h = pasids.table().translate(GPASID).unwrap();
-    assert_ne!(h, GPASID, "the device got the host PASID");
+    let mut dev = attached.functions[0].lock().unwrap();
+    pci::PciDevice::bar_store64(&mut *dev, 2, 0, &desc.0, StoreKind::Enqcmd)
+}
+
+/// Waits for the completion record of [`enqcmd_memmove`]; returns its status.
+fn completion_status(g: &ScalableGuest) -> u8 {
     let start = std::time::Instant::now();
-    while g.mem.read_obj::<u8>(GuestAddress(GPA + 0x800)).unwrap() == 0 {
+    loop {
+        let status = g.mem.read_obj::<u8>(GuestAddress(GPA + 0x800)).unwrap();
+        if status != 0 {
+            return status;
+        }
         assert!(start.elapsed() < std::time::Duration::from_secs(10));
         std::thread::yield_now();
     }
+}
+
+#[test]
+fn enqcmd_to_a_shared_wq_runs_in_the_guests_address_space() {
+    // The whole path without KVM: a vDSA behind the vIOMMU, a shared WQ,
+    // an ENQCMD-formatted MEMMOVE with the guest PASID at the portal.
+    let (g, _) = ScalableGuest::new();
+    let (pasids, attached) = shared_wq_device(&g, false);
+    g.mem.write_slice(&[0xc3; 0x40], GuestAddress(GPA)).unwrap();
+    assert_eq!(enqcmd_memmove(&attached, GPASID), StoreReply::Accepted);
+    let h = pasids.table().translate(GPASID).unwrap();
+    assert_ne!(h, GPASID, "the device got the host PASID");
     assert_eq!(
-        g.mem.read_obj::<u8>(GuestAddress(GPA + 0x800)).unwrap(),
+        completion_status(&g),
         vdsa::completion::Status::Success as u8
     );
     let mut copied = [0u8; 0x40];
@@ -563,13 +590,89 @@ fn enqcmd_to_a_shared_wq_runs_in_the_guests_address_space() {
         .unwrap();
     assert_eq!(copied, [0xc3; 0x40]);
     // A guest PASID the guest never set up is not enqueued.
-    desc.set_pasid(GPASID + 1, false);
-    let mut dev = function.lock().unwrap();
-    assert_eq!(
-        dev.bar_store64(2, 0, &desc.0, StoreKind::Enqcmd),
-        StoreReply::Retry
-    );
+    assert_eq!(enqcmd_memmove(&attached, GPASID + 1), StoreReply::Retry);
 }
+
+#[test]
+fn teardown_flushes_the_device_tlb_of_the_host_pasid() {
+    let (mut g, _) = ScalableGuest::new();
+    let (pasids, attached) = shared_wq_device(&g, true);
+    g.iommu.add_pasid_observer(pasids.clone());
+    assert_eq!(enqcmd_memmove(&attached, GPASID), StoreReply::Accepted);
+    assert_eq!(
+        completion_status(&g),
+        vdsa::completion::Status::Success as u8
+    );
+    let handle = attached.functions[0]
+        .lock()
+        .unwrap()
+        .device()
+        .iommu_handle();
+    assert!(
+        handle.cached_translations() > 0,
+        "ATS filled the device TLB"
+    );
+    let h = pasids.table().translate(GPASID).unwrap();
+    g.tear_down();
+    assert_eq!(pasids.guest_pasid(h), None);
+    assert_eq!(
+        handle.cached_translations(),
+        0,
+        "nothing cached under {h:#x}"
+    );
+    assert_eq!(enqcmd_memmove(&attached, GPASID), StoreReply::Retry);
+}
+
+#[test]
+fn a_dedicated_wq_with_a_pasid_the_guest_never_set_up_fails_translation() {
+    use vdsa::regs::offset;
+    let (g, _) = ScalableGuest::new();
+    let unknown = GPASID + 4;
+    let mode = micro::WQCFG_MODE_DEDICATED
+        | micro::WQCFG_PRIORITY_1
+        | micro::WQCFG_PASID_EN
+        | (unknown << micro::WQCFG_PASID_SHIFT);
+    let (pasids, attached) = wq_device(&g, false, mode);
+    assert!(pasids.table().is_empty(), "no host PASID for it");
+    let mut desc = vdsa::descriptor::Descriptor::new(
+        vdsa::descriptor::Opcode::Memmove,
+        vdsa::descriptor::flags::CRAV | vdsa::descriptor::flags::RCR,
+    );
+    desc.set_completion_addr(IOVA + 0x800)
+        .set_src(IOVA)
+        .set_dst(IOVA + 0x100)
+        .set_xfer_size(0x40);
+    let mut dev = attached.functions[0].lock().unwrap();
+    assert_eq!(
+        pci::PciDevice::bar_store64(&mut *dev, 2, 0, &desc.0, StoreKind::Movdir64b),
+        StoreReply::Accepted
+    );
+    // Nothing can be written in that address space, not even the record:
+    // SWERROR 0x1a (completion record translation), WQ 0, descriptor valid,
+    // with the record address; the PASID field reads 0 (the quarantine
+    // host PASID is no guest PASID).
+    let start = std::time::Instant::now();
+    let mut q = [0u8; 8];
+    loop {
+        pci::PciDevice::bar_read(&mut *dev, 0, offset::SWERR, &mut q);
+        if u64::from_le_bytes(q) & 1 != 0 {
+            break;
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(10));
+        std::thread::yield_now();
+    }
+    let swerr = u64::from_le_bytes(q);
+    assert_eq!(swerr & 0xff00, 0x1a00, "{swerr:#x}");
+    assert_eq!((swerr >> 16) & 0xff, 0, "WQ 0");
+    assert_eq!((swerr >> 40) & 0xf_ffff, 0, "PASID field");
+    pci::PciDevice::bar_read(&mut *dev, 0, offset::SWERR + 16, &mut q);
+    assert_eq!(u64::from_le_bytes(q), IOVA + 0x800);
+    assert_eq!(g.mem.read_obj::<u8>(GuestAddress(GPA + 0x800)).unwrap(), 0);
+}
+
+/// PCIe extended capability IDs.
+const EXT_CAP_ATS: u16 = 0x0f;
+const EXT_CAP_PASID: u16 = 0x1b;
 
 fn find_ext_cap(dev: &mut dyn pci::PciDevice, id: u16) -> u16 {
     let mut at = 0x100u16;
