@@ -20,5 +20,6 @@ pub mod msi;
 pub mod pci_root;
 pub mod sva;
 pub mod sva_bench;
+pub mod sva_demo;
 pub mod vcpu;
 pub mod vm;

@@ -95,6 +95,10 @@ enum MicroProgram {
     /// User ENQCMD: #GP with IA32_PASID clear, the guest loads the MSR, the
     /// retried ENQCMD reaches a portal with that PASID.
     EnqcmdDemo,
+    /// SVA end to end on the vIOMMU and a vDSA: the guest builds its VT-d
+    /// tables and brings the vDSA up; its user process copies with
+    /// MOVDIR64B (dedicated WQ) and ENQCMD (shared WQ, after the #GP fixup).
+    SvaDemo,
 }
 
 #[derive(Clone, Debug)]
@@ -235,6 +239,9 @@ fn main() -> ExitCode {
         Some(Command::Micro {
             program: MicroProgram::EnqcmdDemo,
         }) => enqcmd_demo(cli.timeout, accel),
+        Some(Command::Micro {
+            program: MicroProgram::SvaDemo,
+        }) => sva_demo(cli.timeout),
         Some(Command::Bench { iterations }) => bench(iterations, accel),
         None => boot(cli, accel),
     }
@@ -296,6 +303,47 @@ fn boot(cli: Cli, accel: AccelConfig) -> ExitCode {
             eprintln!("vmm: {e}");
             ExitCode::from(EXIT_ERROR)
         }
+    }
+}
+
+fn sva_demo(timeout: Option<u64>) -> ExitCode {
+    use vmm::sva_demo;
+    let program = sva_demo::program(true, 7);
+    println!(
+        "micro-guest: vIOMMU (VT-d scalable mode) + vDSA at 00:01.0 (8 WQs, 4 engines, 4 groups); \
+         user process with guest PASID {:#x}",
+        program.pasid
+    );
+    let options = MicroOptions {
+        timeout: Duration::from_secs(timeout.unwrap_or(30)),
+        ..sva_demo::options(true)
+    };
+    let run = match sva_demo::sva_program(program)
+        .map_err(|e| e.to_string())
+        .and_then(|g| microguest::run(g, options).map_err(|e| e.to_string()))
+    {
+        Ok(run) => run,
+        Err(e) => {
+            eprintln!("vmm: {e}");
+            return ExitCode::from(EXIT_ERROR);
+        }
+    };
+    let (lines, ok) = sva_demo::describe(&run, &program);
+    for line in lines {
+        println!("{line}");
+    }
+    println!(
+        "{}",
+        if ok {
+            "sva-demo: OK"
+        } else {
+            "sva-demo: FAILED"
+        }
+    );
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_ERROR)
     }
 }
 
