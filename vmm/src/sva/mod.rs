@@ -45,9 +45,10 @@
 //!   freed, and the vDSAs drop their device-TLB entries of that host PASID.
 //! - **A PASID the guest never set up.** ENQCMD/ENQCMDS with it are not
 //!   enqueued: the instruction answers Retry (ZF=1) and the device never
-//!   sees the descriptor; no host PASID is allocated. (With VMX PASID
-//!   translation, hardware would not let such a command reach the device
-//!   either; Linux's submitters see -EAGAIN/-EBUSY.) A dedicated WQ whose
+//!   sees the descriptor; no host PASID is allocated. ZF=1 is the one
+//!   answer ENQCMD has for "not accepted" short of a fault; Linux's
+//!   ENQCMDS path gives up with -EAGAIN after its bounded retries, and a
+//!   user submitter sees its ENQCMD refused. A dedicated WQ whose
 //!   WQCFG.PASID has no host PASID at Enable WQ gets the guest's quarantine
 //!   host PASID, which maps back to no guest PASID: its descriptors fail
 //!   translation as on hardware with no PASID-table entry (completion
