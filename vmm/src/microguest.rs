@@ -35,6 +35,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::layout;
 
+pub mod driver;
+
 /// GDT base.
 pub const GDT_START: u64 = 0x1000;
 /// IDT base.
