@@ -925,9 +925,6 @@ fn a_dedicated_wq_bound_to_a_pasid_the_guest_never_set_up_fails_the_copy() {
 /// (0x1235), and the IOMMU records the request it blocked (fault reason:
 /// PASID-table entry not present), which the guest's fault handler reads.
 #[test]
-#[ignore = "known gap in the integ wiring: SWERROR shows PASID 0 (the WQ runs with the \
-            quarantine host PASID, which maps back to no guest PASID) and the vIOMMU \
-            records no fault (the adapter refuses the request before the vIOMMU sees it)"]
 fn swerror_and_the_fault_log_name_the_stray_pasid() {
     let r = run_stray_dedicated_wq();
     assert_eq!(

@@ -48,12 +48,17 @@
 //!   sees the descriptor; no host PASID is allocated. ZF=1 is the one
 //!   answer ENQCMD has for "not accepted" short of a fault; Linux's
 //!   ENQCMDS path gives up with -EAGAIN after its bounded retries, and a
-//!   user submitter sees its ENQCMD refused. A dedicated WQ whose
-//!   WQCFG.PASID has no host PASID at Enable WQ gets the guest's quarantine
-//!   host PASID, which maps back to no guest PASID: its descriptors fail
-//!   translation as on hardware with no PASID-table entry (completion
-//!   status 0x22, or SWERROR 0x1a when the record cannot be written either;
-//!   SWERROR's PASID field then reads 0).
+//!   user submitter sees its ENQCMD refused.
+//! - **A PASID the guest programs into the device without setting it up**
+//!   (WQCFG.PASID of a dedicated WQ at Enable WQ, MSIXPERM, Drain/Abort
+//!   PASID) gets an *unverified* host PASID, outside the gPASID -> hPASID
+//!   table (ENQCMD never uses it) but mapping back to the guest PASID. The
+//!   device's requests with it reach the vIOMMU with the guest's PASID, so
+//!   they fail as on hardware (the vIOMMU records "PASID-table entry not
+//!   present"; the descriptor gets completion status 0x22, or SWERROR 0x1a
+//!   naming the WQ's guest PASID when the record cannot be written either)
+//!   and start working if the guest sets the PASID up later. PASID 0 gets
+//!   the quarantine host PASID, which maps back to nothing.
 //! - **Without a vIOMMU** the vDSA does untranslated DMA into guest RAM and
 //!   PASIDs still go through the guest's table, filled without a check
 //!   (there are no PASID tables to check) and never torn down before the VM

@@ -9,7 +9,7 @@ use pci::{MsiRecorder, StoreKind, StoreReply};
 use vdsa::dma::{AddressSpace, DmaFault, DmaPort, FaultKind, PasidTag};
 use viommu::paging::builder::PageTableBuilder;
 use viommu::paging::{entry, PagingLevels};
-use viommu::regs::{gcmd, iqa, rtaddr, GCMD, GSTS, IQA, IQT, PQA, PQT, RTADDR};
+use viommu::regs::{gcmd, iqa, rtaddr, FSTS, GCMD, GSTS, IQA, IQT, PQA, PQT, RTADDR};
 use viommu::{PasidCacheScope, PasidObserver};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -65,12 +65,30 @@ fn lazy_fill_only_after_the_viommu_confirms() {
         pasids.host_pasid(None, 1 << 20),
         Err(PasidMiss::Invalid(1 << 20))
     );
-    // Where the device must get some PASID, a miss becomes the quarantine
-    // PASID, which is the guest's but maps back to nothing.
-    let q = pasids.host_pasid_or_quarantine(Some(8), 6);
+    // Where the device must get some PASID (WQCFG), a guest PASID the
+    // vIOMMU does not confirm gets an unverified host PASID: it maps back
+    // to the guest PASID, stays out of the table (ENQCMD never uses it),
+    // and is the same every time.
+    let u = pasids.host_pasid_for_device(Some(8), 6);
+    assert_eq!(pasids.guest_pasid(u), Some(6));
+    assert_eq!(
+        pasids.table().translate(6),
+        Err(pasid::Error::TranslationFault(6))
+    );
+    assert_eq!(pasids.host_pasid(Some(8), 6), Err(PasidMiss::NotSetUp(6)));
+    assert_eq!(pasids.host_pasid_for_device(Some(8), 6), u);
+    assert_eq!(pasids.host_pasids_of(6), vec![u]);
+    assert_eq!(space.owner_of(Scope::Global, u), Some(pasids.owner()));
+    // PASID 0 gets the quarantine PASID, which maps back to nothing.
+    let q = pasids.host_pasid_for_device(Some(8), 0);
     assert_eq!(q, pasids.quarantine());
     assert_eq!(pasids.guest_pasid(q), None);
     assert_eq!(space.owner_of(Scope::Global, q), Some(pasids.owner()));
+    // Once the guest sets it up, ENQCMD gets a mapping of its own.
+    iommu.set(6, None);
+    let h6 = pasids.host_pasid(Some(8), 6).unwrap();
+    assert_ne!(h6, u);
+    assert_eq!(pasids.host_pasids_of(6), vec![h6, u]);
 }
 
 #[test]
@@ -685,8 +703,8 @@ fn a_dedicated_wq_with_a_pasid_the_guest_never_set_up_fails_translation() {
     );
     // Nothing can be written in that address space, not even the record:
     // SWERROR 0x1a (completion record translation), WQ 0, descriptor valid,
-    // with the record address; the PASID field reads 0 (the quarantine
-    // host PASID is no guest PASID).
+    // with the record address and the WQ's (guest) PASID; the vIOMMU
+    // recorded the requests it refused.
     let start = std::time::Instant::now();
     let mut q = [0u8; 8];
     loop {
@@ -700,10 +718,18 @@ fn a_dedicated_wq_with_a_pasid_the_guest_never_set_up_fails_translation() {
     let swerr = u64::from_le_bytes(q);
     assert_eq!(swerr & 0xff00, 0x1a00, "{swerr:#x}");
     assert_eq!((swerr >> 16) & 0xff, 0, "WQ 0");
-    assert_eq!((swerr >> 40) & 0xf_ffff, 0, "PASID field");
+    assert_eq!((swerr >> 40) & 0xf_ffff, u64::from(unknown), "PASID field");
     pci::PciDevice::bar_read(&mut *dev, 0, offset::SWERR + 16, &mut q);
     assert_eq!(u64::from_le_bytes(q), IOVA + 0x800);
     assert_eq!(g.mem.read_obj::<u8>(GuestAddress(GPA + 0x800)).unwrap(), 0);
+    let mut fsts = [0u8; 4];
+    g.iommu.mmio_read(FSTS, &mut fsts);
+    assert_eq!(
+        u32::from_le_bytes(fsts) & FSTS_PPF,
+        FSTS_PPF,
+        "a fault recorded"
+    );
+    assert!(pasids.table().is_empty(), "still not mapped");
 }
 
 #[test]
@@ -769,6 +795,8 @@ fn page_requests_carry_the_guest_pasid_and_responses_reach_the_device() {
     assert_eq!(copied, [0x3c; 0x40]);
 }
 
+/// FSTS: primary pending fault.
+const FSTS_PPF: u32 = 1 << 1;
 /// WQCFG dword 2: block on fault enable.
 const WQCFG_BOF: u32 = 1 << 1;
 /// Page group response descriptor (VT-d 6.5.2.11): type, PASID present,
