@@ -80,8 +80,8 @@ pub type HostPasidFreed = Arc<dyn Fn(u32) + Send + Sync>;
 /// - A PASID-cache invalidation re-checks the PASIDs it covers and removes
 ///   those the guest no longer has, freeing their host PASIDs.
 /// - Where the device must be handed some PASID for a guest PASID the
-///   vIOMMU does not confirm (WQCFG.PASID at Enable WQ, MSIXPERM, Drain and
-///   Abort PASID), the guest PASID gets an *unverified* host PASID, kept
+///   vIOMMU does not confirm (WQCFG.PASID at Enable WQ), the guest PASID
+///   gets an *unverified* host PASID, kept
 ///   apart from the table (ENQCMD never uses it): it maps back to its guest
 ///   PASID, so the device's requests reach the vIOMMU with the guest's
 ///   PASID and fail (or succeed, once the guest sets it up) exactly as the

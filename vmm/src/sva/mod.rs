@@ -31,8 +31,9 @@
 //!   cross into the device at the VMM boundary only: the portal store
 //!   ([`DsaFunction::bar_store64`], ENQCMD and ENQCMDS), and the
 //!   [`vdsa::pasid::PasidTranslator`] hook the device calls at Enable WQ
-//!   (WQCFG.PASID), for Drain/Abort PASID, for MSIXPERM checks and, the
-//!   other way, for SWERROR's PASID field.
+//!   (WQCFG.PASID becomes a host PASID) and, the other way, to compare
+//!   guest PASIDs (Drain/Abort PASID, MSIXPERM) with the host PASIDs it
+//!   holds and to report SWERROR's PASID field.
 //! - **One table per VM, one space per process.** [`GuestPasids`] is per
 //!   VM, shared by its vCPUs and devices; host PASIDs come from a
 //!   [`pasid::PasidSpace`] shared by every VM of the process
@@ -50,8 +51,8 @@
 //!   ENQCMDS path gives up with -EAGAIN after its bounded retries, and a
 //!   user submitter sees its ENQCMD refused.
 //! - **A PASID the guest programs into the device without setting it up**
-//!   (WQCFG.PASID of a dedicated WQ at Enable WQ, MSIXPERM, Drain/Abort
-//!   PASID) gets an *unverified* host PASID, outside the gPASID -> hPASID
+//!   (WQCFG.PASID of a dedicated WQ at Enable WQ) gets an *unverified*
+//!   host PASID, outside the gPASID -> hPASID
 //!   table (ENQCMD never uses it) but mapping back to the guest PASID. The
 //!   device's requests with it reach the vIOMMU with the guest's PASID, so
 //!   they fail as on hardware (the vIOMMU records "PASID-table entry not
