@@ -19,5 +19,6 @@ pub mod microguest;
 pub mod msi;
 pub mod pci_root;
 pub mod sva;
+pub mod sva_bench;
 pub mod vcpu;
 pub mod vm;

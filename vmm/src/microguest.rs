@@ -422,6 +422,8 @@ pub struct MicroRun {
     /// The guest's PASIDs (its gPASID -> hPASID table), as the run left
     /// them.
     pub pasids: std::sync::Arc<crate::sva::GuestPasids>,
+    /// The guest's TSC frequency in kHz (0 if KVM could not tell).
+    pub tsc_khz: u32,
 }
 
 /// Options of a micro-guest run.
@@ -524,6 +526,7 @@ pub fn run(guest: MicroGuest, options: MicroOptions) -> Result<MicroRun, MicroRu
     vm.set_boot_state(loaded.regs, loaded.sregs);
     let memory = vm.memory().clone();
     let pasids = vm.pasids().clone();
+    let tsc_khz = vm.tsc_khz();
     let exit = vm.run(Some(options.timeout));
     Ok(MicroRun {
         exit,
@@ -533,5 +536,6 @@ pub fn run(guest: MicroGuest, options: MicroOptions) -> Result<MicroRun, MicroRu
         dsa_functions,
         iommu,
         pasids,
+        tsc_khz: tsc_khz.load(std::sync::atomic::Ordering::Relaxed),
     })
 }
