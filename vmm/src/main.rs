@@ -27,6 +27,8 @@ const EXIT_USAGE: u8 = 2;
 const EXIT_TRIPLE_FAULT: u8 = 3;
 const EXIT_TIMEOUT: u8 = 4;
 const EXIT_RESET: u8 = 5;
+/// Device numbers 1 to 31 of bus 0 (00:00.0 is the host bridge).
+const MAX_DSA: usize = 31;
 
 /// A KVM VMM with an emulated VT-d IOMMU (scalable mode) and a DSA-like
 /// accelerator with ENQCMD portals.
@@ -231,6 +233,12 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    if cli.dsa.len() > MAX_DSA {
+        return usage_error(format_args!(
+            "{} --dsa devices given; PCI bus 0 has room for {MAX_DSA}",
+            cli.dsa.len()
+        ));
+    }
     let accel = AccelConfig {
         iommu: cli.iommu,
         dsa: cli.dsa.clone(),

@@ -229,6 +229,18 @@ fn bad_dsa_specs() {
 }
 
 #[test]
+fn more_dsa_devices_than_bus_0_holds() {
+    let mut args = Vec::new();
+    for _ in 0..32 {
+        args.extend(["--dsa", "wqs=1"]);
+    }
+    assert_usage_error(
+        &args,
+        "error: 32 --dsa devices given; PCI bus 0 has room for 31",
+    );
+}
+
+#[test]
 fn iommu_and_dsa_options_attach_to_micro_guests() {
     assert!(
         std::path::Path::new("/dev/kvm").exists(),

@@ -760,6 +760,20 @@ fn a_dedicated_wq_bound_to_a_pasid_the_guest_never_set_up_fails_the_copy() {
     );
 }
 
+/// What hardware shows for the same program: SWERROR names the WQ's PASID
+/// (0x1235), and the IOMMU records the request it blocked (fault reason:
+/// PASID-table entry not present), which the guest's fault handler reads.
+#[test]
+fn swerror_and_the_fault_log_name_the_stray_pasid() {
+    let r = run_stray_dedicated_wq();
+    assert_eq!(
+        software_error(&r),
+        record_translation_error(STRAY_PASID, COPY_DWQ.record)
+    );
+    let iommu = r.iommu.as_ref().unwrap();
+    assert_ne!(fault_status(iommu) & 0x2, 0, "FSTS.PPF: a fault recorded");
+}
+
 #[test]
 fn a_guest_naming_another_guests_host_pasid_gets_its_own_address_space() {
     // Guest A runs first and keeps its mapping (its run, and with it its
