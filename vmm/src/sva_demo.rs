@@ -264,9 +264,8 @@ pub fn describe(run: &crate::microguest::MicroRun, p: &SvaProgram) -> (Vec<Strin
                 .collect();
             ok &= run.pasids.device_requests().iter().all(|&(_, h)| h == host);
             lines.push(format!(
-                "VMM: guest PASID {:#x} -> host PASID {host:#x} (guest-wide table, filled on first use{})",
-                p.pasid,
-                if p.iommu { " after the vIOMMU confirmed the guest's PASID-table entry" } else { "" }
+                "VMM: guest PASID {:#x} -> host PASID {host:#x} (one guest-wide table; filled when the guest enabled the dedicated WQ, then used for every ENQCMD)",
+                p.pasid
             ));
             lines.push(format!(
                 "vDSA: DMA tagged {}; {}",
