@@ -314,6 +314,21 @@ fn boot(cli: Cli, accel: AccelConfig) -> ExitCode {
     }
 }
 
+/// Assembles and runs a micro-guest; a failure to build or run it is
+/// reported on stderr and becomes the VMM-error exit status.
+fn run_micro<E: std::fmt::Display>(
+    guest: Result<microguest::MicroGuest, E>,
+    options: MicroOptions,
+) -> Result<microguest::MicroRun, ExitCode> {
+    guest
+        .map_err(|e| e.to_string())
+        .and_then(|g| microguest::run(g, options).map_err(|e| e.to_string()))
+        .map_err(|e| {
+            eprintln!("vmm: {e}");
+            ExitCode::from(EXIT_ERROR)
+        })
+}
+
 fn sva_demo(timeout: Option<u64>) -> ExitCode {
     use vmm::sva_demo;
     let program = sva_demo::program(true, 7);
@@ -326,15 +341,9 @@ fn sva_demo(timeout: Option<u64>) -> ExitCode {
         timeout: Duration::from_secs(timeout.unwrap_or(30)),
         ..sva_demo::options(true)
     };
-    let run = match sva_demo::sva_program(program)
-        .map_err(|e| e.to_string())
-        .and_then(|g| microguest::run(g, options).map_err(|e| e.to_string()))
-    {
+    let run = match run_micro(sva_demo::sva_program(program), options) {
         Ok(run) => run,
-        Err(e) => {
-            eprintln!("vmm: {e}");
-            return ExitCode::from(EXIT_ERROR);
-        }
+        Err(code) => return code,
     };
     let (lines, ok) = sva_demo::describe(&run, &program);
     for line in lines {
@@ -362,15 +371,9 @@ fn enqcmd_demo(timeout: Option<u64>, accel: AccelConfig) -> ExitCode {
         accel,
         ..Default::default()
     };
-    let run = match demos::enqcmd_after_gp()
-        .map_err(|e| e.to_string())
-        .and_then(|g| microguest::run(g, options).map_err(|e| e.to_string()))
-    {
+    let run = match run_micro(demos::enqcmd_after_gp(), options) {
         Ok(run) => run,
-        Err(e) => {
-            eprintln!("vmm: {e}");
-            return ExitCode::from(EXIT_ERROR);
-        }
+        Err(code) => return code,
     };
     let RunExit::TestExit(result) = run.exit else {
         return exit_code(&run.exit);
@@ -416,24 +419,14 @@ fn enqcmd_demo(timeout: Option<u64>, accel: AccelConfig) -> ExitCode {
 
 fn bench(iterations: u32, accel: AccelConfig) -> ExitCode {
     let per_round = (iterations / demos::BENCH_ROUNDS).max(1);
-    let run = match demos::trap_benchmark(per_round)
-        .map_err(|e| e.to_string())
-        .and_then(|g| {
-            microguest::run(
-                g,
-                MicroOptions {
-                    timeout: Duration::from_secs(600),
-                    accel,
-                    ..Default::default()
-                },
-            )
-            .map_err(|e| e.to_string())
-        }) {
+    let options = MicroOptions {
+        timeout: Duration::from_secs(600),
+        accel,
+        ..Default::default()
+    };
+    let run = match run_micro(demos::trap_benchmark(per_round), options) {
         Ok(run) => run,
-        Err(e) => {
-            eprintln!("vmm: {e}");
-            return ExitCode::from(EXIT_ERROR);
-        }
+        Err(code) => return code,
     };
     if run.exit != RunExit::TestExit(0xbe) {
         return exit_code(&run.exit);
@@ -455,15 +448,9 @@ fn bench(iterations: u32, accel: AccelConfig) -> ExitCode {
 
 /// The accelerator half of `vmm bench` (see [`vmm::sva_bench`]).
 fn sva_bench(per_round: u32) -> ExitCode {
-    let run = match sva_bench::program(per_round)
-        .map_err(|e| e.to_string())
-        .and_then(|g| microguest::run(g, sva_bench::options()).map_err(|e| e.to_string()))
-    {
+    let run = match run_micro(sva_bench::program(per_round), sva_bench::options()) {
         Ok(run) => run,
-        Err(e) => {
-            eprintln!("vmm: {e}");
-            return ExitCode::from(EXIT_ERROR);
-        }
+        Err(code) => return code,
     };
     if run.exit != RunExit::TestExit(sva_bench::DONE) {
         eprintln!("vmm: the accelerator benchmark ended with {:?}", run.exit);
