@@ -18,5 +18,6 @@ pub mod machine;
 pub mod microguest;
 pub mod msi;
 pub mod pci_root;
+pub mod run_command;
 pub mod vcpu;
 pub mod vm;

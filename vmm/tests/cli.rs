@@ -129,7 +129,7 @@ fn zero_cpus() {
 fn bad_serial_target() {
     assert_usage_error(
         &["--serial", "tty9"],
-        "error: invalid value 'tty9' for '--serial <SERIAL>': expected stdout, none or file:PATH",
+        "error: invalid value 'tty9' for '--serial <SERIAL>': expected stdout, stderr, none or file:PATH",
     );
 }
 
