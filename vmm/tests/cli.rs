@@ -161,3 +161,146 @@ fn enqcmd_demo_runs() {
     );
     assert!(out.ends_with("ENQCMD trap demo: OK\n"), "{out}");
 }
+
+// `vmm run`: every bad input is refused before anything boots.
+
+#[test]
+fn run_without_kernel() {
+    assert_usage_error(&["run", "--", "true"], "error: --kernel is required");
+}
+
+#[test]
+fn run_without_initramfs() {
+    let k = big_kernel();
+    assert_usage_error(
+        &["run", "--kernel", k.to_str().unwrap(), "--", "true"],
+        "error: --initramfs is required: its /init runs the command (guest-images/out/initramfs-base.cpio)",
+    );
+}
+
+#[test]
+fn run_without_command() {
+    let k = big_kernel();
+    let k = k.to_str().unwrap();
+    let expected = "error: no command: give it after \"--\", as in vmm run --kernel K --initramfs I -- sh -c 'echo hi'";
+    assert_usage_error(&["run", "--kernel", k, "--initramfs", k], expected);
+    assert_usage_error(&["run", "--kernel", k, "--initramfs", k, "--"], expected);
+}
+
+#[test]
+fn run_command_without_double_dash() {
+    let k = big_kernel();
+    let k = k.to_str().unwrap();
+    assert_usage_error(
+        &["run", "--kernel", k, "--initramfs", k, "true"],
+        "error: unexpected argument 'true' found",
+    );
+}
+
+#[test]
+fn run_missing_kernel_file() {
+    assert_usage_error(
+        &[
+            "run",
+            "--kernel",
+            "/nonexistent/vmlinux",
+            "--initramfs",
+            "/nonexistent/i",
+            "--",
+            "true",
+        ],
+        "error: cannot read kernel '/nonexistent/vmlinux': No such file or directory (os error 2)",
+    );
+}
+
+#[test]
+fn run_missing_initramfs_file() {
+    let k = big_kernel();
+    assert_usage_error(
+        &[
+            "run",
+            "--kernel",
+            k.to_str().unwrap(),
+            "--initramfs",
+            "/nonexistent/i",
+            "--",
+            "true",
+        ],
+        "error: cannot read initramfs '/nonexistent/i': No such file or directory (os error 2)",
+    );
+}
+
+#[test]
+fn run_bad_serial_target() {
+    assert_usage_error(
+        &["run", "--serial", "file:", "--", "true"],
+        "error: invalid value 'file:' for '--serial <SERIAL>': expected stdout, stderr, none or file:PATH",
+    );
+}
+
+#[test]
+fn run_bad_memory_and_cpus() {
+    let k = big_kernel();
+    let k = k.to_str().unwrap();
+    assert_usage_error(
+        &[
+            "run",
+            "--kernel",
+            k,
+            "--initramfs",
+            k,
+            "--memory",
+            "4M",
+            "--",
+            "true",
+        ],
+        "error: --memory 4194304 bytes is below the minimum of 16 MiB",
+    );
+    assert_usage_error(
+        &["run", "--cpus", "300", "--", "true"],
+        "error: invalid value '300' for '--cpus <CPUS>': 300 is not in 1..=255",
+    );
+}
+
+#[test]
+fn run_cmdline_with_double_dash() {
+    let k = big_kernel();
+    let k = k.to_str().unwrap();
+    assert_usage_error(
+        &[
+            "run",
+            "--kernel",
+            k,
+            "--initramfs",
+            k,
+            "--cmdline",
+            "console=ttyS0 -- x",
+            "--",
+            "true",
+        ],
+        "error: --cmdline must not contain \"--\": vmm run adds init's settings after it",
+    );
+}
+
+#[test]
+fn run_command_too_long_for_the_kernel() {
+    let k = big_kernel();
+    let k = k.to_str().unwrap();
+    // 1000 spaces encode as 3000 bytes of %20.
+    let long = " ".repeat(1000);
+    assert_usage_error(
+        &["run", "--kernel", k, "--initramfs", k, "--", "echo", &long],
+        "error: the command is too long: the kernel command line would be 3067 bytes, the limit is 2047",
+    );
+}
+
+#[test]
+fn run_help_names_the_exit_statuses() {
+    let (code, out, _) = vmm(&["run", "--help"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("[default: stderr]"), "{out}");
+    assert!(
+        out.contains("6 guest kernel panic, 7 the guest stopped without reporting a status"),
+        "{out}"
+    );
+}

@@ -228,6 +228,11 @@ impl VirtioPciDevice {
                 });
                 return;
             }
+            log::info!(
+                "virtio device type {}: driver ready, features {:#x}",
+                self.device.device_type(),
+                self.common.driver_features
+            );
             self.process();
         }
     }
