@@ -164,6 +164,14 @@ fn enqcmd_demo_runs() {
 
 // `vmm run`: every bad input is refused before anything boots.
 
+/// `vmm run --kernel K --initramfs K` followed by `rest` (any readable file
+/// passes the initramfs check).
+fn run_args<'a>(kernel: &'a str, rest: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["run", "--kernel", kernel, "--initramfs", kernel];
+    args.extend_from_slice(rest);
+    args
+}
+
 #[test]
 fn run_without_kernel() {
     assert_usage_error(&["run", "--", "true"], "error: --kernel is required");
@@ -183,38 +191,25 @@ fn run_without_command() {
     let k = big_kernel();
     let k = k.to_str().unwrap();
     let expected = "error: no command: give it after \"--\", as in vmm run --kernel K --initramfs I -- sh -c 'echo hi'";
-    assert_usage_error(&["run", "--kernel", k, "--initramfs", k], expected);
-    assert_usage_error(&["run", "--kernel", k, "--initramfs", k, "--"], expected);
+    assert_usage_error(&run_args(k, &[]), expected);
+    assert_usage_error(&run_args(k, &["--"]), expected);
 }
 
 #[test]
 fn run_command_without_double_dash() {
     let k = big_kernel();
-    let k = k.to_str().unwrap();
     assert_usage_error(
-        &["run", "--kernel", k, "--initramfs", k, "true"],
+        &run_args(k.to_str().unwrap(), &["true"]),
         "error: unexpected argument 'true' found",
     );
 }
 
 #[test]
-fn run_missing_kernel_file() {
+fn run_missing_files() {
     assert_usage_error(
-        &[
-            "run",
-            "--kernel",
-            "/nonexistent/vmlinux",
-            "--initramfs",
-            "/nonexistent/i",
-            "--",
-            "true",
-        ],
+        &run_args("/nonexistent/vmlinux", &["--", "true"]),
         "error: cannot read kernel '/nonexistent/vmlinux': No such file or directory (os error 2)",
     );
-}
-
-#[test]
-fn run_missing_initramfs_file() {
     let k = big_kernel();
     assert_usage_error(
         &[
@@ -241,19 +236,8 @@ fn run_bad_serial_target() {
 #[test]
 fn run_bad_memory_and_cpus() {
     let k = big_kernel();
-    let k = k.to_str().unwrap();
     assert_usage_error(
-        &[
-            "run",
-            "--kernel",
-            k,
-            "--initramfs",
-            k,
-            "--memory",
-            "4M",
-            "--",
-            "true",
-        ],
+        &run_args(k.to_str().unwrap(), &["--memory", "4M", "--", "true"]),
         "error: --memory 4194304 bytes is below the minimum of 16 MiB",
     );
     assert_usage_error(
@@ -265,19 +249,11 @@ fn run_bad_memory_and_cpus() {
 #[test]
 fn run_cmdline_with_double_dash() {
     let k = big_kernel();
-    let k = k.to_str().unwrap();
     assert_usage_error(
-        &[
-            "run",
-            "--kernel",
-            k,
-            "--initramfs",
-            k,
-            "--cmdline",
-            "console=ttyS0 -- x",
-            "--",
-            "true",
-        ],
+        &run_args(
+            k.to_str().unwrap(),
+            &["--cmdline", "console=ttyS0 -- x", "--", "true"],
+        ),
         "error: --cmdline must not contain \"--\": vmm run adds init's settings after it",
     );
 }
@@ -285,11 +261,10 @@ fn run_cmdline_with_double_dash() {
 #[test]
 fn run_command_too_long_for_the_kernel() {
     let k = big_kernel();
-    let k = k.to_str().unwrap();
     // 1000 spaces encode as 3000 bytes of %20.
     let long = " ".repeat(1000);
     assert_usage_error(
-        &["run", "--kernel", k, "--initramfs", k, "--", "echo", &long],
+        &run_args(k.to_str().unwrap(), &["--", "echo", &long]),
         "error: the command is too long: the kernel command line would be 3067 bytes, the limit is 2047",
     );
 }

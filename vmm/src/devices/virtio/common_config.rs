@@ -6,26 +6,26 @@ use virtio_queue::{Queue, QueueT};
 
 use super::{status, NO_VECTOR};
 
-// Register offsets.
-const DEVICE_FEATURE_SELECT: u64 = 0x00;
-const DEVICE_FEATURE: u64 = 0x04;
-const DRIVER_FEATURE_SELECT: u64 = 0x08;
-const DRIVER_FEATURE: u64 = 0x0c;
-const CONFIG_MSIX_VECTOR: u64 = 0x10;
-const NUM_QUEUES: u64 = 0x12;
-const DEVICE_STATUS: u64 = 0x14;
-const CONFIG_GENERATION: u64 = 0x15;
-const QUEUE_SELECT: u64 = 0x16;
-const QUEUE_SIZE: u64 = 0x18;
-const QUEUE_MSIX_VECTOR: u64 = 0x1a;
-const QUEUE_ENABLE: u64 = 0x1c;
-const QUEUE_NOTIFY_OFF: u64 = 0x1e;
-const QUEUE_DESC: u64 = 0x20;
-const QUEUE_DESC_HI: u64 = 0x24;
-const QUEUE_DRIVER: u64 = 0x28;
-const QUEUE_DRIVER_HI: u64 = 0x2c;
-const QUEUE_DEVICE: u64 = 0x30;
-const QUEUE_DEVICE_HI: u64 = 0x34;
+// Register offsets (the tests drive the device through them too).
+pub(super) const DEVICE_FEATURE_SELECT: u64 = 0x00;
+pub(super) const DEVICE_FEATURE: u64 = 0x04;
+pub(super) const DRIVER_FEATURE_SELECT: u64 = 0x08;
+pub(super) const DRIVER_FEATURE: u64 = 0x0c;
+pub(super) const CONFIG_MSIX_VECTOR: u64 = 0x10;
+pub(super) const NUM_QUEUES: u64 = 0x12;
+pub(super) const DEVICE_STATUS: u64 = 0x14;
+pub(super) const CONFIG_GENERATION: u64 = 0x15;
+pub(super) const QUEUE_SELECT: u64 = 0x16;
+pub(super) const QUEUE_SIZE: u64 = 0x18;
+pub(super) const QUEUE_MSIX_VECTOR: u64 = 0x1a;
+pub(super) const QUEUE_ENABLE: u64 = 0x1c;
+pub(super) const QUEUE_NOTIFY_OFF: u64 = 0x1e;
+pub(super) const QUEUE_DESC: u64 = 0x20;
+pub(super) const QUEUE_DESC_HI: u64 = 0x24;
+pub(super) const QUEUE_DRIVER: u64 = 0x28;
+pub(super) const QUEUE_DRIVER_HI: u64 = 0x2c;
+pub(super) const QUEUE_DEVICE: u64 = 0x30;
+pub(super) const QUEUE_DEVICE_HI: u64 = 0x34;
 
 /// Which 64-bit queue address a register names.
 #[derive(Clone, Copy)]

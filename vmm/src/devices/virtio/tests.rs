@@ -12,6 +12,11 @@ use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::capabilities::{cfg_type, layout, CAP_ID_VENDOR_SPECIFIC};
+use super::common_config::{
+    CONFIG_MSIX_VECTOR, DEVICE_FEATURE, DEVICE_FEATURE_SELECT, DEVICE_STATUS, DRIVER_FEATURE,
+    DRIVER_FEATURE_SELECT, NUM_QUEUES, QUEUE_DESC, QUEUE_DEVICE, QUEUE_DRIVER, QUEUE_ENABLE,
+    QUEUE_MSIX_VECTOR, QUEUE_NOTIFY_OFF, QUEUE_SELECT, QUEUE_SIZE,
+};
 use super::console::{RECEIVEQ, TRANSMITQ};
 use super::desc_flags::{NEXT, WRITE};
 use super::*;
@@ -29,23 +34,6 @@ const fn msi(v: u16) -> MsiMessage {
         data: 0x40 + v as u32,
     }
 }
-
-// Common configuration offsets (virtio 1.2, 4.1.4.3).
-const DEVICE_FEATURE_SELECT: u64 = 0x00;
-const DEVICE_FEATURE: u64 = 0x04;
-const DRIVER_FEATURE_SELECT: u64 = 0x08;
-const DRIVER_FEATURE: u64 = 0x0c;
-const CONFIG_MSIX_VECTOR: u64 = 0x10;
-const NUM_QUEUES: u64 = 0x12;
-const DEVICE_STATUS: u64 = 0x14;
-const QUEUE_SELECT: u64 = 0x16;
-const QUEUE_SIZE: u64 = 0x18;
-const QUEUE_MSIX_VECTOR: u64 = 0x1a;
-const QUEUE_ENABLE: u64 = 0x1c;
-const QUEUE_NOTIFY_OFF: u64 = 0x1e;
-const QUEUE_DESC: u64 = 0x20;
-const QUEUE_DRIVER: u64 = 0x28;
-const QUEUE_DEVICE: u64 = 0x30;
 
 const S_DRIVER_READY: u8 = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
 const S_LIVE: u8 = S_DRIVER_READY | status::DRIVER_OK;
