@@ -4,10 +4,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use kvm_bindings::{
-    kvm_guest_debug, kvm_regs, kvm_sregs, KVM_EXIT_INTERNAL_ERROR, KVM_GUESTDBG_ENABLE,
-    KVM_GUESTDBG_USE_HW_BP, KVM_INTERNAL_ERROR_EMULATION,
+    kvm_guest_debug, kvm_regs, kvm_sregs, kvm_sync_regs, kvm_vcpu_events, KVM_EXIT_INTERNAL_ERROR,
+    KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_USE_HW_BP, KVM_INTERNAL_ERROR_EMULATION,
 };
-use kvm_ioctls::{VcpuExit, VcpuFd};
+use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
 use pasid::{Ia32Pasid, MSR_IA32_PASID};
 use pci::{StoreKind, StoreReply};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -61,6 +61,9 @@ pub struct Vcpu {
     pub(crate) ud_hook: Option<UdHook>,
     ud_handler: Option<u64>,
     ud_handler_skip: u64,
+    /// KVM has stored this exit's registers in the `kvm_run` page (see
+    /// [`Vcpu::new`]); false before the first exit.
+    synced: bool,
 }
 
 impl Vcpu {
@@ -72,6 +75,15 @@ impl Vcpu {
         pio: Arc<Bus>,
         ud_hook: Option<UdHook>,
     ) -> Self {
+        let mut fd = fd;
+        // Every vCPU ioctl costs a vCPU reload on this platform, which is
+        // most of a trap's price: with KVM_CAP_SYNC_REGS KVM stores the
+        // registers, segment registers and events in the `kvm_run` page at
+        // each exit and loads the ones marked dirty at the next KVM_RUN, so
+        // answering a trapped ENQCMD takes no register ioctl at all.
+        fd.set_sync_valid_reg(SyncReg::Register);
+        fd.set_sync_valid_reg(SyncReg::SystemRegister);
+        fd.set_sync_valid_reg(SyncReg::VcpuEvents);
         Self {
             fd,
             id,
@@ -82,6 +94,7 @@ impl Vcpu {
             ud_hook,
             ud_handler: None,
             ud_handler_skip: 0,
+            synced: false,
         }
     }
 
@@ -134,8 +147,34 @@ impl Vcpu {
         Ok(buf)
     }
 
-    fn rip(&self) -> u64 {
-        self.fd.get_regs().map_or(0, |r| r.rip)
+    fn rip(&mut self) -> u64 {
+        GuestCpu::regs(self).map_or(0, |r| r.rip)
+    }
+
+    /// Reads one kind of vCPU state: from the `kvm_run` page after an
+    /// exit, through its ioctl before the first one.
+    fn read_state<T: Copy>(&mut self, state: &SyncedState<T>) -> Result<T, EmulatorError> {
+        if self.synced {
+            Ok(*(state.field)(self.fd.sync_regs_mut()))
+        } else {
+            (state.get)(&self.fd).map_err(vcpu_error)
+        }
+    }
+
+    /// Writes one kind of vCPU state: into the `kvm_run` page, marked
+    /// dirty for the next KVM_RUN, or through its ioctl before the first.
+    fn write_state<T: Copy>(
+        &mut self,
+        state: &SyncedState<T>,
+        value: &T,
+    ) -> Result<(), EmulatorError> {
+        if self.synced {
+            *(state.field)(self.fd.sync_regs_mut()) = *value;
+            self.fd.set_sync_dirty_reg(state.flag);
+            Ok(())
+        } else {
+            (state.set)(&self.fd, value).map_err(vcpu_error)
+        }
     }
 
     /// Runs until the guest or the VMM ends the run.
@@ -149,7 +188,9 @@ impl Vcpu {
             if stop.load(Ordering::Acquire) {
                 return VcpuStop::Requested;
             }
-            let action = match self.fd.run() {
+            let result = self.fd.run();
+            self.synced = result.is_ok();
+            let action = match result {
                 Ok(exit) => match exit {
                     VcpuExit::IoOut(port, data) => {
                         if !self.pio.write(port.into(), data) {
@@ -194,13 +235,7 @@ impl Vcpu {
                     VcpuExit::InternalError => Action::InternalError,
                     VcpuExit::Shutdown => return VcpuStop::TripleFault,
                     VcpuExit::SystemEvent(kind, _) => return VcpuStop::SystemEvent(kind),
-                    VcpuExit::Hlt => {
-                        return VcpuStop::Fatal(format!(
-                            "vCPU {}: HLT exit at RIP {:#x} (interrupts cannot wake it)",
-                            self.id,
-                            self.rip()
-                        ))
-                    }
+                    VcpuExit::Hlt => Action::Fatal("HLT (interrupts cannot wake it)".into()),
                     VcpuExit::Intr => Action::Resume,
                     other => Action::Fatal(format!("{other:?}")),
                 },
@@ -225,10 +260,10 @@ impl Vcpu {
                     }
                 }
                 Action::Fatal(exit) => {
+                    let rip = self.rip();
                     return VcpuStop::Fatal(format!(
-                        "vCPU {}: unhandled exit {exit} at RIP {:#x}",
-                        self.id,
-                        self.rip()
+                        "vCPU {}: unhandled exit {exit} at RIP {rip:#x}",
+                        self.id
                     ));
                 }
             }
@@ -252,14 +287,9 @@ impl Vcpu {
                 }
                 // Let the guest's handler run: step over its first
                 // instruction (see arm_ud_breakpoint).
-                let mut regs = self
-                    .fd
-                    .get_regs()
-                    .map_err(|e| format!("KVM_GET_REGS: {e}"))?;
+                let mut regs = GuestCpu::regs(self).map_err(|e| self.fatal(&e))?;
                 regs.rip += self.ud_handler_skip;
-                self.fd
-                    .set_regs(&regs)
-                    .map_err(|e| format!("KVM_SET_REGS: {e}"))
+                GuestCpu::set_regs(self, &regs).map_err(|e| self.fatal(&e))
             }
             EntryAction::Emulated(_) | EntryAction::Faulted(_) | EntryAction::Retry => Ok(()),
         }
@@ -279,11 +309,10 @@ impl Vcpu {
         // whose every bit pattern is valid).
         let failure = unsafe { run.__bindgen_anon_1.emulation_failure };
         if failure.suberror != KVM_INTERNAL_ERROR_EMULATION {
+            let rip = self.rip();
             return Err(format!(
-                "vCPU {}: KVM internal error, suberror {} at RIP {:#x}",
-                self.id,
-                failure.suberror,
-                self.rip()
+                "vCPU {}: KVM internal error, suberror {} at RIP {rip:#x}",
+                self.id, failure.suberror
             ));
         }
         // SAFETY: the instruction-bytes member is the only one of its union
@@ -301,14 +330,41 @@ impl Vcpu {
         }
     }
 
-    fn fatal(&self, e: &EmulatorError) -> String {
-        format!(
-            "vCPU {}: emulator error at RIP {:#x}: {e}",
-            self.id,
-            self.rip()
-        )
+    fn fatal(&mut self, e: &EmulatorError) -> String {
+        let rip = self.rip();
+        format!("vCPU {}: emulator error at RIP {rip:#x}: {e}", self.id)
     }
 }
+
+/// One kind of vCPU state: its field in the `kvm_run` sync area, its
+/// dirty flag and its ioctls.
+struct SyncedState<T> {
+    field: fn(&mut kvm_sync_regs) -> &mut T,
+    flag: SyncReg,
+    get: fn(&VcpuFd) -> Result<T, kvm_ioctls::Error>,
+    set: fn(&VcpuFd, &T) -> Result<(), kvm_ioctls::Error>,
+}
+
+const REGS: SyncedState<kvm_regs> = SyncedState {
+    field: |s| &mut s.regs,
+    flag: SyncReg::Register,
+    get: VcpuFd::get_regs,
+    set: VcpuFd::set_regs,
+};
+
+const SREGS: SyncedState<kvm_sregs> = SyncedState {
+    field: |s| &mut s.sregs,
+    flag: SyncReg::SystemRegister,
+    get: VcpuFd::get_sregs,
+    set: VcpuFd::set_sregs,
+};
+
+const EVENTS: SyncedState<kvm_vcpu_events> = SyncedState {
+    field: |s| &mut s.events,
+    flag: SyncReg::VcpuEvents,
+    get: VcpuFd::get_vcpu_events,
+    set: VcpuFd::set_vcpu_events,
+};
 
 enum Action {
     Resume,
@@ -324,19 +380,19 @@ fn vcpu_error(e: kvm_ioctls::Error) -> EmulatorError {
 
 impl GuestCpu for Vcpu {
     fn regs(&mut self) -> Result<kvm_regs, EmulatorError> {
-        self.fd.get_regs().map_err(vcpu_error)
+        self.read_state(&REGS)
     }
 
     fn set_regs(&mut self, regs: &kvm_regs) -> Result<(), EmulatorError> {
-        self.fd.set_regs(regs).map_err(vcpu_error)
+        self.write_state(&REGS, regs)
     }
 
     fn sregs(&mut self) -> Result<kvm_sregs, EmulatorError> {
-        self.fd.get_sregs().map_err(vcpu_error)
+        self.read_state(&SREGS)
     }
 
     fn set_sregs(&mut self, sregs: &kvm_sregs) -> Result<(), EmulatorError> {
-        self.fd.set_sregs(sregs).map_err(vcpu_error)
+        self.write_state(&SREGS, sregs)
     }
 
     fn memory(&self) -> &GuestMemoryMmap {
@@ -354,16 +410,16 @@ impl GuestCpu for Vcpu {
         cr2: Option<u64>,
     ) -> Result<(), EmulatorError> {
         if let Some(cr2) = cr2 {
-            let mut sregs = self.fd.get_sregs().map_err(vcpu_error)?;
+            let mut sregs = self.read_state(&SREGS)?;
             sregs.cr2 = cr2;
-            self.fd.set_sregs(&sregs).map_err(vcpu_error)?;
+            self.write_state(&SREGS, &sregs)?;
         }
-        let mut events = self.fd.get_vcpu_events().map_err(vcpu_error)?;
+        let mut events = self.read_state(&EVENTS)?;
         events.exception.injected = 1;
         events.exception.nr = vector;
         events.exception.has_error_code = u8::from(error_code.is_some());
         events.exception.error_code = error_code.unwrap_or(0);
-        self.fd.set_vcpu_events(&events).map_err(vcpu_error)
+        self.write_state(&EVENTS, &events)
     }
 
     fn store64(

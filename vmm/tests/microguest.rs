@@ -145,3 +145,20 @@ fn msi_from_a_device_reaches_the_guest_idt() {
     drop(sender);
     assert_eq!(exit, RunExit::TestExit(0x4040));
 }
+
+/// The trap benchmark runs to its end and leaves one positive TSC delta
+/// per batch (its ratio is printed by `vmm bench`, never asserted).
+#[test]
+fn trap_benchmark_records_every_round() {
+    let per_round = 50;
+    let guest = vmm::demos::trap_benchmark(per_round).expect("assemble");
+    let run = vmm::microguest::run(guest, Default::default()).expect("run");
+    assert_eq!(run.exit, vmm::vm::RunExit::TestExit(0xbe));
+    let bench = vmm::demos::TrapBench::from_memory(&run.memory, per_round);
+    assert_eq!(bench.rounds.len(), vmm::demos::BENCH_ROUNDS as usize);
+    assert!(
+        bench.rounds.iter().all(|&(pio, enq)| pio > 0 && enq > 0),
+        "{:?}",
+        bench.rounds
+    );
+}
