@@ -200,7 +200,9 @@ mod tests {
         assert_eq!(
             kernel_cmdline("console=ttyS0", &args(&[&long])),
             Err(RunError::TooLong {
-                len: 2000 + 64,
+                // "console=ttyS0", " -- vmm.cmd=", the argument, and
+                // " vmm.out=hvc0 vmm.status=hvc1".
+                len: 13 + 12 + 2000 + 29,
                 max: 2047
             })
         );
