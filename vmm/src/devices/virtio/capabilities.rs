@@ -16,6 +16,8 @@ pub mod cfg_type {
     pub const ISR: u8 = 3;
     /// Device-specific configuration.
     pub const DEVICE: u8 = 4;
+    /// A window in configuration space onto the BARs.
+    pub const PCI_CFG: u8 = 5;
 }
 
 /// The BAR holding every virtio structure and the MSI-X table.
@@ -85,14 +87,16 @@ pub struct VirtioPciCap {
 impl VirtioPciCap {
     /// cap_len: the whole capability including ID and next pointer.
     const LEN: u8 = 16;
-    /// cap_len of `struct virtio_pci_notify_cap`.
-    const NOTIFY_LEN: u8 = 20;
+    /// cap_len of `struct virtio_pci_notify_cap` and of
+    /// `struct virtio_pci_cfg_cap`.
+    const LONG_LEN: u8 = 20;
 
     /// The capability body (cap_len onwards).
     fn body(&self) -> Vec<u8> {
         let notify = self.cfg_type == cfg_type::NOTIFY;
+        let long = notify || self.cfg_type == cfg_type::PCI_CFG;
         let mut body = vec![
-            if notify { Self::NOTIFY_LEN } else { Self::LEN },
+            if long { Self::LONG_LEN } else { Self::LEN },
             self.cfg_type,
             VIRTIO_BAR,
             0, // id: only one structure of each type
@@ -103,6 +107,8 @@ impl VirtioPciCap {
         body.extend_from_slice(&(self.region.len as u32).to_le_bytes());
         if notify {
             body.extend_from_slice(&NOTIFY_OFF_MULTIPLIER.to_le_bytes());
+        } else if long {
+            body.extend_from_slice(&[0; 4]); // pci_cfg_data
         }
         body
     }
@@ -118,6 +124,72 @@ pub fn notify_region(queues: usize) -> BarRegion {
     BarRegion {
         offset: layout::NOTIFY_OFFSET,
         len: (queues.max(1) as u64) * u64::from(NOTIFY_OFF_MULTIPLIER),
+    }
+}
+
+/// The VIRTIO_PCI_CAP_PCI_CFG window (virtio 1.2, 4.1.4.9): the driver
+/// sets bar, offset and length in the capability, then reads or writes
+/// `pci_cfg_data` to access that BAR through configuration space.
+#[derive(Clone, Copy, Debug)]
+pub struct PciCfgWindow {
+    cap: u16,
+}
+
+/// One access the window asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WindowAccess {
+    /// The BAR.
+    pub bar: u8,
+    /// The offset in it.
+    pub offset: u64,
+    /// 1, 2 or 4 bytes.
+    pub len: usize,
+}
+
+impl PciCfgWindow {
+    const BAR: u16 = 4;
+    const OFFSET: u16 = 8;
+    const LENGTH: u16 = 12;
+    /// Offset of pci_cfg_data in the capability.
+    const DATA: u16 = 16;
+
+    /// Appends the capability; bar, offset, length and data are writable.
+    pub fn add_to(config: &mut PciConfiguration) -> Result<Self, ConfigError> {
+        let cap = VirtioPciCap {
+            cfg_type: cfg_type::PCI_CFG,
+            region: BarRegion { offset: 0, len: 0 },
+        };
+        // Masks start at cap_len: bar, then offset, length and data.
+        let mut writable = [0u8; 18];
+        writable[2] = 0xff;
+        writable[6..].fill(0xff);
+        let cap = config.add_capability(CAP_ID_VENDOR_SPECIFIC, &cap.body(), &writable)?;
+        Ok(Self { cap })
+    }
+
+    /// Whether a configuration access at `offset` of `len` bytes touches
+    /// pci_cfg_data.
+    pub fn hits_data(&self, offset: u16, len: usize) -> bool {
+        let data = self.cap + Self::DATA;
+        offset < data + 4 && offset + len as u16 > data
+    }
+
+    /// The access the window is programmed for, if it is a valid one: a
+    /// length of 1, 2 or 4 and an offset aligned to it.
+    pub fn access(&self, config: &PciConfiguration) -> Option<WindowAccess> {
+        let bar = config.read_u32(self.cap + Self::BAR) as u8;
+        let offset = config.read_u32(self.cap + Self::OFFSET);
+        let len = config.read_u32(self.cap + Self::LENGTH);
+        (matches!(len, 1 | 2 | 4) && offset % len == 0).then_some(WindowAccess {
+            bar,
+            offset: offset.into(),
+            len: len as usize,
+        })
+    }
+
+    /// Where pci_cfg_data lives in configuration space.
+    pub fn data_offset(&self) -> u16 {
+        self.cap + Self::DATA
     }
 }
 

@@ -274,6 +274,7 @@ fn identity_and_virtio_capabilities() {
             (20, cfg_type::NOTIFY, 0, 0x3000, 8),
             (16, cfg_type::ISR, 0, 0x1000, 4),
             (16, cfg_type::DEVICE, 0, 0x2000, 0x1000),
+            (20, cfg_type::PCI_CFG, 0, 0, 0),
         ]
     );
     assert_eq!(g.cfg32(caps[1] + 16), 4, "notify_off_multiplier");
@@ -282,6 +283,37 @@ fn identity_and_virtio_capabilities() {
     // BAR0: 64-bit, 32 KiB.
     g.dev().config_write(0x10, &u32::MAX.to_le_bytes());
     assert_eq!(g.cfg32(0x10), 0xffff_8004);
+}
+
+#[test]
+fn pci_cfg_window_reaches_bar0() {
+    let mut g = Guest::new();
+    let cap = g.find_cap(CAP_ID_VENDOR_SPECIFIC)[4];
+    let (bar, offset, length, data) = (cap + 4, cap + 8, cap + 12, cap + 16);
+    g.dev().config_write(bar, &[0]);
+    g.dev()
+        .config_write(offset, &(layout::COMMON.offset as u32 + 0x14).to_le_bytes());
+    g.dev().config_write(length, &1u32.to_le_bytes());
+    g.dev().config_write(data, &[status::ACKNOWLEDGE, 0, 0, 0]);
+    assert_eq!(
+        g.status(),
+        status::ACKNOWLEDGE,
+        "written through the window"
+    );
+    g.set_status(status::ACKNOWLEDGE | status::DRIVER);
+    assert_eq!(g.cfg8(data), status::ACKNOWLEDGE | status::DRIVER);
+    // num_queues, 2 bytes.
+    g.dev()
+        .config_write(offset, &(layout::COMMON.offset as u32 + 0x12).to_le_bytes());
+    g.dev().config_write(length, &2u32.to_le_bytes());
+    assert_eq!(g.cfg32(data) & 0xffff, 2);
+    // A length of 3, or an offset not aligned to the length: no access.
+    g.dev().config_write(length, &3u32.to_le_bytes());
+    g.dev().config_write(data, &[0; 4]);
+    g.dev().config_write(length, &4u32.to_le_bytes());
+    g.dev().config_write(offset, &0x16u32.to_le_bytes());
+    g.dev().config_write(data, &[0; 4]);
+    assert_eq!(g.status(), status::ACKNOWLEDGE | status::DRIVER);
 }
 
 #[test]

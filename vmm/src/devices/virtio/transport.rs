@@ -4,7 +4,8 @@
 //! Identity: vendor 0x1AF4, device 0x1040 + device type, revision 1,
 //! subsystem 0x1AF4:0x1100. BAR0 (64-bit memory) holds the common
 //! configuration, ISR status, device configuration, notification region,
-//! MSI-X table and PBA at the offsets of [`layout`]. Interrupts are MSI-X
+//! MSI-X table and PBA at the offsets of [`layout`]; a VIRTIO_PCI_CAP_PCI_CFG
+//! capability gives configuration-space access to them too. Interrupts are MSI-X
 //! only (one vector per queue plus one for configuration changes); INTx is
 //! not offered.
 
@@ -18,7 +19,9 @@ use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::capabilities::{add_virtio_capabilities, layout, notify_region, VIRTIO_BAR};
+use super::capabilities::{
+    add_virtio_capabilities, layout, notify_region, PciCfgWindow, VIRTIO_BAR,
+};
 use super::common_config::{CommonConfig, CommonWrite};
 use super::isr::{IsrStatus, ISR_CONFIG, ISR_QUEUE};
 use super::notify::notified_queue;
@@ -51,6 +54,7 @@ pub enum TransportError {
 /// A virtio device on the PCI transport.
 pub struct VirtioPciDevice {
     config: PciConfiguration,
+    window: PciCfgWindow,
     msix: MsixConfig,
     common: CommonConfig,
     isr: IsrStatus,
@@ -88,6 +92,7 @@ impl VirtioPciDevice {
         )?;
         let queues = device.queue_max_sizes().len();
         add_virtio_capabilities(&mut config, queues)?;
+        let window = PciCfgWindow::add_to(&mut config)?;
         let mut msix = MsixConfig::new(queues as u16 + 1);
         msix.add_capability(
             &mut config,
@@ -102,6 +107,7 @@ impl VirtioPciDevice {
         );
         Ok(Self {
             config,
+            window,
             msix,
             common,
             isr: IsrStatus::default(),
@@ -285,12 +291,29 @@ impl VirtioPciDevice {
 
 impl PciDevice for VirtioPciDevice {
     fn config_read(&mut self, offset: u16, data: &mut [u8]) {
+        if self.window.hits_data(offset, data.len()) {
+            // Fill pci_cfg_data from the BAR first.
+            if let Some(access) = self.window.access(&self.config) {
+                let mut value = [0u8; 4];
+                self.bar_read(access.bar, access.offset, &mut value[..access.len]);
+                self.config.set_bytes(self.window.data_offset(), &value);
+            }
+        }
         self.config.read(offset, data);
     }
 
     fn config_write(&mut self, offset: u16, data: &[u8]) {
         self.config.write(offset, data);
         self.msix.update(&self.config, &*self.msi);
+        if self.window.hits_data(offset, data.len()) {
+            if let Some(access) = self.window.access(&self.config) {
+                let value = self
+                    .config
+                    .read_u32(self.window.data_offset())
+                    .to_le_bytes();
+                self.bar_write(access.bar, access.offset, &value[..access.len]);
+            }
+        }
     }
 
     fn mapped_bars(&self) -> Vec<MappedBar> {
