@@ -100,6 +100,9 @@ impl Write for CaptureOutput {
 /// A single-port virtio console.
 pub struct Console {
     output: Box<dyn Write + Send>,
+    /// Set once an output error was logged (a closed pipe would otherwise
+    /// log once per buffer).
+    output_failed: bool,
     input: Arc<ConsoleInput>,
     input_event: EventFd,
     queue_sizes: [u16; 2],
@@ -112,6 +115,7 @@ impl Console {
         let input_event = input.event.try_clone()?;
         Ok(Self {
             output,
+            output_failed: false,
             input,
             input_event,
             queue_sizes: [QUEUE_SIZE; 2],
@@ -122,6 +126,17 @@ impl Console {
         let mut config = [0u8; CONFIG_SIZE];
         config[CONFIG_MAX_NR_PORTS..CONFIG_MAX_NR_PORTS + 4].copy_from_slice(&1u32.to_le_bytes());
         config
+    }
+
+    /// Logs the first output error; the guest's buffers are consumed anyway
+    /// so that it never waits on a host that cannot write.
+    fn note_output(&mut self, result: io::Result<()>) {
+        if let Err(e) = result {
+            if !self.output_failed {
+                log::warn!("virtio-console: output lost from now on: {e}");
+                self.output_failed = true;
+            }
+        }
     }
 
     /// Sends every transmit buffer to the output.
@@ -137,9 +152,8 @@ impl Console {
                 match reader.read(&mut chunk) {
                     Ok(0) => break,
                     Ok(n) => {
-                        if let Err(e) = self.output.write_all(&chunk[..n]) {
-                            log::warn!("virtio-console: output lost: {e}");
-                        }
+                        let written = self.output.write_all(&chunk[..n]);
+                        self.note_output(written);
                     }
                     Err(e) => {
                         log::warn!("virtio-console: transmit buffer unreadable: {e}");
@@ -147,9 +161,8 @@ impl Console {
                     }
                 }
             }
-            if let Err(e) = self.output.flush() {
-                log::warn!("virtio-console: output flush: {e}");
-            }
+            let flushed = self.output.flush();
+            self.note_output(flushed);
             // The device wrote nothing into a transmit buffer.
             queue
                 .add_used(mem, head, 0)
