@@ -73,10 +73,16 @@ impl Guest {
     }
 
     fn new() -> Self {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let out = CaptureOutput::default();
+        Self::with_output(Box::new(out.clone()), out)
+    }
+
+    /// A guest whose console writes to `output`; `out` is what the tests
+    /// read back.
+    fn with_output(output: Box<dyn std::io::Write + Send>, out: CaptureOutput) -> Self {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let input = ConsoleInput::new().unwrap();
-        let console = Console::new(Box::new(out.clone()), input.clone()).unwrap();
+        let console = Console::new(output, input.clone()).unwrap();
         let msi = Arc::new(MsiRecorder::new());
         let dev = Arc::new(Mutex::new(
             VirtioPciDevice::new(Box::new(console), mem.clone(), msi.clone()).unwrap(),
@@ -432,6 +438,29 @@ fn receive_fills_buffers_with_input() {
         .unwrap();
     assert_eq!(&got, b"abc");
     assert_eq!(g.msi.take(), vec![msi(1)], "one interrupt for the pass");
+}
+
+/// Output that fails like a closed pipe.
+struct BrokenPipe;
+
+impl std::io::Write for BrokenPipe {
+    fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+        Err(std::io::ErrorKind::BrokenPipe.into())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Err(std::io::ErrorKind::BrokenPipe.into())
+    }
+}
+
+#[test]
+fn failing_output_still_returns_the_buffers() {
+    let mut g = Guest::with_output(Box::new(BrokenPipe), CaptureOutput::default());
+    g.bring_up();
+    g.offer(TRANSMITQ, &[(0, BUF, 4, 0, 0), (1, BUF, 4, 0, 0)], &[0, 1]);
+    g.notify_and_process(TRANSMITQ as u16);
+    assert_eq!(g.used(TRANSMITQ), (2, vec![(0, 0), (1, 0)]));
+    assert_eq!(g.status(), S_LIVE, "the host's problem is not the guest's");
+    assert_eq!(g.msi.take(), vec![msi(2)]);
 }
 
 #[test]
