@@ -82,7 +82,9 @@ pub enum MachineError {
 
 /// Builds the machine, boots the kernel and runs it to the end.
 pub fn run_linux(config: LinuxConfig) -> Result<RunExit, MachineError> {
-    let interactive = matches!(config.serial, SerialOutput::Stdout);
+    // A plain boot on the terminal takes typed input on COM1; `vmm run`
+    // (virtio consoles) leaves the VMM's stdin alone.
+    let interactive = matches!(config.serial, SerialOutput::Stdout) && config.consoles.is_empty();
     let vm_config = VmConfig {
         cpus: config.cpus,
         memory: config.memory,
