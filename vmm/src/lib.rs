@@ -19,5 +19,6 @@ pub mod microguest;
 pub mod msi;
 pub mod pci_root;
 pub mod run_command;
+pub mod sva;
 pub mod vcpu;
 pub mod vm;

@@ -1,5 +1,6 @@
 //! The standard machine for Linux guests: the VM, the PCIe root complex,
-//! ACPI tables with the power-off device, and the loaded kernel.
+//! ACPI tables with the power-off device (and the vIOMMU's DMAR), the
+//! vIOMMU and vDSA functions, and the loaded kernel.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -19,6 +20,7 @@ use crate::devices::virtio::{Console, ConsoleInput, VirtioEventLoop, VirtioPciDe
 use crate::layout;
 use crate::msi::KvmMsiSink;
 use crate::pci_root::{PciConfigIo, PciRoot, PciRootError};
+use crate::sva::{attach, AccelConfig, AccelError};
 use crate::vcpu::UdHook;
 use crate::vm::{RunExit, Vm, VmConfig, VmError};
 
@@ -38,6 +40,8 @@ pub struct LinuxConfig {
     pub serial: SerialOutput,
     /// Give up after this long.
     pub timeout: Option<Duration>,
+    /// The vIOMMU and vDSA functions.
+    pub accel: AccelConfig,
     /// One virtio console device per entry, in PCI order: the guest sees
     /// them as hvc0, hvc1, ...
     pub consoles: Vec<VirtioConsole>,
@@ -63,6 +67,9 @@ pub enum MachineError {
     /// The kernel or initramfs.
     #[error(transparent)]
     Boot(#[from] BootError),
+    /// The vIOMMU or a vDSA.
+    #[error(transparent)]
+    Accel(#[from] AccelError),
     /// A PCI function could not be placed.
     #[error(transparent)]
     Pci(#[from] PciRootError),
@@ -90,38 +97,15 @@ pub fn run_linux(config: LinuxConfig) -> Result<RunExit, MachineError> {
         memory: config.memory,
         serial: config.serial,
         ud_hook: Some(UdHook::EntryClac),
+        pasid_space: None,
     };
     let mut vm = Vm::new(vm_config)?;
     if interactive {
         forward_stdin(vm.serial().clone());
     }
 
-    let root = PciRoot::new();
-    vm.mmio()
-        .insert(
-            layout::PCIE_ECAM_START,
-            layout::PCIE_ECAM_SIZE,
-            Arc::new(Mutex::new(root.ecam())),
-        )
-        .map_err(VmError::from)?;
-    vm.pio()
-        .insert(
-            layout::PCI_CONFIG_ADDRESS_PORT.into(),
-            PciConfigIo::PORT_COUNT,
-            Arc::new(Mutex::new(root.config_io())),
-        )
-        .map_err(VmError::from)?;
-    let windows = Arc::new(Mutex::new(root.mmio_windows()));
-    vm.mmio()
-        .insert(
-            layout::PCI_MMIO32_START,
-            layout::PCI_MMIO32_SIZE,
-            windows.clone(),
-        )
-        .map_err(VmError::from)?;
-    vm.mmio()
-        .insert(layout::PCI_MMIO64_START, layout::PCI_MMIO64_SIZE, windows)
-        .map_err(VmError::from)?;
+    let root = attach_pci_root(&vm)?;
+    let accel = attach(&vm, &root, &config.accel)?;
     add_pvpanic(&vm, &root)?;
     let consoles = add_virtio_consoles(&vm, &root, config.consoles)?;
 
@@ -138,7 +122,9 @@ pub fn run_linux(config: LinuxConfig) -> Result<RunExit, MachineError> {
         )
         .map_err(VmError::from)?;
 
-    let rsdp = create_acpi_tables(vm.memory(), &AcpiConfig::new(config.cpus))?;
+    let mut acpi = AcpiConfig::new(config.cpus);
+    acpi.extra_tables.extend(accel.dmar);
+    let rsdp = create_acpi_tables(vm.memory(), &acpi)?;
     let boot = BootConfig {
         kernel: config.kernel,
         initramfs: config.initramfs,
@@ -189,6 +175,31 @@ fn add_virtio_consoles(
         devices.push(shared);
     }
     Ok(devices)
+}
+
+/// Puts a PCIe root complex on `vm`'s buses: ECAM, the 0xCF8/0xCFC ports
+/// and the BAR windows.
+pub fn attach_pci_root(vm: &Vm) -> Result<PciRoot, VmError> {
+    let root = PciRoot::new();
+    vm.mmio().insert(
+        layout::PCIE_ECAM_START,
+        layout::PCIE_ECAM_SIZE,
+        Arc::new(Mutex::new(root.ecam())),
+    )?;
+    vm.pio().insert(
+        layout::PCI_CONFIG_ADDRESS_PORT.into(),
+        PciConfigIo::PORT_COUNT,
+        Arc::new(Mutex::new(root.config_io())),
+    )?;
+    let windows = Arc::new(Mutex::new(root.mmio_windows()));
+    vm.mmio().insert(
+        layout::PCI_MMIO32_START,
+        layout::PCI_MMIO32_SIZE,
+        windows.clone(),
+    )?;
+    vm.mmio()
+        .insert(layout::PCI_MMIO64_START, layout::PCI_MMIO64_SIZE, windows)?;
+    Ok(root)
 }
 
 /// Feeds what is typed on the VMM's stdin to COM1. The thread ends at

@@ -18,11 +18,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use vdsa::DsaConfig;
 use vmm::demos::{self, DEMO_PASID};
 use vmm::devices::serial::SerialOutput;
 use vmm::machine::{run_linux, LinuxConfig, MachineError};
 use vmm::microguest::{self, MicroOptions};
 use vmm::run_command::{run_command, CommandRun, GuestStatus, RunCommandError};
+use vmm::sva::AccelConfig;
 use vmm::vm::{RunExit, MIN_MEMORY};
 
 const EXIT_ERROR: u8 = 1;
@@ -61,6 +63,23 @@ struct Cli {
     /// Stop the guest after this many seconds.
     #[arg(long)]
     timeout: Option<u64>,
+    /// Add the vIOMMU (VT-d, scalable mode) with every PCI device behind
+    /// it and its DMAR in the ACPI tables; without it devices do
+    /// untranslated DMA into guest RAM.
+    #[arg(long)]
+    iommu: bool,
+    /// Add a vDSA (repeatable; at 00:01.0, 00:02.0, ...). SPEC is a comma
+    /// list of wqs=1-16, engines=1-8, groups=1-8, wq-size=1-65535 (WQ
+    /// entries in total), max-batch=2-32768 (a power of two); defaults, as a
+    /// DSA 1.0: wqs=8,engines=4,groups=4,wq-size=128,max-batch=1024.
+    #[arg(
+        long,
+        value_name = "SPEC",
+        num_args = 0..=1,
+        default_missing_value = "",
+        value_parser = parse_dsa
+    )]
+    dsa: Vec<DsaConfig>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -149,6 +168,48 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| "size too large".to_string())
 }
 
+/// Parses a `--dsa` SPEC: `key=value` pairs separated by commas, each key
+/// at most once; an empty SPEC is the default device.
+fn parse_dsa(spec: &str) -> Result<DsaConfig, String> {
+    let mut config = DsaConfig::default();
+    let mut seen = Vec::new();
+    for item in spec.split(',').filter(|item| !item.is_empty()) {
+        let Some((key, value)) = item.split_once('=') else {
+            return Err(format!("expected key=value, got '{item}'"));
+        };
+        if seen.contains(&key) {
+            return Err(format!("{key} given twice"));
+        }
+        seen.push(key);
+        let number = |min: u32, max: u32| -> Result<u32, String> {
+            value
+                .parse::<u32>()
+                .ok()
+                .filter(|n| (min..=max).contains(n))
+                .ok_or_else(|| format!("{key} must be a number from {min} to {max}, got '{value}'"))
+        };
+        match key {
+            "wqs" => config.num_wqs = number(1, 16)? as u8,
+            "engines" => config.num_engines = number(1, 8)? as u8,
+            "groups" => config.num_groups = number(1, 8)? as u8,
+            "wq-size" => config.total_wq_size = number(1, u32::from(u16::MAX))? as u16,
+            "max-batch" => {
+                let n = number(2, 1 << 15)?;
+                if !n.is_power_of_two() {
+                    return Err(format!("max-batch must be a power of two, got {n}"));
+                }
+                config.max_batch_shift = n.trailing_zeros() as u8;
+            }
+            _ => {
+                return Err(format!(
+                    "unknown key '{key}' (expected wqs, engines, groups, wq-size, max-batch)"
+                ))
+            }
+        }
+    }
+    Ok(config)
+}
+
 fn parse_serial(s: &str) -> Result<SerialTarget, String> {
     match s {
         "stdout" => Ok(SerialTarget::Stdout),
@@ -216,26 +277,33 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    let accel = AccelConfig {
+        iommu: cli.iommu,
+        dsa: cli.dsa.clone(),
+    };
     match cli.command {
         Some(Command::Micro {
             program: MicroProgram::EnqcmdDemo,
-        }) => enqcmd_demo(cli.timeout),
-        Some(Command::Bench { iterations }) => bench(iterations),
-        Some(Command::Run(args)) => run(args),
-        None => boot(cli),
+        }) => enqcmd_demo(cli.timeout, accel),
+        Some(Command::Bench { iterations }) => bench(iterations, accel),
+        Some(Command::Run(args)) => run(args, accel),
+        None => boot(cli, accel),
     }
 }
 
-fn boot(cli: Cli) -> ExitCode {
-    let config = match machine_config(MachineArgs {
-        kernel: cli.kernel,
-        initramfs: cli.initramfs,
-        cmdline: cli.cmdline,
-        cpus: cli.cpus,
-        memory: cli.memory,
-        serial: cli.serial,
-        timeout: cli.timeout,
-    }) {
+fn boot(cli: Cli, accel: AccelConfig) -> ExitCode {
+    let config = match machine_config(
+        MachineArgs {
+            kernel: cli.kernel,
+            initramfs: cli.initramfs,
+            cmdline: cli.cmdline,
+            cpus: cli.cpus,
+            memory: cli.memory,
+            serial: cli.serial,
+            timeout: cli.timeout,
+        },
+        accel,
+    ) {
         Ok(config) => config,
         Err(code) => return code,
     };
@@ -262,7 +330,7 @@ struct MachineArgs {
 }
 
 /// Checks the options of a Linux boot; a bad one gets its usage error.
-fn machine_config(args: MachineArgs) -> Result<LinuxConfig, ExitCode> {
+fn machine_config(args: MachineArgs, accel: AccelConfig) -> Result<LinuxConfig, ExitCode> {
     let Some(kernel) = args.kernel else {
         return Err(usage_error(
             "--kernel is required (or use a subcommand: micro, bench)",
@@ -311,11 +379,12 @@ fn machine_config(args: MachineArgs) -> Result<LinuxConfig, ExitCode> {
         memory: args.memory,
         serial,
         timeout: args.timeout.map(Duration::from_secs),
+        accel,
         consoles: Vec::new(),
     })
 }
 
-fn run(args: RunArgs) -> ExitCode {
+fn run(args: RunArgs, accel: AccelConfig) -> ExitCode {
     if args.kernel.is_none() {
         return usage_error("--kernel is required");
     }
@@ -327,15 +396,18 @@ fn run(args: RunArgs) -> ExitCode {
     if args.command.is_empty() {
         return usage_error("no command: give it after \"--\", as in vmm run --kernel K --initramfs I -- sh -c 'echo hi'");
     }
-    let config = match machine_config(MachineArgs {
-        kernel: args.kernel,
-        initramfs: args.initramfs,
-        cmdline: args.cmdline,
-        cpus: args.cpus,
-        memory: args.memory,
-        serial: args.serial,
-        timeout: args.timeout,
-    }) {
+    let config = match machine_config(
+        MachineArgs {
+            kernel: args.kernel,
+            initramfs: args.initramfs,
+            cmdline: args.cmdline,
+            cpus: args.cpus,
+            memory: args.memory,
+            serial: args.serial,
+            timeout: args.timeout,
+        },
+        accel,
+    ) {
         Ok(config) => config,
         Err(code) => return code,
     };
@@ -374,10 +446,11 @@ fn command_exit_code(run: &CommandRun) -> ExitCode {
     }
 }
 
-fn enqcmd_demo(timeout: Option<u64>) -> ExitCode {
+fn enqcmd_demo(timeout: Option<u64>, accel: AccelConfig) -> ExitCode {
     println!("micro-guest: user-mode ENQCMD with IA32_PASID clear, then retried after the guest's #GP handler loads PASID {DEMO_PASID:#x}");
     let options = MicroOptions {
         timeout: Duration::from_secs(timeout.unwrap_or(30)),
+        accel,
         ..Default::default()
     };
     let run = match demos::enqcmd_after_gp()
@@ -432,7 +505,7 @@ fn enqcmd_demo(timeout: Option<u64>) -> ExitCode {
     }
 }
 
-fn bench(iterations: u32) -> ExitCode {
+fn bench(iterations: u32, accel: AccelConfig) -> ExitCode {
     let per_round = (iterations / demos::BENCH_ROUNDS).max(1);
     let run = match demos::trap_benchmark(per_round)
         .map_err(|e| e.to_string())
@@ -441,6 +514,7 @@ fn bench(iterations: u32) -> ExitCode {
                 g,
                 MicroOptions {
                     timeout: Duration::from_secs(600),
+                    accel,
                     ..Default::default()
                 },
             )

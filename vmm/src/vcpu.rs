@@ -14,6 +14,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::bus::Bus;
 use crate::emulator::{self, EmulatorError, EntryAction, GuestCpu, Outcome};
+use crate::sva::GuestPasids;
 
 /// Vector of #UD, the exception a user-mode ENQCMD raises on this platform.
 const UD_VECTOR: u8 = 6;
@@ -58,6 +59,9 @@ pub struct Vcpu {
     pub(crate) mmio: Arc<Bus>,
     pub(crate) pio: Arc<Bus>,
     pub(crate) pasid_msr: Ia32Pasid,
+    /// The guest's PASIDs; IA32_PASID writes are recorded there per
+    /// address space.
+    pub(crate) pasids: Arc<GuestPasids>,
     pub(crate) ud_hook: Option<UdHook>,
     ud_handler: Option<u64>,
     ud_handler_skip: u64,
@@ -74,6 +78,7 @@ impl Vcpu {
         mmio: Arc<Bus>,
         pio: Arc<Bus>,
         ud_hook: Option<UdHook>,
+        pasids: Arc<GuestPasids>,
     ) -> Self {
         let mut fd = fd;
         // Every vCPU ioctl costs a vCPU reload on this platform, which is
@@ -91,6 +96,7 @@ impl Vcpu {
             mmio,
             pio,
             pasid_msr: Ia32Pasid::new(),
+            pasids,
             ud_hook,
             ud_handler: None,
             ud_handler_skip: 0,
@@ -228,8 +234,10 @@ impl Vcpu {
                         if msr.index != MSR_IA32_PASID || self.pasid_msr.write(msr.data).is_err() {
                             // Reserved bits or an MSR nobody emulates: #GP.
                             *msr.error = 1;
+                            Action::Resume
+                        } else {
+                            Action::PasidWritten(msr.data)
                         }
-                        Action::Resume
                     }
                     VcpuExit::Debug(arch) => Action::Debug(arch.pc),
                     VcpuExit::InternalError => Action::InternalError,
@@ -247,6 +255,18 @@ impl Vcpu {
                 Action::CheckStop => {
                     if stop.load(Ordering::Acquire) {
                         return VcpuStop::DeviceRequest;
+                    }
+                }
+                Action::PasidWritten(value) => {
+                    // The running address space now has this PASID.
+                    match GuestCpu::sregs(self) {
+                        Ok(sregs) => self.pasids.record_msr_write(sregs.cr3, value),
+                        Err(e) => {
+                            return VcpuStop::Fatal(format!(
+                                "vCPU {}: reading CR3 after WRMSR IA32_PASID: {e}",
+                                self.id
+                            ))
+                        }
                     }
                 }
                 Action::Debug(pc) => {
@@ -369,6 +389,7 @@ const EVENTS: SyncedState<kvm_vcpu_events> = SyncedState {
 enum Action {
     Resume,
     CheckStop,
+    PasidWritten(u64),
     Debug(u64),
     InternalError,
     Fatal(String),
@@ -401,6 +422,14 @@ impl GuestCpu for Vcpu {
 
     fn ia32_pasid(&self) -> u64 {
         self.pasid_msr.read()
+    }
+
+    /// The PASID recorded for the address space of `cr3` (the MSR value the
+    /// running task would have had restored), checked against the guest's
+    /// PASID-table entry; not the last value written, which may belong to
+    /// another task.
+    fn enqcmd_pasid(&mut self, cr3: u64) -> u64 {
+        self.pasids.enqcmd_pasid(cr3)
     }
 
     fn inject_exception(

@@ -23,7 +23,9 @@ use crate::devices::i8042::{I8042, I8042_COMMAND_PORT};
 use crate::devices::serial::{SerialDevice, SerialOutput};
 use crate::devices::test_devices::TestExit;
 use crate::layout;
+use crate::sva::GuestPasids;
 use crate::vcpu::{UdHook, Vcpu, VcpuStop};
+use pasid::PasidSpace;
 
 /// Where KVM on Intel puts its real-mode TSS; harmless elsewhere.
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
@@ -54,6 +56,17 @@ pub enum VmError {
     /// A thread could not be started.
     #[error("cannot start a vCPU thread: {0}")]
     Thread(#[from] std::io::Error),
+    /// The host PASID space has no room for this guest.
+    #[error("host PASID space: {0}")]
+    Pasid(#[from] pasid::Error),
+}
+
+/// The host PASID space every VM of this process shares unless told
+/// otherwise ([`VmConfig::pasid_space`]): two VMs never get the same host
+/// PASID.
+pub fn host_pasid_space() -> Arc<PasidSpace> {
+    static SPACE: std::sync::OnceLock<Arc<PasidSpace>> = std::sync::OnceLock::new();
+    SPACE.get_or_init(|| Arc::new(PasidSpace::new())).clone()
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -89,6 +102,9 @@ pub struct VmConfig {
     pub serial: SerialOutput,
     /// How vCPUs see guest #UD entries.
     pub ud_hook: Option<UdHook>,
+    /// The host PASID space the guest's host PASIDs come from;
+    /// [`host_pasid_space`] when `None`.
+    pub pasid_space: Option<Arc<PasidSpace>>,
 }
 
 /// How vCPU 0's segment and control registers are set up from KVM's reset
@@ -112,6 +128,7 @@ pub struct Vm {
     test_result: Arc<AtomicU32>,
     reset: Arc<AtomicBool>,
     serial: Arc<Mutex<SerialDevice>>,
+    pasids: Arc<GuestPasids>,
 }
 
 /// The guest RAM ranges for `size` bytes: below the 32-bit MMIO hole, then
@@ -129,6 +146,10 @@ impl Vm {
     /// Creates the VM, its memory, interrupt chip, PIT, serial port and
     /// platform devices.
     pub fn new(config: VmConfig) -> Result<Self, VmError> {
+        static NEXT_VM: AtomicU32 = AtomicU32::new(0);
+        let space = config.pasid_space.clone().unwrap_or_else(host_pasid_space);
+        let name = format!("vm{}", NEXT_VM.fetch_add(1, Ordering::Relaxed));
+        let pasids = Arc::new(GuestPasids::new(space, &name)?);
         let kvm = Kvm::new().map_err(VmError::NoKvm)?;
         let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         let memory = GuestMemoryMmap::from_ranges(&ram_ranges(config.memory))
@@ -218,7 +239,14 @@ impl Vm {
             test_result,
             reset,
             serial,
+            pasids,
         })
+    }
+
+    /// The guest's PASIDs: its gPASID -> hPASID table and the IA32_PASID
+    /// state that follows its address spaces.
+    pub fn pasids(&self) -> &Arc<GuestPasids> {
+        &self.pasids
     }
 
     /// Guest RAM.
@@ -300,6 +328,7 @@ impl Vm {
             self.mmio.clone(),
             self.pio.clone(),
             self.ud_hook,
+            self.pasids.clone(),
         ))
     }
 

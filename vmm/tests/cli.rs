@@ -279,3 +279,87 @@ fn run_help_names_the_exit_statuses() {
         "{out}"
     );
 }
+
+#[test]
+fn bad_dsa_specs() {
+    let bad = |spec: &str, why: &str| {
+        assert_usage_error(
+            &["--dsa", spec],
+            &format!("error: invalid value '{spec}' for '--dsa [<SPEC>]': {why}"),
+        )
+    };
+    bad("wqs=0", "wqs must be a number from 1 to 16, got '0'");
+    bad("wqs=17", "wqs must be a number from 1 to 16, got '17'");
+    bad("engines=9", "engines must be a number from 1 to 8, got '9'");
+    bad("groups=0", "groups must be a number from 1 to 8, got '0'");
+    bad("groups=x", "groups must be a number from 1 to 8, got 'x'");
+    bad(
+        "wq-size=0",
+        "wq-size must be a number from 1 to 65535, got '0'",
+    );
+    bad(
+        "wq-size=65536",
+        "wq-size must be a number from 1 to 65535, got '65536'",
+    );
+    bad(
+        "max-batch=1",
+        "max-batch must be a number from 2 to 32768, got '1'",
+    );
+    bad(
+        "max-batch=1000",
+        "max-batch must be a power of two, got 1000",
+    );
+    bad(
+        "queues=2",
+        "unknown key 'queues' (expected wqs, engines, groups, wq-size, max-batch)",
+    );
+    bad("wqs", "expected key=value, got 'wqs'");
+    bad("wqs=2,wqs=3", "wqs given twice");
+}
+
+#[test]
+fn iommu_and_dsa_options_attach_to_micro_guests() {
+    assert!(
+        std::path::Path::new("/dev/kvm").exists(),
+        "this test needs /dev/kvm, which this machine lacks"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .args([
+            "--iommu",
+            "--dsa",
+            "--dsa",
+            "wqs=2,engines=1,groups=1,wq-size=32,max-batch=64",
+            "micro",
+            "enqcmd-demo",
+        ])
+        .env("RUST_LOG", "vmm::sva=info")
+        .output()
+        .expect("run vmm");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(0), "stderr: {stderr}");
+    assert!(stdout.ends_with("ENQCMD trap demo: OK\n"), "{stdout}");
+    // Default vDSA: 128 KiB of portals first, then its registers; the
+    // 2-WQ one after them.
+    assert!(
+        stderr.contains("vDSA 0 at 00:01.0: BAR0 0x8000020000, BAR2 0x8000000000"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("vDSA 1 at 00:02.0: BAR0 0x8000030000, BAR2 0x8000028000"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn help_documents_the_dsa_defaults() {
+    let (code, out, _) = vmm(&["--help"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("--iommu"), "{out}");
+    assert!(
+        out.contains("wqs=8,engines=4,groups=4,wq-size=128,max-batch=1024"),
+        "{out}"
+    );
+}

@@ -123,6 +123,7 @@ fn msi_from_a_device_reaches_the_guest_idt() {
         memory: microguest::MICRO_MEMORY,
         serial: SerialOutput::Sink,
         ud_hook: Some(UdHook::Breakpoint),
+        pasid_space: None,
     };
     let mut vm = Vm::new(config).unwrap();
     let loaded = g.load(vm.memory()).unwrap();
