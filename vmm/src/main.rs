@@ -66,7 +66,7 @@ struct Cli {
     /// Add the vIOMMU (VT-d, scalable mode) with every PCI device behind
     /// it and its DMAR in the ACPI tables; without it devices do
     /// untranslated DMA into guest RAM.
-    #[arg(long)]
+    #[arg(long, global = true)]
     iommu: bool,
     /// Add a vDSA (repeatable; at 00:01.0, 00:02.0, ...). SPEC is a comma
     /// list of wqs=1-16, engines=1-8, groups=1-8, wq-size=1-65535 (WQ
@@ -74,6 +74,7 @@ struct Cli {
     /// DSA 1.0: wqs=8,engines=4,groups=4,wq-size=128,max-batch=1024.
     #[arg(
         long,
+        global = true,
         value_name = "SPEC",
         num_args = 0..=1,
         default_missing_value = "",

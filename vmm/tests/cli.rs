@@ -363,3 +363,11 @@ fn help_documents_the_dsa_defaults() {
         "{out}"
     );
 }
+
+#[test]
+fn run_takes_the_accelerator_options() {
+    assert_usage_error(
+        &["run", "--iommu", "--dsa", "wqs=0", "--", "true"],
+        "error: invalid value 'wqs=0' for '--dsa [<SPEC>]': wqs must be a number from 1 to 16, got '0'",
+    );
+}
