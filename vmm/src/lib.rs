@@ -20,5 +20,6 @@ pub mod msi;
 pub mod pci_root;
 pub mod run_command;
 pub mod sva;
+pub mod sva_bench;
 pub mod vcpu;
 pub mod vm;

@@ -35,6 +35,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::layout;
 
+pub mod driver;
+
 /// GDT base.
 pub const GDT_START: u64 = 0x1000;
 /// IDT base.
@@ -420,6 +422,8 @@ pub struct MicroRun {
     /// The guest's PASIDs (its gPASID -> hPASID table), as the run left
     /// them.
     pub pasids: std::sync::Arc<crate::sva::GuestPasids>,
+    /// The guest's TSC frequency in kHz (0 if KVM could not tell).
+    pub tsc_khz: u32,
 }
 
 /// Options of a micro-guest run.
@@ -522,6 +526,7 @@ pub fn run(guest: MicroGuest, options: MicroOptions) -> Result<MicroRun, MicroRu
     vm.set_boot_state(loaded.regs, loaded.sregs);
     let memory = vm.memory().clone();
     let pasids = vm.pasids().clone();
+    let tsc_khz = vm.tsc_khz();
     let exit = vm.run(Some(options.timeout));
     Ok(MicroRun {
         exit,
@@ -531,5 +536,6 @@ pub fn run(guest: MicroGuest, options: MicroOptions) -> Result<MicroRun, MicroRu
         dsa_functions,
         iommu,
         pasids,
+        tsc_khz: tsc_khz.load(std::sync::atomic::Ordering::Relaxed),
     })
 }

@@ -129,6 +129,7 @@ pub struct Vm {
     reset: Arc<AtomicBool>,
     serial: Arc<Mutex<SerialDevice>>,
     pasids: Arc<GuestPasids>,
+    tsc_khz: Arc<AtomicU32>,
 }
 
 /// The guest RAM ranges for `size` bytes: below the 32-bit MMIO hole, then
@@ -240,7 +241,14 @@ impl Vm {
             reset,
             serial,
             pasids,
+            tsc_khz: Arc::new(AtomicU32::new(0)),
         })
+    }
+
+    /// The guest's TSC frequency in kHz (KVM_GET_TSC_KHZ), known once the
+    /// run has created vCPU 0; 0 until then or if KVM cannot tell.
+    pub fn tsc_khz(&self) -> Arc<AtomicU32> {
+        self.tsc_khz.clone()
     }
 
     /// The guest's PASIDs: its gPASID -> hPASID table and the IA32_PASID
@@ -314,6 +322,9 @@ impl Vm {
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
         if id == 0 {
+            if let Ok(khz) = fd.get_tsc_khz() {
+                self.tsc_khz.store(khz, Ordering::Relaxed);
+            }
             if let Some((regs, setup)) = &self.boot {
                 let mut sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
                 setup(&mut sregs);

@@ -2,7 +2,7 @@
 //! vIOMMU that fills it lazily, its teardown, and the map that keeps
 //! IA32_PASID following the guest's address spaces.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use pasid::{Ia32Pasid, OwnerId, PasidSpace, PasidTable, Scope, PASID_MAX, RESERVED_PASID};
@@ -89,6 +89,9 @@ pub struct GuestPasids {
     /// Address-space key -> guest PASID (see [`GuestPasids::enqcmd_pasid`]).
     address_spaces: Mutex<HashMap<u64, u32>>,
     freed: RwLock<Vec<HostPasidFreed>>,
+    /// (requester ID, host PASID) of the DMA requests devices made through
+    /// the vIOMMU (see [`GuestPasids::device_requests`]).
+    device_requests: RwLock<BTreeSet<(u16, u32)>>,
 }
 
 fn read<T: ?Sized>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -111,6 +114,7 @@ impl GuestPasids {
             authority: RwLock::new(None),
             address_spaces: Mutex::new(HashMap::new()),
             freed: RwLock::new(Vec::new()),
+            device_requests: RwLock::new(BTreeSet::new()),
         })
     }
 
@@ -179,6 +183,21 @@ impl GuestPasids {
     /// mappings.
     pub fn guest_pasid(&self, hpasid: u32) -> Option<u32> {
         self.table.guest_of(hpasid)
+    }
+
+    /// Notes that device `rid` made a DMA request tagged with host PASID
+    /// `hpasid` (the vIOMMU adapter calls it for every PASID-tagged request).
+    pub fn note_device_request(&self, rid: u16, hpasid: u32) {
+        if !read(&self.device_requests).contains(&(rid, hpasid)) {
+            write(&self.device_requests).insert((rid, hpasid));
+        }
+    }
+
+    /// Every (requester ID, host PASID) a device of this guest tagged a DMA
+    /// request with, through the vIOMMU: what tests check to see that the
+    /// devices work in host PASIDs.
+    pub fn device_requests(&self) -> Vec<(u16, u32)> {
+        read(&self.device_requests).iter().copied().collect()
     }
 
     /// Removes the mapping of `gpasid` and frees its host PASID; devices
