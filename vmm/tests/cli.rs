@@ -57,7 +57,11 @@ fn big_kernel() -> PathBuf {
     ] {
         elf.extend_from_slice(&v.to_le_bytes()[..n]);
     }
-    let path = std::env::temp_dir().join(format!("vmm-cli-big-{}.elf", std::process::id()));
+    // Tests run in parallel: each call writes its own file, so that no test
+    // reads one another is still writing.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("vmm-cli-big-{}-{n}.elf", std::process::id()));
     std::fs::write(&path, elf).unwrap();
     path
 }
