@@ -477,6 +477,24 @@ fn nothing_is_processed_before_driver_ok() {
 }
 
 #[test]
+fn no_dma_without_bus_mastering() {
+    let mut g = Guest::new();
+    g.bring_up();
+    g.dev().config_write(0x04, &2u16.to_le_bytes());
+    g.mem.write_slice(b"dma", GuestAddress(BUF)).unwrap();
+    g.offer(TRANSMITQ, &[(0, BUF, 3, 0, 0)], &[0]);
+    g.notify_and_process(TRANSMITQ as u16);
+    assert_eq!((g.out.contents(), g.used(TRANSMITQ).0), (vec![], 0));
+    assert!(g.msi.is_empty());
+    g.dev().config_write(0x04, &6u16.to_le_bytes());
+    g.notify_and_process(TRANSMITQ as u16);
+    assert_eq!(
+        (g.out.contents(), g.used(TRANSMITQ).0),
+        (b"dma".to_vec(), 1)
+    );
+}
+
+#[test]
 fn queue_registers_are_frozen_once_enabled() {
     let mut g = Guest::new();
     g.negotiate(1);

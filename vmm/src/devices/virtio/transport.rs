@@ -134,13 +134,18 @@ impl VirtioPciDevice {
         self.common.status
     }
 
+    /// Whether the device may use its queues: the driver is ready, nothing
+    /// is broken, and bus mastering (DMA) is enabled.
     fn active(&self) -> bool {
         let s = self.common.status;
-        s & status::DRIVER_OK != 0 && s & (status::DEVICE_NEEDS_RESET | status::FAILED) == 0
+        s & status::DRIVER_OK != 0
+            && s & (status::DEVICE_NEEDS_RESET | status::FAILED) == 0
+            && self.config.bus_master_enabled()
     }
 
     /// Processes the queues once: called on every notification and input
-    /// event. Does nothing until DRIVER_OK, and nothing after NEEDS_RESET.
+    /// event. Does nothing until DRIVER_OK, nothing after NEEDS_RESET, and
+    /// nothing while bus mastering is off.
     pub fn process(&mut self) {
         if !self.active() {
             return;
