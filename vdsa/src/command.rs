@@ -150,13 +150,15 @@ impl Inner {
             code::DRAIN_WQ => self.wq_command(operand, WqCommand::Drain),
             code::ABORT_WQ => self.wq_command(operand, WqCommand::Abort),
             code::RESET_WQ => self.wq_command(operand, WqCommand::Reset),
+            // Work of the guest PASID `operand`, whatever host PASID it runs
+            // with; nothing is allocated for a PASID the device never saw.
             code::DRAIN_PASID => {
-                let host = self.pasids.to_host(operand);
-                self.drain_where(|_, pasid| pasid == Some(host))
+                let pasids = &self.pasids;
+                self.drain_where(|_, pasid| pasid.and_then(|h| pasids.to_guest(h)) == Some(operand))
             }
             code::ABORT_PASID => {
-                let host = self.pasids.to_host(operand);
-                self.abort_where(|_, pasid| pasid == Some(host))
+                let pasids = &self.pasids;
+                self.abort_where(|_, pasid| pasid.and_then(|h| pasids.to_guest(h)) == Some(operand))
             }
             code::REQUEST_INT_HANDLE if handles => self.interrupt_handle(operand, true),
             code::RELEASE_INT_HANDLE if handles => self.interrupt_handle(operand, false),

@@ -257,7 +257,8 @@ impl Inner {
         if (perm.pasid_en() == 1) != pasid_en {
             return false;
         }
-        !pasid_en || pasid == Some(self.pasids.to_host(perm.pasid()))
+        // MSIXPERM holds a guest PASID; the descriptor's is a host PASID.
+        !pasid_en || pasid.and_then(|h| self.pasids.to_guest(h)) == Some(perm.pasid())
     }
 
     /// Raises the completion interrupt of `handle` unless its MSI-X

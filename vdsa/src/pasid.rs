@@ -5,13 +5,14 @@
 //! PASID. Guest software programs guest PASIDs in four places, and the
 //! device asks its [`PasidTranslator`] at each:
 //!
-//! - WQCFG.PASID of a dedicated WQ: translated once, when Enable WQ takes
-//!   the WQ's snapshot;
-//! - the operand of Drain PASID and Abort PASID;
-//! - MSIXPERM.PASID, compared with a descriptor's (host) PASID when a
-//!   completion interrupt handle is checked;
-//! - and, the other way, the PASID field of SWERROR, which the guest reads
-//!   back in its own PASID space.
+//! - WQCFG.PASID of a dedicated WQ: translated to a host PASID once, when
+//!   Enable WQ takes the WQ's snapshot ([`PasidTranslator::to_host`]);
+//! - the operand of Drain PASID and Abort PASID, and MSIXPERM.PASID (checked
+//!   when a completion interrupt handle is used): compared with the guest
+//!   PASID of the host PASIDs the device holds
+//!   ([`PasidTranslator::to_guest`]), so that nothing is allocated for them;
+//! - and the PASID field of SWERROR, which the guest reads back in its own
+//!   PASID space ([`PasidTranslator::to_guest`]).
 //!
 //! Descriptors submitted with ENQCMD or ENQCMDS arrive with their PASID
 //! already translated by the VMM's trap path.

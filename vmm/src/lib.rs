@@ -21,5 +21,6 @@ pub mod pci_root;
 pub mod run_command;
 pub mod sva;
 pub mod sva_bench;
+pub mod sva_demo;
 pub mod vcpu;
 pub mod vm;

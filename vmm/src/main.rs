@@ -35,6 +35,9 @@ const EXIT_TIMEOUT: u8 = 4;
 const EXIT_RESET: u8 = 5;
 const EXIT_GUEST_PANIC: u8 = 6;
 const EXIT_NO_STATUS: u8 = 7;
+/// Device numbers 1 to 31 of bus 0 (00:00.0 is the host bridge), less
+/// the pvpanic function and the two virtio consoles of `vmm run`.
+const MAX_DSA: usize = 28;
 
 /// A KVM VMM with an emulated VT-d IOMMU (scalable mode) and a DSA-like
 /// accelerator with ENQCMD portals.
@@ -141,6 +144,10 @@ enum MicroProgram {
     /// User ENQCMD: #GP with IA32_PASID clear, the guest loads the MSR, the
     /// retried ENQCMD reaches a portal with that PASID.
     EnqcmdDemo,
+    /// SVA end to end on the vIOMMU and a vDSA: the guest builds its VT-d
+    /// tables and brings the vDSA up; its user process copies with
+    /// MOVDIR64B (dedicated WQ) and ENQCMD (shared WQ, after the #GP fixup).
+    SvaDemo,
 }
 
 #[derive(Clone, Debug)]
@@ -279,6 +286,12 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    if cli.dsa.len() > MAX_DSA {
+        return usage_error(format_args!(
+            "{} --dsa devices given; PCI bus 0 has room for {MAX_DSA}",
+            cli.dsa.len()
+        ));
+    }
     let accel = AccelConfig {
         iommu: cli.iommu,
         dsa: cli.dsa.clone(),
@@ -287,6 +300,9 @@ fn main() -> ExitCode {
         Some(Command::Micro {
             program: MicroProgram::EnqcmdDemo,
         }) => enqcmd_demo(cli.timeout, accel),
+        Some(Command::Micro {
+            program: MicroProgram::SvaDemo,
+        }) => sva_demo(cli.timeout),
         Some(Command::Bench { iterations }) => bench(iterations, accel),
         Some(Command::Run(args)) => run(args, accel),
         None => boot(cli, accel),
@@ -445,6 +461,47 @@ fn command_exit_code(run: &CommandRun) -> ExitCode {
             ExitCode::from(EXIT_NO_STATUS)
         }
         None => exit_code(&run.exit),
+    }
+}
+
+fn sva_demo(timeout: Option<u64>) -> ExitCode {
+    use vmm::sva_demo;
+    let program = sva_demo::program(true, 7);
+    println!(
+        "micro-guest: vIOMMU (VT-d scalable mode) + vDSA at 00:01.0 (8 WQs, 4 engines, 4 groups); \
+         user process with guest PASID {:#x}",
+        program.pasid
+    );
+    let options = MicroOptions {
+        timeout: Duration::from_secs(timeout.unwrap_or(30)),
+        ..sva_demo::options(true)
+    };
+    let run = match sva_demo::sva_program(program)
+        .map_err(|e| e.to_string())
+        .and_then(|g| microguest::run(g, options).map_err(|e| e.to_string()))
+    {
+        Ok(run) => run,
+        Err(e) => {
+            eprintln!("vmm: {e}");
+            return ExitCode::from(EXIT_ERROR);
+        }
+    };
+    let (lines, ok) = sva_demo::describe(&run, &program);
+    for line in lines {
+        println!("{line}");
+    }
+    println!(
+        "{}",
+        if ok {
+            "sva-demo: OK"
+        } else {
+            "sva-demo: FAILED"
+        }
+    );
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_ERROR)
     }
 }
 

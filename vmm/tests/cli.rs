@@ -284,6 +284,35 @@ fn run_help_names_the_exit_statuses() {
     );
 }
 
+/// The README's main job: SVA end to end in a micro-guest.
+#[test]
+fn sva_demo_copies_through_the_viommu_with_pasid_translation() {
+    assert!(
+        std::path::Path::new("/dev/kvm").exists(),
+        "this test needs /dev/kvm, which this machine lacks"
+    );
+    let (code, out, err) = vmm(&["micro", "sva-demo"]);
+    assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
+    for line in [
+        "user process: MOVDIR64B to dedicated WQ 0: MEMMOVE of 6144 bytes 0x210000 -> 0x212000, completion Success, destination matches the source",
+        "user process: ENQCMD to shared WQ 1: MEMMOVE of 4096 bytes 0x220000 -> 0x222000, completion Success, destination matches the source",
+        "user process: the first ENQCMD took 1 #GP (IA32_PASID clear); the kernel's fixup loaded PASID 0x1234, the retry was accepted",
+    ] {
+        assert!(out.contains(line), "missing '{line}' in:\n{out}");
+    }
+    let host = out
+        .split("VMM: guest PASID 0x1234 -> host PASID ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no PASID translation line in:\n{out}"));
+    assert_ne!(host, "0x1234", "{out}");
+    assert!(
+        out.contains(&format!("vDSA: DMA tagged 00:01.0 with host PASID {host}; the vIOMMU translated it back to guest PASID 0x1234")),
+        "{out}"
+    );
+    assert!(out.ends_with("sva-demo: OK\n"), "{out}");
+}
+
 #[test]
 fn bad_dsa_specs() {
     let bad = |spec: &str, why: &str| {
@@ -319,6 +348,18 @@ fn bad_dsa_specs() {
     );
     bad("wqs", "expected key=value, got 'wqs'");
     bad("wqs=2,wqs=3", "wqs given twice");
+}
+
+#[test]
+fn more_dsa_devices_than_bus_0_holds() {
+    let mut args = Vec::new();
+    for _ in 0..29 {
+        args.extend(["--dsa", "wqs=1"]);
+    }
+    assert_usage_error(
+        &args,
+        "error: 29 --dsa devices given; PCI bus 0 has room for 28",
+    );
 }
 
 #[test]

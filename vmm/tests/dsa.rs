@@ -233,3 +233,31 @@ fn enqcmd_with_a_pasid_the_viommu_does_not_know_is_not_accepted() {
     let record: [u8; 32] = r.memory.read_obj(GuestAddress(COMPLETION)).unwrap();
     assert_eq!(record, [0; 32], "the device never ran it");
 }
+
+#[test]
+fn two_guests_of_one_host_get_different_host_pasids_for_one_guest_pasid() {
+    let space = std::sync::Arc::new(pasid::PasidSpace::new());
+    let accel = AccelConfig {
+        iommu: false,
+        dsa: vec![DsaConfig::default()],
+    };
+    let options = MicroOptions {
+        accel: accel.clone(),
+        pasid_space: Some(space.clone()),
+        ..Default::default()
+    };
+    let first = microguest::run(enqcmd_to_shared_wq(&accel, 0x77), options.clone()).unwrap();
+    let second = microguest::run(enqcmd_to_shared_wq(&accel, 0x77), options).unwrap();
+    for r in [&first, &second] {
+        assert_eq!(r.exit, RunExit::TestExit(Status::Success as u32));
+    }
+    let h1 = first.pasids.table().translate(0x77).unwrap();
+    let h2 = second.pasids.table().translate(0x77).unwrap();
+    assert_ne!(h1, h2);
+    assert_eq!(first.pasids.guest_pasid(h2), None);
+    assert_eq!(second.pasids.guest_pasid(h1), None);
+    assert_eq!(
+        space.owner_of(pasid::Scope::Global, h2),
+        Some(second.pasids.owner())
+    );
+}

@@ -8,25 +8,20 @@ use std::sync::Arc;
 use iced_x86::code_asm::*;
 use pasid::{PasidSpace, Scope};
 use vdsa::completion::{CompletionRecord, Status};
-use vdsa::DsaConfig;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use viommu::paging::{walk, AccessType, PagingLevels};
 use viommu::tables::{ContextEntry, Pgtt, RootEntry};
 use viommu::FaultReason;
-use vmm::microguest::driver::dsa::{memmove, wait_for_completion, DsaDriver, WqSetup};
-use vmm::microguest::driver::kernel::SvaSetup;
+use vmm::microguest::driver::dsa::{wait_for_completion, DsaDriver, WqSetup};
 use vmm::microguest::driver::vtd::{ContextControls, FirstStageBinding, ScalableTables, Vtd};
-use vmm::microguest::driver::{read_report, report, slot, store_bytes, store_qwords, GuestFailure};
+use vmm::microguest::driver::{read_report, report, slot, store_qwords, GuestFailure};
 use vmm::microguest::{
     self, enter_user, exit_with, MicroGuest, MicroOptions, MicroRun, DATA_START, PML4_START,
     USER_STACK_TOP,
 };
-use vmm::sva::{dsa_placements, AccelConfig};
+use vmm::sva_demo::*;
 use vmm::vm::RunExit;
-
-/// What every guest program ends with when all its checks passed.
-const DONE: u32 = 0x5a0d;
 
 fn run(guest: MicroGuest, options: MicroOptions) -> MicroRun {
     assert!(
@@ -35,6 +30,9 @@ fn run(guest: MicroGuest, options: MicroOptions) -> MicroRun {
     );
     microguest::run(guest, options).expect("micro-guest machine")
 }
+
+/// #UD vector.
+const UD: u8 = 6;
 
 /// Asserts the run ended with [`DONE`], naming the failed guest check if not.
 fn assert_done(run: &MicroRun) {
@@ -315,54 +313,6 @@ mod iommu_alone {
 }
 
 /// #UD vector: the user program gives the CPU back to its kernel with ud2.
-const UD: u8 = 6;
-
-/// One MEMMOVE of the program: buffers and records in the data area.
-#[derive(Clone, Copy, Debug)]
-struct Copy {
-    src: u64,
-    dst: u64,
-    len: u32,
-    record: u64,
-    descriptor: u64,
-}
-
-/// The dedicated-WQ copy (MOVDIR64B).
-const COPY_DWQ: Copy = Copy {
-    src: DATA_START + 0x1_0000,
-    dst: DATA_START + 0x1_2000,
-    len: 0x1800,
-    record: DATA_START + 0x1_4000,
-    descriptor: DATA_START + 0x1_4040,
-};
-/// The shared-WQ copy (ENQCMD).
-const COPY_SWQ: Copy = Copy {
-    src: DATA_START + 0x2_0000,
-    dst: DATA_START + 0x2_2000,
-    len: 0x1000,
-    record: DATA_START + 0x2_4000,
-    descriptor: DATA_START + 0x2_4040,
-};
-/// Report slot of the number of #GPs the user program took.
-const SLOT_GP: usize = slot::USER;
-/// Report slot of the dedicated copy's completion status.
-const SLOT_DWQ_STATUS: usize = slot::USER + 1;
-/// Report slot of the shared copy's completion status.
-const SLOT_SWQ_STATUS: usize = slot::USER + 2;
-
-/// A recognisable pattern for guest `seed`'s buffers.
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 8) as u8)
-        .collect()
-}
-
-fn bytes(memory: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    memory.read_slice(&mut v, GuestAddress(addr)).unwrap();
-    v
-}
-
 /// Asserts guest memory at `addr` holds `expected`, naming the first
 /// differing byte rather than printing kilobytes.
 fn assert_memory(memory: &GuestMemoryMmap, addr: u64, expected: &[u8], what: &str) {
@@ -377,86 +327,6 @@ fn assert_memory(memory: &GuestMemoryMmap, addr: u64, expected: &[u8], what: &st
             expected[i]
         );
     }
-}
-
-/// What the SVA program does and where its devices are.
-#[derive(Clone, Copy, Debug)]
-struct SvaProgram {
-    /// The vDSA's requester ID.
-    dsa_rid: u16,
-    /// The guest PASID of the user process.
-    pasid: u32,
-    /// Domain ID of the process's PASID entry.
-    did: u16,
-    /// Build VT-d structures and turn translation on.
-    iommu: bool,
-    /// Seed of the source patterns (tells two guests' data apart).
-    seed: u8,
-}
-
-impl SvaProgram {
-    fn setup(&self) -> SvaSetup {
-        SvaSetup {
-            dsa_rid: self.dsa_rid,
-            pasid: self.pasid,
-            did: self.did,
-            iommu: self.iommu,
-        }
-    }
-}
-
-/// The kernel's bring-up at CPL0 ([`SvaSetup::bring_up`]).
-fn bring_up(a: &mut CodeAssembler, p: &SvaProgram, wqs: &[WqSetup]) {
-    p.setup().bring_up(a, wqs).unwrap();
-}
-
-/// Installs the kernel's ENQCMD #GP fixup ([`SvaSetup::install_gp_fixup`]).
-fn install_gp_fixup(g: &mut MicroGuest, p: &SvaProgram) {
-    p.setup().install_gp_fixup(g).unwrap();
-}
-
-/// Emits the guest's store of `c`'s MEMMOVE descriptor.
-fn store_descriptor(a: &mut CodeAssembler, c: &Copy, block_on_fault: bool) {
-    let d = memmove(c.src, c.dst, c.len, c.record, block_on_fault);
-    store_bytes(a, c.descriptor, &d.0).unwrap();
-}
-
-/// The main end-to-end program: [`bring_up`] with WQ 0 dedicated to the
-/// PASID and WQ 1 shared, then at CPL3: MOVDIR64B to WQ 0, ENQCMD to WQ 1
-/// with IA32_PASID clear (#GP, the fixup loads the MSR, the ENQCMD is
-/// retried), then polling of both completion records.
-fn sva_program(p: SvaProgram) -> MicroGuest {
-    let mut g = MicroGuest::new();
-    for (i, c) in [COPY_DWQ, COPY_SWQ].iter().enumerate() {
-        g.write(
-            c.src,
-            &pattern(c.len as usize, p.seed.wrapping_add(i as u8)),
-        );
-    }
-    let dsa = DsaDriver::default();
-    let a = &mut g.asm;
-    bring_up(
-        a,
-        &p,
-        &[WqSetup::dedicated(0, 0, p.pasid), WqSetup::shared(1, 1)],
-    );
-    store_descriptor(a, &COPY_DWQ, false);
-    store_descriptor(a, &COPY_SWQ, false);
-    let mut user = a.create_label();
-    a.xor(r15d, r15d).unwrap();
-    enter_user(a, user, USER_STACK_TOP).unwrap();
-
-    a.set_label(&mut user).unwrap();
-    dsa.movdir64b(a, 0, COPY_DWQ.descriptor).unwrap();
-    dsa.enqcmd(a, 1, COPY_SWQ.descriptor).unwrap();
-    for (c, s) in [(COPY_DWQ, SLOT_DWQ_STATUS), (COPY_SWQ, SLOT_SWQ_STATUS)] {
-        wait_for_completion(a, c.record).unwrap();
-        report(a, s, rax).unwrap();
-    }
-    report(a, SLOT_GP, r15).unwrap();
-    exit_with(a, DONE).unwrap();
-    install_gp_fixup(&mut g, &p);
-    g
 }
 
 /// The page-fault copy: two pages, the second destination page not
@@ -487,8 +357,8 @@ fn page_fault_program(p: SvaProgram, block_on_fault: bool) -> MicroGuest {
     let dsa = DsaDriver::default();
     let a = &mut g.asm;
     let wq = WqSetup::dedicated(0, 0, p.pasid).with_block_on_fault(block_on_fault);
-    bring_up(a, &p, &[wq]);
-    store_descriptor(a, &COPY_PF, block_on_fault);
+    bring_up(a, &p, &[wq]).unwrap();
+    store_descriptor(a, &COPY_PF, block_on_fault).unwrap();
     let mut user = a.create_label();
     enter_user(a, user, USER_STACK_TOP).unwrap();
 
@@ -553,37 +423,6 @@ fn assert_sva_program_results(run: &MicroRun, seed: u8) {
     );
 }
 
-/// The guest PASID the programs use: far from the host PASIDs a fresh
-/// host space hands out first, so a device that used the guest's number
-/// instead of its host PASID could not go unnoticed.
-const GUEST_PASID: u32 = 0x1234;
-
-/// One vDSA (DSA 1.0 defaults), with or without the vIOMMU.
-fn accel(iommu: bool) -> AccelConfig {
-    AccelConfig {
-        iommu,
-        dsa: vec![DsaConfig::default()],
-    }
-}
-
-fn options(iommu: bool) -> MicroOptions {
-    MicroOptions {
-        accel: accel(iommu),
-        ..Default::default()
-    }
-}
-
-/// The program's parameters for the machine of [`accel`].
-fn program(iommu: bool, seed: u8) -> SvaProgram {
-    SvaProgram {
-        dsa_rid: dsa_placements(&accel(iommu).dsa)[0].rid(),
-        pasid: GUEST_PASID,
-        did: 1,
-        iommu,
-        seed,
-    }
-}
-
 /// FSTS of the vIOMMU.
 fn fault_status(iommu: &vmm::sva::Viommu) -> u32 {
     let mut b = [0u8; 4];
@@ -604,7 +443,7 @@ fn host_pasid(run: &MicroRun, gpasid: u32) -> u32 {
 
 #[test]
 fn user_movdir64b_and_enqcmd_copy_through_the_viommu() {
-    let r = run(sva_program(program(true, 3)), options(true));
+    let r = run(sva_program(program(true, 3)).unwrap(), options(true));
     assert_sva_program_results(&r, 3);
     // Both WQs' DMA carried the host PASID, never the guest's number.
     let hpasid = host_pasid(&r, GUEST_PASID);
@@ -619,7 +458,7 @@ fn user_movdir64b_and_enqcmd_copy_through_the_viommu() {
 
 #[test]
 fn user_movdir64b_and_enqcmd_copy_without_iommu() {
-    let r = run(sva_program(program(false, 5)), options(false));
+    let r = run(sva_program(program(false, 5)).unwrap(), options(false));
     assert_sva_program_results(&r, 5);
     assert!(r.iommu.is_none());
 }
@@ -703,7 +542,7 @@ fn two_guests_with_the_same_guest_pasid_get_different_host_pasids_and_keep_to_th
         let space = space.clone();
         std::thread::spawn(move || {
             run(
-                sva_program(program(true, seed)),
+                sva_program(program(true, seed)).unwrap(),
                 MicroOptions {
                     pasid_space: Some(space),
                     ..options(true)
@@ -759,10 +598,10 @@ fn teardown_program(p: SvaProgram) -> MicroGuest {
     // bring_up's tables, planned again to learn the entry's address.
     let (_, entry) = p.setup().tables().unwrap();
     let a = &mut g.asm;
-    bring_up(a, &p, &[WqSetup::shared(1, 1)]);
-    store_descriptor(a, &COPY_SWQ, false);
+    bring_up(a, &p, &[WqSetup::shared(1, 1)]).unwrap();
+    store_descriptor(a, &COPY_SWQ, false).unwrap();
     // The second submission reuses COPY_DWQ's buffers on the shared WQ.
-    store_descriptor(a, &COPY_DWQ, false);
+    store_descriptor(a, &COPY_DWQ, false).unwrap();
     let mut user = a.create_label();
     a.xor(r15d, r15d).unwrap();
     enter_user(a, user, USER_STACK_TOP).unwrap();
@@ -787,7 +626,7 @@ fn teardown_program(p: SvaProgram) -> MicroGuest {
     report(a, SLOT_GP, r15).unwrap();
     exit_with(a, DONE).unwrap();
     g.handler(UD, kernel);
-    install_gp_fixup(&mut g, &p);
+    install_gp_fixup(&mut g, &p).unwrap();
     g
 }
 
@@ -855,8 +694,8 @@ fn run_stray_dedicated_wq() -> MicroRun {
     let mut g = MicroGuest::new();
     g.write(COPY_DWQ.src, &pattern(COPY_DWQ.len as usize, 31));
     let a = &mut g.asm;
-    bring_up(a, &p, &[WqSetup::dedicated(0, 0, STRAY_PASID)]);
-    store_descriptor(a, &COPY_DWQ, false);
+    bring_up(a, &p, &[WqSetup::dedicated(0, 0, STRAY_PASID)]).unwrap();
+    store_descriptor(a, &COPY_DWQ, false).unwrap();
     let mut user = a.create_label();
     enter_user(a, user, USER_STACK_TOP).unwrap();
     a.set_label(&mut user).unwrap();
@@ -925,9 +764,6 @@ fn a_dedicated_wq_bound_to_a_pasid_the_guest_never_set_up_fails_the_copy() {
 /// (0x1235), and the IOMMU records the request it blocked (fault reason:
 /// PASID-table entry not present), which the guest's fault handler reads.
 #[test]
-#[ignore = "known gap in the integ wiring: SWERROR shows PASID 0 (the WQ runs with the \
-            quarantine host PASID, which maps back to no guest PASID) and the vIOMMU \
-            records no fault (the adapter refuses the request before the vIOMMU sees it)"]
 fn swerror_and_the_fault_log_name_the_stray_pasid() {
     let r = run_stray_dedicated_wq();
     assert_eq!(
@@ -946,7 +782,7 @@ fn a_guest_naming_another_guests_host_pasid_gets_its_own_address_space() {
     let space = Arc::new(PasidSpace::new());
     let shared = |p: SvaProgram| {
         run(
-            sva_program(p),
+            sva_program(p).unwrap(),
             MicroOptions {
                 pasid_space: Some(space.clone()),
                 ..options(true)

@@ -4,8 +4,9 @@
 //! The device tags its requests with host PASIDs; the guest's PASID tables
 //! are indexed by guest PASIDs. [`ViommuDma`] maps each host PASID back
 //! through the guest's table ([`GuestPasids::guest_pasid`]) and asks the
-//! vIOMMU to translate with the guest's PASID-table entry. A host PASID that
-//! does not map back (the quarantine PASID, a PASID the guest tore down, or
+//! vIOMMU to translate with the guest's PASID-table entry (an unverified
+//! host PASID maps back too, and fails or not as the guest's tables say).
+//! A host PASID that does not map back (the quarantine PASID, a PASID the guest tore down, or
 //! one that is not this guest's) fails as a request whose PASID has no
 //! PASID-table entry would: a translation error, which the device reports
 //! as such (completion status 0x22, or SWERROR when even the completion
@@ -286,15 +287,22 @@ impl DsaAtsBridge {
 
 impl AtsDevice for DsaAtsBridge {
     fn invalidate_device_tlb(&self, inv: &DeviceTlbInvalidation) {
-        // A guest PASID with no host PASID any more (torn down before its
-        // device-TLB invalidation) has nothing of its own cached: its host
-        // PASID's entries went when the mapping did. Invalidate every PASID
-        // then, which is never wrong.
-        let pasid = inv
-            .pasid
-            .and_then(|g| self.pasids.table().translate(g).ok());
-        self.device
-            .invalidate_device_tlb(pasid, inv.address, inv.size);
+        // Every host PASID standing for the guest PASID. One with none any
+        // more (torn down before its device-TLB invalidation) has nothing of
+        // its own cached: its host PASIDs' entries went when the mapping
+        // did. Invalidate every PASID then, which is never wrong.
+        let hosts = inv.pasid.map(|g| self.pasids.host_pasids_of(g));
+        match hosts {
+            Some(hosts) if !hosts.is_empty() => {
+                for h in hosts {
+                    self.device
+                        .invalidate_device_tlb(Some(h), inv.address, inv.size);
+                }
+            }
+            _ => self
+                .device
+                .invalidate_device_tlb(None, inv.address, inv.size),
+        }
     }
 
     fn page_group_response(&self, response: &PageGroupResponse) {

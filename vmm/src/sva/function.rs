@@ -30,7 +30,7 @@ impl DevicePasids {
 
 impl PasidTranslator for DevicePasids {
     fn to_host(&self, guest: u32) -> u32 {
-        self.pasids.host_pasid_or_quarantine(Some(self.rid), guest)
+        self.pasids.host_pasid_for_device(Some(self.rid), guest)
     }
 
     fn to_guest(&self, host: u32) -> Option<u32> {

@@ -61,8 +61,9 @@ pub enum PasidMiss {
     },
 }
 
-/// Called with each host PASID the guest's table gives up, after the
-/// mapping is gone: devices drop what they cached under it.
+/// Called with each host PASID whose translations went away (its mapping
+/// was removed, or the guest tore down the guest PASID it stands for):
+/// devices drop what they cached under it.
 pub type HostPasidFreed = Arc<dyn Fn(u32) + Send + Sync>;
 
 /// One guest's PASID state, shared by its vCPUs, its devices and the vIOMMU
@@ -78,13 +79,19 @@ pub type HostPasidFreed = Arc<dyn Fn(u32) + Send + Sync>;
 ///   bounded by [`GUEST_PASID_LIMIT`].
 /// - A PASID-cache invalidation re-checks the PASIDs it covers and removes
 ///   those the guest no longer has, freeing their host PASIDs.
-/// - The quarantine host PASID, charged to the guest and never mapped, is
-///   what a guest PASID without a host PASID becomes where the device must
-///   be handed some PASID (WQCFG at Enable WQ): DMA with it never
-///   translates.
+/// - Where the device must be handed some PASID for a guest PASID the
+///   vIOMMU does not confirm (WQCFG.PASID at Enable WQ), the guest PASID
+///   gets an *unverified* host PASID, kept
+///   apart from the table (ENQCMD never uses it): it maps back to its guest
+///   PASID, so the device's requests reach the vIOMMU with the guest's
+///   PASID and fail (or succeed, once the guest sets it up) exactly as the
+///   guest's tables say, and SWERROR names the guest PASID. PASID 0 and
+///   values wider than 20 bits get the quarantine host PASID, which maps
+///   back to nothing.
 pub struct GuestPasids {
     table: PasidTable,
     quarantine: u32,
+    unverified: Mutex<Unverified>,
     authority: RwLock<Option<Arc<dyn PasidAuthority>>>,
     /// Address-space key -> guest PASID (see [`GuestPasids::enqcmd_pasid`]).
     address_spaces: Mutex<HashMap<u64, u32>>,
@@ -92,6 +99,13 @@ pub struct GuestPasids {
     /// (requester ID, host PASID) of the DMA requests devices made through
     /// the vIOMMU (see [`GuestPasids::device_requests`]).
     device_requests: RwLock<BTreeSet<(u16, u32)>>,
+}
+
+/// Host PASIDs of guest PASIDs the vIOMMU did not confirm, both ways.
+#[derive(Default)]
+struct Unverified {
+    by_guest: HashMap<u32, u32>,
+    by_host: HashMap<u32, u32>,
 }
 
 fn read<T: ?Sized>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -111,6 +125,7 @@ impl GuestPasids {
         Ok(Self {
             table,
             quarantine,
+            unverified: Mutex::new(Unverified::default()),
             authority: RwLock::new(None),
             address_spaces: Mutex::new(HashMap::new()),
             freed: RwLock::new(Vec::new()),
@@ -168,21 +183,67 @@ impl GuestPasids {
             .map_err(|error| PasidMiss::NoHostPasid { gpasid, error })
     }
 
-    /// [`GuestPasids::host_pasid`], or the quarantine PASID on a miss.
-    pub fn host_pasid_or_quarantine(&self, rid: Option<u16>, gpasid: u32) -> u32 {
-        self.host_pasid(rid, gpasid).unwrap_or_else(|miss| {
-            log::debug!(
-                "{miss}; the device gets quarantine PASID {:#x}",
+    /// The host PASID a device gets for a PASID the guest programmed into
+    /// it: [`GuestPasids::host_pasid`]; for a guest PASID the vIOMMU does
+    /// not confirm, its unverified host PASID (allocated on first use); the
+    /// quarantine PASID for PASID 0, values wider than 20 bits and an
+    /// exhausted space.
+    pub fn host_pasid_for_device(&self, rid: Option<u16>, gpasid: u32) -> u32 {
+        match self.host_pasid(rid, gpasid) {
+            Ok(hpasid) => hpasid,
+            Err(PasidMiss::NotSetUp(_)) => self.unverified_host_pasid(gpasid),
+            Err(miss) => {
+                log::debug!(
+                    "{miss}; the device gets quarantine PASID {:#x}",
+                    self.quarantine
+                );
                 self.quarantine
-            );
-            self.quarantine
-        })
+            }
+        }
+    }
+
+    fn lock_unverified(&self) -> std::sync::MutexGuard<'_, Unverified> {
+        self.unverified
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn unverified_host_pasid(&self, gpasid: u32) -> u32 {
+        let mut unverified = self.lock_unverified();
+        if let Some(&hpasid) = unverified.by_guest.get(&gpasid) {
+            return hpasid;
+        }
+        let space = self.table.space();
+        match space.alloc(self.table.owner(), Scope::Global) {
+            Ok(hpasid) => {
+                log::debug!(
+                    "guest PASID {gpasid:#x} not set up: unverified host PASID {hpasid:#x}"
+                );
+                unverified.by_guest.insert(gpasid, hpasid);
+                unverified.by_host.insert(hpasid, gpasid);
+                hpasid
+            }
+            Err(e) => {
+                log::debug!("guest PASID {gpasid:#x}: {e}; quarantine PASID");
+                self.quarantine
+            }
+        }
     }
 
     /// The guest PASID of host PASID `hpasid`, if it is one of this guest's
-    /// mappings.
+    /// (mapped, or unverified).
     pub fn guest_pasid(&self, hpasid: u32) -> Option<u32> {
-        self.table.guest_of(hpasid)
+        self.table
+            .guest_of(hpasid)
+            .or_else(|| self.lock_unverified().by_host.get(&hpasid).copied())
+    }
+
+    /// Every host PASID that stands for `gpasid`: its mapping and its
+    /// unverified host PASID, if any.
+    pub fn host_pasids_of(&self, gpasid: u32) -> Vec<u32> {
+        let mut all: Vec<u32> = self.table.translate(gpasid).into_iter().collect();
+        all.extend(self.lock_unverified().by_guest.get(&gpasid));
+        all
     }
 
     /// Notes that device `rid` made a DMA request tagged with host PASID
@@ -206,8 +267,13 @@ impl GuestPasids {
         let hpasid = self.table.remove(gpasid).ok()?;
         log::debug!("guest PASID {gpasid:#x} torn down; host PASID {hpasid:#x} freed");
         self.forget_address_spaces(|_, g| g == gpasid);
+        let unverified = self.lock_unverified().by_guest.get(&gpasid).copied();
         for f in read(&self.freed).iter() {
             f(hpasid);
+            // What was cached through the guest's entry is gone too.
+            if let Some(h) = unverified {
+                f(h);
+            }
         }
         Some(hpasid)
     }
@@ -315,8 +381,11 @@ impl Drop for GuestPasids {
         self.table.clear();
         let space = self.table.space().clone();
         let owner = self.table.owner();
-        if let Err(e) = space.free(owner, Scope::Global, self.quarantine) {
-            log::error!("{owner}: freeing the quarantine PASID: {e}");
+        let unverified = std::mem::take(&mut *self.lock_unverified());
+        for hpasid in std::iter::once(self.quarantine).chain(unverified.by_host.into_keys()) {
+            if let Err(e) = space.free(owner, Scope::Global, hpasid) {
+                log::error!("{owner}: freeing host PASID {hpasid:#x}: {e}");
+            }
         }
         // Nothing is charged any more (the table's own drop finds it empty).
         if let Err(e) = space.remove_owner(owner) {

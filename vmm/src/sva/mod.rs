@@ -23,6 +23,53 @@
 //!   table, filled without a check (there are no PASID tables to check).
 //!
 //! [`attach`] builds all of it for a machine.
+//!
+//! # Decisions
+//!
+//! - **Host PASIDs inside the vDSA.** Queued descriptors, WQ snapshots, the
+//!   device TLB and every DMA request carry host PASIDs. The guest's PASIDs
+//!   cross into the device at the VMM boundary only: the portal store
+//!   ([`DsaFunction::bar_store64`], ENQCMD and ENQCMDS), and the
+//!   [`vdsa::pasid::PasidTranslator`] hook the device calls at Enable WQ
+//!   (WQCFG.PASID becomes a host PASID) and, the other way, to compare
+//!   guest PASIDs (Drain/Abort PASID, MSIXPERM) with the host PASIDs it
+//!   holds and to report SWERROR's PASID field.
+//! - **One table per VM, one space per process.** [`GuestPasids`] is per
+//!   VM, shared by its vCPUs and devices; host PASIDs come from a
+//!   [`pasid::PasidSpace`] shared by every VM of the process
+//!   ([`crate::vm::host_pasid_space`] unless the VM is given one), each guest
+//!   charged for what it holds, at most [`GUEST_PASID_LIMIT`].
+//! - **Lazy fill.** A guest PASID gets a host PASID the first time it is
+//!   used, once the vIOMMU resolves a present PASID-table entry for it (for
+//!   the device asking). A PASID-cache invalidation re-checks the PASIDs it
+//!   covers; those the guest no longer has are unmapped, their host PASID
+//!   freed, and the vDSAs drop their device-TLB entries of that host PASID.
+//! - **A PASID the guest never set up.** ENQCMD/ENQCMDS with it are not
+//!   enqueued: the instruction answers Retry (ZF=1) and the device never
+//!   sees the descriptor; no host PASID is allocated. ZF=1 is the one
+//!   answer ENQCMD has for "not accepted" short of a fault; Linux's
+//!   ENQCMDS path gives up with -EAGAIN after its bounded retries, and a
+//!   user submitter sees its ENQCMD refused.
+//! - **A PASID the guest programs into the device without setting it up**
+//!   (WQCFG.PASID of a dedicated WQ at Enable WQ) gets an *unverified*
+//!   host PASID, outside the gPASID -> hPASID
+//!   table (ENQCMD never uses it) but mapping back to the guest PASID. The
+//!   device's requests with it reach the vIOMMU with the guest's PASID, so
+//!   they fail as on hardware (the vIOMMU records "PASID-table entry not
+//!   present"; the descriptor gets completion status 0x22, or SWERROR 0x1a
+//!   naming the WQ's guest PASID when the record cannot be written either)
+//!   and start working if the guest sets the PASID up later. PASID 0 gets
+//!   the quarantine host PASID, which maps back to nothing.
+//! - **Without a vIOMMU** the vDSA does untranslated DMA into guest RAM and
+//!   PASIDs still go through the guest's table, filled without a check
+//!   (there are no PASID tables to check) and never torn down before the VM
+//!   ends.
+//! - **ATS.** The adapter asks the vIOMMU for write permission first, so a
+//!   writable page comes back writable (and is marked dirty, as the device
+//!   may write it); read-only pages come back read-only.
+//! - **IA32_PASID** follows the guest's address spaces: see
+//!   `docs/ia32-pasid-follows-address-space.md` and
+//!   [`GuestPasids::enqcmd_pasid`].
 
 mod dma;
 mod function;

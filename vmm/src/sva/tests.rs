@@ -9,7 +9,7 @@ use pci::{MsiRecorder, StoreKind, StoreReply};
 use vdsa::dma::{AddressSpace, DmaFault, DmaPort, FaultKind, PasidTag};
 use viommu::paging::builder::PageTableBuilder;
 use viommu::paging::{entry, PagingLevels};
-use viommu::regs::{gcmd, iqa, rtaddr, GCMD, GSTS, IQA, IQT, RTADDR};
+use viommu::regs::{gcmd, iqa, rtaddr, FSTS, GCMD, GSTS, IQA, IQT, PQA, PQT, RTADDR};
 use viommu::{PasidCacheScope, PasidObserver};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -65,12 +65,30 @@ fn lazy_fill_only_after_the_viommu_confirms() {
         pasids.host_pasid(None, 1 << 20),
         Err(PasidMiss::Invalid(1 << 20))
     );
-    // Where the device must get some PASID, a miss becomes the quarantine
-    // PASID, which is the guest's but maps back to nothing.
-    let q = pasids.host_pasid_or_quarantine(Some(8), 6);
+    // Where the device must get some PASID (WQCFG), a guest PASID the
+    // vIOMMU does not confirm gets an unverified host PASID: it maps back
+    // to the guest PASID, stays out of the table (ENQCMD never uses it),
+    // and is the same every time.
+    let u = pasids.host_pasid_for_device(Some(8), 6);
+    assert_eq!(pasids.guest_pasid(u), Some(6));
+    assert_eq!(
+        pasids.table().translate(6),
+        Err(pasid::Error::TranslationFault(6))
+    );
+    assert_eq!(pasids.host_pasid(Some(8), 6), Err(PasidMiss::NotSetUp(6)));
+    assert_eq!(pasids.host_pasid_for_device(Some(8), 6), u);
+    assert_eq!(pasids.host_pasids_of(6), vec![u]);
+    assert_eq!(space.owner_of(Scope::Global, u), Some(pasids.owner()));
+    // PASID 0 gets the quarantine PASID, which maps back to nothing.
+    let q = pasids.host_pasid_for_device(Some(8), 0);
     assert_eq!(q, pasids.quarantine());
     assert_eq!(pasids.guest_pasid(q), None);
     assert_eq!(space.owner_of(Scope::Global, q), Some(pasids.owner()));
+    // Once the guest sets it up, ENQCMD gets a mapping of its own.
+    iommu.set(6, None);
+    let h6 = pasids.host_pasid(Some(8), 6).unwrap();
+    assert_ne!(h6, u);
+    assert_eq!(pasids.host_pasids_of(6), vec![h6, u]);
 }
 
 #[test]
@@ -259,6 +277,7 @@ const TABLES: u64 = 0x100_0000;
 // Scalable-mode structure bits (VT-d 9.4, 9.6).
 const PRESENT: u64 = 1;
 const CONTEXT_PASIDE: u64 = 1 << 3;
+const CONTEXT_PRE: u64 = 1 << 4;
 const CONTEXT_DTE: u64 = 1 << 2;
 const CONTEXT_PDTS_1M: u64 = 7 << 9;
 const PASID_AW_4LEVEL: u64 = 2 << 2;
@@ -274,6 +293,10 @@ struct ScalableGuest {
     queue: u64,
     tail: u64,
     pasid_table: u64,
+    /// Page request queue (one page).
+    prq: u64,
+    /// The PTE of `IOVA + 0x1000`, not present until a test fills it.
+    spare_pte: u64,
 }
 
 impl ScalableGuest {
@@ -291,17 +314,20 @@ impl ScalableGuest {
             queue: 0,
             tail: 0,
             pasid_table: 0,
+            prq: 0,
+            spare_pte: 0,
         };
         let root = g.page();
         let context_table = g.page();
         let pasid_dir = g.alloc(32);
         g.pasid_table = g.page();
         g.queue = g.page();
+        g.prq = g.page();
         g.write(root + u64::from(RID >> 8) * 16, context_table | PRESENT);
         let context = context_table + u64::from(RID & 0x7f) * 32;
         g.write(
             context,
-            pasid_dir | CONTEXT_PDTS_1M | CONTEXT_PASIDE | CONTEXT_DTE | PRESENT,
+            pasid_dir | CONTEXT_PDTS_1M | CONTEXT_PRE | CONTEXT_PASIDE | CONTEXT_DTE | PRESENT,
         );
         g.write(
             pasid_dir + u64::from(GPASID >> 6) * 8,
@@ -311,12 +337,18 @@ impl ScalableGuest {
             PageTableBuilder::new(&*g.mem, PagingLevels::Four, TABLES, TABLES + 0x10_0000).unwrap();
         let flags = entry::PRESENT | entry::WRITABLE | entry::USER | entry::ACCESSED;
         tables.map(IOVA, GPA, 0x1000, flags).unwrap();
+        tables
+            .map(IOVA + 0x1000, GPA + 0x1000, 0x1000, flags)
+            .unwrap();
+        g.spare_pte = tables.entry_addr(IOVA + 0x1000, 1).unwrap();
+        g.write(g.spare_pte, 0);
         let pgd = tables.root();
         g.set_first_stage(pgd);
 
         g.mmio64(RTADDR, root | (rtaddr::TTM_SCALABLE << 10));
         g.gcmd(gcmd::SRTP);
         g.mmio64(IQA, g.queue | iqa::DW);
+        g.mmio64(PQA, g.prq);
         g.gcmd(gcmd::QIE);
         g.gcmd(gcmd::TE);
         (g, pgd)
@@ -367,11 +399,21 @@ impl ScalableGuest {
             | PASID_DESC_SELECTIVE
             | (u64::from(DID) << 16)
             | (u64::from(GPASID) << 32);
+        self.submit([inv, 0]);
+    }
+
+    /// Queues `descriptor` and a status-write wait, as qi_submit_sync does,
+    /// and checks the wait completed.
+    fn submit(&mut self, descriptor: [u64; 2]) {
         let status = self.next_page;
-        for (i, qw0) in [inv, WAIT_DESC | (1 << 32)].into_iter().enumerate() {
+        self.write(status, 0);
+        for (i, [qw0, qw1]) in [descriptor, [WAIT_DESC | (1 << 32), status]]
+            .into_iter()
+            .enumerate()
+        {
             let at = self.queue + (self.tail + i as u64) * 32;
             self.write(at, qw0);
-            self.write(at + 8, if i == 1 { status } else { 0 });
+            self.write(at + 8, qw1);
         }
         self.tail += 2;
         self.mmio64(IQT, self.tail << 5);
@@ -485,7 +527,8 @@ fn shared_wq_device(g: &ScalableGuest, ats: bool) -> (Arc<GuestPasids>, Accelera
     wq_device(g, ats, micro::WQCFG_PASID_EN | micro::WQCFG_PRIORITY_1)
 }
 
-/// [`shared_wq_device`] with WQCFG dword 2 `mode`.
+/// [`shared_wq_device`] with WQCFG dword 2 `mode` (PRI enabled too when
+/// it asks for block on fault).
 fn wq_device(g: &ScalableGuest, ats: bool, mode: u32) -> (Arc<GuestPasids>, Accelerators) {
     use vdsa::command::code;
     use vdsa::regs::{layout as regs, offset};
@@ -513,6 +556,12 @@ fn wq_device(g: &ScalableGuest, ats: bool, mode: u32) -> (Arc<GuestPasids>, Acce
     if ats {
         let ats_cap = find_ext_cap(dev, EXT_CAP_ATS);
         dev.config_write(ats_cap + 6, &0x8000u16.to_le_bytes());
+    }
+    if mode & WQCFG_BOF != 0 {
+        // Block on fault needs PRI: 32 outstanding requests, enabled.
+        let pri = find_ext_cap(dev, EXT_CAP_PRI);
+        dev.config_write(pri + 0xc, &32u32.to_le_bytes());
+        dev.config_write(pri + 4, &1u16.to_le_bytes());
     }
     let w32 =
         |dev: &mut dyn pci::PciDevice, at: u64, v: u32| dev.bar_write(0, at, &v.to_le_bytes());
@@ -544,14 +593,19 @@ fn wq_device(g: &ScalableGuest, ats: bool, mode: u32) -> (Arc<GuestPasids>, Acce
 /// `IOVA + 0x100`, record at `IOVA + 0x800`) with guest PASID `gpasid`,
 /// stores it at WQ 0's portal and returns the answer.
 fn enqcmd_memmove(attached: &Accelerators, gpasid: u32) -> StoreReply {
+    enqcmd_memmove_to(attached, gpasid, IOVA + 0x100, 0)
+}
+
+/// [`enqcmd_memmove`] to `dst`, with `flags` added.
+fn enqcmd_memmove_to(attached: &Accelerators, gpasid: u32, dst: u64, flags: u32) -> StoreReply {
     let mut desc = vdsa::descriptor::Descriptor::new(
         vdsa::descriptor::Opcode::Memmove,
-        vdsa::descriptor::flags::CRAV | vdsa::descriptor::flags::RCR,
+        vdsa::descriptor::flags::CRAV | vdsa::descriptor::flags::RCR | flags,
     );
     desc.set_pasid(gpasid, false)
         .set_completion_addr(IOVA + 0x800)
         .set_src(IOVA)
-        .set_dst(IOVA + 0x100)
+        .set_dst(dst)
         .set_xfer_size(0x40);
     let mut dev = attached.functions[0].lock().unwrap();
     pci::PciDevice::bar_store64(&mut *dev, 2, 0, &desc.0, StoreKind::Enqcmd)
@@ -649,8 +703,8 @@ fn a_dedicated_wq_with_a_pasid_the_guest_never_set_up_fails_translation() {
     );
     // Nothing can be written in that address space, not even the record:
     // SWERROR 0x1a (completion record translation), WQ 0, descriptor valid,
-    // with the record address; the PASID field reads 0 (the quarantine
-    // host PASID is no guest PASID).
+    // with the record address and the WQ's (guest) PASID; the vIOMMU
+    // recorded the requests it refused.
     let start = std::time::Instant::now();
     let mut q = [0u8; 8];
     loop {
@@ -664,14 +718,96 @@ fn a_dedicated_wq_with_a_pasid_the_guest_never_set_up_fails_translation() {
     let swerr = u64::from_le_bytes(q);
     assert_eq!(swerr & 0xff00, 0x1a00, "{swerr:#x}");
     assert_eq!((swerr >> 16) & 0xff, 0, "WQ 0");
-    assert_eq!((swerr >> 40) & 0xf_ffff, 0, "PASID field");
+    assert_eq!((swerr >> 40) & 0xf_ffff, u64::from(unknown), "PASID field");
     pci::PciDevice::bar_read(&mut *dev, 0, offset::SWERR + 16, &mut q);
     assert_eq!(u64::from_le_bytes(q), IOVA + 0x800);
     assert_eq!(g.mem.read_obj::<u8>(GuestAddress(GPA + 0x800)).unwrap(), 0);
+    let mut fsts = [0u8; 4];
+    g.iommu.mmio_read(FSTS, &mut fsts);
+    assert_eq!(
+        u32::from_le_bytes(fsts) & FSTS_PPF,
+        FSTS_PPF,
+        "a fault recorded"
+    );
+    assert!(pasids.table().is_empty(), "still not mapped");
 }
+
+#[test]
+fn page_requests_carry_the_guest_pasid_and_responses_reach_the_device() {
+    let (mut g, _) = ScalableGuest::new();
+    let mode = micro::WQCFG_PASID_EN | micro::WQCFG_PRIORITY_1 | WQCFG_BOF;
+    // The device sends page requests with ATS and PRI both enabled.
+    let (pasids, attached) = wq_device(&g, true, mode);
+    g.mem.write_slice(&[0x3c; 0x40], GuestAddress(GPA)).unwrap();
+    // The destination page is not present yet: block on fault.
+    let dst = IOVA + 0x1000;
+    assert_eq!(
+        enqcmd_memmove_to(&attached, GPASID, dst, vdsa::descriptor::flags::BOF),
+        StoreReply::Accepted
+    );
+    let start = std::time::Instant::now();
+    let mut tail = [0u8; 8];
+    while {
+        g.iommu.mmio_read(PQT, &mut tail);
+        u64::from_le_bytes(tail) == 0
+    } {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "no page request; completion status {:#x}",
+            g.mem.read_obj::<u8>(GuestAddress(GPA + 0x800)).unwrap()
+        );
+        std::thread::yield_now();
+    }
+    let request: [u64; 2] = g.mem.read_obj(GuestAddress(g.prq)).unwrap();
+    assert_eq!(request[0] & 0xf, 1, "page request descriptor");
+    assert_eq!((request[0] >> 8) & 1, 1, "PASID present");
+    assert_eq!((request[0] >> 16) & 0xffff, u64::from(RID));
+    assert_eq!(
+        (request[0] >> 32) & 0xf_ffff,
+        u64::from(GPASID),
+        "the guest's PASID, not host PASID {:#x}",
+        pasids.table().translate(GPASID).unwrap()
+    );
+    assert_eq!(request[1] & !0xfff, dst);
+    assert_eq!(request[1] & 0b10, 0b10, "write access");
+    assert_eq!(
+        g.mem.read_obj::<u8>(GuestAddress(GPA + 0x800)).unwrap(),
+        0,
+        "still blocked"
+    );
+    // The guest maps the page and answers Success.
+    let flags = entry::PRESENT | entry::WRITABLE | entry::USER | entry::ACCESSED;
+    g.write(g.spare_pte, (GPA + 0x1000) | flags);
+    let prg = (request[1] >> 3) & 0x1ff;
+    let response = PAGE_GROUP_RESPONSE
+        | PAGE_GROUP_RESPONSE_PASID_PRESENT
+        | (u64::from(RID) << 16)
+        | (u64::from(GPASID) << 32);
+    g.submit([response, (prg << 3) | PAGE_GROUP_RESPONSE_LAST]);
+    assert_eq!(
+        completion_status(&g),
+        vdsa::completion::Status::Success as u8
+    );
+    let mut copied = [0u8; 0x40];
+    g.mem
+        .read_slice(&mut copied, GuestAddress(GPA + 0x1000))
+        .unwrap();
+    assert_eq!(copied, [0x3c; 0x40]);
+}
+
+/// FSTS: primary pending fault.
+const FSTS_PPF: u32 = 1 << 1;
+/// WQCFG dword 2: block on fault enable.
+const WQCFG_BOF: u32 = 1 << 1;
+/// Page group response descriptor (VT-d 6.5.2.11): type, PASID present,
+/// last page in group.
+const PAGE_GROUP_RESPONSE: u64 = 9;
+const PAGE_GROUP_RESPONSE_PASID_PRESENT: u64 = 1 << 4;
+const PAGE_GROUP_RESPONSE_LAST: u64 = 1 << 2;
 
 /// PCIe extended capability IDs.
 const EXT_CAP_ATS: u16 = 0x0f;
+const EXT_CAP_PRI: u16 = 0x13;
 const EXT_CAP_PASID: u16 = 0x1b;
 
 fn find_ext_cap(dev: &mut dyn pci::PciDevice, id: u16) -> u16 {
