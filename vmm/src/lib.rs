@@ -18,6 +18,7 @@ pub mod machine;
 pub mod microguest;
 pub mod msi;
 pub mod pci_root;
+pub mod run_command;
 pub mod sva;
 pub mod sva_bench;
 pub mod sva_demo;

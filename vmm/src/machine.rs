@@ -2,6 +2,7 @@
 //! ACPI tables with the power-off device (and the vIOMMU's DMAR), the
 //! vIOMMU and vDSA functions, and the loaded kernel.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -11,9 +12,14 @@ use thiserror::Error;
 
 use crate::acpi::{create_acpi_tables, AcpiConfig, AcpiError, AcpiSleepDevice};
 use crate::boot::{load_linux, BootConfig, BootError};
+use crate::devices::pvpanic::PvPanic;
 use crate::devices::serial::SerialOutput;
+use crate::devices::virtio::event_loop::{EventLoopError, SharedVirtioDevice};
+use crate::devices::virtio::transport::TransportError;
+use crate::devices::virtio::{Console, ConsoleInput, VirtioEventLoop, VirtioPciDevice};
 use crate::layout;
-use crate::pci_root::{PciConfigIo, PciRoot};
+use crate::msi::KvmMsiSink;
+use crate::pci_root::{PciConfigIo, PciRoot, PciRootError};
 use crate::sva::{attach, AccelConfig, AccelError};
 use crate::vcpu::UdHook;
 use crate::vm::{RunExit, Vm, VmConfig, VmError};
@@ -36,6 +42,17 @@ pub struct LinuxConfig {
     pub timeout: Option<Duration>,
     /// The vIOMMU and vDSA functions.
     pub accel: AccelConfig,
+    /// One virtio console device per entry, in PCI order: the guest sees
+    /// them as hvc0, hvc1, ...
+    pub consoles: Vec<VirtioConsole>,
+}
+
+/// A virtio console's host side.
+pub struct VirtioConsole {
+    /// Where the guest's output goes.
+    pub output: Box<dyn Write + Send>,
+    /// What the guest reads.
+    pub input: Arc<ConsoleInput>,
 }
 
 /// Errors building the Linux machine; each prints as one line.
@@ -53,11 +70,28 @@ pub enum MachineError {
     /// The vIOMMU or a vDSA.
     #[error(transparent)]
     Accel(#[from] AccelError),
+    /// A PCI function could not be placed.
+    #[error(transparent)]
+    Pci(#[from] PciRootError),
+    /// A virtio device could not be built.
+    #[error(transparent)]
+    Virtio(#[from] TransportError),
+    /// The virtio event loop could not start.
+    #[error(transparent)]
+    EventLoop(#[from] EventLoopError),
+    /// The pvpanic device could not be built.
+    #[error("pvpanic: {0}")]
+    PvPanic(#[from] pci::ConfigError),
+    /// An EventFd could not be created.
+    #[error("virtio console input: {0}")]
+    Io(#[from] std::io::Error),
 }
 
 /// Builds the machine, boots the kernel and runs it to the end.
 pub fn run_linux(config: LinuxConfig) -> Result<RunExit, MachineError> {
-    let interactive = matches!(config.serial, SerialOutput::Stdout);
+    // A plain boot on the terminal takes typed input on COM1; `vmm run`
+    // (virtio consoles) leaves the VMM's stdin alone.
+    let interactive = matches!(config.serial, SerialOutput::Stdout) && config.consoles.is_empty();
     let vm_config = VmConfig {
         cpus: config.cpus,
         memory: config.memory,
@@ -72,6 +106,8 @@ pub fn run_linux(config: LinuxConfig) -> Result<RunExit, MachineError> {
 
     let root = attach_pci_root(&vm)?;
     let accel = attach(&vm, &root, &config.accel)?;
+    add_pvpanic(&vm, &root)?;
+    let consoles = add_virtio_consoles(&vm, &root, config.consoles)?;
 
     let (power_off, stop) = (vm.power_off_flag(), vm.stop_flag());
     let sleep = AcpiSleepDevice::new(move || {
@@ -98,7 +134,47 @@ pub fn run_linux(config: LinuxConfig) -> Result<RunExit, MachineError> {
     let state = load_linux(vm.memory(), &boot)?;
     let regs = state.regs();
     vm.set_boot_state_with(regs, Box::new(move |sregs| state.apply_sregs(sregs)));
-    Ok(vm.run(config.timeout))
+    let event_loop = if consoles.is_empty() {
+        None
+    } else {
+        Some(VirtioEventLoop::start(&consoles)?)
+    };
+    let exit = vm.run(config.timeout);
+    // Stopping the loop flushes what the guest queued last.
+    drop(event_loop);
+    Ok(exit)
+}
+
+/// The pvpanic PCI device: a guest panic ends the run as
+/// [`RunExit::GuestPanic`].
+fn add_pvpanic(vm: &Vm, root: &PciRoot) -> Result<(), MachineError> {
+    let (panicked, stop) = (vm.panic_flag(), vm.stop_flag());
+    let pvpanic = PvPanic::new(Box::new(move || {
+        panicked.store(true, Ordering::SeqCst);
+        stop.store(true, Ordering::SeqCst);
+    }))?;
+    let bdf = root.add_device(Arc::new(Mutex::new(pvpanic)))?;
+    log::debug!("pvpanic at {bdf}");
+    Ok(())
+}
+
+/// One virtio-console PCI function per entry of `consoles`.
+fn add_virtio_consoles(
+    vm: &Vm,
+    root: &PciRoot,
+    consoles: Vec<VirtioConsole>,
+) -> Result<Vec<SharedVirtioDevice>, MachineError> {
+    let msi = Arc::new(KvmMsiSink::new(vm.fd().clone()));
+    let mut devices = Vec::new();
+    for console in consoles {
+        let device = Console::new(console.output, console.input)?;
+        let pci = VirtioPciDevice::new(Box::new(device), vm.memory().clone(), msi.clone())?;
+        let shared = Arc::new(Mutex::new(pci));
+        let bdf = root.add_device(shared.clone())?;
+        log::debug!("virtio-console at {bdf}");
+        devices.push(shared);
+    }
+    Ok(devices)
 }
 
 /// Puts a PCIe root complex on `vm`'s buses: ECAM, the 0xCF8/0xCFC ports

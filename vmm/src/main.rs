@@ -3,10 +3,15 @@
 //! Exit status: 0 when the guest powered off (or a demo/benchmark
 //! succeeded), 1 when the VMM hit an error it could not answer, 2 for bad
 //! command-line input, 3 when the guest triple-faulted, 4 on `--timeout`,
-//! 5 when the guest reset itself. `vmm micro PROGRAM` exits with the
-//! low 8 bits of the value the program wrote to the test-exit port unless
-//! the program is a built-in demo, which checks its own result.
+//! 5 when the guest reset itself, 6 when the guest kernel panicked
+//! (pvpanic). `vmm micro PROGRAM` exits with the low 8 bits of the value
+//! the program wrote to the test-exit port unless the program is a
+//! built-in demo, which checks its own result. `vmm run ... -- CMD` exits
+//! with CMD's status once the guest reported it; before that, the codes
+//! above apply, and 7 means the guest stopped (powered off, or init
+//! failed) without reporting one.
 
+use std::ffi::OsString;
 use std::fs::File;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -16,8 +21,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use vdsa::DsaConfig;
 use vmm::demos::{self, DEMO_PASID};
 use vmm::devices::serial::SerialOutput;
-use vmm::machine::{run_linux, LinuxConfig};
+use vmm::machine::{run_linux, LinuxConfig, MachineError};
 use vmm::microguest::{self, MicroOptions};
+use vmm::run_command::{run_command, CommandRun, GuestStatus, RunCommandError};
 use vmm::sva::AccelConfig;
 use vmm::sva_bench;
 use vmm::vm::{RunExit, MIN_MEMORY};
@@ -27,8 +33,11 @@ const EXIT_USAGE: u8 = 2;
 const EXIT_TRIPLE_FAULT: u8 = 3;
 const EXIT_TIMEOUT: u8 = 4;
 const EXIT_RESET: u8 = 5;
-/// Device numbers 1 to 31 of bus 0 (00:00.0 is the host bridge).
-const MAX_DSA: usize = 31;
+const EXIT_GUEST_PANIC: u8 = 6;
+const EXIT_NO_STATUS: u8 = 7;
+/// Device numbers 1 to 31 of bus 0 (00:00.0 is the host bridge), less
+/// the pvpanic function and the two virtio consoles of `vmm run`.
+const MAX_DSA: usize = 28;
 
 /// A KVM VMM with an emulated VT-d IOMMU (scalable mode) and a DSA-like
 /// accelerator with ENQCMD portals.
@@ -52,7 +61,7 @@ struct Cli {
     /// Guest RAM, e.g. 256M or 1G (K, M, G suffixes; at least 16M).
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     memory: u64,
-    /// Where the serial console goes: stdout, none or file:PATH.
+    /// Where the serial console goes: stdout, stderr, none or file:PATH.
     #[arg(long, default_value = "stdout", value_parser = parse_serial)]
     serial: SerialTarget,
     /// Stop the guest after this many seconds.
@@ -61,7 +70,7 @@ struct Cli {
     /// Add the vIOMMU (VT-d, scalable mode) with every PCI device behind
     /// it and its DMAR in the ACPI tables; without it devices do
     /// untranslated DMA into guest RAM.
-    #[arg(long)]
+    #[arg(long, global = true)]
     iommu: bool,
     /// Add a vDSA (repeatable; at 00:01.0, 00:02.0, ...). SPEC is a comma
     /// list of wqs=1-16, engines=1-8, groups=1-8, wq-size=1-65535 (WQ
@@ -69,6 +78,7 @@ struct Cli {
     /// DSA 1.0: wqs=8,engines=4,groups=4,wq-size=128,max-batch=1024.
     #[arg(
         long,
+        global = true,
         value_name = "SPEC",
         num_args = 0..=1,
         default_missing_value = "",
@@ -90,6 +100,43 @@ enum Command {
         #[arg(long, default_value_t = 20_000)]
         iterations: u32,
     },
+    /// Boot Linux, run CMD in it through the project's init and exit with
+    /// CMD's status. CMD's output (stdout and stderr) goes to stdout, over a
+    /// virtio console; the kernel log goes to stderr (see --serial).
+    Run(RunArgs),
+}
+
+#[derive(clap::Args, Debug)]
+#[command(
+    after_help = "Exit status: CMD's own (0-255) once the guest reported it. \
+Otherwise 1 VMM error, 2 bad input, 3 triple fault, 4 --timeout, 5 guest reset, \
+6 guest kernel panic, 7 the guest stopped without reporting a status."
+)]
+struct RunArgs {
+    /// Linux kernel to boot (ELF vmlinux or bzImage).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initramfs whose /init is the project's (guest-images/out/initramfs*.cpio).
+    #[arg(long)]
+    initramfs: Option<PathBuf>,
+    /// Kernel command line; init's settings are added after "--".
+    #[arg(long, default_value = "console=ttyS0 noxsave")]
+    cmdline: String,
+    /// Number of vCPUs (1-255).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..))]
+    cpus: u8,
+    /// Guest RAM, e.g. 256M or 1G (K, M, G suffixes; at least 16M).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    memory: u64,
+    /// Where the kernel's serial console goes: stderr, stdout, none or file:PATH.
+    #[arg(long, default_value = "stderr", value_parser = parse_serial)]
+    serial: SerialTarget,
+    /// Stop the guest after this many seconds (exit status 4).
+    #[arg(long)]
+    timeout: Option<u64>,
+    /// The command and its arguments, after "--".
+    #[arg(last = true, value_name = "CMD")]
+    command: Vec<OsString>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -106,6 +153,7 @@ enum MicroProgram {
 #[derive(Clone, Debug)]
 enum SerialTarget {
     Stdout,
+    Stderr,
     None,
     File(PathBuf),
 }
@@ -174,10 +222,11 @@ fn parse_dsa(spec: &str) -> Result<DsaConfig, String> {
 fn parse_serial(s: &str) -> Result<SerialTarget, String> {
     match s {
         "stdout" => Ok(SerialTarget::Stdout),
+        "stderr" => Ok(SerialTarget::Stderr),
         "none" => Ok(SerialTarget::None),
         _ => match s.strip_prefix("file:") {
             Some(path) if !path.is_empty() => Ok(SerialTarget::File(path.into())),
-            _ => Err("expected stdout, none or file:PATH".into()),
+            _ => Err("expected stdout, stderr, none or file:PATH".into()),
         },
     }
 }
@@ -203,6 +252,10 @@ fn exit_code(exit: &RunExit) -> ExitCode {
         RunExit::Reset => {
             eprintln!("vmm: the guest reset the machine");
             ExitCode::from(EXIT_RESET)
+        }
+        RunExit::GuestPanic => {
+            eprintln!("vmm: the guest kernel panicked");
+            ExitCode::from(EXIT_GUEST_PANIC)
         }
         RunExit::Error(line) => {
             eprintln!("vmm: {line}");
@@ -251,66 +304,163 @@ fn main() -> ExitCode {
             program: MicroProgram::SvaDemo,
         }) => sva_demo(cli.timeout),
         Some(Command::Bench { iterations }) => bench(iterations, accel),
+        Some(Command::Run(args)) => run(args, accel),
         None => boot(cli, accel),
     }
 }
 
 fn boot(cli: Cli, accel: AccelConfig) -> ExitCode {
-    let Some(kernel) = cli.kernel else {
-        return usage_error("--kernel is required (or use a subcommand: micro, bench)");
-    };
-    if let Err(e) = File::open(&kernel) {
-        return usage_error(format_args!(
-            "cannot read kernel '{}': {e}",
-            kernel.display()
-        ));
-    }
-    if let Some(initramfs) = &cli.initramfs {
-        if let Err(e) = File::open(initramfs) {
-            return usage_error(format_args!(
-                "cannot read initramfs '{}': {e}",
-                initramfs.display()
-            ));
-        }
-    }
-    if cli.memory < MIN_MEMORY {
-        return usage_error(format_args!(
-            "--memory {} bytes is below the minimum of {} MiB",
-            cli.memory,
-            MIN_MEMORY >> 20
-        ));
-    }
-    let serial = match cli.serial {
-        SerialTarget::Stdout => SerialOutput::Stdout,
-        SerialTarget::None => SerialOutput::Sink,
-        SerialTarget::File(path) => match File::create(&path) {
-            Ok(f) => SerialOutput::File(f),
-            Err(e) => {
-                return usage_error(format_args!(
-                    "cannot write serial file '{}': {e}",
-                    path.display()
-                ))
-            }
+    let config = match machine_config(
+        MachineArgs {
+            kernel: cli.kernel,
+            initramfs: cli.initramfs,
+            cmdline: cli.cmdline,
+            cpus: cli.cpus,
+            memory: cli.memory,
+            serial: cli.serial,
+            timeout: cli.timeout,
         },
-    };
-    let config = LinuxConfig {
-        kernel,
-        initramfs: cli.initramfs,
-        cmdline: cli.cmdline,
-        cpus: cli.cpus,
-        memory: cli.memory,
-        serial,
-        timeout: cli.timeout.map(Duration::from_secs),
         accel,
+    ) {
+        Ok(config) => config,
+        Err(code) => return code,
     };
     match run_linux(config) {
         Ok(exit) => exit_code(&exit),
         // Kernel/initramfs problems found while loading are input errors.
-        Err(vmm::machine::MachineError::Boot(e)) => usage_error(e),
+        Err(MachineError::Boot(e)) => usage_error(e),
         Err(e) => {
             eprintln!("vmm: {e}");
             ExitCode::from(EXIT_ERROR)
         }
+    }
+}
+
+/// The options every Linux boot takes.
+struct MachineArgs {
+    kernel: Option<PathBuf>,
+    initramfs: Option<PathBuf>,
+    cmdline: String,
+    cpus: u8,
+    memory: u64,
+    serial: SerialTarget,
+    timeout: Option<u64>,
+}
+
+/// Checks the options of a Linux boot; a bad one gets its usage error.
+fn machine_config(args: MachineArgs, accel: AccelConfig) -> Result<LinuxConfig, ExitCode> {
+    let Some(kernel) = args.kernel else {
+        return Err(usage_error(
+            "--kernel is required (or use a subcommand: micro, bench)",
+        ));
+    };
+    if let Err(e) = File::open(&kernel) {
+        return Err(usage_error(format_args!(
+            "cannot read kernel '{}': {e}",
+            kernel.display()
+        )));
+    }
+    if let Some(initramfs) = &args.initramfs {
+        if let Err(e) = File::open(initramfs) {
+            return Err(usage_error(format_args!(
+                "cannot read initramfs '{}': {e}",
+                initramfs.display()
+            )));
+        }
+    }
+    if args.memory < MIN_MEMORY {
+        return Err(usage_error(format_args!(
+            "--memory {} bytes is below the minimum of {} MiB",
+            args.memory,
+            MIN_MEMORY >> 20
+        )));
+    }
+    let serial = match args.serial {
+        SerialTarget::Stdout => SerialOutput::Stdout,
+        SerialTarget::Stderr => SerialOutput::Stderr,
+        SerialTarget::None => SerialOutput::Sink,
+        SerialTarget::File(path) => match File::create(&path) {
+            Ok(f) => SerialOutput::File(f),
+            Err(e) => {
+                return Err(usage_error(format_args!(
+                    "cannot write serial file '{}': {e}",
+                    path.display()
+                )))
+            }
+        },
+    };
+    Ok(LinuxConfig {
+        kernel,
+        initramfs: args.initramfs,
+        cmdline: args.cmdline,
+        cpus: args.cpus,
+        memory: args.memory,
+        serial,
+        timeout: args.timeout.map(Duration::from_secs),
+        accel,
+        consoles: Vec::new(),
+    })
+}
+
+fn run(args: RunArgs, accel: AccelConfig) -> ExitCode {
+    if args.kernel.is_none() {
+        return usage_error("--kernel is required");
+    }
+    if args.initramfs.is_none() {
+        return usage_error(
+            "--initramfs is required: its /init runs the command (guest-images/out/initramfs-base.cpio)",
+        );
+    }
+    if args.command.is_empty() {
+        return usage_error("no command: give it after \"--\", as in vmm run --kernel K --initramfs I -- sh -c 'echo hi'");
+    }
+    let config = match machine_config(
+        MachineArgs {
+            kernel: args.kernel,
+            initramfs: args.initramfs,
+            cmdline: args.cmdline,
+            cpus: args.cpus,
+            memory: args.memory,
+            serial: args.serial,
+            timeout: args.timeout,
+        },
+        accel,
+    ) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    match run_command(config, &args.command) {
+        Ok(run) => command_exit_code(&run),
+        Err(RunCommandError::Command(e)) => usage_error(e),
+        Err(RunCommandError::Machine(MachineError::Boot(e))) => usage_error(e),
+        Err(e) => {
+            eprintln!("vmm: {e}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+/// CMD's status if the guest reported one, else how the machine stopped.
+fn command_exit_code(run: &CommandRun) -> ExitCode {
+    match &run.status {
+        Some(GuestStatus::Exited(status)) => {
+            if run.exit != RunExit::PowerOff {
+                log::warn!(
+                    "the guest reported the command's status, then stopped with {:?}",
+                    run.exit
+                );
+            }
+            ExitCode::from(*status)
+        }
+        Some(GuestStatus::InitError(reason)) => {
+            eprintln!("vmm: the guest's init could not run the command: {reason}");
+            ExitCode::from(EXIT_NO_STATUS)
+        }
+        None if run.exit == RunExit::PowerOff => {
+            eprintln!("vmm: the guest powered off without reporting the command's status");
+            ExitCode::from(EXIT_NO_STATUS)
+        }
+        None => exit_code(&run.exit),
     }
 }
 

@@ -84,6 +84,8 @@ pub enum RunExit {
     Reset,
     /// The guest triple-faulted.
     TripleFault,
+    /// The guest kernel reported a panic (pvpanic).
+    GuestPanic,
     /// `--timeout` expired.
     Timeout,
     /// The VMM could not go on; the line says why.
@@ -120,6 +122,7 @@ pub struct Vm {
     ud_hook: Option<UdHook>,
     boot: Option<(kvm_regs, SregsSetup)>,
     power_off: Arc<AtomicBool>,
+    panicked: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     test_done: Arc<AtomicBool>,
     test_result: Arc<AtomicU32>,
@@ -231,6 +234,7 @@ impl Vm {
             ud_hook: config.ud_hook,
             boot: None,
             power_off: Arc::new(AtomicBool::new(false)),
+            panicked: Arc::new(AtomicBool::new(false)),
             stop,
             test_done,
             test_result,
@@ -301,6 +305,12 @@ impl Vm {
     /// [`RunExit::PowerOff`].
     pub fn power_off_flag(&self) -> Arc<AtomicBool> {
         self.power_off.clone()
+    }
+
+    /// A flag a panic-notification device raises; the run then ends as
+    /// [`RunExit::GuestPanic`], whatever the guest does next.
+    pub fn panic_flag(&self) -> Arc<AtomicBool> {
+        self.panicked.clone()
     }
 
     fn create_vcpu(&self, id: u8) -> Result<Vcpu, VmError> {
@@ -388,6 +398,9 @@ impl Vm {
     fn classify(&self, why: VcpuStop) -> RunExit {
         if self.test_done.load(Ordering::Acquire) {
             return RunExit::TestExit(self.test_result.load(Ordering::Acquire));
+        }
+        if self.panicked.load(Ordering::Acquire) {
+            return RunExit::GuestPanic;
         }
         if self.reset.load(Ordering::Acquire) {
             return RunExit::Reset;
