@@ -53,7 +53,8 @@ check() { # name, condition result (0 = ok), detail
 }
 
 # run NAME INITRAMFS VIRTIO CMDLINE -- ARGV...   (@CMD@ in CMDLINE: the encoded ARGV)
-# VIRTIO: 0 no virtio console, 1 its output to NAME.hvc, 2 a pipe pair NAME.pipe.{in,out}
+# VIRTIO: 0 no virtio console, 1 its output to NAME.hvc, 2 a pipe pair NAME.pipe.{in,out},
+# 3 as 1 plus a second console device whose output goes to NAME.status
 # Leaves $work/NAME.serial, $work/NAME.hvc, $work/NAME.rc, $work/NAME.secs
 run_guest() {
 	local name=$1 initrd=$2 virtio=$3 cmdline=$4
@@ -61,12 +62,16 @@ run_guest() {
 	local enc dev=() t0
 	enc=$(vmm_encode_argv "$@")
 	case $virtio in
-	1) dev=(-chardev "file,id=hvc,path=$work/$name.hvc") ;;
+	1 | 3) dev=(-chardev "file,id=hvc,path=$work/$name.hvc") ;;
 	2) dev=(-chardev "pipe,id=hvc,path=$work/$name.pipe") ;;
 	esac
 	# shellcheck disable=SC2054 # commas belong to QEMU's option syntax
 	[[ $virtio == 0 ]] || dev+=(-device virtio-serial-pci,id=vser
 		-device virtconsole,chardev=hvc,bus=vser.0,nr=0)
+	# A second console device for the status line (hvc1), as the project's VMM has.
+	# shellcheck disable=SC2054
+	[[ $virtio != 3 ]] || dev+=(-chardev "file,id=st,path=$work/$name.status"
+		-device virtio-serial-pci,id=vser2 -device virtconsole,chardev=st,bus=vser2.0,nr=0)
 	[[ $virtio == 2 ]] || : >"$work/$name.hvc"
 	t0=$(date +%s.%N)
 	set +e
@@ -156,7 +161,16 @@ check "vmm.stdin=console: input, controlling tty, status" \
 	"$([[ $(cat "$work/stdin.hvc") == $'got:hello world\n/dev/hvc0\n\nVMM-EXIT-STATUS=4' ]] && echo 0 || echo 1)" \
 	"$(od -c "$work/stdin.hvc" | head -n 5)"
 
-for n in status full serial notfound signal panic reboot stdin; do
+# 8. vmm.status=hvc1: the status line on a console of its own, the output device
+#    carrying exactly what the command wrote.
+run_guest statusport initramfs-base.cpio 3 "$std -- vmm.cmd=@CMD@ vmm.out=hvc0 vmm.status=hvc1" -- \
+	sh -c 'printf "exact, no newline"; exit 5'
+check "vmm.status=hvc1: output alone on hvc0, status on hvc1" \
+	"$([[ $(cat "$work/statusport.hvc"; echo .) == 'exact, no newline.' &&
+		$(cat "$work/statusport.status") == $'\nVMM-EXIT-STATUS=5' ]] && echo 0 || echo 1)" \
+	"hvc0: $(od -c "$work/statusport.hvc" | head -n 3) hvc1: $(od -c "$work/statusport.status" | head -n 3)"
+
+for n in status full serial notfound signal panic reboot stdin statusport; do
 	printf 'qemu-test: %-9s %6.1f s\n' "$n" "$(cat "$work/$n.secs")"
 done
 echo "$passed passed, $failed failed"

@@ -4,7 +4,8 @@
  *
  * Runs one command given on the kernel command line, sends its output to the
  * virtio console (or the serial console), reports its exit status in a
- * machine-readable trailer and powers the guest off. The protocol is described
+ * machine-readable line (after the output, or alone on a status console of
+ * its own) and powers the guest off. The protocol is described
  * in guest-images/README.md; keep both in step.
  *
  * Built static against the kernel's own nolibc (tools/include/nolibc) so that
@@ -39,10 +40,17 @@ static const char fallback_path[] = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sb
 struct settings {
 	char *cmd;      /* vmm.cmd=   encoded argv, see decode_argv() */
 	char *out;      /* vmm.out=   auto | console | <name under /dev> */
+	char *status;   /* vmm.status= <name under /dev> | console; unset: after the output */
 	char *in;       /* vmm.stdin= null | console */
 	char *exit;     /* vmm.exit=  poweroff | reboot */
 	int found;      /* at least one vmm.* setting seen */
 };
+
+/*
+ * The status console (vmm.status=), or -1: the status line then follows the
+ * command's output on the output device.
+ */
+static int statusfd = -1;
 
 static char cmdline_buf[CMDLINE_MAX];
 static char *cmd_argv[ARGV_MAX + 1];
@@ -102,6 +110,8 @@ static void take_setting(struct settings *st, char *tok)
 		st->cmd = tok + 8;
 	else if (starts_with(tok, "vmm.out="))
 		st->out = tok + 8;
+	else if (starts_with(tok, "vmm.status="))
+		st->status = tok + 11;
 	else if (starts_with(tok, "vmm.stdin="))
 		st->in = tok + 10;
 	else if (starts_with(tok, "vmm.exit="))
@@ -360,8 +370,10 @@ static int run(int outfd, int stdin_console)
 
 static void finish(int outfd, const char *exit_mode)
 {
-	/* tcdrain: the host must see the trailer before the power goes off. */
+	/* tcdrain: the host must see the status line before the power goes off. */
 	ioctl(outfd, TCSBRK, (void *)1);
+	if (statusfd >= 0)
+		ioctl(statusfd, TCSBRK, (void *)1);
 	if (exit_mode && streq(exit_mode, "reboot"))
 		reboot(LINUX_REBOOT_CMD_RESTART);
 	else
@@ -370,15 +382,32 @@ static void finish(int outfd, const char *exit_mode)
 	exit(1);
 }
 
+/*
+ * Sends a status line: to the status console if there is one (after the
+ * command's output has left the output device), else after the output.
+ */
+static void send_status(struct msg *m, int outfd)
+{
+	if (statusfd >= 0) {
+		ioctl(outfd, TCSBRK, (void *)1);
+		msg_send(m, statusfd);
+	} else {
+		msg_send(m, outfd);
+	}
+}
+
 static void report_error(int outfd, const char *what)
 {
 	struct msg m = { .len = 0 };
 
+	int target = statusfd >= 0 ? statusfd : outfd < 0 ? 1 : outfd;
+
 	msg_str(&m, ERROR_PREFIX);
 	msg_str(&m, what);
 	msg_str(&m, "\n");
-	msg_send(&m, outfd < 0 ? 1 : outfd);
-	if (outfd > 1)
+	send_status(&m, outfd < 0 ? 1 : outfd);
+	/* For people reading the kernel console. */
+	if (target > 1)
 		msg_send(&m, 1);
 }
 
@@ -394,6 +423,13 @@ int main(int argc, char **argv, char **envp)
 
 	read_settings(&st, argc, argv);
 
+	if (st.status) {
+		statusfd = open_output(st.status);
+		if (statusfd < 0) {
+			report_error(-1, "no-status-device");
+			finish(1, st.exit);
+		}
+	}
 	outfd = open_output(st.out);
 	if (outfd < 0) {
 		report_error(-1, "no-output-device");
@@ -431,7 +467,7 @@ int main(int argc, char **argv, char **envp)
 	msg_str(&m, TRAILER_PREFIX);
 	msg_int(&m, code);
 	msg_str(&m, "\n");
-	msg_send(&m, outfd);
+	send_status(&m, outfd);
 	if (outfd != 1) {
 		/* For people reading the kernel console; not part of the protocol. */
 		m.len = 0;

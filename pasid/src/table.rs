@@ -20,6 +20,14 @@
 //! owner's host PASID in a table, so one guest's table never names a host
 //! PASID charged to another guest.
 //!
+//! A second table of the same shape maps each host PASID back to its guest
+//! PASID ([`PasidTable::guest_of`]): the accelerator works in host PASIDs and
+//! its DMA must reach the guest's PASID-table entry, which the guest indexes
+//! by its own PASID. Both directions change under the writer mutex, the
+//! reverse entry written before the forward one on install and cleared after
+//! it on remove, so a host PASID a reader got from [`PasidTable::translate`]
+//! always resolves back while the mapping lives.
+//!
 //! Removing an entry does not wait for readers that loaded it just before:
 //! like a hardware translation cache, the VMM must flush what it derived
 //! from the old mapping (the space's next-fit allocation keeps the freed host
@@ -48,6 +56,44 @@ fn new_leaf() -> Box<Leaf> {
     Box::new(std::array::from_fn(|_| AtomicU32::new(0)))
 }
 
+/// A two-level array of 2^20 entries, each `value | ENTRY_VALID` or 0,
+/// indexed by a PASID; leaves appear on first use.
+struct Levels(Box<[OnceLock<Box<Leaf>>; DIR_ENTRIES]>);
+
+impl Levels {
+    fn new() -> Self {
+        Levels(Box::new(std::array::from_fn(|_| OnceLock::new())))
+    }
+
+    /// The entry for `pasid` (at most PASID_MAX), 0 when absent.
+    #[inline]
+    fn load(&self, pasid: u32) -> u32 {
+        let (dir, index) = split(pasid);
+        self.0[dir]
+            .get()
+            .map_or(0, |leaf| leaf[index].load(Ordering::Acquire))
+    }
+
+    /// The slot of `pasid` if its leaf exists.
+    fn slot(&self, pasid: u32) -> Option<&AtomicU32> {
+        let (dir, index) = split(pasid);
+        self.0[dir].get().map(|leaf| &leaf[index])
+    }
+
+    /// The slot of `pasid`, creating its leaf.
+    fn slot_or_init(&self, pasid: u32) -> &AtomicU32 {
+        let (dir, index) = split(pasid);
+        &self.0[dir].get_or_init(new_leaf)[index]
+    }
+
+    fn leaves(&self) -> impl Iterator<Item = (usize, &Leaf)> {
+        self.0
+            .iter()
+            .enumerate()
+            .filter_map(|(dir, slot)| slot.get().map(|leaf| (dir, &**leaf)))
+    }
+}
+
 #[inline]
 fn split(gpasid: u32) -> (usize, usize) {
     (
@@ -61,7 +107,10 @@ fn split(gpasid: u32) -> (usize, usize) {
 pub struct PasidTable {
     space: Arc<PasidSpace>,
     owner: OwnerId,
-    directory: Box<[OnceLock<Box<Leaf>>; DIR_ENTRIES]>,
+    /// Guest PASID -> host PASID.
+    directory: Levels,
+    /// Host PASID -> guest PASID.
+    reverse: Levels,
     /// Serializes writers; counts the valid entries.
     writer: Mutex<u32>,
 }
@@ -74,7 +123,8 @@ impl PasidTable {
         Ok(PasidTable {
             space,
             owner,
-            directory: Box::new(std::array::from_fn(|_| OnceLock::new())),
+            directory: Levels::new(),
+            reverse: Levels::new(),
             writer: Mutex::new(0),
         })
     }
@@ -99,16 +149,24 @@ impl PasidTable {
         if gpasid > PASID_MAX {
             return Err(Error::OutOfRange(gpasid));
         }
-        let (dir, index) = split(gpasid);
-        let entry = match self.directory[dir].get() {
-            Some(leaf) => leaf[index].load(Ordering::Acquire),
-            None => 0,
-        };
+        let entry = self.directory.load(gpasid);
         if entry & ENTRY_VALID != 0 {
             Ok(entry & PASID_MAX)
         } else {
             Err(Error::TranslationFault(gpasid))
         }
+    }
+
+    /// The guest PASID whose host PASID is `hpasid`, without locking; `None`
+    /// when no guest PASID of this table maps to it (another guest's host
+    /// PASID, a freed one, or one out of range).
+    #[inline]
+    pub fn guest_of(&self, hpasid: u32) -> Option<u32> {
+        if hpasid > PASID_MAX {
+            return None;
+        }
+        let entry = self.reverse.load(hpasid);
+        (entry & ENTRY_VALID != 0).then_some(entry & PASID_MAX)
     }
 
     /// Resolves a translation fault: gives `gpasid` a host PASID (global
@@ -126,18 +184,19 @@ impl PasidTable {
         if gpasid == RESERVED_PASID {
             return Err(Error::Reserved);
         }
-        let (dir, index) = split(gpasid);
         let mut populated = lock(&self.writer);
-        if let Some(leaf) = self.directory[dir].get() {
-            // Only writers store entries, and we are the writer.
-            let entry = leaf[index].load(Ordering::Relaxed);
-            if entry & ENTRY_VALID != 0 {
-                return Ok(entry & PASID_MAX);
-            }
+        // Only writers store entries, and we are the writer.
+        let entry = self.directory.load(gpasid);
+        if entry & ENTRY_VALID != 0 {
+            return Ok(entry & PASID_MAX);
         }
         let hpasid = self.space.alloc(self.owner, Scope::Global)?;
-        let leaf = self.directory[dir].get_or_init(new_leaf);
-        leaf[index].store(hpasid | ENTRY_VALID, Ordering::Release);
+        self.reverse
+            .slot_or_init(hpasid)
+            .store(gpasid | ENTRY_VALID, Ordering::Release);
+        self.directory
+            .slot_or_init(gpasid)
+            .store(hpasid | ENTRY_VALID, Ordering::Release);
         *populated += 1;
         log::trace!("{}: guest PASID {gpasid:#x} -> {hpasid:#x}", self.owner);
         Ok(hpasid)
@@ -151,11 +210,9 @@ impl PasidTable {
         if gpasid > PASID_MAX {
             return Err(Error::OutOfRange(gpasid));
         }
-        let (dir, index) = split(gpasid);
         let mut populated = lock(&self.writer);
-        let slot = match self.directory[dir].get() {
-            Some(leaf) => &leaf[index],
-            None => return Err(Error::NotInstalled(gpasid)),
+        let Some(slot) = self.directory.slot(gpasid) else {
+            return Err(Error::NotInstalled(gpasid));
         };
         let entry = slot.load(Ordering::Relaxed);
         if entry & ENTRY_VALID == 0 {
@@ -164,6 +221,9 @@ impl PasidTable {
         slot.store(0, Ordering::Release);
         *populated -= 1;
         let hpasid = entry & PASID_MAX;
+        if let Some(back) = self.reverse.slot(hpasid) {
+            back.store(0, Ordering::Release);
+        }
         self.space.free(self.owner, Scope::Global, hpasid)?;
         log::trace!("{}: guest PASID {gpasid:#x} removed", self.owner);
         Ok(hpasid)
@@ -174,11 +234,14 @@ impl PasidTable {
     pub fn clear(&self) -> u32 {
         let mut populated = lock(&self.writer);
         let mut removed = 0;
-        for leaf in self.directory.iter().filter_map(OnceLock::get) {
+        for (_, leaf) in self.directory.leaves() {
             for slot in leaf.iter() {
                 let entry = slot.swap(0, Ordering::AcqRel);
                 if entry & ENTRY_VALID != 0 {
                     removed += 1;
+                    if let Some(back) = self.reverse.slot(entry & PASID_MAX) {
+                        back.store(0, Ordering::Release);
+                    }
                     if let Err(err) = self
                         .space
                         .free(self.owner, Scope::Global, entry & PASID_MAX)
@@ -206,8 +269,7 @@ impl PasidTable {
     pub fn entries(&self) -> Vec<(u32, u32)> {
         let _writer = lock(&self.writer);
         let mut entries = Vec::new();
-        for (dir, slot) in self.directory.iter().enumerate() {
-            let Some(leaf) = slot.get() else { continue };
+        for (dir, leaf) in self.directory.leaves() {
             for (index, entry) in leaf.iter().enumerate() {
                 let entry = entry.load(Ordering::Relaxed);
                 if entry & ENTRY_VALID != 0 {
@@ -218,20 +280,17 @@ impl PasidTable {
         entries
     }
 
-    /// Directory slots that have a leaf.
+    /// Directory slots of the guest-to-host direction that have a leaf.
     pub fn leaves(&self) -> usize {
-        self.directory
-            .iter()
-            .filter(|slot| slot.get().is_some())
-            .count()
+        self.directory.leaves().count()
     }
 
-    /// Bytes the table occupies: the structure, the directory and the leaves
-    /// in use.
+    /// Bytes the table occupies: the structure, both directories and the
+    /// leaves in use in both directions.
     pub fn memory_bytes(&self) -> usize {
         size_of::<Self>()
-            + size_of::<[OnceLock<Box<Leaf>>; DIR_ENTRIES]>()
-            + self.leaves() * size_of::<Leaf>()
+            + 2 * size_of::<[OnceLock<Box<Leaf>>; DIR_ENTRIES]>()
+            + (self.leaves() + self.reverse.leaves().count()) * size_of::<Leaf>()
     }
 }
 
@@ -279,6 +338,26 @@ mod tests {
         assert_eq!(table.space().charged(table.owner()), Ok(0));
         assert_eq!(table.space().owner_of(Scope::Global, hpasid), None);
         assert_eq!(table.remove(PASID_MAX), Err(Error::NotInstalled(PASID_MAX)));
+    }
+
+    #[test]
+    fn host_pasids_resolve_back_while_installed() {
+        let space = Arc::new(PasidSpace::new());
+        let a = PasidTable::new(space.clone(), space.add_owner("a", None)).unwrap();
+        let b = PasidTable::new(space.clone(), space.add_owner("b", None)).unwrap();
+        let ha = a.install(5).unwrap();
+        let hb = b.install(5).unwrap();
+        assert_ne!(ha, hb);
+        assert_eq!((a.guest_of(ha), b.guest_of(hb)), (Some(5), Some(5)));
+        // Another guest's host PASID never resolves in this table.
+        assert_eq!((a.guest_of(hb), b.guest_of(ha)), (None, None));
+        assert_eq!(a.guest_of(PASID_MAX + 1), None);
+        assert_eq!(a.guest_of(0), None);
+        a.remove(5).unwrap();
+        assert_eq!(a.guest_of(ha), None);
+        let h7 = b.install(7).unwrap();
+        assert_eq!(b.clear(), 2);
+        assert_eq!((b.guest_of(hb), b.guest_of(h7)), (None, None));
     }
 
     #[test]
@@ -334,7 +413,8 @@ mod tests {
         table.install(1024).unwrap();
         table.install(PASID_MAX).unwrap();
         assert_eq!(table.leaves(), 3);
-        assert_eq!(table.memory_bytes(), empty + 3 * LEAF_ENTRIES * 4);
+        // The five host PASIDs (1..=5, next fit) share one reverse leaf.
+        assert_eq!(table.memory_bytes(), empty + (3 + 1) * LEAF_ENTRIES * 4);
     }
 
     #[test]

@@ -52,7 +52,7 @@ fn device_scope_exhausts_per_requester_id() {
 }
 
 #[test]
-fn a_full_guest_table_exhausts_the_space_at_4_bytes_per_entry() {
+fn a_full_guest_table_exhausts_the_space_at_8_bytes_per_entry() {
     let space = Arc::new(PasidSpace::new());
     let greedy = PasidTable::new(space.clone(), space.add_owner("greedy", None)).unwrap();
     let other = PasidTable::new(space.clone(), space.add_owner("other", None)).unwrap();
@@ -62,7 +62,9 @@ fn a_full_guest_table_exhausts_the_space_at_4_bytes_per_entry() {
     assert_eq!(greedy.len(), PASID_MAX);
     assert_eq!(greedy.leaves(), 1024);
     let bytes_per_entry = greedy.memory_bytes() as f64 / f64::from(greedy.len());
-    assert!(bytes_per_entry <= 8.0, "{bytes_per_entry} bytes per entry");
+    // 4 bytes each way (guest -> host and host -> guest), plus the two
+    // fixed directories.
+    assert!(bytes_per_entry <= 8.1, "{bytes_per_entry} bytes per entry");
     assert_eq!(other.install(5), Err(Error::NoSpace(Scope::Global)));
     assert_eq!(other.translate(5), Err(Error::TranslationFault(5)));
 

@@ -150,8 +150,16 @@ impl Inner {
             code::DRAIN_WQ => self.wq_command(operand, WqCommand::Drain),
             code::ABORT_WQ => self.wq_command(operand, WqCommand::Abort),
             code::RESET_WQ => self.wq_command(operand, WqCommand::Reset),
-            code::DRAIN_PASID => self.drain_where(|_, pasid| pasid == Some(operand)),
-            code::ABORT_PASID => self.abort_where(|_, pasid| pasid == Some(operand)),
+            // Work of the guest PASID `operand`, whatever host PASID it runs
+            // with; nothing is allocated for a PASID the device never saw.
+            code::DRAIN_PASID => {
+                let pasids = &self.pasids;
+                self.drain_where(|_, pasid| pasid.and_then(|h| pasids.to_guest(h)) == Some(operand))
+            }
+            code::ABORT_PASID => {
+                let pasids = &self.pasids;
+                self.abort_where(|_, pasid| pasid.and_then(|h| pasids.to_guest(h)) == Some(operand))
+            }
             code::REQUEST_INT_HANDLE if handles => self.interrupt_handle(operand, true),
             code::RELEASE_INT_HANDLE if handles => self.interrupt_handle(operand, false),
             _ => (status::INVAL_CMD, 0),
@@ -400,9 +408,15 @@ impl Inner {
         let Some((group, slot)) = self.route(wq) else {
             return (status::CONFIG, 0);
         };
+        // The WQ PASID becomes a host PASID here, before any device lock is
+        // taken (the translator may consult the IOMMU).
+        let mut snapshot = WqSnapshot::new(wq as u8, &cfg);
+        if snapshot.pasid_en {
+            snapshot.pasid = self.pasids.to_host(snapshot.pasid);
+        }
         let mut state = group.lock();
         let queue = &mut state.wqs[slot];
-        queue.snapshot = Some(WqSnapshot::new(wq as u8, &cfg));
+        queue.snapshot = Some(snapshot);
         queue.threshold = cfg.threshold();
         queue.accepting = true;
         drop(state);

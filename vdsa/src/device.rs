@@ -13,6 +13,7 @@ use crate::bits::le_value;
 use crate::dma::{DmaPort, PageResponseCode};
 use crate::engine::Group;
 use crate::grpcfg::GrpCfg;
+use crate::pasid::{IdentityPasids, PasidTranslator};
 use crate::pci::{self as config_space, ExtCaps, PcieState};
 use crate::prs::PageRequester;
 use crate::regs::{
@@ -182,6 +183,7 @@ pub(crate) struct Inner {
     pub caps: Capabilities,
     pub dma: Arc<dyn DmaPort>,
     pub msi: Arc<dyn MsiSink>,
+    pub pasids: Arc<dyn PasidTranslator>,
     pub regs: Mutex<RegFile>,
     pub msix: Mutex<MsixConfig>,
     pub msix_perm: Vec<AtomicU32>,
@@ -226,7 +228,14 @@ impl Inner {
 
     /// Records a software error; interrupts if Valid went 0 -> 1 and
     /// software errors interrupt.
+    /// The descriptor's PASID is reported in the guest's PASID space.
     pub fn record_software_error(&self, err: &SoftwareError) {
+        let mut err = *err;
+        if let Some(desc) = err.desc.as_mut() {
+            // A host PASID that is not the guest's reads as 0.
+            desc.pasid = self.pasids.to_guest(desc.pasid).unwrap_or(0);
+        }
+        let err = &err;
         log::debug!("DSA software error {err:?}");
         let mut regs = self.regs();
         if regs.swerr.record(err) && regs.genctrl.softerr_int_en() == 1 {
@@ -248,7 +257,8 @@ impl Inner {
         if (perm.pasid_en() == 1) != pasid_en {
             return false;
         }
-        !pasid_en || pasid == Some(perm.pasid())
+        // MSIXPERM holds a guest PASID; the descriptor's is a host PASID.
+        !pasid_en || pasid.and_then(|h| self.pasids.to_guest(h)) == Some(perm.pasid())
     }
 
     /// Raises the completion interrupt of `handle` unless its MSI-X
@@ -525,6 +535,18 @@ impl Dsa {
         dma: Arc<dyn DmaPort>,
         msi: Arc<dyn MsiSink>,
     ) -> Result<Self, DsaError> {
+        Self::with_pasid_translator(config, dma, msi, Arc::new(IdentityPasids))
+    }
+
+    /// Creates the device with `pasids` translating the PASIDs the guest
+    /// programs into the host PASIDs the device works in (see
+    /// [`crate::pasid`]).
+    pub fn with_pasid_translator(
+        config: DsaConfig,
+        dma: Arc<dyn DmaPort>,
+        msi: Arc<dyn MsiSink>,
+        pasids: Arc<dyn PasidTranslator>,
+    ) -> Result<Self, DsaError> {
         config.validate()?;
         let caps = Capabilities::new(&config);
         let mut msix = MsixConfig::new(config.vectors());
@@ -537,6 +559,7 @@ impl Dsa {
             caps,
             dma,
             msi,
+            pasids,
             msix: Mutex::new(msix),
             msix_perm: (0..vectors).map(|_| AtomicU32::new(0)).collect(),
             int_handles: (0..vectors).map(|_| AtomicBool::new(false)).collect(),

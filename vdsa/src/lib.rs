@@ -18,6 +18,9 @@
 //!   partially or, with block-on-fault, become PRI page requests answered
 //!   through [`DsaIommuHandle::page_response`]. With ATS enabled the device
 //!   caches translations until [`DsaIommuHandle::invalidate_device_tlb`].
+//! - PASIDs inside the device are host PASIDs; the guest-programmed ones
+//!   (WQCFG, Drain/Abort PASID, MSIXPERM, SWERROR) go through a
+//!   [`pasid::PasidTranslator`] ([`Dsa::with_pasid_translator`]).
 
 mod access;
 mod atc;
@@ -30,6 +33,7 @@ pub mod dma;
 mod engine;
 pub mod grpcfg;
 pub mod ops;
+pub mod pasid;
 pub mod pci;
 pub mod portal;
 mod prs;

@@ -1,6 +1,8 @@
 //! Built-in micro-guest programs: the ENQCMD demo and the trap benchmark.
 
 use iced_x86::code_asm::*;
+use iced_x86::IcedError;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::microguest::{
     enter_user, exit_with, MicroGuest, MicroGuestError, DATA_START, TEST_PORTAL_START,
@@ -11,7 +13,8 @@ use crate::microguest::{
 const IA32_PASID: u32 = pasid::MSR_IA32_PASID;
 /// Where the programs keep their 64-byte command.
 pub const COMMAND_START: u64 = DATA_START + 0x1000;
-/// Where the benchmark leaves its TSC deltas (two u64: port I/O, ENQCMD).
+/// Where the benchmark leaves its TSC deltas (per round two u64: port
+/// I/O, ENQCMD).
 pub const BENCH_RESULT_START: u64 = DATA_START + 0x2000;
 /// The PASID the demo's #GP handler loads into IA32_PASID.
 pub const DEMO_PASID: u32 = 0x1234;
@@ -85,13 +88,19 @@ pub fn enqcmd_after_gp() -> Result<MicroGuest, MicroGuestError> {
     Ok(g)
 }
 
-/// The trap benchmark, all at CPL3: `iterations` bare OUTs, then
-/// `iterations` ENQCMDs to the test portal, each timed with RDTSC. The two
-/// TSC deltas land at [`BENCH_RESULT_START`]; the result is 0xbe.
-pub fn trap_benchmark(iterations: u32) -> Result<MicroGuest, MicroGuestError> {
+/// Rounds of the trap benchmark: each times a batch of port-I/O exits and
+/// then a batch of ENQCMDs, so that both kinds see the same machine load.
+pub const BENCH_ROUNDS: u32 = 10;
+
+/// The trap benchmark, all at CPL3: [`BENCH_ROUNDS`] rounds, each of
+/// `per_round` bare OUTs then `per_round` ENQCMDs to the test portal,
+/// each batch timed with RDTSC. Round `i` leaves its two TSC deltas (port
+/// I/O, ENQCMD) at [`BENCH_RESULT_START`] + 16 * i; the result is 0xbe.
+pub fn trap_benchmark(per_round: u32) -> Result<MicroGuest, MicroGuestError> {
     let mut g = MicroGuest::new();
     g.write(COMMAND_START, &demo_command());
     let mut user = g.asm.create_label();
+    let mut round = g.asm.create_label();
     let mut out_loop = g.asm.create_label();
     let mut enq_loop = g.asm.create_label();
     g.asm.mov(ecx, IA32_PASID)?;
@@ -104,37 +113,116 @@ pub fn trap_benchmark(iterations: u32) -> Result<MicroGuest, MicroGuestError> {
     g.asm.mov(rdi, TEST_PORTAL_START)?;
     g.asm.mov(rsi, COMMAND_START)?;
     g.asm.mov(rbx, BENCH_RESULT_START)?;
+    g.asm.mov(r12d, BENCH_ROUNDS)?;
+    g.asm.set_label(&mut round)?;
     // Bare port-I/O exits.
-    g.asm.rdtsc()?;
-    g.asm.shl(rdx, 32)?;
-    g.asm.or(rax, rdx)?;
-    g.asm.mov(r8, rax)?;
-    g.asm.mov(ecx, iterations)?;
+    tsc_start(&mut g.asm)?;
+    g.asm.mov(ecx, per_round)?;
     g.asm.set_label(&mut out_loop)?;
     g.asm.out(BENCH_PORT, al)?;
     g.asm.dec(ecx)?;
     g.asm.jnz(out_loop)?;
-    g.asm.rdtsc()?;
-    g.asm.shl(rdx, 32)?;
-    g.asm.or(rax, rdx)?;
-    g.asm.sub(rax, r8)?;
-    g.asm.mov(qword_ptr(rbx), rax)?;
+    tsc_store(&mut g.asm, qword_ptr(rbx))?;
     // Trapped ENQCMDs.
-    g.asm.rdtsc()?;
-    g.asm.shl(rdx, 32)?;
-    g.asm.or(rax, rdx)?;
-    g.asm.mov(r8, rax)?;
-    g.asm.mov(ecx, iterations)?;
+    tsc_start(&mut g.asm)?;
+    g.asm.mov(ecx, per_round)?;
     g.asm.set_label(&mut enq_loop)?;
     g.asm.enqcmd(rdi, zmmword_ptr(rsi))?;
     g.asm.dec(ecx)?;
     g.asm.jnz(enq_loop)?;
-    g.asm.rdtsc()?;
-    g.asm.shl(rdx, 32)?;
-    g.asm.or(rax, rdx)?;
-    g.asm.sub(rax, r8)?;
-    g.asm.mov(qword_ptr(rbx + 8), rax)?;
+    tsc_store(&mut g.asm, qword_ptr(rbx + 8))?;
+    g.asm.add(rbx, 16)?;
+    g.asm.dec(r12d)?;
+    g.asm.jnz(round)?;
     exit_with(&mut g.asm, 0xbe)?;
     ud_handler_exits(&mut g, 0xbad6)?;
     Ok(g)
+}
+
+/// `r8` = TSC.
+fn tsc_start(asm: &mut CodeAssembler) -> Result<(), IcedError> {
+    asm.rdtsc()?;
+    asm.shl(rdx, 32)?;
+    asm.or(rax, rdx)?;
+    asm.mov(r8, rax)
+}
+
+/// `dst` = TSC - `r8`.
+fn tsc_store(asm: &mut CodeAssembler, dst: AsmMemoryOperand) -> Result<(), IcedError> {
+    asm.rdtsc()?;
+    asm.shl(rdx, 32)?;
+    asm.or(rax, rdx)?;
+    asm.sub(rax, r8)?;
+    asm.mov(dst, rax)
+}
+
+/// What the trap benchmark measured, in guest TSC ticks.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrapBench {
+    /// Round trips of each kind per round.
+    pub per_round: u32,
+    /// Per round: (port-I/O batch, ENQCMD batch).
+    pub rounds: Vec<(u64, u64)>,
+}
+
+impl TrapBench {
+    /// Reads the rounds the benchmark left in guest memory.
+    pub fn from_memory(memory: &GuestMemoryMmap, per_round: u32) -> Self {
+        let read = |at: u64| {
+            memory
+                .read_obj::<u64>(GuestAddress(BENCH_RESULT_START + at))
+                .unwrap_or(0)
+        };
+        let rounds = (0..u64::from(BENCH_ROUNDS))
+            .map(|i| (read(16 * i), read(16 * i + 8)))
+            .collect();
+        Self { per_round, rounds }
+    }
+
+    /// Ticks per round trip over all rounds: (port I/O, ENQCMD).
+    pub fn per_round_trip(&self) -> (f64, f64) {
+        let n = f64::from(self.per_round) * self.rounds.len() as f64;
+        let (pio, enq) = self
+            .rounds
+            .iter()
+            .fold((0u64, 0u64), |(p, e), &(rp, re)| (p + rp, e + re));
+        (pio as f64 / n, enq as f64 / n)
+    }
+
+    /// The median over rounds of ENQCMD time / port-I/O time: a round's two
+    /// batches run back to back, so a load change between rounds cancels.
+    pub fn median_ratio(&self) -> f64 {
+        let mut ratios: Vec<f64> = self
+            .rounds
+            .iter()
+            .map(|&(pio, enq)| enq as f64 / pio.max(1) as f64)
+            .collect();
+        ratios.sort_by(f64::total_cmp);
+        match ratios.len() {
+            0 => 0.0,
+            n if n % 2 == 1 => ratios[n / 2],
+            n => (ratios[n / 2 - 1] + ratios[n / 2]) / 2.0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trap_bench_ratio_is_the_median_of_rounds() {
+        // A load spike in one round (the third) moves the mean, not the median.
+        let bench = TrapBench {
+            per_round: 10,
+            rounds: vec![(100, 140), (100, 150), (100, 900), (200, 260), (100, 145)],
+        };
+        assert_eq!(bench.median_ratio(), 1.45);
+        assert_eq!(bench.per_round_trip(), (12.0, 31.9));
+        let even = TrapBench {
+            per_round: 1,
+            rounds: vec![(10, 12), (10, 16)],
+        };
+        assert_eq!(even.median_ratio(), 1.4);
+    }
 }

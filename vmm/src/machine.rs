@@ -1,6 +1,8 @@
 //! The standard machine for Linux guests: the VM, the PCIe root complex,
-//! ACPI tables with the power-off device, and the loaded kernel.
+//! ACPI tables with the power-off device (and the vIOMMU's DMAR), the
+//! vIOMMU and vDSA functions, and the loaded kernel.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -10,9 +12,15 @@ use thiserror::Error;
 
 use crate::acpi::{create_acpi_tables, AcpiConfig, AcpiError, AcpiSleepDevice};
 use crate::boot::{load_linux, BootConfig, BootError};
+use crate::devices::pvpanic::PvPanic;
 use crate::devices::serial::SerialOutput;
+use crate::devices::virtio::event_loop::{EventLoopError, SharedVirtioDevice};
+use crate::devices::virtio::transport::TransportError;
+use crate::devices::virtio::{Console, ConsoleInput, VirtioEventLoop, VirtioPciDevice};
 use crate::layout;
-use crate::pci_root::{PciConfigIo, PciRoot};
+use crate::msi::KvmMsiSink;
+use crate::pci_root::{PciConfigIo, PciRoot, PciRootError};
+use crate::sva::{attach, AccelConfig, AccelError};
 use crate::vcpu::UdHook;
 use crate::vm::{RunExit, Vm, VmConfig, VmError};
 
@@ -32,6 +40,19 @@ pub struct LinuxConfig {
     pub serial: SerialOutput,
     /// Give up after this long.
     pub timeout: Option<Duration>,
+    /// The vIOMMU and vDSA functions.
+    pub accel: AccelConfig,
+    /// One virtio console device per entry, in PCI order: the guest sees
+    /// them as hvc0, hvc1, ...
+    pub consoles: Vec<VirtioConsole>,
+}
+
+/// A virtio console's host side.
+pub struct VirtioConsole {
+    /// Where the guest's output goes.
+    pub output: Box<dyn Write + Send>,
+    /// What the guest reads.
+    pub input: Arc<ConsoleInput>,
 }
 
 /// Errors building the Linux machine; each prints as one line.
@@ -46,48 +67,47 @@ pub enum MachineError {
     /// The kernel or initramfs.
     #[error(transparent)]
     Boot(#[from] BootError),
+    /// The vIOMMU or a vDSA.
+    #[error(transparent)]
+    Accel(#[from] AccelError),
+    /// A PCI function could not be placed.
+    #[error(transparent)]
+    Pci(#[from] PciRootError),
+    /// A virtio device could not be built.
+    #[error(transparent)]
+    Virtio(#[from] TransportError),
+    /// The virtio event loop could not start.
+    #[error(transparent)]
+    EventLoop(#[from] EventLoopError),
+    /// The pvpanic device could not be built.
+    #[error("pvpanic: {0}")]
+    PvPanic(#[from] pci::ConfigError),
+    /// An EventFd could not be created.
+    #[error("virtio console input: {0}")]
+    Io(#[from] std::io::Error),
 }
 
 /// Builds the machine, boots the kernel and runs it to the end.
 pub fn run_linux(config: LinuxConfig) -> Result<RunExit, MachineError> {
-    let interactive = matches!(config.serial, SerialOutput::Stdout);
+    // A plain boot on the terminal takes typed input on COM1; `vmm run`
+    // (virtio consoles) leaves the VMM's stdin alone.
+    let interactive = matches!(config.serial, SerialOutput::Stdout) && config.consoles.is_empty();
     let vm_config = VmConfig {
         cpus: config.cpus,
         memory: config.memory,
         serial: config.serial,
         ud_hook: Some(UdHook::Breakpoint),
+        pasid_space: None,
     };
     let mut vm = Vm::new(vm_config)?;
     if interactive {
         forward_stdin(vm.serial().clone());
     }
 
-    let root = PciRoot::new();
-    vm.mmio()
-        .insert(
-            layout::PCIE_ECAM_START,
-            layout::PCIE_ECAM_SIZE,
-            Arc::new(Mutex::new(root.ecam())),
-        )
-        .map_err(VmError::from)?;
-    vm.pio()
-        .insert(
-            layout::PCI_CONFIG_ADDRESS_PORT.into(),
-            PciConfigIo::PORT_COUNT,
-            Arc::new(Mutex::new(root.config_io())),
-        )
-        .map_err(VmError::from)?;
-    let windows = Arc::new(Mutex::new(root.mmio_windows()));
-    vm.mmio()
-        .insert(
-            layout::PCI_MMIO32_START,
-            layout::PCI_MMIO32_SIZE,
-            windows.clone(),
-        )
-        .map_err(VmError::from)?;
-    vm.mmio()
-        .insert(layout::PCI_MMIO64_START, layout::PCI_MMIO64_SIZE, windows)
-        .map_err(VmError::from)?;
+    let root = attach_pci_root(&vm)?;
+    let accel = attach(&vm, &root, &config.accel)?;
+    add_pvpanic(&vm, &root)?;
+    let consoles = add_virtio_consoles(&vm, &root, config.consoles)?;
 
     let (power_off, stop) = (vm.power_off_flag(), vm.stop_flag());
     let sleep = AcpiSleepDevice::new(move || {
@@ -102,7 +122,9 @@ pub fn run_linux(config: LinuxConfig) -> Result<RunExit, MachineError> {
         )
         .map_err(VmError::from)?;
 
-    let rsdp = create_acpi_tables(vm.memory(), &AcpiConfig::new(config.cpus))?;
+    let mut acpi = AcpiConfig::new(config.cpus);
+    acpi.extra_tables.extend(accel.dmar);
+    let rsdp = create_acpi_tables(vm.memory(), &acpi)?;
     let boot = BootConfig {
         kernel: config.kernel,
         initramfs: config.initramfs,
@@ -112,7 +134,72 @@ pub fn run_linux(config: LinuxConfig) -> Result<RunExit, MachineError> {
     let state = load_linux(vm.memory(), &boot)?;
     let regs = state.regs();
     vm.set_boot_state_with(regs, Box::new(move |sregs| state.apply_sregs(sregs)));
-    Ok(vm.run(config.timeout))
+    let event_loop = if consoles.is_empty() {
+        None
+    } else {
+        Some(VirtioEventLoop::start(&consoles)?)
+    };
+    let exit = vm.run(config.timeout);
+    // Stopping the loop flushes what the guest queued last.
+    drop(event_loop);
+    Ok(exit)
+}
+
+/// The pvpanic PCI device: a guest panic ends the run as
+/// [`RunExit::GuestPanic`].
+fn add_pvpanic(vm: &Vm, root: &PciRoot) -> Result<(), MachineError> {
+    let (panicked, stop) = (vm.panic_flag(), vm.stop_flag());
+    let pvpanic = PvPanic::new(Box::new(move || {
+        panicked.store(true, Ordering::SeqCst);
+        stop.store(true, Ordering::SeqCst);
+    }))?;
+    let bdf = root.add_device(Arc::new(Mutex::new(pvpanic)))?;
+    log::debug!("pvpanic at {bdf}");
+    Ok(())
+}
+
+/// One virtio-console PCI function per entry of `consoles`.
+fn add_virtio_consoles(
+    vm: &Vm,
+    root: &PciRoot,
+    consoles: Vec<VirtioConsole>,
+) -> Result<Vec<SharedVirtioDevice>, MachineError> {
+    let msi = Arc::new(KvmMsiSink::new(vm.fd().clone()));
+    let mut devices = Vec::new();
+    for console in consoles {
+        let device = Console::new(console.output, console.input)?;
+        let pci = VirtioPciDevice::new(Box::new(device), vm.memory().clone(), msi.clone())?;
+        let shared = Arc::new(Mutex::new(pci));
+        let bdf = root.add_device(shared.clone())?;
+        log::debug!("virtio-console at {bdf}");
+        devices.push(shared);
+    }
+    Ok(devices)
+}
+
+/// Puts a PCIe root complex on `vm`'s buses: ECAM, the 0xCF8/0xCFC ports
+/// and the BAR windows.
+pub fn attach_pci_root(vm: &Vm) -> Result<PciRoot, VmError> {
+    let root = PciRoot::new();
+    vm.mmio().insert(
+        layout::PCIE_ECAM_START,
+        layout::PCIE_ECAM_SIZE,
+        Arc::new(Mutex::new(root.ecam())),
+    )?;
+    vm.pio().insert(
+        layout::PCI_CONFIG_ADDRESS_PORT.into(),
+        PciConfigIo::PORT_COUNT,
+        Arc::new(Mutex::new(root.config_io())),
+    )?;
+    let windows = Arc::new(Mutex::new(root.mmio_windows()));
+    vm.mmio().insert(
+        layout::PCI_MMIO32_START,
+        layout::PCI_MMIO32_SIZE,
+        windows.clone(),
+    )?;
+    vm.mmio()
+        .insert(layout::PCI_MMIO64_START, layout::PCI_MMIO64_SIZE, windows)?;
+    Ok(root)
 }
 
 /// Kernel parameters every Linux guest needs on this platform, each with

@@ -15,6 +15,14 @@
 //! - the test-exit port [`layout::TEST_EXIT_PORT`]: a 4-byte OUT there ends
 //!   the run and the value written is its result.
 //!
+//! The first GiB of the PCI 64-bit MMIO window ([`layout::PCI_MMIO64_START`])
+//! is identity-mapped too (2 MiB pages, supervisor and user), so a program
+//! reaches the BARs of the vDSA functions that [`MicroOptions::accel`]
+//! attaches: they sit at the fixed places [`crate::sva::dsa_placements`]
+//! gives (first vDSA at 00:01.0, BAR2 at `PCI_MMIO64_START`, BAR0 after it
+//! for the default 8-WQ shape; ECAM at [`layout::PCIE_ECAM_START`]); the
+//! vIOMMU's registers are at [`layout::VIOMMU_START`].
+//!
 //! The program starts at CPL0 at its first instruction with RSP at
 //! [`KERNEL_STACK_TOP`]. [`enter_user`] emits the IRETQ to CPL3 code;
 //! exceptions (`ud2`, a privileged instruction) bring it back to CPL0.
@@ -27,6 +35,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::layout;
 
+pub mod driver;
+
 /// GDT base.
 pub const GDT_START: u64 = 0x1000;
 /// IDT base.
@@ -38,6 +48,10 @@ pub const PML4_START: u64 = 0x8000;
 const PDPT_START: u64 = 0x9000;
 /// Four page directories for 4 GiB.
 const PD_START: u64 = 0xa000;
+/// PDPT for the first 512 GiB above 512 GiB (PML4 entry 1).
+const HIGH_PDPT_START: u64 = 0x4000;
+/// Page directory of the first GiB of the PCI 64-bit window.
+const HIGH_PD_START: u64 = 0x5000;
 /// The 4 KiB page table of the data area.
 pub const DATA_PT_START: u64 = 0xe000;
 /// Where the program is assembled and loaded.
@@ -294,6 +308,20 @@ fn write_page_tables(memory: &GuestMemoryMmap) -> Result<(), MicroGuestError> {
         let addr = DATA_START + (i << 12);
         memory.write_obj(addr | table, GuestAddress(DATA_PT_START + i * 8))?;
     }
+    // The first GiB of the PCI 64-bit window, where vDSA BARs go.
+    let window = layout::PCI_MMIO64_START;
+    memory.write_obj(
+        HIGH_PDPT_START | table,
+        GuestAddress(PML4_START + ((window >> 39) & 0x1ff) * 8),
+    )?;
+    memory.write_obj(
+        HIGH_PD_START | table,
+        GuestAddress(HIGH_PDPT_START + ((window >> 30) & 0x1ff) * 8),
+    )?;
+    for i in 0..512u64 {
+        let addr = window + (i << 21);
+        memory.write_obj(addr | table | PTE_PS, GuestAddress(HIGH_PD_START + i * 8))?;
+    }
     Ok(())
 }
 
@@ -383,15 +411,45 @@ pub struct MicroRun {
     pub portal: std::sync::Arc<crate::devices::test_devices::PortalLog>,
     /// Guest RAM as the run left it.
     pub memory: GuestMemoryMmap,
+    /// Where the vDSA functions were put (as [`crate::sva::dsa_placements`]
+    /// predicts).
+    pub dsa: Vec<crate::sva::DsaPlacement>,
+    /// The vDSA functions themselves (registers, device TLB), in the same
+    /// order.
+    pub dsa_functions: Vec<std::sync::Arc<std::sync::Mutex<crate::sva::DsaFunction>>>,
+    /// The vIOMMU, if [`MicroOptions::accel`] asked for one.
+    pub iommu: Option<std::sync::Arc<crate::sva::Viommu>>,
+    /// The guest's PASIDs (its gPASID -> hPASID table), as the run left
+    /// them.
+    pub pasids: std::sync::Arc<crate::sva::GuestPasids>,
+    /// The guest's TSC frequency in kHz (0 if KVM could not tell).
+    pub tsc_khz: u32,
 }
 
 /// Options of a micro-guest run.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone)]
 pub struct MicroOptions {
     /// Answer ENQCMD/ENQCMDS at the test portal with Retry.
     pub portal_retry: bool,
     /// Give up after this long.
     pub timeout: std::time::Duration,
+    /// The vIOMMU and vDSA functions (none by default). With any of them
+    /// the machine gets the PCIe root complex (ECAM, BAR windows) too.
+    pub accel: crate::sva::AccelConfig,
+    /// The host PASID space (the process-wide one when `None`); two runs
+    /// given the same space model two guests of one host.
+    pub pasid_space: Option<std::sync::Arc<pasid::PasidSpace>>,
+}
+
+impl std::fmt::Debug for MicroOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MicroOptions")
+            .field("portal_retry", &self.portal_retry)
+            .field("timeout", &self.timeout)
+            .field("accel", &self.accel)
+            .field("shared_pasid_space", &self.pasid_space.is_some())
+            .finish()
+    }
 }
 
 impl Default for MicroOptions {
@@ -399,6 +457,8 @@ impl Default for MicroOptions {
         Self {
             portal_retry: false,
             timeout: std::time::Duration::from_secs(30),
+            accel: crate::sva::AccelConfig::default(),
+            pasid_space: None,
         }
     }
 }
@@ -412,6 +472,9 @@ pub enum MicroRunError {
     /// The program could not be loaded.
     #[error(transparent)]
     Load(#[from] MicroGuestError),
+    /// The vIOMMU or a vDSA could not be attached.
+    #[error(transparent)]
+    Accel(#[from] crate::sva::AccelError),
 }
 
 /// Runs `guest` on a one-vCPU machine with the test devices, watching #UD
@@ -430,6 +493,7 @@ pub fn run(guest: MicroGuest, options: MicroOptions) -> Result<MicroRun, MicroRu
         memory: MICRO_MEMORY,
         serial: SerialOutput::Sink,
         ud_hook: Some(UdHook::Breakpoint),
+        pasid_space: options.pasid_space.clone(),
     };
     let mut vm = Vm::new(config)?;
     let portal = Arc::new(PortalLog::default());
@@ -450,13 +514,28 @@ pub fn run(guest: MicroGuest, options: MicroOptions) -> Result<MicroRun, MicroRu
             Arc::new(Mutex::new(TestPortal::new(portal.clone()))),
         )
         .map_err(crate::vm::VmError::from)?;
+    let accel = &options.accel;
+    let (dsa, dsa_functions, iommu) = if accel.iommu || !accel.dsa.is_empty() {
+        let root = crate::machine::attach_pci_root(&vm)?;
+        let attached = crate::sva::attach(&vm, &root, accel)?;
+        (attached.dsa, attached.functions, attached.iommu)
+    } else {
+        (Vec::new(), Vec::new(), None)
+    };
     let loaded = guest.load(vm.memory())?;
     vm.set_boot_state(loaded.regs, loaded.sregs);
     let memory = vm.memory().clone();
+    let pasids = vm.pasids().clone();
+    let tsc_khz = vm.tsc_khz();
     let exit = vm.run(Some(options.timeout));
     Ok(MicroRun {
         exit,
         portal,
         memory,
+        dsa,
+        dsa_functions,
+        iommu,
+        pasids,
+        tsc_khz: tsc_khz.load(std::sync::atomic::Ordering::Relaxed),
     })
 }

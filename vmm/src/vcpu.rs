@@ -4,9 +4,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use kvm_bindings::{
-    kvm_msr_entry, kvm_regs, kvm_sregs, Msrs, KVM_EXIT_INTERNAL_ERROR, KVM_INTERNAL_ERROR_EMULATION,
+    kvm_msr_entry, kvm_regs, kvm_sregs, kvm_sync_regs, kvm_vcpu_events, Msrs,
+    KVM_EXIT_INTERNAL_ERROR, KVM_INTERNAL_ERROR_EMULATION,
 };
-use kvm_ioctls::{VcpuExit, VcpuFd};
+use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
 use pasid::{Ia32Pasid, MSR_IA32_PASID};
 use pci::{StoreKind, StoreReply};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -14,6 +15,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use crate::bus::Bus;
 use crate::emulator::{self, EmulatorError, EntryAction, GuestCpu, Outcome, StepOver, SyscallMsrs};
 use crate::entry_watch::EntryWatch;
+use crate::sva::GuestPasids;
 
 /// Vector of #UD, the exception a user-mode ENQCMD raises on this platform.
 const UD_VECTOR: u8 = 6;
@@ -58,9 +60,15 @@ pub struct Vcpu {
     pub(crate) mmio: Arc<Bus>,
     pub(crate) pio: Arc<Bus>,
     pub(crate) pasid_msr: Ia32Pasid,
+    /// The guest's PASIDs; IA32_PASID writes are recorded there per
+    /// address space.
+    pub(crate) pasids: Arc<GuestPasids>,
     pub(crate) ud_hook: Option<UdHook>,
     watch: EntryWatch,
     syscall_msrs: SyscallMsrs,
+    /// KVM has stored this exit's registers in the `kvm_run` page (see
+    /// [`Vcpu::new`]); false before the first exit.
+    synced: bool,
 }
 
 impl Vcpu {
@@ -71,7 +79,17 @@ impl Vcpu {
         mmio: Arc<Bus>,
         pio: Arc<Bus>,
         ud_hook: Option<UdHook>,
+        pasids: Arc<GuestPasids>,
     ) -> Self {
+        let mut fd = fd;
+        // Every vCPU ioctl costs a vCPU reload on this platform, which is
+        // most of a trap's price: with KVM_CAP_SYNC_REGS KVM stores the
+        // registers, segment registers and events in the `kvm_run` page at
+        // each exit and loads the ones marked dirty at the next KVM_RUN, so
+        // answering a trapped ENQCMD takes no register ioctl at all.
+        fd.set_sync_valid_reg(SyncReg::Register);
+        fd.set_sync_valid_reg(SyncReg::SystemRegister);
+        fd.set_sync_valid_reg(SyncReg::VcpuEvents);
         Self {
             fd,
             id,
@@ -79,9 +97,11 @@ impl Vcpu {
             mmio,
             pio,
             pasid_msr: Ia32Pasid::new(),
+            pasids,
             ud_hook,
             watch: EntryWatch::default(),
             syscall_msrs: SyscallMsrs::default(),
+            synced: false,
         }
     }
 
@@ -135,8 +155,34 @@ impl Vcpu {
         self.arm_entry_watch()
     }
 
-    fn rip(&self) -> u64 {
-        self.fd.get_regs().map_or(0, |r| r.rip)
+    fn rip(&mut self) -> u64 {
+        GuestCpu::regs(self).map_or(0, |r| r.rip)
+    }
+
+    /// Reads one kind of vCPU state: from the `kvm_run` page after an
+    /// exit, through its ioctl before the first one.
+    fn read_state<T: Copy>(&mut self, state: &SyncedState<T>) -> Result<T, EmulatorError> {
+        if self.synced {
+            Ok(*(state.field)(self.fd.sync_regs_mut()))
+        } else {
+            (state.get)(&self.fd).map_err(vcpu_error)
+        }
+    }
+
+    /// Writes one kind of vCPU state: into the `kvm_run` page, marked
+    /// dirty for the next KVM_RUN, or through its ioctl before the first.
+    fn write_state<T: Copy>(
+        &mut self,
+        state: &SyncedState<T>,
+        value: &T,
+    ) -> Result<(), EmulatorError> {
+        if self.synced {
+            *(state.field)(self.fd.sync_regs_mut()) = *value;
+            self.fd.set_sync_dirty_reg(state.flag);
+            Ok(())
+        } else {
+            (state.set)(&self.fd, value).map_err(vcpu_error)
+        }
     }
 
     /// Runs until the guest or the VMM ends the run.
@@ -151,7 +197,9 @@ impl Vcpu {
             if stop.load(Ordering::Acquire) {
                 return VcpuStop::Requested;
             }
-            let action = match self.fd.run() {
+            let result = self.fd.run();
+            self.synced = result.is_ok();
+            let action = match result {
                 Ok(exit) => match exit {
                     VcpuExit::IoOut(port, data) => {
                         if !self.pio.write(port.into(), data) {
@@ -198,20 +246,16 @@ impl Vcpu {
                         if msr.index != MSR_IA32_PASID || self.pasid_msr.write(msr.data).is_err() {
                             // Reserved bits or an MSR nobody emulates: #GP.
                             *msr.error = 1;
+                            Action::Resume
+                        } else {
+                            Action::PasidWritten(msr.data)
                         }
-                        Action::Resume
                     }
                     VcpuExit::Debug(arch) => Action::Debug(arch.pc),
                     VcpuExit::InternalError => Action::InternalError,
                     VcpuExit::Shutdown => return VcpuStop::TripleFault,
                     VcpuExit::SystemEvent(kind, _) => return VcpuStop::SystemEvent(kind),
-                    VcpuExit::Hlt => {
-                        return VcpuStop::Fatal(format!(
-                            "vCPU {}: HLT exit at RIP {:#x} (interrupts cannot wake it)",
-                            self.id,
-                            self.rip()
-                        ))
-                    }
+                    VcpuExit::Hlt => Action::Fatal("HLT (interrupts cannot wake it)".into()),
                     VcpuExit::Intr => Action::Resume,
                     other => Action::Fatal(format!("{other:?}")),
                 },
@@ -230,6 +274,18 @@ impl Vcpu {
                         return VcpuStop::Fatal(line);
                     }
                 }
+                Action::PasidWritten(value) => {
+                    // The running address space now has this PASID.
+                    match GuestCpu::sregs(self) {
+                        Ok(sregs) => self.pasids.record_msr_write(sregs.cr3, value),
+                        Err(e) => {
+                            return VcpuStop::Fatal(format!(
+                                "vCPU {}: reading CR3 after WRMSR IA32_PASID: {e}",
+                                self.id
+                            ))
+                        }
+                    }
+                }
                 Action::Debug(pc) => {
                     if let Err(line) = self.on_debug(pc) {
                         return VcpuStop::Fatal(line);
@@ -241,10 +297,10 @@ impl Vcpu {
                     }
                 }
                 Action::Fatal(exit) => {
+                    let rip = self.rip();
                     return VcpuStop::Fatal(format!(
-                        "vCPU {}: unhandled exit {exit} at RIP {:#x}",
-                        self.id,
-                        self.rip()
+                        "vCPU {}: unhandled exit {exit} at RIP {rip:#x}",
+                        self.id
                     ));
                 }
             }
@@ -281,7 +337,7 @@ impl Vcpu {
                 let msrs = self.syscall_msrs;
                 let entry = emulator::complete_syscall(self, &msrs).map_err(|e| self.fatal(&e))?;
                 if entry.is_some() && log::log_enabled!(log::Level::Trace) {
-                    if let Ok(r) = self.fd.get_regs() {
+                    if let Ok(r) = GuestCpu::regs(self) {
                         log::trace!(
                             "vCPU {}: system call {} ({:#x}, {:#x}, {:#x}) from {:#x}",
                             self.id,
@@ -334,11 +390,10 @@ impl Vcpu {
         // whose every bit pattern is valid).
         let failure = unsafe { run.__bindgen_anon_1.emulation_failure };
         if failure.suberror != KVM_INTERNAL_ERROR_EMULATION {
+            let rip = self.rip();
             return Err(format!(
-                "vCPU {}: KVM internal error, suberror {} at RIP {:#x}",
-                self.id,
-                failure.suberror,
-                self.rip()
+                "vCPU {}: KVM internal error, suberror {} at RIP {rip:#x}",
+                self.id, failure.suberror
             ));
         }
         // SAFETY: the instruction-bytes member is the only one of its union
@@ -359,19 +414,47 @@ impl Vcpu {
         }
     }
 
-    fn fatal(&self, e: &EmulatorError) -> String {
-        format!(
-            "vCPU {}: emulator error at RIP {:#x}: {e}",
-            self.id,
-            self.rip()
-        )
+    fn fatal(&mut self, e: &EmulatorError) -> String {
+        let rip = self.rip();
+        format!("vCPU {}: emulator error at RIP {rip:#x}: {e}", self.id)
     }
 }
+
+/// One kind of vCPU state: its field in the `kvm_run` sync area, its
+/// dirty flag and its ioctls.
+struct SyncedState<T> {
+    field: fn(&mut kvm_sync_regs) -> &mut T,
+    flag: SyncReg,
+    get: fn(&VcpuFd) -> Result<T, kvm_ioctls::Error>,
+    set: fn(&VcpuFd, &T) -> Result<(), kvm_ioctls::Error>,
+}
+
+const REGS: SyncedState<kvm_regs> = SyncedState {
+    field: |s| &mut s.regs,
+    flag: SyncReg::Register,
+    get: VcpuFd::get_regs,
+    set: VcpuFd::set_regs,
+};
+
+const SREGS: SyncedState<kvm_sregs> = SyncedState {
+    field: |s| &mut s.sregs,
+    flag: SyncReg::SystemRegister,
+    get: VcpuFd::get_sregs,
+    set: VcpuFd::set_sregs,
+};
+
+const EVENTS: SyncedState<kvm_vcpu_events> = SyncedState {
+    field: |s| &mut s.events,
+    flag: SyncReg::VcpuEvents,
+    get: VcpuFd::get_vcpu_events,
+    set: VcpuFd::set_vcpu_events,
+};
 
 enum Action {
     Resume,
     CheckStop,
     SyscallMsr(u32, u64),
+    PasidWritten(u64),
     Debug(u64),
     InternalError,
     Fatal(String),
@@ -394,19 +477,19 @@ fn vcpu_error(e: kvm_ioctls::Error) -> EmulatorError {
 
 impl GuestCpu for Vcpu {
     fn regs(&mut self) -> Result<kvm_regs, EmulatorError> {
-        self.fd.get_regs().map_err(vcpu_error)
+        self.read_state(&REGS)
     }
 
     fn set_regs(&mut self, regs: &kvm_regs) -> Result<(), EmulatorError> {
-        self.fd.set_regs(regs).map_err(vcpu_error)
+        self.write_state(&REGS, regs)
     }
 
     fn sregs(&mut self) -> Result<kvm_sregs, EmulatorError> {
-        self.fd.get_sregs().map_err(vcpu_error)
+        self.read_state(&SREGS)
     }
 
     fn set_sregs(&mut self, sregs: &kvm_sregs) -> Result<(), EmulatorError> {
-        self.fd.set_sregs(sregs).map_err(vcpu_error)
+        self.write_state(&SREGS, sregs)
     }
 
     fn memory(&self) -> &GuestMemoryMmap {
@@ -417,6 +500,14 @@ impl GuestCpu for Vcpu {
         self.pasid_msr.read()
     }
 
+    /// The PASID recorded for the address space of `cr3` (the MSR value the
+    /// running task would have had restored), checked against the guest's
+    /// PASID-table entry; not the last value written, which may belong to
+    /// another task.
+    fn enqcmd_pasid(&mut self, cr3: u64) -> u64 {
+        self.pasids.enqcmd_pasid(cr3)
+    }
+
     fn inject_exception(
         &mut self,
         vector: u8,
@@ -424,16 +515,16 @@ impl GuestCpu for Vcpu {
         cr2: Option<u64>,
     ) -> Result<(), EmulatorError> {
         if let Some(cr2) = cr2 {
-            let mut sregs = self.fd.get_sregs().map_err(vcpu_error)?;
+            let mut sregs = self.read_state(&SREGS)?;
             sregs.cr2 = cr2;
-            self.fd.set_sregs(&sregs).map_err(vcpu_error)?;
+            self.write_state(&SREGS, &sregs)?;
         }
-        let mut events = self.fd.get_vcpu_events().map_err(vcpu_error)?;
+        let mut events = self.read_state(&EVENTS)?;
         events.exception.injected = 1;
         events.exception.nr = vector;
         events.exception.has_error_code = u8::from(error_code.is_some());
         events.exception.error_code = error_code.unwrap_or(0);
-        self.fd.set_vcpu_events(&events).map_err(vcpu_error)
+        self.write_state(&EVENTS, &events)
     }
 
     fn store64(

@@ -24,7 +24,9 @@ use crate::devices::serial::{SerialDevice, SerialOutput};
 use crate::devices::test_devices::TestExit;
 use crate::emulator::syscall_msr;
 use crate::layout;
+use crate::sva::GuestPasids;
 use crate::vcpu::{UdHook, Vcpu, VcpuStop};
+use pasid::PasidSpace;
 
 /// Where KVM on Intel puts its real-mode TSS; harmless elsewhere.
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
@@ -55,6 +57,17 @@ pub enum VmError {
     /// A thread could not be started.
     #[error("cannot start a vCPU thread: {0}")]
     Thread(#[from] std::io::Error),
+    /// The host PASID space has no room for this guest.
+    #[error("host PASID space: {0}")]
+    Pasid(#[from] pasid::Error),
+}
+
+/// The host PASID space every VM of this process shares unless told
+/// otherwise ([`VmConfig::pasid_space`]): two VMs never get the same host
+/// PASID.
+pub fn host_pasid_space() -> Arc<PasidSpace> {
+    static SPACE: std::sync::OnceLock<Arc<PasidSpace>> = std::sync::OnceLock::new();
+    SPACE.get_or_init(|| Arc::new(PasidSpace::new())).clone()
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -72,6 +85,8 @@ pub enum RunExit {
     Reset,
     /// The guest triple-faulted.
     TripleFault,
+    /// The guest kernel reported a panic (pvpanic).
+    GuestPanic,
     /// `--timeout` expired.
     Timeout,
     /// The VMM could not go on; the line says why.
@@ -88,6 +103,9 @@ pub struct VmConfig {
     pub serial: SerialOutput,
     /// How vCPUs see guest #UD entries.
     pub ud_hook: Option<UdHook>,
+    /// The host PASID space the guest's host PASIDs come from;
+    /// [`host_pasid_space`] when `None`.
+    pub pasid_space: Option<Arc<PasidSpace>>,
 }
 
 /// How vCPU 0's segment and control registers are set up from KVM's reset
@@ -105,11 +123,14 @@ pub struct Vm {
     ud_hook: Option<UdHook>,
     boot: Option<(kvm_regs, SregsSetup)>,
     power_off: Arc<AtomicBool>,
+    panicked: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     test_done: Arc<AtomicBool>,
     test_result: Arc<AtomicU32>,
     reset: Arc<AtomicBool>,
     serial: Arc<Mutex<SerialDevice>>,
+    pasids: Arc<GuestPasids>,
+    tsc_khz: Arc<AtomicU32>,
 }
 
 /// The guest RAM ranges for `size` bytes: below the 32-bit MMIO hole, then
@@ -127,6 +148,10 @@ impl Vm {
     /// Creates the VM, its memory, interrupt chip, PIT, serial port and
     /// platform devices.
     pub fn new(config: VmConfig) -> Result<Self, VmError> {
+        static NEXT_VM: AtomicU32 = AtomicU32::new(0);
+        let space = config.pasid_space.clone().unwrap_or_else(host_pasid_space);
+        let name = format!("vm{}", NEXT_VM.fetch_add(1, Ordering::Relaxed));
+        let pasids = Arc::new(GuestPasids::new(space, &name)?);
         let kvm = Kvm::new().map_err(VmError::NoKvm)?;
         let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         let memory = GuestMemoryMmap::from_ranges(&ram_ranges(config.memory))
@@ -220,12 +245,27 @@ impl Vm {
             ud_hook: config.ud_hook,
             boot: None,
             power_off: Arc::new(AtomicBool::new(false)),
+            panicked: Arc::new(AtomicBool::new(false)),
             stop,
             test_done,
             test_result,
             reset,
             serial,
+            pasids,
+            tsc_khz: Arc::new(AtomicU32::new(0)),
         })
+    }
+
+    /// The guest's TSC frequency in kHz (KVM_GET_TSC_KHZ), known once the
+    /// run has created vCPU 0; 0 until then or if KVM cannot tell.
+    pub fn tsc_khz(&self) -> Arc<AtomicU32> {
+        self.tsc_khz.clone()
+    }
+
+    /// The guest's PASIDs: its gPASID -> hPASID table and the IA32_PASID
+    /// state that follows its address spaces.
+    pub fn pasids(&self) -> &Arc<GuestPasids> {
+        &self.pasids
     }
 
     /// Guest RAM.
@@ -278,6 +318,12 @@ impl Vm {
         self.power_off.clone()
     }
 
+    /// A flag a panic-notification device raises; the run then ends as
+    /// [`RunExit::GuestPanic`], whatever the guest does next.
+    pub fn panic_flag(&self) -> Arc<AtomicBool> {
+        self.panicked.clone()
+    }
+
     fn create_vcpu(&self, id: u8) -> Result<Vcpu, VmError> {
         let fd = self
             .fd
@@ -287,6 +333,9 @@ impl Vm {
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
         if id == 0 {
+            if let Ok(khz) = fd.get_tsc_khz() {
+                self.tsc_khz.store(khz, Ordering::Relaxed);
+            }
             if let Some((regs, setup)) = &self.boot {
                 let mut sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
                 setup(&mut sregs);
@@ -301,6 +350,7 @@ impl Vm {
             self.mmio.clone(),
             self.pio.clone(),
             self.ud_hook,
+            self.pasids.clone(),
         ))
     }
 
@@ -359,6 +409,9 @@ impl Vm {
     fn classify(&self, why: VcpuStop) -> RunExit {
         if self.test_done.load(Ordering::Acquire) {
             return RunExit::TestExit(self.test_result.load(Ordering::Acquire));
+        }
+        if self.panicked.load(Ordering::Acquire) {
+            return RunExit::GuestPanic;
         }
         if self.reset.load(Ordering::Acquire) {
             return RunExit::Reset;

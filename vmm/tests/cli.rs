@@ -57,7 +57,11 @@ fn big_kernel() -> PathBuf {
     ] {
         elf.extend_from_slice(&v.to_le_bytes()[..n]);
     }
-    let path = std::env::temp_dir().join(format!("vmm-cli-big-{}.elf", std::process::id()));
+    // Tests run in parallel: each call writes its own file, so that no test
+    // reads one another is still writing.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("vmm-cli-big-{}-{n}.elf", std::process::id()));
     std::fs::write(&path, elf).unwrap();
     path
 }
@@ -129,7 +133,7 @@ fn zero_cpus() {
 fn bad_serial_target() {
     assert_usage_error(
         &["--serial", "tty9"],
-        "error: invalid value 'tty9' for '--serial <SERIAL>': expected stdout, none or file:PATH",
+        "error: invalid value 'tty9' for '--serial <SERIAL>': expected stdout, stderr, none or file:PATH",
     );
 }
 
@@ -160,4 +164,255 @@ fn enqcmd_demo_runs() {
         "{out}"
     );
     assert!(out.ends_with("ENQCMD trap demo: OK\n"), "{out}");
+}
+
+// `vmm run`: every bad input is refused before anything boots.
+
+/// `vmm run --kernel K --initramfs K` followed by `rest` (any readable file
+/// passes the initramfs check).
+fn run_args<'a>(kernel: &'a str, rest: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["run", "--kernel", kernel, "--initramfs", kernel];
+    args.extend_from_slice(rest);
+    args
+}
+
+#[test]
+fn run_without_kernel() {
+    assert_usage_error(&["run", "--", "true"], "error: --kernel is required");
+}
+
+#[test]
+fn run_without_initramfs() {
+    let k = big_kernel();
+    assert_usage_error(
+        &["run", "--kernel", k.to_str().unwrap(), "--", "true"],
+        "error: --initramfs is required: its /init runs the command (guest-images/out/initramfs-base.cpio)",
+    );
+}
+
+#[test]
+fn run_without_command() {
+    let k = big_kernel();
+    let k = k.to_str().unwrap();
+    let expected = "error: no command: give it after \"--\", as in vmm run --kernel K --initramfs I -- sh -c 'echo hi'";
+    assert_usage_error(&run_args(k, &[]), expected);
+    assert_usage_error(&run_args(k, &["--"]), expected);
+}
+
+#[test]
+fn run_command_without_double_dash() {
+    let k = big_kernel();
+    assert_usage_error(
+        &run_args(k.to_str().unwrap(), &["true"]),
+        "error: unexpected argument 'true' found",
+    );
+}
+
+#[test]
+fn run_missing_files() {
+    assert_usage_error(
+        &run_args("/nonexistent/vmlinux", &["--", "true"]),
+        "error: cannot read kernel '/nonexistent/vmlinux': No such file or directory (os error 2)",
+    );
+    let k = big_kernel();
+    assert_usage_error(
+        &[
+            "run",
+            "--kernel",
+            k.to_str().unwrap(),
+            "--initramfs",
+            "/nonexistent/i",
+            "--",
+            "true",
+        ],
+        "error: cannot read initramfs '/nonexistent/i': No such file or directory (os error 2)",
+    );
+}
+
+#[test]
+fn run_bad_serial_target() {
+    assert_usage_error(
+        &["run", "--serial", "file:", "--", "true"],
+        "error: invalid value 'file:' for '--serial <SERIAL>': expected stdout, stderr, none or file:PATH",
+    );
+}
+
+#[test]
+fn run_bad_memory_and_cpus() {
+    let k = big_kernel();
+    assert_usage_error(
+        &run_args(k.to_str().unwrap(), &["--memory", "4M", "--", "true"]),
+        "error: --memory 4194304 bytes is below the minimum of 16 MiB",
+    );
+    assert_usage_error(
+        &["run", "--cpus", "300", "--", "true"],
+        "error: invalid value '300' for '--cpus <CPUS>': 300 is not in 1..=255",
+    );
+}
+
+#[test]
+fn run_cmdline_with_double_dash() {
+    let k = big_kernel();
+    assert_usage_error(
+        &run_args(
+            k.to_str().unwrap(),
+            &["--cmdline", "console=ttyS0 -- x", "--", "true"],
+        ),
+        "error: --cmdline must not contain \"--\": vmm run adds init's settings after it",
+    );
+}
+
+#[test]
+fn run_command_too_long_for_the_kernel() {
+    let k = big_kernel();
+    // 1000 spaces encode as 3000 bytes of %20.
+    let long = " ".repeat(1000);
+    assert_usage_error(
+        &run_args(k.to_str().unwrap(), &["--", "echo", &long]),
+        "error: the command is too long: the kernel command line would be 3067 bytes, the limit is 2047",
+    );
+}
+
+#[test]
+fn run_help_names_the_exit_statuses() {
+    let (code, out, _) = vmm(&["run", "--help"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("[default: stderr]"), "{out}");
+    assert!(
+        out.contains("6 guest kernel panic, 7 the guest stopped without reporting a status"),
+        "{out}"
+    );
+}
+
+/// The README's main job: SVA end to end in a micro-guest.
+#[test]
+fn sva_demo_copies_through_the_viommu_with_pasid_translation() {
+    assert!(
+        std::path::Path::new("/dev/kvm").exists(),
+        "this test needs /dev/kvm, which this machine lacks"
+    );
+    let (code, out, err) = vmm(&["micro", "sva-demo"]);
+    assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
+    for line in [
+        "user process: MOVDIR64B to dedicated WQ 0: MEMMOVE of 6144 bytes 0x210000 -> 0x212000, completion Success, destination matches the source",
+        "user process: ENQCMD to shared WQ 1: MEMMOVE of 4096 bytes 0x220000 -> 0x222000, completion Success, destination matches the source",
+        "user process: the first ENQCMD took 1 #GP (IA32_PASID clear); the kernel's fixup loaded PASID 0x1234, the retry was accepted",
+    ] {
+        assert!(out.contains(line), "missing '{line}' in:\n{out}");
+    }
+    let host = out
+        .split("VMM: guest PASID 0x1234 -> host PASID ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no PASID translation line in:\n{out}"));
+    assert_ne!(host, "0x1234", "{out}");
+    assert!(
+        out.contains(&format!("vDSA: DMA tagged 00:01.0 with host PASID {host}; the vIOMMU translated it back to guest PASID 0x1234")),
+        "{out}"
+    );
+    assert!(out.ends_with("sva-demo: OK\n"), "{out}");
+}
+
+#[test]
+fn bad_dsa_specs() {
+    let bad = |spec: &str, why: &str| {
+        assert_usage_error(
+            &["--dsa", spec],
+            &format!("error: invalid value '{spec}' for '--dsa [<SPEC>]': {why}"),
+        )
+    };
+    bad("wqs=0", "wqs must be a number from 1 to 16, got '0'");
+    bad("wqs=17", "wqs must be a number from 1 to 16, got '17'");
+    bad("engines=9", "engines must be a number from 1 to 8, got '9'");
+    bad("groups=0", "groups must be a number from 1 to 8, got '0'");
+    bad("groups=x", "groups must be a number from 1 to 8, got 'x'");
+    bad(
+        "wq-size=0",
+        "wq-size must be a number from 1 to 65535, got '0'",
+    );
+    bad(
+        "wq-size=65536",
+        "wq-size must be a number from 1 to 65535, got '65536'",
+    );
+    bad(
+        "max-batch=1",
+        "max-batch must be a number from 2 to 32768, got '1'",
+    );
+    bad(
+        "max-batch=1000",
+        "max-batch must be a power of two, got 1000",
+    );
+    bad(
+        "queues=2",
+        "unknown key 'queues' (expected wqs, engines, groups, wq-size, max-batch)",
+    );
+    bad("wqs", "expected key=value, got 'wqs'");
+    bad("wqs=2,wqs=3", "wqs given twice");
+}
+
+#[test]
+fn more_dsa_devices_than_bus_0_holds() {
+    let mut args = Vec::new();
+    for _ in 0..29 {
+        args.extend(["--dsa", "wqs=1"]);
+    }
+    assert_usage_error(
+        &args,
+        "error: 29 --dsa devices given; PCI bus 0 has room for 28",
+    );
+}
+
+#[test]
+fn iommu_and_dsa_options_attach_to_micro_guests() {
+    assert!(
+        std::path::Path::new("/dev/kvm").exists(),
+        "this test needs /dev/kvm, which this machine lacks"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .args([
+            "--iommu",
+            "--dsa",
+            "--dsa",
+            "wqs=2,engines=1,groups=1,wq-size=32,max-batch=64",
+            "micro",
+            "enqcmd-demo",
+        ])
+        .env("RUST_LOG", "vmm::sva=info")
+        .output()
+        .expect("run vmm");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(0), "stderr: {stderr}");
+    assert!(stdout.ends_with("ENQCMD trap demo: OK\n"), "{stdout}");
+    // Default vDSA: 128 KiB of portals first, then its registers; the
+    // 2-WQ one after them.
+    assert!(
+        stderr.contains("vDSA 0 at 00:01.0: BAR0 0x8000020000, BAR2 0x8000000000"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("vDSA 1 at 00:02.0: BAR0 0x8000030000, BAR2 0x8000028000"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn help_documents_the_dsa_defaults() {
+    let (code, out, _) = vmm(&["--help"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("--iommu"), "{out}");
+    assert!(
+        out.contains("wqs=8,engines=4,groups=4,wq-size=128,max-batch=1024"),
+        "{out}"
+    );
+}
+
+#[test]
+fn run_takes_the_accelerator_options() {
+    assert_usage_error(
+        &["run", "--iommu", "--dsa", "wqs=0", "--", "true"],
+        "error: invalid value 'wqs=0' for '--dsa [<SPEC>]': wqs must be a number from 1 to 16, got '0'",
+    );
 }

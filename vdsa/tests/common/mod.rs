@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use pci::{cap_id, MsiMessage, MsiRecorder, PciDevice, StoreKind, StoreReply};
 use vdsa::descriptor::Descriptor;
 use vdsa::dma::{DmaPort, MockIommu};
+use vdsa::pasid::{IdentityPasids, PasidTranslator};
 use vdsa::portal::Portal;
 use vdsa::regs::{layout, offset};
 use vdsa::{Dsa, DsaConfig, DsaIommuHandle};
@@ -93,8 +94,18 @@ pub struct Guest {
 
 impl Guest {
     pub fn new(config: DsaConfig, port: Arc<dyn DmaPort>, mem: Arc<GuestMemoryMmap>) -> Self {
+        Self::with_translator(config, port, mem, Arc::new(IdentityPasids))
+    }
+
+    /// A device whose guest-programmed PASIDs go through `pasids`.
+    pub fn with_translator(
+        config: DsaConfig,
+        port: Arc<dyn DmaPort>,
+        mem: Arc<GuestMemoryMmap>,
+        pasids: Arc<dyn PasidTranslator>,
+    ) -> Self {
         let msi = Arc::new(MsiRecorder::new());
-        let mut dsa = Dsa::new(config, port, msi.clone()).unwrap();
+        let mut dsa = Dsa::with_pasid_translator(config, port, msi.clone(), pasids).unwrap();
         // Firmware: assign BARs.
         dsa.config_space_mut()
             .set_bar_address(0, 0xfe00_0000)

@@ -1,5 +1,7 @@
 //! Platform devices of the machine.
 
 pub mod i8042;
+pub mod pvpanic;
 pub mod serial;
 pub mod test_devices;
+pub mod virtio;

@@ -23,6 +23,9 @@ impl Trigger for EventFdTrigger {
 pub enum SerialOutput {
     /// The VMM's standard output.
     Stdout,
+    /// The VMM's standard error (the kernel log of `vmm run`, whose stdout
+    /// carries the command's output).
+    Stderr,
     /// A file.
     File(File),
     /// Nowhere.
@@ -38,6 +41,11 @@ impl Write for SerialOutput {
                 out.flush()?;
                 Ok(buf.len())
             }
+            Self::Stderr => {
+                let mut err = io::stderr().lock();
+                err.write_all(buf)?;
+                Ok(buf.len())
+            }
             Self::File(f) => f.write(buf),
             Self::Sink => Ok(buf.len()),
         }
@@ -45,6 +53,7 @@ impl Write for SerialOutput {
     fn flush(&mut self) -> io::Result<()> {
         match self {
             Self::Stdout => io::stdout().flush(),
+            Self::Stderr => io::stderr().flush(),
             Self::File(f) => f.flush(),
             Self::Sink => Ok(()),
         }

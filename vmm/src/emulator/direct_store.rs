@@ -76,9 +76,13 @@ pub(crate) fn execute<C: GuestCpu + ?Sized>(
     instr: &Instruction,
     kind: StoreKind,
 ) -> Result<Step<StoreRecord>, EmulatorError> {
+    let msr = match kind {
+        StoreKind::Enqcmd => cpu.enqcmd_pasid(ctx.sregs.cr3),
+        _ => 0,
+    };
     match kind {
         StoreKind::Enqcmds if ctx.cpl() != 0 => return Ok(Step::Fault(Exception::gp0())),
-        StoreKind::Enqcmd if cpu.ia32_pasid() & ia32_pasid::VALID == 0 => {
+        StoreKind::Enqcmd if msr & ia32_pasid::VALID == 0 => {
             return Ok(Step::Fault(Exception::gp0()))
         }
         _ => {}
@@ -122,7 +126,7 @@ pub(crate) fn execute<C: GuestCpu + ?Sized>(
         Err(e) => return Ok(e.into()),
     };
 
-    let command = format_command(kind, &source, cpu.ia32_pasid());
+    let command = format_command(kind, &source, msr);
     let reply = cpu.store64(gpa, &command, kind)?;
     log::trace!("{kind:?} to {dest:#x} (GPA {gpa:#x}): {reply:?}");
 

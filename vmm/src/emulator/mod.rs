@@ -115,6 +115,14 @@ pub trait GuestCpu {
     fn memory(&self) -> &vm_memory::GuestMemoryMmap;
     /// This vCPU's IA32_PASID (MSR 0xD93): bits 19:0 PASID, bit 31 valid.
     fn ia32_pasid(&self) -> u64;
+    /// The IA32_PASID value an ENQCMD executed with `cr3` uses. Hardware
+    /// uses the MSR as XSAVES left it for the running task; a VMM whose
+    /// guest has no PASID state component keeps the value per address space
+    /// (see docs/ia32-pasid-follows-address-space.md). Defaults to the MSR.
+    fn enqcmd_pasid(&mut self, cr3: u64) -> u64 {
+        let _ = cr3;
+        self.ia32_pasid()
+    }
     /// MAXPHYADDR the guest's CPUID reports (leaf 0x8000_0008 EAX[7:0]):
     /// paging-entry address bits from here to 51 are reserved.
     fn max_phys_addr_bits(&self) -> u8 {

@@ -245,14 +245,7 @@ impl PciRoot {
             .functions
             .write()
             .unwrap_or_else(PoisonError::into_inner);
-        let bdf = (1..DEVICES_PER_BUS)
-            .map(|device| Bdf {
-                bus: 0,
-                device,
-                function: 0,
-            })
-            .find(|bdf| functions[usize::from(bdf.devfn())].is_none())
-            .ok_or(PciRootError::BusFull)?;
+        let bdf = first_free(&functions).ok_or(PciRootError::BusFull)?;
         let mapped = {
             let mut dev = lock(&device);
             let mut bars = probe_bars(&mut *dev, bdf);
@@ -303,6 +296,11 @@ impl PciRoot {
             );
         }
         Ok(())
+    }
+
+    /// Where [`PciRoot::add_device`] would put the next function.
+    pub fn first_free_device(&self) -> Option<Bdf> {
+        first_free(&self.functions_read())
     }
 
     /// The function at `bdf`, if any.
@@ -386,6 +384,17 @@ impl PciRoot {
             .iter()
             .find_map(|r| r.offset_of(addr, len).map(|offset| (r.clone(), offset)))
     }
+}
+
+/// Function 0 of the first device number of bus 0 that has no function.
+fn first_free(functions: &[Option<SharedPciDevice>]) -> Option<Bdf> {
+    (1..DEVICES_PER_BUS)
+        .map(|device| Bdf {
+            bus: 0,
+            device,
+            function: 0,
+        })
+        .find(|bdf| functions[usize::from(bdf.devfn())].is_none())
 }
 
 fn read_config_u32(dev: &mut dyn PciDevice, offset: u16) -> u32 {

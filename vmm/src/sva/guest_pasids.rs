@@ -1,0 +1,395 @@
+//! One guest's PASIDs: its gPASID -> hPASID table, the check with the
+//! vIOMMU that fills it lazily, its teardown, and the map that keeps
+//! IA32_PASID following the guest's address spaces.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+use pasid::{Ia32Pasid, OwnerId, PasidSpace, PasidTable, Scope, PASID_MAX, RESERVED_PASID};
+use thiserror::Error;
+use viommu::{PasidCacheScope, PasidObserver};
+
+/// CR3 bits that name the page-table root of an address space: PCID
+/// (bits 11:0) and bit 12, which tells Linux's PTI user PGD from its kernel
+/// PGD (the pair is one address space), are left out; so are bits 63:52.
+pub const ADDRESS_SPACE_MASK: u64 = 0x000f_ffff_ffff_e000;
+
+/// The address-space key of a CR3 value (or of a first-stage page-table
+/// pointer).
+pub fn address_space_key(cr3: u64) -> u64 {
+    cr3 & ADDRESS_SPACE_MASK
+}
+
+/// Most host PASIDs one guest may hold: a guest filling its table with
+/// garbage PASIDs (possible without a vIOMMU) cannot take the host's space.
+pub const GUEST_PASID_LIMIT: u32 = 1 << 16;
+
+/// What the vIOMMU says about a guest PASID.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PasidSetup {
+    /// The address-space key of the entry's first-stage page-table pointer
+    /// when it translates through a first stage (first-stage or nested),
+    /// `None` for second-stage-only and pass-through entries.
+    pub first_stage_root: Option<u64>,
+}
+
+/// Who knows whether the guest set a PASID up: the vIOMMU's PASID tables.
+pub trait PasidAuthority: Send + Sync {
+    /// The guest's PASID-table entry for `gpasid`, as device `rid` would
+    /// use it (any device behind the unit when `rid` is `None`); `None` when
+    /// the guest has no present entry for it.
+    fn pasid_setup(&self, rid: Option<u16>, gpasid: u32) -> Option<PasidSetup>;
+}
+
+/// Why a guest PASID has no host PASID.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Error)]
+pub enum PasidMiss {
+    /// The vIOMMU has no PASID-table entry for it: the guest never set it
+    /// up, or tore it down.
+    #[error("guest PASID {0:#x} is not set up in the vIOMMU")]
+    NotSetUp(u32),
+    /// PASID 0 or a value wider than 20 bits.
+    #[error("guest PASID {0:#x} cannot be translated")]
+    Invalid(u32),
+    /// The host space, or this guest's share of it, is exhausted.
+    #[error("no host PASID for guest PASID {gpasid:#x}: {error}")]
+    NoHostPasid {
+        /// The guest PASID.
+        gpasid: u32,
+        /// The host space's answer.
+        error: pasid::Error,
+    },
+}
+
+/// Called with each host PASID whose translations went away (its mapping
+/// was removed, or the guest tore down the guest PASID it stands for):
+/// devices drop what they cached under it.
+pub type HostPasidFreed = Arc<dyn Fn(u32) + Send + Sync>;
+
+/// One guest's PASID state, shared by its vCPUs, its devices and the vIOMMU
+/// (as a [`PasidObserver`]).
+///
+/// - Host PASIDs come from the process-wide [`PasidSpace`], charged to the
+///   guest, so two guests never hold the same host PASID.
+/// - [`GuestPasids::host_pasid`] fills the table lazily: a miss asks the
+///   [`PasidAuthority`] (the vIOMMU) whether the guest has that PASID set
+///   up, and only then allocates. Without an authority (no vIOMMU) every
+///   guest PASID in 1..2^20 is accepted: there is no table to check against
+///   and no teardown signal, so mappings live until the guest goes away,
+///   bounded by [`GUEST_PASID_LIMIT`].
+/// - A PASID-cache invalidation re-checks the PASIDs it covers and removes
+///   those the guest no longer has, freeing their host PASIDs.
+/// - Where the device must be handed some PASID for a guest PASID the
+///   vIOMMU does not confirm (WQCFG.PASID at Enable WQ), the guest PASID
+///   gets an *unverified* host PASID, kept
+///   apart from the table (ENQCMD never uses it): it maps back to its guest
+///   PASID, so the device's requests reach the vIOMMU with the guest's
+///   PASID and fail (or succeed, once the guest sets it up) exactly as the
+///   guest's tables say, and SWERROR names the guest PASID. PASID 0 and
+///   values wider than 20 bits get the quarantine host PASID, which maps
+///   back to nothing.
+pub struct GuestPasids {
+    table: PasidTable,
+    quarantine: u32,
+    unverified: Mutex<Unverified>,
+    authority: RwLock<Option<Arc<dyn PasidAuthority>>>,
+    /// Address-space key -> guest PASID (see [`GuestPasids::enqcmd_pasid`]).
+    address_spaces: Mutex<HashMap<u64, u32>>,
+    freed: RwLock<Vec<HostPasidFreed>>,
+    /// (requester ID, host PASID) of the DMA requests devices made through
+    /// the vIOMMU (see [`GuestPasids::device_requests`]).
+    device_requests: RwLock<BTreeSet<(u16, u32)>>,
+}
+
+/// Host PASIDs of guest PASIDs the vIOMMU did not confirm, both ways.
+#[derive(Default)]
+struct Unverified {
+    by_guest: HashMap<u32, u32>,
+    by_host: HashMap<u32, u32>,
+}
+
+fn read<T: ?Sized>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write<T: ?Sized>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl GuestPasids {
+    /// The PASID state of a new guest called `name`, charged in `space`.
+    pub fn new(space: Arc<PasidSpace>, name: &str) -> Result<Self, pasid::Error> {
+        let owner = space.add_owner(name, Some(GUEST_PASID_LIMIT));
+        let quarantine = space.alloc(owner, Scope::Global)?;
+        let table = PasidTable::new(space, owner)?;
+        Ok(Self {
+            table,
+            quarantine,
+            unverified: Mutex::new(Unverified::default()),
+            authority: RwLock::new(None),
+            address_spaces: Mutex::new(HashMap::new()),
+            freed: RwLock::new(Vec::new()),
+            device_requests: RwLock::new(BTreeSet::new()),
+        })
+    }
+
+    /// The guest's owner in the host space.
+    pub fn owner(&self) -> OwnerId {
+        self.table.owner()
+    }
+
+    /// The guest's gPASID -> hPASID table.
+    pub fn table(&self) -> &PasidTable {
+        &self.table
+    }
+
+    /// The host PASID that stands for "no host PASID": charged to this
+    /// guest, never mapped back to a guest PASID.
+    pub fn quarantine(&self) -> u32 {
+        self.quarantine
+    }
+
+    /// Makes `authority` (the vIOMMU) the judge of which guest PASIDs exist.
+    pub fn set_authority(&self, authority: Arc<dyn PasidAuthority>) {
+        *write(&self.authority) = Some(authority);
+    }
+
+    /// Calls `f` with every host PASID the table gives up.
+    pub fn on_host_pasid_freed(&self, f: HostPasidFreed) {
+        write(&self.freed).push(f);
+    }
+
+    fn authority(&self) -> Option<Arc<dyn PasidAuthority>> {
+        read(&self.authority).clone()
+    }
+
+    /// The host PASID of `gpasid` for device `rid`, filling the table on a
+    /// miss once the vIOMMU confirms the guest set the PASID up.
+    pub fn host_pasid(&self, rid: Option<u16>, gpasid: u32) -> Result<u32, PasidMiss> {
+        if gpasid == RESERVED_PASID || gpasid > PASID_MAX {
+            return Err(PasidMiss::Invalid(gpasid));
+        }
+        if let Ok(hpasid) = self.table.translate(gpasid) {
+            return Ok(hpasid);
+        }
+        if let Some(authority) = self.authority() {
+            if authority.pasid_setup(rid, gpasid).is_none() {
+                log::debug!("guest PASID {gpasid:#x}: no PASID-table entry, not mapped");
+                return Err(PasidMiss::NotSetUp(gpasid));
+            }
+        }
+        self.table
+            .install(gpasid)
+            .map_err(|error| PasidMiss::NoHostPasid { gpasid, error })
+    }
+
+    /// The host PASID a device gets for a PASID the guest programmed into
+    /// it: [`GuestPasids::host_pasid`]; for a guest PASID the vIOMMU does
+    /// not confirm, its unverified host PASID (allocated on first use); the
+    /// quarantine PASID for PASID 0, values wider than 20 bits and an
+    /// exhausted space.
+    pub fn host_pasid_for_device(&self, rid: Option<u16>, gpasid: u32) -> u32 {
+        match self.host_pasid(rid, gpasid) {
+            Ok(hpasid) => hpasid,
+            Err(PasidMiss::NotSetUp(_)) => self.unverified_host_pasid(gpasid),
+            Err(miss) => {
+                log::debug!(
+                    "{miss}; the device gets quarantine PASID {:#x}",
+                    self.quarantine
+                );
+                self.quarantine
+            }
+        }
+    }
+
+    fn lock_unverified(&self) -> std::sync::MutexGuard<'_, Unverified> {
+        self.unverified
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn unverified_host_pasid(&self, gpasid: u32) -> u32 {
+        let mut unverified = self.lock_unverified();
+        if let Some(&hpasid) = unverified.by_guest.get(&gpasid) {
+            return hpasid;
+        }
+        let space = self.table.space();
+        match space.alloc(self.table.owner(), Scope::Global) {
+            Ok(hpasid) => {
+                log::debug!(
+                    "guest PASID {gpasid:#x} not set up: unverified host PASID {hpasid:#x}"
+                );
+                unverified.by_guest.insert(gpasid, hpasid);
+                unverified.by_host.insert(hpasid, gpasid);
+                hpasid
+            }
+            Err(e) => {
+                log::debug!("guest PASID {gpasid:#x}: {e}; quarantine PASID");
+                self.quarantine
+            }
+        }
+    }
+
+    /// The guest PASID of host PASID `hpasid`, if it is one of this guest's
+    /// (mapped, or unverified).
+    pub fn guest_pasid(&self, hpasid: u32) -> Option<u32> {
+        self.table
+            .guest_of(hpasid)
+            .or_else(|| self.lock_unverified().by_host.get(&hpasid).copied())
+    }
+
+    /// Every host PASID that stands for `gpasid`: its mapping and its
+    /// unverified host PASID, if any.
+    pub fn host_pasids_of(&self, gpasid: u32) -> Vec<u32> {
+        let mut all: Vec<u32> = self.table.translate(gpasid).into_iter().collect();
+        all.extend(self.lock_unverified().by_guest.get(&gpasid));
+        all
+    }
+
+    /// Notes that device `rid` made a DMA request tagged with host PASID
+    /// `hpasid` (the vIOMMU adapter calls it for every PASID-tagged request).
+    pub fn note_device_request(&self, rid: u16, hpasid: u32) {
+        if !read(&self.device_requests).contains(&(rid, hpasid)) {
+            write(&self.device_requests).insert((rid, hpasid));
+        }
+    }
+
+    /// Every (requester ID, host PASID) a device of this guest tagged a DMA
+    /// request with, through the vIOMMU: what tests check to see that the
+    /// devices work in host PASIDs.
+    pub fn device_requests(&self) -> Vec<(u16, u32)> {
+        read(&self.device_requests).iter().copied().collect()
+    }
+
+    /// Removes the mapping of `gpasid` and frees its host PASID; devices
+    /// are told through the [`GuestPasids::on_host_pasid_freed`] callbacks.
+    pub fn remove(&self, gpasid: u32) -> Option<u32> {
+        let hpasid = self.table.remove(gpasid).ok()?;
+        log::debug!("guest PASID {gpasid:#x} torn down; host PASID {hpasid:#x} freed");
+        self.forget_address_spaces(|_, g| g == gpasid);
+        let unverified = self.lock_unverified().by_guest.get(&gpasid).copied();
+        for f in read(&self.freed).iter() {
+            f(hpasid);
+            // What was cached through the guest's entry is gone too.
+            if let Some(h) = unverified {
+                f(h);
+            }
+        }
+        Some(hpasid)
+    }
+
+    /// A guest WRMSR to IA32_PASID (already checked for reserved bits) with
+    /// CR3 `cr3`: the running address space now uses that PASID, or none
+    /// when the valid bit is clear.
+    pub fn record_msr_write(&self, cr3: u64, value: u64) {
+        let key = address_space_key(cr3);
+        let mut spaces = self
+            .address_spaces
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if value & Ia32Pasid::VALID != 0 {
+            spaces.insert(key, (value & Ia32Pasid::PASID_MASK) as u32);
+        } else {
+            spaces.remove(&key);
+        }
+    }
+
+    /// The IA32_PASID value an ENQCMD executed with CR3 `cr3` uses: the
+    /// PASID recorded for that address space, or 0 (not valid: the ENQCMD
+    /// takes #GP) when it has none.
+    ///
+    /// With a vIOMMU the recorded PASID is checked first: if the guest's
+    /// PASID-table entry for it now translates through another address
+    /// space's page tables, the record is stale (the page-table root was
+    /// reused) and is dropped. A PASID with no entry at all keeps its
+    /// record: the ENQCMD goes out with it and the portal refuses it, as
+    /// hardware would send it and fail it.
+    pub fn enqcmd_pasid(&self, cr3: u64) -> u64 {
+        let key = address_space_key(cr3);
+        let recorded = self
+            .address_spaces
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&key)
+            .copied();
+        let Some(gpasid) = recorded else {
+            return 0;
+        };
+        let root = self
+            .authority()
+            .and_then(|a| a.pasid_setup(None, gpasid))
+            .and_then(|s| s.first_stage_root);
+        if root.is_some_and(|root| root != key) {
+            log::debug!(
+                "address space {key:#x}: guest PASID {gpasid:#x} now translates through \
+                 {:#x}; dropped",
+                root.unwrap_or(0)
+            );
+            self.forget_address_spaces(|space, _| space == key);
+            return 0;
+        }
+        Ia32Pasid::VALID | u64::from(gpasid)
+    }
+
+    fn forget_address_spaces(&self, pred: impl Fn(u64, u32) -> bool) {
+        self.address_spaces
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|&space, &mut gpasid| !pred(space, gpasid));
+    }
+
+    /// Re-checks the guest PASIDs that `scope` covers (mapped, or recorded
+    /// for an address space) against the authority; those the guest no
+    /// longer has lose their mapping, their host PASID and their address
+    /// spaces.
+    fn revalidate(&self, scope: PasidCacheScope) {
+        let Some(authority) = self.authority() else {
+            return;
+        };
+        let mut candidates: Vec<u32> = match scope {
+            PasidCacheScope::Pasid { pasid, .. } => vec![pasid],
+            PasidCacheScope::Domain { .. } | PasidCacheScope::Global => {
+                let mut all: Vec<u32> = self.table.entries().into_iter().map(|(g, _)| g).collect();
+                all.extend(
+                    self.address_spaces
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .values(),
+                );
+                all
+            }
+        };
+        candidates.sort_unstable();
+        candidates.dedup();
+        for gpasid in candidates {
+            if authority.pasid_setup(None, gpasid).is_none() {
+                self.remove(gpasid);
+                self.forget_address_spaces(|_, g| g == gpasid);
+            }
+        }
+    }
+}
+
+impl PasidObserver for GuestPasids {
+    fn pasid_cache_invalidated(&self, scope: PasidCacheScope) {
+        self.revalidate(scope);
+    }
+}
+
+impl Drop for GuestPasids {
+    fn drop(&mut self) {
+        self.table.clear();
+        let space = self.table.space().clone();
+        let owner = self.table.owner();
+        let unverified = std::mem::take(&mut *self.lock_unverified());
+        for hpasid in std::iter::once(self.quarantine).chain(unverified.by_host.into_keys()) {
+            if let Err(e) = space.free(owner, Scope::Global, hpasid) {
+                log::error!("{owner}: freeing host PASID {hpasid:#x}: {e}");
+            }
+        }
+        // Nothing is charged any more (the table's own drop finds it empty).
+        if let Err(e) = space.remove_owner(owner) {
+            log::error!("{owner}: leaving the host PASID space: {e}");
+        }
+    }
+}

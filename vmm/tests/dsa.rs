@@ -1,0 +1,263 @@
+//! The vDSA in the real machine, driven by micro-guests through ECAM and
+//! BAR0 MMIO as idxd would. These tests need /dev/kvm.
+
+use iced_x86::code_asm::*;
+use vdsa::completion::Status;
+use vdsa::descriptor::{flags, Descriptor, Opcode};
+use vdsa::DsaConfig;
+use vm_memory::{Bytes, GuestAddress};
+use vmm::microguest::{self, MicroGuest, MicroOptions, MicroRun, DATA_START};
+use vmm::sva::micro::{
+    bring_up_wq, exit_with_completion_status, WQCFG_MODE_DEDICATED, WQCFG_PRIORITY_1,
+};
+use vmm::sva::{dsa_placements, AccelConfig};
+use vmm::vm::RunExit;
+
+const DESC: u64 = DATA_START + 0x1000;
+const COMPLETION: u64 = DATA_START + 0x2000;
+const SRC: u64 = DATA_START + 0x10_000;
+const DST: u64 = DATA_START + 0x20_000;
+const LEN: usize = 0x3000;
+/// Run result when bring-up fails (low bits: which step and CMDSTS.err).
+const BRING_UP_FAILED: u32 = 0xe000;
+
+fn run(guest: MicroGuest, accel: AccelConfig) -> MicroRun {
+    assert!(
+        std::path::Path::new("/dev/kvm").exists(),
+        "these tests need /dev/kvm, which this machine lacks"
+    );
+    microguest::run(
+        guest,
+        MicroOptions {
+            accel,
+            ..Default::default()
+        },
+    )
+    .expect("micro-guest machine")
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 + i / 256) as u8).collect()
+}
+
+/// A guest with a MEMMOVE descriptor of [`pattern`] at `DESC` (`SRC` to
+/// `DST`, completion record at `COMPLETION`) and its source filled.
+fn memmove_guest() -> MicroGuest {
+    let mut g = MicroGuest::new();
+    let mut desc = Descriptor::new(Opcode::Memmove, flags::CRAV | flags::RCR);
+    desc.set_completion_addr(COMPLETION)
+        .set_src(SRC)
+        .set_dst(DST)
+        .set_xfer_size(LEN as u32);
+    g.write(DESC, &desc.0);
+    g.write(SRC, &pattern(LEN));
+    g
+}
+
+#[test]
+fn kernel_movdir64b_memmove_through_a_dedicated_wq() {
+    let accel = AccelConfig {
+        iommu: false,
+        dsa: vec![DsaConfig::default()],
+    };
+    let dsa = dsa_placements(&accel.dsa)[0];
+    let mut g = memmove_guest();
+    bring_up_wq(
+        &mut g.asm,
+        &dsa,
+        0,
+        16,
+        WQCFG_MODE_DEDICATED | WQCFG_PRIORITY_1,
+        BRING_UP_FAILED,
+    )
+    .unwrap();
+    // MOVDIR64B the descriptor to WQ 0's unlimited portal.
+    g.asm.mov(rdi, dsa.bar2).unwrap();
+    g.asm.mov(rsi, DESC).unwrap();
+    g.asm.movdir64b(rdi, ptr(rsi)).unwrap();
+    exit_with_completion_status(&mut g.asm, COMPLETION).unwrap();
+
+    let r = run(g, accel);
+    assert_eq!(r.dsa, vec![dsa], "the vDSA is where the guest looked");
+    assert_eq!(r.exit, RunExit::TestExit(Status::Success as u32));
+    let mut copied = vec![0u8; LEN];
+    r.memory.read_slice(&mut copied, GuestAddress(DST)).unwrap();
+    assert_eq!(copied, pattern(LEN));
+    // The completion record: status Success, bytes completed 0 (only
+    // meaningful for partial completions), fault address 0.
+    let mut record = [0u8; 32];
+    r.memory
+        .read_slice(&mut record, GuestAddress(COMPLETION))
+        .unwrap();
+    assert_eq!(record[0], Status::Success as u8);
+}
+
+/// Two address spaces (page-table roots) alternate on one vCPU: each
+/// loaded IA32_PASID once, under its own CR3; every ENQCMD carries the
+/// PASID of the address space it runs in, not the MSR's last value (the
+/// PTI user PGD, 4 KiB above the kernel one, is the same address space);
+/// an address space that never loaded one takes #GP.
+#[test]
+fn ia32_pasid_follows_cr3_across_context_switches() {
+    use vmm::demos::command;
+    use vmm::microguest::{PML4_START, TEST_PORTAL_START};
+    const CMD: u64 = DATA_START + 0x1000;
+    // 8 KiB aligned, as Linux's PGDs are; A's PTI user half follows it.
+    const PML4_A: u64 = DATA_START + 0x4000;
+    const PML4_A_USER: u64 = PML4_A + 0x1000;
+    const PML4_B: u64 = DATA_START + 0x6000;
+    const GP: u8 = 13;
+    const GP_RESULT: u32 = 0x6d0d;
+    let (pasid_a, pasid_b) = (0x11u32, 0x22u32);
+    let mut g = MicroGuest::new();
+    g.write(CMD, &command(u32::MAX));
+    let a = &mut g.asm;
+    // Two copies of the harness's PML4: same mappings, distinct roots.
+    for pml4 in [PML4_A, PML4_A_USER, PML4_B] {
+        a.mov(rsi, PML4_START).unwrap();
+        a.mov(rdi, pml4).unwrap();
+        a.mov(ecx, 512).unwrap();
+        a.rep().movsq().unwrap();
+    }
+    let switch_and_load = |a: &mut CodeAssembler, pml4: u64, pasid: u32| {
+        a.mov(rax, pml4).unwrap();
+        a.mov(cr3, rax).unwrap();
+        a.mov(ecx, pasid::MSR_IA32_PASID).unwrap();
+        a.mov(eax, 0x8000_0000 | pasid).unwrap();
+        a.xor(edx, edx).unwrap();
+        a.wrmsr().unwrap();
+    };
+    let switch_and_enqcmd = |a: &mut CodeAssembler, pml4: u64| {
+        a.mov(rax, pml4).unwrap();
+        a.mov(cr3, rax).unwrap();
+        a.mov(rdi, TEST_PORTAL_START).unwrap();
+        a.mov(rsi, CMD).unwrap();
+        a.enqcmd(rdi, zmmword_ptr(rsi)).unwrap();
+    };
+    switch_and_load(a, PML4_A, pasid_a);
+    switch_and_load(a, PML4_B, pasid_b);
+    switch_and_enqcmd(a, PML4_A);
+    switch_and_enqcmd(a, PML4_B);
+    switch_and_enqcmd(a, PML4_A_USER);
+    switch_and_enqcmd(a, PML4_B);
+    // The harness's own address space never loaded a PASID.
+    switch_and_enqcmd(a, PML4_START);
+    vmm::microguest::exit_with(a, 0x600d).unwrap();
+    let mut gp = g.asm.create_label();
+    g.asm.set_label(&mut gp).unwrap();
+    vmm::microguest::exit_with(&mut g.asm, GP_RESULT).unwrap();
+    g.handler(GP, gp);
+
+    let r = run(g, AccelConfig::default());
+    assert_eq!(
+        r.exit,
+        RunExit::TestExit(GP_RESULT),
+        "the last ENQCMD takes #GP"
+    );
+    let pasids: Vec<u32> = r
+        .portal
+        .stores
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| u32::from_le_bytes(s.data[..4].try_into().unwrap()))
+        .collect();
+    assert_eq!(pasids, vec![pasid_a, pasid_b, pasid_a, pasid_b]);
+}
+
+/// A CPL0 guest with a shared WQ 0 (PASID enabled) that loads IA32_PASID
+/// with `pasid` and ENQCMDs a MEMMOVE to the WQ's portal. The run ends with
+/// `0x5a00 | ZF` when the ENQCMD was refused, else with the completion
+/// status.
+fn enqcmd_to_shared_wq(accel: &AccelConfig, pasid: u32) -> MicroGuest {
+    use vmm::sva::micro::{enable_pasid, WQCFG_PASID_EN};
+    let dsa = dsa_placements(&accel.dsa)[0];
+    let mut g = memmove_guest();
+    enable_pasid(&mut g.asm, &dsa, false).unwrap();
+    bring_up_wq(
+        &mut g.asm,
+        &dsa,
+        0,
+        16,
+        WQCFG_PASID_EN | WQCFG_PRIORITY_1,
+        BRING_UP_FAILED,
+    )
+    .unwrap();
+    let a = &mut g.asm;
+    a.mov(ecx, pasid::MSR_IA32_PASID).unwrap();
+    a.mov(eax, 0x8000_0000 | pasid).unwrap();
+    a.xor(edx, edx).unwrap();
+    a.wrmsr().unwrap();
+    a.mov(rdi, dsa.bar2).unwrap();
+    a.mov(rsi, DESC).unwrap();
+    a.enqcmd(rdi, zmmword_ptr(rsi)).unwrap();
+    let mut accepted = a.create_label();
+    a.jnz(accepted).unwrap();
+    vmm::microguest::exit_with(a, 0x5a01).unwrap();
+    a.set_label(&mut accepted).unwrap();
+    exit_with_completion_status(a, COMPLETION).unwrap();
+    g
+}
+
+#[test]
+fn without_a_viommu_enqcmd_pasids_still_go_through_the_guest_table() {
+    let accel = AccelConfig {
+        iommu: false,
+        dsa: vec![DsaConfig::default()],
+    };
+    let r = run(enqcmd_to_shared_wq(&accel, 0x77), accel);
+    assert_eq!(r.exit, RunExit::TestExit(Status::Success as u32));
+    let mut copied = vec![0u8; LEN];
+    r.memory.read_slice(&mut copied, GuestAddress(DST)).unwrap();
+    assert_eq!(copied, pattern(LEN));
+    let host = r
+        .pasids
+        .table()
+        .translate(0x77)
+        .expect("mapped on first use");
+    assert_eq!(r.pasids.guest_pasid(host), Some(0x77));
+}
+
+#[test]
+fn enqcmd_with_a_pasid_the_viommu_does_not_know_is_not_accepted() {
+    // The guest never set up PASID tables (translation is off): PASID 0x77
+    // does not exist for the vIOMMU, so the descriptor is not enqueued and
+    // ENQCMD reports ZF=1.
+    let accel = AccelConfig {
+        iommu: true,
+        dsa: vec![DsaConfig::default()],
+    };
+    let r = run(enqcmd_to_shared_wq(&accel, 0x77), accel);
+    assert_eq!(r.exit, RunExit::TestExit(0x5a01), "ZF=1");
+    assert!(r.pasids.table().is_empty(), "no host PASID allocated");
+    let record: [u8; 32] = r.memory.read_obj(GuestAddress(COMPLETION)).unwrap();
+    assert_eq!(record, [0; 32], "the device never ran it");
+}
+
+#[test]
+fn two_guests_of_one_host_get_different_host_pasids_for_one_guest_pasid() {
+    let space = std::sync::Arc::new(pasid::PasidSpace::new());
+    let accel = AccelConfig {
+        iommu: false,
+        dsa: vec![DsaConfig::default()],
+    };
+    let options = MicroOptions {
+        accel: accel.clone(),
+        pasid_space: Some(space.clone()),
+        ..Default::default()
+    };
+    let first = microguest::run(enqcmd_to_shared_wq(&accel, 0x77), options.clone()).unwrap();
+    let second = microguest::run(enqcmd_to_shared_wq(&accel, 0x77), options).unwrap();
+    for r in [&first, &second] {
+        assert_eq!(r.exit, RunExit::TestExit(Status::Success as u32));
+    }
+    let h1 = first.pasids.table().translate(0x77).unwrap();
+    let h2 = second.pasids.table().translate(0x77).unwrap();
+    assert_ne!(h1, h2);
+    assert_eq!(first.pasids.guest_pasid(h2), None);
+    assert_eq!(second.pasids.guest_pasid(h1), None);
+    assert_eq!(
+        space.owner_of(pasid::Scope::Global, h2),
+        Some(second.pasids.owner())
+    );
+}

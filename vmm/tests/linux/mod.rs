@@ -1,0 +1,75 @@
+//! Shared by the tests that boot Linux: the project's guest images and a
+//! way to run `vmm` on them, one guest at a time.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+/// The kernel and the small initramfs (init and busybox) from
+/// `guest-images/out`, or from `$VMM_GUEST_IMAGES` when set. Missing images
+/// are built with `guest-images/build.sh` (cached; the first build takes
+/// about 15 minutes).
+pub fn guest_images() -> (PathBuf, PathBuf) {
+    static IMAGES: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    IMAGES
+        .get_or_init(|| {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+            let dir = std::env::var_os("VMM_GUEST_IMAGES")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| root.join("guest-images/out"));
+            let kernel = dir.join("vmlinux");
+            let initramfs = dir.join("initramfs-base.cpio");
+            if !kernel.exists() || !initramfs.exists() {
+                let out = Command::new(root.join("guest-images/build.sh"))
+                    .arg("--quiet")
+                    .output()
+                    .expect("run guest-images/build.sh");
+                assert!(
+                    out.status.success(),
+                    "these tests need the guest images; guest-images/build.sh failed:\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            (kernel, initramfs)
+        })
+        .clone()
+}
+
+/// Serialises guest boots within one test binary.
+pub fn one_guest_at_a_time() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What a `vmm` process left.
+pub struct Outcome {
+    pub code: i32,
+    pub stdout: Vec<u8>,
+    pub stderr: String,
+}
+
+/// Runs `vmm run --kernel K --initramfs I <options> -- <command>`.
+pub fn vmm_run(options: &[&str], command: &[&str]) -> Outcome {
+    assert!(
+        Path::new("/dev/kvm").exists(),
+        "this test needs /dev/kvm, which this machine lacks"
+    );
+    let (kernel, initramfs) = guest_images();
+    let _guard = one_guest_at_a_time();
+    let out = Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .arg("run")
+        .arg("--kernel")
+        .arg(&kernel)
+        .arg("--initramfs")
+        .arg(&initramfs)
+        .args(options)
+        .arg("--")
+        .args(command)
+        .output()
+        .expect("run vmm");
+    Outcome {
+        code: out.status.code().unwrap_or(-1),
+        stdout: out.stdout,
+        stderr: String::from_utf8_lossy(&out.stderr).into(),
+    }
+}

@@ -1,0 +1,69 @@
+//! `vmm run -- CMD` end to end with Linux and the project's init: CMD's
+//! output on stdout byte for byte, its status as the VMM's exit status,
+//! a guest panic as 6 and a timeout as 4.
+
+mod linux;
+
+use linux::vmm_run;
+
+/// Generous: a Linux boot takes about a minute on this project's KVM.
+const TIMEOUT: &str = "900";
+
+#[test]
+fn output_on_stdout_and_status_as_exit_status() {
+    let run = vmm_run(&["--timeout", TIMEOUT], &["sh", "-c", "echo hi; exit 7"]);
+    assert_eq!(run.code, 7, "stderr: {}", run.stderr);
+    assert_eq!(run.stdout, b"hi\n");
+}
+
+#[test]
+fn output_is_byte_exact() {
+    let script = r#"printf 'a,b%%c "q" \303\251\n'; printf 'no newline' >&2"#;
+    let run = vmm_run(
+        &["--timeout", TIMEOUT, "--serial", "none"],
+        &["sh", "-c", script],
+    );
+    assert_eq!(run.code, 0, "stderr: {}", run.stderr);
+    assert_eq!(run.stdout, "a,b%c \"q\" é\nno newline".as_bytes());
+    assert_eq!(
+        run.stderr, "",
+        "no kernel log with --serial none, no VMM message"
+    );
+}
+
+#[test]
+fn missing_program_gives_127() {
+    let run = vmm_run(&["--timeout", TIMEOUT], &["/nonexistent"]);
+    assert_eq!(run.code, 127, "stderr: {}", run.stderr);
+    assert_eq!(
+        String::from_utf8_lossy(&run.stdout),
+        "init: cannot execute /nonexistent: errno 2\n"
+    );
+}
+
+#[test]
+fn guest_panic_gives_6() {
+    let run = vmm_run(
+        &["--timeout", TIMEOUT],
+        &["sh", "-c", "echo c > /proc/sysrq-trigger"],
+    );
+    assert_eq!(run.code, 6, "stderr: {}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("Kernel panic - not syncing: sysrq triggered crash"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.ends_with("vmm: the guest kernel panicked\n"));
+}
+
+#[test]
+fn timeout_while_the_command_runs_gives_4() {
+    let run = vmm_run(
+        &["--timeout", "120", "--serial", "none"],
+        &["sleep", "3600"],
+    );
+    assert_eq!(run.code, 4, "stderr: {}", run.stderr);
+    assert_eq!(run.stdout, b"");
+    assert_eq!(run.stderr, "vmm: timeout\n");
+}
