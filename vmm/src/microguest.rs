@@ -326,21 +326,7 @@ fn write_page_tables(memory: &GuestMemoryMmap) -> Result<(), MicroGuestError> {
 }
 
 fn segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
-    kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector,
-        type_,
-        present: 1,
-        dpl: (selector & 3) as u8,
-        db: u8::from(!long),
-        s: 1,
-        l: u8::from(long),
-        g: 1,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
-    }
+    crate::emulator::flat_segment(selector, type_, long)
 }
 
 /// Long mode with the harness's GDT, IDT, TSS and page tables.

@@ -75,7 +75,8 @@ pub use entry::{
 pub use exception::Exception;
 pub use fallback::FallbackInstruction;
 pub use syscall::{
-    broken_syscall_entry, complete_syscall, msr as syscall_msr, SyscallEntry, SyscallMsrs,
+    broken_syscall_entry, complete_syscall, flat_segment, msr as syscall_msr, SyscallEntry,
+    SyscallMsrs,
 };
 
 /// Errors of the VMM side: the vCPU or a device could not be reached. A

@@ -102,14 +102,19 @@ impl SyscallEntry {
     }
 }
 
-fn flat_segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
+/// A flat (base 0, 4 GiB limit, page granular), present code or data
+/// segment whose DPL is `selector`'s RPL: what SYSCALL and SYSRET load, and
+/// what a flat GDT descriptor holds. `type_` is the descriptor type (0xb
+/// execute/read accessed, 0x3 read/write accessed); `long` makes a 64-bit
+/// code segment.
+pub fn flat_segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
     kvm_segment {
         base: 0,
         limit: 0xffff_ffff,
         selector,
         type_,
         present: 1,
-        dpl: 0,
+        dpl: (selector & 3) as u8,
         db: u8::from(!long),
         s: 1,
         l: u8::from(long),
