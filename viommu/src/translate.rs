@@ -189,10 +189,15 @@ mod recent {
 
 /// First-stage paging controls from a PASID-table entry. VT-d never lets supervisor requests
 /// execute from user pages and has no SMAP.
+///
+/// XD (bit 63) is never a reserved bit here, whatever the entry's NXE says: the VT-d
+/// specification dropped Execute-Requested requests (ECAP.ERS=0) and deprecated NXE and XD
+/// with them, and Linux stopped setting NXE (6.11) while the process page tables it binds
+/// for SVA carry XD on every data page. Without execute requests XD restricts nothing.
 pub fn first_stage_config(entry: &PasidEntry) -> WalkConfig {
     WalkConfig {
         levels: entry.flpm,
-        nxe: entry.nxe,
+        nxe: true,
         write_protect: entry.wpe,
         smep: true,
         smap: false,
