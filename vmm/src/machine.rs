@@ -231,10 +231,37 @@ pub const PLATFORM_PARAMS: &[(&str, &str)] = &[
         // kernel leaves both instructions out.
         "every STAC/CLAC would be an emulation-failure exit",
     ),
+    (
+        GLIBC_NO_AVX,
+        // What the guest does: its user code runs natively on the host CPU,
+        // where CPUID (answered by the backend) and XGETBV (the host's XCR0)
+        // offer AVX, AVX2 and AVX-512, so glibc's string functions use
+        // YMM/ZMM registers and ymm16-31 (e.g. memcpy's `vmovdqu64
+        // %ymm16`). The kernel, booted with `noxsave`, context-switches
+        // only the FXSAVE state (x87, XMM0-15): the upper YMM halves, ZMM,
+        // ymm16-31 and the opmask registers are shared by every process on
+        // a vCPU. With two processes alive (a pipe) one overwrote another's
+        // ymm16 while the other was in a page fault inside memcpy, and the
+        // new process's TLS lost its first word: "segfault at 0 ip 4a4d02"
+        // (measured). The kernel passes this unknown `NAME=value` parameter
+        // to init's environment, and glibc then picks SSE2 code. Programs
+        // that use AVX on their own are not covered: that needs the guest
+        // kernel to manage XSAVE state (XSAVE/XRSTOR emulation, no
+        // `noxsave`).
+        "guest processes would share the AVX state the kernel does not switch",
+    ),
 ];
 
-/// `cmdline` with [`PLATFORM_PARAMS`] in front (before any `--`, so init
-/// never sees them), except those the user already gave.
+/// The kernel parameter that reaches init's environment (and from there
+/// every process's) and keeps glibc to the registers the `noxsave` guest
+/// kernel context-switches (x87, SSE). See [`PLATFORM_PARAMS`].
+pub const GLIBC_NO_AVX: &str =
+    "GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD";
+
+/// `cmdline` with [`PLATFORM_PARAMS`] in front (before any `--`: kernel
+/// parameters, not init's arguments; the kernel gives the one it does not
+/// know, [`GLIBC_NO_AVX`], to init as an environment variable), except
+/// those the user already gave.
 pub fn with_platform_params(cmdline: &str) -> String {
     let given = |p: &str| {
         let name = p.split('=').next().unwrap_or(p);
@@ -282,11 +309,11 @@ mod tests {
     fn platform_params_come_before_the_users_and_before_init_args() {
         assert_eq!(
             with_platform_params("console=ttyS0 -- vmm.cmd=true"),
-            "noxsave forcecpuid=movdir64b,enqcmd clearcpuid=smap console=ttyS0 -- vmm.cmd=true"
+            format!("noxsave forcecpuid=movdir64b,enqcmd clearcpuid=smap {GLIBC_NO_AVX} console=ttyS0 -- vmm.cmd=true")
         );
         assert_eq!(
             with_platform_params(""),
-            "noxsave forcecpuid=movdir64b,enqcmd clearcpuid=smap"
+            format!("noxsave forcecpuid=movdir64b,enqcmd clearcpuid=smap {GLIBC_NO_AVX}")
         );
     }
 
@@ -294,12 +321,12 @@ mod tests {
     fn a_parameter_the_user_gave_is_not_repeated() {
         assert_eq!(
             with_platform_params("forcecpuid=movdir64b console=ttyS0"),
-            "noxsave clearcpuid=smap forcecpuid=movdir64b console=ttyS0"
+            format!("noxsave clearcpuid=smap {GLIBC_NO_AVX} forcecpuid=movdir64b console=ttyS0")
         );
         // After `--` it is an argument of init, not a kernel parameter.
         assert_eq!(
             with_platform_params("console=ttyS0 -- noxsave"),
-            "noxsave forcecpuid=movdir64b,enqcmd clearcpuid=smap console=ttyS0 -- noxsave"
+            format!("noxsave forcecpuid=movdir64b,enqcmd clearcpuid=smap {GLIBC_NO_AVX} console=ttyS0 -- noxsave")
         );
     }
 }
