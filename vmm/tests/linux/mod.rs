@@ -49,6 +49,7 @@ pub struct Outcome {
 }
 
 /// Runs `vmm run --kernel K --initramfs I <options> -- <command>`.
+#[allow(dead_code)] // Not every test binary that includes this module uses it.
 pub fn vmm_run(options: &[&str], command: &[&str]) -> Outcome {
     let (_, initramfs) = guest_images();
     vmm_run_with(&initramfs, &[], options, command)
