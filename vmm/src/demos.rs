@@ -206,6 +206,114 @@ impl TrapBench {
     }
 }
 
+/// Where [`syscall_round_trips`]'s kernel entry lives: a supervisor-only
+/// page, as Linux's (the harness maps everything else user-accessible).
+pub const SYSCALL_ENTRY: u64 = DATA_START + 0x10_0000;
+/// Where its entry code records, per call, CS (bits 63:32) and RFLAGS
+/// (bits 31:0) as it found them.
+pub const SYSCALL_LOG: u64 = DATA_START + 0x8000;
+/// Its STAR: SYSCALL loads CS 0x10 / SS 0x18; SYSRET returns to 0x33 / 0x2b.
+pub const SYSCALL_STAR: u64 = (0x23 << 48) | ((crate::microguest::KERNEL_CS as u64) << 32);
+/// Its FMASK, Linux's: TF, DF, IF, IOPL, AC, NT.
+pub const SYSCALL_FMASK: u64 = 0x47700;
+/// Result of a run: `SYSCALL_RESULT | calls that returned after themselves`.
+pub const SYSCALL_RESULT: u32 = 0x5c00_0000;
+/// Calls [`syscall_round_trips`] logs (the first ones).
+pub const SYSCALL_LOGGED: u32 = 16;
+
+fn wrmsr(a: &mut CodeAssembler, index: u32, value: u64) -> Result<(), IcedError> {
+    a.mov(ecx, index)?;
+    a.mov(eax, value as u32)?;
+    a.mov(edx, (value >> 32) as u32)?;
+    a.wrmsr()
+}
+
+/// The kernel entry: logs CS and RFLAGS for the first calls (RDI = call
+/// number), then SYSRETQ.
+fn syscall_entry_code() -> Result<Vec<u8>, MicroGuestError> {
+    let mut a = CodeAssembler::new(64)?;
+    let mut done = a.create_label();
+    a.cmp(rdi, SYSCALL_LOGGED as i32)?;
+    a.jae(done)?;
+    a.mov(rbx, SYSCALL_LOG)?;
+    a.mov(rax, rdi)?;
+    a.shl(rax, 3)?;
+    a.add(rbx, rax)?;
+    a.mov(rax, cs)?;
+    a.shl(rax, 32)?;
+    a.pushfq()?;
+    a.pop(rdx)?;
+    a.or(rax, rdx)?;
+    a.mov(qword_ptr(rbx), rax)?;
+    a.set_label(&mut done)?;
+    a.sysretq()?;
+    Ok(a.assemble(SYSCALL_ENTRY)?)
+}
+
+/// User code making `calls` system calls to a CPL 0 entry that returns with
+/// SYSRETQ, the backend's half-done SYSCALL completed by the VMM each time.
+/// The run's result is [`SYSCALL_RESULT`] | the number of calls that came
+/// back with RCX after the SYSCALL. A run the VMM did not fix ends with the
+/// default #PF handler's `DEFAULT_HANDLER_RESULT | 14`.
+pub fn syscall_round_trips(calls: u32) -> Result<MicroGuest, MicroGuestError> {
+    use crate::emulator::syscall_msr::{FMASK, LSTAR, STAR};
+    use crate::microguest::{PTE_P, PTE_W};
+
+    let mut g = MicroGuest::new();
+    g.map_page(SYSCALL_ENTRY, PTE_P | PTE_W)?;
+    g.write(SYSCALL_ENTRY, &syscall_entry_code()?);
+    let mut user = g.asm.create_label();
+    let mut again = g.asm.create_label();
+    let mut after = g.asm.create_label();
+    let mut gp = g.asm.create_label();
+    wrmsr(&mut g.asm, STAR, SYSCALL_STAR)?;
+    wrmsr(&mut g.asm, LSTAR, SYSCALL_ENTRY)?;
+    wrmsr(&mut g.asm, FMASK, SYSCALL_FMASK)?;
+    enter_user(&mut g.asm, user, USER_STACK_TOP)?;
+
+    g.asm.set_label(&mut user)?;
+    g.asm.xor(edi, edi)?;
+    g.asm.xor(esi, esi)?;
+    g.asm.set_label(&mut again)?;
+    g.asm.syscall()?;
+    g.asm.set_label(&mut after)?;
+    g.asm.lea(rax, ptr(after))?;
+    g.asm.cmp(rax, rcx)?;
+    g.asm.sete(al)?;
+    g.asm.movzx(eax, al)?;
+    g.asm.add(esi, eax)?;
+    g.asm.inc(edi)?;
+    g.asm.cmp(edi, calls)?;
+    g.asm.jne(again)?;
+    g.asm.mov(eax, SYSCALL_RESULT)?;
+    g.asm.or(eax, esi)?;
+    // SYSRETQ takes RFLAGS from R11, in which the backend drops IOPL: the
+    // user cannot use the port itself. HLT raises #GP; its handler reports.
+    g.asm.hlt()?;
+    g.asm.set_label(&mut gp)?;
+    g.asm.out(0xf4, eax)?;
+    g.asm.hlt()?;
+    g.handler(GP_VECTOR, gp);
+    Ok(g)
+}
+
+/// User code making `count` bare port-I/O exits: the yardstick for
+/// [`syscall_round_trips`]. The result is [`SYSCALL_RESULT`] | `count`.
+pub fn port_io_round_trips(count: u32) -> Result<MicroGuest, MicroGuestError> {
+    let mut g = MicroGuest::new();
+    let mut user = g.asm.create_label();
+    let mut again = g.asm.create_label();
+    enter_user(&mut g.asm, user, USER_STACK_TOP)?;
+    g.asm.set_label(&mut user)?;
+    g.asm.mov(ecx, count)?;
+    g.asm.set_label(&mut again)?;
+    g.asm.out(BENCH_PORT, al)?;
+    g.asm.dec(ecx)?;
+    g.asm.jnz(again)?;
+    exit_with(&mut g.asm, SYSCALL_RESULT | count)?;
+    Ok(g)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,8 +8,8 @@
 //! the program wrote to the test-exit port unless the program is a
 //! built-in demo, which checks its own result. `vmm run ... -- CMD` exits
 //! with CMD's status once the guest reported it; before that, the codes
-//! above apply, and 7 means the guest stopped (powered off, or init
-//! failed) without reporting one.
+//! above apply: 0 when the guest powered off (CMD ran `poweroff`), and 7
+//! when init could not run CMD.
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -110,7 +110,7 @@ enum Command {
 #[command(
     after_help = "Exit status: CMD's own (0-255) once the guest reported it. \
 Otherwise 1 VMM error, 2 bad input, 3 triple fault, 4 --timeout, 5 guest reset, \
-6 guest kernel panic, 7 the guest stopped without reporting a status."
+6 guest kernel panic, 7 init could not run the command; a guest power-off before a status is 0."
 )]
 struct RunArgs {
     /// Linux kernel to boot (ELF vmlinux or bzImage).
@@ -457,8 +457,10 @@ fn command_exit_code(run: &CommandRun) -> ExitCode {
             ExitCode::from(EXIT_NO_STATUS)
         }
         None if run.exit == RunExit::PowerOff => {
-            eprintln!("vmm: the guest powered off without reporting the command's status");
-            ExitCode::from(EXIT_NO_STATUS)
+            // A guest that shuts itself down (CMD ran `poweroff`) ends
+            // cleanly, as a plain boot's power-off does.
+            eprintln!("vmm: the guest powered off before reporting the command's status");
+            ExitCode::SUCCESS
         }
         None => exit_code(&run.exit),
     }

@@ -279,7 +279,7 @@ fn run_help_names_the_exit_statuses() {
     assert_eq!(code, 0);
     assert!(out.contains("[default: stderr]"), "{out}");
     assert!(
-        out.contains("6 guest kernel panic, 7 the guest stopped without reporting a status"),
+        out.contains("6 guest kernel panic, 7 init could not run the command"),
         "{out}"
     );
 }

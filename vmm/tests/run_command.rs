@@ -42,6 +42,19 @@ fn missing_program_gives_127() {
 }
 
 #[test]
+fn guest_poweroff_gives_0() {
+    let run = vmm_run(&["--timeout", TIMEOUT], &["poweroff", "-f"]);
+    assert_eq!(run.code, 0, "stderr: {}", run.stderr);
+    assert!(run.stdout.is_empty());
+    assert!(
+        run.stderr
+            .ends_with("vmm: the guest powered off before reporting the command's status\n"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
 fn guest_panic_gives_6() {
     let run = vmm_run(
         &["--timeout", TIMEOUT],

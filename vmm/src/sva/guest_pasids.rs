@@ -178,9 +178,12 @@ impl GuestPasids {
                 return Err(PasidMiss::NotSetUp(gpasid));
             }
         }
-        self.table
+        let hpasid = self
+            .table
             .install(gpasid)
-            .map_err(|error| PasidMiss::NoHostPasid { gpasid, error })
+            .map_err(|error| PasidMiss::NoHostPasid { gpasid, error })?;
+        log::info!("guest PASID {gpasid:#x} -> host PASID {hpasid:#x}");
+        Ok(hpasid)
     }
 
     /// The host PASID a device gets for a PASID the guest programmed into

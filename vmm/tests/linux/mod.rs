@@ -49,19 +49,40 @@ pub struct Outcome {
 }
 
 /// Runs `vmm run --kernel K --initramfs I <options> -- <command>`.
+#[allow(dead_code)] // Not every test binary that includes this module uses it.
 pub fn vmm_run(options: &[&str], command: &[&str]) -> Outcome {
+    let (_, initramfs) = guest_images();
+    vmm_run_with(&initramfs, &[], options, command)
+}
+
+/// The full initramfs: the small one plus accel-config, its libraries and
+/// accel-config-test.
+#[allow(dead_code)] // Not every test binary that includes this module uses it.
+pub fn full_initramfs() -> PathBuf {
+    let (kernel, _) = guest_images();
+    kernel.with_file_name("initramfs.cpio")
+}
+
+/// Runs `vmm run` on `initramfs` with `env` set for the VMM.
+pub fn vmm_run_with(
+    initramfs: &Path,
+    env: &[(&str, &str)],
+    options: &[&str],
+    command: &[&str],
+) -> Outcome {
     assert!(
         Path::new("/dev/kvm").exists(),
         "this test needs /dev/kvm, which this machine lacks"
     );
-    let (kernel, initramfs) = guest_images();
+    let (kernel, _) = guest_images();
     let _guard = one_guest_at_a_time();
     let out = Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .envs(env.iter().copied())
         .arg("run")
         .arg("--kernel")
         .arg(&kernel)
         .arg("--initramfs")
-        .arg(&initramfs)
+        .arg(initramfs)
         .args(options)
         .arg("--")
         .args(command)
