@@ -106,10 +106,7 @@ fn run_copies(iommu: bool, len: u32, copies: u64) -> u64 {
 }
 
 fn main() {
-    assert!(
-        std::path::Path::new("/dev/kvm").exists(),
-        "this benchmark needs /dev/kvm"
-    );
+    vmm::microguest::require_kvm();
     let mut c = Criterion::default()
         .sample_size(SAMPLES)
         .warm_up_time(Duration::from_millis(500))

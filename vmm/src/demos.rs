@@ -156,6 +156,17 @@ fn tsc_store(asm: &mut CodeAssembler, dst: AsmMemoryOperand) -> Result<(), IcedE
     asm.mov(dst, rax)
 }
 
+/// The median of `values` (the mean of the middle two for an even count;
+/// 0 for none): the benchmarks' per-round figures are summarised with it.
+pub(crate) fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
 /// What the trap benchmark measured, in guest TSC ticks.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TrapBench {
@@ -192,17 +203,12 @@ impl TrapBench {
     /// The median over rounds of ENQCMD time / port-I/O time: a round's two
     /// batches run back to back, so a load change between rounds cancels.
     pub fn median_ratio(&self) -> f64 {
-        let mut ratios: Vec<f64> = self
-            .rounds
-            .iter()
-            .map(|&(pio, enq)| enq as f64 / pio.max(1) as f64)
-            .collect();
-        ratios.sort_by(f64::total_cmp);
-        match ratios.len() {
-            0 => 0.0,
-            n if n % 2 == 1 => ratios[n / 2],
-            n => (ratios[n / 2 - 1] + ratios[n / 2]) / 2.0,
-        }
+        median(
+            self.rounds
+                .iter()
+                .map(|&(pio, enq)| enq as f64 / pio.max(1) as f64)
+                .collect(),
+        )
     }
 }
 

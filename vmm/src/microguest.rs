@@ -463,6 +463,15 @@ pub enum MicroRunError {
     Accel(#[from] crate::sva::AccelError),
 }
 
+/// Fails (never skips) with one line naming the problem when this machine
+/// has no /dev/kvm: every test and benchmark that runs a guest calls it.
+pub fn require_kvm() {
+    assert!(
+        std::path::Path::new("/dev/kvm").exists(),
+        "this needs /dev/kvm, which this machine lacks"
+    );
+}
+
 /// Runs `guest` on a one-vCPU machine with the test devices, watching #UD
 /// entries with a breakpoint, serial output discarded.
 pub fn run(guest: MicroGuest, options: MicroOptions) -> Result<MicroRun, MicroRunError> {

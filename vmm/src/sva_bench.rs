@@ -18,6 +18,7 @@ use vdsa::descriptor::{Descriptor, Opcode};
 use vdsa::DsaConfig;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use crate::demos::median;
 use crate::microguest::driver::dsa::{memmove, DsaDriver, WqSetup};
 use crate::microguest::driver::kernel::{BringUpError, SvaSetup};
 use crate::microguest::driver::store_bytes;
@@ -219,15 +220,6 @@ pub struct SvaBench {
     pub per_round: u32,
     /// Every round.
     pub rounds: Vec<Round>,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
 }
 
 impl SvaBench {

@@ -147,10 +147,7 @@ fn unknown_micro_program() {
 
 #[test]
 fn enqcmd_demo_runs() {
-    assert!(
-        std::path::Path::new("/dev/kvm").exists(),
-        "this test needs /dev/kvm, which this machine lacks"
-    );
+    vmm::microguest::require_kvm();
     let (code, out, err) = vmm(&["micro", "enqcmd-demo"]);
     assert_eq!(code, 0, "stderr: {err}");
     assert!(
@@ -287,10 +284,7 @@ fn run_help_names_the_exit_statuses() {
 /// The README's main job: SVA end to end in a micro-guest.
 #[test]
 fn sva_demo_copies_through_the_viommu_with_pasid_translation() {
-    assert!(
-        std::path::Path::new("/dev/kvm").exists(),
-        "this test needs /dev/kvm, which this machine lacks"
-    );
+    vmm::microguest::require_kvm();
     let (code, out, err) = vmm(&["micro", "sva-demo"]);
     assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
     for line in [
@@ -364,10 +358,7 @@ fn more_dsa_devices_than_bus_0_holds() {
 
 #[test]
 fn iommu_and_dsa_options_attach_to_micro_guests() {
-    assert!(
-        std::path::Path::new("/dev/kvm").exists(),
-        "this test needs /dev/kvm, which this machine lacks"
-    );
+    vmm::microguest::require_kvm();
     let out = Command::new(env!("CARGO_BIN_EXE_vmm"))
         .args([
             "--iommu",

@@ -22,10 +22,7 @@ const LEN: usize = 0x3000;
 const BRING_UP_FAILED: u32 = 0xe000;
 
 fn run(guest: MicroGuest, accel: AccelConfig) -> MicroRun {
-    assert!(
-        std::path::Path::new("/dev/kvm").exists(),
-        "these tests need /dev/kvm, which this machine lacks"
-    );
+    vmm::microguest::require_kvm();
     microguest::run(
         guest,
         MicroOptions {

@@ -21,10 +21,7 @@ const GP: u8 = 13;
 const PF: u8 = 14;
 
 fn run(guest: MicroGuest, portal_retry: bool) -> MicroRun {
-    assert!(
-        std::path::Path::new("/dev/kvm").exists(),
-        "these tests need /dev/kvm, which this machine lacks"
-    );
+    vmm::microguest::require_kvm();
     microguest::run(
         guest,
         MicroOptions {

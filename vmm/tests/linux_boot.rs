@@ -59,10 +59,7 @@ struct Boot {
 }
 
 fn boot(cpus: u8, shell_command: &str) -> Boot {
-    assert!(
-        Path::new("/dev/kvm").exists(),
-        "these tests need /dev/kvm, which this machine lacks"
-    );
+    vmm::microguest::require_kvm();
     let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
     let images = images();
     // vmm.cmd encoding (guest-images/README.md): elements joined by ',',

@@ -10,10 +10,7 @@ use vmm::microguest::{
 use vmm::vm::RunExit;
 
 fn run(guest: MicroGuest) -> RunExit {
-    assert!(
-        std::path::Path::new("/dev/kvm").exists(),
-        "these tests need /dev/kvm, which this machine lacks"
-    );
+    vmm::microguest::require_kvm();
     microguest::run(guest, MicroOptions::default())
         .expect("micro-guest machine")
         .exit
@@ -99,10 +96,7 @@ fn msi_from_a_device_reaches_the_guest_idt() {
     use vmm::vcpu::UdHook;
     use vmm::vm::{Vm, VmConfig};
 
-    assert!(
-        std::path::Path::new("/dev/kvm").exists(),
-        "these tests need /dev/kvm, which this machine lacks"
-    );
+    vmm::microguest::require_kvm();
     // The guest enables its LAPIC, sets IF and waits; vector 0x40 ends the run.
     const LAPIC_SVR: u64 = 0xfee0_00f0;
     let mut g = MicroGuest::new();

@@ -24,10 +24,7 @@ use vmm::sva_demo::*;
 use vmm::vm::RunExit;
 
 fn run(guest: MicroGuest, options: MicroOptions) -> MicroRun {
-    assert!(
-        std::path::Path::new("/dev/kvm").exists(),
-        "these tests need /dev/kvm, which this machine lacks"
-    );
+    vmm::microguest::require_kvm();
     microguest::run(guest, options).expect("micro-guest machine")
 }
 
@@ -197,7 +194,7 @@ mod iommu_alone {
 
     #[test]
     fn guest_enables_translation_and_answers_a_page_request() {
-        assert!(std::path::Path::new("/dev/kvm").exists(), "needs /dev/kvm");
+        vmm::microguest::require_kvm();
         let mut vm = Vm::new(VmConfig {
             cpus: 1,
             memory: MICRO_MEMORY,

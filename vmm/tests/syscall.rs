@@ -9,10 +9,7 @@ use vmm::vm::RunExit;
 
 #[test]
 fn user_syscall_enters_lstar_at_cpl0_and_sysret_returns() {
-    assert!(
-        std::path::Path::new("/dev/kvm").exists(),
-        "these tests need /dev/kvm, which this machine lacks"
-    );
+    vmm::microguest::require_kvm();
     const CALLS: u32 = 3;
     let guest = syscall_round_trips(CALLS).unwrap();
     let run = microguest::run(guest, MicroOptions::default()).expect("micro-guest machine");

@@ -70,10 +70,7 @@ pub fn vmm_run_with(
     options: &[&str],
     command: &[&str],
 ) -> Outcome {
-    assert!(
-        Path::new("/dev/kvm").exists(),
-        "this test needs /dev/kvm, which this machine lacks"
-    );
+    vmm::microguest::require_kvm();
     let (kernel, _) = guest_images();
     let _guard = one_guest_at_a_time();
     let out = Command::new(env!("CARGO_BIN_EXE_vmm"))
