@@ -18,8 +18,8 @@ use vdsa::descriptor::{Descriptor, Opcode};
 use vdsa::DsaConfig;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::demos::median;
-use crate::microguest::driver::dsa::{memmove, DsaDriver, WqSetup};
+use crate::demos::{median, tsc_start, tsc_store};
+use crate::microguest::driver::dsa::{memmove, wait_for_completion, DsaDriver, WqSetup};
 use crate::microguest::driver::kernel::{BringUpError, SvaSetup};
 use crate::microguest::driver::store_bytes;
 use crate::microguest::{enter_user, exit_with, MicroGuest, MicroOptions, USER_STACK_TOP};
@@ -118,7 +118,7 @@ fn emit_rounds(a: &mut CodeAssembler, dsa: &DsaDriver, per_round: u32) -> Result
     a.out(BENCH_PORT, al)?;
     a.dec(ecx)?;
     a.jnz(out_loop)?;
-    tsc_store(a, Round::PORT_IO)?;
+    tsc_store(a, slot(Round::PORT_IO))?;
 
     // ENQCMDs to the shared WQ, counting the accepted ones (ZF=0) in r14.
     let (mut enq_loop, mut retried) = (a.create_label(), a.create_label());
@@ -134,8 +134,8 @@ fn emit_rounds(a: &mut CodeAssembler, dsa: &DsaDriver, per_round: u32) -> Result
     a.set_label(&mut retried)?;
     a.dec(ecx)?;
     a.jnz(enq_loop)?;
-    tsc_store(a, Round::ENQCMD)?;
-    a.mov(qword_ptr(rbx + 8 * Round::ACCEPTED), r14)?;
+    tsc_store(a, slot(Round::ENQCMD))?;
+    a.mov(slot(Round::ACCEPTED), r14)?;
 
     // The host's memcpy: user code runs natively.
     tsc_start(a)?;
@@ -143,47 +143,25 @@ fn emit_rounds(a: &mut CodeAssembler, dsa: &DsaDriver, per_round: u32) -> Result
     a.mov(rdi, DST_MEMCPY)?;
     a.mov(ecx, COPY_LEN)?;
     a.rep().movsb()?;
-    tsc_store(a, Round::MEMCPY)?;
+    tsc_store(a, slot(Round::MEMCPY))?;
 
     // The same copy by the vDSA, submitted and waited for.
-    let mut wait = a.create_label();
-    let mut done = a.create_label();
     a.mov(rax, RECORD)?;
     a.mov(byte_ptr(rax), 0)?;
     tsc_start(a)?;
     dsa.movdir64b(a, DEDICATED_WQ, COPY_DESCRIPTOR)?;
-    a.mov(rax, RECORD)?;
-    a.set_label(&mut wait)?;
-    a.cmp(byte_ptr(rax), 0)?;
-    a.jne(done)?;
-    a.pause()?;
-    a.jmp(wait)?;
-    a.set_label(&mut done)?;
-    tsc_store(a, Round::MEMMOVE)?;
-    a.mov(rax, RECORD)?;
-    a.movzx(eax, byte_ptr(rax))?;
-    a.mov(qword_ptr(rbx + 8 * Round::STATUS), rax)?;
+    wait_for_completion(a, RECORD)?;
+    a.mov(slot(Round::STATUS), rax)?;
+    tsc_store(a, slot(Round::MEMMOVE))?;
 
     a.add(rbx, 8 * Round::QWORDS)?;
     a.dec(r12d)?;
     a.jnz(round)
 }
 
-/// `r8` = TSC.
-fn tsc_start(a: &mut CodeAssembler) -> Result<(), IcedError> {
-    a.rdtsc()?;
-    a.shl(rdx, 32)?;
-    a.or(rax, rdx)?;
-    a.mov(r8, rax)
-}
-
-/// Result qword `slot` of this round (at `rbx`) = TSC - `r8`.
-fn tsc_store(a: &mut CodeAssembler, slot: i32) -> Result<(), IcedError> {
-    a.rdtsc()?;
-    a.shl(rdx, 32)?;
-    a.or(rax, rdx)?;
-    a.sub(rax, r8)?;
-    a.mov(qword_ptr(rbx + 8 * slot), rax)
+/// Result qword `index` of this round (at `rbx`).
+fn slot(index: i32) -> AsmMemoryOperand {
+    qword_ptr(rbx + 8 * index)
 }
 
 /// One round's results, TSC ticks unless said otherwise.
