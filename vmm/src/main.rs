@@ -626,11 +626,11 @@ fn sva_bench(per_round: u32) -> ExitCode {
         .pasids
         .device_requests()
         .iter()
-        .map(|(rid, hpasid)| format!("{rid:#06x}/{hpasid:#x}"))
+        .map(|&(rid, hpasid)| format!("{}/{hpasid:#x}", vmm::pci_root::Bdf::from_rid(rid)))
         .collect();
     println!(
         "bench: with the vIOMMU and a vDSA: guest PASID {:#x} -> host PASID {}; \
-         DMA seen by the vIOMMU (requester/host PASID): {}",
+         DMA seen by the vIOMMU (function/host PASID): {}",
         sva_bench::PASID,
         host.map_or("none".into(), |h| format!("{h:#x}")),
         tagged.join(", ")

@@ -17,6 +17,7 @@ use crate::microguest::driver::{report, slot, store_bytes};
 use crate::microguest::{
     enter_user, exit_with, MicroGuest, MicroOptions, DATA_START, USER_STACK_TOP,
 };
+use crate::pci_root::Bdf;
 use crate::sva::{dsa_placements, AccelConfig};
 use iced_x86::IcedError;
 
@@ -249,20 +250,12 @@ pub fn describe(run: &crate::microguest::MicroRun, p: &SvaProgram) -> (Vec<Strin
     ));
     match run.pasids.table().translate(p.pasid) {
         Ok(host) => {
-            let tagged: Vec<String> = run
-                .pasids
-                .device_requests()
+            let requests = run.pasids.device_requests();
+            let tagged: Vec<String> = requests
                 .iter()
-                .map(|(rid, h)| {
-                    format!(
-                        "{:02x}:{:02x}.{} with host PASID {h:#x}",
-                        rid >> 8,
-                        (rid >> 3) & 0x1f,
-                        rid & 7
-                    )
-                })
+                .map(|&(rid, h)| format!("{} with host PASID {h:#x}", Bdf::from_rid(rid)))
                 .collect();
-            ok &= run.pasids.device_requests().iter().all(|&(_, h)| h == host);
+            ok &= requests.iter().all(|&(_, h)| h == host);
             lines.push(format!(
                 "VMM: guest PASID {:#x} -> host PASID {host:#x} (one guest-wide table; filled when the guest enabled the dedicated WQ, then used for every ENQCMD)",
                 p.pasid

@@ -69,6 +69,15 @@ pub struct Bdf {
 }
 
 impl Bdf {
+    /// The function a requester ID (bus << 8 | devfn) names.
+    pub fn from_rid(rid: u16) -> Self {
+        let [bus, devfn] = rid.to_be_bytes();
+        Self {
+            bus,
+            ..Self::from_devfn(devfn)
+        }
+    }
+
     /// A function on bus 0.
     pub fn from_devfn(devfn: u8) -> Self {
         Self {
