@@ -1,9 +1,9 @@
 //! The project's Linux 6.12 guest (guest-images/) boots on this machine's
 //! KVM with one and with two vCPUs, runs a shell command through its init
-//! and powers off. These tests need /dev/kvm and the guest images, which
-//! they build (or reuse) with guest-images/build.sh.
+//! and powers off. These tests need /dev/kvm and the guest images (built
+//! with guest-images/build.sh when they are missing).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Mutex;
 
@@ -14,6 +14,8 @@ static ONE_GUEST: Mutex<()> = Mutex::new(());
 /// about a minute on a quiet machine).
 const TIMEOUT_SECS: u32 = 900;
 
+mod linux;
+
 struct Images {
     /// The ELF kernel: loading it directly spares the guest the bzImage
     /// decompression (about 20 s of emulated code here).
@@ -21,34 +23,11 @@ struct Images {
     initramfs: PathBuf,
 }
 
-/// Builds or reuses the guest images; their paths come from build.sh's
-/// last lines.
+/// The guest images, from `$VMM_GUEST_IMAGES` or guest-images/ (built there
+/// when missing).
 fn images() -> Images {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-images/build.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .arg("--quiet")
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-    assert!(
-        out.status.success(),
-        "{} failed ({}), so the Linux guest images are missing:\n{}",
-        script.display(),
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let path = |key: &str| -> PathBuf {
-        stdout
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .unwrap_or_else(|| panic!("build.sh printed no {key} line:\n{stdout}"))
-            .into()
-    };
-    Images {
-        vmlinux: path("vmlinux="),
-        initramfs: path("initramfs_base="),
-    }
+    let (vmlinux, initramfs) = linux::guest_images();
+    Images { vmlinux, initramfs }
 }
 
 /// What the user sees of one boot: the serial console and the VMM's exit.

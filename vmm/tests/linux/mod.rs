@@ -42,6 +42,7 @@ pub fn one_guest_at_a_time() -> MutexGuard<'static, ()> {
 }
 
 /// What a `vmm` process left.
+#[allow(dead_code)] // Not every test binary that includes this module reads it.
 pub struct Outcome {
     pub code: i32,
     pub stdout: Vec<u8>,
