@@ -362,13 +362,22 @@ impl Vm {
         if let Err(e) = register_signal_handler(SIGRTMIN(), kick) {
             return RunExit::Error(format!("cannot register the vCPU kick signal: {e}"));
         }
+        // Every vCPU, and so every local APIC, exists before any runs: KVM
+        // drops an IPI to an APIC ID it does not know, so an INIT/SIPI that
+        // vCPU 0 sends before its target is created never arrives and the
+        // guest gives the CPU up ("CPU1 failed to report alive state").
+        let mut vcpus = Vec::with_capacity(self.cpus.into());
+        for id in 0..self.cpus {
+            match self.create_vcpu(id) {
+                Ok(v) => vcpus.push(v),
+                Err(e) => return RunExit::Error(e.to_string()),
+            }
+        }
         let (tx, rx) = mpsc::channel();
         let mut threads = Vec::new();
-        for id in 0..self.cpus {
-            let mut vcpu = match self.create_vcpu(id) {
-                Ok(v) => v,
-                Err(e) => return RunExit::Error(e.to_string()),
-            };
+        // The APs first: they wait in KVM_RUN for their INIT/SIPI.
+        for mut vcpu in vcpus.into_iter().rev() {
+            let id = vcpu.id;
             let (tx, stop) = (tx.clone(), self.stop.clone());
             let spawned = thread::Builder::new()
                 .name(format!("vcpu{id}"))
