@@ -63,6 +63,17 @@ impl EntryWatch {
         Ok(watch)
     }
 
+    /// The same watch without `vector`'s handler.
+    pub fn without(&self, vector: u8) -> Self {
+        let mut watch = self.clone();
+        for slot in &mut watch.slots {
+            if slot.is_some_and(|(v, _)| v == vector) {
+                *slot = None;
+            }
+        }
+        watch
+    }
+
     /// Nothing watched.
     pub fn is_empty(&self) -> bool {
         self.slots.iter().all(Option::is_none)
@@ -136,6 +147,16 @@ mod tests {
         assert_eq!(w.vector_at(0xffff_ffff_8140_0aa0), Some(14));
         assert_eq!(w.vector_at(0xffff_ffff_8140_0aa1), None);
         assert_eq!(w.handler(6), Some(0xffff_ffff_8140_0a40));
+    }
+
+    #[test]
+    fn a_vector_can_be_dropped() {
+        let w = EntryWatch::new(&[(6, 0x1000), (14, 0x2000)]).unwrap();
+        let d = w.without(6);
+        assert_eq!(d.vector_at(0x1000), None);
+        assert_eq!(d.vector_at(0x2000), Some(14));
+        assert_eq!(d.guest_debug().arch.debugreg[7], 0b100, "only DR1 left");
+        assert!(w.without(6).without(14).is_empty());
     }
 
     #[test]

@@ -409,12 +409,30 @@ impl Vcpu {
         }
         // The guest's handler runs: execute its first instruction here.
         match emulator::step_over_handler_entry(self).map_err(|e| self.fatal(&e))? {
-            StepOver::NotHandled(u) => Err(format!(
-                "vCPU {}: cannot step over the first instruction of the vector {vector} handler: {u}",
-                self.id
-            )),
+            StepOver::NotHandled(u) => {
+                // A handler that does not begin with a no-op (e.g. Linux's
+                // early boot handlers without IBT, `push $0`): stop watching
+                // it, so the guest's handler runs, until the guest loads
+                // another IDT (Linux: its final one).
+                log::warn!(
+                    "vCPU {}: vector {vector} handler not watched: cannot step over its first \
+                     instruction: {u}",
+                    self.id
+                );
+                self.unwatch(vector)
+            }
             StepOver::Skipped(_) | StepOver::Emulated(_) => Ok(()),
         }
+    }
+
+    /// Stops watching `vector`'s handler (until the next re-arm).
+    fn unwatch(&mut self, vector: u8) -> Result<(), String> {
+        let watch = self.watch.without(vector);
+        self.fd
+            .set_guest_debug(&watch.guest_debug())
+            .map_err(|e| format!("vCPU {}: KVM_SET_GUEST_DEBUG: {e}", self.id))?;
+        self.watch = watch;
+        Ok(())
     }
 
     /// KVM's emulator gave up: emulate the instruction here or stop.

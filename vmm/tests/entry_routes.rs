@@ -295,3 +295,23 @@ fn user_enqcmd_at_the_gp_handler_returns_to_user_mode() {
         assert_eq!(stores(&r)[0].data, command(0x2222));
     }
 }
+
+#[test]
+fn a_handler_the_vmm_cannot_step_into_is_left_to_the_guest() {
+    // Linux's early boot handlers without IBT begin with `push $0`: the VMM
+    // stops watching such a handler and the guest's own runs.
+    for platform in platforms() {
+        let mut g = MicroGuest::new();
+        let mut l = g.asm.create_label();
+        let mut after = g.asm.create_label();
+        g.asm.jmp(after).unwrap();
+        g.asm.set_label(&mut l).unwrap();
+        g.asm.push(0).unwrap();
+        exit_with(&mut g.asm, 0x6006).unwrap();
+        g.asm.set_label(&mut after).unwrap();
+        g.handler(UD, l);
+        g.asm.ud2().unwrap();
+        let r = run(g, platform, WITHOUT);
+        assert_eq!(r.exit, RunExit::TestExit(0x6006), "{platform}");
+    }
+}
