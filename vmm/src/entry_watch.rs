@@ -2,24 +2,30 @@
 //! guest's own exception handlers, so the VMM sees the exception entries it
 //! must act on.
 //!
-//! On this platform some guest events never exit to the VMM: a user-mode
-//! ENQCMD's #UD and the backend's half-done SYSCALL (a #PF at LSTAR) are
-//! delivered straight to the guest's IDT. The guest's CPL 0 code is always
-//! run by KVM's instruction emulator, which checks code breakpoints before
-//! each instruction (docs/pvm-backend.md §2.8), so a breakpoint on a
-//! handler's first instruction ends KVM_RUN with `KVM_EXIT_DEBUG` there,
-//! the exception frame on the stack.
+//! Some guest events are delivered straight to the guest's IDT and never
+//! exit to the VMM: a guest's ENQCMD or MOVDIR64B that the host CPU lacks
+//! (#UD, at CPL 3 and CPL 0), a guest's ENQCMD on a host CPU whose
+//! IA32_PASID is not the guest's (#GP), and on PVM the backend's half-done
+//! SYSCALL (a #PF at LSTAR). A breakpoint on the handler's first
+//! instruction ends KVM_RUN with `KVM_EXIT_DEBUG` there, the exception
+//! frame on the stack. On ordinary KVM the breakpoint is the hardware's
+//! (KVM intercepts the #DB); on PVM the guest's CPL 0 code is always run by
+//! KVM's instruction emulator, which checks code breakpoints before each
+//! instruction (docs/pvm-backend.md §2.8).
 //!
-//! Which handlers are watched:
-//! - #UD, always (user ENQCMD, `crate::emulator::handle_exception_entry`);
-//! - #PF, once the guest has configured SYSCALL (LSTAR written): the
-//!   SYSCALL fix (`crate::emulator::complete_syscall`). A guest that never
-//!   uses SYSCALL pays nothing for page faults.
+//! Which handlers are watched is the platform's choice
+//! (`crate::platform::Platform::watched_vectors`): #UD where the host CPU
+//! lacks ENQCMD or MOVDIR64B, #GP where it has ENQCMD
+//! (`crate::emulator::handle_exception_entry`), and on PVM #PF once the
+//! guest has configured SYSCALL (`crate::emulator::complete_syscall`). A
+//! guest pays nothing for the vectors not watched.
 //!
-//! The vCPU re-reads the handler addresses from the guest IDT (re)arming:
-//! at its start (micro-guests have their IDT then) and at every write of a
-//! SYSCALL MSR (Linux writes LSTAR in `syscall_init()`, after
-//! `idt_setup_traps()`, on every CPU).
+//! The vCPU re-reads the handler addresses from the guest IDT when
+//! (re)arming: at its start (micro-guests have their IDT then) and, on PVM,
+//! at every write of a SYSCALL MSR (Linux writes LSTAR in `syscall_init()`,
+//! after `idt_setup_traps()`, on every CPU). On ordinary KVM, where no
+//! SYSCALL MSR exits, the vCPU re-arms at the first debug-register-free
+//! chance it has: see `crate::vcpu`.
 
 use kvm_bindings::{kvm_guest_debug, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_USE_HW_BP};
 
@@ -57,6 +63,17 @@ impl EntryWatch {
         Ok(watch)
     }
 
+    /// The same watch without `vector`'s handler.
+    pub fn without(&self, vector: u8) -> Self {
+        let mut watch = self.clone();
+        for slot in &mut watch.slots {
+            if slot.is_some_and(|(v, _)| v == vector) {
+                *slot = None;
+            }
+        }
+        watch
+    }
+
     /// Nothing watched.
     pub fn is_empty(&self) -> bool {
         self.slots.iter().all(Option::is_none)
@@ -78,6 +95,21 @@ impl EntryWatch {
             .flatten()
             .find(|&&(v, _)| v == vector)
             .map(|&(_, h)| h)
+    }
+
+    /// "#6@0x..., #14@0x..." for logs; "none" when empty.
+    pub fn describe(&self) -> String {
+        let watched: Vec<String> = self
+            .slots
+            .iter()
+            .flatten()
+            .map(|(v, h)| format!("#{v}@{h:#x}"))
+            .collect();
+        if watched.is_empty() {
+            "none".into()
+        } else {
+            watched.join(", ")
+        }
     }
 
     /// The `KVM_SET_GUEST_DEBUG` argument that arms the watch (or disarms
@@ -115,6 +147,16 @@ mod tests {
         assert_eq!(w.vector_at(0xffff_ffff_8140_0aa0), Some(14));
         assert_eq!(w.vector_at(0xffff_ffff_8140_0aa1), None);
         assert_eq!(w.handler(6), Some(0xffff_ffff_8140_0a40));
+    }
+
+    #[test]
+    fn a_vector_can_be_dropped() {
+        let w = EntryWatch::new(&[(6, 0x1000), (14, 0x2000)]).unwrap();
+        let d = w.without(6);
+        assert_eq!(d.vector_at(0x1000), None);
+        assert_eq!(d.vector_at(0x2000), Some(14));
+        assert_eq!(d.guest_debug().arch.debugreg[7], 0b100, "only DR1 left");
+        assert!(w.without(6).without(14).is_empty());
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod machine;
 pub mod microguest;
 pub mod msi;
 pub mod pci_root;
+pub mod platform;
 pub mod run_command;
 pub mod sva;
 pub mod sva_bench;

@@ -20,8 +20,8 @@ use crate::devices::virtio::{Console, ConsoleInput, VirtioEventLoop, VirtioPciDe
 use crate::layout;
 use crate::msi::KvmMsiSink;
 use crate::pci_root::{PciConfigIo, PciRoot, PciRootError};
+use crate::platform::Platform;
 use crate::sva::{attach, AccelConfig, AccelError};
-use crate::vcpu::UdHook;
 use crate::vm::{RunExit, Vm, VmConfig, VmError};
 
 /// What to boot and on what.
@@ -42,6 +42,8 @@ pub struct LinuxConfig {
     pub timeout: Option<Duration>,
     /// The vIOMMU and vDSA functions.
     pub accel: AccelConfig,
+    /// The kind of KVM the machine runs on.
+    pub platform: Platform,
     /// One virtio console device per entry, in PCI order: the guest sees
     /// them as hvc0, hvc1, ...
     pub consoles: Vec<VirtioConsole>,
@@ -96,7 +98,7 @@ pub fn run_linux(config: LinuxConfig) -> Result<RunExit, MachineError> {
         cpus: config.cpus,
         memory: config.memory,
         serial: config.serial,
-        ud_hook: Some(UdHook::Breakpoint),
+        platform: config.platform,
         pasid_space: None,
     };
     let mut vm = Vm::new(vm_config)?;
@@ -128,7 +130,7 @@ pub fn run_linux(config: LinuxConfig) -> Result<RunExit, MachineError> {
     let boot = BootConfig {
         kernel: config.kernel,
         initramfs: config.initramfs,
-        cmdline: with_platform_params(&config.cmdline),
+        cmdline: config.platform.with_kernel_params(&config.cmdline),
         rsdp: Some(rsdp),
     };
     let state = load_linux(vm.memory(), &boot)?;
@@ -202,85 +204,6 @@ pub fn attach_pci_root(vm: &Vm) -> Result<PciRoot, VmError> {
     Ok(root)
 }
 
-/// Kernel parameters every Linux guest needs on this platform, each with
-/// the reason; the VMM puts them before the user's command line.
-pub const PLATFORM_PARAMS: &[(&str, &str)] = &[
-    (
-        "noxsave",
-        // What the guest does: with XSAVE, FPU initialisation runs XRSTOR at
-        // CPL 0. The backend's emulator cannot run it and the VMM's fallback
-        // emulator does not have it, so the boot would stop there.
-        "the backend cannot emulate XRSTOR",
-    ),
-    (
-        "forcecpuid=movdir64b,enqcmd",
-        // What the guest does: idxd refuses to load without MOVDIR64B and
-        // offers shared work queues only with ENQCMD. The backend ignores
-        // KVM_SET_CPUID2 for leaf 7, so the VMM cannot advertise them; the
-        // guest kernel's forcecpuid= (guest-images/patches/0002) takes them
-        // from here. The VMM emulates both where the backend traps them.
-        "CPUID leaf 7 cannot advertise MOVDIR64B and ENQCMD on this backend",
-    ),
-    (
-        "clearcpuid=smap",
-        // What the guest does: with SMAP it brackets every user-memory access
-        // with STAC/CLAC and enters every exception with CLAC. The backend's
-        // emulator lacks both, so each is an emulation-failure exit (7,136
-        // of them in a boot to `echo hi`, measured). The backend shows SMAP
-        // in CPUID leaf 7 whatever KVM_SET_CPUID2 says; without it the
-        // kernel leaves both instructions out.
-        "every STAC/CLAC would be an emulation-failure exit",
-    ),
-    (
-        GLIBC_NO_AVX,
-        // What the guest does: its user code runs natively on the host CPU,
-        // where CPUID (answered by the backend) and XGETBV (the host's XCR0)
-        // offer AVX, AVX2 and AVX-512, so glibc's string functions use
-        // YMM/ZMM registers and ymm16-31 (e.g. memcpy's `vmovdqu64
-        // %ymm16`). The kernel, booted with `noxsave`, context-switches
-        // only the FXSAVE state (x87, XMM0-15): the upper YMM halves, ZMM,
-        // ymm16-31 and the opmask registers are shared by every process on
-        // a vCPU. With two processes alive (a pipe) one overwrote another's
-        // ymm16 while the other was in a page fault inside memcpy, and the
-        // new process's TLS lost its first word: "segfault at 0 ip 4a4d02"
-        // (measured). The kernel passes this unknown `NAME=value` parameter
-        // to init's environment, and glibc then picks SSE2 code. Programs
-        // that use AVX on their own are not covered: that needs the guest
-        // kernel to manage XSAVE state (XSAVE/XRSTOR emulation, no
-        // `noxsave`).
-        "guest processes would share the AVX state the kernel does not switch",
-    ),
-];
-
-/// The kernel parameter that reaches init's environment (and from there
-/// every process's) and keeps glibc to the registers the `noxsave` guest
-/// kernel context-switches (x87, SSE). See [`PLATFORM_PARAMS`].
-pub const GLIBC_NO_AVX: &str =
-    "GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD";
-
-/// `cmdline` with [`PLATFORM_PARAMS`] in front (before any `--`: kernel
-/// parameters, not init's arguments; the kernel gives the one it does not
-/// know, [`GLIBC_NO_AVX`], to init as an environment variable), except
-/// those the user already gave.
-pub fn with_platform_params(cmdline: &str) -> String {
-    let given = |p: &str| {
-        let name = p.split('=').next().unwrap_or(p);
-        cmdline
-            .split_whitespace()
-            .take_while(|w| *w != "--")
-            .any(|w| w.split('=').next() == Some(name))
-    };
-    let mut params: Vec<&str> = PLATFORM_PARAMS
-        .iter()
-        .map(|(p, _)| *p)
-        .filter(|p| !given(p))
-        .collect();
-    if !cmdline.trim().is_empty() {
-        params.push(cmdline.trim());
-    }
-    params.join(" ")
-}
-
 /// Feeds what is typed on the VMM's stdin to COM1. The thread ends at
 /// end of input (CI runs with no stdin) and otherwise with the process.
 fn forward_stdin(serial: Arc<Mutex<crate::devices::serial::SerialDevice>>) {
@@ -298,35 +221,5 @@ fn forward_stdin(serial: Arc<Mutex<crate::devices::serial::SerialDevice>>) {
         });
     if let Err(e) = spawned {
         log::warn!("serial input disabled: {e}");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn platform_params_come_before_the_users_and_before_init_args() {
-        assert_eq!(
-            with_platform_params("console=ttyS0 -- vmm.cmd=true"),
-            format!("noxsave forcecpuid=movdir64b,enqcmd clearcpuid=smap {GLIBC_NO_AVX} console=ttyS0 -- vmm.cmd=true")
-        );
-        assert_eq!(
-            with_platform_params(""),
-            format!("noxsave forcecpuid=movdir64b,enqcmd clearcpuid=smap {GLIBC_NO_AVX}")
-        );
-    }
-
-    #[test]
-    fn a_parameter_the_user_gave_is_not_repeated() {
-        assert_eq!(
-            with_platform_params("forcecpuid=movdir64b console=ttyS0"),
-            format!("noxsave clearcpuid=smap {GLIBC_NO_AVX} forcecpuid=movdir64b console=ttyS0")
-        );
-        // After `--` it is an argument of init, not a kernel parameter.
-        assert_eq!(
-            with_platform_params("console=ttyS0 -- noxsave"),
-            format!("noxsave forcecpuid=movdir64b,enqcmd clearcpuid=smap {GLIBC_NO_AVX} console=ttyS0 -- noxsave")
-        );
     }
 }

@@ -23,6 +23,7 @@ use vmm::demos::{self, DEMO_PASID};
 use vmm::devices::serial::SerialOutput;
 use vmm::machine::{run_linux, LinuxConfig, MachineError};
 use vmm::microguest::{self, MicroOptions};
+use vmm::platform::{Platform, PlatformChoice};
 use vmm::run_command::{run_command, CommandRun, GuestStatus, RunCommandError};
 use vmm::sva::AccelConfig;
 use vmm::sva_bench;
@@ -85,6 +86,29 @@ struct Cli {
         value_parser = parse_dsa
     )]
     dsa: Vec<DsaConfig>,
+    /// Which kind of KVM serves /dev/kvm: auto (detected from the host's
+    /// KVM module), kvm (ordinary KVM: Intel VMX, AMD SVM) or pvm (the PVM
+    /// backend, with its workarounds). An override the host contradicts is
+    /// refused.
+    #[arg(long, global = true, value_enum, default_value_t = PlatformArg::Auto)]
+    platform: PlatformArg,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum PlatformArg {
+    Auto,
+    Kvm,
+    Pvm,
+}
+
+impl From<PlatformArg> for PlatformChoice {
+    fn from(a: PlatformArg) -> Self {
+        match a {
+            PlatformArg::Auto => PlatformChoice::Auto,
+            PlatformArg::Kvm => PlatformChoice::Kvm,
+            PlatformArg::Pvm => PlatformChoice::Pvm,
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -120,7 +144,7 @@ struct RunArgs {
     #[arg(long)]
     initramfs: Option<PathBuf>,
     /// Kernel command line; init's settings are added after "--".
-    #[arg(long, default_value = "console=ttyS0 noxsave")]
+    #[arg(long, default_value = "console=ttyS0")]
     cmdline: String,
     /// Number of vCPUs (1-255).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..))]
@@ -292,6 +316,12 @@ fn main() -> ExitCode {
             cli.dsa.len()
         ));
     }
+    let detection = Platform::detect();
+    let platform = match Platform::choose(cli.platform.into(), &detection) {
+        Ok(p) => p,
+        Err(e) => return usage_error(e),
+    };
+    log::info!("platform: {platform} ({})", detection.reason);
     let accel = AccelConfig {
         iommu: cli.iommu,
         dsa: cli.dsa.clone(),
@@ -299,17 +329,17 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::Micro {
             program: MicroProgram::EnqcmdDemo,
-        }) => enqcmd_demo(cli.timeout, accel),
+        }) => enqcmd_demo(cli.timeout, accel, platform),
         Some(Command::Micro {
             program: MicroProgram::SvaDemo,
-        }) => sva_demo(cli.timeout),
-        Some(Command::Bench { iterations }) => bench(iterations, accel),
-        Some(Command::Run(args)) => run(args, accel),
-        None => boot(cli, accel),
+        }) => sva_demo(cli.timeout, platform),
+        Some(Command::Bench { iterations }) => bench(iterations, accel, platform),
+        Some(Command::Run(args)) => run(args, accel, platform),
+        None => boot(cli, accel, platform),
     }
 }
 
-fn boot(cli: Cli, accel: AccelConfig) -> ExitCode {
+fn boot(cli: Cli, accel: AccelConfig, platform: Platform) -> ExitCode {
     let config = match machine_config(
         MachineArgs {
             kernel: cli.kernel,
@@ -321,6 +351,7 @@ fn boot(cli: Cli, accel: AccelConfig) -> ExitCode {
             timeout: cli.timeout,
         },
         accel,
+        platform,
     ) {
         Ok(config) => config,
         Err(code) => return code,
@@ -348,7 +379,11 @@ struct MachineArgs {
 }
 
 /// Checks the options of a Linux boot; a bad one gets its usage error.
-fn machine_config(args: MachineArgs, accel: AccelConfig) -> Result<LinuxConfig, ExitCode> {
+fn machine_config(
+    args: MachineArgs,
+    accel: AccelConfig,
+    platform: Platform,
+) -> Result<LinuxConfig, ExitCode> {
     let Some(kernel) = args.kernel else {
         return Err(usage_error(
             "--kernel is required (or use a subcommand: micro, bench)",
@@ -398,11 +433,12 @@ fn machine_config(args: MachineArgs, accel: AccelConfig) -> Result<LinuxConfig, 
         serial,
         timeout: args.timeout.map(Duration::from_secs),
         accel,
+        platform,
         consoles: Vec::new(),
     })
 }
 
-fn run(args: RunArgs, accel: AccelConfig) -> ExitCode {
+fn run(args: RunArgs, accel: AccelConfig, platform: Platform) -> ExitCode {
     if args.kernel.is_none() {
         return usage_error("--kernel is required");
     }
@@ -425,6 +461,7 @@ fn run(args: RunArgs, accel: AccelConfig) -> ExitCode {
             timeout: args.timeout,
         },
         accel,
+        platform,
     ) {
         Ok(config) => config,
         Err(code) => return code,
@@ -481,7 +518,7 @@ fn run_micro<E: std::fmt::Display>(
         })
 }
 
-fn sva_demo(timeout: Option<u64>) -> ExitCode {
+fn sva_demo(timeout: Option<u64>, platform: Platform) -> ExitCode {
     use vmm::sva_demo;
     let program = sva_demo::program(true, 7);
     println!(
@@ -491,6 +528,7 @@ fn sva_demo(timeout: Option<u64>) -> ExitCode {
     );
     let options = MicroOptions {
         timeout: Duration::from_secs(timeout.unwrap_or(30)),
+        platform,
         ..sva_demo::options(true)
     };
     let run = match run_micro(sva_demo::sva_program(program), options) {
@@ -516,11 +554,12 @@ fn sva_demo(timeout: Option<u64>) -> ExitCode {
     }
 }
 
-fn enqcmd_demo(timeout: Option<u64>, accel: AccelConfig) -> ExitCode {
+fn enqcmd_demo(timeout: Option<u64>, accel: AccelConfig, platform: Platform) -> ExitCode {
     println!("micro-guest: user-mode ENQCMD with IA32_PASID clear, then retried after the guest's #GP handler loads PASID {DEMO_PASID:#x}");
     let options = MicroOptions {
         timeout: Duration::from_secs(timeout.unwrap_or(30)),
         accel,
+        platform,
         ..Default::default()
     };
     let run = match run_micro(demos::enqcmd_after_gp(), options) {
@@ -569,11 +608,12 @@ fn enqcmd_demo(timeout: Option<u64>, accel: AccelConfig) -> ExitCode {
     }
 }
 
-fn bench(iterations: u32, accel: AccelConfig) -> ExitCode {
+fn bench(iterations: u32, accel: AccelConfig, platform: Platform) -> ExitCode {
     let per_round = (iterations / demos::BENCH_ROUNDS).max(1);
     let options = MicroOptions {
         timeout: Duration::from_secs(600),
         accel,
+        platform,
         ..Default::default()
     };
     let run = match run_micro(demos::trap_benchmark(per_round), options) {
@@ -595,12 +635,16 @@ fn bench(iterations: u32, accel: AccelConfig) -> ExitCode {
         "bench: ENQCMD / port-I/O ratio = {:.2} (median of rounds; target <= 1.5)",
         result.median_ratio()
     );
-    sva_bench(per_round)
+    sva_bench(per_round, platform)
 }
 
 /// The accelerator half of `vmm bench` (see [`vmm::sva_bench`]).
-fn sva_bench(per_round: u32) -> ExitCode {
-    let run = match run_micro(sva_bench::program(per_round), sva_bench::options()) {
+fn sva_bench(per_round: u32, platform: Platform) -> ExitCode {
+    let options = MicroOptions {
+        platform,
+        ..sva_bench::options()
+    };
+    let run = match run_micro(sva_bench::program(per_round), options) {
         Ok(run) => run,
         Err(code) => return code,
     };

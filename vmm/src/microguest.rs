@@ -425,6 +425,13 @@ pub struct MicroOptions {
     /// The host PASID space (the process-wide one when `None`); two runs
     /// given the same space model two guests of one host.
     pub pasid_space: Option<std::sync::Arc<pasid::PasidSpace>>,
+    /// The kind of KVM to run on: the host's ([`crate::platform::Platform::host`]) unless a
+    /// test forces the other's behaviour (e.g. ordinary KVM's watch on a PVM
+    /// host, to raise its routes on purpose).
+    pub platform: crate::platform::Platform,
+    /// What the host CPU runs natively, if not probed (see
+    /// [`crate::vm::Vm::set_host_cpu`]).
+    pub host_cpu: Option<crate::platform::HostCpu>,
 }
 
 impl std::fmt::Debug for MicroOptions {
@@ -434,6 +441,8 @@ impl std::fmt::Debug for MicroOptions {
             .field("timeout", &self.timeout)
             .field("accel", &self.accel)
             .field("shared_pasid_space", &self.pasid_space.is_some())
+            .field("platform", &self.platform)
+            .field("host_cpu", &self.host_cpu)
             .finish()
     }
 }
@@ -445,6 +454,8 @@ impl Default for MicroOptions {
             timeout: std::time::Duration::from_secs(30),
             accel: crate::sva::AccelConfig::default(),
             pasid_space: None,
+            platform: crate::platform::Platform::host(),
+            host_cpu: None,
         }
     }
 }
@@ -472,14 +483,13 @@ pub fn require_kvm() {
     );
 }
 
-/// Runs `guest` on a one-vCPU machine with the test devices, watching #UD
-/// entries with a breakpoint, serial output discarded.
+/// Runs `guest` on a one-vCPU machine with the test devices, watching the
+/// exception entries `options.platform` needs, serial output discarded.
 pub fn run(guest: MicroGuest, options: MicroOptions) -> Result<MicroRun, MicroRunError> {
     use crate::devices::serial::SerialOutput;
     use crate::devices::test_devices::{
         PortalLog, TestMmio, TestPortal, TEST_MMIO_SIZE, TEST_PORTAL_SIZE,
     };
-    use crate::vcpu::UdHook;
     use crate::vm::{Vm, VmConfig};
     use std::sync::{Arc, Mutex};
 
@@ -487,10 +497,13 @@ pub fn run(guest: MicroGuest, options: MicroOptions) -> Result<MicroRun, MicroRu
         cpus: 1,
         memory: MICRO_MEMORY,
         serial: SerialOutput::Sink,
-        ud_hook: Some(UdHook::Breakpoint),
+        platform: options.platform,
         pasid_space: options.pasid_space.clone(),
     };
     let mut vm = Vm::new(config)?;
+    if let Some(host) = options.host_cpu {
+        vm.set_host_cpu(host);
+    }
     let portal = Arc::new(PortalLog::default());
     portal
         .retry

@@ -13,27 +13,15 @@ use pci::{StoreKind, StoreReply};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::bus::Bus;
-use crate::emulator::{self, EmulatorError, EntryAction, GuestCpu, Outcome, StepOver, SyscallMsrs};
+use crate::emulator::{
+    self, EmulatorError, EntryAction, FallbackInstruction, GuestCpu, Outcome, StepOver, SyscallMsrs,
+};
 use crate::entry_watch::EntryWatch;
+use crate::platform::{vector, HostCpu, Platform};
 use crate::sva::GuestPasids;
 
-/// Vector of #UD, the exception a user-mode ENQCMD raises on this platform.
-const UD_VECTOR: u8 = 6;
-/// Vector of #PF, where the backend's half-done SYSCALL lands.
-const PF_VECTOR: u8 = 14;
 /// KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES.
 const EMULATION_FLAG_INSTRUCTION_BYTES: u64 = 1;
-
-/// How the VMM sees a guest's exception entries: a user-mode ENQCMD's #UD,
-/// the backend's half-done SYSCALL (#PF).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum UdHook {
-    /// Hardware execution breakpoints on the guest's handlers
-    /// ([`crate::entry_watch`]), armed from the guest IDT when the vCPU
-    /// starts (micro-guests) and whenever the guest writes a SYSCALL MSR
-    /// (Linux).
-    Breakpoint,
-}
 
 /// Why a vCPU stopped.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -63,8 +51,15 @@ pub struct Vcpu {
     /// The guest's PASIDs; IA32_PASID writes are recorded there per
     /// address space.
     pub(crate) pasids: Arc<GuestPasids>,
-    pub(crate) ud_hook: Option<UdHook>,
+    /// The kind of KVM: which workarounds apply.
+    platform: Platform,
+    /// What the host CPU runs natively: which exception entries to watch.
+    host_cpu: HostCpu,
     watch: EntryWatch,
+    /// The guest IDT (base, limit) the watch was last armed from.
+    armed_idt: Option<(u64, u16)>,
+    /// Debug exits at watched handlers, by vector (#UD, #GP, #PF).
+    watch_exits: WatchExits,
     syscall_msrs: SyscallMsrs,
     /// KVM has stored this exit's registers in the `kvm_run` page (see
     /// [`Vcpu::new`]); false before the first exit.
@@ -78,7 +73,6 @@ impl Vcpu {
         memory: GuestMemoryMmap,
         mmio: Arc<Bus>,
         pio: Arc<Bus>,
-        ud_hook: Option<UdHook>,
         pasids: Arc<GuestPasids>,
     ) -> Self {
         let mut fd = fd;
@@ -98,23 +92,33 @@ impl Vcpu {
             pio,
             pasid_msr: Ia32Pasid::new(),
             pasids,
-            ud_hook,
+            platform: Platform::Kvm,
+            host_cpu: HostCpu::default(),
             watch: EntryWatch::default(),
+            armed_idt: None,
+            watch_exits: WatchExits::default(),
             syscall_msrs: SyscallMsrs::default(),
             synced: false,
         }
     }
 
-    /// (Re)arms the exception-entry watch from the guest IDT: #UD, and #PF
-    /// once the guest has configured SYSCALL. Gates the IDT lacks (none
-    /// before the guest loads one) are not watched.
+    /// Runs on `platform` (ordinary KVM until told) with a host CPU that
+    /// runs natively what `host_cpu` says (nothing until told).
+    pub(crate) fn with_platform(mut self, platform: Platform, host_cpu: HostCpu) -> Self {
+        self.platform = platform;
+        self.host_cpu = host_cpu;
+        self
+    }
+
+    /// (Re)arms the exception-entry watch from the guest IDT, on the
+    /// vectors the platform needs ([`Platform::watched_vectors`]). Gates the
+    /// IDT lacks (none before the guest loads one) are not watched.
     fn arm_entry_watch(&mut self) -> Result<(), String> {
-        if self.ud_hook != Some(UdHook::Breakpoint) {
-            return Ok(());
-        }
-        let mut vectors = vec![UD_VECTOR];
-        if self.syscall_msrs.configured() {
-            vectors.push(PF_VECTOR);
+        let vectors = self
+            .platform
+            .watched_vectors(self.host_cpu, self.syscall_msrs.configured());
+        if let Ok(sregs) = GuestCpu::sregs(self) {
+            self.armed_idt = Some((sregs.idt.base, sregs.idt.limit));
         }
         let mut handlers = Vec::new();
         for v in vectors {
@@ -131,6 +135,23 @@ impl Vcpu {
             self.watch = watch;
         }
         Ok(())
+    }
+
+    /// Re-arms the watch when the guest has loaded another IDT since it
+    /// was armed. Linux fills its IDT's exception gates before it loads the
+    /// table at its final (read-only) alias, on every CPU, so the first
+    /// exit after that sees the handlers it keeps; before, the gates are
+    /// its early boot handlers. On ordinary KVM this is the only trigger
+    /// (no SYSCALL MSR exits there); it costs a comparison per exit.
+    fn rearm_on_new_idt(&mut self) -> Result<(), String> {
+        if !self.synced {
+            return Ok(());
+        }
+        let idt = self.fd.sync_regs_mut().sregs.idt;
+        if self.armed_idt == Some((idt.base, idt.limit)) {
+            return Ok(());
+        }
+        self.arm_entry_watch()
     }
 
     /// The guest wrote a SYSCALL MSR, which the VMM's MSR filter intercepts:
@@ -187,6 +208,18 @@ impl Vcpu {
 
     /// Runs until the guest or the VMM ends the run.
     pub fn run(&mut self, stop: &AtomicBool) -> VcpuStop {
+        let why = self.run_loop(stop);
+        log::info!(
+            "vCPU {}: {} ({}): exception-entry watch exits {}",
+            self.id,
+            self.platform.name(),
+            self.watch.describe(),
+            self.watch_exits
+        );
+        why
+    }
+
+    fn run_loop(&mut self, stop: &AtomicBool) -> VcpuStop {
         if let Err(e) = self.arm_entry_watch() {
             return VcpuStop::Fatal(format!(
                 "vCPU {}: cannot watch exception entries: {e}",
@@ -262,6 +295,12 @@ impl Vcpu {
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Action::Resume,
                 Err(e) => return VcpuStop::Fatal(format!("vCPU {}: KVM_RUN failed: {e}", self.id)),
             };
+            if let Err(e) = self.rearm_on_new_idt() {
+                return VcpuStop::Fatal(format!(
+                    "vCPU {}: cannot watch exception entries: {e}",
+                    self.id
+                ));
+            }
             match action {
                 Action::Resume => {}
                 Action::CheckStop => {
@@ -320,20 +359,22 @@ impl Vcpu {
                 log::trace!("vCPU {}: entry of vector {vector}: {frame:x?}", self.id);
             }
         }
+        self.watch_exits.count(vector);
         let handled = match vector {
-            UD_VECTOR => {
-                match emulator::handle_exception_entry(self, UD_VECTOR)
-                    .map_err(|e| self.fatal(&e))?
-                {
+            vector::UD | vector::GP => {
+                match emulator::handle_exception_entry(self, vector).map_err(|e| self.fatal(&e))? {
                     EntryAction::PassThrough => false,
                     EntryAction::NotHandled(u) => {
-                        log::warn!("vCPU {}: #UD entry left to the guest: {u}", self.id);
+                        log::warn!(
+                            "vCPU {}: vector {vector} entry left to the guest: {u}",
+                            self.id
+                        );
                         false
                     }
                     EntryAction::Emulated(_) | EntryAction::Faulted(_) | EntryAction::Retry => true,
                 }
             }
-            PF_VECTOR => {
+            vector::PF if self.platform.completes_syscall() => {
                 let msrs = self.syscall_msrs;
                 let entry = emulator::complete_syscall(self, &msrs).map_err(|e| self.fatal(&e))?;
                 if entry.is_some() && log::log_enabled!(log::Level::Trace) {
@@ -350,7 +391,7 @@ impl Vcpu {
                     }
                 }
                 if entry.is_none() {
-                    if let Ok(Some(frame)) = emulator::read_exception_frame(self, PF_VECTOR) {
+                    if let Ok(Some(frame)) = emulator::read_exception_frame(self, vector::PF) {
                         if frame.rip == msrs.lstar {
                             log::warn!(
                                 "vCPU {}: #PF at LSTAR not taken for a SYSCALL: {frame:x?}, {msrs:x?}",
@@ -368,12 +409,30 @@ impl Vcpu {
         }
         // The guest's handler runs: execute its first instruction here.
         match emulator::step_over_handler_entry(self).map_err(|e| self.fatal(&e))? {
-            StepOver::NotHandled(u) => Err(format!(
-                "vCPU {}: cannot step over the first instruction of the vector {vector} handler: {u}",
-                self.id
-            )),
+            StepOver::NotHandled(u) => {
+                // A handler that does not begin with a no-op (e.g. Linux's
+                // early boot handlers without IBT, `push $0`): stop watching
+                // it, so the guest's handler runs, until the guest loads
+                // another IDT (Linux: its final one).
+                log::warn!(
+                    "vCPU {}: vector {vector} handler not watched: cannot step over its first \
+                     instruction: {u}",
+                    self.id
+                );
+                self.unwatch(vector)
+            }
             StepOver::Skipped(_) | StepOver::Emulated(_) => Ok(()),
         }
+    }
+
+    /// Stops watching `vector`'s handler (until the next re-arm).
+    fn unwatch(&mut self, vector: u8) -> Result<(), String> {
+        let watch = self.watch.without(vector);
+        self.fd
+            .set_guest_debug(&watch.guest_debug())
+            .map_err(|e| format!("vCPU {}: KVM_SET_GUEST_DEBUG: {e}", self.id))?;
+        self.watch = watch;
+        Ok(())
     }
 
     /// KVM's emulator gave up: emulate the instruction here or stop.
@@ -417,6 +476,31 @@ impl Vcpu {
     fn fatal(&mut self, e: &EmulatorError) -> String {
         let rip = self.rip();
         format!("vCPU {}: emulator error at RIP {rip:#x}: {e}", self.id)
+    }
+}
+
+/// How often each watched handler was entered (a debug exit each).
+#[derive(Clone, Copy, Debug, Default)]
+struct WatchExits {
+    ud: u64,
+    gp: u64,
+    pf: u64,
+}
+
+impl WatchExits {
+    fn count(&mut self, v: u8) {
+        match v {
+            vector::UD => self.ud += 1,
+            vector::GP => self.gp += 1,
+            vector::PF => self.pf += 1,
+            _ => {}
+        }
+    }
+}
+
+impl std::fmt::Display for WatchExits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "#UD {}, #GP {}, #PF {}", self.ud, self.gp, self.pf)
     }
 }
 
@@ -498,6 +582,10 @@ impl GuestCpu for Vcpu {
 
     fn ia32_pasid(&self) -> u64 {
         self.pasid_msr.read()
+    }
+
+    fn emulates(&self, which: FallbackInstruction) -> bool {
+        self.platform.emulates(which)
     }
 
     /// The PASID recorded for the address space of `cr3` (the MSR value the

@@ -22,10 +22,10 @@ use crate::bus::{Bus, BusError};
 use crate::devices::i8042::{I8042, I8042_COMMAND_PORT};
 use crate::devices::serial::{SerialDevice, SerialOutput};
 use crate::devices::test_devices::TestExit;
-use crate::emulator::syscall_msr;
 use crate::layout;
+use crate::platform::{pvm, HostCpu, Platform};
 use crate::sva::GuestPasids;
-use crate::vcpu::{UdHook, Vcpu, VcpuStop};
+use crate::vcpu::{Vcpu, VcpuStop};
 use pasid::PasidSpace;
 
 /// Where KVM on Intel puts its real-mode TSS; harmless elsewhere.
@@ -101,8 +101,9 @@ pub struct VmConfig {
     pub memory: u64,
     /// Where COM1's output goes.
     pub serial: SerialOutput,
-    /// How vCPUs see guest #UD entries.
-    pub ud_hook: Option<UdHook>,
+    /// The kind of KVM serving /dev/kvm: which workarounds apply
+    /// ([`crate::platform`]); usually [`Platform::host`].
+    pub platform: Platform,
     /// The host PASID space the guest's host PASIDs come from;
     /// [`host_pasid_space`] when `None`.
     pub pasid_space: Option<Arc<PasidSpace>>,
@@ -120,7 +121,8 @@ pub struct Vm {
     mmio: Arc<Bus>,
     pio: Arc<Bus>,
     cpus: u8,
-    ud_hook: Option<UdHook>,
+    platform: Platform,
+    host_cpu: HostCpu,
     boot: Option<(kvm_regs, SregsSetup)>,
     power_off: Arc<AtomicBool>,
     panicked: Arc<AtomicBool>,
@@ -203,17 +205,13 @@ impl Vm {
             msr_count: 1,
             bitmap: &deny,
         };
-        // Writes of STAR, LSTAR and FMASK exit too: the vCPU keeps them for
-        // the SYSCALL fix and arms its exception-entry watch then
-        // (crate::entry_watch). CSTAR (bit 2 of the bitmap) stays allowed.
-        let syscall_writes = [0b0100u8];
-        let syscall_range = MsrFilterRange {
-            flags: MsrFilterRangeFlags::WRITE,
-            base: syscall_msr::STAR,
-            msr_count: 4,
-            bitmap: &syscall_writes,
-        };
-        fd.set_msr_filter(MsrFilterDefaultAction::ALLOW, &[range, syscall_range])
+        let mut ranges = vec![range];
+        if config.platform.completes_syscall() {
+            // Writes of STAR, LSTAR and FMASK exit too: the vCPU keeps them
+            // for the SYSCALL completion and arms its #PF watch then.
+            ranges.push(pvm::SYSCALL_MSR_WRITES);
+        }
+        fd.set_msr_filter(MsrFilterDefaultAction::ALLOW, &ranges)
             .map_err(kvm_err("KVM_X86_SET_MSR_FILTER"))?;
 
         let mmio = Arc::new(Bus::new());
@@ -242,7 +240,8 @@ impl Vm {
             mmio,
             pio,
             cpus: config.cpus.max(1),
-            ud_hook: config.ud_hook,
+            platform: config.platform,
+            host_cpu: HostCpu::probe(),
             boot: None,
             power_off: Arc::new(AtomicBool::new(false)),
             panicked: Arc::new(AtomicBool::new(false)),
@@ -254,6 +253,19 @@ impl Vm {
             pasids,
             tsc_khz: Arc::new(AtomicU32::new(0)),
         })
+    }
+
+    /// The kind of KVM the machine runs on.
+    pub fn platform(&self) -> Platform {
+        self.platform
+    }
+
+    /// Takes `host` as what the host CPU runs natively instead of probing
+    /// it: which exception entries the vCPUs watch
+    /// ([`Platform::watched_vectors`]). Lets a test raise the #GP route a
+    /// host with ENQCMD produces on one without it.
+    pub fn set_host_cpu(&mut self, host: HostCpu) {
+        self.host_cpu = host;
     }
 
     /// The guest's TSC frequency in kHz (KVM_GET_TSC_KHZ), known once the
@@ -329,7 +341,7 @@ impl Vm {
             .fd
             .create_vcpu(id.into())
             .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-        let cpuid = crate::cpuid::template(&self.kvm, id, self.cpus)
+        let cpuid = crate::cpuid::template(&self.kvm, id, self.cpus, self.platform)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
         if id == 0 {
@@ -349,9 +361,9 @@ impl Vm {
             self.memory.clone(),
             self.mmio.clone(),
             self.pio.clone(),
-            self.ud_hook,
             self.pasids.clone(),
-        ))
+        )
+        .with_platform(self.platform, self.host_cpu))
     }
 
     /// Runs every vCPU on its own thread until the guest or `timeout` ends

@@ -163,6 +163,51 @@ fn enqcmd_demo_runs() {
     assert!(out.ends_with("ENQCMD trap demo: OK\n"), "{out}");
 }
 
+#[test]
+fn unknown_platform() {
+    assert_usage_error(
+        &["--platform", "xen", "micro", "enqcmd-demo"],
+        "error: invalid value 'xen' for '--platform <PLATFORM>'",
+    );
+}
+
+#[test]
+fn a_platform_override_the_host_contradicts_is_refused() {
+    use vmm::platform::Platform;
+    let detection = Platform::detect();
+    let Some(detected) = detection.platform else {
+        println!(
+            "skipped: this host does not say which KVM it has ({}), so no override \
+             contradicts it",
+            detection.reason
+        );
+        return;
+    };
+    let (wrong, right) = match detected {
+        Platform::Kvm => ("pvm", "kvm"),
+        Platform::Pvm => ("kvm", "pvm"),
+    };
+    for args in [
+        vec!["--platform", wrong, "micro", "enqcmd-demo"],
+        vec!["micro", "enqcmd-demo", "--platform", wrong],
+        vec!["--platform", wrong, "--kernel", "/nonexistent"],
+    ] {
+        assert_usage_error(
+            &args,
+            &format!(
+                "error: --platform {wrong}: /dev/kvm is served by {detected} here ({})",
+                detection.reason
+            ),
+        );
+    }
+    vmm::microguest::require_kvm();
+    for platform in ["auto", right] {
+        let (code, out, err) = vmm(&["--platform", platform, "micro", "enqcmd-demo"]);
+        assert_eq!(code, 0, "--platform {platform}: {err}");
+        assert!(out.ends_with("ENQCMD trap demo: OK\n"), "{out}");
+    }
+}
+
 // `vmm run`: every bad input is refused before anything boots.
 
 /// `vmm run --kernel K --initramfs K` followed by `rest` (any readable file

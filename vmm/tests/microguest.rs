@@ -93,7 +93,6 @@ fn switch_to_cpl3_and_back() {
 fn msi_from_a_device_reaches_the_guest_idt() {
     use vmm::devices::serial::SerialOutput;
     use vmm::msi::KvmMsiSink;
-    use vmm::vcpu::UdHook;
     use vmm::vm::{Vm, VmConfig};
 
     vmm::microguest::require_kvm();
@@ -117,7 +116,7 @@ fn msi_from_a_device_reaches_the_guest_idt() {
         cpus: 1,
         memory: microguest::MICRO_MEMORY,
         serial: SerialOutput::Sink,
-        ud_hook: Some(UdHook::Breakpoint),
+        platform: vmm::platform::Platform::host(),
         pasid_space: None,
     };
     let mut vm = Vm::new(config).unwrap();

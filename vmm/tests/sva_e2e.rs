@@ -164,7 +164,6 @@ mod iommu_alone {
         exit_with, MicroGuest, DATA_PT_START, DATA_START, MICRO_MEMORY, PML4_START, PTE_P, PTE_U,
         PTE_W,
     };
-    use vmm::vcpu::UdHook;
     use vmm::vm::{Vm, VmConfig};
 
     type Unit = Iommu<Arc<GuestMemoryMmap>>;
@@ -199,7 +198,7 @@ mod iommu_alone {
             cpus: 1,
             memory: MICRO_MEMORY,
             serial: vmm::devices::serial::SerialOutput::Sink,
-            ud_hook: Some(UdHook::Breakpoint),
+            platform: vmm::platform::Platform::host(),
             pasid_space: None,
         })
         .unwrap();

@@ -1,25 +1,40 @@
-//! "The VMM sees guest exception entries": catching a user-mode ENQCMD at
-//! the guest's #UD handler.
+//! "The VMM sees guest exception entries": a guest's ENQCMD, ENQCMDS or
+//! MOVDIR64B that the host CPU turned into an exception, answered at the
+//! entry of the guest's handler.
 //!
-//! On this platform a CPL 3 ENQCMD raises #UD straight into the guest's IDT
-//! (PLATFORM.md). The VMM gets control at the handler's entry by one of two
-//! routes, both of which end here with the vCPU at CPL 0, RSP at the
-//! hardware exception frame and the user's general registers untouched:
+//! Two routes end here, each with the vCPU at CPL 0 at the handler's
+//! entry, RSP at the hardware exception frame and the interrupted
+//! context's general registers untouched:
 //!
-//! - a hardware execution breakpoint on the handler (`KVM_SET_GUEST_DEBUG`,
-//!   DR0 = [`idt_handler`]): RIP = handler. Works in small test guests.
-//! - the emulation-failure exit of the `clac` that Linux's entry points
-//!   begin with after `endbr64`: RIP = handler + 4.
-//!   [`super::handle_emulation_failure`] checks every CPL 0 `clac` with
-//!   [`is_exception_entry`] and comes here itself.
+//! - **#UD**: the host CPU lacks the instruction (every AMD CPU lacks
+//!   ENQCMD, most CPUs lack MOVDIR64B). This happens at CPL 3 (a process's
+//!   ENQCMD) and at CPL 0 (Linux's idxd submits to kernel work queues with
+//!   ENQCMDS and MOVDIR64B).
+//! - **#GP(0)**: the host CPU has ENQCMD, but the hardware IA32_PASID is the
+//!   VMM thread's, not the guest's, so the guest's ENQCMD faults before its
+//!   store. The VMM keeps the guest's IA32_PASID and answers the ENQCMD
+//!   with it.
 //!
-//! If the frame's CS is a user selector and the instruction at the frame's
-//! RIP is ENQCMD, ENQCMDS or MOVDIR64B, it is emulated in the interrupted
-//! user context, and the vCPU returns there as IRETQ would (RIP, CS,
-//! RFLAGS, RSP, SS from the frame, CS/SS descriptors from the guest's
-//! GDT), with RIP advanced and ZF set from the device's answer, or with the
-//! instruction's exception delivered from the user context (RIP at the
-//! instruction). Anything else is left to the guest's own handler.
+//! The VMM gets control at the handler's entry by a hardware execution
+//! breakpoint on it (`crate::entry_watch`, DR = [`idt_handler`]; RIP =
+//! handler), or, for #UD on PVM with SMAP visible to a Linux guest, by the
+//! emulation-failure exit of the `clac` after `endbr64` at Linux's entry
+//! points (RIP = handler + 4; [`super::handle_emulation_failure`] checks
+//! every CPL 0 `clac` with [`is_exception_entry`] and comes here itself).
+//!
+//! If the frame describes a 64-bit context (user: CS/SS from the GDT; kernel:
+//! the CS and SS the handler runs with, which a same-privilege delivery
+//! keeps) whose instruction at the frame's RIP is one of the three (for #GP
+//! only ENQCMD, with error code 0), it is emulated in that context, and the
+//! vCPU returns there as IRETQ would: RIP, CS, RFLAGS, RSP and SS from the
+//! frame (in 64-bit mode IRETQ pops SS:RSP at every privilege level, so a
+//! kernel context gets its own stack pointer back and the frame is
+//! dropped), with RIP advanced and ZF set from the device's answer, or with
+//! the instruction's exception delivered from that context (RIP at the
+//! instruction). If emulating raises exactly the exception being delivered
+//! (e.g. the guest's own IA32_PASID is not valid either), the guest's
+//! handler already has the architectural answer and runs. Anything else
+//! is left to the guest's own handler, untouched.
 
 use kvm_bindings::kvm_segment;
 
@@ -36,14 +51,14 @@ use super::{apply_step, EmulatorError, GuestCpu, Step, StoreRecord, Unhandled};
 pub enum EntryAction {
     /// Not ours: the vCPU is unchanged and the guest's handler runs.
     PassThrough,
-    /// The user-mode instruction was emulated; the vCPU is back in the user
-    /// context after it.
+    /// The instruction was emulated; the vCPU is back in the interrupted
+    /// (user or kernel) context after it.
     Emulated(StoreRecord),
-    /// The user-mode instruction faulted; the vCPU is back in the user
-    /// context at the instruction and this exception has been injected.
+    /// The instruction faulted; the vCPU is back in the interrupted context
+    /// at the instruction and this exception has been injected.
     Faulted(Exception),
     /// The page walk lost a race with other vCPUs: the vCPU is back in the
-    /// user context at the instruction, which runs (and traps) again.
+    /// interrupted context at the instruction, which runs (and traps) again.
     Retry,
     /// The instruction is ours but could not be emulated (e.g. its source is
     /// device memory). The vCPU is unchanged: the caller stops with the
@@ -278,29 +293,92 @@ fn user_context(
     Some(user)
 }
 
-/// The #UD entry logic on an already captured handler-entry state.
-pub(crate) fn ud_entry<C: GuestCpu + ?Sized>(
-    cpu: &mut C,
+/// A 64-bit kernel code segment: present, code, DPL 0, L=1, D=0.
+fn is_kernel_code64(s: &kvm_segment) -> bool {
+    const CODE: u8 = 1 << 3;
+    s.present == 1 && s.s == 1 && s.type_ & CODE != 0 && s.dpl == 0 && s.l == 1 && s.db == 0
+}
+
+/// The interrupted 64-bit kernel (CPL 0) context described by `frame`, on
+/// top of the handler-entry state `kernel`. An exception at CPL 0 is
+/// delivered without a privilege change: CS is the gate's (Linux's kernel
+/// CS, as the interrupted one) and SS is not reloaded, so both are taken
+/// from the handler's state when the frame names the same selectors; a
+/// different CS is read from the GDT, a different null SS (which 64-bit
+/// mode allows at CPL 0) is loaded unusable, like the CPU does.
+fn kernel_context(
     kernel: &CpuContext,
+    mem: &vm_memory::GuestMemoryMmap,
+    frame: &ExceptionFrame,
+) -> Option<CpuContext> {
+    if frame.cs & SELECTOR_RPL_MASK != 0 {
+        return None;
+    }
+    let cs = if frame.cs == kernel.sregs.cs.selector {
+        kernel.sregs.cs
+    } else {
+        load_descriptor(kernel, mem, frame.cs)?
+    };
+    if !is_kernel_code64(&cs) {
+        return None;
+    }
+    let ss = if frame.ss == kernel.sregs.ss.selector {
+        kernel.sregs.ss
+    } else if frame.ss & !SELECTOR_RPL_MASK == 0 {
+        kvm_segment {
+            selector: frame.ss,
+            unusable: 1,
+            ..Default::default()
+        }
+    } else {
+        let ss = load_descriptor(kernel, mem, frame.ss)?;
+        if ss.dpl != 0 || ss.present != 1 {
+            return None;
+        }
+        ss
+    };
+    let mut ctx = *kernel;
+    ctx.regs.rip = frame.rip;
+    ctx.regs.rsp = frame.rsp;
+    ctx.regs.rflags = frame.rflags;
+    ctx.sregs.cs = cs;
+    ctx.sregs.ss = ss;
+    Some(ctx)
+}
+
+/// The entry logic for #UD or #GP on an already captured handler-entry
+/// state (see the module doc).
+pub(crate) fn store_entry<C: GuestCpu + ?Sized>(
+    cpu: &mut C,
+    handler: &CpuContext,
+    v: u8,
 ) -> Result<EntryAction, EmulatorError> {
-    if !kernel.is_64bit_mode() {
+    if !matches!(v, vector::UD | vector::GP) || !handler.is_64bit_mode() {
         return Ok(EntryAction::PassThrough);
     }
     let mem = cpu.memory();
-    let Some(frame) = frame_at(kernel, mem, vector::UD) else {
+    let Some(frame) = frame_at(handler, mem, v) else {
         return Ok(EntryAction::PassThrough);
     };
-    if !frame.from_user() {
+    if v == vector::GP && frame.error_code != Some(0) {
         return Ok(EntryAction::PassThrough);
     }
-    let Some(user) = user_context(kernel, mem, &frame) else {
+    let interrupted = if frame.from_user() {
+        user_context(handler, mem, &frame)
+    } else {
+        kernel_context(handler, mem, &frame)
+    };
+    let Some(interrupted) = interrupted else {
         log::debug!(
-            "#UD from user RIP {:#x}: user CS/SS not loadable, left to the guest",
-            frame.rip
+            "vector {v} from RIP {:#x}: CS {:#x}/SS {:#x} not a 64-bit context, left to the guest",
+            frame.rip,
+            frame.cs,
+            frame.ss
         );
         return Ok(EntryAction::PassThrough);
     };
-    let Ok(bytes) = fetch_instruction(mem, &user, frame.rip, Privilege::User) else {
+    let privilege = Privilege::of(&interrupted);
+    let Ok(bytes) = fetch_instruction(mem, &interrupted, frame.rip, privilege) else {
         return Ok(EntryAction::PassThrough);
     };
     let Some(instr) = decode(&bytes, frame.rip) else {
@@ -309,10 +387,20 @@ pub(crate) fn ud_entry<C: GuestCpu + ?Sized>(
     let Some(kind) = store_kind(&instr) else {
         return Ok(EntryAction::PassThrough);
     };
+    // Only ENQCMD depends on IA32_PASID; any other #GP is the guest's.
+    if v == vector::GP && kind != pci::StoreKind::Enqcmd {
+        return Ok(EntryAction::PassThrough);
+    }
     let bytes = bytes[..instr.len().min(bytes.len())].to_vec();
 
-    let mut ctx = user;
+    let mut ctx = interrupted;
     let step = direct_store::execute(cpu, &mut ctx, &instr, kind)?;
+    if let Step::Fault(e) = &step {
+        if e.vector == v && e.error_code.map(u64::from) == frame.error_code {
+            // The exception being delivered is the architectural answer.
+            return Ok(EntryAction::PassThrough);
+        }
+    }
     apply_step(cpu, &ctx, &step, true)?;
     Ok(match step {
         Step::Completed(record) => EntryAction::Emulated(record),
@@ -329,20 +417,18 @@ pub(crate) fn ud_entry<C: GuestCpu + ?Sized>(
 /// Called when the VMM has control at the entry of the guest's handler for
 /// `vector` (RSP at the hardware exception frame, nothing of the handler
 /// executed except an ENDBR64): by a breakpoint on [`idt_handler`], or, in
-/// Linux, at the `clac` after ENDBR64, which [`super::handle_emulation_failure`]
-/// routes here itself. For #UD from a 64-bit user context whose
-/// instruction is ENQCMD, ENQCMDS or MOVDIR64B: emulates it and returns to
-/// the user context, or delivers its exception there. Anything else:
-/// [`EntryAction::PassThrough`].
+/// Linux on PVM, at the `clac` after ENDBR64, which
+/// [`super::handle_emulation_failure`] routes here itself. For #UD from a
+/// 64-bit user or kernel context whose instruction is ENQCMD, ENQCMDS or
+/// MOVDIR64B, and for #GP(0) from one whose instruction is ENQCMD: emulates
+/// it and returns to the interrupted context, or delivers its exception
+/// there. Anything else: [`EntryAction::PassThrough`].
 pub fn handle_exception_entry<C: GuestCpu + ?Sized>(
     cpu: &mut C,
     vector: u8,
 ) -> Result<EntryAction, EmulatorError> {
-    if vector != vector::UD {
-        return Ok(EntryAction::PassThrough);
-    }
-    let kernel = CpuContext::capture(cpu)?;
-    ud_entry(cpu, &kernel)
+    let handler = CpuContext::capture(cpu)?;
+    store_entry(cpu, &handler, vector)
 }
 
 /// What [`step_over_handler_entry`] executed.

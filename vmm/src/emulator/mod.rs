@@ -1,18 +1,23 @@
-//! Emulation of instructions the platform KVM cannot run: MOVDIR64B, ENQCMD,
+//! Emulation of instructions the host KVM cannot run: MOVDIR64B, ENQCMD,
 //! ENQCMDS, and a fallback for others.
 //!
-//! The platform's KVM (PLATFORM.md) hands these to the VMM by two routes:
+//! A guest's MOVDIR64B, ENQCMD or ENQCMDS reaches the VMM by one of three
+//! routes, whichever the host produces (`crate::platform`):
 //!
 //! 1. `KVM_EXIT_INTERNAL_ERROR` / `KVM_INTERNAL_ERROR_EMULATION` with the
-//!    instruction bytes, RIP at the instruction: every CPL 0 MOVDIR64B,
-//!    ENQCMD and ENQCMDS, a CPL 3 MOVDIR64B to MMIO, and the instructions
-//!    the backend's emulator lacks (`clac`, `stac`, `fwait`, `popcnt`,
-//!    `int3`, `lock cmpxchg16b`, ...). The caller passes them to
-//!    [`handle_emulation_failure`].
-//! 2. A CPL 3 ENQCMD raises #UD straight into the guest. The VMM sees the
-//!    guest's #UD handler entry (a breakpoint on it, or the `clac` at
-//!    Linux's entry points, which route 1 already brings here) and calls
-//!    [`handle_exception_entry`].
+//!    instruction bytes, RIP at the instruction: the host has the
+//!    instruction and its destination is emulated MMIO, or (PVM) KVM's
+//!    emulator runs the guest's CPL 0 code and lacks it. On PVM the same
+//!    exit brings the instructions its emulator lacks (`clac`, `stac`,
+//!    `fwait`, `popcnt`, `int3`, `lock cmpxchg16b`), which the fallback
+//!    emulator answers when [`GuestCpu::emulates`] says so. The caller passes
+//!    them to [`handle_emulation_failure`].
+//! 2. #UD at the guest's own handler, at CPL 3 or CPL 0: the host CPU lacks
+//!    the instruction. The VMM sees the handler's entry (a breakpoint on
+//!    it, or on PVM the `clac` at Linux's entry points, which route 1
+//!    already brings here) and calls [`handle_exception_entry`].
+//! 3. #GP(0) at the guest's own handler: the host CPU has ENQCMD, and its
+//!    IA32_PASID is not the guest's. Same entry logic as route 2.
 //!
 //! The module does not touch KVM: the vCPU is reached through the
 //! [`GuestCpu`] trait, which the VMM's vCPU implements and which a test can
@@ -30,11 +35,11 @@
 //!         Outcome::NotHandled(u) => stop: "emulation failure: {u}"
 //!         _ => resume          // Store / Emulated / Exception / ExceptionEntry
 //!     }
-//! KVM_EXIT_DEBUG at idt_handler(vcpu, 6) (breakpoint route):
-//!     match handle_exception_entry(vcpu, 6)? {
-//!         EntryAction::PassThrough => resume with RFLAGS.RF set (the handler runs)
+//! KVM_EXIT_DEBUG at idt_handler(vcpu, 6 or 13) (breakpoint route):
+//!     match handle_exception_entry(vcpu, vector)? {
+//!         EntryAction::PassThrough => step_over_handler_entry (the handler runs)
 //!         EntryAction::NotHandled(u) => log "{u}", resume as for PassThrough
-//!         _ => resume          // the vCPU is back in user mode
+//!         _ => resume          // the vCPU is back in the interrupted context
 //!     }
 //! KVM_EXIT_X86_RDMSR / WRMSR of IA32_PASID_MSR: keep the value per vCPU;
 //!     GuestCpu::ia32_pasid returns it.
@@ -132,6 +137,14 @@ pub trait GuestCpu {
     /// Whether the guest's CPUID reports 1 GiB pages (leaf 0x8000_0001
     /// EDX[26]); if not, PS in a PDPTE is a reserved bit.
     fn has_1g_pages(&self) -> bool {
+        true
+    }
+    /// Whether an emulation-failure exit of `which` is answered by the
+    /// fallback emulator (the platform's choice: only PVM's emulator lacks
+    /// these instructions, see `crate::platform::Platform::emulates`). If
+    /// not, [`handle_emulation_failure`] reports it as not handled.
+    fn emulates(&self, which: FallbackInstruction) -> bool {
+        let _ = which;
         true
     }
     /// Injects an exception at the vCPU's current state: the frame the guest
@@ -365,16 +378,16 @@ pub fn handle_emulation_failure<C: GuestCpu + ?Sized>(
 
     let step = if let Some(kind) = direct_store::store_kind(&instr) {
         direct_store::execute(cpu, &mut ctx, &instr, kind)?.map(Outcome::Store)
-    } else if let Some(which) = FallbackInstruction::of(&instr) {
+    } else if let Some(which) = FallbackInstruction::of(&instr).filter(|w| cpu.emulates(*w)) {
         if which == FallbackInstruction::Clac
             && ctx.cpl() == 0
             && entry::is_entry(&ctx, cpu.memory(), rip, arch::vector::UD)
         {
-            match entry::ud_entry(cpu, &ctx)? {
+            match entry::store_entry(cpu, &ctx, arch::vector::UD)? {
                 EntryAction::PassThrough => {}
                 // The vCPU is unchanged: the guest's handler runs and the
                 // user process sees its #UD.
-                EntryAction::NotHandled(u) => log::warn!("user-mode {u}; #UD left to the guest"),
+                EntryAction::NotHandled(u) => log::warn!("{u}; #UD left to the guest"),
                 action => {
                     return Ok(Outcome::ExceptionEntry {
                         vector: arch::vector::UD,

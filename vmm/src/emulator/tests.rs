@@ -97,6 +97,8 @@ struct MockCpu {
     next_table: u64,
     /// MAXPHYADDR reported to the emulator.
     phys_bits: u8,
+    /// Whether the platform answers the fallback instructions (PVM).
+    fallback: bool,
 }
 
 impl GuestCpu for MockCpu {
@@ -122,6 +124,9 @@ impl GuestCpu for MockCpu {
     }
     fn max_phys_addr_bits(&self) -> u8 {
         self.phys_bits
+    }
+    fn emulates(&self, _which: FallbackInstruction) -> bool {
+        self.fallback
     }
     fn inject_exception(
         &mut self,
@@ -222,6 +227,7 @@ impl MockCpu {
             injected: Vec::new(),
             next_table: 0x2000,
             phys_bits: 52,
+            fallback: true,
         };
         let kernel_rw = PTE_P | PTE_RW | PTE_NX;
         let user_rw = kernel_rw | PTE_US;
@@ -1038,20 +1044,407 @@ fn ud2_through_the_clac_route_runs_the_clac() {
 }
 
 #[test]
-fn kernel_mode_ud_and_other_vectors_pass_through() {
+fn a_frame_mixing_kernel_cs_and_user_ss_passes_through() {
     let (mut cpu, _) = at_ud_entry(0, |a| a.enqcmd(rax, ptr(rdx)));
     cpu.write(KSTACK + 0x1000 - 32, &u64::from(KERNEL_CS).to_le_bytes());
     assert_eq!(
         handle_exception_entry(&mut cpu, 6).unwrap(),
         EntryAction::PassThrough
     );
+    assert!(cpu.stores.is_empty() && cpu.injected.is_empty());
+}
 
-    let (mut cpu, _) = at_ud_entry(0, |a| a.enqcmd(rax, ptr(rdx)));
+#[test]
+fn other_vectors_pass_through() {
+    for v in [0, 1, 3, 14, 20] {
+        let (mut cpu, _) = at_ud_entry(0, |a| a.enqcmd(rax, ptr(rdx)));
+        let before = (cpu.regs, cpu.sregs);
+        assert_eq!(
+            handle_exception_entry(&mut cpu, v).unwrap(),
+            EntryAction::PassThrough
+        );
+        assert_eq!((cpu.regs, cpu.sregs), before);
+        assert!(cpu.stores.is_empty());
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Kernel-mode ENQCMDS / MOVDIR64B / ENQCMD at the #UD entry (host lacks them)
+// ---------------------------------------------------------------------------
+
+/// Where the interrupted kernel code runs.
+const KERNEL_INSN: u64 = KCODE + 0x100;
+/// The interrupted kernel context's stack pointer (above the frame).
+const KERNEL_RSP: u64 = KSTACK + 0xf00;
+/// The interrupted kernel context's RFLAGS (IF set, some status flags).
+const KERNEL_RFLAGS: u64 = 0x246 | rflags::CF;
+
+/// The kernel ran `code` at KERNEL_INSN (RAX = the kernel portal mapping,
+/// RDX = a descriptor in kernel data); the host CPU raised `vector`
+/// (with `error_code` if any); the vCPU is at the entry of its handler,
+/// RSP at the frame the CPU pushed without a privilege change (RIP, CS,
+/// RFLAGS, RSP, SS = the kernel's, 16-byte aligned stack).
+fn at_kernel_entry(
+    vector: u8,
+    error_code: Option<u64>,
+    code: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
+) -> (MockCpu, Vec<u8>) {
+    let mut cpu = MockCpu::new();
+    let handler = UD_HANDLER + 0x100 * u64::from(vector != 6);
+    cpu.set_gate(u64::from(vector), handler);
+    let kernel_code = assemble(KERNEL_INSN, code);
+    cpu.write(KERNEL_INSN, &kernel_code);
+    cpu.write(handler, &assemble(handler, |a| a.endbr64()));
+    cpu.write(KDATA + 0x100, &descriptor());
+    cpu.regs.rax = KPORTAL;
+    cpu.regs.rdx = KDATA + 0x100;
+    let mut frame = vec![
+        KERNEL_INSN,
+        u64::from(KERNEL_CS),
+        KERNEL_RFLAGS,
+        KERNEL_RSP,
+        u64::from(KERNEL_SS),
+    ];
+    if let Some(e) = error_code {
+        frame.insert(0, e);
+    }
+    let frame_rsp = (KERNEL_RSP & !0xf) - 8 * frame.len() as u64;
+    for (i, v) in frame.iter().enumerate() {
+        cpu.write(frame_rsp + 8 * i as u64, &v.to_le_bytes());
+    }
+    cpu.regs.rsp = frame_rsp;
+    cpu.regs.rip = handler;
+    cpu.regs.rflags = 0x2;
+    (cpu, kernel_code)
+}
+
+fn assert_back_in_kernel(cpu: &MockCpu, rip: u64) {
+    assert_eq!(cpu.regs.rip, rip);
+    assert_eq!(cpu.regs.rsp, KERNEL_RSP, "the frame is popped, as IRETQ");
+    assert_eq!(cpu.sregs.cs, segment(KERNEL_CS, 0, true));
+    assert_eq!(cpu.sregs.ss, segment(KERNEL_SS, 0, false));
+}
+
+#[test]
+fn kernel_enqcmds_at_ud_entry_is_emulated_and_returns_to_the_kernel() {
+    for (reply, zf) in [(StoreReply::Accepted, 0), (StoreReply::Retry, rflags::ZF)] {
+        let (mut cpu, code) = at_kernel_entry(6, None, |a| a.enqcmds(rax, ptr(rdx)));
+        cpu.device_reply = reply;
+        let mut source = descriptor();
+        source[..4].copy_from_slice(&(0x8000_0000u32 | 0x7_7777).to_le_bytes());
+        cpu.write(KDATA + 0x100, &source);
+
+        let action = handle_exception_entry(&mut cpu, 6).unwrap();
+
+        assert_eq!(
+            action,
+            EntryAction::Emulated(StoreRecord {
+                kind: StoreKind::Enqcmds,
+                linear: KPORTAL,
+                gpa: PORTAL_PA,
+                reply,
+            })
+        );
+        assert_back_in_kernel(&cpu, KERNEL_INSN + code.len() as u64);
+        // The kernel's RFLAGS (IF included) with ZF from the answer and the
+        // other status flags cleared.
+        assert_eq!(cpu.regs.rflags, 0x202 | zf);
+        assert_eq!(
+            dword0(&cpu.stores[0].1),
+            0x8000_0000 | 0x7_7777,
+            "source PASID and supervisor privilege"
+        );
+        assert_eq!(cpu.stores[0].1[4..], source[4..]);
+        assert!(cpu.injected.is_empty());
+    }
+}
+
+#[test]
+fn kernel_movdir64b_at_ud_entry_is_emulated_and_keeps_the_flags() {
+    let (mut cpu, code) = at_kernel_entry(6, None, |a| a.movdir64b(rax, ptr(rdx)));
+    let action = handle_exception_entry(&mut cpu, 6).unwrap();
+    assert!(
+        matches!(
+            action,
+            EntryAction::Emulated(StoreRecord {
+                kind: StoreKind::Movdir64b,
+                gpa: PORTAL_PA,
+                ..
+            })
+        ),
+        "{action:?}"
+    );
+    assert_back_in_kernel(&cpu, KERNEL_INSN + code.len() as u64);
+    assert_eq!(cpu.regs.rflags, KERNEL_RFLAGS);
+    assert_eq!(cpu.stores[0].1, descriptor(), "verbatim");
+}
+
+#[test]
+fn kernel_enqcmd_at_ud_entry_uses_the_guest_pasid() {
+    let (mut cpu, _) = at_kernel_entry(6, None, |a| a.enqcmd(rax, ptr(rdx)));
+    cpu.pasid = PASID_VALID | 0x4_2424;
+    assert!(matches!(
+        handle_exception_entry(&mut cpu, 6).unwrap(),
+        EntryAction::Emulated(StoreRecord {
+            kind: StoreKind::Enqcmd,
+            ..
+        })
+    ));
+    assert_eq!(dword0(&cpu.stores[0].1), 0x4_2424, "user privilege");
+}
+
+#[test]
+fn kernel_source_fault_is_delivered_from_the_kernel_context() {
+    let (mut cpu, _) = at_kernel_entry(6, None, |a| a.enqcmds(rax, ptr(rdx)));
+    cpu.unmap(KDATA);
+    let expected = Exception::page_fault(0, KDATA + 0x100);
+
+    let action = handle_exception_entry(&mut cpu, 6).unwrap();
+
+    assert_eq!(action, EntryAction::Faulted(expected));
+    assert_back_in_kernel(&cpu, KERNEL_INSN);
+    assert_eq!(
+        cpu.regs.rflags, KERNEL_RFLAGS,
+        "flags as the kernel left them"
+    );
+    assert_eq!(
+        cpu.injected,
+        vec![Injected::at(expected, KERNEL_INSN, KERNEL_CS)]
+    );
+    assert!(cpu.stores.is_empty());
+}
+
+#[test]
+fn kernel_misaligned_destination_is_gp0_from_the_kernel_context() {
+    let (mut cpu, _) = at_kernel_entry(6, None, |a| a.movdir64b(rax, ptr(rdx)));
+    cpu.regs.rax = KPORTAL + 8;
+    assert_eq!(
+        handle_exception_entry(&mut cpu, 6).unwrap(),
+        EntryAction::Faulted(Exception::gp0())
+    );
+    assert_back_in_kernel(&cpu, KERNEL_INSN);
+    assert_eq!(
+        cpu.injected,
+        vec![Injected::at(Exception::gp0(), KERNEL_INSN, KERNEL_CS)]
+    );
+}
+
+#[test]
+fn kernel_frame_with_a_null_ss_returns_with_a_null_ss() {
+    // After a user-to-kernel interrupt 64-bit mode runs the kernel with a
+    // null SS; a later #UD pushes it.
+    let (mut cpu, code) = at_kernel_entry(6, None, |a| a.enqcmds(rax, ptr(rdx)));
+    cpu.sregs.ss = kvm_segment {
+        selector: 0,
+        unusable: 1,
+        ..Default::default()
+    };
+    let frame_ss_slot = cpu.regs.rsp + 32;
+    cpu.write(frame_ss_slot, &0u64.to_le_bytes());
+    assert!(matches!(
+        handle_exception_entry(&mut cpu, 6).unwrap(),
+        EntryAction::Emulated(_)
+    ));
+    assert_eq!(cpu.regs.rip, KERNEL_INSN + code.len() as u64);
+    assert_eq!(cpu.sregs.ss.selector, 0);
+    assert_eq!((cpu.sregs.ss.unusable, cpu.sregs.ss.dpl), (1, 0));
+
+    // A null SS the handler does not have (it was given another one) is
+    // loaded unusable at CPL 0 too.
+    let (mut cpu, _) = at_kernel_entry(6, None, |a| a.enqcmds(rax, ptr(rdx)));
+    let frame_ss_slot = cpu.regs.rsp + 32;
+    cpu.write(frame_ss_slot, &0u64.to_le_bytes());
+    assert!(matches!(
+        handle_exception_entry(&mut cpu, 6).unwrap(),
+        EntryAction::Emulated(_)
+    ));
+    assert_eq!(
+        (
+            cpu.sregs.ss.selector,
+            cpu.sregs.ss.unusable,
+            cpu.sregs.ss.dpl
+        ),
+        (0, 1, 0)
+    );
+    assert_eq!(cpu.sregs.cs.selector, KERNEL_CS);
+}
+
+#[test]
+fn kernel_ud2_and_kernel_frames_with_odd_selectors_pass_through() {
+    let (mut cpu, _) = at_kernel_entry(6, None, |a| a.ud2());
+    let before = (cpu.regs, cpu.sregs);
+    assert_eq!(
+        handle_exception_entry(&mut cpu, 6).unwrap(),
+        EntryAction::PassThrough
+    );
+    assert_eq!((cpu.regs, cpu.sregs), before);
+
+    // RPL 1 code selector, a user data segment as SS, a 32-bit CS.
+    for (slot, value) in [(8, 0x11u64), (32, u64::from(USER_SS)), (8, 0x08)] {
+        let (mut cpu, _) = at_kernel_entry(6, None, |a| a.enqcmds(rax, ptr(rdx)));
+        let at = cpu.regs.rsp + slot;
+        cpu.write(at, &value.to_le_bytes());
+        let before = (cpu.regs, cpu.sregs);
+        assert_eq!(
+            handle_exception_entry(&mut cpu, 6).unwrap(),
+            EntryAction::PassThrough,
+            "frame slot {slot} = {value:#x}"
+        );
+        assert_eq!((cpu.regs, cpu.sregs), before);
+        assert!(cpu.stores.is_empty() && cpu.injected.is_empty());
+    }
+}
+
+#[test]
+fn kernel_enqcmds_through_the_clac_at_linux_entry() {
+    // PVM with SMAP visible: the `clac` after ENDBR64 at the #UD entry.
+    let (mut cpu, code) = at_kernel_entry(6, None, |a| a.enqcmds(rax, ptr(rdx)));
+    cpu.write(
+        UD_HANDLER,
+        &assemble(UD_HANDLER, |a| {
+            a.endbr64()?;
+            a.clac()
+        }),
+    );
+    cpu.regs.rip = UD_HANDLER + 4;
+    let outcome = handle_emulation_failure(&mut cpu, &[0x0f, 0x01, 0xca]).unwrap();
+    assert!(
+        matches!(
+            outcome,
+            Outcome::ExceptionEntry {
+                vector: 6,
+                action: EntryAction::Emulated(_)
+            }
+        ),
+        "{outcome:?}"
+    );
+    assert_back_in_kernel(&cpu, KERNEL_INSN + code.len() as u64);
+}
+
+// ---------------------------------------------------------------------------
+// ENQCMD at the #GP entry (the host has ENQCMD; its IA32_PASID is not the
+// guest's)
+// ---------------------------------------------------------------------------
+
+/// The user ran `code`; the host raised #GP(`error_code`); the vCPU is at
+/// the entry of the #GP handler.
+fn at_user_gp_entry(
+    error_code: u64,
+    code: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
+) -> (MockCpu, Vec<u8>) {
+    let (mut cpu, user_code) = at_ud_entry(0, code);
+    let gp_handler = UD_HANDLER + 0x100;
+    cpu.set_gate(13, gp_handler);
+    cpu.write(gp_handler, &assemble(gp_handler, |a| a.endbr64()));
+    cpu.regs.rsp -= 8;
+    let frame = cpu.regs.rsp;
+    cpu.write(frame, &error_code.to_le_bytes());
+    cpu.regs.rip = gp_handler;
+    (cpu, user_code)
+}
+
+#[test]
+fn user_enqcmd_at_gp_entry_is_answered_with_the_guest_pasid() {
+    for (reply, zf) in [(StoreReply::Accepted, 0), (StoreReply::Retry, rflags::ZF)] {
+        let (mut cpu, code) = at_user_gp_entry(0, |a| a.enqcmd(rax, ptr(rdx)));
+        cpu.device_reply = reply;
+        cpu.pasid = PASID_VALID | 0x5_4321;
+
+        let action = handle_exception_entry(&mut cpu, 13).unwrap();
+
+        assert_eq!(
+            action,
+            EntryAction::Emulated(StoreRecord {
+                kind: StoreKind::Enqcmd,
+                linear: PORTAL,
+                gpa: PORTAL_PA,
+                reply,
+            })
+        );
+        assert_back_in_user(&cpu, UCODE + code.len() as u64);
+        assert_eq!(cpu.regs.rflags, 0x202 | zf);
+        assert_eq!(dword0(&cpu.stores[0].1), 0x5_4321);
+        assert!(cpu.injected.is_empty());
+    }
+}
+
+#[test]
+fn kernel_enqcmd_at_gp_entry_is_answered_too() {
+    let (mut cpu, code) = at_kernel_entry(13, Some(0), |a| a.enqcmd(rax, ptr(rdx)));
+    cpu.pasid = PASID_VALID | 0x99;
+    assert!(matches!(
+        handle_exception_entry(&mut cpu, 13).unwrap(),
+        EntryAction::Emulated(StoreRecord {
+            kind: StoreKind::Enqcmd,
+            ..
+        })
+    ));
+    assert_back_in_kernel(&cpu, KERNEL_INSN + code.len() as u64);
+    assert_eq!(dword0(&cpu.stores[0].1), 0x99);
+}
+
+#[test]
+fn gp_entry_the_guest_would_take_anyway_runs_the_guests_handler() {
+    // The guest's own IA32_PASID is not valid: #GP(0) is its answer too,
+    // and the guest's handler (Linux: the PASID fixup) runs untouched.
+    let (mut cpu, _) = at_user_gp_entry(0, |a| a.enqcmd(rax, ptr(rdx)));
+    cpu.pasid = 0x77;
+    let before = (cpu.regs, cpu.sregs);
     assert_eq!(
         handle_exception_entry(&mut cpu, 13).unwrap(),
         EntryAction::PassThrough
     );
-    assert!(cpu.stores.is_empty());
+    assert_eq!((cpu.regs, cpu.sregs), before);
+    assert!(cpu.injected.is_empty() && cpu.stores.is_empty());
+}
+
+#[test]
+fn other_gp_entries_pass_through() {
+    type Case = (u64, Asm);
+    let cases: [Case; 4] = [
+        // A #GP with a selector error code.
+        (0x18, |a| a.enqcmd(rax, ptr(rdx))),
+        // Only ENQCMD depends on IA32_PASID: other #GPs are the guest's.
+        (0, |a| a.enqcmds(rax, ptr(rdx))),
+        (0, |a| a.movdir64b(rax, ptr(rdx))),
+        (0, |a| a.hlt()),
+    ];
+    for (error_code, code) in cases {
+        let (mut cpu, _) = at_user_gp_entry(error_code, code);
+        let before = (cpu.regs, cpu.sregs);
+        assert_eq!(
+            handle_exception_entry(&mut cpu, 13).unwrap(),
+            EntryAction::PassThrough
+        );
+        assert_eq!((cpu.regs, cpu.sregs), before);
+        assert!(cpu.injected.is_empty() && cpu.stores.is_empty());
+    }
+}
+
+#[test]
+fn without_the_platforms_fallback_a_clac_exit_is_not_handled() {
+    // Ordinary KVM: its emulator knows CLAC; such an exit stops the VMM
+    // with the diagnostic rather than being papered over.
+    let mut cpu = MockCpu::new();
+    cpu.fallback = false;
+    let bytes = cpu.place(|a| a.clac());
+    let before = cpu.regs;
+    assert_eq!(
+        handle_emulation_failure(&mut cpu, &bytes).unwrap(),
+        Outcome::NotHandled(Unhandled {
+            rip: KCODE,
+            bytes: bytes.clone(),
+            reason: UnhandledReason::UnknownInstruction(iced_x86::Mnemonic::Clac),
+        })
+    );
+    assert_eq!(cpu.regs, before);
+    // The 64-byte stores are every platform's.
+    let (mut cpu, bytes) = enqcmd_machine();
+    cpu.fallback = false;
+    assert!(matches!(
+        handle_emulation_failure(&mut cpu, &bytes).unwrap(),
+        Outcome::Store(_)
+    ));
 }
 
 #[test]

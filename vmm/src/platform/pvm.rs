@@ -1,0 +1,158 @@
+//! PVM (`kvm_pvm`), the backend of this project's own machines, and what
+//! the VMM does only for it. Its behaviour, measured (docs/pvm-backend.md):
+//!
+//! - An unmodified guest's CPL 0 code always runs through KVM's instruction
+//!   emulator, which lacks CLAC, STAC, POPCNT, FWAIT, INT3, LOCK CMPXCHG16B
+//!   and XRSTOR: each ends KVM_RUN as an emulation failure. The VMM's
+//!   fallback emulator (`crate::emulator::FallbackInstruction`) answers the
+//!   first six ([`super::Platform::emulates`]); the guest is kept from the
+//!   rest by CPUID and kernel parameters ([`adjust_cpuid`],
+//!   [`KERNEL_PARAMS`]).
+//! - A user-mode SYSCALL reaches LSTAR without switching to CPL 0 and
+//!   faults there. The VMM intercepts writes of STAR/LSTAR/FMASK
+//!   ([`SYSCALL_MSR_WRITES`]), watches the guest's #PF handler once LSTAR is
+//!   set, and completes the SYSCALL there
+//!   (`crate::emulator::complete_syscall`).
+//! - Leaf 7 of KVM_SET_CPUID2 is ignored: MOVDIR64B and ENQCMD reach the
+//!   guest kernel through its `forcecpuid=` parameter (the project's guest
+//!   kernel patch), SMAP is hidden by `clearcpuid=smap`.
+
+use kvm_bindings::kvm_cpuid_entry2;
+use kvm_ioctls::{MsrFilterRange, MsrFilterRangeFlags};
+
+use super::leaf7_ecx;
+use crate::emulator::syscall_msr;
+
+/// CPUID.(EAX=7,ECX=0):EBX bit 20: SMAP.
+const LEAF7_EBX_SMAP: u32 = 1 << 20;
+/// CPUID.1:ECX bit 13: CMPXCHG16B.
+const LEAF1_ECX_CX16: u32 = 1 << 13;
+
+/// PVM's CPUID edits, after the baseline's.
+pub(super) fn adjust_cpuid(entry: &mut kvm_cpuid_entry2) {
+    match (entry.function, entry.index) {
+        (1, _) => {
+            // The backend's emulator cannot run `lock cmpxchg16b` at CPL0;
+            // without CX16 Linux's SLUB avoids it.
+            entry.ecx &= !LEAF1_ECX_CX16;
+        }
+        (7, 0) => {
+            // The host executes MOVDIRI natively in guest user mode and
+            // KVM's emulator knows it at CPL 0.
+            entry.ecx |= leaf7_ecx::MOVDIRI;
+            // SMAP would make every `clac`/`stac` of a Linux guest an
+            // emulation-failure exit (about 30 us each). The backend ignores
+            // leaf 7 here (a Linux guest still saw SMAP), so the Linux
+            // machine also passes `clearcpuid=smap` (KERNEL_PARAMS).
+            entry.ebx &= !LEAF7_EBX_SMAP;
+        }
+        _ => {}
+    }
+}
+
+/// Writes of STAR (bit 0), LSTAR (bit 1) and FMASK (bit 3) exit to the VMM;
+/// CSTAR (bit 2) stays with KVM.
+const SYSCALL_WRITE_BITMAP: [u8; 1] = [0b0100];
+
+/// The MSR-filter range that makes the guest's writes of its SYSCALL
+/// configuration exit, so the vCPU keeps them for the SYSCALL completion
+/// and (re)arms its #PF watch.
+pub const SYSCALL_MSR_WRITES: MsrFilterRange<'static> = MsrFilterRange {
+    flags: MsrFilterRangeFlags::WRITE,
+    base: syscall_msr::STAR,
+    msr_count: 4,
+    bitmap: &SYSCALL_WRITE_BITMAP,
+};
+
+/// Kernel parameters every Linux guest needs on PVM, each with the reason.
+pub const KERNEL_PARAMS: &[(&str, &str)] = &[
+    (
+        "noxsave",
+        // What the guest does: with XSAVE, FPU initialisation runs XRSTOR at
+        // CPL 0. The backend's emulator cannot run it and the VMM's fallback
+        // emulator does not have it, so the boot would stop there.
+        "the backend cannot emulate XRSTOR",
+    ),
+    (
+        "forcecpuid=movdir64b,enqcmd",
+        // What the guest does: idxd refuses to load without MOVDIR64B and
+        // offers shared work queues only with ENQCMD. The backend ignores
+        // KVM_SET_CPUID2 for leaf 7, so the VMM cannot advertise them; the
+        // guest kernel's forcecpuid= (guest-images/patches/0002) takes them
+        // from here. The VMM emulates both where the backend traps them.
+        "CPUID leaf 7 cannot advertise MOVDIR64B and ENQCMD on this backend",
+    ),
+    (
+        "clearcpuid=smap",
+        // What the guest does: with SMAP it brackets every user-memory access
+        // with STAC/CLAC and enters every exception with CLAC. The backend's
+        // emulator lacks both, so each is an emulation-failure exit (7,136
+        // of them in a boot to `echo hi`, measured). The backend shows SMAP
+        // in CPUID leaf 7 whatever KVM_SET_CPUID2 says; without it the
+        // kernel leaves both instructions out.
+        "every STAC/CLAC would be an emulation-failure exit",
+    ),
+    (
+        GLIBC_NO_AVX,
+        // What the guest does: its user code runs natively on the host CPU,
+        // where CPUID (answered by the backend) and XGETBV (the host's XCR0)
+        // offer AVX, AVX2 and AVX-512, so glibc's string functions use
+        // YMM/ZMM registers and ymm16-31 (e.g. memcpy's `vmovdqu64
+        // %ymm16`). The kernel, booted with `noxsave`, context-switches
+        // only the FXSAVE state (x87, XMM0-15): the upper YMM halves, ZMM,
+        // ymm16-31 and the opmask registers are shared by every process on
+        // a vCPU. With two processes alive (a pipe) one overwrote another's
+        // ymm16 while the other was in a page fault inside memcpy, and the
+        // new process's TLS lost its first word: "segfault at 0 ip 4a4d02"
+        // (measured). The kernel passes this unknown `NAME=value` parameter
+        // to init's environment, and glibc then picks SSE2 code. Programs
+        // that use AVX on their own are not covered: that needs the guest
+        // kernel to manage XSAVE state (XSAVE/XRSTOR emulation, no
+        // `noxsave`).
+        "guest processes would share the AVX state the kernel does not switch",
+    ),
+];
+
+/// The kernel parameter that reaches init's environment (and from there
+/// every process's) and keeps glibc to the registers the `noxsave` guest
+/// kernel context-switches (x87, SSE). See [`KERNEL_PARAMS`].
+pub const GLIBC_NO_AVX: &str =
+    "GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD";
+
+#[cfg(test)]
+mod tests {
+    use super::super::Platform;
+    use super::*;
+
+    #[test]
+    fn pvm_hides_cx16_and_smap_and_adds_the_store_instructions() {
+        let mut leaf1 = kvm_cpuid_entry2 {
+            function: 1,
+            ecx: LEAF1_ECX_CX16 | 1,
+            ..Default::default()
+        };
+        Platform::Pvm.adjust_cpuid(&mut leaf1);
+        assert_eq!(leaf1.ecx, 1 | (1 << 31));
+        let mut leaf7 = kvm_cpuid_entry2 {
+            function: 7,
+            ebx: LEAF7_EBX_SMAP | 1,
+            ..Default::default()
+        };
+        Platform::Pvm.adjust_cpuid(&mut leaf7);
+        assert_eq!(leaf7.ebx, 1);
+        assert_eq!(
+            leaf7.ecx,
+            leaf7_ecx::MOVDIRI | leaf7_ecx::MOVDIR64B | leaf7_ecx::ENQCMD
+        );
+    }
+
+    #[test]
+    fn syscall_filter_covers_star_lstar_fmask_not_cstar() {
+        let r = SYSCALL_MSR_WRITES;
+        assert_eq!((r.base, r.msr_count), (0xc000_0081, 4));
+        // A 0 bit denies the write (it exits to the VMM).
+        for (msr, exits) in [(0, true), (1, true), (2, false), (3, true)] {
+            assert_eq!(r.bitmap[0] & (1 << msr) == 0, exits, "MSR +{msr}");
+        }
+    }
+}
