@@ -118,6 +118,11 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/pts /dev/shm /tmp/bed
+# What a Debian system has in /dev beyond devtmpfs (bash's <(...) needs /dev/fd).
+ln -s /proc/self/fd /dev/fd
+ln -s /proc/self/fd/0 /dev/stdin
+ln -s /proc/self/fd/1 /dev/stdout
+ln -s /proc/self/fd/2 /dev/stderr
 mount -t tmpfs tmpfs /dev/shm
 say() { echo "bed: [$(cut -d' ' -f1 /proc/uptime) s] $*" >/dev/ttyS0; }
 for m in $(cat /bed/modules/order); do

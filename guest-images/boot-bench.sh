@@ -4,12 +4,13 @@
 # machine: microvm) with the same kernel, initramfs and command line; prints both,
 # with the time to "Run /init", and the ratio of the medians.
 #
-# Usage: boot-bench.sh [--bed] [--runs N] [--limit SECONDS] [--machine microvm|pc]
+# Usage: boot-bench.sh [--bed] [--runs N] [--limit SECONDS] [--machine microvm|pc] [--vmm PATH]
 #   (default)  on this machine's /dev/kvm
 #   --bed      inside L1 of the nested ordinary-KVM bed (bed/run.sh): an ordinary KVM
 #              (AMD SVM); QEMU, its firmware and this VMM run there side by side
 #   --runs N   boots per VMM, alternating (default: 1, or 5 with --bed)
 #   --limit S  seconds one boot may take (default 300)
+#   --vmm PATH this vmm binary as it is (default: cargo build --release)
 # Logs: out/boot-bench/{vmm,qemu}-N.log, each line prefixed with seconds since launch.
 #
 # The clock is the wall clock from launching the VMM process to the guest's command
@@ -25,8 +26,9 @@ limit=300
 runs=""
 bed=0
 machine=microvm
-# --vmm PATH: measure with this binary as it is (used inside the bed).
 vmm=""
+# Set inside the bed: measure here, build and fetch nothing.
+inner=0
 while (($#)); do
 	case $1 in
 	--bed) bed=1; shift ;;
@@ -34,6 +36,7 @@ while (($#)); do
 	--limit) limit=${2:?--limit needs seconds}; shift 2 ;;
 	--machine) machine=${2:?--machine needs microvm or pc}; shift 2 ;;
 	--vmm) vmm=${2:?--vmm needs a path}; shift 2 ;;
+	--inner) inner=1; shift ;;
 	*) echo "boot-bench: unknown argument '$1'" >&2; exit 2 ;;
 	esac
 done
@@ -53,10 +56,13 @@ marker="boot-bench-42"
 init_marker="Run /init as init process"
 memory=512M
 
-if [[ -z $vmm ]]; then
+if [[ $inner == 0 ]]; then
 	[[ -f $kernel && -f $initrd ]] || "$here/build.sh" --quiet >/dev/null
-	cargo build --release -q -p vmm --manifest-path "$repo/Cargo.toml"
-	vmm=$repo/target/release/vmm
+	if [[ -z $vmm ]]; then
+		cargo build --release -q -p vmm --manifest-path "$repo/Cargo.toml"
+		vmm=$repo/target/release/vmm
+	fi
+	vmm=$(realpath "$vmm")
 	if [[ $bed == 1 ]]; then
 		# QEMU comes from the bed's setup (bookworm-backports); it, its firmware and
 		# this script (run by the host's bash) go into L1 at their own paths.
@@ -68,7 +74,7 @@ if [[ -z $vmm ]]; then
 			--include /usr/share/qemu/qboot.rom --include /usr/share/qemu/linuxboot_dma.bin \
 			--include /usr/share/qemu/kvmvapic.bin --include "$(command -v bash)" \
 			--include "$here/boot-bench.sh" -- \
-			"$(command -v bash) $here/boot-bench.sh --vmm $vmm --runs $runs --limit $limit --machine $machine" ||
+			"$(command -v bash) $here/boot-bench.sh --inner --vmm $vmm --runs $runs --limit $limit --machine $machine" ||
 			status=$?
 		cat "$bed_out/1.stdout" 2>/dev/null || true
 		cat "$bed_out/1.stderr" >&2 2>/dev/null || true

@@ -26,6 +26,7 @@ const KVM_TESTS: &[&str] = &[
     "enqcmd",
     "dsa",
     "sva_e2e",
+    "entry_routes",
     "cli",
     "run_command",
     "linux_boot",
