@@ -128,7 +128,7 @@ report() { # NAME RUN
 			"$1" "$2" "$result_secs" "${result_init:-?}"
 	else
 		printf '%-5s run %d: no command output (limit %s s); its last lines:\n' "$1" "$2" "$limit"
-		grep -E 'KVM internal error|emulation failure|RIP=|Code=' "$log" |
+		{ grep -E 'KVM internal error|emulation failure|RIP=|Code=' "$log" || true; } |
 			tail -n 4 | cut -c1-160 | sed 's/^/      /'
 		grep -qE 'KVM internal error|emulation failure|RIP=|Code=' "$log" ||
 			tail -n 4 "$log" | cut -c1-160 | sed 's/^/      /'
