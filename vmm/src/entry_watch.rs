@@ -27,6 +27,9 @@
 //! SYSCALL MSR exits, the vCPU re-arms at the first debug-register-free
 //! chance it has: see `crate::vcpu`.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
 use kvm_bindings::{kvm_guest_debug, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_USE_HW_BP};
 
 /// Number of hardware breakpoints (DR0..DR3).
@@ -130,6 +133,51 @@ impl EntryWatch {
     }
 }
 
+/// The handlers the vCPUs of one VM last found in a guest IDT, shared.
+///
+/// A vCPU arms its watch from its own IDT when it exits to the VMM after
+/// loading one. A secondary vCPU may never exit between its start (no IDT)
+/// and its first ENQCMDS: with an in-kernel LAPIC, its INIT/SIPI, timer and
+/// HLT all stay in KVM. So a vCPU that finds new handlers publishes them
+/// here and has the others kicked out of KVM_RUN; a vCPU without an IDT of
+/// its own watches the published ones (Linux's CPUs share one IDT).
+#[derive(Debug, Default)]
+pub struct SharedHandlers {
+    generation: AtomicU64,
+    handlers: Mutex<Vec<(u8, u64)>>,
+}
+
+impl SharedHandlers {
+    /// Publishes `handlers`; true if they differ from the published ones
+    /// (the other vCPUs are then to look).
+    pub fn publish(&self, handlers: &[(u8, u64)]) -> bool {
+        let mut current = self.handlers.lock().unwrap_or_else(|e| e.into_inner());
+        if current.as_slice() == handlers {
+            return false;
+        }
+        *current = handlers.to_vec();
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        true
+    }
+
+    /// Bumped by every change: a vCPU compares it at each exit.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// The published handlers of `vectors`, with the generation they are of.
+    pub fn get(&self, vectors: &[u8]) -> (u64, Vec<(u8, u64)>) {
+        let current = self.handlers.lock().unwrap_or_else(|e| e.into_inner());
+        let generation = self.generation();
+        let handlers = current
+            .iter()
+            .filter(|(v, _)| vectors.contains(v))
+            .copied()
+            .collect();
+        (generation, handlers)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -157,6 +205,17 @@ mod tests {
         assert_eq!(d.vector_at(0x2000), Some(14));
         assert_eq!(d.guest_debug().arch.debugreg[7], 0b100, "only DR1 left");
         assert!(w.without(6).without(14).is_empty());
+    }
+
+    #[test]
+    fn shared_handlers_change_generation_only_when_they_change() {
+        let shared = SharedHandlers::default();
+        assert_eq!(shared.get(&[6]), (0, vec![]));
+        assert!(shared.publish(&[(6, 0x1000), (14, 0x2000)]));
+        assert!(!shared.publish(&[(6, 0x1000), (14, 0x2000)]));
+        assert_eq!(shared.get(&[6]), (1, vec![(6, 0x1000)]));
+        assert!(shared.publish(&[(6, 0x3000)]));
+        assert_eq!(shared.generation(), 2);
     }
 
     #[test]

@@ -134,7 +134,10 @@ pub fn run_command(
     mut machine: LinuxConfig,
     argv: &[OsString],
 ) -> Result<CommandRun, RunCommandError> {
-    machine.cmdline = kernel_cmdline(&machine.cmdline, argv)?;
+    // The platform's parameters count towards the kernel's limit (the
+    // machine does not repeat them).
+    let base = machine.platform.with_kernel_params(&machine.cmdline);
+    machine.cmdline = kernel_cmdline(&base, argv)?;
     let status = CaptureOutput::default();
     machine.consoles = vec![
         VirtioConsole {

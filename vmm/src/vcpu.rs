@@ -16,7 +16,7 @@ use crate::bus::Bus;
 use crate::emulator::{
     self, EmulatorError, EntryAction, FallbackInstruction, GuestCpu, Outcome, StepOver, SyscallMsrs,
 };
-use crate::entry_watch::EntryWatch;
+use crate::entry_watch::{EntryWatch, SharedHandlers};
 use crate::platform::{vector, HostCpu, Platform};
 use crate::sva::GuestPasids;
 
@@ -58,6 +58,14 @@ pub struct Vcpu {
     watch: EntryWatch,
     /// The guest IDT (base, limit) the watch was last armed from.
     armed_idt: Option<(u64, u16)>,
+    /// Handlers found by any vCPU of the VM, and how to have the others
+    /// look at them.
+    shared: Arc<SharedHandlers>,
+    kick_others: Arc<dyn Fn() + Send + Sync>,
+    /// The shared generation this vCPU's watch reflects.
+    applied_generation: u64,
+    /// What this vCPU last found in its own IDT (and published).
+    own_handlers: Vec<(u8, u64)>,
     /// Debug exits at watched handlers, by vector (#UD, #GP, #PF).
     watch_exits: WatchExits,
     syscall_msrs: SyscallMsrs,
@@ -96,6 +104,10 @@ impl Vcpu {
             host_cpu: HostCpu::default(),
             watch: EntryWatch::default(),
             armed_idt: None,
+            shared: Arc::default(),
+            kick_others: Arc::new(|| {}),
+            applied_generation: 0,
+            own_handlers: Vec::new(),
             watch_exits: WatchExits::default(),
             syscall_msrs: SyscallMsrs::default(),
             synced: false,
@@ -110,6 +122,18 @@ impl Vcpu {
         self
     }
 
+    /// Shares the handlers it finds with the VM's other vCPUs through
+    /// `shared`; `kick_others` makes them leave KVM_RUN to look.
+    pub(crate) fn with_shared_watch(
+        mut self,
+        shared: Arc<SharedHandlers>,
+        kick_others: Arc<dyn Fn() + Send + Sync>,
+    ) -> Self {
+        self.shared = shared;
+        self.kick_others = kick_others;
+        self
+    }
+
     /// (Re)arms the exception-entry watch from the guest IDT, on the
     /// vectors the platform needs ([`Platform::watched_vectors`]). Gates the
     /// IDT lacks (none before the guest loads one) are not watched.
@@ -121,10 +145,25 @@ impl Vcpu {
             self.armed_idt = Some((sregs.idt.base, sregs.idt.limit));
         }
         let mut handlers = Vec::new();
-        for v in vectors {
+        for &v in &vectors {
             if let Some(h) = emulator::idt_handler(self, v).map_err(|e| e.to_string())? {
                 handlers.push((v, h));
             }
+        }
+        if handlers.is_empty() {
+            // No IDT of its own yet (a secondary vCPU before it starts):
+            // the handlers another vCPU found.
+            let (generation, shared) = self.shared.get(&vectors);
+            self.applied_generation = generation;
+            handlers = shared;
+        } else {
+            if handlers != self.own_handlers {
+                self.own_handlers = handlers.clone();
+                if self.shared.publish(&handlers) {
+                    (self.kick_others)();
+                }
+            }
+            self.applied_generation = self.shared.generation();
         }
         let watch = EntryWatch::new(&handlers).map_err(|e| e.to_string())?;
         if watch != self.watch {
@@ -138,20 +177,23 @@ impl Vcpu {
     }
 
     /// Re-arms the watch when the guest has loaded another IDT since it
-    /// was armed. Linux fills its IDT's exception gates before it loads the
+    /// was armed, or another vCPU published new handlers (see
+    /// [`SharedHandlers`]). Linux fills its IDT's exception gates before it loads the
     /// table at its final (read-only) alias, on every CPU, so the first
     /// exit after that sees the handlers it keeps; before, the gates are
     /// its early boot handlers. On ordinary KVM this is the only trigger
     /// (no SYSCALL MSR exits there); it costs a comparison per exit.
     fn rearm_on_new_idt(&mut self) -> Result<(), String> {
-        if !self.synced {
-            return Ok(());
+        let shared_changed = self.shared.generation() != self.applied_generation;
+        let idt_changed = self.synced && {
+            let idt = self.fd.sync_regs_mut().sregs.idt;
+            self.armed_idt != Some((idt.base, idt.limit))
+        };
+        if shared_changed || idt_changed {
+            self.arm_entry_watch()
+        } else {
+            Ok(())
         }
-        let idt = self.fd.sync_regs_mut().sregs.idt;
-        if self.armed_idt == Some((idt.base, idt.limit)) {
-            return Ok(());
-        }
-        self.arm_entry_watch()
     }
 
     /// The guest wrote a SYSCALL MSR, which the VMM's MSR filter intercepts:

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     kvm_enable_cap, kvm_pit_config, kvm_regs, kvm_sregs, kvm_userspace_memory_region,
@@ -22,11 +22,24 @@ use crate::bus::{Bus, BusError};
 use crate::devices::i8042::{I8042, I8042_COMMAND_PORT};
 use crate::devices::serial::{SerialDevice, SerialOutput};
 use crate::devices::test_devices::TestExit;
+use crate::entry_watch::SharedHandlers;
 use crate::layout;
 use crate::platform::{pvm, HostCpu, Platform};
 use crate::sva::GuestPasids;
 use crate::vcpu::{Vcpu, VcpuStop};
 use pasid::PasidSpace;
+
+/// What a vCPU thread tells the thread that runs the machine.
+enum VcpuMsg {
+    /// The vCPU left its run loop.
+    Stopped(VcpuStop),
+    /// It published new exception handlers: kick the others out of
+    /// KVM_RUN so they watch them too (crate::entry_watch::SharedHandlers).
+    KickOthers,
+}
+
+/// When the vCPUs are kicked a second time after new handlers.
+const REKICK_DELAY: Duration = Duration::from_millis(20);
 
 /// Where KVM on Intel puts its real-mode TSS; harmless elsewhere.
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
@@ -387,15 +400,23 @@ impl Vm {
         }
         let (tx, rx) = mpsc::channel();
         let mut threads = Vec::new();
+        let shared = Arc::new(SharedHandlers::default());
         // The APs first: they wait in KVM_RUN for their INIT/SIPI.
-        for mut vcpu in vcpus.into_iter().rev() {
+        for vcpu in vcpus.into_iter().rev() {
             let id = vcpu.id;
+            let kicker = tx.clone();
+            let mut vcpu = vcpu.with_shared_watch(
+                shared.clone(),
+                Arc::new(move || {
+                    let _ = kicker.send(VcpuMsg::KickOthers);
+                }),
+            );
             let (tx, stop) = (tx.clone(), self.stop.clone());
             let spawned = thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
                     let why = vcpu.run(&stop);
-                    let _ = tx.send(why);
+                    let _ = tx.send(VcpuMsg::Stopped(why));
                 });
             match spawned {
                 Ok(t) => threads.push(t),
@@ -403,9 +424,37 @@ impl Vm {
             }
         }
         drop(tx);
-        let first = match timeout {
-            Some(t) => rx.recv_timeout(t).ok(),
-            None => rx.recv().ok(),
+        let deadline = timeout.map(|t| Instant::now() + t);
+        // A kick that lands while a vCPU is between exits is lost: kick
+        // again a little later.
+        let mut rekick: Option<Instant> = None;
+        let first = loop {
+            let wake = match (deadline, rekick) {
+                (Some(d), Some(r)) => Some(d.min(r)),
+                (d, r) => d.or(r),
+            };
+            let msg = match wake {
+                Some(w) => rx.recv_timeout(w.saturating_duration_since(Instant::now())),
+                None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+            };
+            match msg {
+                Ok(VcpuMsg::Stopped(why)) => break Some(why),
+                Ok(VcpuMsg::KickOthers) => {
+                    for t in &threads {
+                        let _ = t.kill(SIGRTMIN());
+                    }
+                    rekick = Some(Instant::now() + REKICK_DELAY);
+                }
+                Err(mpsc::RecvTimeoutError::Timeout)
+                    if deadline.is_none_or(|d| Instant::now() < d) =>
+                {
+                    for t in &threads {
+                        let _ = t.kill(SIGRTMIN());
+                    }
+                    rekick = None;
+                }
+                Err(_) => break None,
+            }
         };
         let exit = match first {
             None => RunExit::Timeout,

@@ -127,7 +127,7 @@ fn boots_and_runs_a_command_with_two_vcpus() {
 /// Two processes alive at once, switching on one vCPU: each of `dmesg |
 /// tail` re-executes busybox, whose startup copies its TLS image with
 /// glibc's memcpy. Without `GLIBC_TUNABLES` on the kernel command line
-/// (vmm::machine::GLIBC_NO_AVX) that memcpy used ymm16, which the `noxsave`
+/// (vmm::platform::pvm::GLIBC_NO_AVX) that memcpy used ymm16, which the `noxsave`
 /// kernel does not context-switch, and 3-5 of 10 pipelines died with
 /// "Segmentation fault" (measured; "segfault at 0 ip 4a4d02" in the log).
 #[test]

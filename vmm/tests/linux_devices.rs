@@ -17,7 +17,7 @@ fn kernel_console_on_hvc0_and_panic_through_pvpanic() {
             "--timeout",
             "600",
             "--cmdline",
-            "console=ttyS0 noxsave console=hvc0 rdinit=/nonexistent",
+            "console=ttyS0 console=hvc0 rdinit=/nonexistent",
         ],
         &["true"],
     );

@@ -284,13 +284,25 @@ fn user_context(
     if !is_user_code64(&cs) || !is_user_stack(&ss) {
         return None;
     }
-    let mut user = *kernel;
-    user.regs.rip = frame.rip;
-    user.regs.rsp = frame.rsp;
-    user.regs.rflags = frame.rflags;
-    user.sregs.cs = cs;
-    user.sregs.ss = ss;
-    Some(user)
+    Some(interrupted(kernel, frame, cs, ss))
+}
+
+/// The handler-entry state `kernel` with what IRETQ would load from
+/// `frame` (RIP, RFLAGS, RSP) and the segment state `cs`, `ss` for its
+/// selectors.
+fn interrupted(
+    kernel: &CpuContext,
+    frame: &ExceptionFrame,
+    cs: kvm_segment,
+    ss: kvm_segment,
+) -> CpuContext {
+    let mut ctx = *kernel;
+    ctx.regs.rip = frame.rip;
+    ctx.regs.rsp = frame.rsp;
+    ctx.regs.rflags = frame.rflags;
+    ctx.sregs.cs = cs;
+    ctx.sregs.ss = ss;
+    ctx
 }
 
 /// A 64-bit kernel code segment: present, code, DPL 0, L=1, D=0.
@@ -337,13 +349,7 @@ fn kernel_context(
         }
         ss
     };
-    let mut ctx = *kernel;
-    ctx.regs.rip = frame.rip;
-    ctx.regs.rsp = frame.rsp;
-    ctx.regs.rflags = frame.rflags;
-    ctx.sregs.cs = cs;
-    ctx.sregs.ss = ss;
-    Some(ctx)
+    Some(interrupted(kernel, frame, cs, ss))
 }
 
 /// The entry logic for #UD or #GP on an already captured handler-entry
