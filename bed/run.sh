@@ -15,7 +15,9 @@
 #   --out DIR       where the results go (default: out/run; emptied first)
 # Exit status: 0 when L1 ran every command (whatever their statuses), 1 otherwise.
 set -euo pipefail
-
+# The whole script is one compound command: bash reads it all before running,
+# so editing this file during a run (which lasts minutes) cannot derail it.
+{
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 out_dir=$here/out/run
 cpus=2
@@ -206,3 +208,5 @@ if [[ $missing == 1 ]]; then
 	exit 1
 fi
 log "done in $((SECONDS - start)) s"
+exit 0
+}
