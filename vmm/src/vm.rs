@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     kvm_enable_cap, kvm_pit_config, kvm_regs, kvm_sregs, kvm_userspace_memory_region,
@@ -24,6 +24,7 @@ use crate::devices::serial::{SerialDevice, SerialOutput};
 use crate::devices::test_devices::TestExit;
 use crate::emulator::syscall_msr;
 use crate::layout;
+use crate::stop_signal;
 use crate::sva::GuestPasids;
 use crate::vcpu::{UdHook, Vcpu, VcpuStop};
 use pasid::PasidSpace;
@@ -89,8 +90,45 @@ pub enum RunExit {
     GuestPanic,
     /// `--timeout` expired.
     Timeout,
+    /// A stop signal (SIGINT, SIGTERM) ended the run; see
+    /// [`crate::stop_signal`].
+    Signal(i32),
     /// The VMM could not go on; the line says why.
     Error(String),
+}
+
+/// How long the thread waiting for a run sleeps between looks at
+/// [`stop_signal::received`].
+const SIGNAL_POLL: Duration = Duration::from_millis(50);
+
+/// What ended the wait for a run.
+enum Waited {
+    Vcpu(VcpuStop),
+    Timeout,
+    Signal(i32),
+    NoVcpu,
+}
+
+/// Waits for the first vCPU to stop, the timeout or a stop signal.
+fn wait_for_first(rx: &mpsc::Receiver<VcpuStop>, timeout: Option<Duration>) -> Waited {
+    let deadline = timeout.map(|t| Instant::now() + t);
+    loop {
+        if let Some(num) = stop_signal::received() {
+            return Waited::Signal(num);
+        }
+        let slice = match deadline {
+            Some(d) => match d.checked_duration_since(Instant::now()) {
+                Some(left) if !left.is_zero() => left.min(SIGNAL_POLL),
+                _ => return Waited::Timeout,
+            },
+            None => SIGNAL_POLL,
+        };
+        match rx.recv_timeout(slice) {
+            Ok(why) => return Waited::Vcpu(why),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Waited::NoVcpu,
+        }
+    }
 }
 
 /// What the machine is made of.
@@ -382,13 +420,11 @@ impl Vm {
             }
         }
         drop(tx);
-        let first = match timeout {
-            Some(t) => rx.recv_timeout(t).ok(),
-            None => rx.recv().ok(),
-        };
-        let exit = match first {
-            None => RunExit::Timeout,
-            Some(why) => self.classify(why),
+        let exit = match wait_for_first(&rx, timeout) {
+            Waited::Vcpu(why) => self.classify(why),
+            Waited::Timeout => RunExit::Timeout,
+            Waited::Signal(num) => RunExit::Signal(num),
+            Waited::NoVcpu => RunExit::Error("every vCPU thread ended without a reason".into()),
         };
         self.stop.store(true, Ordering::Release);
         for t in &threads {
