@@ -193,7 +193,7 @@ impl Soak {
         g.fill(PLAY.0, &pattern(PLAY.1 as usize, seed as u32));
         let mut soak = Self {
             g,
-            rng: Rng(seed | 1),
+            rng: Rng(seed.wrapping_mul(2).wrapping_add(1)),
             canary_low,
             canary_high,
             accepted: 0,
@@ -212,7 +212,16 @@ impl Soak {
         g.enable_pci();
         g.enable_msix();
         g.enable_pasid_pri_ats();
-        // A garbage command may still be running: reset until it took.
+        // A garbage command may still be running (a CMD write while one is
+        // active is ignored): wait for it, then reset until the reset took.
+        let start = Instant::now();
+        while g.read32(offset::CMDSTS) & (1 << 31) != 0 {
+            assert!(
+                start.elapsed() < TIMEOUT,
+                "a garbage command never finished"
+            );
+            std::thread::yield_now();
+        }
         let mut tries = 0;
         while g.command_polled(5, 0, false) & 0xff != 0 || g.read32(offset::GENSTS) & 3 != 0 {
             tries += 1;

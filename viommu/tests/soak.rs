@@ -110,7 +110,7 @@ impl Soak {
         let mut soak = Self {
             mem,
             iommu,
-            rng: Rng(seed | 1),
+            rng: Rng(seed.wrapping_mul(2).wrapping_add(1)),
             hot,
             queue,
             tail: 0,
