@@ -548,4 +548,11 @@ impl GuestCpu for Vcpu {
             .store64(gpa, data, kind)
             .unwrap_or_else(|| kind.reply_without_enqueue_target()))
     }
+
+    fn read_device(&mut self, gpa: u64, data: &mut [u8]) {
+        if !self.mmio.read(gpa, data) {
+            // Nothing claims it: a master abort reads as all ones.
+            data.fill(0xff);
+        }
+    }
 }
