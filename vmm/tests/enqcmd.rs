@@ -7,8 +7,8 @@ use pci::StoreKind;
 use vmm::demos::command;
 use vmm::devices::test_devices::PortalStore;
 use vmm::microguest::{
-    self, enter_user, exit_with, MicroGuest, MicroOptions, MicroRun, DATA_START, TEST_PORTAL_START,
-    USER_CS, USER_STACK_TOP,
+    self, enter_user, exit_with, MicroGuest, MicroOptions, MicroRun, DATA_START, TEST_MMIO_START,
+    TEST_PORTAL_START, USER_CS, USER_STACK_TOP,
 };
 use vmm::vm::RunExit;
 
@@ -233,4 +233,134 @@ fn page_fault_on_the_enqcmd_source_is_delivered_to_the_guest() {
         "#PF error code 4 (user read, not present), CR2 = source"
     );
     assert!(stores(&r).is_empty());
+}
+
+/// A CPL0 `kind` store to the portal (offset 0x40) whose 64-byte source is
+/// at guest-physical `src` (identity-mapped), after `prepare` ran; the guest
+/// exits with 0x700 | ZF.
+fn kernel_store_from(
+    kind: StoreKind,
+    src: u64,
+    prepare: impl FnOnce(&mut MicroGuest),
+) -> (RunExit, Vec<PortalStore>) {
+    let mut g = MicroGuest::new();
+    prepare(&mut g);
+    g.asm.mov(rdi, TEST_PORTAL_START + 0x40).unwrap();
+    g.asm.mov(rsi, src).unwrap();
+    match kind {
+        StoreKind::Enqcmds => g.asm.enqcmds(rdi, zmmword_ptr(rsi)).unwrap(),
+        StoreKind::Enqcmd => g.asm.enqcmd(rdi, zmmword_ptr(rsi)).unwrap(),
+        StoreKind::Movdir64b => g.asm.movdir64b(rdi, zmmword_ptr(rsi)).unwrap(),
+    }
+    g.asm.setz(al).unwrap();
+    g.asm.movzx(eax, al).unwrap();
+    g.asm.or(eax, 0x700).unwrap();
+    g.asm.out(0xf4, eax).unwrap();
+    g.asm.hlt().unwrap();
+    let r = run(g, false);
+    let s = stores(&r);
+    (r.exit, s)
+}
+
+#[test]
+fn kernel_movdir64b_from_device_registers_reads_the_device() {
+    // The scratch MMIO device returns what was written to it.
+    let (exit, stores) = kernel_store_from(StoreKind::Movdir64b, TEST_MMIO_START + 0x100, |g| {
+        g.asm.mov(rbx, TEST_MMIO_START + 0x100).unwrap();
+        for i in 0..8u64 {
+            g.asm.mov(rax, 0x1111_1111_1111_1111u64 * (i + 1)).unwrap();
+            g.asm.mov(qword_ptr(rbx + 8 * i as i32), rax).unwrap();
+        }
+    });
+    assert_eq!(exit, RunExit::TestExit(0x700), "the VM goes on");
+    let expected: Vec<u8> = (1..=8u64)
+        .flat_map(|i| (0x1111_1111_1111_1111u64 * i).to_le_bytes())
+        .collect();
+    assert_eq!(stores.len(), 1);
+    assert_eq!(stores[0].data.to_vec(), expected);
+}
+
+#[test]
+fn kernel_movdir64b_from_the_portal_itself_reads_the_portal() {
+    // The test portal's registers read as the number of stores so far (0).
+    let (exit, stores) = kernel_store_from(StoreKind::Movdir64b, TEST_PORTAL_START, |_| {});
+    assert_eq!(exit, RunExit::TestExit(0x700));
+    assert_eq!(stores.len(), 1);
+    assert_eq!(stores[0].data, [0; 64]);
+}
+
+#[test]
+fn kernel_enqcmds_from_unassigned_space_reads_all_ones() {
+    // Nothing answers there: all ones, of which ENQCMDS keeps the PASID
+    // and the privilege bit of dword 0.
+    let (exit, stores) =
+        kernel_store_from(StoreKind::Enqcmds, TEST_PORTAL_START + 0x8_0000, |_| {});
+    assert_eq!(exit, RunExit::TestExit(0x700), "accepted: ZF clear");
+    assert_eq!(stores.len(), 1);
+    assert_eq!(stores[0].data[..4], 0x800f_ffffu32.to_le_bytes());
+    assert_eq!(stores[0].data[4..], [0xff; 60]);
+}
+
+#[test]
+fn kernel_movdir64b_from_across_the_end_of_ram_reads_ones_past_it() {
+    let end = microguest::MICRO_MEMORY;
+    let (exit, stores) = kernel_store_from(StoreKind::Movdir64b, end - 32, |g| {
+        g.write(end - 32, &[0x5a; 32]);
+    });
+    assert_eq!(exit, RunExit::TestExit(0x700));
+    assert_eq!(stores.len(), 1);
+    assert_eq!(stores[0].data[..32], [0x5a; 32]);
+    assert_eq!(stores[0].data[32..], [0xff; 32]);
+}
+
+#[test]
+fn user_movdir64b_from_device_registers_reads_the_device() {
+    // At CPL3 the store traps (its destination is MMIO); its source is the
+    // scratch device, whose first register reads "TEST".
+    let mut g = MicroGuest::new();
+    let mut user = g.asm.create_label();
+    enter_user(&mut g.asm, user, USER_STACK_TOP).unwrap();
+    g.asm.set_label(&mut user).unwrap();
+    g.asm.mov(rdi, TEST_PORTAL_START + 0xfc0).unwrap();
+    g.asm.mov(rsi, TEST_MMIO_START).unwrap();
+    g.asm.movdir64b(rdi, zmmword_ptr(rsi)).unwrap();
+    exit_with(&mut g.asm, 0x64b).unwrap();
+    ud_reports(&mut g, 0xbad6);
+    let r = run(g, false);
+    assert_eq!(r.exit, RunExit::TestExit(0x64b));
+    let mut expected = [0u8; 64];
+    expected[..4].copy_from_slice(&vmm::devices::test_devices::TEST_MMIO_MAGIC.to_le_bytes());
+    assert_eq!(stores(&r).len(), 1);
+    assert_eq!(stores(&r)[0].data, expected);
+}
+
+#[test]
+fn user_enqcmd_from_the_portal_itself_completes_instead_of_ud() {
+    // IA32_PASID loaded at CPL0; the user's ENQCMD names the portal page as
+    // its source. It completes with the device's answer (ZF=1: retry); the
+    // guest's #UD handler never runs.
+    let mut g = MicroGuest::new();
+    let mut user = g.asm.create_label();
+    g.asm.mov(ecx, IA32_PASID).unwrap();
+    g.asm.mov(eax, 0x8000_1234u32).unwrap();
+    g.asm.xor(edx, edx).unwrap();
+    g.asm.wrmsr().unwrap();
+    enter_user(&mut g.asm, user, USER_STACK_TOP).unwrap();
+    g.asm.set_label(&mut user).unwrap();
+    g.asm.mov(rdi, TEST_PORTAL_START).unwrap();
+    g.asm.mov(rsi, TEST_PORTAL_START + 0x80).unwrap();
+    g.asm.enqcmd(rdi, zmmword_ptr(rsi)).unwrap();
+    g.asm.setz(al).unwrap();
+    g.asm.movzx(eax, al).unwrap();
+    g.asm.or(eax, 0x600).unwrap();
+    g.asm.out(0xf4, eax).unwrap();
+    g.asm.hlt().unwrap();
+    ud_reports(&mut g, 0xbad6);
+    let r = run(g, true);
+    assert_eq!(r.exit, RunExit::TestExit(0x601));
+    let s = stores(&r);
+    assert_eq!(s.len(), 1);
+    assert_eq!(s[0].kind, StoreKind::Enqcmd);
+    assert_eq!(s[0].data[..4], 0x1234u32.to_le_bytes());
+    assert_eq!(s[0].data[4..], [0; 60], "the portal reads 0 stores so far");
 }
