@@ -22,7 +22,7 @@ use common::*;
 use pci::{PciDevice, StoreKind, StoreReply};
 use vdsa::descriptor::{flags, Descriptor, Opcode};
 use vdsa::dma::IdentityDma;
-use vdsa::regs::{layout, offset};
+use vdsa::regs::{layout, offset, SUPPORTED_OPS};
 use vdsa::DsaConfig;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
@@ -104,22 +104,6 @@ fn size(rng: &mut Rng) -> u32 {
     }
 }
 
-const OPCODES: [Opcode; 13] = [
-    Opcode::Noop,
-    Opcode::Batch,
-    Opcode::Drain,
-    Opcode::Memmove,
-    Opcode::Memfill,
-    Opcode::Compare,
-    Opcode::Compval,
-    Opcode::CrDelta,
-    Opcode::ApDelta,
-    Opcode::Dualcast,
-    Opcode::Crcgen,
-    Opcode::CopyCrc,
-    Opcode::Cflush,
-];
-
 /// A descriptor with a random opcode (now and then an unknown one), random
 /// flags and every address-like field from [`address`].
 fn descriptor(rng: &mut Rng) -> Descriptor {
@@ -127,7 +111,7 @@ fn descriptor(rng: &mut Rng) -> Descriptor {
     let opcode = if rng.chance(5) {
         rng.next() as u8
     } else {
-        OPCODES[rng.below(OPCODES.len() as u64) as usize] as u8
+        SUPPORTED_OPS[rng.below(SUPPORTED_OPS.len() as u64) as usize] as u8
     };
     let flag_bits = if rng.chance(60) {
         flags::CRAV | flags::RCR | (rng.next() as u32 & 0x3ff & !0x7)
@@ -360,7 +344,7 @@ fn hostile_soak() {
     let seed: u64 = std::env::var("SOAK_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(0x5eed_d5a);
+        .unwrap_or(0x05ee_dd5a);
     let start = Instant::now();
     let mut soak = Soak::new(seed);
     let mut dirty = false;

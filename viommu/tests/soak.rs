@@ -19,7 +19,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Instant;
 
-use common::{qi, RecordingMsi};
+use common::{qi, RecordingMsi, GARBAGE_TARGETS};
 use viommu::regs::*;
 use viommu::{AccessType, Iommu, PageRequest, PasidTag};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -196,28 +196,8 @@ impl Soak {
     }
 
     fn register_write(&mut self) {
-        const REGS: [u64; 18] = [
-            GCMD,
-            RTADDR,
-            CCMD,
-            FSTS,
-            FECTL,
-            IQT,
-            IQA,
-            ICS,
-            IECTL,
-            PQH,
-            PQT,
-            PQA,
-            PRS,
-            PECTL,
-            IVA,
-            IOTLB_REG,
-            FRCD_BASE + 8,
-            FRCD_BASE + 12,
-        ];
         let offset = if self.rng.chance(70) {
-            REGS[self.rng.below(REGS.len() as u64) as usize]
+            GARBAGE_TARGETS[self.rng.below(GARBAGE_TARGETS.len() as u64) as usize]
         } else {
             self.rng.below(REG_WINDOW_SIZE / 4) * 4
         };

@@ -80,23 +80,9 @@ fn user_enqcmd_retry_sets_zf() {
 }
 
 fn kernel_store(kind: StoreKind, portal_retry: bool) -> (RunExit, Vec<PortalStore>) {
-    let mut g = MicroGuest::new();
-    g.write(SRC, &command(0x8000_0042));
-    g.asm.mov(rdi, TEST_PORTAL_START + 0x40).unwrap();
-    g.asm.mov(rsi, SRC).unwrap();
-    match kind {
-        StoreKind::Enqcmds => g.asm.enqcmds(rdi, zmmword_ptr(rsi)).unwrap(),
-        StoreKind::Enqcmd => g.asm.enqcmd(rdi, zmmword_ptr(rsi)).unwrap(),
-        StoreKind::Movdir64b => g.asm.movdir64b(rdi, zmmword_ptr(rsi)).unwrap(),
-    }
-    g.asm.setz(al).unwrap();
-    g.asm.movzx(eax, al).unwrap();
-    g.asm.or(eax, 0x700).unwrap();
-    g.asm.out(0xf4, eax).unwrap();
-    g.asm.hlt().unwrap();
-    let r = run(g, portal_retry);
-    let s = stores(&r);
-    (r.exit, s)
+    kernel_store_from(kind, SRC, portal_retry, |g| {
+        g.write(SRC, &command(0x8000_0042))
+    })
 }
 
 #[test]
@@ -241,6 +227,7 @@ fn page_fault_on_the_enqcmd_source_is_delivered_to_the_guest() {
 fn kernel_store_from(
     kind: StoreKind,
     src: u64,
+    portal_retry: bool,
     prepare: impl FnOnce(&mut MicroGuest),
 ) -> (RunExit, Vec<PortalStore>) {
     let mut g = MicroGuest::new();
@@ -257,7 +244,7 @@ fn kernel_store_from(
     g.asm.or(eax, 0x700).unwrap();
     g.asm.out(0xf4, eax).unwrap();
     g.asm.hlt().unwrap();
-    let r = run(g, false);
+    let r = run(g, portal_retry);
     let s = stores(&r);
     (r.exit, s)
 }
@@ -265,13 +252,14 @@ fn kernel_store_from(
 #[test]
 fn kernel_movdir64b_from_device_registers_reads_the_device() {
     // The scratch MMIO device returns what was written to it.
-    let (exit, stores) = kernel_store_from(StoreKind::Movdir64b, TEST_MMIO_START + 0x100, |g| {
-        g.asm.mov(rbx, TEST_MMIO_START + 0x100).unwrap();
-        for i in 0..8u64 {
-            g.asm.mov(rax, 0x1111_1111_1111_1111u64 * (i + 1)).unwrap();
-            g.asm.mov(qword_ptr(rbx + 8 * i as i32), rax).unwrap();
-        }
-    });
+    let (exit, stores) =
+        kernel_store_from(StoreKind::Movdir64b, TEST_MMIO_START + 0x100, false, |g| {
+            g.asm.mov(rbx, TEST_MMIO_START + 0x100).unwrap();
+            for i in 0..8u64 {
+                g.asm.mov(rax, 0x1111_1111_1111_1111u64 * (i + 1)).unwrap();
+                g.asm.mov(qword_ptr(rbx + 8 * i as i32), rax).unwrap();
+            }
+        });
     assert_eq!(exit, RunExit::TestExit(0x700), "the VM goes on");
     let expected: Vec<u8> = (1..=8u64)
         .flat_map(|i| (0x1111_1111_1111_1111u64 * i).to_le_bytes())
@@ -283,7 +271,7 @@ fn kernel_movdir64b_from_device_registers_reads_the_device() {
 #[test]
 fn kernel_movdir64b_from_the_portal_itself_reads_the_portal() {
     // The test portal's registers read as the number of stores so far (0).
-    let (exit, stores) = kernel_store_from(StoreKind::Movdir64b, TEST_PORTAL_START, |_| {});
+    let (exit, stores) = kernel_store_from(StoreKind::Movdir64b, TEST_PORTAL_START, false, |_| {});
     assert_eq!(exit, RunExit::TestExit(0x700));
     assert_eq!(stores.len(), 1);
     assert_eq!(stores[0].data, [0; 64]);
@@ -293,8 +281,12 @@ fn kernel_movdir64b_from_the_portal_itself_reads_the_portal() {
 fn kernel_enqcmds_from_unassigned_space_reads_all_ones() {
     // Nothing answers there: all ones, of which ENQCMDS keeps the PASID
     // and the privilege bit of dword 0.
-    let (exit, stores) =
-        kernel_store_from(StoreKind::Enqcmds, TEST_PORTAL_START + 0x8_0000, |_| {});
+    let (exit, stores) = kernel_store_from(
+        StoreKind::Enqcmds,
+        TEST_PORTAL_START + 0x8_0000,
+        false,
+        |_| {},
+    );
     assert_eq!(exit, RunExit::TestExit(0x700), "accepted: ZF clear");
     assert_eq!(stores.len(), 1);
     assert_eq!(stores[0].data[..4], 0x800f_ffffu32.to_le_bytes());
@@ -304,7 +296,7 @@ fn kernel_enqcmds_from_unassigned_space_reads_all_ones() {
 #[test]
 fn kernel_movdir64b_from_across_the_end_of_ram_reads_ones_past_it() {
     let end = microguest::MICRO_MEMORY;
-    let (exit, stores) = kernel_store_from(StoreKind::Movdir64b, end - 32, |g| {
+    let (exit, stores) = kernel_store_from(StoreKind::Movdir64b, end - 32, false, |g| {
         g.write(end - 32, &[0x5a; 32]);
     });
     assert_eq!(exit, RunExit::TestExit(0x700));
