@@ -356,3 +356,157 @@ fn user_enqcmd_from_the_portal_itself_completes_instead_of_ud() {
     assert_eq!(s[0].data[..4], 0x1234u32.to_le_bytes());
     assert_eq!(s[0].data[4..], [0; 60], "the portal reads 0 stores so far");
 }
+
+/// #SS.
+const SS: u8 = 12;
+
+/// A CPL0 micro-guest with the page at `missing` (if any) not present that
+/// runs `code` (which sets R12 to the CR2 it expects; otherwise R12 is 1,
+/// which no CR2 here equals) with handlers for #GP, #SS and #PF that exit
+/// with `vector << 24 | (CR2 == R12) << 20 | error code (16 bits)`, and
+/// exits with 0x600 if `code` falls through.
+fn kernel_fault(
+    missing: Option<u64>,
+    code: impl FnOnce(&mut CodeAssembler),
+) -> (RunExit, Vec<PortalStore>) {
+    let mut g = MicroGuest::new();
+    if let Some(page) = missing {
+        g.map_page(page, 0).unwrap();
+    }
+    g.asm.mov(r12, 1u64).unwrap();
+    code(&mut g.asm);
+    exit_with(&mut g.asm, 0x600).unwrap();
+    for vector in [GP, SS, PF] {
+        let mut l = g.asm.create_label();
+        g.asm.set_label(&mut l).unwrap();
+        g.asm.pop(rbx).unwrap(); // the error code
+        g.asm.and(ebx, 0xffff).unwrap();
+        g.asm.mov(rax, cr2).unwrap();
+        g.asm.cmp(rax, r12).unwrap();
+        g.asm.sete(al).unwrap();
+        g.asm.movzx(eax, al).unwrap();
+        g.asm.shl(eax, 20).unwrap();
+        g.asm.or(eax, ebx).unwrap();
+        g.asm.or(eax, u32::from(vector) << 24).unwrap();
+        g.asm.out(0xf4, eax).unwrap();
+        g.asm.hlt().unwrap();
+        g.handler(vector, l);
+    }
+    let r = run(g, false);
+    let s = stores(&r);
+    (r.exit, s)
+}
+
+fn fault(vector: u8, cr2_matches: bool, error_code: u32) -> RunExit {
+    RunExit::TestExit(u32::from(vector) << 24 | u32::from(cr2_matches) << 20 | error_code)
+}
+
+#[test]
+fn non_canonical_source_is_gp0() {
+    let (exit, stores) = kernel_fault(None, |a| {
+        a.mov(rdi, TEST_PORTAL_START).unwrap();
+        a.mov(rsi, 0x8000_0000_0000_0000u64).unwrap();
+        a.movdir64b(rdi, zmmword_ptr(rsi)).unwrap();
+    });
+    assert_eq!(exit, fault(GP, false, 0));
+    assert!(stores.is_empty());
+}
+
+#[test]
+fn non_canonical_stack_source_is_ss0() {
+    // RBP as the base: the reference is SS-based.
+    let (exit, stores) = kernel_fault(None, |a| {
+        a.mov(rdi, TEST_PORTAL_START).unwrap();
+        a.mov(rbp, 0x0000_8000_0000_0000u64).unwrap();
+        a.enqcmds(rdi, zmmword_ptr(rbp)).unwrap();
+    });
+    assert_eq!(exit, fault(SS, false, 0));
+    assert!(stores.is_empty());
+}
+
+#[test]
+fn source_running_into_a_missing_page_is_pf_at_that_page() {
+    let page = DATA_START + 0x4000;
+    let (exit, stores) = kernel_fault(Some(page), |a| {
+        a.mov(r12, page).unwrap();
+        a.mov(rdi, TEST_PORTAL_START).unwrap();
+        a.mov(rsi, page - 0x20).unwrap();
+        a.movdir64b(rdi, zmmword_ptr(rsi)).unwrap();
+    });
+    // Supervisor read of a not-present page: error code 0, CR2 = the
+    // first byte on the missing page.
+    assert_eq!(exit, fault(PF, true, 0));
+    assert!(stores.is_empty());
+}
+
+#[test]
+fn misaligned_destination_is_gp0() {
+    let (exit, stores) = kernel_fault(None, |a| {
+        a.mov(rdi, TEST_PORTAL_START + 8).unwrap();
+        a.mov(rsi, SRC).unwrap();
+        a.movdir64b(rdi, zmmword_ptr(rsi)).unwrap();
+    });
+    assert_eq!(exit, fault(GP, false, 0));
+    assert!(stores.is_empty());
+}
+
+#[test]
+fn non_canonical_destination_is_gp0() {
+    let (exit, stores) = kernel_fault(None, |a| {
+        a.mov(rdi, 0x1234_0000_0000_0040u64).unwrap();
+        a.mov(rsi, SRC).unwrap();
+        a.enqcmds(rdi, zmmword_ptr(rsi)).unwrap();
+    });
+    assert_eq!(exit, fault(GP, false, 0));
+    assert!(stores.is_empty());
+}
+
+#[test]
+fn destination_on_a_missing_page_is_pf_write_with_cr2() {
+    let page = DATA_START + 0x4000;
+    let (exit, stores) = kernel_fault(Some(page), |a| {
+        a.mov(r12, page + 0x40).unwrap();
+        a.mov(rdi, page + 0x40).unwrap();
+        a.mov(rsi, SRC).unwrap();
+        a.movdir64b(rdi, zmmword_ptr(rsi)).unwrap();
+    });
+    // Supervisor write, not present: error code 2; CR2 = the destination.
+    assert_eq!(exit, fault(PF, true, 2));
+    assert!(stores.is_empty());
+}
+
+#[test]
+fn fs_override_source_adds_the_fs_base() {
+    let (exit, stores) = kernel_fault(None, |a| {
+        // IA32_FS_BASE = SRC - 0x100.
+        a.mov(ecx, 0xc000_0100u32).unwrap();
+        a.mov(eax, (SRC - 0x100) as u32).unwrap();
+        a.mov(edx, ((SRC - 0x100) >> 32) as u32).unwrap();
+        a.wrmsr().unwrap();
+        a.mov(rdi, TEST_PORTAL_START).unwrap();
+        a.mov(rsi, 0x100u64).unwrap();
+        a.movdir64b(rdi, zmmword_ptr(rsi).fs()).unwrap();
+    });
+    assert_eq!(exit, RunExit::TestExit(0x600));
+    assert_eq!(stores.len(), 1);
+    assert_eq!(stores[0].data, [0; 64], "SRC holds zeros in this guest");
+}
+
+#[test]
+fn address_size_prefix_truncates_both_addresses() {
+    // movdir64b edi, [esi]: the upper halves of RDI and RSI are ignored.
+    let (exit, stores) = kernel_fault(None, |a| {
+        a.mov(rdi, 0xdead_beef_0000_0000u64 | TEST_PORTAL_START | 0x80)
+            .unwrap();
+        a.mov(rsi, 0x1234_5678_0000_0000u64 | TEST_MMIO_START)
+            .unwrap();
+        a.movdir64b(edi, zmmword_ptr(esi)).unwrap();
+    });
+    assert_eq!(exit, RunExit::TestExit(0x600));
+    assert_eq!(stores.len(), 1);
+    assert_eq!(stores[0].offset, 0x80);
+    assert_eq!(
+        stores[0].data[..4],
+        vmm::devices::test_devices::TEST_MMIO_MAGIC.to_le_bytes()
+    );
+}
