@@ -165,6 +165,13 @@ pub trait GuestCpu {
         let _ = gpa;
         data.fill(0xff);
     }
+    /// Writes guest-physical memory that is not RAM: the device on the MMIO
+    /// bus that claims `gpa` gets it; a write nobody claims is dropped.
+    /// `data` is at most 8 bytes and naturally aligned. The default knows
+    /// no devices.
+    fn write_device(&mut self, gpa: u64, data: &[u8]) {
+        let _ = (gpa, data);
+    }
 }
 
 /// A completed 64-byte store.

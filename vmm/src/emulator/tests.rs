@@ -99,6 +99,8 @@ struct MockCpu {
     phys_bits: u8,
     /// Device reads the emulator made: (GPA, length).
     device_reads: Vec<(u64, usize)>,
+    /// Device writes the emulator made: (GPA, bytes).
+    device_writes: Vec<(u64, Vec<u8>)>,
 }
 
 /// What the mock portal device's registers read as: each byte its
@@ -171,6 +173,9 @@ impl GuestCpu for MockCpu {
             _ => StoreReply::Retry,
         })
     }
+    fn write_device(&mut self, gpa: u64, data: &[u8]) {
+        self.device_writes.push((gpa, data.to_vec()));
+    }
     fn read_device(&mut self, gpa: u64, data: &mut [u8]) {
         self.device_reads.push((gpa, data.len()));
         for (i, b) in data.iter_mut().enumerate() {
@@ -242,6 +247,7 @@ impl MockCpu {
             next_table: 0x2000,
             phys_bits: 52,
             device_reads: Vec::new(),
+            device_writes: Vec::new(),
         };
         let kernel_rw = PTE_P | PTE_RW | PTE_NX;
         let user_rw = kernel_rw | PTE_US;
@@ -1258,6 +1264,66 @@ fn popcnt_memory_form_and_its_page_fault() {
     cpu.regs.rsi = 0x5000_0000; // unmapped
     let bytes = cpu.place(|a| a.popcnt(ecx, dword_ptr(rsi)));
     assert_raises(&mut cpu, &bytes, Exception::page_fault(0, 0x5000_0000));
+}
+
+#[test]
+fn popcnt_of_device_memory_reads_the_device() {
+    // The portal's registers read as the inverted low address byte:
+    // 0x3f, 0x3e, ... at portal offset 0xc0.
+    let mut cpu = MockCpu::new();
+    cpu.regs.rsi = KPORTAL + 0xc0;
+    let bytes = cpu.place(|a| a.popcnt(r12, qword_ptr(rsi)));
+    assert_eq!(
+        handle_emulation_failure(&mut cpu, &bytes).unwrap(),
+        Outcome::Emulated(FallbackInstruction::Popcnt)
+    );
+    let value = u64::from_le_bytes(std::array::from_fn(|i| {
+        portal_byte(PORTAL_PA + 0xc0 + i as u64)
+    }));
+    assert_eq!(cpu.regs.r12, u64::from(value.count_ones()));
+    assert_eq!(cpu.device_reads, vec![(PORTAL_PA + 0xc0, 8)]);
+}
+
+#[test]
+fn lock_cmpxchg16b_on_device_memory_reads_then_writes_the_device() {
+    let mut cpu = MockCpu::new();
+    cpu.regs.rdi = KPORTAL + 0x80;
+    (cpu.regs.rdx, cpu.regs.rax) = (0x1111, 0x2222);
+    (cpu.regs.rcx, cpu.regs.rbx) = (0x3333, 0x4444);
+    let bytes = cpu.place(|a| a.lock().cmpxchg16b(xmmword_ptr(rdi)));
+    assert_eq!(
+        handle_emulation_failure(&mut cpu, &bytes).unwrap(),
+        Outcome::Emulated(FallbackInstruction::Cmpxchg16b)
+    );
+    // Not equal: the device's value is loaded and written back.
+    let read: Vec<u8> = (0..16).map(|i| portal_byte(PORTAL_PA + 0x80 + i)).collect();
+    let lo = u64::from_le_bytes(read[..8].try_into().unwrap());
+    let hi = u64::from_le_bytes(read[8..].try_into().unwrap());
+    assert_eq!((cpu.regs.rdx, cpu.regs.rax), (hi, lo));
+    assert_eq!(cpu.regs.rflags & rflags::ZF, 0);
+    assert_eq!(
+        cpu.device_writes,
+        vec![
+            (PORTAL_PA + 0x80, read[..8].to_vec()),
+            (PORTAL_PA + 0x88, read[8..].to_vec())
+        ]
+    );
+
+    // Equal: RCX:RBX is written, ZF=1.
+    let mut cpu = MockCpu::new();
+    cpu.regs.rdi = KPORTAL + 0x80;
+    (cpu.regs.rdx, cpu.regs.rax) = (hi, lo);
+    (cpu.regs.rcx, cpu.regs.rbx) = (0x3333, 0x4444);
+    let bytes = cpu.place(|a| a.lock().cmpxchg16b(xmmword_ptr(rdi)));
+    handle_emulation_failure(&mut cpu, &bytes).unwrap();
+    assert_ne!(cpu.regs.rflags & rflags::ZF, 0);
+    assert_eq!(
+        cpu.device_writes,
+        vec![
+            (PORTAL_PA + 0x80, 0x4444u64.to_le_bytes().to_vec()),
+            (PORTAL_PA + 0x88, 0x3333u64.to_le_bytes().to_vec())
+        ]
+    );
 }
 
 #[test]
