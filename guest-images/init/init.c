@@ -436,9 +436,7 @@ int main(int argc, char **argv, char **envp)
 		finish(1, st.exit);
 	}
 	if (!st.cmd || !st.cmd[0]) {
-		static const char none[] = "init: no vmm.cmd= on the kernel command line; powering off\n";
-
-		write(1, none, sizeof(none) - 1);
+		report_error(outfd, "no-vmm.cmd");
 		finish(outfd, st.exit);
 	}
 	if (decode_argv(st.cmd) < 0) {

@@ -30,9 +30,11 @@
 //!
 //! Removing an entry does not wait for readers that loaded it just before:
 //! like a hardware translation cache, the VMM must flush what it derived
-//! from the old mapping (the space's next-fit allocation keeps the freed host
-//! PASID from being handed out again until the allocator has gone round the
-//! space).
+//! from the old mapping before the host PASID can go to someone else.
+//! [`PasidTable::unmap`] removes the entry and leaves the host PASID
+//! allocated for that: the caller frees it once no reader or device can
+//! still use it ([`PasidTable::remove`] frees at once, for callers with no
+//! such readers).
 
 use std::mem::size_of;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -207,6 +209,18 @@ impl PasidTable {
     ///
     /// Errors: [`Error::OutOfRange`], [`Error::NotInstalled`].
     pub fn remove(&self, gpasid: u32) -> Result<u32> {
+        let hpasid = self.unmap(gpasid)?;
+        self.space.free(self.owner, Scope::Global, hpasid)?;
+        Ok(hpasid)
+    }
+
+    /// Removes the entry of `gpasid` in both directions and returns its host
+    /// PASID, which stays allocated and charged to the table's owner: the
+    /// caller frees it ([`PasidSpace::free`] in global scope) once nothing
+    /// that translated it before the removal can still use it.
+    ///
+    /// Errors: [`Error::OutOfRange`], [`Error::NotInstalled`].
+    pub fn unmap(&self, gpasid: u32) -> Result<u32> {
         if gpasid > PASID_MAX {
             return Err(Error::OutOfRange(gpasid));
         }
@@ -224,8 +238,7 @@ impl PasidTable {
         if let Some(back) = self.reverse.slot(hpasid) {
             back.store(0, Ordering::Release);
         }
-        self.space.free(self.owner, Scope::Global, hpasid)?;
-        log::trace!("{}: guest PASID {gpasid:#x} removed", self.owner);
+        log::trace!("{}: guest PASID {gpasid:#x} unmapped", self.owner);
         Ok(hpasid)
     }
 

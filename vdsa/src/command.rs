@@ -166,6 +166,20 @@ impl Inner {
         }
     }
 
+    /// Whether host PASID `pasid` is still in use by the device: a queued
+    /// or running descriptor carries it, or an enabled WQ's configuration
+    /// names it (a dedicated WQ tags every descriptor with it).
+    pub(crate) fn pasid_in_use(&self, pasid: u32) -> bool {
+        self.groups().iter().any(|group| {
+            let state = group.lock();
+            state.pending(u64::MAX, |_, p| p == Some(pasid))
+                || state.wqs.iter().any(|q| {
+                    q.snapshot
+                        .is_some_and(|s| s.dedicated && s.pasid_en && s.pasid == pasid)
+                })
+        })
+    }
+
     fn groups(&self) -> Vec<Arc<Group>> {
         self.runtime
             .lock()

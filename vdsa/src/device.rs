@@ -513,6 +513,14 @@ impl DsaIommuHandle {
         self.inner.atc.invalidate(pasid, addr, len);
     }
 
+    /// Whether the device still holds work or configuration tagged with
+    /// `pasid`: a queued or running descriptor, or an enabled dedicated WQ
+    /// whose PASID it is. The VMM frees a host PASID only once no device
+    /// says so.
+    pub fn pasid_in_use(&self, pasid: u32) -> bool {
+        self.inner.pasid_in_use(pasid)
+    }
+
     /// The number of translations in the device TLB.
     pub fn cached_translations(&self) -> usize {
         self.inner.atc.len()

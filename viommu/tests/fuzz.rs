@@ -47,26 +47,7 @@ enum Op {
 /// Offsets near real registers, plus anything in the window.
 fn offset() -> impl Strategy<Value = u64> {
     prop_oneof![
-        prop::sample::select(vec![
-            GCMD,
-            RTADDR,
-            CCMD,
-            FSTS,
-            FECTL,
-            IQT,
-            IQA,
-            ICS,
-            IECTL,
-            PQH,
-            PQT,
-            PQA,
-            PRS,
-            PECTL,
-            IVA,
-            IOTLB_REG,
-            FRCD_BASE + 8,
-            FRCD_BASE + 12,
-        ]),
+        prop::sample::select(GARBAGE_TARGETS.to_vec()),
         (0u64..REG_WINDOW_SIZE / 4).prop_map(|i| i * 4),
     ]
 }

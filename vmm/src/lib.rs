@@ -21,6 +21,7 @@ pub mod msi;
 pub mod pci_root;
 pub mod platform;
 pub mod run_command;
+pub mod stop_signal;
 pub mod sva;
 pub mod sva_bench;
 pub mod sva_demo;

@@ -205,7 +205,10 @@ pub fn attach_pci_root(vm: &Vm) -> Result<PciRoot, VmError> {
 }
 
 /// Feeds what is typed on the VMM's stdin to COM1. The thread ends at
-/// end of input (CI runs with no stdin) and otherwise with the process.
+/// end of input (CI runs with stdin closed or /dev/null) or on a read error
+/// (a non-blocking or unreadable stdin), never retrying in a loop, and
+/// otherwise with the process. A signal that interrupts the read is not
+/// the end.
 fn forward_stdin(serial: Arc<Mutex<crate::devices::serial::SerialDevice>>) {
     let spawned = std::thread::Builder::new()
         .name("stdin".into())
@@ -213,9 +216,19 @@ fn forward_stdin(serial: Arc<Mutex<crate::devices::serial::SerialDevice>>) {
             use std::io::Read;
             let mut buf = [0u8; 64];
             let mut stdin = std::io::stdin().lock();
-            while let Ok(n @ 1..) = stdin.read(&mut buf) {
-                if let Ok(mut serial) = serial.lock() {
-                    serial.enqueue_input(&buf[..n]);
+            loop {
+                match stdin.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        if let Ok(mut serial) = serial.lock() {
+                            serial.enqueue_input(&buf[..n]);
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        log::warn!("serial input: stdin: {e}; no more input");
+                        break;
+                    }
                 }
             }
         });

@@ -8,8 +8,10 @@
 //! the program wrote to the test-exit port unless the program is a
 //! built-in demo, which checks its own result. `vmm run ... -- CMD` exits
 //! with CMD's status once the guest reported it; before that, the codes
-//! above apply: 0 when the guest powered off (CMD ran `poweroff`), and 7
-//! when init could not run CMD.
+//! above apply, never 0: 7 when init could not run CMD (its reason on
+//! stderr), 8 when the guest powered off before reporting a status (CMD
+//! ran `poweroff`). SIGINT and SIGTERM end any run with 128 + the signal's
+//! number (130, 143) after the guest and every VMM thread have stopped.
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -25,6 +27,7 @@ use vmm::machine::{run_linux, LinuxConfig, MachineError};
 use vmm::microguest::{self, MicroOptions};
 use vmm::platform::{Platform, PlatformChoice};
 use vmm::run_command::{run_command, CommandRun, GuestStatus, RunCommandError};
+use vmm::stop_signal;
 use vmm::sva::AccelConfig;
 use vmm::sva_bench;
 use vmm::vm::{RunExit, MIN_MEMORY};
@@ -36,6 +39,11 @@ const EXIT_TIMEOUT: u8 = 4;
 const EXIT_RESET: u8 = 5;
 const EXIT_GUEST_PANIC: u8 = 6;
 const EXIT_NO_STATUS: u8 = 7;
+/// `vmm run`: the guest powered off (or the kernel halted it) before init
+/// reported the command's status.
+const EXIT_POWEROFF_NO_STATUS: u8 = 8;
+/// SIGINT or SIGTERM ended the run: 128 + the signal's number (130, 143).
+const EXIT_SIGNAL_BASE: u8 = 128;
 /// Device numbers 1 to 31 of bus 0 (00:00.0 is the host bridge), less
 /// the pvpanic function and the two virtio consoles of `vmm run`.
 const MAX_DSA: usize = 28;
@@ -134,7 +142,9 @@ enum Command {
 #[command(
     after_help = "Exit status: CMD's own (0-255) once the guest reported it. \
 Otherwise 1 VMM error, 2 bad input, 3 triple fault, 4 --timeout, 5 guest reset, \
-6 guest kernel panic, 7 init could not run the command; a guest power-off before a status is 0."
+6 guest kernel panic, 7 init could not run the command (reason on stderr), \
+8 the guest powered off before reporting a status (CMD ran poweroff), \
+130/143 SIGINT/SIGTERM stopped the run."
 )]
 struct RunArgs {
     /// Linux kernel to boot (ELF vmlinux or bzImage).
@@ -285,10 +295,33 @@ fn exit_code(exit: &RunExit) -> ExitCode {
             eprintln!("vmm: {line}");
             ExitCode::from(EXIT_ERROR)
         }
+        RunExit::Signal(num) => {
+            eprintln!("vmm: stopped by {}", stop_signal::name(*num));
+            ExitCode::from(EXIT_SIGNAL_BASE.wrapping_add(*num as u8))
+        }
+    }
+}
+
+/// Puts /dev/null on whichever of the standard descriptors 0-2 the VMM was
+/// started without, so that no file, KVM or eventfd descriptor the VMM opens
+/// later becomes "stdin" (read by the serial input thread) or "stdout".
+fn fill_standard_fds() {
+    use std::os::fd::{AsRawFd, IntoRawFd};
+    while let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        if null.as_raw_fd() > 2 {
+            break;
+        }
+        // Kept open for the life of the process.
+        let _ = null.into_raw_fd();
     }
 }
 
 fn main() -> ExitCode {
+    fill_standard_fds();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -326,6 +359,10 @@ fn main() -> ExitCode {
         iommu: cli.iommu,
         dsa: cli.dsa.clone(),
     };
+    if let Err(e) = stop_signal::install() {
+        eprintln!("vmm: cannot handle SIGINT and SIGTERM: {e}");
+        return ExitCode::from(EXIT_ERROR);
+    }
     match cli.command {
         Some(Command::Micro {
             program: MicroProgram::EnqcmdDemo,
@@ -415,7 +452,7 @@ fn machine_config(
         SerialTarget::Stderr => SerialOutput::Stderr,
         SerialTarget::None => SerialOutput::Sink,
         SerialTarget::File(path) => match File::create(&path) {
-            Ok(f) => SerialOutput::File(f),
+            Ok(f) => SerialOutput::file(f),
             Err(e) => {
                 return Err(usage_error(format_args!(
                     "cannot write serial file '{}': {e}",
@@ -494,10 +531,9 @@ fn command_exit_code(run: &CommandRun) -> ExitCode {
             ExitCode::from(EXIT_NO_STATUS)
         }
         None if run.exit == RunExit::PowerOff => {
-            // A guest that shuts itself down (CMD ran `poweroff`) ends
-            // cleanly, as a plain boot's power-off does.
+            // Never 0: exit status 0 says the command ran and returned 0.
             eprintln!("vmm: the guest powered off before reporting the command's status");
-            ExitCode::SUCCESS
+            ExitCode::from(EXIT_POWEROFF_NO_STATUS)
         }
         None => exit_code(&run.exit),
     }

@@ -7,12 +7,17 @@
 //! - hvc1 (the second) carries only init's status line,
 //!   `VMM-EXIT-STATUS=<n>` or `VMM-INIT-ERROR=<reason>`.
 //!
-//! The serial port stays the kernel console. The command reaches init as
+//! The serial port stays the kernel console; init also writes its error
+//! line there, which is the only place it can when the status console never
+//! appeared, so the VMM watches the console for that line too. The command
+//! reaches init as
 //! `vmm.cmd=` (the argv, percent-encoded; see guest-images/README.md) after
 //! `--` on the kernel command line, with `vmm.out=hvc0 vmm.status=hvc1`.
 
 use std::ffi::OsString;
+use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use thiserror::Error;
 
@@ -118,12 +123,54 @@ pub fn parse_status(bytes: &[u8]) -> Option<GuestStatus> {
     })
 }
 
+/// Watches the serial console, passing every byte on to `inner`, for the
+/// `VMM-INIT-ERROR=` line init writes there when it could not run the
+/// command (the kernel's tty layer ends it with "\r\n").
+struct InitErrorWatch {
+    inner: SerialOutput,
+    line: Vec<u8>,
+    found: Arc<Mutex<Option<String>>>,
+}
+
+impl InitErrorWatch {
+    /// A line longer than this is no status line; only its head is kept.
+    const LINE_MAX: usize = 512;
+
+    fn scan(&mut self, buf: &[u8]) {
+        for &byte in buf {
+            if byte != b'\n' {
+                if self.line.len() < Self::LINE_MAX {
+                    self.line.push(byte);
+                }
+                continue;
+            }
+            if let Some(GuestStatus::InitError(reason)) = parse_status(&self.line) {
+                *self.found.lock().unwrap_or_else(PoisonError::into_inner) = Some(reason);
+            }
+            self.line.clear();
+        }
+    }
+}
+
+impl Write for InitErrorWatch {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.scan(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// How a `vmm run` ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CommandRun {
     /// How the machine stopped.
     pub exit: RunExit,
-    /// What init reported, if it got that far.
+    /// What init reported, if it got that far: the status console's last
+    /// line, else an init error seen on the serial console.
     pub status: Option<GuestStatus>,
 }
 
@@ -138,6 +185,13 @@ pub fn run_command(
     // machine does not repeat them).
     let base = machine.platform.with_kernel_params(&machine.cmdline);
     machine.cmdline = kernel_cmdline(&base, argv)?;
+    let console_error = Arc::new(Mutex::new(None));
+    let serial = std::mem::replace(&mut machine.serial, SerialOutput::Sink);
+    machine.serial = SerialOutput::Custom(Box::new(InitErrorWatch {
+        inner: serial,
+        line: Vec::new(),
+        found: console_error.clone(),
+    }));
     let status = CaptureOutput::default();
     machine.consoles = vec![
         VirtioConsole {
@@ -150,10 +204,14 @@ pub fn run_command(
         },
     ];
     let exit = run_linux(machine)?;
-    Ok(CommandRun {
-        exit,
-        status: parse_status(&status.contents()),
-    })
+    let status = parse_status(&status.contents()).or_else(|| {
+        let reason = console_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        reason.map(GuestStatus::InitError)
+    });
+    Ok(CommandRun { exit, status })
 }
 
 /// Errors of [`run_command`].
@@ -229,5 +287,39 @@ mod tests {
         assert_eq!(parse_status(b"VMM-EXIT-STATUS=300\n"), None);
         assert_eq!(parse_status(b"VMM-EXIT-STATUS=\n"), None);
         assert_eq!(parse_status(b""), None);
+    }
+
+    #[test]
+    fn init_errors_are_found_on_the_serial_console() {
+        let found = Arc::new(Mutex::new(None));
+        let mut watch = InitErrorWatch {
+            inner: SerialOutput::Sink,
+            line: Vec::new(),
+            found: found.clone(),
+        };
+        // What the kernel console carries: printk lines, then init's line
+        // through the tty layer, written a byte at a time as the UART does.
+        let console =
+            b"[   9.1] Run /init as init process\r\n\r\nVMM-INIT-ERROR=no-status-device\r\n";
+        for byte in console {
+            watch.write_all(std::slice::from_ref(byte)).unwrap();
+        }
+        assert_eq!(*found.lock().unwrap(), Some("no-status-device".into()));
+
+        let found = Arc::new(Mutex::new(None));
+        let mut watch = InitErrorWatch {
+            inner: SerialOutput::Sink,
+            line: Vec::new(),
+            found: found.clone(),
+        };
+        let long = [b'x'; 4 * InitErrorWatch::LINE_MAX];
+        watch.write_all(&long).unwrap();
+        watch.write_all(b"VMM-INIT-ERROR=cut-off\n").unwrap();
+        watch.write_all(b"VMM-EXIT-STATUS=0\r\n").unwrap();
+        assert_eq!(
+            *found.lock().unwrap(),
+            None,
+            "only a whole line counts, and only an error"
+        );
     }
 }

@@ -678,4 +678,16 @@ impl GuestCpu for Vcpu {
             .store64(gpa, data, kind)
             .unwrap_or_else(|| kind.reply_without_enqueue_target()))
     }
+
+    fn read_device(&mut self, gpa: u64, data: &mut [u8]) {
+        if !self.mmio.read(gpa, data) {
+            // Nothing claims it: a master abort reads as all ones.
+            data.fill(0xff);
+        }
+    }
+
+    fn write_device(&mut self, gpa: u64, data: &[u8]) {
+        // A write nobody claims is dropped, as on the bus.
+        let _ = self.mmio.write(gpa, data);
+    }
 }

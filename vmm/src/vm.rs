@@ -25,6 +25,7 @@ use crate::devices::test_devices::TestExit;
 use crate::entry_watch::SharedHandlers;
 use crate::layout;
 use crate::platform::{pvm, HostCpu, Platform};
+use crate::stop_signal;
 use crate::sva::GuestPasids;
 use crate::vcpu::{Vcpu, VcpuStop};
 use pasid::PasidSpace;
@@ -102,9 +103,25 @@ pub enum RunExit {
     GuestPanic,
     /// `--timeout` expired.
     Timeout,
+    /// A stop signal (SIGINT, SIGTERM) ended the run; see
+    /// [`crate::stop_signal`].
+    Signal(i32),
     /// The VMM could not go on; the line says why.
     Error(String),
 }
+
+/// How long the thread waiting for a run sleeps between looks at
+/// [`stop_signal::received`].
+const SIGNAL_POLL: Duration = Duration::from_millis(50);
+
+/// What ended the wait for a run.
+enum Waited {
+    Vcpu(VcpuStop),
+    Timeout,
+    Signal(i32),
+    NoVcpu,
+}
+
 
 /// What the machine is made of.
 pub struct VmConfig {
@@ -428,37 +445,44 @@ impl Vm {
         // A kick that lands while a vCPU is between exits is lost: kick
         // again a little later.
         let mut rekick: Option<Instant> = None;
-        let first = loop {
-            let wake = match (deadline, rekick) {
-                (Some(d), Some(r)) => Some(d.min(r)),
-                (d, r) => d.or(r),
-            };
-            let msg = match wake {
-                Some(w) => rx.recv_timeout(w.saturating_duration_since(Instant::now())),
-                None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
-            };
-            match msg {
-                Ok(VcpuMsg::Stopped(why)) => break Some(why),
+        let waited = loop {
+            if let Some(num) = stop_signal::received() {
+                break Waited::Signal(num);
+            }
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                break Waited::Timeout;
+            }
+            // Wake at the deadline, the re-kick or the next signal poll,
+            // whichever comes first.
+            let mut wake = now + SIGNAL_POLL;
+            for t in [deadline, rekick].into_iter().flatten() {
+                wake = wake.min(t);
+            }
+            match rx.recv_timeout(wake.saturating_duration_since(now)) {
+                Ok(VcpuMsg::Stopped(why)) => break Waited::Vcpu(why),
                 Ok(VcpuMsg::KickOthers) => {
                     for t in &threads {
                         let _ = t.kill(SIGRTMIN());
                     }
                     rekick = Some(Instant::now() + REKICK_DELAY);
                 }
-                Err(mpsc::RecvTimeoutError::Timeout)
-                    if deadline.is_none_or(|d| Instant::now() < d) =>
-                {
-                    for t in &threads {
-                        let _ = t.kill(SIGRTMIN());
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if rekick.is_some_and(|r| Instant::now() >= r) {
+                        for t in &threads {
+                            let _ = t.kill(SIGRTMIN());
+                        }
+                        rekick = None;
                     }
-                    rekick = None;
                 }
-                Err(_) => break None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break Waited::NoVcpu,
             }
         };
-        let exit = match first {
-            None => RunExit::Timeout,
-            Some(why) => self.classify(why),
+        let exit = match waited {
+            Waited::Vcpu(why) => self.classify(why),
+            Waited::Timeout => RunExit::Timeout,
+            Waited::Signal(num) => RunExit::Signal(num),
+            Waited::NoVcpu => RunExit::Error("every vCPU thread ended without a reason".into()),
         };
         self.stop.store(true, Ordering::Release);
         for t in &threads {

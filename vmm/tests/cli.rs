@@ -334,6 +334,10 @@ fn run_help_names_the_exit_statuses() {
         out.contains("6 guest kernel panic, 7 init could not run the command"),
         "{out}"
     );
+    assert!(
+        out.contains("8 the guest powered off before reporting a status"),
+        "{out}"
+    );
 }
 
 /// The README's main job: SVA end to end in a micro-guest.

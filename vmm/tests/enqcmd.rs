@@ -7,8 +7,8 @@ use pci::StoreKind;
 use vmm::demos::command;
 use vmm::devices::test_devices::PortalStore;
 use vmm::microguest::{
-    self, enter_user, exit_with, MicroGuest, MicroOptions, MicroRun, DATA_START, TEST_PORTAL_START,
-    USER_CS, USER_STACK_TOP,
+    self, enter_user, exit_with, MicroGuest, MicroOptions, MicroRun, DATA_START, TEST_MMIO_START,
+    TEST_PORTAL_START, USER_CS, USER_STACK_TOP,
 };
 use vmm::vm::RunExit;
 
@@ -80,23 +80,9 @@ fn user_enqcmd_retry_sets_zf() {
 }
 
 fn kernel_store(kind: StoreKind, portal_retry: bool) -> (RunExit, Vec<PortalStore>) {
-    let mut g = MicroGuest::new();
-    g.write(SRC, &command(0x8000_0042));
-    g.asm.mov(rdi, TEST_PORTAL_START + 0x40).unwrap();
-    g.asm.mov(rsi, SRC).unwrap();
-    match kind {
-        StoreKind::Enqcmds => g.asm.enqcmds(rdi, zmmword_ptr(rsi)).unwrap(),
-        StoreKind::Enqcmd => g.asm.enqcmd(rdi, zmmword_ptr(rsi)).unwrap(),
-        StoreKind::Movdir64b => g.asm.movdir64b(rdi, zmmword_ptr(rsi)).unwrap(),
-    }
-    g.asm.setz(al).unwrap();
-    g.asm.movzx(eax, al).unwrap();
-    g.asm.or(eax, 0x700).unwrap();
-    g.asm.out(0xf4, eax).unwrap();
-    g.asm.hlt().unwrap();
-    let r = run(g, portal_retry);
-    let s = stores(&r);
-    (r.exit, s)
+    kernel_store_from(kind, SRC, portal_retry, |g| {
+        g.write(SRC, &command(0x8000_0042))
+    })
 }
 
 #[test]
@@ -233,4 +219,294 @@ fn page_fault_on_the_enqcmd_source_is_delivered_to_the_guest() {
         "#PF error code 4 (user read, not present), CR2 = source"
     );
     assert!(stores(&r).is_empty());
+}
+
+/// A CPL0 `kind` store to the portal (offset 0x40) whose 64-byte source is
+/// at guest-physical `src` (identity-mapped), after `prepare` ran; the guest
+/// exits with 0x700 | ZF.
+fn kernel_store_from(
+    kind: StoreKind,
+    src: u64,
+    portal_retry: bool,
+    prepare: impl FnOnce(&mut MicroGuest),
+) -> (RunExit, Vec<PortalStore>) {
+    let mut g = MicroGuest::new();
+    prepare(&mut g);
+    g.asm.mov(rdi, TEST_PORTAL_START + 0x40).unwrap();
+    g.asm.mov(rsi, src).unwrap();
+    match kind {
+        StoreKind::Enqcmds => g.asm.enqcmds(rdi, zmmword_ptr(rsi)).unwrap(),
+        StoreKind::Enqcmd => g.asm.enqcmd(rdi, zmmword_ptr(rsi)).unwrap(),
+        StoreKind::Movdir64b => g.asm.movdir64b(rdi, zmmword_ptr(rsi)).unwrap(),
+    }
+    g.asm.setz(al).unwrap();
+    g.asm.movzx(eax, al).unwrap();
+    g.asm.or(eax, 0x700).unwrap();
+    g.asm.out(0xf4, eax).unwrap();
+    g.asm.hlt().unwrap();
+    let r = run(g, portal_retry);
+    let s = stores(&r);
+    (r.exit, s)
+}
+
+#[test]
+fn kernel_movdir64b_from_device_registers_reads_the_device() {
+    // The scratch MMIO device returns what was written to it.
+    let (exit, stores) =
+        kernel_store_from(StoreKind::Movdir64b, TEST_MMIO_START + 0x100, false, |g| {
+            g.asm.mov(rbx, TEST_MMIO_START + 0x100).unwrap();
+            for i in 0..8u64 {
+                g.asm.mov(rax, 0x1111_1111_1111_1111u64 * (i + 1)).unwrap();
+                g.asm.mov(qword_ptr(rbx + 8 * i as i32), rax).unwrap();
+            }
+        });
+    assert_eq!(exit, RunExit::TestExit(0x700), "the VM goes on");
+    let expected: Vec<u8> = (1..=8u64)
+        .flat_map(|i| (0x1111_1111_1111_1111u64 * i).to_le_bytes())
+        .collect();
+    assert_eq!(stores.len(), 1);
+    assert_eq!(stores[0].data.to_vec(), expected);
+}
+
+#[test]
+fn kernel_movdir64b_from_the_portal_itself_reads_the_portal() {
+    // The test portal's registers read as the number of stores so far (0).
+    let (exit, stores) = kernel_store_from(StoreKind::Movdir64b, TEST_PORTAL_START, false, |_| {});
+    assert_eq!(exit, RunExit::TestExit(0x700));
+    assert_eq!(stores.len(), 1);
+    assert_eq!(stores[0].data, [0; 64]);
+}
+
+#[test]
+fn kernel_enqcmds_from_unassigned_space_reads_all_ones() {
+    // Nothing answers there: all ones, of which ENQCMDS keeps the PASID
+    // and the privilege bit of dword 0.
+    let (exit, stores) = kernel_store_from(
+        StoreKind::Enqcmds,
+        TEST_PORTAL_START + 0x8_0000,
+        false,
+        |_| {},
+    );
+    assert_eq!(exit, RunExit::TestExit(0x700), "accepted: ZF clear");
+    assert_eq!(stores.len(), 1);
+    assert_eq!(stores[0].data[..4], 0x800f_ffffu32.to_le_bytes());
+    assert_eq!(stores[0].data[4..], [0xff; 60]);
+}
+
+#[test]
+fn kernel_movdir64b_from_across_the_end_of_ram_reads_ones_past_it() {
+    let end = microguest::MICRO_MEMORY;
+    let (exit, stores) = kernel_store_from(StoreKind::Movdir64b, end - 32, false, |g| {
+        g.write(end - 32, &[0x5a; 32]);
+    });
+    assert_eq!(exit, RunExit::TestExit(0x700));
+    assert_eq!(stores.len(), 1);
+    assert_eq!(stores[0].data[..32], [0x5a; 32]);
+    assert_eq!(stores[0].data[32..], [0xff; 32]);
+}
+
+#[test]
+fn user_movdir64b_from_device_registers_reads_the_device() {
+    // At CPL3 the store traps (its destination is MMIO); its source is the
+    // scratch device, whose first register reads "TEST".
+    let mut g = MicroGuest::new();
+    let mut user = g.asm.create_label();
+    enter_user(&mut g.asm, user, USER_STACK_TOP).unwrap();
+    g.asm.set_label(&mut user).unwrap();
+    g.asm.mov(rdi, TEST_PORTAL_START + 0xfc0).unwrap();
+    g.asm.mov(rsi, TEST_MMIO_START).unwrap();
+    g.asm.movdir64b(rdi, zmmword_ptr(rsi)).unwrap();
+    exit_with(&mut g.asm, 0x64b).unwrap();
+    ud_reports(&mut g, 0xbad6);
+    let r = run(g, false);
+    assert_eq!(r.exit, RunExit::TestExit(0x64b));
+    let mut expected = [0u8; 64];
+    expected[..4].copy_from_slice(&vmm::devices::test_devices::TEST_MMIO_MAGIC.to_le_bytes());
+    assert_eq!(stores(&r).len(), 1);
+    assert_eq!(stores(&r)[0].data, expected);
+}
+
+#[test]
+fn user_enqcmd_from_the_portal_itself_completes_instead_of_ud() {
+    // IA32_PASID loaded at CPL0; the user's ENQCMD names the portal page as
+    // its source. It completes with the device's answer (ZF=1: retry); the
+    // guest's #UD handler never runs.
+    let mut g = MicroGuest::new();
+    let mut user = g.asm.create_label();
+    g.asm.mov(ecx, IA32_PASID).unwrap();
+    g.asm.mov(eax, 0x8000_1234u32).unwrap();
+    g.asm.xor(edx, edx).unwrap();
+    g.asm.wrmsr().unwrap();
+    enter_user(&mut g.asm, user, USER_STACK_TOP).unwrap();
+    g.asm.set_label(&mut user).unwrap();
+    g.asm.mov(rdi, TEST_PORTAL_START).unwrap();
+    g.asm.mov(rsi, TEST_PORTAL_START + 0x80).unwrap();
+    g.asm.enqcmd(rdi, zmmword_ptr(rsi)).unwrap();
+    g.asm.setz(al).unwrap();
+    g.asm.movzx(eax, al).unwrap();
+    g.asm.or(eax, 0x600).unwrap();
+    g.asm.out(0xf4, eax).unwrap();
+    g.asm.hlt().unwrap();
+    ud_reports(&mut g, 0xbad6);
+    let r = run(g, true);
+    assert_eq!(r.exit, RunExit::TestExit(0x601));
+    let s = stores(&r);
+    assert_eq!(s.len(), 1);
+    assert_eq!(s[0].kind, StoreKind::Enqcmd);
+    assert_eq!(s[0].data[..4], 0x1234u32.to_le_bytes());
+    assert_eq!(s[0].data[4..], [0; 60], "the portal reads 0 stores so far");
+}
+
+/// #SS.
+const SS: u8 = 12;
+
+/// A CPL0 micro-guest with the page at `missing` (if any) not present that
+/// runs `code` (which sets R12 to the CR2 it expects; otherwise R12 is 1,
+/// which no CR2 here equals) with handlers for #GP, #SS and #PF that exit
+/// with `vector << 24 | (CR2 == R12) << 20 | error code (16 bits)`, and
+/// exits with 0x600 if `code` falls through.
+fn kernel_fault(
+    missing: Option<u64>,
+    code: impl FnOnce(&mut CodeAssembler),
+) -> (RunExit, Vec<PortalStore>) {
+    let mut g = MicroGuest::new();
+    if let Some(page) = missing {
+        g.map_page(page, 0).unwrap();
+    }
+    g.asm.mov(r12, 1u64).unwrap();
+    code(&mut g.asm);
+    exit_with(&mut g.asm, 0x600).unwrap();
+    for vector in [GP, SS, PF] {
+        let mut l = g.asm.create_label();
+        g.asm.set_label(&mut l).unwrap();
+        g.asm.pop(rbx).unwrap(); // the error code
+        g.asm.and(ebx, 0xffff).unwrap();
+        g.asm.mov(rax, cr2).unwrap();
+        g.asm.cmp(rax, r12).unwrap();
+        g.asm.sete(al).unwrap();
+        g.asm.movzx(eax, al).unwrap();
+        g.asm.shl(eax, 20).unwrap();
+        g.asm.or(eax, ebx).unwrap();
+        g.asm.or(eax, u32::from(vector) << 24).unwrap();
+        g.asm.out(0xf4, eax).unwrap();
+        g.asm.hlt().unwrap();
+        g.handler(vector, l);
+    }
+    let r = run(g, false);
+    let s = stores(&r);
+    (r.exit, s)
+}
+
+fn fault(vector: u8, cr2_matches: bool, error_code: u32) -> RunExit {
+    RunExit::TestExit(u32::from(vector) << 24 | u32::from(cr2_matches) << 20 | error_code)
+}
+
+#[test]
+fn non_canonical_source_is_gp0() {
+    let (exit, stores) = kernel_fault(None, |a| {
+        a.mov(rdi, TEST_PORTAL_START).unwrap();
+        a.mov(rsi, 0x8000_0000_0000_0000u64).unwrap();
+        a.movdir64b(rdi, zmmword_ptr(rsi)).unwrap();
+    });
+    assert_eq!(exit, fault(GP, false, 0));
+    assert!(stores.is_empty());
+}
+
+#[test]
+fn non_canonical_stack_source_is_ss0() {
+    // RBP as the base: the reference is SS-based.
+    let (exit, stores) = kernel_fault(None, |a| {
+        a.mov(rdi, TEST_PORTAL_START).unwrap();
+        a.mov(rbp, 0x0000_8000_0000_0000u64).unwrap();
+        a.enqcmds(rdi, zmmword_ptr(rbp)).unwrap();
+    });
+    assert_eq!(exit, fault(SS, false, 0));
+    assert!(stores.is_empty());
+}
+
+#[test]
+fn source_running_into_a_missing_page_is_pf_at_that_page() {
+    let page = DATA_START + 0x4000;
+    let (exit, stores) = kernel_fault(Some(page), |a| {
+        a.mov(r12, page).unwrap();
+        a.mov(rdi, TEST_PORTAL_START).unwrap();
+        a.mov(rsi, page - 0x20).unwrap();
+        a.movdir64b(rdi, zmmword_ptr(rsi)).unwrap();
+    });
+    // Supervisor read of a not-present page: error code 0, CR2 = the
+    // first byte on the missing page.
+    assert_eq!(exit, fault(PF, true, 0));
+    assert!(stores.is_empty());
+}
+
+#[test]
+fn misaligned_destination_is_gp0() {
+    let (exit, stores) = kernel_fault(None, |a| {
+        a.mov(rdi, TEST_PORTAL_START + 8).unwrap();
+        a.mov(rsi, SRC).unwrap();
+        a.movdir64b(rdi, zmmword_ptr(rsi)).unwrap();
+    });
+    assert_eq!(exit, fault(GP, false, 0));
+    assert!(stores.is_empty());
+}
+
+#[test]
+fn non_canonical_destination_is_gp0() {
+    let (exit, stores) = kernel_fault(None, |a| {
+        a.mov(rdi, 0x1234_0000_0000_0040u64).unwrap();
+        a.mov(rsi, SRC).unwrap();
+        a.enqcmds(rdi, zmmword_ptr(rsi)).unwrap();
+    });
+    assert_eq!(exit, fault(GP, false, 0));
+    assert!(stores.is_empty());
+}
+
+#[test]
+fn destination_on_a_missing_page_is_pf_write_with_cr2() {
+    let page = DATA_START + 0x4000;
+    let (exit, stores) = kernel_fault(Some(page), |a| {
+        a.mov(r12, page + 0x40).unwrap();
+        a.mov(rdi, page + 0x40).unwrap();
+        a.mov(rsi, SRC).unwrap();
+        a.movdir64b(rdi, zmmword_ptr(rsi)).unwrap();
+    });
+    // Supervisor write, not present: error code 2; CR2 = the destination.
+    assert_eq!(exit, fault(PF, true, 2));
+    assert!(stores.is_empty());
+}
+
+#[test]
+fn fs_override_source_adds_the_fs_base() {
+    let (exit, stores) = kernel_fault(None, |a| {
+        // IA32_FS_BASE = SRC - 0x100.
+        a.mov(ecx, 0xc000_0100u32).unwrap();
+        a.mov(eax, (SRC - 0x100) as u32).unwrap();
+        a.mov(edx, ((SRC - 0x100) >> 32) as u32).unwrap();
+        a.wrmsr().unwrap();
+        a.mov(rdi, TEST_PORTAL_START).unwrap();
+        a.mov(rsi, 0x100u64).unwrap();
+        a.movdir64b(rdi, zmmword_ptr(rsi).fs()).unwrap();
+    });
+    assert_eq!(exit, RunExit::TestExit(0x600));
+    assert_eq!(stores.len(), 1);
+    assert_eq!(stores[0].data, [0; 64], "SRC holds zeros in this guest");
+}
+
+#[test]
+fn address_size_prefix_truncates_both_addresses() {
+    // movdir64b edi, [esi]: the upper halves of RDI and RSI are ignored.
+    let (exit, stores) = kernel_fault(None, |a| {
+        a.mov(rdi, 0xdead_beef_0000_0000u64 | TEST_PORTAL_START | 0x80)
+            .unwrap();
+        a.mov(rsi, 0x1234_5678_0000_0000u64 | TEST_MMIO_START)
+            .unwrap();
+        a.movdir64b(edi, zmmword_ptr(esi)).unwrap();
+    });
+    assert_eq!(exit, RunExit::TestExit(0x600));
+    assert_eq!(stores.len(), 1);
+    assert_eq!(stores[0].offset, 0x80);
+    assert_eq!(
+        stores[0].data[..4],
+        vmm::devices::test_devices::TEST_MMIO_MAGIC.to_le_bytes()
+    );
 }

@@ -1,6 +1,7 @@
 //! `vmm run -- CMD` end to end with Linux and the project's init: CMD's
 //! output on stdout byte for byte, its status as the VMM's exit status,
-//! a guest panic as 6 and a timeout as 4.
+//! a guest panic as 6, a timeout as 4, init's failure as 7 and a power-off
+//! without a status as 8, never 0.
 
 mod linux;
 
@@ -42,13 +43,37 @@ fn missing_program_gives_127() {
 }
 
 #[test]
-fn guest_poweroff_gives_0() {
+fn guest_poweroff_before_the_status_gives_8() {
     let run = vmm_run(&["--timeout", TIMEOUT], &["poweroff", "-f"]);
-    assert_eq!(run.code, 0, "stderr: {}", run.stderr);
+    assert_eq!(run.code, 8, "stderr: {}", run.stderr);
     assert!(run.stdout.is_empty());
     assert!(
         run.stderr
             .ends_with("vmm: the guest powered off before reporting the command's status\n"),
+        "{}",
+        run.stderr
+    );
+}
+
+/// With the virtio console driver kept from loading, init finds no status
+/// console: it can only write its error on the serial console and power
+/// off. That is still init's failure (7, with the reason), not a clean end.
+#[test]
+fn init_error_on_the_serial_console_gives_7() {
+    let run = vmm_run(
+        &[
+            "--timeout",
+            TIMEOUT,
+            "--cmdline",
+            "console=ttyS0 noxsave initcall_blacklist=virtio_console_init",
+        ],
+        &["true"],
+    );
+    assert_eq!(run.code, 7, "stderr: {}", run.stderr);
+    assert!(run.stdout.is_empty());
+    assert!(
+        run.stderr
+            .ends_with("vmm: the guest's init could not run the command: no-status-device\n"),
         "{}",
         run.stderr
     );

@@ -183,6 +183,28 @@ pub mod qi {
     }
 }
 
+/// The registers garbage writes aim at (besides any offset in the window).
+pub const GARBAGE_TARGETS: [u64; 18] = [
+    GCMD,
+    RTADDR,
+    CCMD,
+    FSTS,
+    FECTL,
+    IQT,
+    IQA,
+    ICS,
+    IECTL,
+    PQH,
+    PQT,
+    PQA,
+    PRS,
+    PECTL,
+    IVA,
+    IOTLB_REG,
+    FRCD_BASE + 8,
+    FRCD_BASE + 12,
+];
+
 /// Status value Linux's qi_submit_sync waits for.
 pub const QI_DONE: u32 = 2;
 

@@ -27,9 +27,47 @@ pub enum SerialOutput {
     /// carries the command's output).
     Stderr,
     /// A file.
-    File(File),
+    File(OutputFile),
     /// Nowhere.
     Sink,
+    /// Anything else (e.g. a watcher that passes the bytes on).
+    Custom(Box<dyn Write + Send>),
+}
+
+impl SerialOutput {
+    /// Output to `file`.
+    pub fn file(file: File) -> Self {
+        Self::File(OutputFile {
+            file,
+            failing: false,
+        })
+    }
+}
+
+/// A file that takes the guest's console output. A write that fails (a full
+/// disk, a file system gone read-only) is reported once, the bytes are
+/// dropped and the guest goes on; a later write that succeeds is reported
+/// too.
+pub struct OutputFile {
+    file: File,
+    failing: bool,
+}
+
+impl OutputFile {
+    fn write_or_drop(&mut self, buf: &[u8]) {
+        match self.file.write_all(buf) {
+            Ok(()) if self.failing => {
+                self.failing = false;
+                log::warn!("serial output file: writing again");
+            }
+            Ok(()) => {}
+            Err(e) if !self.failing => {
+                self.failing = true;
+                log::warn!("serial output file: {e}; the guest's console output is dropped until writes succeed again");
+            }
+            Err(_) => {}
+        }
+    }
 }
 
 impl Write for SerialOutput {
@@ -46,16 +84,20 @@ impl Write for SerialOutput {
                 err.write_all(buf)?;
                 Ok(buf.len())
             }
-            Self::File(f) => f.write(buf),
+            Self::File(f) => {
+                f.write_or_drop(buf);
+                Ok(buf.len())
+            }
             Self::Sink => Ok(buf.len()),
+            Self::Custom(w) => w.write(buf),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
         match self {
             Self::Stdout => io::stdout().flush(),
             Self::Stderr => io::stderr().flush(),
-            Self::File(f) => f.flush(),
-            Self::Sink => Ok(()),
+            Self::File(_) | Self::Sink => Ok(()),
+            Self::Custom(w) => w.flush(),
         }
     }
 }

@@ -14,6 +14,11 @@
 //!   and privilege (bit 31) come from the source, bits 30:20 are cleared.
 //! - ENQCMD and ENQCMDS set ZF when the device answers "retry", clear it
 //!   when it accepts, and clear CF, PF, AF, SF and OF.
+//!
+//! The source may be anywhere the guest's page tables point: RAM, device
+//! registers (the portal page itself, any MMIO BAR), guest-physical space
+//! nobody claims (reads as all ones) or a range straddling the end of RAM;
+//! every case completes as on hardware.
 
 use iced_x86::{Code, Instruction};
 use pci::{StoreKind, StoreReply};
@@ -22,7 +27,7 @@ use super::arch::{ia32_pasid, rflags};
 use super::context::CpuContext;
 use super::decode::{check_canonical, memory_operand};
 use super::exception::Exception;
-use super::mmu::{read_linear, translate, AccessError, AccessKind, Privilege};
+use super::mmu::{read_linear_any, translate, AccessKind, Privilege};
 use super::{EmulatorError, GuestCpu, Step, StoreRecord, UnhandledReason};
 
 /// Size of the store and of its source.
@@ -106,20 +111,20 @@ pub(crate) fn execute<C: GuestCpu + ?Sized>(
     }
 
     let privilege = Privilege::of(ctx);
+    // The source is read as the CPU reads it: RAM, a device's registers
+    // (the portal itself included), or all ones where nothing answers.
     let mut source = [0u8; STORE_SIZE];
-    match read_linear(
-        cpu.memory(),
+    let memory = cpu.memory().clone();
+    let read = read_linear_any(
+        &memory,
         ctx,
         src.linear,
         &mut source,
-        AccessKind::Read,
         privilege,
-    ) {
-        Ok(()) => {}
-        Err(AccessError::NotRam { gpa }) => {
-            return Ok(Step::Unsupported(UnhandledReason::SourceNotRam { gpa }))
-        }
-        Err(e) => return Ok(e.into()),
+        &mut |gpa, data| cpu.read_device(gpa, data),
+    );
+    if let Err(e) = read {
+        return Ok(e.into());
     }
     let gpa = match translate(cpu.memory(), ctx, dest, AccessKind::Write, privilege) {
         Ok(gpa) => gpa,

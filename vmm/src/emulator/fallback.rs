@@ -13,7 +13,7 @@ use super::context::CpuContext;
 use super::decode::{check_canonical, memory_operand};
 use super::exception::Exception;
 use super::guest_atomic::{compare_exchange_u128, AtomicAccessError};
-use super::mmu::{read_linear, translate, AccessError, AccessKind, Privilege};
+use super::mmu::{read_linear_any, translate, AccessError, AccessKind, Privilege};
 use super::{EmulatorError, GuestCpu, Step, UnhandledReason};
 
 /// An instruction the fallback emulator knows.
@@ -148,14 +148,16 @@ fn popcnt<C: GuestCpu + ?Sized>(
             let m = memory_operand(ctx, instr, 1)
                 .ok_or(Stop::Unsupported(UnhandledReason::BadOperand))?;
             check_canonical(ctx, m.linear, size as u64, m.ss_based)?;
+            // Device memory is read through its device, as the CPU does.
             let mut buf = [0u8; 8];
-            read_linear(
-                cpu.memory(),
+            let memory = cpu.memory().clone();
+            read_linear_any(
+                &memory,
                 ctx,
                 m.linear,
                 &mut buf[..size],
-                AccessKind::Read,
                 Privilege::of(ctx),
+                &mut |gpa, data| cpu.read_device(gpa, data),
             )?;
             u64::from_le_bytes(buf)
         }
@@ -165,6 +167,32 @@ fn popcnt<C: GuestCpu + ?Sized>(
         .ok_or(Stop::Unsupported(UnhandledReason::BadOperand))?;
     ctx.set_status_flags(if value == 0 { rflags::ZF } else { 0 });
     Ok(())
+}
+
+/// CMPXCHG16B's read and write of 16 bytes of device memory at `gpa`
+/// (16-byte aligned): two 8-byte reads, then two 8-byte writes of `new`
+/// if the value was `expected`, else of the value read (the destination is
+/// always written).
+fn device_compare_exchange<C: GuestCpu + ?Sized>(
+    cpu: &mut C,
+    gpa: u64,
+    expected: u128,
+    new: u128,
+) -> Result<u128, u128> {
+    let mut bytes = [0u8; 16];
+    for (i, half) in bytes.chunks_mut(8).enumerate() {
+        cpu.read_device(gpa + 8 * i as u64, half);
+    }
+    let actual = u128::from_le_bytes(bytes);
+    let written = if actual == expected { new } else { actual };
+    for (i, half) in written.to_le_bytes().chunks(8).enumerate() {
+        cpu.write_device(gpa + 8 * i as u64, half);
+    }
+    if actual == expected {
+        Ok(actual)
+    } else {
+        Err(actual)
+    }
 }
 
 fn cmpxchg16b<C: GuestCpu + ?Sized>(
@@ -190,12 +218,17 @@ fn cmpxchg16b<C: GuestCpu + ?Sized>(
     let r = &ctx.regs;
     let expected = (u128::from(r.rdx) << 64) | u128::from(r.rax);
     let new = (u128::from(r.rcx) << 64) | u128::from(r.rbx);
-    let result = compare_exchange_u128(cpu.memory(), gpa, expected, new).map_err(|e| {
-        Stop::Unsupported(match e {
-            AtomicAccessError::NotRam => UnhandledReason::OperandNotRam { gpa },
-            AtomicAccessError::Misaligned => UnhandledReason::BadOperand,
-        })
-    })?;
+    let result = match compare_exchange_u128(cpu.memory(), gpa, expected, new) {
+        Ok(result) => result,
+        // Device memory: the locked read and write go to the device (a bus
+        // lock on hardware; nothing else reaches the device in between
+        // here, as each access takes the device's lock and vCPUs reach a
+        // device only through this VMM).
+        Err(AtomicAccessError::NotRam) => device_compare_exchange(cpu, gpa, expected, new),
+        Err(AtomicAccessError::Misaligned) => {
+            return Err(Stop::Unsupported(UnhandledReason::BadOperand))
+        }
+    };
     match result {
         Ok(_) => ctx.regs.rflags |= rflags::ZF,
         Err(actual) => {

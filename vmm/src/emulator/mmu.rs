@@ -6,7 +6,7 @@
 //! would raise, with its architectural error code and CR2.
 
 use viommu::paging::{self, AccessType, WalkConfig, WalkFault};
-use vm_memory::{Bytes, GuestAddress, GuestMemory};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::arch::{cr0, cr4, efer, rflags, CR3_ROOT_MASK};
 use super::context::CpuContext;
@@ -170,6 +170,69 @@ pub(crate) fn read_linear<M: GuestMemory>(
         off += len;
     }
     Ok(())
+}
+
+/// Reads `buf.len()` bytes at linear address `va` as a CPU's data read
+/// does: every page is translated first (a fault reads nothing), then each
+/// byte comes from RAM or, where the guest-physical address is not RAM,
+/// from `read_device` (a device's registers, or all ones where no device
+/// answers), in naturally aligned pieces of at most 8 bytes. A range that
+/// straddles the end of RAM reads its RAM bytes from RAM and the rest from
+/// the bus.
+pub(crate) fn read_linear_any(
+    mem: &GuestMemoryMmap,
+    ctx: &CpuContext,
+    va: u64,
+    buf: &mut [u8],
+    privilege: Privilege,
+    read_device: &mut dyn FnMut(u64, &mut [u8]),
+) -> Result<(), AccessError> {
+    let pieces = page_chunks(va, buf.len())
+        .map(|(addr, len)| Ok((translate(mem, ctx, addr, AccessKind::Read, privilege)?, len)))
+        .collect::<Result<Vec<_>, AccessError>>()?;
+    let mut off = 0;
+    for (gpa, len) in pieces {
+        read_physical_any(mem, gpa, &mut buf[off..off + len], read_device);
+        off += len;
+    }
+    Ok(())
+}
+
+/// Reads `buf.len()` bytes at guest-physical `gpa` from RAM where it is RAM
+/// and from `read_device` elsewhere (see [`read_linear_any`]).
+fn read_physical_any(
+    mem: &GuestMemoryMmap,
+    gpa: u64,
+    buf: &mut [u8],
+    read_device: &mut dyn FnMut(u64, &mut [u8]),
+) {
+    let mut off = 0;
+    while off < buf.len() {
+        let at = gpa.wrapping_add(off as u64);
+        let left = buf.len() - off;
+        if mem.address_in_range(GuestAddress(at)) {
+            // The RAM run: up to the end of this region (or of the buffer).
+            let mut n = 1;
+            while n < left && mem.address_in_range(GuestAddress(at.wrapping_add(n as u64))) {
+                n += 1;
+            }
+            if mem
+                .read_slice(&mut buf[off..off + n], GuestAddress(at))
+                .is_err()
+            {
+                buf[off..off + n].fill(0xff);
+            }
+            off += n;
+        } else {
+            // The largest naturally aligned piece of at most 8 bytes.
+            let mut n = 8usize.min(left);
+            while n > 1 && (at % n as u64 != 0 || !n.is_power_of_two()) {
+                n -= 1;
+            }
+            read_device(at, &mut buf[off..off + n]);
+            off += n;
+        }
+    }
 }
 
 /// Fetches up to 15 instruction bytes at `rip`. The first page must be

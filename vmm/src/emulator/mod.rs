@@ -170,6 +170,21 @@ pub trait GuestCpu {
         data: &[u8; 64],
         kind: StoreKind,
     ) -> Result<StoreReply, EmulatorError>;
+    /// Reads guest-physical memory that is not RAM as the platform does: a
+    /// device on the MMIO bus answers its range; an address no device
+    /// claims reads as all ones (a master abort). `data` is at most 8 bytes
+    /// and naturally aligned. The default knows no devices.
+    fn read_device(&mut self, gpa: u64, data: &mut [u8]) {
+        let _ = gpa;
+        data.fill(0xff);
+    }
+    /// Writes guest-physical memory that is not RAM: the device on the MMIO
+    /// bus that claims `gpa` gets it; a write nobody claims is dropped.
+    /// `data` is at most 8 bytes and naturally aligned. The default knows
+    /// no devices.
+    fn write_device(&mut self, gpa: u64, data: &[u8]) {
+        let _ = (gpa, data);
+    }
 }
 
 /// A completed 64-byte store.
@@ -196,11 +211,6 @@ pub enum UnhandledReason {
     UnknownInstruction(Mnemonic),
     /// An operand form the emulator does not take.
     BadOperand,
-    /// The 64-byte source is not in guest RAM (device memory).
-    SourceNotRam {
-        /// Guest-physical address of the source page.
-        gpa: u64,
-    },
     /// A memory operand is not in guest RAM.
     OperandNotRam {
         /// Guest-physical address of the operand.
@@ -217,7 +227,6 @@ impl fmt::Display for UnhandledReason {
                 write!(f, "no emulation for {}", format!("{m:?}").to_lowercase())
             }
             Self::BadOperand => write!(f, "unsupported operand"),
-            Self::SourceNotRam { gpa } => write!(f, "64-byte source at GPA {gpa:#x} is not RAM"),
             Self::OperandNotRam { gpa } => write!(f, "memory operand at GPA {gpa:#x} is not RAM"),
         }
     }

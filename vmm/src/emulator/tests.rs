@@ -99,6 +99,16 @@ struct MockCpu {
     phys_bits: u8,
     /// Whether the platform answers the fallback instructions (PVM).
     fallback: bool,
+    /// Device reads the emulator made: (GPA, length).
+    device_reads: Vec<(u64, usize)>,
+    /// Device writes the emulator made: (GPA, bytes).
+    device_writes: Vec<(u64, Vec<u8>)>,
+}
+
+/// What the mock portal device's registers read as: each byte its
+/// guest-physical address's low byte, inverted.
+fn portal_byte(gpa: u64) -> u8 {
+    !(gpa as u8)
 }
 
 impl GuestCpu for MockCpu {
@@ -168,6 +178,20 @@ impl GuestCpu for MockCpu {
             _ => StoreReply::Retry,
         })
     }
+    fn write_device(&mut self, gpa: u64, data: &[u8]) {
+        self.device_writes.push((gpa, data.to_vec()));
+    }
+    fn read_device(&mut self, gpa: u64, data: &mut [u8]) {
+        self.device_reads.push((gpa, data.len()));
+        for (i, b) in data.iter_mut().enumerate() {
+            let at = gpa + i as u64;
+            *b = if (PORTAL_PA..PORTAL_PA + 0x1000).contains(&at) {
+                portal_byte(at)
+            } else {
+                0xff
+            };
+        }
+    }
 }
 
 fn segment(selector: u16, dpl: u8, code: bool) -> kvm_segment {
@@ -228,6 +252,8 @@ impl MockCpu {
             next_table: 0x2000,
             phys_bits: 52,
             fallback: true,
+            device_reads: Vec::new(),
+            device_writes: Vec::new(),
         };
         let kernel_rw = PTE_P | PTE_RW | PTE_NX;
         let user_rw = kernel_rw | PTE_US;
@@ -809,26 +835,79 @@ fn bytes_missing_from_the_exit_are_fetched_at_rip() {
 }
 
 #[test]
-fn source_in_device_memory_is_not_handled() {
+fn source_in_device_memory_is_read_from_the_device() {
+    // The portal page itself as the source: its registers answer, in
+    // aligned 8-byte reads, and the store carries what they returned.
     let mut cpu = MockCpu::new();
     cpu.regs.rax = KPORTAL;
     cpu.regs.rdx = KPORTAL + 0x40;
     let bytes = cpu.place(|a| a.movdir64b(rax, ptr(rdx)));
-    let before = (cpu.regs, cpu.sregs);
+    let rip = cpu.regs.rip;
 
     let outcome = handle_emulation_failure(&mut cpu, &bytes).unwrap();
 
-    let Outcome::NotHandled(u) = outcome else {
-        panic!("{outcome:?}")
-    };
+    assert!(matches!(outcome, Outcome::Store(_)), "{outcome:?}");
+    let expected: Vec<u8> = (0..64).map(|i| portal_byte(PORTAL_PA + 0x40 + i)).collect();
+    assert_eq!(cpu.stores.len(), 1);
+    assert_eq!(cpu.stores[0].1.to_vec(), expected);
     assert_eq!(
-        u.reason,
-        UnhandledReason::SourceNotRam {
-            gpa: PORTAL_PA + 0x40
-        }
+        cpu.device_reads,
+        (0..8)
+            .map(|i| (PORTAL_PA + 0x40 + 8 * i, 8))
+            .collect::<Vec<_>>()
     );
-    assert_eq!((cpu.regs, cpu.sregs), before);
-    assert!(cpu.stores.is_empty() && cpu.injected.is_empty());
+    assert_eq!(cpu.regs.rip, rip + bytes.len() as u64);
+    assert!(cpu.injected.is_empty());
+}
+
+#[test]
+fn misaligned_device_source_is_read_in_aligned_pieces() {
+    let mut cpu = MockCpu::new();
+    cpu.regs.rax = KPORTAL;
+    cpu.regs.rdx = KPORTAL + 0x43;
+    let bytes = cpu.place(|a| a.movdir64b(rax, ptr(rdx)));
+    assert!(matches!(
+        handle_emulation_failure(&mut cpu, &bytes).unwrap(),
+        Outcome::Store(_)
+    ));
+    let expected: Vec<u8> = (0..64).map(|i| portal_byte(PORTAL_PA + 0x43 + i)).collect();
+    assert_eq!(cpu.stores[0].1.to_vec(), expected);
+    let base = PORTAL_PA + 0x40;
+    let mut pieces = vec![(base + 3, 1), (base + 4, 4)];
+    pieces.extend((1..8).map(|i| (base + 8 * i, 8)));
+    pieces.extend([(base + 64, 2), (base + 66, 1)]);
+    assert_eq!(cpu.device_reads, pieces);
+}
+
+#[test]
+fn source_straddling_the_end_of_ram_reads_ones_past_it() {
+    // Two kernel pages: the last page of RAM, then the first page past it
+    // (nothing there); the source's first 32 bytes are RAM.
+    const VA: u64 = 0xffff_8880_0800_0000;
+    let mut cpu = MockCpu::new();
+    cpu.map(VA, RAM_SIZE as u64 - 0x1000, PTE_P | PTE_RW | PTE_NX);
+    cpu.map(VA + 0x1000, RAM_SIZE as u64, PTE_P | PTE_RW | PTE_NX);
+    let ram: Vec<u8> = (0..32).map(|i| 0x80 | i as u8).collect();
+    cpu.mem
+        .write_slice(&ram, GuestAddress(RAM_SIZE as u64 - 32))
+        .unwrap();
+    cpu.regs.rax = KPORTAL;
+    cpu.regs.rdx = VA + 0x1000 - 32;
+    let bytes = cpu.place(|a| a.movdir64b(rax, ptr(rdx)));
+
+    assert!(matches!(
+        handle_emulation_failure(&mut cpu, &bytes).unwrap(),
+        Outcome::Store(_)
+    ));
+    let mut expected = ram.clone();
+    expected.extend([0xff; 32]);
+    assert_eq!(cpu.stores[0].1.to_vec(), expected);
+    assert_eq!(
+        cpu.device_reads,
+        (0..4)
+            .map(|i| (RAM_SIZE as u64 + 8 * i, 8))
+            .collect::<Vec<_>>()
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -1559,6 +1638,66 @@ fn popcnt_memory_form_and_its_page_fault() {
 }
 
 #[test]
+fn popcnt_of_device_memory_reads_the_device() {
+    // The portal's registers read as the inverted low address byte:
+    // 0x3f, 0x3e, ... at portal offset 0xc0.
+    let mut cpu = MockCpu::new();
+    cpu.regs.rsi = KPORTAL + 0xc0;
+    let bytes = cpu.place(|a| a.popcnt(r12, qword_ptr(rsi)));
+    assert_eq!(
+        handle_emulation_failure(&mut cpu, &bytes).unwrap(),
+        Outcome::Emulated(FallbackInstruction::Popcnt)
+    );
+    let value = u64::from_le_bytes(std::array::from_fn(|i| {
+        portal_byte(PORTAL_PA + 0xc0 + i as u64)
+    }));
+    assert_eq!(cpu.regs.r12, u64::from(value.count_ones()));
+    assert_eq!(cpu.device_reads, vec![(PORTAL_PA + 0xc0, 8)]);
+}
+
+#[test]
+fn lock_cmpxchg16b_on_device_memory_reads_then_writes_the_device() {
+    let mut cpu = MockCpu::new();
+    cpu.regs.rdi = KPORTAL + 0x80;
+    (cpu.regs.rdx, cpu.regs.rax) = (0x1111, 0x2222);
+    (cpu.regs.rcx, cpu.regs.rbx) = (0x3333, 0x4444);
+    let bytes = cpu.place(|a| a.lock().cmpxchg16b(xmmword_ptr(rdi)));
+    assert_eq!(
+        handle_emulation_failure(&mut cpu, &bytes).unwrap(),
+        Outcome::Emulated(FallbackInstruction::Cmpxchg16b)
+    );
+    // Not equal: the device's value is loaded and written back.
+    let read: Vec<u8> = (0..16).map(|i| portal_byte(PORTAL_PA + 0x80 + i)).collect();
+    let lo = u64::from_le_bytes(read[..8].try_into().unwrap());
+    let hi = u64::from_le_bytes(read[8..].try_into().unwrap());
+    assert_eq!((cpu.regs.rdx, cpu.regs.rax), (hi, lo));
+    assert_eq!(cpu.regs.rflags & rflags::ZF, 0);
+    assert_eq!(
+        cpu.device_writes,
+        vec![
+            (PORTAL_PA + 0x80, read[..8].to_vec()),
+            (PORTAL_PA + 0x88, read[8..].to_vec())
+        ]
+    );
+
+    // Equal: RCX:RBX is written, ZF=1.
+    let mut cpu = MockCpu::new();
+    cpu.regs.rdi = KPORTAL + 0x80;
+    (cpu.regs.rdx, cpu.regs.rax) = (hi, lo);
+    (cpu.regs.rcx, cpu.regs.rbx) = (0x3333, 0x4444);
+    let bytes = cpu.place(|a| a.lock().cmpxchg16b(xmmword_ptr(rdi)));
+    handle_emulation_failure(&mut cpu, &bytes).unwrap();
+    assert_ne!(cpu.regs.rflags & rflags::ZF, 0);
+    assert_eq!(
+        cpu.device_writes,
+        vec![
+            (PORTAL_PA + 0x80, 0x4444u64.to_le_bytes().to_vec()),
+            (PORTAL_PA + 0x88, 0x3333u64.to_le_bytes().to_vec())
+        ]
+    );
+}
+
+#[test]
 fn int3_reflects_bp_with_rip_after_it() {
     let mut cpu = MockCpu::new();
     let bytes = cpu.place(|a| a.int3());
@@ -1715,34 +1854,30 @@ proptest! {
 }
 
 #[test]
-fn user_enqcmd_with_device_source_is_left_to_the_guest() {
-    // Breakpoint route: reported, vCPU unchanged.
-    let (mut cpu, _) = at_ud_entry(0, |a| a.enqcmd(rax, ptr(rdx)));
+fn user_enqcmd_with_device_source_completes() {
+    // A CPL 3 ENQCMD whose source is the portal page: emulated at the #UD
+    // entry like any other, the source read from the device, and the user
+    // gets the device's answer in ZF instead of a #UD.
+    let (mut cpu, code) = at_ud_entry(0, |a| a.enqcmd(rax, ptr(rdx)));
     cpu.regs.rdx = PORTAL + 0x40;
-    let before = (cpu.regs, cpu.sregs);
+    cpu.pasid = PASID_VALID | 0x77;
+    cpu.device_reply = StoreReply::Retry;
     let action = handle_exception_entry(&mut cpu, 6).unwrap();
-    let EntryAction::NotHandled(u) = action else {
-        panic!("{action:?}")
-    };
     assert_eq!(
-        u.to_string(),
-        format!(
-            "RIP {UCODE:#x} bytes [f2 0f 38 f8 02]: 64-byte source at GPA {:#x} is not RAM",
-            PORTAL_PA + 0x40
-        )
+        action,
+        EntryAction::Emulated(StoreRecord {
+            kind: StoreKind::Enqcmd,
+            linear: PORTAL,
+            gpa: PORTAL_PA,
+            reply: StoreReply::Retry,
+        })
     );
-    assert_eq!((cpu.regs, cpu.sregs), before);
-
-    // clac route: the clac runs and the guest's #UD handler goes on.
-    let (mut cpu, _) = at_ud_entry(4, |a| a.enqcmd(rax, ptr(rdx)));
-    cpu.regs.rdx = PORTAL + 0x40;
-    assert_eq!(
-        handle_emulation_failure(&mut cpu, &[0x0f, 0x01, 0xca]).unwrap(),
-        Outcome::Emulated(FallbackInstruction::Clac)
-    );
-    assert_eq!(cpu.regs.rip, UD_HANDLER + 7);
-    assert_eq!(cpu.sregs.cs.selector, KERNEL_CS);
-    assert!(cpu.stores.is_empty() && cpu.injected.is_empty());
+    assert_back_in_user(&cpu, UCODE + code.len() as u64);
+    assert_eq!(cpu.regs.rflags, 0x202 | rflags::ZF);
+    assert_eq!(dword0(&cpu.stores[0].1), 0x77);
+    let rest: Vec<u8> = (4..64).map(|i| portal_byte(PORTAL_PA + 0x40 + i)).collect();
+    assert_eq!(cpu.stores[0].1[4..].to_vec(), rest);
+    assert!(cpu.injected.is_empty());
 }
 
 #[test]
@@ -1758,16 +1893,14 @@ fn reserved_bits_and_tables_outside_ram_are_pf_rsvd() {
     );
 
     // The same entry is fine with 52-bit physical addresses... and then
-    // points outside RAM: the source is not RAM.
+    // points where nothing answers: the source reads as all ones.
     let (mut cpu, bytes) = enqcmd_machine();
     cpu.map(KDATA, KDATA_PA | (1 << 47), PTE_P | PTE_RW | PTE_NX);
     assert!(matches!(
         handle_emulation_failure(&mut cpu, &bytes).unwrap(),
-        Outcome::NotHandled(Unhandled {
-            reason: UnhandledReason::SourceNotRam { .. },
-            ..
-        })
+        Outcome::Store(_)
     ));
+    assert_eq!(cpu.stores[0].1[4..], [0xff; 60]);
 
     // A page-directory entry pointing outside guest RAM reads as all ones.
     let (mut cpu, bytes) = enqcmd_machine();

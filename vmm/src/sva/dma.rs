@@ -101,23 +101,20 @@ impl ViommuDma {
     fn guest_tag(&self, tag: Option<PasidTag>) -> Result<Option<viommu::PasidTag>, ()> {
         match tag {
             None => Ok(None),
-            Some(t) => {
-                self.pasids.note_device_request(self.rid, t.pasid);
-                match self.pasids.guest_pasid(t.pasid) {
-                    Some(pasid) => Ok(Some(viommu::PasidTag {
-                        pasid,
-                        privileged: t.privileged,
-                    })),
-                    None => {
-                        log::debug!(
-                            "{:#06x}: host PASID {:#x} is not the guest's: translation error",
-                            self.rid,
-                            t.pasid
-                        );
-                        Err(())
-                    }
+            Some(t) => match self.pasids.guest_pasid_of_request(self.rid, t.pasid) {
+                Some(pasid) => Ok(Some(viommu::PasidTag {
+                    pasid,
+                    privileged: t.privileged,
+                })),
+                None => {
+                    log::debug!(
+                        "{:#06x}: host PASID {:#x} is not the guest's: translation error",
+                        self.rid,
+                        t.pasid
+                    );
+                    Err(())
                 }
-            }
+            },
         }
     }
 

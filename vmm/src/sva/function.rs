@@ -115,6 +115,9 @@ impl PciDevice for DsaFunction {
         if bar != PORTAL_BAR || kind == StoreKind::Movdir64b {
             return self.dsa.bar_store64(bar, offset, data, kind);
         }
+        // Held until the descriptor is queued: a teardown of its PASID
+        // waits for it before the host PASID can be freed.
+        let _submission = self.pasids.submission();
         match translate_enqueue(&self.pasids, self.rid, data) {
             Some(command) => self.dsa.bar_store64(bar, offset, &command, kind),
             None => StoreReply::Retry,

@@ -3,7 +3,8 @@
 //! IA32_PASID following the guest's address spaces.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
 
 use pasid::{Ia32Pasid, OwnerId, PasidSpace, PasidTable, Scope, PASID_MAX, RESERVED_PASID};
 use thiserror::Error;
@@ -66,6 +67,10 @@ pub enum PasidMiss {
 /// devices drop what they cached under it.
 pub type HostPasidFreed = Arc<dyn Fn(u32) + Send + Sync>;
 
+/// Asked, for a host PASID the guest tore down, whether a device still
+/// holds work or configuration tagged with it.
+pub type HostPasidInUse = Arc<dyn Fn(u32) -> bool + Send + Sync>;
+
 /// One guest's PASID state, shared by its vCPUs, its devices and the vIOMMU
 /// (as a [`PasidObserver`]).
 ///
@@ -78,7 +83,17 @@ pub type HostPasidFreed = Arc<dyn Fn(u32) + Send + Sync>;
 ///   and no teardown signal, so mappings live until the guest goes away,
 ///   bounded by [`GUEST_PASID_LIMIT`].
 /// - A PASID-cache invalidation re-checks the PASIDs it covers and removes
-///   those the guest no longer has, freeing their host PASIDs.
+///   those the guest no longer has. A removed mapping's host PASID goes
+///   back to the space only once no device of the guest can use it:
+///   after every enqueue that translated the guest PASID before the
+///   removal has reached its device ([`GuestPasids::submission`]), and
+///   after no device holds a queued or running descriptor, or an enabled
+///   dedicated WQ, with it ([`GuestPasids::on_host_pasid_in_use`]). Until
+///   then it is *retired*: charged to the guest, mapping back to nothing
+///   (the device's requests with it fail translation, as they would on
+///   hardware once the guest's PASID entry is gone). Retired host PASIDs
+///   are freed at the next removal, on a miss, or when the guest goes
+///   away.
 /// - Where the device must be handed some PASID for a guest PASID the
 ///   vIOMMU does not confirm (WQCFG.PASID at Enable WQ), the guest PASID
 ///   gets an *unverified* host PASID, kept
@@ -99,6 +114,14 @@ pub struct GuestPasids {
     /// (requester ID, host PASID) of the DMA requests devices made through
     /// the vIOMMU (see [`GuestPasids::device_requests`]).
     device_requests: RwLock<BTreeSet<(u16, u32)>>,
+    /// Held shared by each enqueue from its translation to its arrival in
+    /// the device, exclusively by a removal between unmapping and retiring.
+    submissions: RwLock<()>,
+    in_use: RwLock<Vec<HostPasidInUse>>,
+    /// Unmapped host PASIDs a device may still use; charged to the guest.
+    retired: Mutex<Vec<u32>>,
+    /// Device requests tagged with a host PASID charged to another owner.
+    foreign_requests: AtomicU64,
 }
 
 /// Host PASIDs of guest PASIDs the vIOMMU did not confirm, both ways.
@@ -130,6 +153,10 @@ impl GuestPasids {
             address_spaces: Mutex::new(HashMap::new()),
             freed: RwLock::new(Vec::new()),
             device_requests: RwLock::new(BTreeSet::new()),
+            submissions: RwLock::new(()),
+            in_use: RwLock::new(Vec::new()),
+            retired: Mutex::new(Vec::new()),
+            foreign_requests: AtomicU64::new(0),
         })
     }
 
@@ -159,6 +186,55 @@ impl GuestPasids {
         write(&self.freed).push(f);
     }
 
+    /// Registers `f` to be asked whether a device still uses a host PASID
+    /// the guest tore down (one per device).
+    pub fn on_host_pasid_in_use(&self, f: HostPasidInUse) {
+        write(&self.in_use).push(f);
+    }
+
+    /// Held by an enqueue (ENQCMD/ENQCMDS at a portal) from the guest
+    /// PASID's translation until the descriptor is in the device's queue: a
+    /// removal of the mapping waits for it before the host PASID can be
+    /// freed.
+    pub fn submission(&self) -> RwLockReadGuard<'_, ()> {
+        read(&self.submissions)
+    }
+
+    /// Host PASIDs unmapped but not yet freed (a device may still use them).
+    pub fn retired(&self) -> Vec<u32> {
+        self.lock_retired().clone()
+    }
+
+    fn lock_retired(&self) -> std::sync::MutexGuard<'_, Vec<u32>> {
+        self.retired.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Frees the retired host PASIDs no device uses any more.
+    pub fn reap_retired(&self) {
+        let users = read(&self.in_use).clone();
+        let mut retired = self.lock_retired();
+        if retired.is_empty() {
+            return;
+        }
+        let space = self.table.space();
+        let owner = self.table.owner();
+        retired.retain(|&hpasid| {
+            if users.iter().any(|in_use| in_use(hpasid)) {
+                return true;
+            }
+            if let Err(e) = space.free(owner, Scope::Global, hpasid) {
+                log::error!("{owner}: freeing retired host PASID {hpasid:#x}: {e}");
+            }
+            false
+        });
+    }
+
+    /// How many device requests carried a host PASID charged to another
+    /// owner when they were made: what the teardown order rules out.
+    pub fn foreign_requests(&self) -> u64 {
+        self.foreign_requests.load(Ordering::Relaxed)
+    }
+
     fn authority(&self) -> Option<Arc<dyn PasidAuthority>> {
         read(&self.authority).clone()
     }
@@ -178,6 +254,7 @@ impl GuestPasids {
                 return Err(PasidMiss::NotSetUp(gpasid));
             }
         }
+        self.reap_retired();
         let hpasid = self
             .table
             .install(gpasid)
@@ -241,6 +318,19 @@ impl GuestPasids {
             .or_else(|| self.lock_unverified().by_host.get(&hpasid).copied())
     }
 
+    /// [`GuestPasids::guest_pasid`] for a DMA request of device `rid`:
+    /// records the request ([`GuestPasids::device_requests`]) and, when the
+    /// host PASID maps back to nothing, checks that it is not another
+    /// owner's.
+    pub fn guest_pasid_of_request(&self, rid: u16, hpasid: u32) -> Option<u32> {
+        self.note_device_request(rid, hpasid);
+        let gpasid = self.guest_pasid(hpasid);
+        if gpasid.is_none() {
+            self.check_unmapped_request(rid, hpasid);
+        }
+        gpasid
+    }
+
     /// Every host PASID that stands for `gpasid`: its mapping and its
     /// unverified host PASID, if any.
     pub fn host_pasids_of(&self, gpasid: u32) -> Vec<u32> {
@@ -257,6 +347,20 @@ impl GuestPasids {
         }
     }
 
+    /// Checks a device request's host PASID that maps back to no guest
+    /// PASID: it must still be this guest's (retired, unverified or the
+    /// quarantine) or free, never another owner's.
+    fn check_unmapped_request(&self, rid: u16, hpasid: u32) {
+        let owner = self.table.space().owner_of(Scope::Global, hpasid);
+        if owner.is_some_and(|o| o != self.table.owner()) {
+            self.foreign_requests.fetch_add(1, Ordering::Relaxed);
+            log::error!(
+                "{rid:#06x}: a request with host PASID {hpasid:#x}, which is {}'s",
+                owner.map_or_else(String::new, |o| o.to_string())
+            );
+        }
+    }
+
     /// Every (requester ID, host PASID) a device of this guest tagged a DMA
     /// request with, through the vIOMMU: what tests check to see that the
     /// devices work in host PASIDs.
@@ -264,11 +368,17 @@ impl GuestPasids {
         read(&self.device_requests).iter().copied().collect()
     }
 
-    /// Removes the mapping of `gpasid` and frees its host PASID; devices
-    /// are told through the [`GuestPasids::on_host_pasid_freed`] callbacks.
+    /// Removes the mapping of `gpasid` and returns its host PASID, which
+    /// is freed once no device can use it (see the type's notes); devices
+    /// drop what they cached under it through the
+    /// [`GuestPasids::on_host_pasid_freed`] callbacks.
     pub fn remove(&self, gpasid: u32) -> Option<u32> {
-        let hpasid = self.table.remove(gpasid).ok()?;
-        log::debug!("guest PASID {gpasid:#x} torn down; host PASID {hpasid:#x} freed");
+        let hpasid = self.table.unmap(gpasid).ok()?;
+        // An enqueue that translated `gpasid` before the unmap has its
+        // descriptor in the device once this lock is taken; later ones
+        // miss.
+        drop(write(&self.submissions));
+        log::debug!("guest PASID {gpasid:#x} torn down; host PASID {hpasid:#x} retired");
         self.forget_address_spaces(|_, g| g == gpasid);
         let unverified = self.lock_unverified().by_guest.get(&gpasid).copied();
         for f in read(&self.freed).iter() {
@@ -278,6 +388,8 @@ impl GuestPasids {
                 f(h);
             }
         }
+        self.lock_retired().push(hpasid);
+        self.reap_retired();
         Some(hpasid)
     }
 
@@ -382,10 +494,15 @@ impl PasidObserver for GuestPasids {
 impl Drop for GuestPasids {
     fn drop(&mut self) {
         self.table.clear();
+        // The devices are gone with the last reference to the guest.
+        let retired = std::mem::take(&mut *self.lock_retired());
         let space = self.table.space().clone();
         let owner = self.table.owner();
         let unverified = std::mem::take(&mut *self.lock_unverified());
-        for hpasid in std::iter::once(self.quarantine).chain(unverified.by_host.into_keys()) {
+        let held = std::iter::once(self.quarantine)
+            .chain(unverified.by_host.into_keys())
+            .chain(retired);
+        for hpasid in held {
             if let Err(e) = space.free(owner, Scope::Global, hpasid) {
                 log::error!("{owner}: freeing host PASID {hpasid:#x}: {e}");
             }

@@ -7,8 +7,9 @@
 //!  vCPU: ENQCMD ─(gPASID of the running CR3)─► DsaFunction::bar_store64
 //!            gPASID -> hPASID (lazy fill after the vIOMMU confirms) ─► vDSA
 //!  vDSA (host PASIDs) ─► ViommuDma: hPASID -> gPASID ─► vIOMMU (guest tables)
-//!  vIOMMU PASID-cache invalidation ─► GuestPasids: unmap, free the hPASID,
-//!            vDSA drops its device-TLB entries of that hPASID
+//!  vIOMMU PASID-cache invalidation ─► GuestPasids: unmap, wait for enqueues
+//!            in flight, vDSA drops its device-TLB entries of that hPASID,
+//!            free the hPASID once no vDSA holds work or a WQ with it
 //! ```
 //!
 //! - One [`GuestPasids`] per VM (its gPASID -> hPASID table, shared by every
@@ -95,8 +96,8 @@ use crate::vm::Vm;
 pub use dma::{DsaAtsBridge, GuestMem, Viommu, ViommuAuthority, ViommuDma};
 pub use function::{translate_enqueue, DevicePasids, DsaFunction};
 pub use guest_pasids::{
-    address_space_key, GuestPasids, HostPasidFreed, PasidAuthority, PasidMiss, PasidSetup,
-    ADDRESS_SPACE_MASK, GUEST_PASID_LIMIT,
+    address_space_key, GuestPasids, HostPasidFreed, HostPasidInUse, PasidAuthority, PasidMiss,
+    PasidSetup, ADDRESS_SPACE_MASK, GUEST_PASID_LIMIT,
 };
 
 /// The accelerator devices of a machine.
@@ -283,6 +284,10 @@ pub fn attach_devices(
         pasids.on_host_pasid_freed(Arc::new(move |hpasid| {
             freed.invalidate_device_tlb(Some(hpasid), 0, u64::MAX)
         }));
+        // A torn-down host PASID is freed once no descriptor or WQ of the
+        // device carries it.
+        let user = handle.clone();
+        pasids.on_host_pasid_in_use(Arc::new(move |hpasid| user.pasid_in_use(hpasid)));
         let function = Arc::new(Mutex::new(DsaFunction::new(dsa, rid, pasids.clone())));
         let added = root.add_device(function.clone() as SharedPciDevice)?;
         debug_assert_eq!(added, bdf);

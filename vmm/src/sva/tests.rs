@@ -1,7 +1,7 @@
 //! The PASID mapper, the DMA adapter over a real vIOMMU with scalable-mode
 //! tables in guest memory, and the vDSA behind both (no KVM needed).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use pasid::{Ia32Pasid, PasidSpace, Scope};
@@ -411,11 +411,12 @@ impl ScalableGuest {
             .into_iter()
             .enumerate()
         {
-            let at = self.queue + (self.tail + i as u64) * 32;
+            // A one-page queue of 256-bit descriptors: 128 slots.
+            let at = self.queue + (self.tail + i as u64) % 128 * 32;
             self.write(at, qw0);
             self.write(at + 8, qw1);
         }
-        self.tail += 2;
+        self.tail = (self.tail + 2) % 128;
         self.mmio64(IQT, self.tail << 5);
         assert_eq!(self.mem.read_obj::<u32>(GuestAddress(status)).unwrap(), 1);
     }
@@ -530,9 +531,19 @@ fn shared_wq_device(g: &ScalableGuest, ats: bool) -> (Arc<GuestPasids>, Accelera
 /// [`shared_wq_device`] with WQCFG dword 2 `mode` (PRI enabled too when
 /// it asks for block on fault).
 fn wq_device(g: &ScalableGuest, ats: bool, mode: u32) -> (Arc<GuestPasids>, Accelerators) {
+    wq_device_in(&Arc::new(PasidSpace::new()), g, ats, mode)
+}
+
+/// [`wq_device`] for a guest whose host PASIDs come from `space`.
+fn wq_device_in(
+    space: &Arc<PasidSpace>,
+    g: &ScalableGuest,
+    ats: bool,
+    mode: u32,
+) -> (Arc<GuestPasids>, Accelerators) {
     use vdsa::command::code;
     use vdsa::regs::{layout as regs, offset};
-    let pasids = Arc::new(GuestPasids::new(Arc::new(PasidSpace::new()), "g").unwrap());
+    let pasids = Arc::new(GuestPasids::new(space.clone(), "g").unwrap());
     let root = crate::pci_root::PciRoot::new();
     let attached = attach_devices(
         &pasids,
@@ -645,6 +656,99 @@ fn enqcmd_to_a_shared_wq_runs_in_the_guests_address_space() {
     assert_eq!(copied, [0xc3; 0x40]);
     // A guest PASID the guest never set up is not enqueued.
     assert_eq!(enqcmd_memmove(&attached, GPASID + 1), StoreReply::Retry);
+}
+
+/// Two VMs in one process share a host PASID space so small (4 bits, 15
+/// PASIDs) that a freed host PASID is handed out again at once. VM A's
+/// submitter stores ENQCMDs at its shared WQ while A's guest tears its
+/// PASID down and sets it up again, over and over (PASID-cache
+/// invalidations through the vIOMMU's queue); VM B takes and gives back
+/// host PASIDs all the while. No DMA request of A's device may carry a
+/// host PASID that is B's when it is made, and once A's device is idle
+/// every host PASID A gave up is free again.
+#[test]
+fn teardown_never_lets_a_descriptor_run_with_another_vms_host_pasid() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    const TEARDOWNS: usize = 1000;
+    let space = Arc::new(PasidSpace::with_bits(4).unwrap());
+    let (mut ga, pgd) = ScalableGuest::new();
+    let (a, attached) = wq_device_in(
+        &space,
+        &ga,
+        false,
+        micro::WQCFG_PASID_EN | micro::WQCFG_PRIORITY_1,
+    );
+    ga.iommu.add_pasid_observer(a.clone());
+    let (b, ib) = guest(&space, "b");
+    let stop = AtomicBool::new(false);
+    let accepted = AtomicU64::new(0);
+    let mut a_hpasids = Vec::new();
+    let b_hpasids = std::thread::scope(|s| {
+        let submitter = s.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                if enqcmd_memmove(&attached, GPASID) == StoreReply::Accepted {
+                    accepted.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        let other_vm = s.spawn(|| {
+            let mut seen = BTreeSet::new();
+            let mut gpasid = 1;
+            while !stop.load(Ordering::Relaxed) {
+                gpasid = gpasid % 3 + 1;
+                ib.set(gpasid, None);
+                if let Ok(h) = b.host_pasid(None, gpasid) {
+                    seen.insert(h);
+                }
+                ib.tear_down(gpasid);
+                b.pasid_cache_invalidated(PasidCacheScope::Pasid {
+                    did: 1,
+                    pasid: gpasid,
+                });
+            }
+            seen
+        });
+        for _ in 0..TEARDOWNS {
+            if let Ok(h) = a.host_pasid(Some(RID), GPASID) {
+                a_hpasids.push(h);
+            }
+            std::thread::yield_now();
+            ga.tear_down();
+            ga.set_first_stage(pgd);
+        }
+        stop.store(true, Ordering::Relaxed);
+        submitter.join().unwrap();
+        other_vm.join().unwrap()
+    });
+    let handle = attached.functions[0]
+        .lock()
+        .unwrap()
+        .device()
+        .iommu_handle();
+    let start = std::time::Instant::now();
+    while a_hpasids.iter().any(|&h| handle.pasid_in_use(h)) {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "device never idle"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(
+        a.foreign_requests(),
+        0,
+        "a descriptor ran with B's host PASID"
+    );
+    assert!(accepted.load(Ordering::Relaxed) > 0);
+    // The test had teeth: B was handed host PASIDs A had held.
+    let reused = a_hpasids.iter().filter(|h| b_hpasids.contains(h)).count();
+    assert!(reused > 0, "A {a_hpasids:?}, B {b_hpasids:?}");
+    // Retired host PASIDs are freed once the device has let go of them:
+    // A holds its quarantine PASID and its mapping (if the last submission
+    // filled one; the submitter's check can race the guest's teardown and
+    // leave a mapping the guest's next invalidation removes), nothing else.
+    a.reap_retired();
+    assert_eq!(a.retired(), Vec::<u32>::new());
+    assert_eq!(space.charged(a.owner()), Ok(1 + a.table().len()));
 }
 
 #[test]
