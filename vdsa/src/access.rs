@@ -68,6 +68,9 @@ pub struct Access<'a> {
     pub block_on_fault: bool,
     /// Set when the descriptor is aborted.
     pub cancel: &'a AtomicBool,
+    /// Set (and the access fails as [`Cause::Aborted`]) instead of waiting
+    /// for a page: a run that must not wait starts over where it may.
+    pub defer: Option<&'a AtomicBool>,
 }
 
 #[derive(Default)]
@@ -85,6 +88,7 @@ impl Access<'_> {
             ats: self.ats,
             block_on_fault,
             cancel: self.cancel,
+            defer: self.defer,
         }
     }
 
@@ -107,6 +111,10 @@ impl Access<'_> {
                 }
                 if retries.count > MAX_PAGE_REQUESTS {
                     return Err(Cause::PageRequestInvalid);
+                }
+                if let Some(defer) = self.defer {
+                    defer.store(true, Ordering::SeqCst);
+                    return Err(Cause::Aborted);
                 }
                 let outcome = self.path.prs.request(
                     self.path.port,
