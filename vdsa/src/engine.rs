@@ -23,9 +23,9 @@
 //! group at a time) before it sleeps.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::access::{Access, Cause, Path};
 use crate::bits::overlaps;
@@ -42,6 +42,9 @@ const POLL: Duration = Duration::from_millis(20);
 /// How long an idle engine polls for new work before it sleeps: a futex
 /// wake-up costs several microseconds, more than most descriptors take.
 const IDLE_SPIN: Duration = Duration::from_micros(50);
+/// A polling engine that has not checked in for this long lost its core
+/// (the host is busy): work is not handed to it.
+const LIVE: Duration = Duration::from_micros(20);
 
 /// Whether running `desc` again from the start, after a run stopped part
 /// way, leaves memory and the completion record as one run would: the
@@ -235,6 +238,9 @@ pub struct Group {
     /// Descriptors queued in all WQs of the group (read without the lock
     /// by idle engines).
     queued: AtomicUsize,
+    /// When the polling engine last checked in, in nanoseconds since `epoch`.
+    heartbeat: AtomicU64,
+    epoch: Instant,
 }
 
 impl Group {
@@ -261,6 +267,8 @@ impl Group {
             cancel: (0..2 * engines).map(|_| AtomicBool::new(false)).collect(),
             engines,
             queued: AtomicUsize::new(0),
+            heartbeat: AtomicU64::new(0),
+            epoch: Instant::now(),
         }
     }
 
@@ -272,6 +280,19 @@ impl Group {
     /// The number of engines.
     pub fn engines(&self) -> usize {
         self.engines
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether an engine is polling for work and running right now.
+    fn engine_ready(&self, state: &GroupState) -> bool {
+        state.spinning > 0
+            && self
+                .now()
+                .saturating_sub(self.heartbeat.load(Ordering::SeqCst))
+                < LIVE.as_nanos() as u64
     }
 
     /// Wakes a sleeping engine unless one is awake or on its way.
@@ -302,7 +323,7 @@ impl Group {
             pasid,
         };
         let runs_here = state.idle()
-            && state.spinning == 0
+            && !self.engine_ready(&state)
             && (!inner.pcie.page_requests() || restartable(&desc));
         if !runs_here {
             state.wqs[slot].queue.push_back(item);
@@ -434,12 +455,14 @@ impl Group {
                         // One engine of the group polls; yielding lets the
                         // submitting vCPU have the core.
                         state.spinning += 1;
+                        group.heartbeat.store(group.now(), Ordering::SeqCst);
                         drop(state);
-                        let start = std::time::Instant::now();
+                        let start = Instant::now();
                         while group.queued.load(Ordering::SeqCst) == 0
                             && start.elapsed() < IDLE_SPIN
                         {
                             std::thread::yield_now();
+                            group.heartbeat.store(group.now(), Ordering::SeqCst);
                         }
                         spun = true;
                         state = group.lock();

@@ -61,8 +61,7 @@ impl Inner {
         }
         // The route is not held while the descriptor is accepted: it may
         // run on this thread (a group stopped meanwhile takes nothing).
-        let Some((group, slot)) = self.routes.read().unwrap_or_else(|e| e.into_inner())
-            [portal.wq]
+        let Some((group, slot)) = self.routes.read().unwrap_or_else(|e| e.into_inner())[portal.wq]
             .as_ref()
             .map(|route| (route.group.clone(), route.slot))
         else {
