@@ -142,6 +142,8 @@ pub struct Queued {
     pub desc: Descriptor,
     /// The PASID it runs with (for Drain/Abort PASID).
     pub pasid: Option<u32>,
+    /// When it was queued.
+    pub at: Instant,
 }
 
 /// One WQ of a group.
@@ -325,6 +327,7 @@ impl Group {
             ticket,
             desc,
             pasid,
+            at: Instant::now(),
         };
         let runs_here = state.idle()
             && !self.engine_ready(&state)
@@ -362,6 +365,18 @@ impl Group {
         }
         .process(&desc)
         .is_none();
+        let ran = started.elapsed();
+        log::trace!(
+            "WQ {}: descriptor {ticket} (opcode {:#x}, {} bytes) ran on the submitter in {ran:?}{}",
+            wq.id,
+            desc.opcode(),
+            desc.xfer_size(),
+            if deferred.load(Ordering::SeqCst) {
+                ", stopped for a page"
+            } else {
+                ""
+            }
+        );
         let mut state = self.lock();
         state.in_flight.retain(|f| f.ticket != ticket);
         if abandoned
@@ -373,7 +388,7 @@ impl Group {
             state.wqs[slot].queue.push_front(item);
             self.queued.fetch_add(1, Ordering::SeqCst);
         }
-        if !state.idle() || started.elapsed() > WAKE_AFTER {
+        if !state.idle() || ran > WAKE_AFTER {
             self.wake_one(&mut state);
         }
         let wake = state.idle_waiters > 0;
@@ -483,6 +498,7 @@ impl Group {
                 }
             };
             spun = false;
+            let waited = item.at.elapsed();
             let (tag, privileged) = wq.tag_for(&item.desc);
             let submission = Submission {
                 inner: &inner,
@@ -495,6 +511,15 @@ impl Group {
                 defer: None,
             };
             submission.process(&item.desc);
+            log::trace!(
+                "WQ {}: descriptor {} (opcode {:#x}, {} bytes) waited {waited:?} for engine {worker}, \
+                 ran in {:?}",
+                wq.id,
+                item.ticket,
+                item.desc.opcode(),
+                item.desc.xfer_size(),
+                item.at.elapsed() - waited
+            );
             let mut state = group.lock();
             state.in_flight.retain(|f| f.ticket != item.ticket);
             let wake = state.idle_waiters > 0;
