@@ -13,6 +13,9 @@ use crate::prs::{PageRequester, RequestOutcome};
 /// Page requests for one address before the device gives up (status 0x04,
 /// "excessive page request retries").
 const MAX_PAGE_REQUESTS: u32 = 4;
+/// The most a copy moves under one hold of the ATC (an invalidation waits
+/// for it).
+const MAX_RUN: usize = 1 << 20;
 
 /// Why an engine access failed for good.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -220,8 +223,32 @@ impl Access<'_> {
                             ..f
                         });
                 };
-                let room = usize::try_from(from.1.min(to.1)).unwrap_or(usize::MAX);
-                let n = room.min(len - moved);
+                let room = |r: u64| usize::try_from(r).unwrap_or(usize::MAX);
+                let mut n = room(from.1.min(to.1)).min(len - moved);
+                // Pages whose translations continue both runs join them:
+                // one copy for what is contiguous on both sides.
+                let (mut src_end, mut dst_end) = (from.1, to.1);
+                while moved + n < len && n < MAX_RUN {
+                    let next = |end: u64, base: u64, write| -> Option<(u64, u64)> {
+                        let addr = base.wrapping_add(end);
+                        let (target, size) = self.cached_translation(addr, write)?;
+                        (target == (if write { to.0 } else { from.0 }).wrapping_add(end))
+                            .then_some((target, size))
+                    };
+                    if src_end as usize == n {
+                        let Some((_, size)) = next(src_end, s, false) else {
+                            break;
+                        };
+                        src_end += size;
+                    }
+                    if dst_end as usize == n {
+                        let Some((_, size)) = next(dst_end, d, true) else {
+                            break;
+                        };
+                        dst_end += size;
+                    }
+                    n = room(src_end.min(dst_end)).min(len - moved);
+                }
                 self.path
                     .port
                     .copy(AddressSpace::Translated, from.0, to.0, n)
@@ -273,6 +300,17 @@ impl Access<'_> {
             done += n;
         }
         Ok(())
+    }
+
+    /// The translated address of `addr` and the bytes left in its page, if
+    /// the ATC holds it with the permission.
+    fn cached_translation(&self, addr: u64, write: bool) -> Option<(u64, u64)> {
+        let (base, t) = self.path.atc.lookup(self.tag, addr)?;
+        if !(if write { t.write } else { t.read }) {
+            return None;
+        }
+        let offset = addr - base;
+        Some((t.addr.wrapping_add(offset), t.size - offset))
     }
 
     /// The translated address of `addr` and the bytes left in its page,
