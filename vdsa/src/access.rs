@@ -223,32 +223,19 @@ impl Access<'_> {
                             ..f
                         });
                 };
-                let room = |r: u64| usize::try_from(r).unwrap_or(usize::MAX);
-                let mut n = room(from.1.min(to.1)).min(len - moved);
                 // Pages whose translations continue both runs join them:
                 // one copy for what is contiguous on both sides.
-                let (mut src_end, mut dst_end) = (from.1, to.1);
-                while moved + n < len && n < MAX_RUN {
-                    let next = |end: u64, base: u64, write| -> Option<(u64, u64)> {
-                        let addr = base.wrapping_add(end);
-                        let (target, size) = self.cached_translation(addr, write)?;
-                        (target == (if write { to.0 } else { from.0 }).wrapping_add(end))
-                            .then_some((target, size))
-                    };
-                    if src_end as usize == n {
-                        let Some((_, size)) = next(src_end, s, false) else {
-                            break;
-                        };
-                        src_end += size;
-                    }
-                    if dst_end as usize == n {
-                        let Some((_, size)) = next(dst_end, d, true) else {
-                            break;
-                        };
-                        dst_end += size;
-                    }
-                    n = room(src_end.min(dst_end)).min(len - moved);
-                }
+                let want = (len - moved).min(MAX_RUN) as u64;
+                let atc = self.path.atc;
+                let n = if from.1.min(to.1) >= want {
+                    want
+                } else {
+                    atc.contiguous(self.tag, s, from.0, want, false)
+                        .min(atc.contiguous(self.tag, d, to.0, want, true))
+                        .max(from.1.min(to.1))
+                        .min(want)
+                };
+                let n = usize::try_from(n).unwrap_or(usize::MAX);
                 self.path
                     .port
                     .copy(AddressSpace::Translated, from.0, to.0, n)
@@ -300,17 +287,6 @@ impl Access<'_> {
             done += n;
         }
         Ok(())
-    }
-
-    /// The translated address of `addr` and the bytes left in its page, if
-    /// the ATC holds it with the permission.
-    fn cached_translation(&self, addr: u64, write: bool) -> Option<(u64, u64)> {
-        let (base, t) = self.path.atc.lookup(self.tag, addr)?;
-        if !(if write { t.write } else { t.read }) {
-            return None;
-        }
-        let offset = addr - base;
-        Some((t.addr.wrapping_add(offset), t.size - offset))
     }
 
     /// The translated address of `addr` and the bytes left in its page,
