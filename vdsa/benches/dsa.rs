@@ -10,7 +10,6 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 #[path = "../../viommu/tests/common/mod.rs"]
-#[allow(dead_code)]
 mod viommu_guest;
 
 use std::hint::black_box;

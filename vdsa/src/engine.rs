@@ -9,10 +9,11 @@
 //! completed. Administrative drains and aborts wait on the same state.
 //!
 //! Hand-off. A descriptor submitted to an idle group (nothing queued,
-//! nothing running) while no engine is awake runs at once on the submitting
-//! thread, as the group's engine would: waking a sleeping worker costs a
-//! scheduler round trip, which on a busy host is up to a time slice, far
-//! longer than most descriptors take. Such a run never waits for the guest:
+//! nothing running) while no engine is polling on a core runs at once on the
+//! submitting thread, as the group's engine would: waking a sleeping worker
+//! costs a scheduler round trip, which on a busy host is up to a time slice,
+//! far longer than most descriptors take. After a long run there, an engine
+//! is woken so that descriptors the guest submits next run beside it. Such a run never waits for the guest:
 //! where it would wait for a page (block-on-fault, with page requests
 //! enabled) it stops and the descriptor goes to the group's queue, ahead of
 //! anything submitted since, to start over on a worker. So a run that may
@@ -20,7 +21,8 @@
 //! operation reads its sources and writes its destination the same way
 //! again (see [`restartable`]). Everything else is queued. An idle worker
 //! polls for new work briefly (yielding the CPU between polls, one worker per
-//! group at a time) before it sleeps.
+//! group at a time, checking in as it polls) before it sleeps; work goes to
+//! it only while its check-ins are recent.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
