@@ -13,6 +13,9 @@ use crate::prs::{PageRequester, RequestOutcome};
 /// Page requests for one address before the device gives up (status 0x04,
 /// "excessive page request retries").
 const MAX_PAGE_REQUESTS: u32 = 4;
+/// The most a copy moves under one hold of the ATC (an invalidation waits
+/// for it).
+const MAX_RUN: usize = 1 << 20;
 
 /// Why an engine access failed for good.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,6 +71,9 @@ pub struct Access<'a> {
     pub block_on_fault: bool,
     /// Set when the descriptor is aborted.
     pub cancel: &'a AtomicBool,
+    /// Set (and the access fails as [`Cause::Aborted`]) instead of waiting
+    /// for a page: a run that must not wait starts over where it may.
+    pub defer: Option<&'a AtomicBool>,
 }
 
 #[derive(Default)]
@@ -85,6 +91,7 @@ impl Access<'_> {
             ats: self.ats,
             block_on_fault,
             cancel: self.cancel,
+            defer: self.defer,
         }
     }
 
@@ -107,6 +114,10 @@ impl Access<'_> {
                 }
                 if retries.count > MAX_PAGE_REQUESTS {
                     return Err(Cause::PageRequestInvalid);
+                }
+                if let Some(defer) = self.defer {
+                    defer.store(true, Ordering::SeqCst);
+                    return Err(Cause::Aborted);
                 }
                 let outcome = self.path.prs.request(
                     self.path.port,
@@ -212,8 +223,19 @@ impl Access<'_> {
                             ..f
                         });
                 };
-                let room = usize::try_from(from.1.min(to.1)).unwrap_or(usize::MAX);
-                let n = room.min(len - moved);
+                // Pages whose translations continue both runs join them:
+                // one copy for what is contiguous on both sides.
+                let want = (len - moved).min(MAX_RUN) as u64;
+                let atc = self.path.atc;
+                let n = if from.1.min(to.1) >= want {
+                    want
+                } else {
+                    atc.contiguous(self.tag, s, from.0, want, false)
+                        .min(atc.contiguous(self.tag, d, to.0, want, true))
+                        .max(from.1.min(to.1))
+                        .min(want)
+                };
+                let n = usize::try_from(n).unwrap_or(usize::MAX);
                 self.path
                     .port
                     .copy(AddressSpace::Translated, from.0, to.0, n)

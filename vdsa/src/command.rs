@@ -350,6 +350,11 @@ impl Inner {
             .iter_mut()
             .for_each(|r| *r = None);
         for group in &runtime.groups {
+            group
+                .lock()
+                .wqs
+                .iter_mut()
+                .for_each(|q| q.accepting = false);
             if abort {
                 group.abort(|_, _| true);
             }
@@ -360,6 +365,10 @@ impl Inner {
             if thread.join().is_err() {
                 log::error!("DSA: an engine thread panicked");
             }
+        }
+        // Descriptors a submitter was running on its own thread.
+        for group in &runtime.groups {
+            group.wait_until(None, |state| state.in_flight.is_empty());
         }
     }
 

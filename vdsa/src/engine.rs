@@ -7,13 +7,30 @@
 //! Fence sees every earlier member complete. A Drain descriptor waits until
 //! every earlier descriptor of its WQ (of its PASID, on a shared WQ) has
 //! completed. Administrative drains and aborts wait on the same state.
+//!
+//! Hand-off. A descriptor submitted to an idle group (nothing queued,
+//! nothing running) while no engine is polling on a core runs at once on the
+//! submitting thread, as the group's engine would: waking a sleeping worker
+//! costs a scheduler round trip, which on a busy host is up to a time slice,
+//! far longer than most descriptors take. After a long run there, an engine
+//! is woken so that descriptors the guest submits next run beside it. Such a run never waits for the guest:
+//! where it would wait for a page (block-on-fault, with page requests
+//! enabled) it stops and the descriptor goes to the group's queue, ahead of
+//! anything submitted since, to start over on a worker. So a run that may
+//! wait is only taken by the submitter when starting over is harmless: the
+//! operation reads its sources and writes its destination the same way
+//! again (see [`restartable`]). Everything else is queued. An idle worker
+//! polls for new work briefly (yielding the CPU between polls, one worker per
+//! group at a time, checking in as it polls) before it sleeps; work goes to
+//! it only while its check-ins are recent.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::access::{Access, Cause, Path};
+use crate::bits::overlaps;
 use crate::completion::{CompletionRecord, Status};
 use crate::descriptor::{flags, Descriptor, Opcode};
 use crate::device::Inner;
@@ -27,6 +44,33 @@ const POLL: Duration = Duration::from_millis(20);
 /// How long an idle engine polls for new work before it sleeps: a futex
 /// wake-up costs several microseconds, more than most descriptors take.
 const IDLE_SPIN: Duration = Duration::from_micros(50);
+/// A polling engine that has not checked in for this long lost its core
+/// (the host is busy): work is not handed to it.
+const LIVE: Duration = Duration::from_micros(20);
+/// After a run on the submitting thread this long (longer than a wake-up
+/// costs), an engine is woken to take the next descriptor while the guest
+/// goes on: descriptors submitted one after another then run side by side.
+const WAKE_AFTER: Duration = Duration::from_micros(20);
+
+/// Whether running `desc` again from the start, after a run stopped part
+/// way, leaves memory and the completion record as one run would: the
+/// operation does not read what it wrote.
+pub fn restartable(desc: &Descriptor) -> bool {
+    let len = u64::from(desc.xfer_size());
+    match Opcode::from_u8(desc.opcode()) {
+        Some(
+            Opcode::Noop
+            | Opcode::Drain
+            | Opcode::Cflush
+            | Opcode::Memfill
+            | Opcode::Compare
+            | Opcode::Compval
+            | Opcode::Crcgen,
+        ) => true,
+        Some(Opcode::Memmove) => !overlaps(desc.src(), len, desc.dst(), len),
+        _ => false,
+    }
+}
 
 /// A WQ's configuration, fixed when the WQ was enabled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,6 +144,8 @@ pub struct Queued {
     pub desc: Descriptor,
     /// The PASID it runs with (for Drain/Abort PASID).
     pub pasid: Option<u32>,
+    /// When it was queued.
+    pub at: Instant,
 }
 
 /// One WQ of a group.
@@ -142,6 +188,10 @@ pub struct GroupState {
     pub in_flight: Vec<InFlight>,
     shutdown: bool,
     sleepers: usize,
+    /// Workers polling for work.
+    spinning: usize,
+    /// Workers notified and not yet back.
+    woken: usize,
     idle_waiters: usize,
 }
 
@@ -157,6 +207,16 @@ impl GroupState {
                     .iter()
                     .any(|item| item.ticket < ticket && pred(q.id, item.pasid))
             })
+    }
+
+    /// The engines were asked to exit.
+    pub fn stopped(&self) -> bool {
+        self.shutdown
+    }
+
+    /// Nothing queued and nothing running.
+    fn idle(&self) -> bool {
+        self.in_flight.is_empty() && self.wqs.iter().all(|q| q.queue.is_empty())
     }
 
     fn pick(&mut self) -> Option<(Queued, WqSnapshot)> {
@@ -179,11 +239,16 @@ pub struct Group {
     state: Mutex<GroupState>,
     work: Condvar,
     idle: Condvar,
-    /// Per-engine abort flags for the descriptor being run.
+    /// Abort flags for the descriptor being run: one per engine thread,
+    /// then one per submitter running a descriptor itself.
     cancel: Vec<AtomicBool>,
+    engines: usize,
     /// Descriptors queued in all WQs of the group (read without the lock
     /// by idle engines).
     queued: AtomicUsize,
+    /// When the polling engine last checked in, in nanoseconds since `epoch`.
+    heartbeat: AtomicU64,
+    epoch: Instant,
 }
 
 impl Group {
@@ -207,8 +272,11 @@ impl Group {
             state: Mutex::new(state),
             work: Condvar::new(),
             idle: Condvar::new(),
-            cancel: (0..engines).map(|_| AtomicBool::new(false)).collect(),
+            cancel: (0..2 * engines).map(|_| AtomicBool::new(false)).collect(),
+            engines,
             queued: AtomicUsize::new(0),
+            heartbeat: AtomicU64::new(0),
+            epoch: Instant::now(),
         }
     }
 
@@ -219,28 +287,116 @@ impl Group {
 
     /// The number of engines.
     pub fn engines(&self) -> usize {
-        self.cancel.len()
+        self.engines
     }
 
-    /// Queues `item` on WQ slot `slot` and wakes an engine.
-    pub fn push(
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether an engine is polling for work and running right now.
+    fn engine_ready(&self, state: &GroupState) -> bool {
+        state.spinning > 0
+            && self
+                .now()
+                .saturating_sub(self.heartbeat.load(Ordering::SeqCst))
+                < LIVE.as_nanos() as u64
+    }
+
+    /// Wakes a sleeping engine unless one is awake or on its way.
+    fn wake_one(&self, state: &mut GroupState) {
+        if state.sleepers > state.woken && state.spinning == 0 && state.woken == 0 {
+            state.woken += 1;
+            self.work.notify_one();
+        }
+    }
+
+    /// Accepts `desc` on WQ slot `slot` (whose configuration is `wq`): runs
+    /// it on this thread when the group is idle and may (see the module
+    /// documentation), queues it for an engine otherwise.
+    pub(crate) fn submit(
         &self,
+        inner: &Inner,
         mut state: MutexGuard<'_, GroupState>,
         slot: usize,
+        wq: WqSnapshot,
         desc: Descriptor,
         pasid: Option<u32>,
     ) {
         let ticket = state.next_ticket;
         state.next_ticket += 1;
-        state.wqs[slot].queue.push_back(Queued {
+        let item = Queued {
             ticket,
             desc,
             pasid,
+            at: Instant::now(),
+        };
+        let runs_here = state.idle()
+            && !self.engine_ready(&state)
+            && (!inner.pcie.page_requests() || restartable(&desc));
+        if !runs_here {
+            state.wqs[slot].queue.push_back(item);
+            self.queued.fetch_add(1, Ordering::SeqCst);
+            self.wake_one(&mut state);
+            return;
+        }
+        // A cancel slot of its own, past the engines'.
+        let worker = (self.engines..2 * self.engines)
+            .find(|&w| state.in_flight.iter().all(|f| f.worker != w))
+            .expect("an idle group has a free slot");
+        state.in_flight.push(InFlight {
+            ticket,
+            wq: wq.id,
+            pasid,
+            worker,
         });
-        let wake = state.sleepers > 0;
+        self.cancel[worker].store(false, Ordering::SeqCst);
+        drop(state);
+        let deferred = AtomicBool::new(false);
+        let started = Instant::now();
+        let (tag, privileged) = wq.tag_for(&desc);
+        let abandoned = Submission {
+            inner,
+            group: self,
+            worker,
+            wq,
+            ticket,
+            tag,
+            privileged,
+            defer: Some(&deferred),
+        }
+        .process(&desc)
+        .is_none();
+        let ran = started.elapsed();
+        log::trace!(
+            "WQ {}: descriptor {ticket} (opcode {:#x}, {} bytes) ran on the submitter in {ran:?}{}",
+            wq.id,
+            desc.opcode(),
+            desc.xfer_size(),
+            if deferred.load(Ordering::SeqCst) {
+                ", stopped for a page"
+            } else {
+                ""
+            }
+        );
+        let mut state = self.lock();
+        state.in_flight.retain(|f| f.ticket != ticket);
+        if abandoned
+            && deferred.load(Ordering::SeqCst)
+            && !self.cancel[worker].load(Ordering::SeqCst)
+            && !state.shutdown
+        {
+            // Earlier than anything queued since: first in line.
+            state.wqs[slot].queue.push_front(item);
+            self.queued.fetch_add(1, Ordering::SeqCst);
+        }
+        if !state.idle() || ran > WAKE_AFTER {
+            self.wake_one(&mut state);
+        }
+        let wake = state.idle_waiters > 0;
         drop(state);
         if wake {
-            self.work.notify_one();
+            self.idle.notify_all();
         }
     }
 
@@ -297,10 +453,10 @@ impl Group {
 
     /// The engine loop.
     pub(crate) fn run_engine(inner: Arc<Inner>, group: Arc<Group>, worker: usize) {
+        let mut spun = false;
         loop {
             let (item, wq) = {
                 let mut state = group.lock();
-                let mut spun = false;
                 loop {
                     if let Some((item, wq)) = state.pick() {
                         group.queued.fetch_sub(1, Ordering::SeqCst);
@@ -318,24 +474,33 @@ impl Group {
                     if state.shutdown {
                         return;
                     }
-                    if !spun {
+                    if !spun && state.spinning == 0 {
+                        // One engine of the group polls; yielding lets the
+                        // submitting vCPU have the core.
+                        state.spinning += 1;
+                        group.heartbeat.store(group.now(), Ordering::SeqCst);
                         drop(state);
-                        let start = std::time::Instant::now();
+                        let start = Instant::now();
                         while group.queued.load(Ordering::SeqCst) == 0
                             && start.elapsed() < IDLE_SPIN
                         {
-                            std::hint::spin_loop();
+                            std::thread::yield_now();
+                            group.heartbeat.store(group.now(), Ordering::SeqCst);
                         }
                         spun = true;
                         state = group.lock();
+                        state.spinning -= 1;
                         continue;
                     }
                     spun = false;
                     state.sleepers += 1;
                     state = group.work.wait(state).unwrap_or_else(|e| e.into_inner());
                     state.sleepers -= 1;
+                    state.woken = state.woken.saturating_sub(1);
                 }
             };
+            spun = false;
+            let waited = item.at.elapsed();
             let (tag, privileged) = wq.tag_for(&item.desc);
             let submission = Submission {
                 inner: &inner,
@@ -345,8 +510,18 @@ impl Group {
                 ticket: item.ticket,
                 tag,
                 privileged,
+                defer: None,
             };
             submission.process(&item.desc);
+            log::trace!(
+                "WQ {}: descriptor {} (opcode {:#x}, {} bytes) waited {waited:?} for engine {worker}, \
+                 ran in {:?}",
+                wq.id,
+                item.ticket,
+                item.desc.opcode(),
+                item.desc.xfer_size(),
+                item.at.elapsed() - waited
+            );
             let mut state = group.lock();
             state.in_flight.retain(|f| f.ticket != item.ticket);
             let wake = state.idle_waiters > 0;
@@ -367,6 +542,8 @@ struct Submission<'a> {
     ticket: u64,
     tag: Option<PasidTag>,
     privileged: bool,
+    /// Set where a run on the submitting thread would wait for a page.
+    defer: Option<&'a AtomicBool>,
 }
 
 impl Submission<'_> {
@@ -387,6 +564,7 @@ impl Submission<'_> {
             ats: crate::pci::PcieState::get(&pcie.ats) && !self.wq.ats_disable,
             block_on_fault: block_on_fault && pcie.page_requests(),
             cancel: self.cancel(),
+            defer: self.defer,
         }
     }
 
@@ -415,21 +593,22 @@ impl Submission<'_> {
         });
     }
 
-    /// A descriptor taken from the WQ.
-    fn process(&self, desc: &Descriptor) {
+    /// A descriptor taken from the WQ; `None` if abandoned.
+    fn process(&self, desc: &Descriptor) -> Option<()> {
         if !self.wq.dedicated {
             // Trusted fields of a shared-WQ submission.
             if desc.privileged() && !crate::pci::PcieState::get(&self.inner.pcie.pasid_priv) {
                 self.software_error(Status::PrivBad, self.info(desc, None), None, None);
-                return;
+                return Some(());
             }
             if desc.trusted_reserved() != 0 {
                 let record = CompletionRecord::new(Status::NonzeroReserve);
-                self.deliver(desc, &record, true, self.info(desc, None));
-                return;
+                return self
+                    .deliver(desc, &record, true, self.info(desc, None))
+                    .map(drop);
             }
         }
-        self.run(desc, None);
+        self.run(desc, None).map(drop)
     }
 
     /// Checks, runs and completes one descriptor; `None` if abandoned.
@@ -474,7 +653,7 @@ impl Submission<'_> {
                 (ops::execute(op, desc, &data).ok()?, true)
             }
         };
-        Some(self.deliver(desc, &record, interrupt, info))
+        self.deliver(desc, &record, interrupt, info)
     }
 
     /// Waits for earlier descriptors of the WQ (of the same PASID on a
@@ -529,14 +708,15 @@ impl Submission<'_> {
     }
 
     /// Writes the completion record (status byte last), reports errors that
-    /// have no record in SWERROR, and raises the completion interrupt.
+    /// have no record in SWERROR, and raises the completion interrupt;
+    /// `None` if abandoned while writing the record.
     fn deliver(
         &self,
         desc: &Descriptor,
         record: &CompletionRecord,
         interrupt: bool,
         info: DescInfo,
-    ) -> Status {
+    ) -> Option<Status> {
         let status = record.status;
         let fault = status
             .is_fault()
@@ -556,10 +736,11 @@ impl Submission<'_> {
                     cr.write(target, &bytes[..1])
                 });
                 if let Err(fault) = written {
-                    if fault.cause != Cause::Aborted {
-                        self.software_error(Status::CraXlat, info, Some((target, true)), None);
+                    if fault.cause == Cause::Aborted {
+                        return None;
                     }
-                    return Status::CraXlat;
+                    self.software_error(Status::CraXlat, info, Some((target, true)), None);
+                    return Some(Status::CraXlat);
                 }
             }
             if status == Status::IntHandleInval {
@@ -573,6 +754,32 @@ impl Submission<'_> {
         if interrupt && desc.has(flags::RCI) {
             self.inner.completion_interrupt(desc.int_handle());
         }
-        status
+        Some(status)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn memmove(src: u64, dst: u64, len: u32) -> Descriptor {
+        let mut d = Descriptor::new(Opcode::Memmove, flags::BOF);
+        d.set_src(src).set_dst(dst).set_xfer_size(len);
+        d
+    }
+
+    #[test]
+    fn only_operations_that_never_read_their_output_start_over() {
+        assert!(restartable(&memmove(0x1000, 0x3000, 0x2000)));
+        assert!(!restartable(&memmove(0x1000, 0x2000, 0x2000)));
+        assert!(!restartable(&memmove(0x2000, 0x1000, 0x2000)));
+        assert!(restartable(&Descriptor::new(Opcode::Noop, 0)));
+        assert!(restartable(&Descriptor::new(Opcode::Memfill, 0)));
+        assert!(!restartable(&Descriptor::new(Opcode::Batch, 0)));
+        assert!(!restartable(&Descriptor::new(Opcode::ApDelta, 0)));
+        assert!(!restartable(&Descriptor::new(Opcode::Dualcast, 0)));
+        let mut unknown = Descriptor::new(Opcode::Noop, 0);
+        unknown.0[7] = 0x7f;
+        assert!(!restartable(&unknown));
     }
 }

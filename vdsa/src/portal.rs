@@ -59,13 +59,20 @@ impl Inner {
         if portal.ims || portal.wq >= usize::from(self.config.num_wqs) {
             return rejected;
         }
-        let routes = self.routes.read().unwrap_or_else(|e| e.into_inner());
-        let Some(route) = &routes[portal.wq] else {
+        // The route is not held while the descriptor is accepted: it may
+        // run on this thread (a group stopped meanwhile takes nothing).
+        let Some((group, slot)) = self.routes.read().unwrap_or_else(|e| e.into_inner())[portal.wq]
+            .as_ref()
+            .map(|route| (route.group.clone(), route.slot))
+        else {
             return rejected;
         };
-        let state = route.group.lock();
-        let queue = &state.wqs[route.slot];
-        let Some(wq) = queue.snapshot.filter(|_| queue.accepting) else {
+        let state = group.lock();
+        let queue = &state.wqs[slot];
+        let Some(wq) = queue
+            .snapshot
+            .filter(|_| queue.accepting && !state.stopped())
+        else {
             return rejected;
         };
         let desc = Descriptor(*data);
@@ -76,7 +83,6 @@ impl Inner {
             }
             if occupancy >= usize::from(wq.size) {
                 drop(state);
-                drop(routes);
                 let (tag, privileged) = wq.tag_for(&desc);
                 self.record_software_error(&SoftwareError {
                     code: swerr::code::DWQ_FULL,
@@ -106,7 +112,7 @@ impl Inner {
             }
         }
         let pasid = wq.tag_for(&desc).0.map(|t| t.pasid);
-        route.group.push(state, route.slot, desc, pasid);
+        group.submit(self, state, slot, wq, desc, pasid);
         StoreReply::Accepted
     }
 }

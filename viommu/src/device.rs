@@ -47,6 +47,16 @@ pub struct DmaError {
     pub kind: DmaErrorKind,
 }
 
+/// A memory-to-memory DMA copy stopped part-way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("DMA copy {}: {error}", if *.write { "write" } else { "read" })]
+pub struct CopyError {
+    /// Where and why; `completed` counts bytes written to the destination.
+    pub error: DmaError,
+    /// The failing access was the write to the destination.
+    pub write: bool,
+}
+
 /// Cause of a [`DmaError`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DmaErrorKind {

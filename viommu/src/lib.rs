@@ -42,8 +42,8 @@ use vm_memory::GuestAddressSpace;
 
 pub use cache::PasidCacheScope;
 pub use device::{
-    AtsCompletion, AtsDevice, AtsError, DeviceTlbInvalidation, DmaError, DmaErrorKind, DmaFault,
-    PageGroupResponse, PasidObserver, PasidTag, ResponseCode,
+    AtsCompletion, AtsDevice, AtsError, CopyError, DeviceTlbInvalidation, DmaError, DmaErrorKind,
+    DmaFault, PageGroupResponse, PasidObserver, PasidTag, ResponseCode,
 };
 pub use fault::{FaultReason, FaultRecord};
 pub use interrupt::MsiSink;

@@ -9,12 +9,12 @@ use std::ops::Range;
 use std::sync::atomic::Ordering;
 
 use log::debug;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemory, Permissions};
 
 use crate::cache::{CachedStage, Caches, IotlbEntry};
 use crate::device::{
-    AtsCompletion, AtsError, DmaError, DmaErrorKind, DmaFault, PageGroupResponse, PasidTag,
-    ResponseCode,
+    AtsCompletion, AtsError, CopyError, DmaError, DmaErrorKind, DmaFault, PageGroupResponse,
+    PasidTag, ResponseCode,
 };
 use crate::fault::{FaultReason, FaultRecord, LogOutcome};
 use crate::paging::{self, AccessType, Translation, WalkConfig, PAGE_SIZE_4K};
@@ -575,6 +575,85 @@ impl<S: GuestAddressSpace> Iommu<S> {
         }
     }
 
+    /// Copy `len` bytes from I/O virtual address `src` to `dst` through translation, memory
+    /// to memory (no bounce buffer): each window of source pages is translated, then the
+    /// destination pages for it. The ranges must not overlap. On failure, `completed` counts
+    /// the bytes written to `dst`; the error is the first failing access in copy order (a
+    /// destination fault before the source fault's position comes first).
+    pub fn dma_copy(
+        &self,
+        rid: u16,
+        pasid: Option<PasidTag>,
+        src: u64,
+        dst: u64,
+        len: usize,
+    ) -> Result<(), CopyError> {
+        let mem = self.mem.memory();
+        let request = |write| DmaRequest {
+            rid,
+            tag: pasid,
+            access: AccessType {
+                write,
+                user: false,
+                execute: false,
+            },
+        };
+        let (read, write) = (request(false), request(true));
+        let (mut from, mut to) = (Vec::new(), Vec::new());
+        let mut done = 0;
+        while done < len {
+            from.clear();
+            to.clear();
+            let at = |base: u64| base.wrapping_add(done as u64);
+            let read_result = self.translate_window(&mem, &read, at(src), len - done, &mut from);
+            let readable: usize = from.iter().map(|r| r.1).sum();
+            let write_result = self.translate_window(&mem, &write, at(dst), readable, &mut to);
+            let (mut i, mut j, mut off_s, mut off_d) = (0, 0, 0, 0);
+            while i < from.len() && j < to.len() {
+                let n = (from[i].1 - off_s).min(to[j].1 - off_d);
+                let (p, q) = (from[i].0 + off_s as u64, to[j].0 + off_d as u64);
+                if let Err((copied, phys_addr, write)) = copy_phys(&*mem, p, q, n) {
+                    done += copied;
+                    let base = if write { dst } else { src };
+                    return Err(CopyError {
+                        error: DmaError {
+                            completed: done,
+                            address: base.wrapping_add(done as u64),
+                            kind: DmaErrorKind::Memory { phys_addr },
+                        },
+                        write,
+                    });
+                }
+                done += n;
+                off_s += n;
+                off_d += n;
+                if off_s == from[i].1 {
+                    (i, off_s) = (i + 1, 0);
+                }
+                if off_d == to[j].1 {
+                    (j, off_d) = (j + 1, 0);
+                }
+            }
+            let failed = match (write_result, read_result) {
+                (Err(failure), _) => Some((failure, &write)),
+                (Ok(()), Err(failure)) => Some((failure, &read)),
+                (Ok(()), Ok(())) => None,
+            };
+            if let Some(((addr, failure), request)) = failed {
+                let access = request.access;
+                return Err(CopyError {
+                    error: DmaError {
+                        completed: done,
+                        address: addr,
+                        kind: DmaErrorKind::Fault(self.report(rid, pasid, addr, access, failure)),
+                    },
+                    write: access.write,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Read `buf.len()` bytes at I/O virtual address `iova` through translation, page by page.
     /// On failure, the error says how many bytes were read and which address failed.
     pub fn dma_read(
@@ -732,4 +811,45 @@ impl<S: GuestAddressSpace> Iommu<S> {
             )),
         }
     }
+}
+
+/// Copies `n` bytes of guest memory from `from` to `to` (in one piece when both ranges lie
+/// in one region each, else page by page); on failure, the bytes copied, the address that is
+/// not guest memory and whether it was the destination.
+fn copy_phys<M: GuestMemory + ?Sized>(
+    mem: &M,
+    from: u64,
+    to: u64,
+    n: usize,
+) -> Result<(), (usize, u64, bool)> {
+    let slice = |addr: u64, len: usize, access| {
+        let mut pieces = mem.get_slices(GuestAddress(addr), len, access).ok()?;
+        match (pieces.next(), pieces.next()) {
+            (Some(Ok(one)), None) => Some(one),
+            _ => None,
+        }
+    };
+    if let (Some(s), Some(t)) = (
+        slice(from, n, Permissions::Read),
+        slice(to, n, Permissions::Write),
+    ) {
+        s.copy_to_volatile_slice(t);
+        return Ok(());
+    }
+    let left_in_page = |addr: u64| (PAGE_SIZE_4K - (addr & (PAGE_SIZE_4K - 1))) as usize;
+    let mut done = 0;
+    while done < n {
+        let (p, q) = (from + done as u64, to + done as u64);
+        let step = left_in_page(p).min(left_in_page(q)).min(n - done);
+        match (
+            slice(p, step, Permissions::Read),
+            slice(q, step, Permissions::Write),
+        ) {
+            (Some(s), Some(t)) => s.copy_to_volatile_slice(t),
+            (None, _) => return Err((done, p, false)),
+            (Some(_), None) => return Err((done, q, true)),
+        }
+        done += step;
+    }
+    Ok(())
 }

@@ -794,6 +794,44 @@ fn dma_stops_at_the_faulting_page() {
 }
 
 #[test]
+fn dma_copy_moves_memory_to_memory_and_stops_where_an_access_fails() {
+    let Sva { g, .. } = sva();
+    // The 2 MiB page is writable; VA_4K is writable, VA_RO after it is not,
+    // and nothing is mapped after VA_RO.
+    let data: Vec<u8> = (0..0x1800u32).map(|i| (i * 3) as u8).collect();
+    g.mem.write_slice(&data, GuestAddress(PA_2M)).unwrap();
+    g.iommu
+        .dma_copy(RID, user(PASID), VA_2M, VA_2M + 0x10_0000, data.len())
+        .unwrap();
+    assert_eq!(
+        g.read_obj::<[u8; 32]>(PA_2M + 0x10_0000 + 0x17e0)[..],
+        data[0x17e0..]
+    );
+    // The destination turns read-only after 0x800 bytes: the write fails first.
+    let err = g
+        .iommu
+        .dma_copy(RID, user(PASID), VA_2M, VA_4K + 0x800, 0x1000)
+        .unwrap_err();
+    assert!(err.write);
+    assert_eq!((err.error.completed, err.error.address), (0x800, VA_RO));
+    assert_eq!(reason_of_kind(err.error.kind), Some(FaultReason::NoWrite));
+    assert_eq!(
+        g.read_obj::<[u8; 16]>(PA_4K + 0xff0)[..],
+        data[0x7f0..0x800]
+    );
+    // The source ends after VA_RO: the read fails once the rest is copied.
+    let err = g
+        .iommu
+        .dma_copy(RID, user(PASID), VA_RO + 0x800, VA_2M, 0x1000)
+        .unwrap_err();
+    assert!(!err.write);
+    assert_eq!(
+        (err.error.completed, err.error.address),
+        (0x800, VA_RO + 0x1000)
+    );
+}
+
+#[test]
 fn ats_translation_requests() {
     let Sva { mut g, .. } = sva();
     // Read request on a clean writable page: W withheld until the page is dirty.

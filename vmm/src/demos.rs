@@ -168,6 +168,42 @@ pub(crate) fn median(mut values: Vec<f64>) -> f64 {
     }
 }
 
+/// The lowest, middle and highest of a benchmark figure over its rounds
+/// (or over runs).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Spread {
+    /// The lowest value.
+    pub min: f64,
+    /// The median.
+    pub median: f64,
+    /// The highest value.
+    pub max: f64,
+}
+
+impl Spread {
+    /// The spread of `values` (all zero when there are none).
+    pub fn of(values: Vec<f64>) -> Self {
+        let min = values.iter().copied().reduce(f64::min).unwrap_or(0.0);
+        let max = values.iter().copied().reduce(f64::max).unwrap_or(0.0);
+        Self {
+            min,
+            median: median(values),
+            max,
+        }
+    }
+}
+
+impl std::fmt::Display for Spread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let p = f.precision().unwrap_or(2);
+        write!(
+            f,
+            "{:.p$} / {:.p$} / {:.p$}",
+            self.min, self.median, self.max
+        )
+    }
+}
+
 /// What the trap benchmark measured, in guest TSC ticks.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TrapBench {
@@ -204,7 +240,12 @@ impl TrapBench {
     /// The median over rounds of ENQCMD time / port-I/O time: a round's two
     /// batches run back to back, so a load change between rounds cancels.
     pub fn median_ratio(&self) -> f64 {
-        median(
+        self.ratio().median
+    }
+
+    /// ENQCMD time / port-I/O time over the rounds.
+    pub fn ratio(&self) -> Spread {
+        Spread::of(
             self.rounds
                 .iter()
                 .map(|&(pio, enq)| enq as f64 / pio.max(1) as f64)

@@ -126,11 +126,15 @@ enum Command {
         /// The program.
         program: MicroProgram,
     },
-    /// Measure a trapped user ENQCMD against a bare port-I/O exit.
+    /// Measure a trapped user ENQCMD against a bare port-I/O exit, and the
+    /// accelerator's submissions and copies.
     Bench {
         /// Round trips of each kind.
         #[arg(long, default_value_t = 20_000)]
         iterations: u32,
+        /// Run the benchmark this many times in a row, then print a summary.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        repeat: u32,
     },
     /// Boot Linux, run CMD in it through the project's init and exit with
     /// CMD's status. CMD's output (stdout and stderr) goes to stdout, over a
@@ -370,7 +374,7 @@ fn main() -> ExitCode {
         Some(Command::Micro {
             program: MicroProgram::SvaDemo,
         }) => sva_demo(cli.timeout, platform),
-        Some(Command::Bench { iterations }) => bench(iterations, accel, platform),
+        Some(Command::Bench { iterations, repeat }) => bench(iterations, repeat, accel, platform),
         Some(Command::Run(args)) => run(args, accel, platform),
         None => boot(cli, accel, platform),
     }
@@ -644,7 +648,38 @@ fn enqcmd_demo(timeout: Option<u64>, accel: AccelConfig, platform: Platform) -> 
     }
 }
 
-fn bench(iterations: u32, accel: AccelConfig, platform: Platform) -> ExitCode {
+fn bench(iterations: u32, repeat: u32, accel: AccelConfig, platform: Platform) -> ExitCode {
+    let mut runs = Vec::new();
+    for run in 1..=repeat {
+        if repeat > 1 {
+            println!("bench: run {run} of {repeat}");
+        }
+        if let Ok(load) = std::fs::read_to_string("/proc/loadavg") {
+            let load: Vec<&str> = load.split_whitespace().take(3).collect();
+            println!(
+                "bench: host load average (1, 5, 15 min): {}",
+                load.join(" ")
+            );
+        }
+        match bench_once(iterations, accel.clone(), platform) {
+            Ok(figures) => runs.push(figures),
+            Err(code) => return code,
+        }
+    }
+    if repeat > 1 {
+        for line in sva_bench::summary(&runs) {
+            println!("{line}");
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// One run of `vmm bench`: the trap benchmark, then the accelerator's.
+fn bench_once(
+    iterations: u32,
+    accel: AccelConfig,
+    platform: Platform,
+) -> Result<sva_bench::RunFigures, ExitCode> {
     let per_round = (iterations / demos::BENCH_ROUNDS).max(1);
     let options = MicroOptions {
         timeout: Duration::from_secs(600),
@@ -652,41 +687,41 @@ fn bench(iterations: u32, accel: AccelConfig, platform: Platform) -> ExitCode {
         platform,
         ..Default::default()
     };
-    let run = match run_micro(demos::trap_benchmark(per_round), options) {
-        Ok(run) => run,
-        Err(code) => return code,
-    };
+    let run = run_micro(demos::trap_benchmark(per_round), options)?;
     if run.exit != RunExit::TestExit(0xbe) {
-        return exit_code(&run.exit);
+        return Err(exit_code(&run.exit));
     }
     let result = demos::TrapBench::from_memory(&run.memory, per_round);
     let (pio, enq) = result.per_round_trip();
     println!(
-        "bench: {} rounds of {per_round} round trips each, guest TSC ticks per round trip",
+        "bench: {} rounds of {per_round} round trips each, guest TSC ticks per round trip; \
+         figures are min / median / max over the rounds",
         demos::BENCH_ROUNDS
     );
     println!("bench: bare port-I/O exit: {pio:.0}");
     println!("bench: trapped user ENQCMD: {enq:.0}");
+    let test_portal = result.ratio();
     println!(
-        "bench: ENQCMD / port-I/O ratio = {:.2} (median of rounds; target <= 1.5)",
-        result.median_ratio()
+        "bench: ENQCMD / port-I/O ratio = {test_portal} (target <= {})",
+        sva_bench::ENQCMD_TARGET
     );
-    sva_bench(per_round, platform)
+    sva_bench(per_round, test_portal.median, platform)
 }
 
 /// The accelerator half of `vmm bench` (see [`vmm::sva_bench`]).
-fn sva_bench(per_round: u32, platform: Platform) -> ExitCode {
+fn sva_bench(
+    per_round: u32,
+    test_portal: f64,
+    platform: Platform,
+) -> Result<sva_bench::RunFigures, ExitCode> {
     let options = MicroOptions {
         platform,
         ..sva_bench::options()
     };
-    let run = match run_micro(sva_bench::program(per_round), options) {
-        Ok(run) => run,
-        Err(code) => return code,
-    };
+    let run = run_micro(sva_bench::program(per_round), options)?;
     if run.exit != RunExit::TestExit(sva_bench::DONE) {
         eprintln!("vmm: the accelerator benchmark ended with {:?}", run.exit);
-        return exit_code(&run.exit);
+        return Err(exit_code(&run.exit));
     }
     let result = sva_bench::SvaBench::from_memory(&run.memory, per_round);
     if let Some(bad) = result
@@ -698,7 +733,7 @@ fn sva_bench(per_round: u32, platform: Platform) -> ExitCode {
             "vmm: a benchmark MEMMOVE completed with status {:#x}",
             bad.status
         );
-        return ExitCode::from(EXIT_ERROR);
+        return Err(ExitCode::from(EXIT_ERROR));
     }
     let (issued, accepted) = result.submissions();
     let host = run.pasids.table().translate(sva_bench::PASID).ok();
@@ -715,23 +750,29 @@ fn sva_bench(per_round: u32, platform: Platform) -> ExitCode {
         host.map_or("none".into(), |h| format!("{h:#x}")),
         tagged.join(", ")
     );
+    let shared_wq = result.enqcmd_spread();
     println!(
-        "bench: ENQCMD to a shared WQ / port-I/O ratio = {:.2} (median of rounds; target <= 1.5)",
-        result.enqcmd_ratio()
+        "bench: ENQCMD to a shared WQ / port-I/O ratio = {shared_wq} (target <= {})",
+        sva_bench::ENQCMD_TARGET
     );
+    let memmove = result.memmove_spread();
     println!(
-        "bench: 1 MiB MEMMOVE via a dedicated WQ, end to end = {:.2} of memcpy's throughput \
-         (median of rounds; target >= 0.5)",
-        result.memmove_vs_memcpy()
+        "bench: 1 MiB MEMMOVE via a dedicated WQ, end to end = {memmove} of memcpy's throughput \
+         (target >= {})",
+        sva_bench::MEMMOVE_TARGET
     );
-    if run.tsc_khz == 0 {
-        println!("bench: submissions per second: unknown (KVM did not give the TSC rate)");
-    } else {
-        println!(
-            "bench: trapped ENQCMD submissions per second on one vCPU = {:.0} \
-             ({accepted} of {issued} accepted)",
-            result.submissions_per_second(run.tsc_khz)
-        );
+    let noops_per_second = (run.tsc_khz != 0).then(|| result.submissions_spread(run.tsc_khz));
+    match noops_per_second {
+        None => println!("bench: NOOPs per second: unknown (KVM did not give the TSC rate)"),
+        Some(rate) => println!(
+            "bench: NOOPs per second through a shared WQ (trapped ENQCMDs accepted, one vCPU) = \
+             {rate:.0} ({accepted} of {issued} accepted)"
+        ),
     }
-    ExitCode::SUCCESS
+    Ok(sva_bench::RunFigures {
+        test_portal,
+        shared_wq: shared_wq.median,
+        memmove: memmove.median,
+        noops_per_second: noops_per_second.map(|r| r.median),
+    })
 }

@@ -18,7 +18,7 @@ use vdsa::descriptor::{Descriptor, Opcode};
 use vdsa::DsaConfig;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::demos::{median, tsc_start, tsc_store};
+use crate::demos::{tsc_start, tsc_store, Spread};
 use crate::microguest::driver::dsa::{memmove, wait_for_completion, DsaDriver, WqSetup};
 use crate::microguest::driver::kernel::{BringUpError, SvaSetup};
 use crate::microguest::driver::store_bytes;
@@ -226,7 +226,12 @@ impl SvaBench {
 
     /// Median over rounds of the ENQCMD round trip / port-I/O round trip.
     pub fn enqcmd_ratio(&self) -> f64 {
-        median(
+        self.enqcmd_spread().median
+    }
+
+    /// The ENQCMD round trip / port-I/O round trip over the rounds.
+    pub fn enqcmd_spread(&self) -> Spread {
+        Spread::of(
             self.rounds
                 .iter()
                 .map(|r| r.enqcmd as f64 / r.port_io.max(1) as f64)
@@ -237,7 +242,12 @@ impl SvaBench {
     /// Median over rounds of the MEMMOVE's throughput relative to memcpy's
     /// (memcpy time / MEMMOVE time: 1.0 is as fast as memcpy).
     pub fn memmove_vs_memcpy(&self) -> f64 {
-        median(
+        self.memmove_spread().median
+    }
+
+    /// The MEMMOVE's throughput relative to memcpy's over the rounds.
+    pub fn memmove_spread(&self) -> Spread {
+        Spread::of(
             self.rounds
                 .iter()
                 .map(|r| r.memcpy as f64 / r.memmove.max(1) as f64)
@@ -252,11 +262,80 @@ impl SvaBench {
         accepted as f64 * f64::from(tsc_khz) * 1000.0 / ticks.max(1) as f64
     }
 
+    /// Accepted ENQCMDs (NOOPs) per second on one vCPU over the rounds, at
+    /// `tsc_khz`.
+    pub fn submissions_spread(&self, tsc_khz: u32) -> Spread {
+        Spread::of(
+            self.rounds
+                .iter()
+                .map(|r| r.accepted as f64 * f64::from(tsc_khz) * 1000.0 / r.enqcmd.max(1) as f64)
+                .collect(),
+        )
+    }
+
     /// ENQCMDs issued and accepted over all rounds.
     pub fn submissions(&self) -> (u64, u64) {
         let issued = u64::from(self.per_round) * self.rounds.len() as u64;
         (issued, self.rounds.iter().map(|r| r.accepted).sum())
     }
+}
+
+/// The target for ENQCMD round trip / port-I/O round trip (at most).
+pub const ENQCMD_TARGET: f64 = 1.5;
+/// The target for the 1 MiB MEMMOVE's throughput / memcpy's (at least).
+pub const MEMMOVE_TARGET: f64 = 0.5;
+
+/// The figures of one `vmm bench` run: medians over its rounds.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RunFigures {
+    /// ENQCMD to the test portal / port-I/O exit.
+    pub test_portal: f64,
+    /// ENQCMD to a shared WQ / port-I/O exit.
+    pub shared_wq: f64,
+    /// 1 MiB MEMMOVE via a dedicated WQ, end to end / memcpy.
+    pub memmove: f64,
+    /// NOOPs per second through the shared WQ, when the TSC rate is known.
+    pub noops_per_second: Option<f64>,
+}
+
+/// The summary of several runs: each figure's spread over the runs' medians
+/// and how many runs met its target.
+pub fn summary(runs: &[RunFigures]) -> Vec<String> {
+    let n = runs.len();
+    let figure = |name: &str, of: fn(&RunFigures) -> f64, met: Option<fn(f64) -> bool>| {
+        let values: Vec<f64> = runs.iter().map(of).collect();
+        let target = met.map_or(String::new(), |met| {
+            let count = values.iter().filter(|&&v| met(v)).count();
+            format!("; target met in {count} of {n} runs")
+        });
+        format!("{name}: {}{target}", Spread::of(values))
+    };
+    let mut lines = vec![
+        format!("bench summary over {n} runs (min / median / max of the runs' medians):"),
+        figure(
+            "  ENQCMD to the test portal / port-I/O",
+            |r| r.test_portal,
+            Some(|v| v <= ENQCMD_TARGET),
+        ),
+        figure(
+            "  ENQCMD to a shared WQ / port-I/O",
+            |r| r.shared_wq,
+            Some(|v| v <= ENQCMD_TARGET),
+        ),
+        figure(
+            "  1 MiB MEMMOVE via a dedicated WQ / memcpy",
+            |r| r.memmove,
+            Some(|v| v >= MEMMOVE_TARGET),
+        ),
+    ];
+    let rates: Vec<f64> = runs.iter().filter_map(|r| r.noops_per_second).collect();
+    if !rates.is_empty() {
+        lines.push(format!(
+            "  NOOPs per second through a shared WQ: {:.0}",
+            Spread::of(rates)
+        ));
+    }
+    lines
 }
 
 /// Options for running [`program`].
@@ -284,6 +363,27 @@ mod tests {
     }
 
     #[test]
+    fn summary_counts_runs_that_met_each_target() {
+        let run = |shared_wq, memmove| RunFigures {
+            test_portal: 1.2,
+            shared_wq,
+            memmove,
+            noops_per_second: Some(1000.0),
+        };
+        let lines = summary(&[run(1.4, 0.6), run(1.6, 0.4), run(1.5, 0.7)]);
+        assert_eq!(
+            lines,
+            [
+                "bench summary over 3 runs (min / median / max of the runs' medians):",
+                "  ENQCMD to the test portal / port-I/O: 1.20 / 1.20 / 1.20; target met in 3 of 3 runs",
+                "  ENQCMD to a shared WQ / port-I/O: 1.40 / 1.50 / 1.60; target met in 2 of 3 runs",
+                "  1 MiB MEMMOVE via a dedicated WQ / memcpy: 0.40 / 0.60 / 0.70; target met in 2 of 3 runs",
+                "  NOOPs per second through a shared WQ: 1000 / 1000 / 1000",
+            ]
+        );
+    }
+
+    #[test]
     fn figures_are_medians_of_rounds() {
         let bench = SvaBench {
             per_round: 10,
@@ -295,6 +395,17 @@ mod tests {
         };
         assert_eq!(bench.enqcmd_ratio(), 1.3);
         assert_eq!(bench.memmove_vs_memcpy(), 0.5);
+        assert_eq!(
+            bench.memmove_spread(),
+            Spread {
+                min: 0.125,
+                median: 0.5,
+                max: 0.625
+            }
+        );
+        assert_eq!(bench.enqcmd_spread().max, 9.0);
+        // 10 accepted in 120 ticks at 1,200 kHz: 100,000 per second.
+        assert_eq!(bench.submissions_spread(1200).max, 100_000.0);
         assert_eq!(bench.submissions(), (30, 30));
         // 30 accepted in 1150 ticks at 1,150 kHz: 30,000 per second.
         assert_eq!(bench.submissions_per_second(1150), 30_000.0);

@@ -122,7 +122,6 @@ enum Waited {
     NoVcpu,
 }
 
-
 /// What the machine is made of.
 pub struct VmConfig {
     /// Number of vCPUs (1 to 255).

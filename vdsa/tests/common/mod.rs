@@ -301,6 +301,12 @@ impl Guest {
     /// Configures groups (engine `g` in group `g`), WQs and enables the
     /// device and the WQs.
     pub fn setup(&mut self, wqs: &[WqSpec]) {
+        self.setup_engines(wqs, |g| 1 << g);
+    }
+
+    /// Like [`Guest::setup`], with `engines(g)` the engine bitmap of group
+    /// `g` (when it has WQs).
+    pub fn setup_engines(&mut self, wqs: &[WqSpec], engines: impl Fn(usize) -> u64) {
         self.enable_pci();
         self.enable_msix();
         assert_eq!(self.command_polled(5, 0, false), 0);
@@ -312,7 +318,7 @@ impl Guest {
             let members: u64 = wqs.iter().filter(|s| s.group == g).map(|s| 1 << s.wq).sum();
             let at = self.grpcfg(g);
             self.write64(at, members);
-            self.write64(at + 32, if members != 0 { 1 << g } else { 0 });
+            self.write64(at + 32, if members != 0 { engines(g) } else { 0 });
             self.write64(at + 40, (1 << 3) | 1);
         }
         assert_eq!(self.command(1, 0), 0, "enable device");

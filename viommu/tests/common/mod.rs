@@ -226,8 +226,15 @@ pub struct Guest {
 impl Guest {
     /// Memory and the unit, not yet initialised.
     pub fn bare() -> Self {
+        Self::bare_sized(MEM_SIZE)
+    }
+
+    /// Like [`Guest::bare`] with `size` bytes of memory (at least [`MEM_SIZE`]; what lies
+    /// above it is the caller's).
+    pub fn bare_sized(size: u64) -> Self {
+        assert!(size >= MEM_SIZE);
         let mem = Arc::new(
-            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap(),
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size as usize)]).unwrap(),
         );
         let msis = Arc::new(RecordingMsi::default());
         let iommu = Iommu::new(mem.clone(), msis.clone());

@@ -195,6 +195,30 @@ impl DmaPort for ViommuDma {
         )
     }
 
+    /// Memory to memory through the vIOMMU, without a bounce buffer.
+    fn copy(&self, space: AddressSpace, src: u64, dst: u64, len: usize) -> Result<(), DmaFault> {
+        let tag = match space {
+            AddressSpace::Translated => return self.memory.copy(space, src, dst, len),
+            AddressSpace::Untranslated(tag) => tag,
+        };
+        let Ok(tag) = self.guest_tag(tag) else {
+            return Err(DmaFault {
+                done: 0,
+                addr: src,
+                write: false,
+                kind: FaultKind::TranslationError,
+            });
+        };
+        self.iommu
+            .dma_copy(self.rid, tag, src, dst, len)
+            .map_err(|e| DmaFault {
+                done: e.error.completed,
+                addr: e.error.address,
+                write: e.write,
+                kind: fault_kind(e.error.kind),
+            })
+    }
+
     /// ATS translation: asked as a write first, so a writable page comes
     /// back writable (and dirty, as the device may write it); a page the
     /// guest mapped read-only comes back read-only.
