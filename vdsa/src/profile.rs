@@ -25,17 +25,21 @@
 //!   advertises them).
 //! - ENGCAP: 4 engines (`"max_engines":4`).
 //! - OPCAP: the DSA 1.0 operations of the specification's Table 8-1:
-//!   0x00-0x09, 0x10-0x15 and 0x20 (`00000001,003f03ff`). (The Emerald
-//!   Rapids dump above lists `00000001,003f027d`, without Batch and the
-//!   delta operations; accel-config's own test runner submits batches, so
-//!   the profile keeps the full DSA 1.0 set.)
+//!   0x00-0x09, 0x10-0x15 and 0x20 (`00000001,003f03ff`). The Emerald
+//!   Rapids dump above prints `00000001,003f027d`; Linux clears bit 1
+//!   (Batch) from the `op_cap` it shows on parts with the INTEL-SA-01084
+//!   erratum (this model's `op_cap` reads `00000001,003f03fd` through the
+//!   same code), so that part's register is `0x1_003f_027f`, without
+//!   Create and Apply Delta Record (bits 7 and 8). The profile keeps the
+//!   two delta operations, a departure from that dump (accel-config's
+//!   runner does not test them).
 //! - PCI Express: ATS with invalidate queue depth 0, PASID with 20 bits and
 //!   privileged mode but no execute permission, PRI with 0x200 outstanding
 //!   requests (`lspci -vvv` of the same part: `Max PASID Width: 14`
 //!   (hexadecimal), `Exec- Priv+`, `Page Request Capacity: 00000200`).
 //!
-//! Departures kept from the DSA 2.0 register layout, documented as such:
-//! WQCAP advertises 64-byte WQCFG entries with per-WQ operation
+//! Departures, documented as such: the delta operations in OPCAP (above);
+//! and from the DSA 2.0 register layout, WQCAP advertises 64-byte WQCFG entries with per-WQ operation
 //! configuration, occupancy and per-WQ ATS disable, which Linux 6.12 uses
 //! when present; a DSA 1.0 has 32-byte entries without them.
 
