@@ -178,6 +178,19 @@ struct Tags {
 }
 
 impl Tags {
+    /// The seeds at `at` (reference tag, application tag mask, application
+    /// tag) with the tag types of `flags`; source and destination flags
+    /// place the types at the same bits.
+    fn seeds(desc: &Descriptor, at: usize, flags: u8) -> Self {
+        Self {
+            reference: desc.u32_at(at),
+            app_mask: desc.u16_at(at + 4),
+            app: desc.u16_at(at + 6),
+            ref_fixed: flags & src_flags::REF_TAG_FIXED != 0,
+            app_incrementing: flags & src_flags::APP_TAG_INCREMENTING != 0,
+        }
+    }
+
     fn advance(&mut self) {
         if !self.ref_fixed {
             self.reference = self.reference.wrapping_add(1);
@@ -211,20 +224,8 @@ impl Params {
             invert_result: f & dif_flags::INVERT_CRC_RESULT != 0,
             src_flags,
             dest_flags,
-            src: Tags {
-                reference: desc.u32_at(field::SRC_REF_TAG),
-                app: desc.u16_at(field::SRC_APP_TAG),
-                app_mask: desc.u16_at(field::SRC_APP_MASK),
-                ref_fixed: src_flags & src_flags::REF_TAG_FIXED != 0,
-                app_incrementing: src_flags & src_flags::APP_TAG_INCREMENTING != 0,
-            },
-            dest: Tags {
-                reference: desc.u32_at(field::DEST_REF_TAG),
-                app: desc.u16_at(field::DEST_APP_TAG),
-                app_mask: desc.u16_at(field::DEST_APP_MASK),
-                ref_fixed: dest_flags & dest_flags::REF_TAG_FIXED != 0,
-                app_incrementing: dest_flags & dest_flags::APP_TAG_INCREMENTING != 0,
-            },
+            src: Tags::seeds(desc, field::SRC_REF_TAG, src_flags),
+            dest: Tags::seeds(desc, field::DEST_REF_TAG, dest_flags),
         }
     }
 
