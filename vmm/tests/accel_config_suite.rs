@@ -100,7 +100,7 @@ fn smoke_script() -> String {
     for run in RUNS {
         s += &format!("r {run}\n");
     }
-    s += "$ACCFG disable-wq dsa0/wq0.0 dsa0/wq0.1\n$ACCFG disable-device dsa0\necho smoke-done\n";
+    s += "$ACCFG disable-wq dsa0/wq0.0 dsa0/wq0.1\necho smoke-done\n";
     s
 }
 
