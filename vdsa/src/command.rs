@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 
-use crate::device::{Inner, Route};
+use crate::device::{Inner, RegFile, Route};
 use crate::engine::{Group, WqSnapshot};
 use crate::pci::{PcieState, PRI_CAPACITY};
 use crate::regs::{intcause, CmdReg, CmdSts, DeviceState};
@@ -247,6 +247,9 @@ impl Inner {
                 return (status::GRP_CONFIG3, 0);
             }
             engine_seen |= g.engines;
+        }
+        if let Err(code) = check_read_buffers(&regs, self.caps.grpcap.total_rdbufs()) {
+            return (code, 0);
         }
         for (wq, cfg) in regs.wqcfg.iter().enumerate() {
             let groups = regs.grpcfg.iter().filter(|g| g.has_wq(wq)).count();
@@ -529,6 +532,34 @@ impl Inner {
         // The handle of an MSI-X entry is its index.
         (status::SUCCESS, if request { index as u32 } else { 0 })
     }
+}
+
+/// The read-buffer controls (DSA specification §9.2: GENCFG read-buffer
+/// limit, GRPCFG reserved/allowed/use-limit) must fit the device's total:
+/// the limit and each group's allowance at most the total, the reservations
+/// together at most the total, each group allowed at least what it
+/// reserves, and a group using the limit needs a non-zero limit. A
+/// violation fails Enable Device with a group configuration error. Read
+/// buffers only pace a real engine's reads, so the model keeps the values
+/// and does not throttle.
+fn check_read_buffers(regs: &RegFile, total: u64) -> Result<(), u32> {
+    let limit = u64::from(regs.gencfg.rdbuf_limit());
+    if limit > total {
+        return Err(status::CONFIG);
+    }
+    let mut reserved = 0;
+    for g in &regs.grpcfg {
+        let f = g.flags;
+        reserved += f.rdbufs_reserved();
+        let bad_allowance = f.rdbufs_allowed() > total || f.rdbufs_allowed() < f.rdbufs_reserved();
+        if bad_allowance || (f.use_rdbuf_limit() == 1 && limit == 0) {
+            return Err(status::GRP_CONFIG);
+        }
+    }
+    if reserved > total {
+        return Err(status::GRP_CONFIG);
+    }
+    Ok(())
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

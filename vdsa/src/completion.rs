@@ -21,6 +21,8 @@ pub enum Status {
     DrOffsetNoinc = 0x07,
     /// Apply Delta: offset beyond the transfer size.
     DrOffsetErange = 0x08,
+    /// DIF Check, Strip or Update: a tag did not match (Result says which).
+    DifError = 0x09,
     /// Unsupported operation code.
     BadOpcode = 0x10,
     /// Invalid flags.

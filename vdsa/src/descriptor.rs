@@ -29,6 +29,14 @@ pub enum Opcode {
     Crcgen = 0x10,
     /// Copy with CRC Generation.
     CopyCrc = 0x11,
+    /// DIF Check.
+    DifCheck = 0x12,
+    /// DIF Insert.
+    DifInsert = 0x13,
+    /// DIF Strip.
+    DifStrip = 0x14,
+    /// DIF Update.
+    DifUpdate = 0x15,
     /// Cache Flush.
     Cflush = 0x20,
 }
@@ -49,6 +57,10 @@ impl Opcode {
             0x09 => Self::Dualcast,
             0x10 => Self::Crcgen,
             0x11 => Self::CopyCrc,
+            0x12 => Self::DifCheck,
+            0x13 => Self::DifInsert,
+            0x14 => Self::DifStrip,
+            0x15 => Self::DifUpdate,
             0x20 => Self::Cflush,
             _ => return None,
         })
@@ -81,6 +93,8 @@ pub mod flags {
     pub const CR_TCS: u32 = 1 << 12;
     /// Strict ordering.
     pub const STORD: u32 = 1 << 13;
+    /// Read the destination back before completing (GENCAP.dest_readback).
+    pub const DEST_READBACK: u32 = 1 << 14;
     /// CRC: read the seed from memory.
     pub const CRC_READ_SEED: u32 = 1 << 16;
     /// CRC: bypass seed/result inversion and reflection.
@@ -293,6 +307,7 @@ mod tests {
         assert_eq!(d.u32_at(32), 4096);
         assert_eq!(d.u16_at(36), 3);
         assert_eq!(Opcode::from_u8(0x20), Some(Opcode::Cflush));
-        assert_eq!(Opcode::from_u8(0x12), None);
+        assert_eq!(Opcode::from_u8(0x15), Some(Opcode::DifUpdate));
+        assert_eq!(Opcode::from_u8(0x0a), None);
     }
 }

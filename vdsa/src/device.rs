@@ -15,6 +15,7 @@ use crate::engine::Group;
 use crate::grpcfg::GrpCfg;
 use crate::pasid::{IdentityPasids, PasidTranslator};
 use crate::pci::{self as config_space, ExtCaps, PcieState};
+use crate::profile;
 use crate::prs::PageRequester;
 use crate::regs::{
     intcause, layout, offset, Capabilities, CmdReg, CmdSts, DeviceState, GenCfg, GenCtrl, GenSts,
@@ -40,22 +41,24 @@ pub struct DsaConfig {
     pub max_batch_shift: u8,
     /// Advertise the Request/Release Interrupt Handle commands (GENCAP
     /// cmd_cap and CMDCAP); descriptors must then use handles the guest
-    /// requested.
+    /// requested. A departure from the Sapphire Rapids profile, whose
+    /// GENCAP has no CMDCAP.
     pub interrupt_handles: bool,
 }
 
 impl Default for DsaConfig {
-    /// 8 WQs sharing 128 entries, 4 engines, 4 groups, 2 GiB transfers,
-    /// batches of 1024, interrupt handles.
+    /// A Sapphire Rapids DSA 1.0 ([`crate::profile`]): 8 WQs sharing 128
+    /// entries, 4 engines, 4 groups, 2 GiB transfers, batches of 1024, no
+    /// interrupt handles (GENCAP.cmd_cap clear).
     fn default() -> Self {
         Self {
-            num_wqs: 8,
-            num_engines: 4,
-            num_groups: 4,
-            total_wq_size: 128,
-            max_xfer_shift: 31,
-            max_batch_shift: 10,
-            interrupt_handles: true,
+            num_wqs: profile::NUM_WQS,
+            num_engines: profile::NUM_ENGINES,
+            num_groups: profile::NUM_GROUPS,
+            total_wq_size: profile::TOTAL_WQ_SIZE,
+            max_xfer_shift: profile::MAX_XFER_SHIFT,
+            max_batch_shift: profile::MAX_BATCH_SHIFT,
+            interrupt_handles: false,
         }
     }
 }

@@ -24,12 +24,17 @@ impl GroupFlags {
         tc_a / set_tc_a: 2, 0;
         /// Traffic class B.
         tc_b / set_tc_b: 5, 3;
-        /// Read buffers allowed (read-only: read-buffer controls unsupported).
+        /// Apply the global read-buffer limit (GENCFG) to the group.
+        use_rdbuf_limit / set_use_rdbuf_limit: 7, 7;
+        /// Read buffers reserved for the group.
+        rdbufs_reserved / set_rdbufs_reserved: 15, 8;
+        /// Read buffers the group may use.
         rdbufs_allowed / set_rdbufs_allowed: 27, 20;
     }
-    /// Bits software may write: the two traffic classes. Read-buffer and
-    /// progress-limit fields are unsupported (GRPCAP) and read-only.
-    pub const WRITABLE: u64 = 0x3f;
+    /// Bits software may write: the traffic classes and the read-buffer
+    /// controls (GRPCAP.rdbuf_ctrl). The progress limits are DSA 2.0
+    /// fields and read-only here.
+    pub const WRITABLE: u64 = 0x3f | (1 << 7) | (0xff << 8) | (0xff << 20);
 }
 
 /// One group's configuration.
@@ -100,11 +105,17 @@ mod tests {
         let mut g = GrpCfg::reset_value(0x60);
         g.write_qword(0, 0b101, u64::MAX);
         g.write_qword(field::ENGINES, 0b1, u64::MAX);
-        // Linux writes tc_a=tc_b=1 and rdbufs_allowed=max; only the TCs stick.
-        g.write_qword(field::FLAGS, (0x30 << 20) | (1 << 3) | 1, u64::MAX);
+        // Linux writes tc_a=tc_b=1 and the read-buffer controls; the
+        // progress limits (bits 33:32, 37:36) do not stick.
+        g.write_qword(
+            field::FLAGS,
+            (3 << 36) | (0x30 << 20) | (4 << 8) | (1 << 3) | 1,
+            u64::MAX,
+        );
         assert!(g.has_wq(0) && !g.has_wq(1) && g.has_wq(2));
         assert_eq!(g.engines, 1);
-        assert_eq!(g.flags.0, (0x60 << 20) | (1 << 3) | 1);
+        assert_eq!(g.flags.0, (0x30 << 20) | (4 << 8) | (1 << 3) | 1);
+        assert_eq!(g.flags.rdbufs_reserved(), 4);
         // A 4-byte write of the high half of the first qword.
         g.write_qword(0, 1 << 32, 0xffff_ffff_0000_0000);
         assert_eq!(g.wqs[0], (1 << 32) | 0b101);

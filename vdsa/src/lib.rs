@@ -1,5 +1,6 @@
 //! A virtual Intel Data Streaming Accelerator (DSA 1.0) that Linux's
-//! unmodified `idxd` driver and accel-config drive.
+//! unmodified `idxd` driver and accel-config drive. By default it shows the
+//! capability registers of a Sapphire Rapids DSA ([`profile`]).
 //!
 //! [`Dsa`] is a PCI Express function (8086:0b25, a root-complex integrated
 //! endpoint with PASID, ATS and PRI) implementing [`pci::PciDevice`]:
@@ -36,6 +37,7 @@ pub mod ops;
 pub mod pasid;
 pub mod pci;
 pub mod portal;
+pub mod profile;
 mod prs;
 pub mod regs;
 pub mod swerr;

@@ -19,9 +19,10 @@ pub const DEVICE_ID: u16 = 0x0b25;
 /// Class: base 0x08 (system peripheral), subclass 0x80 (other).
 pub const CLASS_CODE: u32 = 0x08_8000;
 
-/// PASID capability register: max width 20 (bits 12:8), privileged mode
-/// (bit 2) and execute permission (bit 1) supported.
-pub const PASID_CAP: u16 = (20 << 8) | (1 << 2) | (1 << 1);
+/// PASID capability register: max width 20 (bits 12:8) and privileged
+/// mode (bit 2); no execute permission (`lspci`: `Exec- Priv+`, see
+/// [`crate::profile`]).
+pub const PASID_CAP: u16 = (20 << 8) | (1 << 2);
 /// PASID control: PASID enable.
 pub const PASID_CTRL_ENABLE: u16 = 1 << 0;
 /// PASID control: execute permission enable.
@@ -124,7 +125,7 @@ pub fn build(
     )?;
 
     body[..2].copy_from_slice(&PASID_CAP.to_le_bytes());
-    let pasid_writable = (PASID_CTRL_ENABLE | PASID_CTRL_EXEC | PASID_CTRL_PRIV).to_le_bytes();
+    let pasid_writable = (PASID_CTRL_ENABLE | PASID_CTRL_PRIV).to_le_bytes();
     let pasid = config.add_extended_capability(
         ext_cap_id::PASID,
         1,

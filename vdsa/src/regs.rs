@@ -4,6 +4,7 @@
 
 use crate::bits::bitfields;
 use crate::descriptor::Opcode;
+use crate::profile;
 use crate::DsaConfig;
 
 /// Register offsets in BAR0.
@@ -77,8 +78,10 @@ impl GenCap {
         block_on_fault / set_block_on_fault: 0, 0;
         /// Overlapping memory moves supported.
         overlap_copy / set_overlap_copy: 1, 1;
-        /// Cache-control flag (write to cache) supported.
+        /// Cache-control flag (write to cache) supported for memory.
         cache_control / set_cache_control: 2, 2;
+        /// Cache-control flag supported for cache-line flushes.
+        cache_control_cache / set_cache_control_cache: 3, 3;
         /// CMDCAP register present.
         cmd_cap / set_cmd_cap: 4, 4;
         /// Destination readback supported.
@@ -89,6 +92,8 @@ impl GenCap {
         max_xfer_shift / set_max_xfer_shift: 20, 16;
         /// Maximum batch size is 2^shift.
         max_batch_shift / set_max_batch_shift: 24, 21;
+        /// Interrupt message storage entries, in units of 256.
+        max_ims_mult / set_max_ims_mult: 30, 25;
         /// Configuration registers are writable.
         config_en / set_config_en: 31, 31;
     }
@@ -174,8 +179,9 @@ impl GenCfg {
         /// User-mode descriptors may request completion interrupts.
         user_int_en / set_user_int_en: 12, 12;
     }
-    /// Bits software may write (while the device is disabled).
-    pub const WRITABLE: u32 = 1 << 12;
+    /// Bits software may write (while the device is disabled): the
+    /// read-buffer limit (GRPCAP.rdbuf_limit) and user interrupts.
+    pub const WRITABLE: u32 = 0xff | (1 << 12);
 }
 
 /// General Control (GENCTRL, 0x88).
@@ -298,8 +304,8 @@ pub struct Capabilities {
     pub cmdcap: u32,
 }
 
-/// The operations this model executes.
-pub const SUPPORTED_OPS: [Opcode; 13] = [
+/// The operations this model executes: every DSA 1.0 operation.
+pub const SUPPORTED_OPS: [Opcode; 17] = [
     Opcode::Noop,
     Opcode::Batch,
     Opcode::Drain,
@@ -312,24 +318,28 @@ pub const SUPPORTED_OPS: [Opcode; 13] = [
     Opcode::Dualcast,
     Opcode::Crcgen,
     Opcode::CopyCrc,
+    Opcode::DifCheck,
+    Opcode::DifInsert,
+    Opcode::DifStrip,
+    Opcode::DifUpdate,
     Opcode::Cflush,
 ];
 
-/// Total read buffers reported in GRPCAP (read-buffer controls are not
-/// supported, so the value is informational).
-const TOTAL_RDBUFS: u64 = 0x60;
-
 impl Capabilities {
-    /// The capability registers of a device built from `config`.
+    /// The capability registers of a device built from `config`. With
+    /// [`DsaConfig::default`] they are those of a Sapphire Rapids DSA 1.0
+    /// ([`crate::profile`]).
     pub fn new(config: &DsaConfig) -> Self {
-        let mut gencap = GenCap(0);
+        let mut gencap = GenCap(profile::GENCAP_UNDEFINED_BITS);
         gencap
             .set_block_on_fault(1)
             .set_overlap_copy(1)
             .set_cache_control(1)
             .set_cmd_cap(u64::from(config.interrupt_handles))
+            .set_dest_readback(1)
             .set_max_xfer_shift(u64::from(config.max_xfer_shift))
             .set_max_batch_shift(u64::from(config.max_batch_shift))
+            .set_max_ims_mult(profile::MAX_IMS_MULT)
             .set_config_en(1);
         let mut wqcap = WqCap(0);
         wqcap
@@ -344,7 +354,9 @@ impl Capabilities {
         let mut grpcap = GrpCap(0);
         grpcap
             .set_num_groups(u64::from(config.num_groups))
-            .set_total_rdbufs(TOTAL_RDBUFS);
+            .set_total_rdbufs(profile::TOTAL_READ_BUFFERS)
+            .set_rdbuf_ctrl(1)
+            .set_rdbuf_limit(1);
         let mut engcap = EngCap(0);
         engcap.set_num_engines(u64::from(config.num_engines));
         let mut opcap = [0u64; 4];

@@ -653,3 +653,266 @@ fn translation_errors_and_unmapped_addresses() {
         (0x21, 0x100, beyond)
     );
 }
+
+/// Reference CRC-16/T10-DIF (polynomial 0x8BB7, MSB first), bit by bit.
+fn crc16_t10dif_bitwise(seed: u16, data: &[u8]) -> u16 {
+    let mut crc = seed;
+    for &byte in data {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x8bb7
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc
+}
+
+/// The 8 bytes of T10 protection information, big-endian.
+fn pi(guard: u16, app: u16, reference: u32) -> Vec<u8> {
+    let mut b = guard.to_be_bytes().to_vec();
+    b.extend_from_slice(&app.to_be_bytes());
+    b.extend_from_slice(&reference.to_be_bytes());
+    b
+}
+
+/// `data` in blocks of `block` bytes, each followed by PI with an
+/// incrementing reference tag from `reference`.
+fn with_pi(data: &[u8], block: usize, app: u16, reference: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (i, b) in data.chunks(block).enumerate() {
+        out.extend_from_slice(b);
+        out.extend(pi(crc16_t10dif_bitwise(0, b), app, reference + i as u32));
+    }
+    out
+}
+
+/// accel-config dsa_test's buffer: the 8-byte pattern 0x0123456789abcdef.
+fn dsa_test_pattern(len: usize) -> Vec<u8> {
+    0x0123_4567_89ab_cdef_u64
+        .to_le_bytes()
+        .iter()
+        .copied()
+        .cycle()
+        .take(len)
+        .collect()
+}
+
+const DIF_CHECK_TAGS: usize = 48;
+
+/// A DIF Check/Strip descriptor: block size code `bs`, source tags seeds.
+fn dif_source(opcode: Opcode, bs: u8, src: u64, len: u32, app: u16, reference: u32) -> Descriptor {
+    let mut d = op(opcode, 0);
+    d.set_src(src).set_xfer_size(len);
+    d.0[42] = bs;
+    d.set_u32(DIF_CHECK_TAGS, reference).set_u16(54, app);
+    d
+}
+
+#[test]
+fn crc16_t10dif_known_vectors() {
+    assert_eq!(crc16_t10dif_bitwise(0, b"123456789"), 0xd0db);
+    assert_eq!(crc16_t10dif_bitwise(0, &dsa_test_pattern(512)), 0x03c7);
+    assert_eq!(crc16_t10dif_bitwise(0, &dsa_test_pattern(4096)), 0xa083);
+    assert_eq!(crc16_t10dif_bitwise(0xffff, &[0; 512]) ^ 0xffff, 0x8d44);
+    assert_eq!(vdsa::ops::dif::crc16_t10dif(0, b"123456789"), 0xd0db);
+}
+
+/// Insert, Check, Strip and Update at every block size, on the guard tags
+/// computed here.
+#[test]
+fn dif_insert_check_strip_update() {
+    let (mut g, _) = guest();
+    for (bs, block) in [(0u8, 512usize), (1, 520), (2, 4096), (3, 4104)] {
+        let blocks = 3;
+        let data = pattern(block * blocks, bs.into());
+        let protected = with_pi(&data, block, 0xface, 0xabba);
+        let len = (block * blocks) as u32;
+        g.fill(0x10_0000, &data);
+
+        // Insert: application tag fixed, reference tag incrementing.
+        let mut ins = op(Opcode::DifInsert, 0);
+        ins.set_src(0x10_0000).set_dst(0x20_0000).set_xfer_size(len);
+        ins.0[42] = bs;
+        ins.set_u32(56, 0xabba).set_u16(62, 0xface);
+        let cr = run(&mut g, ins);
+        assert_eq!(cr[0], 1, "insert, block {block}");
+        assert_eq!(g.bytes(0x20_0000, protected.len()), protected);
+        assert_eq!(
+            (u32_at(&cr, 24), u16::from_le_bytes([cr[30], cr[31]])),
+            (0xabba + 3, 0xface),
+            "insert record: the next block's tags"
+        );
+
+        // Check what Insert wrote.
+        let plen = protected.len() as u32;
+        let check = dif_source(Opcode::DifCheck, bs, 0x20_0000, plen, 0xface, 0xabba);
+        let cr = run(&mut g, check);
+        assert_eq!(cr[0], 1, "check, block {block}");
+        assert_eq!(u32_at(&cr, 16), 0xabba + 3);
+
+        // Strip gives the data back.
+        let mut strip = dif_source(Opcode::DifStrip, bs, 0x20_0000, plen, 0xface, 0xabba);
+        strip.set_dst(0x30_0000);
+        assert_eq!(run(&mut g, strip)[0], 1, "strip, block {block}");
+        assert_eq!(g.bytes(0x30_0000, data.len()), data);
+
+        // Update to a fixed reference tag (destination flags bit 7) and a
+        // new application tag, as dsa_test's update does with its seeds.
+        let mut upd = dif_source(Opcode::DifUpdate, bs, 0x20_0000, plen, 0xface, 0xabba);
+        upd.set_dst(0x40_0000);
+        upd.0[41] = 0x80;
+        upd.set_u32(56, 0x1234_5678).set_u16(62, 0xbeef);
+        assert_eq!(run(&mut g, upd)[0], 1, "update, block {block}");
+        let mut expected = Vec::new();
+        for b in data.chunks(block) {
+            expected.extend_from_slice(b);
+            expected.extend(pi(crc16_t10dif_bitwise(0, b), 0xbeef, 0x1234_5678));
+        }
+        assert_eq!(g.bytes(0x40_0000, expected.len()), expected);
+    }
+}
+
+/// dsa_test's own buffers and guard tags: 0xABBA/0xFACE seeds on its
+/// 8-byte pattern.
+#[test]
+fn dif_check_on_dsa_test_buffers() {
+    let (mut g, _) = guest();
+    let data = dsa_test_pattern(1024);
+    let mut protected = Vec::new();
+    for (i, b) in data.chunks(512).enumerate() {
+        protected.extend_from_slice(b);
+        protected.extend(pi(0x03c7, 0xface, 0xabba + i as u32));
+    }
+    g.fill(0x10_0000, &protected);
+    let check = dif_source(Opcode::DifCheck, 0, 0x10_0000, 1040, 0xface, 0xabba);
+    assert_eq!(run(&mut g, check)[0], 1);
+}
+
+/// Tag mismatches: DIF error (0x09) with the failing checks in Result and
+/// the good blocks in Bytes Completed; the flags that disable checks.
+#[test]
+fn dif_errors_and_check_flags() {
+    let (mut g, _) = guest();
+    let data = pattern(512 * 4, 9);
+    let good = with_pi(&data, 512, 0x0001, 100);
+    let at = |block: usize, byte: usize| 0x10_0000 + (block * 520 + 512 + byte) as u64;
+    let check = dif_source(Opcode::DifCheck, 0, 0x10_0000, 2080, 0x0001, 100);
+    let status = |g: &mut Guest, d: Descriptor| {
+        let cr = run(g, d);
+        (cr[0], cr[1], u32_at(&cr, 4), u32_at(&cr, 16))
+    };
+
+    g.fill(0x10_0000, &good);
+    g.fill(at(2, 0), &[0x00, 0x00]);
+    assert_eq!(
+        status(&mut g, check),
+        (0x09, 0b001, 1040, 102),
+        "guard of block 2; record holds block 2's reference tag"
+    );
+    let mut no_guard = check;
+    no_guard.0[40] = 0x20; // Guard Check Disable
+    assert_eq!(status(&mut g, no_guard).0, 1);
+
+    g.fill(0x10_0000, &good);
+    g.fill(at(1, 4), &0xdead_u32.to_be_bytes());
+    assert_eq!(status(&mut g, check), (0x09, 0b100, 520, 101), "ref tag");
+    let mut no_ref = check;
+    no_ref.0[40] = 0x40; // Reference Tag Check Disable
+    assert_eq!(status(&mut g, no_ref).0, 1);
+
+    g.fill(0x10_0000, &good);
+    g.fill(at(3, 2), &0x0081_u16.to_be_bytes());
+    assert_eq!(status(&mut g, check), (0x09, 0b010, 1560, 103), "app tag");
+    let mut masked = check;
+    masked.set_u16(52, 0x0080); // application tag mask: bit 7 not checked
+    assert_eq!(status(&mut g, masked).0, 1);
+
+    // Application Tag F Detect skips a block whose application tag is
+    // 0xFFFF, whatever its guard.
+    g.fill(0x10_0000, &good);
+    g.fill(at(0, 0), &pi(0, 0xffff, 0));
+    assert_eq!(status(&mut g, check).0, 0x09);
+    let mut f_detect = check;
+    f_detect.0[40] = 0x04;
+    assert_eq!(status(&mut g, f_detect).0, 1);
+    // All F Detect with its error enabled reports an all-ones PI.
+    g.fill(at(0, 0), &[0xff; 8]);
+    let mut all_f = check;
+    all_f.0[40] = 0x03;
+    assert_eq!(status(&mut g, all_f), (0x09, 0b1000, 0, 100));
+    all_f.0[40] = 0x02;
+    assert_eq!(status(&mut g, all_f).0, 1);
+
+    // Invert CRC Seed and Invert CRC Result (DIF flags bits 2 and 3).
+    let zeros = [0u8; 512];
+    let mut inverted = zeros.to_vec();
+    inverted.extend(pi(0x8d44, 0, 7));
+    g.fill(0x50_0000, &inverted);
+    let mut inv = dif_source(Opcode::DifCheck, 0b1100, 0x50_0000, 520, 0, 7);
+    assert_eq!(status(&mut g, inv).0, 1);
+    inv.0[42] = 0;
+    assert_eq!(status(&mut g, inv).1, 0b001);
+
+    // Operand checks.
+    let mut bad = check;
+    bad.set_xfer_size(2079);
+    assert_eq!(status(&mut g, bad).0, 0x13, "not whole blocks with PI");
+    let mut bad = check;
+    bad.0[42] = 0x10;
+    assert_eq!(status(&mut g, bad).0, 0x12, "reserved DIF flag");
+    let mut bad = check;
+    bad.0[41] = 0x80;
+    assert_eq!(status(&mut g, bad).0, 0x12, "destination flags in a check");
+    let mut overlap = dif_source(Opcode::DifStrip, 0, 0x10_0000, 2080, 1, 100);
+    overlap.set_dst(0x10_0100);
+    assert_eq!(status(&mut g, overlap).0, 0x16);
+}
+
+/// DIF operations in a batch, and a partial completion whose record seeds
+/// the rest, as dsa_test resubmits it.
+#[test]
+fn dif_in_batches_and_partial_completion() {
+    let (mut g, mock) = guest();
+    let data = pattern(4096 * 2, 3);
+    g.fill(0x10_0000, &data);
+    let mut ins = op(Opcode::DifInsert, 0);
+    ins.set_src(0x10_0000)
+        .set_dst(0x20_0000)
+        .set_xfer_size(8192);
+    ins.0[42] = 2;
+    ins.set_u32(56, 0xabba).set_u16(62, 0xface);
+    let mut fenced_check = dif_source(Opcode::DifCheck, 2, 0x20_0000, 8208, 0xface, 0xabba);
+    fenced_check.set_u32(4, fenced_check.u32_at(4) | flags::FENCE);
+    let cr = batch(&mut g, 0x8_0000, &[ins, fenced_check], 0x9_0000);
+    assert_eq!(cr[0], 1, "batch");
+    assert_eq!((g.bytes(0x9_0000, 1)[0], g.bytes(0x9_0020, 1)[0]), (1, 1));
+    assert_eq!(
+        g.bytes(0x20_0000, 8208),
+        with_pi(&data, 4096, 0xface, 0xabba)
+    );
+
+    // Insert faulting inside the second block's destination (which starts
+    // at 0x60_0000), without block-on-fault: one block done, the record's
+    // tags seed the rest.
+    let mut partial = ins;
+    partial.set_dst(0x5f_eff8);
+    mock.fault_page(0x60_1000);
+    let cr = run(&mut g, partial);
+    assert_eq!((cr[0], u32_at(&cr, 4)), (0x83, 4096), "one block inserted");
+    assert_eq!(u64_at(&cr, 8), 0x60_1000);
+    assert_eq!(u32_at(&cr, 24), 0xabba + 1, "next reference tag");
+    mock.resolve_page(0x60_1000);
+    let mut rest = ins;
+    rest.set_src(0x10_1000)
+        .set_dst(0x5f_eff8 + 4104)
+        .set_xfer_size(4096)
+        .set_u32(56, u32_at(&cr, 24));
+    assert_eq!(run(&mut g, rest)[0], 1);
+    let out = g.bytes(0x5f_eff8, 8208);
+    let expected = with_pi(&data, 4096, 0xface, 0xabba);
+    let first_difference = out.iter().zip(&expected).position(|(a, b)| a != b);
+    assert_eq!(first_difference, None, "resumed insert");
+}

@@ -308,13 +308,14 @@ fn completion_interrupts() {
     assert_eq!(g.wait_cr(0x3020)[0], 1);
     std::thread::sleep(Duration::from_millis(20));
     assert!(g.msi.is_empty());
-    // A handle the guest never requested: 0x19 in the record and SWERROR,
-    // no interrupt.
-    d.set_completion_addr(0x3040).set_int_handle(5);
+    // A handle beyond the MSI-X table (9 vectors; without CMDCAP a
+    // handle is a vector index): 0x19 in the record and SWERROR, no
+    // interrupt.
+    d.set_completion_addr(0x3040).set_int_handle(12);
     g.movdir64b(0, &d);
     assert_eq!(g.wait_cr(0x3040)[0], 0x19);
     let err = g.wait_swerr();
-    assert_eq!((err[0] & 0xff_ff00, err[1] >> 32), (0x00_1900, 5));
+    assert_eq!((err[0] & 0xff_ff00, err[1] >> 32), (0x00_1900, 12));
     // A masked vector becomes pending and fires when unmasked.
     g.write32(layout::MSIX_PERM + 8, 0);
     g.write32(layout::MSIX_TABLE + 16 + 12, 1);

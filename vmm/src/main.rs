@@ -81,10 +81,14 @@ struct Cli {
     /// untranslated DMA into guest RAM.
     #[arg(long, global = true)]
     iommu: bool,
-    /// Add a vDSA (repeatable; at 00:01.0, 00:02.0, ...). SPEC is a comma
-    /// list of wqs=1-16, engines=1-8, groups=1-8, wq-size=1-65535 (WQ
-    /// entries in total), max-batch=2-32768 (a power of two); defaults, as a
-    /// DSA 1.0: wqs=8,engines=4,groups=4,wq-size=128,max-batch=1024.
+    /// Add a vDSA (repeatable; at 00:01.0, 00:02.0, ...). Without SPEC it is
+    /// a Sapphire Rapids DSA 1.0:
+    /// wqs=8,engines=4,groups=4,wq-size=128,max-batch=1024,int-handles=off.
+    /// SPEC is a comma list of wqs=1-16,
+    /// engines=1-8, groups=1-8, wq-size=1-65535 (WQ entries in total),
+    /// max-batch=2-32768 (a power of two), int-handles=on|off (CMDCAP with
+    /// the interrupt-handle commands); a value other than the default
+    /// departs from the real device's registers.
     #[arg(
         long,
         global = true,
@@ -247,9 +251,17 @@ fn parse_dsa(spec: &str) -> Result<DsaConfig, String> {
                 }
                 config.max_batch_shift = n.trailing_zeros() as u8;
             }
+            "int-handles" => {
+                config.interrupt_handles = match value {
+                    "on" => true,
+                    "off" => false,
+                    _ => return Err(format!("int-handles must be on or off, got '{value}'")),
+                }
+            }
             _ => {
                 return Err(format!(
-                    "unknown key '{key}' (expected wqs, engines, groups, wq-size, max-batch)"
+                    "unknown key '{key}' (expected wqs, engines, groups, wq-size, max-batch, \
+                     int-handles)"
                 ))
             }
         }

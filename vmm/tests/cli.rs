@@ -397,7 +397,11 @@ fn bad_dsa_specs() {
     );
     bad(
         "queues=2",
-        "unknown key 'queues' (expected wqs, engines, groups, wq-size, max-batch)",
+        "unknown key 'queues' (expected wqs, engines, groups, wq-size, max-batch, int-handles)",
+    );
+    bad(
+        "int-handles=yes",
+        "int-handles must be on or off, got 'yes'",
     );
     bad("wqs", "expected key=value, got 'wqs'");
     bad("wqs=2,wqs=3", "wqs given twice");

@@ -7,6 +7,7 @@
 mod compare;
 mod crc;
 mod delta;
+pub mod dif;
 mod memory;
 
 use std::ops::Range;
@@ -101,6 +102,7 @@ const STORD: u32 = flags::STORD;
 const A1: u32 = flags::ADDR1_TCS;
 const A2: u32 = flags::ADDR2_TCS;
 const A3: u32 = flags::ADDR3_TCS;
+const DRB: u32 = flags::DEST_READBACK;
 const CRC_FLAGS: u32 =
     flags::CRC_READ_SEED | flags::CRC_BYPASS_INVERSION | flags::CRC_BYPASS_DATA_REFLECTION;
 const RESULT: u32 = flags::CRAV | flags::RCR;
@@ -126,8 +128,8 @@ fn spec(op: Opcode, desc: &Descriptor) -> Spec {
             0,
             false,
         ),
-        Opcode::Memmove => s(BOF | CC | STORD | A1 | A2, &[38..64], 0, true),
-        Opcode::Memfill => s(BOF | CC | STORD | A2, &[38..64], 0, true),
+        Opcode::Memmove => s(BOF | CC | STORD | A1 | A2 | DRB, &[38..64], 0, true),
+        Opcode::Memfill => s(BOF | CC | STORD | A2 | DRB, &[38..64], 0, true),
         Opcode::Compare => s(BOF | CR | A1 | A2, &[38..40, 41..64], RESULT, true),
         Opcode::Compval => s(BOF | CR | A1, &[38..40, 41..64], RESULT, true),
         Opcode::CrDelta => s(
@@ -136,8 +138,13 @@ fn spec(op: Opcode, desc: &Descriptor) -> Spec {
             RESULT,
             true,
         ),
-        Opcode::ApDelta => s(BOF | CC | STORD | A1 | A2, &[38..40, 44..64], 0, true),
-        Opcode::Dualcast => s(BOF | CC | STORD | A1 | A2 | A3, &[38..40, 48..64], 0, true),
+        Opcode::ApDelta => s(BOF | CC | STORD | A1 | A2 | DRB, &[38..40, 44..64], 0, true),
+        Opcode::Dualcast => s(
+            BOF | CC | STORD | A1 | A2 | A3 | DRB,
+            &[38..40, 48..64],
+            0,
+            true,
+        ),
         Opcode::Crcgen if read_seed => s(
             BOF | A1 | A3 | CRC_FLAGS,
             &[24..32, 38..44, 56..64],
@@ -163,6 +170,17 @@ fn spec(op: Opcode, desc: &Descriptor) -> Spec {
             true,
         ),
         Opcode::Cflush => s(BOF | CC | STORD | A2, &[16..24, 38..64], 0, true),
+        // DIF: byte 40 source flags, 41 destination flags, 42 DIF flags,
+        // 48-55 source tags, 56-63 destination tags.
+        Opcode::DifCheck => s(BOF | A1, &[38..40, 41..42, 43..48, 56..64], 0, true),
+        Opcode::DifStrip => s(
+            BOF | CC | STORD | A1 | A2 | DRB,
+            &[38..40, 41..42, 43..48, 56..64],
+            0,
+            true,
+        ),
+        Opcode::DifInsert => s(BOF | CC | STORD | A1 | A2 | DRB, &[38..41, 43..56], 0, true),
+        Opcode::DifUpdate => s(BOF | CC | STORD | A1 | A2 | DRB, &[38..40, 43..48], 0, true),
     }
 }
 
@@ -192,6 +210,9 @@ pub fn check(desc: &Descriptor, ctx: &CheckContext<'_>) -> Result<Opcode, Reject
     }
     if ctx.caps.gencap.cache_control() == 0 {
         allowed &= !CC;
+    }
+    if ctx.caps.gencap.dest_readback() == 0 {
+        allowed &= !DRB;
     }
     if !ctx.user_int_en && ctx.wq_pasid_en && !ctx.privileged {
         allowed &= !flags::RCI;
@@ -313,7 +334,34 @@ fn check_operands(op: Opcode, desc: &Descriptor, ctx: &CheckContext<'_>) -> Resu
                 return reject(Status::OverlapBuffers);
             }
         }
+        Opcode::DifCheck | Opcode::DifInsert | Opcode::DifStrip | Opcode::DifUpdate => {
+            check_dif(op, desc)?;
+        }
         _ => {}
+    }
+    Ok(())
+}
+
+/// DIF operands: defined flag bits only, a whole number of blocks, and no
+/// overlap between source and destination.
+fn check_dif(op: Opcode, desc: &Descriptor) -> Result<(), Rejection> {
+    let reject = |status| Err(Rejection::new(status));
+    let defined_dest = match op {
+        Opcode::DifInsert => dif::dest_flags::INSERT,
+        Opcode::DifUpdate => dif::dest_flags::UPDATE,
+        _ => 0,
+    };
+    if desc.0[dif::field::DIF_FLAGS] & !dif::dif_flags::DEFINED != 0
+        || desc.0[dif::field::DEST_FLAGS] & !defined_dest != 0
+    {
+        return reject(Status::NonzeroReserve);
+    }
+    if dif::source_block(op, desc).is_none() {
+        return reject(Status::XferErange);
+    }
+    let size = u64::from(desc.xfer_size());
+    if op != Opcode::DifCheck && overlaps(desc.src(), size, desc.dst(), dif::dest_len(op, desc)) {
+        return reject(Status::OverlapBuffers);
     }
     Ok(())
 }
@@ -394,6 +442,9 @@ pub fn execute(
         Opcode::ApDelta => delta::apply(desc, data),
         Opcode::Crcgen => crc::generate(desc, data, false),
         Opcode::CopyCrc => crc::generate(desc, data, true),
+        Opcode::DifCheck | Opcode::DifInsert | Opcode::DifStrip | Opcode::DifUpdate => {
+            dif::execute(op, desc, data)
+        }
         Opcode::Batch | Opcode::Drain => Ok(success()),
     }
 }
@@ -471,7 +522,7 @@ mod tests {
             Err(Rejection::new(Status::BadOpcode))
         );
         assert_eq!(
-            check(&Descriptor::new(Opcode::Noop, 0).tap_opcode(0x12), &c),
+            check(&Descriptor::new(Opcode::Noop, 0).tap_opcode(0x0a), &c),
             Err(Rejection::new(Status::BadOpcode))
         );
     }
