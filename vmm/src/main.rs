@@ -21,9 +21,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use vdsa::DsaConfig;
 use vmm::demos::{self, DEMO_PASID};
 use vmm::devices::serial::SerialOutput;
+use vmm::guest_images::{default_images, ImagesError};
 use vmm::machine::{run_linux, LinuxConfig, MachineError};
 use vmm::microguest::{self, MicroOptions};
 use vmm::run_command::{run_command, CommandRun, GuestStatus, RunCommandError};
+use vmm::share::{check_shares, find_virtiofsd, parse_share, Shares};
 use vmm::sva::AccelConfig;
 use vmm::sva_bench;
 use vmm::vm::{RunExit, MIN_MEMORY};
@@ -113,12 +115,24 @@ Otherwise 1 VMM error, 2 bad input, 3 triple fault, 4 --timeout, 5 guest reset, 
 6 guest kernel panic, 7 init could not run the command; a guest power-off before a status is 0."
 )]
 struct RunArgs {
-    /// Linux kernel to boot (ELF vmlinux or bzImage).
+    /// Linux kernel to boot (ELF vmlinux or bzImage); default: the
+    /// project's (guest-images/out/vmlinux, built if missing).
     #[arg(long)]
     kernel: Option<PathBuf>,
-    /// Initramfs whose /init is the project's (guest-images/out/initramfs*.cpio).
+    /// Initramfs whose /init is the project's; default:
+    /// guest-images/out/initramfs-base.cpio (built if missing).
     #[arg(long)]
     initramfs: Option<PathBuf>,
+    /// Share a host directory with the guest over virtio-fs (repeatable):
+    /// HOST_DIR[:GUEST_PATH][,ro|rw]. GUEST_PATH defaults to HOST_DIR's
+    /// absolute path; read-only unless ",rw". CMD runs in the guest's view
+    /// of the current directory when a share holds it.
+    #[arg(long, value_name = "HOST_DIR[:GUEST_PATH][,ro|rw]")]
+    share: Vec<String>,
+    /// The virtiofsd binary that serves --share (default: $VMM_VIRTIOFSD,
+    /// else the one tools/virtiofsd.sh installed, else virtiofsd on PATH).
+    #[arg(long, value_name = "PATH")]
+    virtiofsd: Option<PathBuf>,
     /// Kernel command line; init's settings are added after "--".
     #[arg(long, default_value = "console=ttyS0 noxsave")]
     cmdline: String,
@@ -399,25 +413,37 @@ fn machine_config(args: MachineArgs, accel: AccelConfig) -> Result<LinuxConfig, 
         timeout: args.timeout.map(Duration::from_secs),
         accel,
         consoles: Vec::new(),
+        filesystems: Vec::new(),
     })
 }
 
 fn run(args: RunArgs, accel: AccelConfig) -> ExitCode {
-    if args.kernel.is_none() {
-        return usage_error("--kernel is required");
-    }
-    if args.initramfs.is_none() {
-        return usage_error(
-            "--initramfs is required: its /init runs the command (guest-images/out/initramfs-base.cpio)",
-        );
-    }
     if args.command.is_empty() {
-        return usage_error("no command: give it after \"--\", as in vmm run --kernel K --initramfs I -- sh -c 'echo hi'");
+        return usage_error("no command: give it after \"--\", as in vmm run -- sh -c 'echo hi'");
     }
+    let shares = match run_shares(&args) {
+        Ok(shares) => shares,
+        Err(line) => return usage_error(line),
+    };
+    let (kernel, initramfs) = if args.kernel.is_none() || args.initramfs.is_none() {
+        match default_images() {
+            Ok((kernel, initramfs)) => (
+                args.kernel.or(Some(kernel)),
+                args.initramfs.or(Some(initramfs)),
+            ),
+            Err(e @ ImagesError::NotInDirectory(_)) => return usage_error(e),
+            Err(e) => {
+                eprintln!("vmm: {e}");
+                return ExitCode::from(EXIT_ERROR);
+            }
+        }
+    } else {
+        (args.kernel, args.initramfs)
+    };
     let config = match machine_config(
         MachineArgs {
-            kernel: args.kernel,
-            initramfs: args.initramfs,
+            kernel,
+            initramfs,
             cmdline: args.cmdline,
             cpus: args.cpus,
             memory: args.memory,
@@ -429,7 +455,7 @@ fn run(args: RunArgs, accel: AccelConfig) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    match run_command(config, &args.command) {
+    match run_command(config, &args.command, &shares) {
         Ok(run) => command_exit_code(&run),
         Err(RunCommandError::Command(e)) => usage_error(e),
         Err(RunCommandError::Machine(MachineError::Boot(e))) => usage_error(e),
@@ -438,6 +464,23 @@ fn run(args: RunArgs, accel: AccelConfig) -> ExitCode {
             ExitCode::from(EXIT_ERROR)
         }
     }
+}
+
+/// The checked `--share` options and the virtiofsd to serve them.
+fn run_shares(args: &RunArgs) -> Result<Shares, String> {
+    let list = args
+        .share
+        .iter()
+        .map(|s| parse_share(s))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    check_shares(&list).map_err(|e| e.to_string())?;
+    let virtiofsd = if list.is_empty() {
+        PathBuf::new()
+    } else {
+        find_virtiofsd(args.virtiofsd.as_deref())?
+    };
+    Ok(Shares { list, virtiofsd })
 }
 
 /// CMD's status if the guest reported one, else how the machine stopped.
