@@ -311,6 +311,56 @@ static int open_output(const char *out)
 	return fd;
 }
 
+/* ---- modules of a modular kernel ---- */
+
+/* Written by the VMM into an appended initramfs: module paths in load order. */
+#define MODULE_ORDER "/lib/modules/vmm/order"
+static char module_list[8192];
+
+/*
+ * Loads the modules the VMM carried in (virtio-pci, virtio-console, virtio-fs
+ * and their dependencies for a kernel that has them as modules). A failure is
+ * told on the kernel console; the missing device is then reported as usual.
+ */
+static void load_modules(void)
+{
+	char *line, *next;
+	ssize_t n;
+	int fd = open(MODULE_ORDER, O_RDONLY | O_CLOEXEC, 0);
+
+	if (fd < 0)
+		return;
+	n = read(fd, module_list, sizeof(module_list) - 1);
+	close(fd);
+	if (n <= 0)
+		return;
+	module_list[n] = 0;
+	for (line = module_list; *line; line = next) {
+		struct msg m = { .len = 0 };
+		long ret;
+
+		next = strchr(line, '\n');
+		if (next)
+			*next++ = 0;
+		else
+			next = line + strlen(line);
+		if (!*line)
+			continue;
+		fd = open(line, O_RDONLY | O_CLOEXEC, 0);
+		ret = fd < 0 ? -errno : my_syscall3(__NR_finit_module, fd, "", 0);
+		if (fd >= 0)
+			close(fd);
+		if (ret == 0 || ret == -EEXIST)
+			continue;
+		msg_str(&m, "init: cannot load module ");
+		msg_str(&m, line);
+		msg_str(&m, ": errno ");
+		msg_int(&m, -ret);
+		msg_str(&m, "\n");
+		msg_send(&m, 1);
+	}
+}
+
 /* ---- shared host directories (virtio-fs) ---- */
 
 static void report_error(int outfd, const char *what);
@@ -520,6 +570,7 @@ int main(int argc, char **argv, char **envp)
 	mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, 0);
 	mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755");
 
+	load_modules();
 	read_settings(&st, argc, argv);
 
 	if (st.status) {

@@ -18,6 +18,7 @@ pub mod guest_images;
 pub mod layout;
 pub mod machine;
 pub mod microguest;
+pub mod modules;
 pub mod msi;
 pub mod pci_root;
 pub mod run_command;

@@ -24,6 +24,7 @@ use vmm::devices::serial::SerialOutput;
 use vmm::guest_images::{default_images, ImagesError};
 use vmm::machine::{run_linux, LinuxConfig, MachineError};
 use vmm::microguest::{self, MicroOptions};
+use vmm::modules;
 use vmm::run_command::{run_command, CommandRun, GuestStatus, RunCommandError};
 use vmm::share::{check_shares, find_virtiofsd, parse_share, Shares};
 use vmm::sva::AccelConfig;
@@ -129,6 +130,11 @@ struct RunArgs {
     /// of the current directory when a share holds it.
     #[arg(long, value_name = "HOST_DIR[:GUEST_PATH][,ro|rw]")]
     share: Vec<String>,
+    /// The kernel's module tree (lib/modules/RELEASE), for a kernel whose
+    /// virtio drivers are modules; default: lib/modules/RELEASE beside the
+    /// kernel, else the host's /lib/modules/RELEASE.
+    #[arg(long, value_name = "DIR")]
+    modules: Option<PathBuf>,
     /// The virtiofsd binary that serves --share (default: $VMM_VIRTIOFSD,
     /// else the one tools/virtiofsd.sh installed, else virtiofsd on PATH).
     #[arg(long, value_name = "PATH")]
@@ -440,6 +446,24 @@ fn run(args: RunArgs, accel: AccelConfig) -> ExitCode {
     } else {
         (args.kernel, args.initramfs)
     };
+    // A modular kernel gets its virtio modules appended to the initramfs.
+    let carried = match (&kernel, &initramfs) {
+        (Some(k), Some(i)) => {
+            let mut wanted = modules::CONSOLE_MODULES.to_vec();
+            if !shares.list.is_empty() {
+                wanted.extend_from_slice(modules::SHARE_MODULES);
+            }
+            match modules::carry(k, i, args.modules.as_deref(), &wanted) {
+                Ok(carried) => carried,
+                Err(e) => return usage_error(e),
+            }
+        }
+        _ => None,
+    };
+    let initramfs = carried
+        .as_ref()
+        .map(|c| c.path().to_path_buf())
+        .or(initramfs);
     let config = match machine_config(
         MachineArgs {
             kernel,

@@ -70,10 +70,22 @@ pub fn vmm_run_with(
     options: &[&str],
     command: &[&str],
 ) -> Outcome {
+    vmm_run_in(Path::new("."), initramfs, env, options, command)
+}
+
+/// [`vmm_run_with`] with the VMM started in `cwd`.
+pub fn vmm_run_in(
+    cwd: &Path,
+    initramfs: &Path,
+    env: &[(&str, &str)],
+    options: &[&str],
+    command: &[&str],
+) -> Outcome {
     vmm::microguest::require_kvm();
     let (kernel, _) = guest_images();
     let _guard = one_guest_at_a_time();
     let out = Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .current_dir(cwd)
         .envs(env.iter().copied())
         .arg("run")
         .arg("--kernel")
