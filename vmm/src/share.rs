@@ -282,6 +282,8 @@ impl Virtiofsd {
             // The daemon has the VMM's own rights on the host; a namespace
             // sandbox needs privileges a user (or a container) may lack.
             .args(["--sandbox", "none", "--log-level", "error"])
+            // Its log level is --log-level's, not the VMM's RUST_LOG.
+            .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::null());
         if !share.writable {

@@ -214,3 +214,46 @@ fn bad_share_input_is_refused_before_boot() {
         ),
     );
 }
+
+/// Debian's kernel as tools/debian-kernel.sh unpacked it: `key` is
+/// vmlinuz, vmlinux or modules.
+fn debian_kernel(key: &str) -> PathBuf {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/debian-kernel.sh");
+    let out = Command::new(script)
+        .output()
+        .expect("run tools/debian-kernel.sh");
+    assert!(
+        out.status.success(),
+        "tools/debian-kernel.sh failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let prefix = format!("{key}=");
+    PathBuf::from(text.lines().find_map(|l| l.strip_prefix(&prefix)).unwrap())
+}
+
+#[test]
+#[ignore = "ordinary KVM only: Debian's kernel prints nothing on this project's PVM machines"]
+fn debian_kernel_with_modular_virtio_runs_the_command_and_mounts_a_share() {
+    let kernel = debian_kernel("vmlinuz");
+    let dir = scratch("debian");
+    std::fs::write(dir.join("hello.txt"), "hello from the host\n").unwrap();
+    let share = dir.display().to_string();
+    let k = kernel.to_str().unwrap();
+    let run = run_in(
+        &dir,
+        &["--kernel", k, "--share", &share],
+        &["sh", "-c", "cat hello.txt; uname -r; exit 3"],
+    );
+    let release = kernel
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .trim_start_matches("vmlinuz-");
+    assert_eq!(run.code, 3, "stderr: {}", run.stderr);
+    assert_eq!(
+        String::from_utf8_lossy(&run.stdout),
+        format!("hello from the host\n{release}\n")
+    );
+}
