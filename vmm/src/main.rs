@@ -106,7 +106,7 @@ enum Command {
     /// Boot Linux, run CMD in it through the project's init and exit with
     /// CMD's status. CMD's output (stdout and stderr) goes to stdout, over a
     /// virtio console; the kernel log goes to stderr (see --serial).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
 }
 
 #[derive(clap::Args, Debug)]
@@ -324,7 +324,7 @@ fn main() -> ExitCode {
             program: MicroProgram::SvaDemo,
         }) => sva_demo(cli.timeout),
         Some(Command::Bench { iterations }) => bench(iterations, accel),
-        Some(Command::Run(args)) => run(args, accel),
+        Some(Command::Run(args)) => run(*args, accel),
         None => boot(cli, accel),
     }
 }
