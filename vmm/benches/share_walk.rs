@@ -10,25 +10,8 @@
 #[path = "../tests/linux/mod.rs"]
 mod linux;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
 /// Files per directory.
 const PER_DIR: usize = 50;
-
-fn virtiofsd() -> PathBuf {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/virtiofsd.sh");
-    let out = Command::new(script)
-        .arg("--quiet")
-        .output()
-        .expect("tools/virtiofsd.sh");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-}
 
 fn main() {
     // `cargo bench` passes --bench; nothing else is taken.
@@ -49,7 +32,7 @@ fn main() {
                   up; find /w -type f | wc -l; up; ls -lR /w | wc -l; up; \
                   mkdir -p /tmp; cp -a /w /tmp/w; up; ls -lR /tmp/w | wc -l; up";
     let (_, initramfs) = linux::guest_images();
-    let vfsd = virtiofsd();
+    let vfsd = linux::virtiofsd();
     let share = format!("{}:/w", tree.display());
     let run = linux::vmm_run_with(
         &initramfs,

@@ -9,9 +9,8 @@ mod linux;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 
-use linux::{guest_images, vmm_run_in, Outcome};
+use linux::{guest_images, virtiofsd, vmm_run_in, Outcome};
 
 /// Generous: a Linux boot takes one to three minutes on this project's KVM.
 const TIMEOUT: &str = "900";
@@ -19,25 +18,6 @@ const TIMEOUT: &str = "900";
 const EXIT_INIT_FAILED: i32 = 7;
 /// strerror(EROFS) as the guest's busybox prints it.
 const EROFS_TEXT: &str = "Read-only file system";
-
-/// The pinned virtiofsd, installed on first use.
-fn virtiofsd() -> PathBuf {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/virtiofsd.sh");
-        let out = Command::new(script)
-            .arg("--quiet")
-            .output()
-            .expect("run tools/virtiofsd.sh");
-        assert!(
-            out.status.success(),
-            "tools/virtiofsd.sh failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-    })
-    .clone()
-}
 
 /// A fresh directory for one test.
 fn scratch(name: &str) -> PathBuf {

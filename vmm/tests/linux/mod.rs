@@ -103,3 +103,24 @@ pub fn vmm_run_in(
         stderr: String::from_utf8_lossy(&out.stderr).into(),
     }
 }
+
+/// The pinned virtiofsd that `vmm run --share` starts, installed by
+/// tools/virtiofsd.sh on first use (cached).
+#[allow(dead_code)] // Not every test binary that includes this module uses it.
+pub fn virtiofsd() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/virtiofsd.sh");
+        let out = Command::new(script)
+            .arg("--quiet")
+            .output()
+            .expect("run tools/virtiofsd.sh");
+        assert!(
+            out.status.success(),
+            "tools/virtiofsd.sh failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    })
+    .clone()
+}

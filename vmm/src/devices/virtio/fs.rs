@@ -25,7 +25,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{device_id, feature, DeviceError, VirtioDevice};
+use super::{device_id, feature, read_config_bytes, DeviceError, VirtioDevice};
 
 /// The high-priority queue.
 pub const HIPRIO_QUEUE: usize = 0;
@@ -199,14 +199,7 @@ impl VirtioDevice for VhostUserFs {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.config();
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = usize::try_from(offset)
-                .ok()
-                .and_then(|o| config.get(o.checked_add(i)?))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_bytes(&self.config(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {

@@ -201,6 +201,18 @@ pub trait VirtioDevice: Send {
     }
 }
 
+/// A driver's read of `data.len()` bytes at `offset` of a device-specific
+/// configuration `config`; bytes past its end read as zero.
+pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, byte) in data.iter_mut().enumerate() {
+        *byte = usize::try_from(offset)
+            .ok()
+            .and_then(|o| config.get(o.checked_add(i)?))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
 /// Pops the next available chain of `queue` (index `index`), checking the
 /// whole chain before the device touches any buffer: it must end properly
 /// and every buffer must lie in guest RAM.
