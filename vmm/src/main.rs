@@ -39,7 +39,8 @@ const EXIT_RESET: u8 = 5;
 const EXIT_GUEST_PANIC: u8 = 6;
 const EXIT_NO_STATUS: u8 = 7;
 /// Device numbers 1 to 31 of bus 0 (00:00.0 is the host bridge), less
-/// the pvpanic function and the two virtio consoles of `vmm run`.
+/// the pvpanic function and the two virtio consoles of `vmm run`: room for
+/// the vDSAs and `vmm run`'s virtio-fs devices together.
 const MAX_DSA: usize = 28;
 
 /// A KVM VMM with an emulated VT-d IOMMU (scalable mode) and a DSA-like
@@ -431,6 +432,13 @@ fn run(args: RunArgs, accel: AccelConfig) -> ExitCode {
         Ok(shares) => shares,
         Err(line) => return usage_error(line),
     };
+    if accel.dsa.len() + shares.list.len() > MAX_DSA {
+        return usage_error(format_args!(
+            "{} --dsa devices and {} --share directories given; PCI bus 0 has room for {MAX_DSA} in all",
+            accel.dsa.len(),
+            shares.list.len()
+        ));
+    }
     let (kernel, initramfs) = if args.kernel.is_none() || args.initramfs.is_none() {
         match default_images() {
             Ok((kernel, initramfs)) => (

@@ -184,6 +184,18 @@ fn bad_share_input_is_refused_before_boot() {
         &[],
         &format!("error: virtiofsd '{d}/file' is not an executable file"),
     );
+    // Shares and vDSAs share bus 0.
+    let mut crowded: Vec<String> = vec!["run".into()];
+    crowded.extend(std::iter::repeat_n("--dsa".to_string(), 20));
+    for i in 0..9 {
+        crowded.extend(["--share".to_string(), format!("{d}:/m{i}")]);
+    }
+    crowded.extend(["--".to_string(), "true".to_string()]);
+    check(
+        crowded,
+        &[],
+        "error: 20 --dsa devices and 9 --share directories given; PCI bus 0 has room for 28 in all",
+    );
     // Nothing found anywhere.
     check(
         run(&d),
