@@ -11,6 +11,9 @@
 #     a shared work queue for user space and accel-config-test's dsa_test copies
 #     memory through each (MOVDIR64B, then ENQCMD with the kernel's #GP fixup
 #     of IA32_PASID), through SVA: the process's own page tables, via the vIOMMU.
+#     The guest reads those commands (demo/sva-guest.sh) from this checkout's
+#     demo/ directory, shared read-only over virtio-fs (virtiofsd, installed
+#     and cached by tools/virtiofsd.sh).
 # Usage: ./demo.sh [--micro-only]
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -23,28 +26,17 @@ echo "== micro-guest: SVA copy through the vIOMMU and the vDSA"
 [[ ${1:-} == --micro-only ]] && exit 0
 
 echo
-echo "== Linux guest: building the default image (cached after the first run)"
+echo "== Linux guest: building the default image and virtiofsd (cached after the first run)"
 guest-images/build.sh --quiet >/dev/null
+virtiofsd=$(tools/virtiofsd.sh --quiet)
 serial=guest-images/out/demo-serial.log
 echo "== Linux guest: booting with --iommu --dsa (kernel log in $serial)"
 status=0
 RUST_LOG=vmm::sva=info "$vmm" run --kernel guest-images/out/vmlinux \
 	--initramfs guest-images/out/initramfs.cpio --memory 512M --iommu --dsa \
-	--timeout 900 --serial "file:$serial" -- sh -c '
-uname -sr
-accel-config config-engine dsa0/engine0.0 --group-id=0
-accel-config config-wq dsa0/wq0.0 --group-id=0 --mode=dedicated --type=user \
-	--name=demo-dwq --priority=10 --wq-size=16 --driver-name=user
-accel-config config-wq dsa0/wq0.1 --group-id=0 --mode=shared --type=user \
-	--name=demo-swq --priority=10 --wq-size=16 --threshold=15 --driver-name=user
-accel-config enable-device dsa0
-accel-config enable-wq dsa0/wq0.0 dsa0/wq0.1
-t=/usr/libexec/accel-config/test/dsa_test
-$t -w 0 -l 4096 -o 3 >/dev/null &&
-	echo "guest: dsa_test on the dedicated WQ (MOVDIR64B): 4 KiB memmove verified"
-$t -w 1 -l 4096 -o 3 >/dev/null &&
-	echo "guest: dsa_test on the shared WQ (ENQCMD): 4 KiB memmove verified"
-' 2> >(sed -n 's/.*INFO  vmm::sva[^]]*\] /vmm: /p' >&2) || status=$?
+	--timeout 900 --serial "file:$serial" --virtiofsd "$virtiofsd" \
+	--share "$PWD/demo" -- sh "$PWD/demo/sva-guest.sh" \
+	2> >(sed -n 's/.*INFO  vmm::sva[^]]*\] /vmm: /p' >&2) || status=$?
 echo "== the guest kernel's banner and what its drivers found:"
 grep -m1 -o 'Linux version [^ ]* ([^)]*)' "$serial" || true
 grep -E 'DMAR: (dmar0|Intel)|idxd .*Accelerator' "$serial" | sed 's/^\[ *[0-9.]*\] //' || true

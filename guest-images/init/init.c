@@ -26,6 +26,8 @@
 #define CMDLINE_MAX 8192
 #define ARGV_MAX 1024
 #define ENVP_MAX 64
+/* vmm.share= settings init takes; more are ignored (the VMM sends fewer). */
+#define SHARES_MAX 16
 
 /* How long to wait for a console named by vmm.out= to appear. */
 #define OUT_WAIT_STEP_MS 20
@@ -43,6 +45,9 @@ struct settings {
 	char *status;   /* vmm.status= <name under /dev> | console; unset: after the output */
 	char *in;       /* vmm.stdin= null | console */
 	char *exit;     /* vmm.exit=  poweroff | reboot */
+	char *share[SHARES_MAX]; /* vmm.share= TAG,PATH,ro|rw (PATH encoded as vmm.cmd=) */
+	int shares;
+	char *cwd;      /* vmm.cwd=   encoded directory the command runs in */
 	int found;      /* at least one vmm.* setting seen */
 };
 
@@ -116,6 +121,10 @@ static void take_setting(struct settings *st, char *tok)
 		st->in = tok + 10;
 	else if (starts_with(tok, "vmm.exit="))
 		st->exit = tok + 9;
+	else if (starts_with(tok, "vmm.share=") && st->shares < SHARES_MAX)
+		st->share[st->shares++] = tok + 10;
+	else if (starts_with(tok, "vmm.cwd="))
+		st->cwd = tok + 8;
 }
 
 /*
@@ -173,16 +182,17 @@ static int hexval(char c)
 }
 
 /*
- * vmm.cmd= holds the argv: elements separated by ',', each element
- * percent-encoded (%XX, hex digits of either case). ',' and '%' inside an
- * element must be encoded. Decodes in place. Returns argc, or -1 on bad input.
+ * A list of fields separated by ',', each percent-encoded (%XX, hex digits of
+ * either case); ',' and '%' inside a field must be encoded. Decodes in place
+ * into fields[] (NULL-terminated, at most max fields). Returns the number of
+ * fields, or -1 on bad input.
  */
-static int decode_argv(char *s)
+static int decode_fields(char *s, char **fields, int max)
 {
-	int argc = 0;
+	int n = 0;
 	char *out = s;
 
-	cmd_argv[argc++] = out;
+	fields[n++] = out;
 	for (;;) {
 		char c = *s++;
 
@@ -192,9 +202,9 @@ static int decode_argv(char *s)
 		}
 		if (c == ',') {
 			*out++ = 0;
-			if (argc == ARGV_MAX)
+			if (n == max)
 				return -1;
-			cmd_argv[argc++] = out;
+			fields[n++] = out;
 		} else if (c == '%') {
 			int hi = hexval(s[0]);
 			int lo = hi < 0 ? -1 : hexval(s[1]);
@@ -207,8 +217,14 @@ static int decode_argv(char *s)
 			*out++ = c;
 		}
 	}
-	cmd_argv[argc] = 0;
-	return argc;
+	fields[n] = 0;
+	return n;
+}
+
+/* vmm.cmd= holds the argv as such a list. Returns argc, or -1 on bad input. */
+static int decode_argv(char *s)
+{
+	return decode_fields(s, cmd_argv, ARGV_MAX);
 }
 
 static void build_envp(char **envp)
@@ -293,6 +309,139 @@ static int open_output(const char *out)
 	}
 	make_raw(fd);
 	return fd;
+}
+
+/* ---- modules of a modular kernel ---- */
+
+/* Written by the VMM into an appended initramfs: module paths in load order. */
+#define MODULE_ORDER "/lib/modules/vmm/order"
+static char module_list[8192];
+
+/*
+ * Loads the modules the VMM carried in (virtio-pci, virtio-console, virtio-fs
+ * and their dependencies for a kernel that has them as modules). A failure is
+ * told on the kernel console; the missing device is then reported as usual.
+ */
+static void load_modules(void)
+{
+	char *line, *next;
+	ssize_t n;
+	int fd = open(MODULE_ORDER, O_RDONLY | O_CLOEXEC, 0);
+
+	if (fd < 0)
+		return;
+	n = read(fd, module_list, sizeof(module_list) - 1);
+	close(fd);
+	if (n <= 0)
+		return;
+	module_list[n] = 0;
+	for (line = module_list; *line; line = next) {
+		struct msg m = { .len = 0 };
+		long ret;
+
+		next = strchr(line, '\n');
+		if (next)
+			*next++ = 0;
+		else
+			next = line + strlen(line);
+		if (!*line)
+			continue;
+		fd = open(line, O_RDONLY | O_CLOEXEC, 0);
+		ret = fd < 0 ? -errno : my_syscall3(__NR_finit_module, fd, "", 0);
+		if (fd >= 0)
+			close(fd);
+		if (ret == 0 || ret == -EEXIST)
+			continue;
+		msg_str(&m, "init: cannot load module ");
+		msg_str(&m, line);
+		msg_str(&m, ": errno ");
+		msg_int(&m, -ret);
+		msg_str(&m, "\n");
+		msg_send(&m, 1);
+	}
+}
+
+/* ---- shared host directories (virtio-fs) ---- */
+
+static void report_error(int outfd, const char *what);
+static void finish(int outfd, const char *exit_mode);
+
+/* mkdir -p: every missing directory of the absolute path. */
+static int make_dirs(char *path)
+{
+	char *p;
+
+	for (p = path + 1; ; p++) {
+		if (*p == '/' || *p == 0) {
+			char c = *p;
+
+			*p = 0;
+			if (mkdir(path, 0755) < 0 && errno != EEXIST) {
+				*p = c;
+				return -1;
+			}
+			*p = c;
+			if (c == 0)
+				return 0;
+		}
+	}
+}
+
+/*
+ * Mounts one vmm.share=TAG,PATH,ro|rw. Returns 0, or the errno; *what names
+ * the step that failed.
+ */
+static int mount_share(char *setting, char **tag, char **path, const char **what)
+{
+	char *fields[4];
+	unsigned long flags;
+
+	*tag = *path = "?";
+	*what = "bad-vmm.share";
+	if (decode_fields(setting, fields, 3) != 3 || fields[1][0] != '/')
+		return EINVAL;
+	*tag = fields[0];
+	*path = fields[1];
+	if (streq(fields[2], "ro"))
+		flags = MS_RDONLY;
+	else if (streq(fields[2], "rw"))
+		flags = 0;
+	else
+		return EINVAL;
+	*what = "mkdir";
+	if (make_dirs(*path) < 0)
+		return errno;
+	*what = "mount";
+	if (mount(*tag, *path, "virtiofs", flags, 0) < 0)
+		return errno;
+	return 0;
+}
+
+/* Mounts every share; on failure reports it and powers off. */
+static void mount_shares(struct settings *st, int outfd)
+{
+	int i, err;
+
+	for (i = 0; i < st->shares; i++) {
+		struct msg m = { .len = 0 };
+		const char *what;
+		char *tag, *path;
+
+		err = mount_share(st->share[i], &tag, &path, &what);
+		if (!err)
+			continue;
+		msg_str(&m, "share-mount-failed tag=");
+		msg_str(&m, tag);
+		msg_str(&m, " path=");
+		msg_str(&m, path);
+		msg_str(&m, " step=");
+		msg_str(&m, what);
+		msg_str(&m, " errno=");
+		msg_int(&m, err);
+		m.buf[m.len < sizeof(m.buf) ? m.len : sizeof(m.buf) - 1] = 0;
+		report_error(outfd, m.buf);
+		finish(outfd, st->exit);
+	}
 }
 
 /* ---- running the command ---- */
@@ -421,6 +570,7 @@ int main(int argc, char **argv, char **envp)
 	mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, 0);
 	mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755");
 
+	load_modules();
 	read_settings(&st, argc, argv);
 
 	if (st.status) {
@@ -444,6 +594,15 @@ int main(int argc, char **argv, char **envp)
 		finish(outfd, st.exit);
 	}
 	build_envp(envp);
+	mount_shares(&st, outfd);
+	if (st.cwd) {
+		char *dir[2];
+
+		if (decode_fields(st.cwd, dir, 1) != 1 || chdir(dir[0]) < 0) {
+			report_error(outfd, "bad-vmm.cwd");
+			finish(outfd, st.exit);
+		}
+	}
 
 	stdin_console = st.in && streq(st.in, "console");
 	code = run(outfd, stdin_console);

@@ -15,8 +15,11 @@ use crate::boot::{load_linux, BootConfig, BootError};
 use crate::devices::pvpanic::PvPanic;
 use crate::devices::serial::SerialOutput;
 use crate::devices::virtio::event_loop::{EventLoopError, SharedVirtioDevice};
+use crate::devices::virtio::fs::FsError;
 use crate::devices::virtio::transport::TransportError;
-use crate::devices::virtio::{Console, ConsoleInput, VirtioEventLoop, VirtioPciDevice};
+use crate::devices::virtio::{
+    Console, ConsoleInput, VhostUserFs, VirtioEventLoop, VirtioPciDevice,
+};
 use crate::layout;
 use crate::msi::KvmMsiSink;
 use crate::pci_root::{PciConfigIo, PciRoot, PciRootError};
@@ -47,6 +50,17 @@ pub struct LinuxConfig {
     /// One virtio console device per entry, in PCI order: the guest sees
     /// them as hvc0, hvc1, ...
     pub consoles: Vec<VirtioConsole>,
+    /// One virtio-fs device per entry, after the consoles.
+    pub filesystems: Vec<VirtioFs>,
+}
+
+/// A virtio-fs device: the guest mounts it by `tag`; a vhost-user backend
+/// (virtiofsd) listening on `socket` serves it.
+pub struct VirtioFs {
+    /// The mount tag.
+    pub tag: String,
+    /// The backend's vhost-user socket.
+    pub socket: PathBuf,
 }
 
 /// A virtio console's host side.
@@ -78,6 +92,9 @@ pub enum MachineError {
     /// A virtio device could not be built.
     #[error(transparent)]
     Virtio(#[from] TransportError),
+    /// A virtio-fs backend could not be connected.
+    #[error(transparent)]
+    Fs(#[from] FsError),
     /// The virtio event loop could not start.
     #[error(transparent)]
     EventLoop(#[from] EventLoopError),
@@ -109,7 +126,8 @@ pub fn run_linux(config: LinuxConfig) -> Result<RunExit, MachineError> {
     let root = attach_pci_root(&vm)?;
     let accel = attach(&vm, &root, &config.accel)?;
     add_pvpanic(&vm, &root)?;
-    let consoles = add_virtio_consoles(&vm, &root, config.consoles)?;
+    let mut virtio = add_virtio_consoles(&vm, &root, config.consoles)?;
+    virtio.extend(add_virtio_fs(&vm, &root, &config.filesystems)?);
 
     let (power_off, stop) = (vm.power_off_flag(), vm.stop_flag());
     let sleep = AcpiSleepDevice::new(move || {
@@ -136,10 +154,10 @@ pub fn run_linux(config: LinuxConfig) -> Result<RunExit, MachineError> {
     let state = load_linux(vm.memory(), &boot)?;
     let regs = state.regs();
     vm.set_boot_state_with(regs, Box::new(move |sregs| state.apply_sregs(sregs)));
-    let event_loop = if consoles.is_empty() {
+    let event_loop = if virtio.is_empty() {
         None
     } else {
-        Some(VirtioEventLoop::start(&consoles)?)
+        Some(VirtioEventLoop::start(&virtio)?)
     };
     let exit = vm.run(config.timeout);
     // Stopping the loop flushes what the guest queued last.
@@ -174,6 +192,26 @@ fn add_virtio_consoles(
         let shared = Arc::new(Mutex::new(pci));
         let bdf = root.add_device(shared.clone())?;
         log::debug!("virtio-console at {bdf}");
+        devices.push(shared);
+    }
+    Ok(devices)
+}
+
+/// One virtio-fs PCI function per entry of `filesystems`, each connected
+/// to its vhost-user backend.
+fn add_virtio_fs(
+    vm: &Vm,
+    root: &PciRoot,
+    filesystems: &[VirtioFs],
+) -> Result<Vec<SharedVirtioDevice>, MachineError> {
+    let msi = Arc::new(KvmMsiSink::new(vm.fd().clone()));
+    let mut devices = Vec::new();
+    for fs in filesystems {
+        let device = VhostUserFs::connect(&fs.socket, &fs.tag)?;
+        let pci = VirtioPciDevice::new(Box::new(device), vm.memory().clone(), msi.clone())?;
+        let shared = Arc::new(Mutex::new(pci));
+        let bdf = root.add_device(shared.clone())?;
+        log::debug!("virtio-fs '{}' at {bdf}", fs.tag);
         devices.push(shared);
     }
     Ok(devices)

@@ -23,10 +23,13 @@ use clap::{Parser, Subcommand, ValueEnum};
 use vdsa::DsaConfig;
 use vmm::demos::{self, DEMO_PASID};
 use vmm::devices::serial::SerialOutput;
+use vmm::guest_images::{default_images, ImagesError};
 use vmm::machine::{run_linux, LinuxConfig, MachineError};
 use vmm::microguest::{self, MicroOptions};
+use vmm::modules;
 use vmm::platform::{Platform, PlatformChoice};
 use vmm::run_command::{run_command, CommandRun, GuestStatus, RunCommandError};
+use vmm::share::{check_shares, find_virtiofsd, parse_share, Shares};
 use vmm::stop_signal;
 use vmm::sva::AccelConfig;
 use vmm::sva_bench;
@@ -45,7 +48,8 @@ const EXIT_POWEROFF_NO_STATUS: u8 = 8;
 /// SIGINT or SIGTERM ended the run: 128 + the signal's number (130, 143).
 const EXIT_SIGNAL_BASE: u8 = 128;
 /// Device numbers 1 to 31 of bus 0 (00:00.0 is the host bridge), less
-/// the pvpanic function and the two virtio consoles of `vmm run`.
+/// the pvpanic function and the two virtio consoles of `vmm run`: room for
+/// the vDSAs and `vmm run`'s virtio-fs devices together.
 const MAX_DSA: usize = 28;
 
 /// A KVM VMM with an emulated VT-d IOMMU (scalable mode) and a DSA-like
@@ -143,7 +147,7 @@ enum Command {
     /// Boot Linux, run CMD in it through the project's init and exit with
     /// CMD's status. CMD's output (stdout and stderr) goes to stdout, over a
     /// virtio console; the kernel log goes to stderr (see --serial).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
 }
 
 #[derive(clap::Args, Debug)]
@@ -155,12 +159,29 @@ Otherwise 1 VMM error, 2 bad input, 3 triple fault, 4 --timeout, 5 guest reset, 
 130/143 SIGINT/SIGTERM stopped the run."
 )]
 struct RunArgs {
-    /// Linux kernel to boot (ELF vmlinux or bzImage).
+    /// Linux kernel to boot (ELF vmlinux or bzImage); default: the
+    /// project's (guest-images/out/vmlinux, built if missing).
     #[arg(long)]
     kernel: Option<PathBuf>,
-    /// Initramfs whose /init is the project's (guest-images/out/initramfs*.cpio).
+    /// Initramfs whose /init is the project's; default:
+    /// guest-images/out/initramfs-base.cpio (built if missing).
     #[arg(long)]
     initramfs: Option<PathBuf>,
+    /// Share a host directory with the guest over virtio-fs (repeatable):
+    /// HOST_DIR[:GUEST_PATH][,ro|rw]. GUEST_PATH defaults to HOST_DIR's
+    /// absolute path; read-only unless ",rw". CMD runs in the guest's view
+    /// of the current directory when a share holds it.
+    #[arg(long, value_name = "HOST_DIR[:GUEST_PATH][,ro|rw]")]
+    share: Vec<String>,
+    /// The kernel's module tree (lib/modules/RELEASE), for a kernel whose
+    /// virtio drivers are modules; default: lib/modules/RELEASE beside the
+    /// kernel, else the host's /lib/modules/RELEASE.
+    #[arg(long, value_name = "DIR")]
+    modules: Option<PathBuf>,
+    /// The virtiofsd binary that serves --share (default: $VMM_VIRTIOFSD,
+    /// else the one tools/virtiofsd.sh installed, else virtiofsd on PATH).
+    #[arg(long, value_name = "PATH")]
+    virtiofsd: Option<PathBuf>,
     /// Kernel command line; init's settings are added after "--".
     #[arg(long, default_value = "console=ttyS0")]
     cmdline: String,
@@ -387,7 +408,7 @@ fn main() -> ExitCode {
             program: MicroProgram::SvaDemo,
         }) => sva_demo(cli.timeout, platform),
         Some(Command::Bench { iterations, repeat }) => bench(iterations, repeat, accel, platform),
-        Some(Command::Run(args)) => run(args, accel, platform),
+        Some(Command::Run(args)) => run(*args, accel, platform),
         None => boot(cli, accel, platform),
     }
 }
@@ -488,25 +509,62 @@ fn machine_config(
         accel,
         platform,
         consoles: Vec::new(),
+        filesystems: Vec::new(),
     })
 }
 
 fn run(args: RunArgs, accel: AccelConfig, platform: Platform) -> ExitCode {
-    if args.kernel.is_none() {
-        return usage_error("--kernel is required");
-    }
-    if args.initramfs.is_none() {
-        return usage_error(
-            "--initramfs is required: its /init runs the command (guest-images/out/initramfs-base.cpio)",
-        );
-    }
     if args.command.is_empty() {
-        return usage_error("no command: give it after \"--\", as in vmm run --kernel K --initramfs I -- sh -c 'echo hi'");
+        return usage_error("no command: give it after \"--\", as in vmm run -- sh -c 'echo hi'");
     }
+    let shares = match run_shares(&args) {
+        Ok(shares) => shares,
+        Err(line) => return usage_error(line),
+    };
+    if accel.dsa.len() + shares.list.len() > MAX_DSA {
+        return usage_error(format_args!(
+            "{} --dsa devices and {} --share directories given; PCI bus 0 has room for {MAX_DSA} in all",
+            accel.dsa.len(),
+            shares.list.len()
+        ));
+    }
+    let (kernel, initramfs) = if args.kernel.is_none() || args.initramfs.is_none() {
+        match default_images() {
+            Ok((kernel, initramfs)) => (
+                args.kernel.or(Some(kernel)),
+                args.initramfs.or(Some(initramfs)),
+            ),
+            Err(e @ ImagesError::NotInDirectory(_)) => return usage_error(e),
+            Err(e) => {
+                eprintln!("vmm: {e}");
+                return ExitCode::from(EXIT_ERROR);
+            }
+        }
+    } else {
+        (args.kernel, args.initramfs)
+    };
+    // A modular kernel gets its virtio modules appended to the initramfs.
+    let carried = match (&kernel, &initramfs) {
+        (Some(k), Some(i)) => {
+            let mut wanted = modules::CONSOLE_MODULES.to_vec();
+            if !shares.list.is_empty() {
+                wanted.extend_from_slice(modules::SHARE_MODULES);
+            }
+            match modules::carry(k, i, args.modules.as_deref(), &wanted) {
+                Ok(carried) => carried,
+                Err(e) => return usage_error(e),
+            }
+        }
+        _ => None,
+    };
+    let initramfs = carried
+        .as_ref()
+        .map(|c| c.path().to_path_buf())
+        .or(initramfs);
     let config = match machine_config(
         MachineArgs {
-            kernel: args.kernel,
-            initramfs: args.initramfs,
+            kernel,
+            initramfs,
             cmdline: args.cmdline,
             cpus: args.cpus,
             memory: args.memory,
@@ -519,7 +577,7 @@ fn run(args: RunArgs, accel: AccelConfig, platform: Platform) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    match run_command(config, &args.command) {
+    match run_command(config, &args.command, &shares) {
         Ok(run) => command_exit_code(&run),
         Err(RunCommandError::Command(e)) => usage_error(e),
         Err(RunCommandError::Machine(MachineError::Boot(e))) => usage_error(e),
@@ -528,6 +586,23 @@ fn run(args: RunArgs, accel: AccelConfig, platform: Platform) -> ExitCode {
             ExitCode::from(EXIT_ERROR)
         }
     }
+}
+
+/// The checked `--share` options and the virtiofsd to serve them.
+fn run_shares(args: &RunArgs) -> Result<Shares, String> {
+    let list = args
+        .share
+        .iter()
+        .map(|s| parse_share(s))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    check_shares(&list).map_err(|e| e.to_string())?;
+    let virtiofsd = if list.is_empty() {
+        PathBuf::new()
+    } else {
+        find_virtiofsd(args.virtiofsd.as_deref())?
+    };
+    Ok(Shares { list, virtiofsd })
 }
 
 /// CMD's status if the guest reported one, else how the machine stopped.

@@ -24,6 +24,7 @@ use thiserror::Error;
 use crate::devices::serial::SerialOutput;
 use crate::devices::virtio::{CaptureOutput, ConsoleInput};
 use crate::machine::{run_linux, LinuxConfig, MachineError, VirtioConsole};
+use crate::share::{self, DaemonError, Shares};
 use crate::vm::RunExit;
 
 /// The console that carries the command's output.
@@ -80,16 +81,21 @@ pub enum RunError {
     DoubleDash,
 }
 
-/// The kernel command line: `base`, then init's settings after `--`.
-pub fn kernel_cmdline(base: &str, argv: &[OsString]) -> Result<String, RunError> {
+/// The kernel command line: `base`, then init's settings after `--`
+/// (`extra` ones, e.g. [`crate::share::init_settings`], last).
+pub fn kernel_cmdline(base: &str, argv: &[OsString], extra: &[String]) -> Result<String, RunError> {
     if base.split_whitespace().any(|word| word == "--") {
         return Err(RunError::DoubleDash);
     }
-    let line = format!(
+    let mut line = format!(
         "{} -- vmm.cmd={} vmm.out={OUTPUT_CONSOLE} vmm.status={STATUS_CONSOLE}",
         base.trim(),
         encode_argv(argv)
     );
+    for setting in extra {
+        line.push(' ');
+        line.push_str(setting);
+    }
     if line.len() > KERNEL_CMDLINE_MAX {
         return Err(RunError::TooLong {
             len: line.len(),
@@ -174,17 +180,23 @@ pub struct CommandRun {
     pub status: Option<GuestStatus>,
 }
 
-/// Boots `machine` with the two consoles and runs `argv` in the guest.
-/// `machine.cmdline` is the base kernel command line (init's settings are
-/// added); `machine.consoles` is replaced.
+/// Boots `machine` with the two consoles and runs `argv` in the guest,
+/// with `shares` mounted (each served by its own virtiofsd for the length
+/// of the run) and the command in the guest's view of the VMM's working
+/// directory if a share holds it. `machine.cmdline` is the base kernel
+/// command line (init's settings are added); `machine.consoles` and
+/// `machine.filesystems` are replaced.
 pub fn run_command(
     mut machine: LinuxConfig,
     argv: &[OsString],
+    shares: &Shares,
 ) -> Result<CommandRun, RunCommandError> {
     // The platform's parameters count towards the kernel's limit (the
     // machine does not repeat them).
     let base = machine.platform.with_kernel_params(&machine.cmdline);
-    machine.cmdline = kernel_cmdline(&base, argv)?;
+    let cwd = std::env::current_dir().ok();
+    let settings = share::init_settings(&shares.list, cwd.as_deref());
+    machine.cmdline = kernel_cmdline(&base, argv, &settings)?;
     let console_error = Arc::new(Mutex::new(None));
     let serial = std::mem::replace(&mut machine.serial, SerialOutput::Sink);
     machine.serial = SerialOutput::Custom(Box::new(InitErrorWatch {
@@ -192,6 +204,9 @@ pub fn run_command(
         line: Vec::new(),
         found: console_error.clone(),
     }));
+    // Dropped after the machine: no daemon outlives the run.
+    let (_daemons, filesystems) = shares.start()?;
+    machine.filesystems = filesystems;
     let status = CaptureOutput::default();
     machine.consoles = vec![
         VirtioConsole {
@@ -220,6 +235,9 @@ pub enum RunCommandError {
     /// The command cannot be passed to the guest.
     #[error(transparent)]
     Command(#[from] RunError),
+    /// A share's virtiofsd could not be started.
+    #[error(transparent)]
+    Share(#[from] DaemonError),
     /// The machine could not be built or booted.
     #[error(transparent)]
     Machine(#[from] MachineError),
@@ -250,16 +268,20 @@ mod tests {
     #[test]
     fn command_line_layout_and_limits() {
         assert_eq!(
-            kernel_cmdline("console=ttyS0 noxsave ", &args(&["true"])),
+            kernel_cmdline("console=ttyS0 noxsave ", &args(&["true"]), &[]),
             Ok("console=ttyS0 noxsave -- vmm.cmd=true vmm.out=hvc0 vmm.status=hvc1".into())
         );
         assert_eq!(
-            kernel_cmdline("console=ttyS0 -- x", &args(&["true"])),
+            kernel_cmdline("console=ttyS0 -- x", &args(&["true"]), &[]),
             Err(RunError::DoubleDash)
+        );
+        assert_eq!(
+            kernel_cmdline("console=ttyS0", &args(&["true"]), &["vmm.cwd=/x".into()]),
+            Ok("console=ttyS0 -- vmm.cmd=true vmm.out=hvc0 vmm.status=hvc1 vmm.cwd=/x".into())
         );
         let long = "x".repeat(2000);
         assert_eq!(
-            kernel_cmdline("console=ttyS0", &args(&[&long])),
+            kernel_cmdline("console=ttyS0", &args(&[&long]), &[]),
             Err(RunError::TooLong {
                 // "console=ttyS0", " -- vmm.cmd=", the argument, and
                 // " vmm.out=hvc0 vmm.status=hvc1".

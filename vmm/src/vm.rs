@@ -1,6 +1,8 @@
 //! The machine: KVM VM, guest memory, interrupt chip, buses, platform
 //! devices and vCPU threads.
 
+use std::fs::File;
+use std::os::fd::FromRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -14,7 +16,9 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VmFd};
 use thiserror::Error;
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{
+    Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
@@ -175,6 +179,33 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
     ranges
 }
 
+/// Guest RAM of `size` bytes backed by one memfd, each range of
+/// [`ram_ranges`] at its own offset and mapped shared, so that a vhost-user
+/// backend (virtiofsd) can map the same pages from the file descriptors in
+/// the regions' [`FileOffset`]s.
+pub fn shared_guest_memory(size: u64) -> Result<GuestMemoryMmap, VmError> {
+    let memory_error = |e: std::io::Error| VmError::Memory(e.to_string());
+    // SAFETY: memfd_create takes a NUL-terminated name and flags and
+    // returns a new descriptor or -1; nothing else is touched.
+    let fd = unsafe { libc::memfd_create(c"guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(memory_error(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` was just created and is owned by nothing else.
+    let file = Arc::new(unsafe { File::from_raw_fd(fd) });
+    file.set_len(size).map_err(memory_error)?;
+    let mut offset = 0u64;
+    let ranges: Vec<_> = ram_ranges(size)
+        .into_iter()
+        .map(|(start, len)| {
+            let range = (start, len, Some(FileOffset::from_arc(file.clone(), offset)));
+            offset += len as u64;
+            range
+        })
+        .collect();
+    GuestMemoryMmap::from_ranges_with_files(ranges).map_err(|e| VmError::Memory(e.to_string()))
+}
+
 impl Vm {
     /// Creates the VM, its memory, interrupt chip, PIT, serial port and
     /// platform devices.
@@ -185,8 +216,7 @@ impl Vm {
         let pasids = Arc::new(GuestPasids::new(space, &name)?);
         let kvm = Kvm::new().map_err(VmError::NoKvm)?;
         let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        let memory = GuestMemoryMmap::from_ranges(&ram_ranges(config.memory))
-            .map_err(|e| VmError::Memory(e.to_string()))?;
+        let memory = shared_guest_memory(config.memory)?;
         for (slot, region) in memory.iter().enumerate() {
             let mem_region = kvm_userspace_memory_region {
                 slot: slot as u32,

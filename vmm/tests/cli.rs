@@ -219,24 +219,26 @@ fn run_args<'a>(kernel: &'a str, rest: &[&'a str]) -> Vec<&'a str> {
 }
 
 #[test]
-fn run_without_kernel() {
-    assert_usage_error(&["run", "--", "true"], "error: --kernel is required");
-}
-
-#[test]
-fn run_without_initramfs() {
-    let k = big_kernel();
-    assert_usage_error(
-        &["run", "--kernel", k.to_str().unwrap(), "--", "true"],
-        "error: --initramfs is required: its /init runs the command (guest-images/out/initramfs-base.cpio)",
+fn run_default_images_from_a_wrong_directory() {
+    // Without --kernel or --initramfs the default images are used; a
+    // $VMM_GUEST_IMAGES without them is refused before anything boots.
+    let out = Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .env("VMM_GUEST_IMAGES", "/nonexistent")
+        .args(["run", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "error: $VMM_GUEST_IMAGES is /nonexistent but it holds no vmlinux and initramfs-base.cpio\n"
     );
+    assert_eq!(out.status.code(), Some(2));
 }
 
 #[test]
 fn run_without_command() {
     let k = big_kernel();
     let k = k.to_str().unwrap();
-    let expected = "error: no command: give it after \"--\", as in vmm run --kernel K --initramfs I -- sh -c 'echo hi'";
+    let expected = "error: no command: give it after \"--\", as in vmm run -- sh -c 'echo hi'";
     assert_usage_error(&run_args(k, &[]), expected);
     assert_usage_error(&run_args(k, &["--"]), expected);
 }

@@ -71,10 +71,22 @@ pub fn vmm_run_with(
     options: &[&str],
     command: &[&str],
 ) -> Outcome {
+    vmm_run_in(Path::new("."), initramfs, env, options, command)
+}
+
+/// [`vmm_run_with`] with the VMM started in `cwd`.
+pub fn vmm_run_in(
+    cwd: &Path,
+    initramfs: &Path,
+    env: &[(&str, &str)],
+    options: &[&str],
+    command: &[&str],
+) -> Outcome {
     vmm::microguest::require_kvm();
     let (kernel, _) = guest_images();
     let _guard = one_guest_at_a_time();
     let out = Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .current_dir(cwd)
         .envs(env.iter().copied())
         .arg("run")
         .arg("--kernel")
@@ -91,4 +103,25 @@ pub fn vmm_run_with(
         stdout: out.stdout,
         stderr: String::from_utf8_lossy(&out.stderr).into(),
     }
+}
+
+/// The pinned virtiofsd that `vmm run --share` starts, installed by
+/// tools/virtiofsd.sh on first use (cached).
+#[allow(dead_code)] // Not every test binary that includes this module uses it.
+pub fn virtiofsd() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/virtiofsd.sh");
+        let out = Command::new(script)
+            .arg("--quiet")
+            .output()
+            .expect("run tools/virtiofsd.sh");
+        assert!(
+            out.status.success(),
+            "tools/virtiofsd.sh failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    })
+    .clone()
 }

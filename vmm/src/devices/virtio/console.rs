@@ -14,7 +14,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{device_id, pop_checked_chain, DeviceError, VirtioDevice};
+use super::{device_id, pop_checked_chain, read_config_bytes, DeviceError, VirtioDevice};
 
 /// receiveq of port 0.
 pub const RECEIVEQ: usize = 0;
@@ -214,14 +214,7 @@ impl VirtioDevice for Console {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.config();
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = usize::try_from(offset)
-                .ok()
-                .and_then(|o| config.get(o.checked_add(i)?))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_bytes(&self.config(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {

@@ -29,12 +29,16 @@ pub enum EventLoopError {
 
 const KICK: u32 = 0;
 const INPUT: u32 = 1;
+/// Call EventFd of queue N: `CALL + N`.
+const CALL: u32 = 2;
 
 /// Processes one device when its notification or input EventFd fires.
 struct DeviceWorker {
     device: SharedVirtioDevice,
     kick: EventFd,
     input: Option<EventFd>,
+    /// An external backend's used-buffer signals, by queue.
+    calls: Vec<EventFd>,
 }
 
 impl MutEventSubscriber for DeviceWorker {
@@ -47,9 +51,24 @@ impl MutEventSubscriber for DeviceWorker {
                 log::error!("virtio event loop: cannot watch console input: {e}");
             }
         }
+        for (queue, call) in self.calls.iter().enumerate() {
+            if let Err(e) = ops.add(Events::with_data(call, CALL + queue as u32, EventSet::IN)) {
+                log::error!("virtio event loop: cannot watch queue {queue}'s backend: {e}");
+            }
+        }
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if let Some(queue) = events.data().checked_sub(CALL) {
+            if let Some(call) = self.calls.get(queue as usize) {
+                let _ = call.read();
+            }
+            self.device
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .used_by_backend(queue as usize);
+            return;
+        }
         let fd = match events.data() {
             KICK => Some(&self.kick),
             _ => self.input.as_ref(),
@@ -92,15 +111,21 @@ impl VirtioEventLoop {
     pub fn start(devices: &[SharedVirtioDevice]) -> Result<Self, EventLoopError> {
         let mut manager = EventManager::<Box<dyn MutEventSubscriber + Send>>::new()?;
         for device in devices {
-            let (kick, input) = {
+            let (kick, input, calls) = {
                 let dev = device.lock().unwrap_or_else(PoisonError::into_inner);
                 let input = dev.input_event().map(EventFd::try_clone).transpose()?;
-                (dev.kick_event().try_clone()?, input)
+                let calls = dev
+                    .call_events()
+                    .iter()
+                    .map(EventFd::try_clone)
+                    .collect::<Result<_, _>>()?;
+                (dev.kick_event().try_clone()?, input, calls)
             };
             manager.add_subscriber(Box::new(DeviceWorker {
                 device: device.clone(),
                 kick,
                 input,
+                calls,
             }));
         }
         let wake = EventFd::new(libc::EFD_NONBLOCK)?;

@@ -30,6 +30,7 @@ pub mod capabilities;
 pub mod common_config;
 pub mod console;
 pub mod event_loop;
+pub mod fs;
 pub mod isr;
 pub mod notify;
 pub mod transport;
@@ -45,12 +46,15 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use console::{CaptureOutput, Console, ConsoleInput};
 pub use event_loop::VirtioEventLoop;
+pub use fs::VhostUserFs;
 pub use transport::VirtioPciDevice;
 
 /// Virtio device IDs (virtio 1.2, 5).
 pub mod device_id {
     /// Console.
     pub const CONSOLE: u16 = 3;
+    /// File system (virtio-fs).
+    pub const FS: u16 = 26;
 }
 
 /// device_status bits (virtio 1.2, 2.1).
@@ -73,6 +77,10 @@ pub mod status {
 pub mod feature {
     /// Compliance with virtio 1.x (the modern interface).
     pub const VERSION_1: u64 = 1 << 32;
+    /// Indirect descriptors (VIRTIO_F_INDIRECT_DESC).
+    pub const RING_INDIRECT_DESC: u64 = 1 << 28;
+    /// used_event/avail_event notification suppression (VIRTIO_F_EVENT_IDX).
+    pub const RING_EVENT_IDX: u64 = 1 << 29;
 }
 
 /// Descriptor flags of the split virtqueue (virtio 1.2, 2.7.5).
@@ -109,6 +117,9 @@ pub enum DeviceError {
         /// The chain's head descriptor index.
         head: u16,
     },
+    /// The device's external backend refused to take the queues.
+    #[error("{0}")]
+    Backend(String),
     /// A buffer of the chain lies (partly) outside guest RAM.
     #[error("queue {queue}: descriptor chain at head {head} has a buffer at {addr:#x}+{len:#x} outside guest RAM")]
     BufferOutsideMemory {
@@ -161,6 +172,44 @@ pub trait VirtioDevice: Send {
     /// has any.
     fn input_event(&self) -> Option<&EventFd> {
         None
+    }
+
+    /// The driver set DRIVER_OK having accepted `features`; the queues'
+    /// rings are valid. A device whose queues an external backend serves
+    /// hands them over here.
+    fn activate(
+        &mut self,
+        _features: u64,
+        _queues: &[Queue],
+        _mem: &GuestMemoryMmap,
+    ) -> Result<(), DeviceError> {
+        Ok(())
+    }
+
+    /// The driver notified `queue`. Returns true when the device forwarded
+    /// the notification itself; false has the transport call
+    /// [`VirtioDevice::process`].
+    fn notify(&mut self, _queue: usize) -> bool {
+        false
+    }
+
+    /// One EventFd per queue that an external backend signals when it put
+    /// buffers in the used ring; empty when the device's own
+    /// [`VirtioDevice::process`] does that.
+    fn call_events(&self) -> &[EventFd] {
+        &[]
+    }
+}
+
+/// A driver's read of `data.len()` bytes at `offset` of a device-specific
+/// configuration `config`; bytes past its end read as zero.
+pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, byte) in data.iter_mut().enumerate() {
+        *byte = usize::try_from(offset)
+            .ok()
+            .and_then(|o| config.get(o.checked_add(i)?))
+            .copied()
+            .unwrap_or(0);
     }
 }
 

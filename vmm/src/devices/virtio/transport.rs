@@ -162,6 +162,23 @@ impl VirtioPciDevice {
         }
     }
 
+    /// An external backend put buffers in `queue`'s used ring and asked for
+    /// an interrupt (it applies the driver's suppression itself).
+    pub fn used_by_backend(&mut self, queue: usize) {
+        if !self.active() || queue >= self.common.queues.len() {
+            return;
+        }
+        self.isr.raise(ISR_QUEUE);
+        let vector = self.common.queue_vectors[queue];
+        self.trigger(vector);
+    }
+
+    /// The EventFds an external backend signals, one per queue (see
+    /// [`VirtioDevice::call_events`]).
+    pub fn call_events(&self) -> &[EventFd] {
+        self.device.call_events()
+    }
+
     fn signal_queue(&mut self, index: usize) {
         let Some(queue) = self.common.queues.get_mut(index) else {
             return;
@@ -239,6 +256,14 @@ impl VirtioPciDevice {
                 });
                 return;
             }
+            if let Err(e) = self.device.activate(
+                self.common.driver_features,
+                &self.common.queues,
+                &self.memory,
+            ) {
+                self.needs_reset(e);
+                return;
+            }
             log::info!(
                 "virtio device type {}: driver ready, features {:#x}",
                 self.device.device_type(),
@@ -280,7 +305,10 @@ impl VirtioPciDevice {
         } else if let Some(o) = layout::DEVICE.contains(offset, data.len()) {
             self.device.write_config(o, data);
         } else if let Some(o) = notify_region(queues).contains(offset, data.len()) {
-            if notified_queue(o, data.len(), queues).is_some() {
+            if let Some(queue) = notified_queue(o, data.len(), queues) {
+                if self.active() && self.device.notify(queue) {
+                    return;
+                }
                 if let Err(e) = self.kick.write(1) {
                     log::warn!("virtio: queue notification lost: {e}");
                 }
