@@ -256,14 +256,20 @@ fn smp_boots_soak_on_ordinary_kvm() {
     includes.push(PathBuf::from(env!("CARGO_BIN_EXE_vmm")));
     includes.push(exe.clone());
     let soaks = ["two_vcpu_boots_soak", "four_vcpu_boots_soak"];
+    // Another count of boots, if asked for, holds in L1 too.
+    let boots = std::env::var("SMP_SOAK_BOOTS")
+        .ok()
+        .and_then(|n| n.parse::<u32>().ok())
+        .map_or_else(String::new, |n| format!("export SMP_SOAK_BOOTS={n}; "));
     let commands: Vec<String> = soaks
         .iter()
         .map(|name| {
-            test_command(
-                exe,
-                &images,
-                &format!("--ignored --nocapture --exact {name}"),
-            )
+            boots.clone()
+                + &test_command(
+                    exe,
+                    &images,
+                    &format!("--ignored --nocapture --exact {name}"),
+                )
         })
         .collect();
     let (out, results) = run_in_bed("bed-smp-soak", &includes, &commands);

@@ -651,9 +651,22 @@ fn user_fault(
 
 /// [`fault`] taken at CPL3.
 fn user_fault_exit(vector: u8, cr2_matches: bool, error_code: u32) -> RunExit {
-    RunExit::TestExit(
-        u32::from(vector) << 24 | u32::from(cr2_matches) << 20 | 3 << 16 | error_code,
-    )
+    RunExit::TestExit(u32::from(vector) << 24 | u32::from(cr2_matches) << 20 | 3 << 16 | error_code)
+}
+
+/// [`user_fault`] with no page changes and nothing to prepare.
+fn user_store(
+    code: impl FnOnce(&mut CodeAssembler),
+) -> (RunExit, Vec<PortalStore>, vm_memory::GuestMemoryMmap) {
+    user_fault(&[], |_| {}, code)
+}
+
+/// Asserts that `code` at CPL3 raises `vector` with error code 0 and
+/// stores nothing.
+fn assert_user_exception(vector: u8, code: impl FnOnce(&mut CodeAssembler)) {
+    let (exit, stores, _) = user_store(code);
+    assert_eq!(exit, user_fault_exit(vector, false, 0));
+    assert!(stores.is_empty());
 }
 
 /// #PF error code bits.
@@ -663,59 +676,49 @@ const PF_USER: u32 = 4;
 
 #[test]
 fn user_enqcmds_is_gp0() {
-    let (exit, stores, _) = user_fault(&[], |_| {}, |a| {
+    assert_user_exception(GP, |a| {
         a.mov(rdi, TEST_PORTAL_START).unwrap();
         a.mov(rsi, SRC).unwrap();
         a.enqcmds(rdi, zmmword_ptr(rsi)).unwrap();
     });
-    assert_eq!(exit, user_fault_exit(GP, false, 0));
-    assert!(stores.is_empty());
 }
 
 #[test]
 fn user_non_canonical_source_is_gp0() {
-    let (exit, stores, _) = user_fault(&[], |_| {}, |a| {
+    assert_user_exception(GP, |a| {
         a.mov(rdi, TEST_PORTAL_START).unwrap();
         a.mov(rsi, 0xff00_0000_0000_0000u64).unwrap();
         a.enqcmd(rdi, zmmword_ptr(rsi)).unwrap();
     });
-    assert_eq!(exit, user_fault_exit(GP, false, 0));
-    assert!(stores.is_empty());
 }
 
 #[test]
 fn user_non_canonical_stack_source_is_ss0() {
-    let (exit, stores, _) = user_fault(&[], |_| {}, |a| {
+    // RBP - 0x20 is canonical, but the 64 bytes run past the top of the
+    // lower half.
+    assert_user_exception(SS, |a| {
         a.mov(rdi, TEST_PORTAL_START).unwrap();
         a.mov(rbp, 0x0000_8000_0000_0000u64).unwrap();
         a.movdir64b(rdi, zmmword_ptr(rbp - 0x20)).unwrap();
     });
-    // RBP - 0x20 is canonical, but the 64 bytes run past the top of the
-    // lower half.
-    assert_eq!(exit, user_fault_exit(SS, false, 0));
-    assert!(stores.is_empty());
 }
 
 #[test]
 fn user_misaligned_destination_is_gp0() {
-    let (exit, stores, _) = user_fault(&[], |_| {}, |a| {
+    assert_user_exception(GP, |a| {
         a.mov(rdi, TEST_PORTAL_START + 0x20).unwrap();
         a.mov(rsi, SRC).unwrap();
         a.enqcmd(rdi, zmmword_ptr(rsi)).unwrap();
     });
-    assert_eq!(exit, user_fault_exit(GP, false, 0));
-    assert!(stores.is_empty());
 }
 
 #[test]
 fn user_non_canonical_destination_is_gp0() {
-    let (exit, stores, _) = user_fault(&[], |_| {}, |a| {
+    assert_user_exception(GP, |a| {
         a.mov(rdi, 0x8000_0000_0000_0000u64).unwrap();
         a.mov(rsi, SRC).unwrap();
         a.movdir64b(rdi, zmmword_ptr(rsi)).unwrap();
     });
-    assert_eq!(exit, user_fault_exit(GP, false, 0));
-    assert!(stores.is_empty());
 }
 
 #[test]
@@ -782,7 +785,7 @@ fn user_destination_on_a_read_only_page_is_pf_protection_write() {
 #[test]
 fn user_movdir64b_to_ram_stores_the_64_bytes() {
     let dest = DATA_START + 0x6040;
-    let (exit, stores, memory) = user_fault(&[], |_| {}, |a| {
+    let (exit, stores, memory) = user_store(|a| {
         a.mov(rdi, dest).unwrap();
         a.mov(rsi, SRC).unwrap();
         a.movdir64b(rdi, zmmword_ptr(rsi)).unwrap();
@@ -820,7 +823,7 @@ fn user_gs_override_source_adds_the_gs_base() {
 
 #[test]
 fn user_address_size_prefix_truncates_both_addresses() {
-    let (exit, stores, _) = user_fault(&[], |_| {}, |a| {
+    let (exit, stores, _) = user_store(|a| {
         a.mov(rdi, 0xffff_ffff_0000_0000u64 | TEST_PORTAL_START | 0x140)
             .unwrap();
         a.mov(rsi, 0x0000_7fff_0000_0000u64 | SRC).unwrap();
