@@ -23,6 +23,9 @@ use crate::sva::GuestPasids;
 /// KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES.
 const EMULATION_FLAG_INSTRUCTION_BYTES: u64 = 1;
 
+/// #DB, the debug exception.
+const DEBUG_VECTOR: u8 = 1;
+
 /// Why a vCPU stopped.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VcpuStop {
@@ -326,7 +329,7 @@ impl Vcpu {
                             Action::PasidWritten(msr.data)
                         }
                     }
-                    VcpuExit::Debug(arch) => Action::Debug(arch.pc),
+                    VcpuExit::Debug(arch) => Action::Debug(arch.pc, arch.dr6),
                     VcpuExit::InternalError => Action::InternalError,
                     VcpuExit::Shutdown => return VcpuStop::TripleFault,
                     VcpuExit::SystemEvent(kind, _) => return VcpuStop::SystemEvent(kind),
@@ -367,8 +370,8 @@ impl Vcpu {
                         }
                     }
                 }
-                Action::Debug(pc) => {
-                    if let Err(line) = self.on_debug(pc) {
+                Action::Debug(pc, dr6) => {
+                    if let Err(line) = self.on_debug(pc, dr6) {
                         return VcpuStop::Fatal(line);
                     }
                 }
@@ -389,12 +392,9 @@ impl Vcpu {
     }
 
     /// A hardware breakpoint hit: the entry of a watched exception handler.
-    fn on_debug(&mut self, pc: u64) -> Result<(), String> {
+    fn on_debug(&mut self, pc: u64, dr6: u64) -> Result<(), String> {
         let Some(vector) = self.watch.vector_at(pc) else {
-            return Err(format!(
-                "vCPU {}: unexpected debug exit at RIP {pc:#x}",
-                self.id
-            ));
+            return self.reflect_debug_exception(dr6);
         };
         if log::log_enabled!(log::Level::Trace) {
             if let Ok(frame) = emulator::read_exception_frame(self, vector) {
@@ -465,6 +465,23 @@ impl Vcpu {
             }
             StepOver::Skipped(_) | StepOver::Emulated(_) => Ok(()),
         }
+    }
+
+    /// A debug exception that is the guest's own (a single step with TF,
+    /// ICEBP, its own breakpoints): while the VMM's hardware breakpoints are
+    /// armed, KVM brings every #DB here. The guest gets it as the CPU
+    /// delivers it, its DR6 (`dr6`, as the exit reports it) updated.
+    fn reflect_debug_exception(&mut self, dr6: u64) -> Result<(), String> {
+        let mut debug_regs = self
+            .fd
+            .get_debug_regs()
+            .map_err(|e| format!("vCPU {}: KVM_GET_DEBUGREGS: {e}", self.id))?;
+        debug_regs.dr6 = dr6 & 0xffff_ffff;
+        self.fd
+            .set_debug_regs(&debug_regs)
+            .map_err(|e| format!("vCPU {}: KVM_SET_DEBUGREGS: {e}", self.id))?;
+        self.inject_exception(DEBUG_VECTOR, None, None)
+            .map_err(|e| self.fatal(&e))
     }
 
     /// Stops watching `vector`'s handler (until the next re-arm).
@@ -581,7 +598,7 @@ enum Action {
     CheckStop,
     SyscallMsr(u32, u64),
     PasidWritten(u64),
-    Debug(u64),
+    Debug(u64, u64),
     InternalError,
     Fatal(String),
 }

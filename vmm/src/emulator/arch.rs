@@ -61,6 +61,8 @@ pub mod efer {
 
 /// Exception vectors.
 pub mod vector {
+    /// #DB, debug (INT1, single step, debug registers).
+    pub const DB: u8 = 1;
     /// #BP, breakpoint (INT3).
     pub const BP: u8 = 3;
     /// #UD, invalid opcode.

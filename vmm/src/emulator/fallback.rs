@@ -30,6 +30,8 @@ pub enum FallbackInstruction {
     Popcnt,
     /// INT3: #BP delivered with RIP after the instruction.
     Int3,
+    /// INT1 (ICEBP): #DB delivered with RIP after the instruction.
+    Int1,
     /// CMPXCHG16B m128 (normally LOCKed): atomic 128-bit compare-exchange
     /// with RDX:RAX / RCX:RBX; only ZF changes.
     Cmpxchg16b,
@@ -44,6 +46,7 @@ impl FallbackInstruction {
             Mnemonic::Wait => Self::Fwait,
             Mnemonic::Popcnt => Self::Popcnt,
             Mnemonic::Int3 => Self::Int3,
+            Mnemonic::Int1 => Self::Int1,
             Mnemonic::Cmpxchg16b => Self::Cmpxchg16b,
             _ => return None,
         })
@@ -63,6 +66,7 @@ pub(crate) fn execute<C: GuestCpu + ?Sized>(
         FallbackInstruction::Fwait => fwait(ctx),
         FallbackInstruction::Popcnt => popcnt(cpu, ctx, instr),
         FallbackInstruction::Int3 => int3(ctx),
+        FallbackInstruction::Int1 => Err(Stop::Trap(Exception::db())),
         FallbackInstruction::Cmpxchg16b => cmpxchg16b(cpu, ctx, instr),
     };
     Ok(match step {

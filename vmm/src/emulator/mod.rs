@@ -205,7 +205,8 @@ pub struct StoreRecord {
 pub enum UnhandledReason {
     /// The vCPU is not in 64-bit mode.
     NotLongMode,
-    /// The bytes are not a valid x86-64 instruction (or could not be read).
+    /// The bytes stop short of a whole instruction (or could not be read);
+    /// bytes that are no instruction at all get #UD instead.
     Undecodable,
     /// A valid instruction the emulator does not implement.
     UnknownInstruction(Mnemonic),
@@ -222,7 +223,7 @@ impl fmt::Display for UnhandledReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::NotLongMode => write!(f, "vCPU not in 64-bit mode"),
-            Self::Undecodable => write!(f, "not a valid instruction"),
+            Self::Undecodable => write!(f, "not a whole instruction"),
             Self::UnknownInstruction(m) => {
                 write!(f, "no emulation for {}", format!("{m:?}").to_lowercase())
             }
@@ -380,7 +381,19 @@ pub fn handle_emulation_failure<C: GuestCpu + ?Sized>(
     if !ctx.is_64bit_mode() {
         return not_handled(bytes, UnhandledReason::NotLongMode);
     }
-    let Some(instr) = decode::decode(&bytes, rip) else {
+    let instr = decode::decode(&bytes, rip);
+    let undefined = match &instr {
+        Some(i) => matches!(i.mnemonic(), Mnemonic::Ud0 | Mnemonic::Ud1 | Mnemonic::Ud2),
+        None => decode::is_undefined(&bytes, rip),
+    };
+    if undefined {
+        // No instruction at all, or one defined to raise it: the CPU's
+        // answer is #UD.
+        let ud = Exception::ud();
+        apply_step::<C, ()>(cpu, &ctx, &Step::Fault(ud), false)?;
+        return Ok(Outcome::Exception(ud));
+    }
+    let Some(instr) = instr else {
         return not_handled(bytes, UnhandledReason::Undecodable);
     };
     let bytes = bytes[..instr.len().min(bytes.len())].to_vec();
