@@ -33,6 +33,21 @@ pub enum FallbackInstruction {
     /// CMPXCHG16B m128 (normally LOCKed): atomic 128-bit compare-exchange
     /// with RDX:RAX / RCX:RBX; only ZF changes.
     Cmpxchg16b,
+    /// XSAVE / XSAVE64: save the state components EDX:EAX & XCR0 asks for
+    /// (standard format). This and the six below: `super::xsave`.
+    Xsave,
+    /// XSAVEOPT / XSAVEOPT64.
+    Xsaveopt,
+    /// XSAVEC / XSAVEC64 (compacted format, init optimisation).
+    Xsavec,
+    /// XSAVES / XSAVES64 (compacted, supervisor components, CPL 0).
+    Xsaves,
+    /// XRSTOR / XRSTOR64 (standard or compacted form).
+    Xrstor,
+    /// XRSTORS / XRSTORS64 (compacted, supervisor components, CPL 0).
+    Xrstors,
+    /// XGETBV: read XCR0 (or XINUSE with ECX = 1).
+    Xgetbv,
 }
 
 impl FallbackInstruction {
@@ -45,7 +60,7 @@ impl FallbackInstruction {
             Mnemonic::Popcnt => Self::Popcnt,
             Mnemonic::Int3 => Self::Int3,
             Mnemonic::Cmpxchg16b => Self::Cmpxchg16b,
-            _ => return None,
+            m => return super::xsave::of(m),
         })
     }
 }
@@ -64,6 +79,7 @@ pub(crate) fn execute<C: GuestCpu + ?Sized>(
         FallbackInstruction::Popcnt => popcnt(cpu, ctx, instr),
         FallbackInstruction::Int3 => int3(ctx),
         FallbackInstruction::Cmpxchg16b => cmpxchg16b(cpu, ctx, instr),
+        xsave_family => return super::xsave::execute(cpu, ctx, instr, xsave_family),
     };
     Ok(match step {
         Ok(()) => {

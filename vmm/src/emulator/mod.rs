@@ -59,6 +59,7 @@ mod fallback;
 mod guest_atomic;
 mod mmu;
 mod syscall;
+mod xsave;
 
 #[cfg(test)]
 mod tests;
@@ -79,6 +80,7 @@ pub use entry::{
 };
 pub use exception::Exception;
 pub use fallback::FallbackInstruction;
+pub use xsave::{XComponent, XState, XStateLayout, XsaveFeatures};
 pub use syscall::{
     broken_syscall_entry, complete_syscall, flat_segment, msr as syscall_msr, SyscallEntry,
     SyscallMsrs,
@@ -146,6 +148,18 @@ pub trait GuestCpu {
     fn emulates(&self, which: FallbackInstruction) -> bool {
         let _ = which;
         true
+    }
+    /// The vCPU's state the XSAVE family moves ([`XState`]); only vCPUs
+    /// whose platform answers the family
+    /// ([`GuestCpu::emulates`]) need it.
+    fn xstate(&mut self) -> Result<XState, EmulatorError> {
+        Err(EmulatorError::Vcpu("this vCPU has no XSAVE state".into()))
+    }
+    /// Loads the state an XRSTOR or XRSTORS left in `state`: the image's
+    /// user components and IA32_PASID.
+    fn set_xstate(&mut self, state: &XState) -> Result<(), EmulatorError> {
+        let _ = state;
+        Err(EmulatorError::Vcpu("this vCPU has no XSAVE state".into()))
     }
     /// Injects an exception at the vCPU's current state: the frame the guest
     /// sees holds the RIP, CS, RFLAGS, RSP, SS the vCPU has now (so a fault

@@ -20,11 +20,11 @@
 //!   guest kernel through its `forcecpuid=` parameter (the project's guest
 //!   kernel patch), SMAP is hidden by `clearcpuid=smap`.
 
-use kvm_bindings::kvm_cpuid_entry2;
+use kvm_bindings::{kvm_cpuid_entry2, kvm_xcrs, kvm_xsave};
 use kvm_ioctls::{MsrFilterRange, MsrFilterRangeFlags};
 
 use super::leaf7_ecx;
-use crate::emulator::syscall_msr;
+use crate::emulator::{syscall_msr, XStateLayout, XsaveFeatures};
 
 /// CPUID.(EAX=7,ECX=0):EBX bit 20: SMAP.
 const LEAF7_EBX_SMAP: u32 = 1 << 20;
@@ -121,6 +121,49 @@ pub const KERNEL_PARAMS: &[(&str, &str)] = &[
 /// kernel context-switches (x87, SSE). See [`KERNEL_PARAMS`].
 pub const GLIBC_NO_AVX: &str =
     "GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD";
+
+/// The XSAVE family's view of a vCPU's CPUID (leaf 0xD): where the state
+/// components live and which instructions are offered. The backend's KVM
+/// emulator runs XSETBV at CPL 0 but not XGETBV, XSAVE, XSAVEOPT, XSAVEC,
+/// XRSTOR (each an emulation-failure exit, measured with a micro-guest), so
+/// the VMM's fallback emulator executes them on the state KVM keeps
+/// ([`xstate_image`], [`kvm_xsave_of`]).
+pub fn xsave_cpuid(entries: &[kvm_cpuid_entry2]) -> (XStateLayout, XsaveFeatures) {
+    let leaf = |index: u32| {
+        entries
+            .iter()
+            .find(|e| e.function == 0xd && e.index == index)
+            .map_or((0, 0, 0), |e| (e.eax, e.ebx, e.ecx))
+    };
+    let features = XsaveFeatures::from_leaf_d1_eax(leaf(1).0);
+    (XStateLayout::from_cpuid(leaf), features)
+}
+
+/// The standard-format image of `KVM_GET_XSAVE`'s answer.
+pub fn xstate_image(xsave: &kvm_xsave) -> Vec<u8> {
+    xsave.region.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+/// The `KVM_SET_XSAVE` argument holding `image` (at most 4096 bytes: the
+/// guest's standard-format area, 2,696 bytes with AVX-512 and PKRU).
+pub fn kvm_xsave_of(image: &[u8]) -> kvm_xsave {
+    let mut xsave = kvm_xsave::default();
+    for (word, bytes) in xsave.region.iter_mut().zip(image.chunks(4)) {
+        let mut w = [0u8; 4];
+        w[..bytes.len()].copy_from_slice(bytes);
+        *word = u32::from_le_bytes(w);
+    }
+    xsave
+}
+
+/// XCR0 from `KVM_GET_XCRS` (1, x87 only, if KVM lists none).
+pub fn xcr0_of(xcrs: &kvm_xcrs) -> u64 {
+    let n = (xcrs.nr_xcrs as usize).min(xcrs.xcrs.len());
+    xcrs.xcrs[..n]
+        .iter()
+        .find(|x| x.xcr == 0)
+        .map_or(1, |x| x.value)
+}
 
 #[cfg(test)]
 mod tests {
