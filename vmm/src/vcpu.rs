@@ -14,8 +14,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::bus::Bus;
 use crate::emulator::{
-    self, EmulatorError, EntryAction, FallbackInstruction, GuestCpu, Outcome, StepOver, SyscallMsrs,
-    XState, XStateLayout, XsaveFeatures,
+    self, EmulatorError, EntryAction, FallbackInstruction, GuestCpu, Outcome, StepOver,
+    SyscallMsrs, XState, XStateLayout, XsaveFeatures,
 };
 use crate::entry_watch::{EntryWatch, SharedHandlers};
 use crate::platform::{vector, HostCpu, Platform};
@@ -76,6 +76,9 @@ pub struct Vcpu {
     /// The XSAVE layout and instructions of this vCPU's CPUID, read at the
     /// first emulated XSAVE-family instruction.
     xsave_cpuid: Option<(XStateLayout, XsaveFeatures)>,
+    /// Emulation-failure exits the fallback emulator answered, by
+    /// instruction.
+    fallback_exits: Vec<(FallbackInstruction, u64)>,
 }
 
 impl Vcpu {
@@ -116,6 +119,7 @@ impl Vcpu {
             syscall_msrs: SyscallMsrs::default(),
             synced: false,
             xsave_cpuid: None,
+            fallback_exits: Vec::new(),
         }
     }
 
@@ -257,11 +261,12 @@ impl Vcpu {
     pub fn run(&mut self, stop: &AtomicBool) -> VcpuStop {
         let why = self.run_loop(stop);
         log::info!(
-            "vCPU {}: {} ({}): exception-entry watch exits {}",
+            "vCPU {}: {} ({}): exception-entry watch exits {}; fallback-emulated exits {:?}",
             self.id,
             self.platform.name(),
             self.watch.describe(),
-            self.watch_exits
+            self.watch_exits,
+            self.fallback_exits
         );
         why
     }
@@ -514,6 +519,12 @@ impl Vcpu {
         match emulator::handle_emulation_failure(self, &bytes).map_err(|e| self.fatal(&e))? {
             Outcome::NotHandled(u) => Err(format!("vCPU {}: emulation failure: {u}", self.id)),
             outcome => {
+                if let Outcome::Emulated(which) = outcome {
+                    match self.fallback_exits.iter_mut().find(|(w, _)| *w == which) {
+                        Some((_, n)) => *n += 1,
+                        None => self.fallback_exits.push((which, 1)),
+                    }
+                }
                 log::trace!("vCPU {}: emulation failure answered: {outcome:x?}", self.id);
                 Ok(())
             }

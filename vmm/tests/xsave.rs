@@ -87,7 +87,11 @@ fn xrstor_loads_what_user_code_sees_and_xsave_xsavec_save_it() {
     assert_eq!(u64_at(XCR0_OUT), u64::from(XCR0), "XGETBV reads XCR0");
     let mut expected_ymm0 = pattern(0x11).to_vec();
     expected_ymm0.extend_from_slice(&pattern(0x80));
-    assert_eq!(read(YMM_OUT, 32), expected_ymm0, "user code saw XRSTOR's YMM0");
+    assert_eq!(
+        read(YMM_OUT, 32),
+        expected_ymm0,
+        "user code saw XRSTOR's YMM0"
+    );
 
     // Standard format: XMM0 at 160, YMM0's upper half at 576, XSTATE_BV
     // names SSE and AVX in use; bytes XSAVE does not write keep their value.

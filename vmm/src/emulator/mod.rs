@@ -80,11 +80,11 @@ pub use entry::{
 };
 pub use exception::Exception;
 pub use fallback::FallbackInstruction;
-pub use xsave::{XComponent, XState, XStateLayout, XsaveFeatures};
 pub use syscall::{
     broken_syscall_entry, complete_syscall, flat_segment, msr as syscall_msr, SyscallEntry,
     SyscallMsrs,
 };
+pub use xsave::{XComponent, XState, XStateLayout, XsaveFeatures};
 
 /// Errors of the VMM side: the vCPU or a device could not be reached. A
 /// guest's bad instruction or operand is never an error: it gets its

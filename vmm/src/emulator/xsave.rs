@@ -700,3 +700,7 @@ fn restore<C: GuestCpu + ?Sized>(
     }
     Ok(())
 }
+
+#[cfg(test)]
+#[path = "xsave_tests.rs"]
+mod tests;

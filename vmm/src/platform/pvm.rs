@@ -3,11 +3,14 @@
 //!
 //! - An unmodified guest's CPL 0 code always runs through KVM's instruction
 //!   emulator, which lacks CLAC, STAC, POPCNT, FWAIT, INT3, LOCK CMPXCHG16B
-//!   and XRSTOR: each ends KVM_RUN as an emulation failure. The VMM's
-//!   fallback emulator (`crate::emulator::FallbackInstruction`) answers the
-//!   first six ([`super::Platform::emulates`]); the guest is kept from the
-//!   rest by CPUID and kernel parameters ([`adjust_cpuid`],
-//!   [`KERNEL_PARAMS`]).
+//!   and the XSAVE family but XSETBV: each ends KVM_RUN as an emulation
+//!   failure. The VMM's fallback emulator
+//!   (`crate::emulator::FallbackInstruction`) answers them
+//!   ([`super::Platform::emulates`]); the XSAVE family on the state KVM
+//!   keeps ([`xsave_cpuid`], [`xstate_image`], [`kvm_xsave_of`]), so the
+//!   guest kernel manages XSAVE state as on hardware: guest user code runs
+//!   natively on the host CPU with AVX, AVX2 and AVX-512 (the backend's
+//!   CPUID), and each process keeps its YMM/ZMM/opmask registers.
 //! - A user-mode SYSCALL reaches LSTAR without switching to CPL 0 and
 //!   faults there. The VMM intercepts writes of STAR/LSTAR/FMASK
 //!   ([`SYSCALL_MSR_WRITES`]), watches the guest's #PF handler once LSTAR is
@@ -70,13 +73,6 @@ pub const SYSCALL_MSR_WRITES: MsrFilterRange<'static> = MsrFilterRange {
 /// Kernel parameters every Linux guest needs on PVM, each with the reason.
 pub const KERNEL_PARAMS: &[(&str, &str)] = &[
     (
-        "noxsave",
-        // What the guest does: with XSAVE, FPU initialisation runs XRSTOR at
-        // CPL 0. The backend's emulator cannot run it and the VMM's fallback
-        // emulator does not have it, so the boot would stop there.
-        "the backend cannot emulate XRSTOR",
-    ),
-    (
         "forcecpuid=movdir64b,enqcmd",
         // What the guest does: idxd refuses to load without MOVDIR64B and
         // offers shared work queues only with ENQCMD. The backend ignores
@@ -95,32 +91,7 @@ pub const KERNEL_PARAMS: &[(&str, &str)] = &[
         // kernel leaves both instructions out.
         "every STAC/CLAC would be an emulation-failure exit",
     ),
-    (
-        GLIBC_NO_AVX,
-        // What the guest does: its user code runs natively on the host CPU,
-        // where CPUID (answered by the backend) and XGETBV (the host's XCR0)
-        // offer AVX, AVX2 and AVX-512, so glibc's string functions use
-        // YMM/ZMM registers and ymm16-31 (e.g. memcpy's `vmovdqu64
-        // %ymm16`). The kernel, booted with `noxsave`, context-switches
-        // only the FXSAVE state (x87, XMM0-15): the upper YMM halves, ZMM,
-        // ymm16-31 and the opmask registers are shared by every process on
-        // a vCPU. With two processes alive (a pipe) one overwrote another's
-        // ymm16 while the other was in a page fault inside memcpy, and the
-        // new process's TLS lost its first word: "segfault at 0 ip 4a4d02"
-        // (measured). The kernel passes this unknown `NAME=value` parameter
-        // to init's environment, and glibc then picks SSE2 code. Programs
-        // that use AVX on their own are not covered: that needs the guest
-        // kernel to manage XSAVE state (XSAVE/XRSTOR emulation, no
-        // `noxsave`).
-        "guest processes would share the AVX state the kernel does not switch",
-    ),
 ];
-
-/// The kernel parameter that reaches init's environment (and from there
-/// every process's) and keeps glibc to the registers the `noxsave` guest
-/// kernel context-switches (x87, SSE). See [`KERNEL_PARAMS`].
-pub const GLIBC_NO_AVX: &str =
-    "GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD";
 
 /// The XSAVE family's view of a vCPU's CPUID (leaf 0xD): where the state
 /// components live and which instructions are offered. The backend's KVM
