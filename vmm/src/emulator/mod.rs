@@ -9,7 +9,8 @@
 //!    instruction and its destination is emulated MMIO, or (PVM) KVM's
 //!    emulator runs the guest's CPL 0 code and lacks it. On PVM the same
 //!    exit brings the instructions its emulator lacks (`clac`, `stac`,
-//!    `fwait`, `popcnt`, `int3`, `lock cmpxchg16b`), which the fallback
+//!    `fwait`, `popcnt`, `int3`, `lock cmpxchg16b`, the XSAVE family but
+//!    XSETBV), which the fallback
 //!    emulator answers when [`GuestCpu::emulates`] says so. The caller passes
 //!    them to [`handle_emulation_failure`].
 //! 2. #UD at the guest's own handler, at CPL 3 or CPL 0: the host CPU lacks

@@ -10,7 +10,8 @@
 //!   SYSCALL half done. Everything that exists only for it is applied only
 //!   there: its kernel parameters, its CPUID edits, the SYSCALL completion
 //!   with its SYSCALL-MSR filter and #PF watch, and the fallback emulator's
-//!   instructions (CLAC, STAC, POPCNT, FWAIT, INT3, CMPXCHG16B).
+//!   instructions (CLAC, STAC, POPCNT, FWAIT, INT3, CMPXCHG16B, the XSAVE
+//!   family).
 //!
 //! What both share, because any x86 host can produce it, is the answer to
 //! a guest's ENQCMD, ENQCMDS and MOVDIR64B by each route the host takes

@@ -21,7 +21,10 @@
 //!   (measured, `RUST_LOG=vmm=info vmm run`, one vCPU).
 //! - Leaf 7 of KVM_SET_CPUID2 is ignored: MOVDIR64B and ENQCMD reach the
 //!   guest kernel through its `forcecpuid=` parameter (the project's guest
-//!   kernel patch), SMAP is hidden by `clearcpuid=smap`.
+//!   kernel patch), SMAP is hidden by `clearcpuid=smap`. Leaf 0xD is
+//!   ignored too (XSAVES added to sub-leaf 1 did not reach the guest), so
+//!   the guest has no XSAVES and no PASID state component: IA32_PASID is
+//!   kept per address space (`crate::sva::GuestPasids`), not by XRSTORS.
 
 use kvm_bindings::{kvm_cpuid_entry2, kvm_xcrs, kvm_xsave};
 use kvm_ioctls::{MsrFilterRange, MsrFilterRangeFlags};
