@@ -97,7 +97,7 @@ pub(crate) fn execute<C: GuestCpu + ?Sized>(
 }
 
 /// How an instruction ended if it did not simply complete.
-enum Stop {
+pub(super) enum Stop {
     /// Raised before any change (RIP at the instruction).
     Fault(Exception),
     /// Raised after completion (RIP after the instruction).

@@ -42,8 +42,8 @@ use super::arch::{cr0, cr4};
 use super::context::CpuContext;
 use super::decode::{check_canonical, memory_operand};
 use super::exception::Exception;
-use super::fallback::FallbackInstruction;
-use super::mmu::{translate, AccessError, AccessKind, Privilege};
+use super::fallback::{FallbackInstruction, Stop};
+use super::mmu::{translate, AccessKind, Privilege};
 use super::{EmulatorError, GuestCpu, Step, UnhandledReason};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -280,34 +280,11 @@ pub(crate) fn execute<C: GuestCpu + ?Sized>(
             Step::Completed(which)
         }
         Err(Stop::Fault(e)) => Step::Fault(e),
+        // The family raises nothing after completing.
+        Err(Stop::Trap(e)) => Step::Trap(e),
         Err(Stop::Retry) => Step::Retry,
         Err(Stop::Unsupported(r)) => Step::Unsupported(r),
     })
-}
-
-/// How an instruction ended if it did not complete.
-enum Stop {
-    Fault(Exception),
-    Retry,
-    Unsupported(UnhandledReason),
-}
-
-impl From<Exception> for Stop {
-    fn from(e: Exception) -> Self {
-        Stop::Fault(e)
-    }
-}
-
-impl From<AccessError> for Stop {
-    fn from(e: AccessError) -> Self {
-        match e {
-            AccessError::Fault(e) => Stop::Fault(e),
-            AccessError::NotRam { gpa } => {
-                Stop::Unsupported(UnhandledReason::OperandNotRam { gpa })
-            }
-            AccessError::Contended => Stop::Retry,
-        }
-    }
 }
 
 /// The checks every member makes before touching memory: #UD, #NM.

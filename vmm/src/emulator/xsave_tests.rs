@@ -501,45 +501,46 @@ fn xrstor_compacted_form_without_sse_sets_mxcsr_to_its_initial_value() {
     assert_eq!(read_u32(&cpu.state.image, 24), MXCSR_INIT);
 }
 
+/// A change to a valid save area.
+type HeaderEdit = fn(&mut [u8]);
+
 #[test]
 fn xrstor_header_and_mxcsr_checks_are_gp0() {
     let gp = Exception::gp0();
-    let cases: Vec<(&str, Box<dyn Fn(&mut [u8])>)> = vec![
+    let cases: Vec<(&str, HeaderEdit)> = vec![
         (
             "XSTATE_BV names a component not in XCR0",
-            Box::new(|h: &mut [u8]| h[512..520].copy_from_slice(&(1u64 << 9).to_le_bytes())),
+            (|h: &mut [u8]| h[512..520].copy_from_slice(&(1u64 << 9).to_le_bytes())),
         ),
         (
             "standard form with XCOMP_BV[62:0] set",
-            Box::new(|h: &mut [u8]| h[520] = 1),
+            (|h: &mut [u8]| h[520] = 1),
         ),
         (
             "standard form, header bytes 23:16 set",
-            Box::new(|h: &mut [u8]| h[528] = 1),
+            (|h: &mut [u8]| h[528] = 1),
         ),
         (
             "compacted XCOMP_BV names a component not in XCR0",
-            Box::new(|h: &mut [u8]| {
-                h[520..528].copy_from_slice(&((1u64 << 63) | (1 << 9)).to_le_bytes())
-            }),
+            (|h: &mut [u8]| h[520..528].copy_from_slice(&((1u64 << 63) | (1 << 9)).to_le_bytes())),
         ),
         (
             "compacted XSTATE_BV not within XCOMP_BV",
-            Box::new(|h: &mut [u8]| {
+            (|h: &mut [u8]| {
                 h[520..528].copy_from_slice(&((1u64 << 63) | 3).to_le_bytes());
                 h[512..520].copy_from_slice(&4u64.to_le_bytes());
             }),
         ),
         (
             "compacted, reserved header bytes set",
-            Box::new(|h: &mut [u8]| {
+            (|h: &mut [u8]| {
                 h[520..528].copy_from_slice(&((1u64 << 63) | 3).to_le_bytes());
                 h[575] = 1;
             }),
         ),
         (
             "MXCSR reserved bits",
-            Box::new(|h: &mut [u8]| h[24..28].copy_from_slice(&0x1_1f80u32.to_le_bytes())),
+            (|h: &mut [u8]| h[24..28].copy_from_slice(&0x1_1f80u32.to_le_bytes())),
         ),
     ];
     for (what, edit) in cases {
