@@ -81,7 +81,18 @@ pub(crate) fn execute<C: GuestCpu + ?Sized>(
         FallbackInstruction::Cmpxchg16b => cmpxchg16b(cpu, ctx, instr),
         xsave_family => return super::xsave::execute(cpu, ctx, instr, xsave_family),
     };
-    Ok(match step {
+    Ok(conclude(step, ctx, instr, which))
+}
+
+/// The step an instruction's result is: RIP after it if it completed or
+/// trapped.
+pub(super) fn conclude(
+    step: Result<(), Stop>,
+    ctx: &mut CpuContext,
+    instr: &Instruction,
+    which: FallbackInstruction,
+) -> Step<FallbackInstruction> {
+    match step {
         Ok(()) => {
             ctx.regs.rip = instr.next_ip();
             Step::Completed(which)
@@ -93,7 +104,7 @@ pub(crate) fn execute<C: GuestCpu + ?Sized>(
         Err(Stop::Fault(e)) => Step::Fault(e),
         Err(Stop::Retry) => Step::Retry,
         Err(Stop::Unsupported(r)) => Step::Unsupported(r),
-    })
+    }
 }
 
 /// How an instruction ended if it did not simply complete.

@@ -42,7 +42,7 @@ use super::arch::{cr0, cr4};
 use super::context::CpuContext;
 use super::decode::{check_canonical, memory_operand};
 use super::exception::Exception;
-use super::fallback::{FallbackInstruction, Stop};
+use super::fallback::{conclude, FallbackInstruction, Stop};
 use super::mmu::{translate, AccessKind, Privilege};
 use super::{EmulatorError, GuestCpu, Step, UnhandledReason};
 use vm_memory::{Bytes, GuestAddress};
@@ -271,20 +271,10 @@ pub(crate) fn execute<C: GuestCpu + ?Sized>(
         }
         _ => return Ok(Step::Unsupported(UnhandledReason::BadOperand)),
     };
-    Ok(match result {
-        Ok(changed) => {
-            if changed {
-                cpu.set_xstate(&state)?;
-            }
-            ctx.regs.rip = instr.next_ip();
-            Step::Completed(which)
-        }
-        Err(Stop::Fault(e)) => Step::Fault(e),
-        // The family raises nothing after completing.
-        Err(Stop::Trap(e)) => Step::Trap(e),
-        Err(Stop::Retry) => Step::Retry,
-        Err(Stop::Unsupported(r)) => Step::Unsupported(r),
-    })
+    if let Ok(true) = result {
+        cpu.set_xstate(&state)?;
+    }
+    Ok(conclude(result.map(|_| ()), ctx, instr, which))
 }
 
 /// The checks every member makes before touching memory: #UD, #NM.
