@@ -14,7 +14,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::bus::Bus;
 use crate::emulator::{
-    self, EmulatorError, EntryAction, FallbackInstruction, GuestCpu, Outcome, StepOver, SyscallMsrs,
+    self, EmulatorError, EntryAction, FallbackInstruction, GuestCpu, Outcome, StepOver,
+    SyscallMsrs, XState, XStateLayout, XsaveFeatures,
 };
 use crate::entry_watch::{EntryWatch, SharedHandlers};
 use crate::platform::{vector, HostCpu, Platform};
@@ -75,6 +76,12 @@ pub struct Vcpu {
     /// KVM has stored this exit's registers in the `kvm_run` page (see
     /// [`Vcpu::new`]); false before the first exit.
     synced: bool,
+    /// The XSAVE layout and instructions of this vCPU's CPUID, read at the
+    /// first emulated XSAVE-family instruction.
+    xsave_cpuid: Option<(XStateLayout, XsaveFeatures)>,
+    /// Emulation-failure exits the fallback emulator answered, by
+    /// instruction.
+    fallback_exits: Vec<(FallbackInstruction, u64)>,
 }
 
 impl Vcpu {
@@ -114,6 +121,8 @@ impl Vcpu {
             watch_exits: WatchExits::default(),
             syscall_msrs: SyscallMsrs::default(),
             synced: false,
+            xsave_cpuid: None,
+            fallback_exits: Vec::new(),
         }
     }
 
@@ -255,11 +264,12 @@ impl Vcpu {
     pub fn run(&mut self, stop: &AtomicBool) -> VcpuStop {
         let why = self.run_loop(stop);
         log::info!(
-            "vCPU {}: {} ({}): exception-entry watch exits {}",
+            "vCPU {}: {} ({}): exception-entry watch exits {}; fallback-emulated exits {:?}",
             self.id,
             self.platform.name(),
             self.watch.describe(),
-            self.watch_exits
+            self.watch_exits,
+            self.fallback_exits
         );
         why
     }
@@ -526,6 +536,12 @@ impl Vcpu {
         match emulator::handle_emulation_failure(self, &bytes).map_err(|e| self.fatal(&e))? {
             Outcome::NotHandled(u) => Err(format!("vCPU {}: emulation failure: {u}", self.id)),
             outcome => {
+                if let Outcome::Emulated(which) = outcome {
+                    match self.fallback_exits.iter_mut().find(|(w, _)| *w == which) {
+                        Some((_, n)) => *n += 1,
+                        None => self.fallback_exits.push((which, 1)),
+                    }
+                }
                 log::trace!("vCPU {}: emulation failure answered: {outcome:x?}", self.id);
                 Ok(())
             }
@@ -653,6 +669,45 @@ impl GuestCpu for Vcpu {
     /// another task.
     fn enqcmd_pasid(&mut self, cr3: u64) -> u64 {
         self.pasids.enqcmd_pasid(cr3)
+    }
+
+    fn xstate(&mut self) -> Result<XState, EmulatorError> {
+        use crate::platform::pvm;
+        let (layout, features) = match &self.xsave_cpuid {
+            Some(c) => c.clone(),
+            None => {
+                let cpuid = self
+                    .fd
+                    .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+                    .map_err(vcpu_error)?;
+                let c = pvm::xsave_cpuid(cpuid.as_slice());
+                self.xsave_cpuid = Some(c.clone());
+                c
+            }
+        };
+        let xsave = self.fd.get_xsave().map_err(vcpu_error)?;
+        let xcrs = self.fd.get_xcrs().map_err(vcpu_error)?;
+        Ok(XState {
+            image: pvm::xstate_image(&xsave),
+            xcr0: pvm::xcr0_of(&xcrs),
+            xss: 0,
+            pasid: self.pasid_msr.read(),
+            layout,
+            features,
+        })
+    }
+
+    fn set_xstate(&mut self, state: &XState) -> Result<(), EmulatorError> {
+        let xsave = crate::platform::pvm::kvm_xsave_of(&state.image);
+        // SAFETY: `xsave` is a whole `kvm_xsave` (4096 bytes, no trailing
+        // part), which is all KVM_SET_XSAVE reads.
+        unsafe { self.fd.set_xsave(&xsave) }.map_err(vcpu_error)?;
+        if state.pasid != self.pasid_msr.read() {
+            self.pasid_msr
+                .write(state.pasid)
+                .map_err(|e| EmulatorError::Vcpu(format!("IA32_PASID: {e:?}").into()))?;
+        }
+        Ok(())
     }
 
     fn inject_exception(

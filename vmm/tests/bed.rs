@@ -27,6 +27,7 @@ const KVM_TESTS: &[&str] = &[
     "dsa",
     "sva_e2e",
     "entry_routes",
+    "xsave",
     "cli",
     "run_command",
     "linux_boot",

@@ -9,7 +9,8 @@
 //!    instruction and its destination is emulated MMIO, or (PVM) KVM's
 //!    emulator runs the guest's CPL 0 code and lacks it. On PVM the same
 //!    exit brings the instructions its emulator lacks (`clac`, `stac`,
-//!    `fwait`, `popcnt`, `int3`, `lock cmpxchg16b`), which the fallback
+//!    `fwait`, `popcnt`, `int3`, `lock cmpxchg16b`, the XSAVE family but
+//!    XSETBV), which the fallback
 //!    emulator answers when [`GuestCpu::emulates`] says so. The caller passes
 //!    them to [`handle_emulation_failure`].
 //! 2. #UD at the guest's own handler, at CPL 3 or CPL 0: the host CPU lacks
@@ -59,6 +60,7 @@ mod fallback;
 mod guest_atomic;
 mod mmu;
 mod syscall;
+mod xsave;
 
 #[cfg(test)]
 mod tests;
@@ -83,6 +85,7 @@ pub use syscall::{
     broken_syscall_entry, complete_syscall, flat_segment, msr as syscall_msr, SyscallEntry,
     SyscallMsrs,
 };
+pub use xsave::{XComponent, XState, XStateLayout, XsaveFeatures};
 
 /// Errors of the VMM side: the vCPU or a device could not be reached. A
 /// guest's bad instruction or operand is never an error: it gets its
@@ -146,6 +149,18 @@ pub trait GuestCpu {
     fn emulates(&self, which: FallbackInstruction) -> bool {
         let _ = which;
         true
+    }
+    /// The vCPU's state the XSAVE family moves ([`XState`]); only vCPUs
+    /// whose platform answers the family
+    /// ([`GuestCpu::emulates`]) need it.
+    fn xstate(&mut self) -> Result<XState, EmulatorError> {
+        Err(EmulatorError::Vcpu("this vCPU has no XSAVE state".into()))
+    }
+    /// Loads the state an XRSTOR or XRSTORS left in `state`: the image's
+    /// user components and IA32_PASID.
+    fn set_xstate(&mut self, state: &XState) -> Result<(), EmulatorError> {
+        let _ = state;
+        Err(EmulatorError::Vcpu("this vCPU has no XSAVE state".into()))
     }
     /// Injects an exception at the vCPU's current state: the frame the guest
     /// sees holds the RIP, CS, RFLAGS, RSP, SS the vCPU has now (so a fault

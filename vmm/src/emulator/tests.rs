@@ -1778,7 +1778,7 @@ fn lock_cmpxchg16b_exchanges_or_loads() {
 fn unknown_instruction_gives_a_one_line_diagnostic() {
     let mut cpu = MockCpu::new();
     cpu.regs.rsi = KDATA;
-    let bytes = cpu.place(|a| a.xrstor(ptr(rsi)));
+    let bytes = cpu.place(|a| a.fxrstor(ptr(rsi)));
     let before = (cpu.regs, cpu.sregs);
 
     let outcome = handle_emulation_failure(&mut cpu, &bytes).unwrap();
@@ -1788,7 +1788,7 @@ fn unknown_instruction_gives_a_one_line_diagnostic() {
     };
     assert_eq!(
         u.to_string(),
-        "RIP 0xffffffff81000000 bytes [0f ae 2e]: no emulation for xrstor"
+        "RIP 0xffffffff81000000 bytes [0f ae 0e]: no emulation for fxrstor"
     );
     assert_eq!((cpu.regs, cpu.sregs), before);
 
