@@ -51,6 +51,12 @@ const LIVE: Duration = Duration::from_micros(20);
 /// costs), an engine is woken to take the next descriptor while the guest
 /// goes on: descriptors submitted one after another then run side by side.
 const WAKE_AFTER: Duration = Duration::from_micros(20);
+/// A descriptor moving at least this many bytes that runs on the submitting
+/// thread wakes an engine first: a guest that keeps several descriptors in
+/// flight finds it ready for the next one when the run ends.
+const WAKE_AHEAD_BYTES: u32 = 256 << 10;
+/// The longest an engine polls while a submitting thread runs a descriptor.
+const SPIN_BESIDE: Duration = Duration::from_millis(1);
 
 /// Whether running `desc` again from the start, after a run stopped part
 /// way, leaves memory and the completion record as one run would: the
@@ -246,6 +252,9 @@ pub struct Group {
     /// Descriptors queued in all WQs of the group (read without the lock
     /// by idle engines).
     queued: AtomicUsize,
+    /// Descriptors running on submitting threads (read without the lock by
+    /// the polling engine, which goes on polling while one runs).
+    running_here: AtomicUsize,
     /// When the polling engine last checked in, in nanoseconds since `epoch`.
     heartbeat: AtomicU64,
     epoch: Instant,
@@ -275,6 +284,7 @@ impl Group {
             cancel: (0..2 * engines).map(|_| AtomicBool::new(false)).collect(),
             engines,
             queued: AtomicUsize::new(0),
+            running_here: AtomicUsize::new(0),
             heartbeat: AtomicU64::new(0),
             epoch: Instant::now(),
         }
@@ -303,9 +313,11 @@ impl Group {
                 < LIVE.as_nanos() as u64
     }
 
-    /// Wakes a sleeping engine unless one is awake or on its way.
+    /// Wakes a sleeping engine unless engines awake or on their way are
+    /// enough for the queued descriptors (and at least one).
     fn wake_one(&self, state: &mut GroupState) {
-        if state.sleepers > state.woken && state.spinning == 0 && state.woken == 0 {
+        let queued = self.queued.load(Ordering::SeqCst).max(1);
+        if state.sleepers > state.woken && queued > state.spinning + state.woken {
             state.woken += 1;
             self.work.notify_one();
         }
@@ -351,6 +363,12 @@ impl Group {
             worker,
         });
         self.cancel[worker].store(false, Ordering::SeqCst);
+        self.running_here.fetch_add(1, Ordering::SeqCst);
+        let long = Opcode::from_u8(desc.opcode()) != Some(Opcode::Batch)
+            && desc.xfer_size() >= WAKE_AHEAD_BYTES;
+        if long {
+            self.wake_one(&mut state);
+        }
         drop(state);
         let deferred = AtomicBool::new(false);
         let started = Instant::now();
@@ -368,6 +386,7 @@ impl Group {
         .process(&desc)
         .is_none();
         let ran = started.elapsed();
+        self.running_here.fetch_sub(1, Ordering::SeqCst);
         log::trace!(
             "WQ {}: descriptor {ticket} (opcode {:#x}, {} bytes) ran on the submitter in {ran:?}{}",
             wq.id,
@@ -481,9 +500,18 @@ impl Group {
                         group.heartbeat.store(group.now(), Ordering::SeqCst);
                         drop(state);
                         let start = Instant::now();
-                        while group.queued.load(Ordering::SeqCst) == 0
-                            && start.elapsed() < IDLE_SPIN
-                        {
+                        let mut last_busy = start;
+                        while group.queued.load(Ordering::SeqCst) == 0 {
+                            let now = Instant::now();
+                            // While a submitting thread runs a descriptor,
+                            // the guest may be about to submit the next.
+                            if group.running_here.load(Ordering::SeqCst) > 0
+                                && now - start < SPIN_BESIDE
+                            {
+                                last_busy = now;
+                            } else if now - last_busy >= IDLE_SPIN {
+                                break;
+                            }
                             std::thread::yield_now();
                             group.heartbeat.store(group.now(), Ordering::SeqCst);
                         }
