@@ -5,9 +5,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::atc::Atc;
-use crate::dma::{
-    AddressSpace, DmaFault, DmaPort, FaultKind, PageResponseCode, PasidTag,
-};
+use crate::dma::{AddressSpace, DmaFault, DmaPort, FaultKind, PageResponseCode, PasidTag};
 use crate::prs::{PageRequester, RequestOutcome};
 
 /// Page requests for one address before the device gives up (status 0x04,

@@ -249,11 +249,18 @@ mod tests {
         let atc = Atc::default();
         // Filled out of order: pages 1, 0, 3, then 2 closes the gap.
         for p in [1u64, 0, 3, 2] {
-            atc.insert(TAG, 0x10_0000 + p * 0x1000, page(0x70_0000 + p * 0x1000, 0x1000));
+            atc.insert(
+                TAG,
+                0x10_0000 + p * 0x1000,
+                page(0x70_0000 + p * 0x1000, 0x1000),
+            );
         }
         assert_eq!((atc.len(), atc.runs()), (4, 1));
         let hit = atc.lookup(TAG, 0x10_2abc).unwrap();
-        assert_eq!((hit.base, hit.len, hit.target), (0x10_0000, 0x4000, 0x70_0000));
+        assert_eq!(
+            (hit.base, hit.len, hit.target),
+            (0x10_0000, 0x4000, 0x70_0000)
+        );
         // A page that maps elsewhere, or with other rights, starts a run.
         atc.insert(TAG, 0x10_4000, page(0x90_0000, 0x1000));
         let ro = Translation {
@@ -266,7 +273,10 @@ mod tests {
         atc.invalidate(Some(7), 0x10_1000, 0x1000);
         assert_eq!(atc.lookup(TAG, 0x10_1000), None);
         let hit = atc.lookup(TAG, 0x10_3000).unwrap();
-        assert_eq!((hit.base, hit.len, hit.target), (0x10_2000, 0x2000, 0x70_2000));
+        assert_eq!(
+            (hit.base, hit.len, hit.target),
+            (0x10_2000, 0x2000, 0x70_2000)
+        );
         assert_eq!(atc.lookup(TAG, 0x10_0000).unwrap().len, 0x1000);
         // A new answer for a cached page replaces it.
         atc.insert(TAG, 0x10_2000, page(0xa0_0000, 0x1000));
@@ -289,7 +299,10 @@ mod tests {
         assert_eq!((hit.len, hit.target), (1 << 21, 0xa0_0000));
         // The top page of the address space.
         atc.insert(TAG, u64::MAX, page(0x1000, 0x1000));
-        assert_eq!(atc.lookup(TAG, u64::MAX - 5).unwrap().base, u64::MAX - 0xfff);
+        assert_eq!(
+            atc.lookup(TAG, u64::MAX - 5).unwrap().base,
+            u64::MAX - 0xfff
+        );
         atc.clear();
         assert_eq!(atc.len(), 0);
     }

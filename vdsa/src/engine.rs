@@ -12,8 +12,10 @@
 //! nothing running) while no engine is polling on a core runs at once on the
 //! submitting thread, as the group's engine would: waking a sleeping worker
 //! costs a scheduler round trip, which on a busy host is up to a time slice,
-//! far longer than most descriptors take. After a long run there, an engine
-//! is woken so that descriptors the guest submits next run beside it. Such a run never waits for the guest:
+//! far longer than most descriptors take. Before a long run there (one that
+//! moves many bytes), an engine is woken and polls while the run goes on, so
+//! that descriptors the guest submits next go to it and run beside the
+//! guest; after a long run, one is woken too. Such a run never waits for the guest:
 //! where it would wait for a page (block-on-fault, with page requests
 //! enabled) it stops and the descriptor goes to the group's queue, ahead of
 //! anything submitted since, to start over on a worker. So a run that may
@@ -22,7 +24,9 @@
 //! again (see [`restartable`]). Everything else is queued. An idle worker
 //! polls for new work briefly (yielding the CPU between polls, one worker per
 //! group at a time, checking in as it polls) before it sleeps; work goes to
-//! it only while its check-ins are recent.
+//! it only while its check-ins are recent. Queued work wakes sleeping
+//! engines while it outnumbers the engines awake, so descriptors kept in
+//! flight spread over the group.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
