@@ -260,9 +260,9 @@ fn memmoves(g: &mut Guest, descs: &[Descriptor]) {
 /// submitted again, until `count` have completed.
 fn stream(g: &mut Guest, descs: &[Descriptor], count: usize) {
     let n = descs.len();
-    for slot in 0..n {
+    for (slot, d) in descs.iter().enumerate() {
         clear_status(g, slot);
-        submit_dwq(g, &descs[slot]);
+        submit_dwq(g, d);
     }
     for i in 0..count {
         let slot = i % n;
