@@ -15,7 +15,11 @@
 //! far longer than most descriptors take. Before a long run there (one that
 //! moves many bytes), an engine is woken and polls while the run goes on, so
 //! that descriptors the guest submits next go to it and run beside the
-//! guest; after a long run, one is woken too. Such a run never waits for the guest:
+//! guest; after a long run, one is woken too. A long descriptor that finds
+//! an engine of a group of several awake is offered to it first and taken
+//! back after a few microseconds if the engine has not taken it: a guest
+//! that keeps several long descriptors in flight then has them run on
+//! several engines instead of one after another on its own thread. Such a run never waits for the guest:
 //! where it would wait for a page (block-on-fault, with page requests
 //! enabled) it stops and the descriptor goes to the group's queue, ahead of
 //! anything submitted since, to start over on a worker. So a run that may
@@ -59,6 +63,9 @@ const WAKE_AFTER: Duration = Duration::from_micros(20);
 /// thread wakes an engine first: a guest that keeps several descriptors in
 /// flight finds it ready for the next one when the run ends.
 const WAKE_AHEAD_BYTES: u32 = 256 << 10;
+/// How long a long descriptor offered to an awake engine waits to be taken
+/// before the submitting thread runs it itself.
+const HAND_OVER: Duration = Duration::from_micros(20);
 /// The longest an engine polls while a submitting thread runs a descriptor.
 const SPIN_BESIDE: Duration = Duration::from_millis(1);
 
@@ -330,10 +337,10 @@ impl Group {
     /// Accepts `desc` on WQ slot `slot` (whose configuration is `wq`): runs
     /// it on this thread when the group is idle and may (see the module
     /// documentation), queues it for an engine otherwise.
-    pub(crate) fn submit(
-        &self,
+    pub(crate) fn submit<'a>(
+        &'a self,
         inner: &Inner,
-        mut state: MutexGuard<'_, GroupState>,
+        mut state: MutexGuard<'a, GroupState>,
         slot: usize,
         wq: WqSnapshot,
         desc: Descriptor,
@@ -350,16 +357,44 @@ impl Group {
         let runs_here = state.idle()
             && !self.engine_ready(&state)
             && (!inner.pcie.page_requests() || restartable(&desc));
-        if !runs_here {
+        let long = Opcode::from_u8(desc.opcode()) != Some(Opcode::Batch)
+            && desc.xfer_size() >= WAKE_AHEAD_BYTES;
+        if runs_here && long && self.engines > 1 && (state.spinning > 0 || state.woken > 0) {
+            // An engine is awake (woken ahead by the last long run): offer
+            // the descriptor to it, so that the guest goes on and may keep
+            // several in flight; take it back if the engine does not take
+            // it soon (it lost its core).
+            state.wqs[slot].queue.push_back(item);
+            self.queued.fetch_add(1, Ordering::SeqCst);
+            self.wake_one(&mut state);
+            drop(state);
+            let offered = Instant::now();
+            loop {
+                std::thread::yield_now();
+                let mut again = self.lock();
+                let queue = &mut again.wqs[slot].queue;
+                match queue.iter().position(|q| q.ticket == ticket) {
+                    // Taken (or aborted).
+                    None => return,
+                    Some(at) if offered.elapsed() >= HAND_OVER => {
+                        queue.remove(at);
+                        self.queued.fetch_sub(1, Ordering::SeqCst);
+                        state = again;
+                        break;
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        // A cancel slot of its own, past the engines'.
+        let free = (self.engines..2 * self.engines)
+            .find(|&w| state.in_flight.iter().all(|f| f.worker != w));
+        let (true, Some(worker)) = (runs_here, free) else {
             state.wqs[slot].queue.push_back(item);
             self.queued.fetch_add(1, Ordering::SeqCst);
             self.wake_one(&mut state);
             return;
-        }
-        // A cancel slot of its own, past the engines'.
-        let worker = (self.engines..2 * self.engines)
-            .find(|&w| state.in_flight.iter().all(|f| f.worker != w))
-            .expect("an idle group has a free slot");
+        };
         state.in_flight.push(InFlight {
             ticket,
             wq: wq.id,
@@ -368,8 +403,6 @@ impl Group {
         });
         self.cancel[worker].store(false, Ordering::SeqCst);
         self.running_here.fetch_add(1, Ordering::SeqCst);
-        let long = Opcode::from_u8(desc.opcode()) != Some(Opcode::Batch)
-            && desc.xfer_size() >= WAKE_AHEAD_BYTES;
         if long {
             self.wake_one(&mut state);
         }
