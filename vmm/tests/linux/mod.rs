@@ -82,15 +82,27 @@ pub fn vmm_run_in(
     options: &[&str],
     command: &[&str],
 ) -> Outcome {
-    vmm::microguest::require_kvm();
     let (kernel, _) = guest_images();
+    vmm_run_kernel_in(cwd, &kernel, initramfs, env, options, command)
+}
+
+/// [`vmm_run_in`] with another kernel than the project's.
+pub fn vmm_run_kernel_in(
+    cwd: &Path,
+    kernel: &Path,
+    initramfs: &Path,
+    env: &[(&str, &str)],
+    options: &[&str],
+    command: &[&str],
+) -> Outcome {
+    vmm::microguest::require_kvm();
     let _guard = one_guest_at_a_time();
     let out = Command::new(env!("CARGO_BIN_EXE_vmm"))
         .current_dir(cwd)
         .envs(env.iter().copied())
         .arg("run")
         .arg("--kernel")
-        .arg(&kernel)
+        .arg(kernel)
         .arg("--initramfs")
         .arg(initramfs)
         .args(options)
@@ -105,12 +117,16 @@ pub fn vmm_run_in(
     }
 }
 
-/// The pinned virtiofsd that `vmm run --share` starts, installed by
-/// tools/virtiofsd.sh on first use (cached).
+/// The pinned virtiofsd that `vmm run --share` starts: `$VMM_VIRTIOFSD`
+/// when set (as for `vmm run` itself; the nested bed sets it), else the one
+/// tools/virtiofsd.sh installs on first use (cached).
 #[allow(dead_code)] // Not every test binary that includes this module uses it.
 pub fn virtiofsd() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
+        if let Some(path) = std::env::var_os("VMM_VIRTIOFSD") {
+            return PathBuf::from(path);
+        }
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/virtiofsd.sh");
         let out = Command::new(script)
             .arg("--quiet")
@@ -124,4 +140,41 @@ pub fn virtiofsd() -> PathBuf {
         PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
     })
     .clone()
+}
+
+/// Debian's distribution kernel, fetched and unpacked (not installed) by
+/// tools/debian-kernel.sh, cached.
+#[allow(dead_code)] // Not every test binary that includes this module uses it.
+pub struct DebianKernel {
+    /// The bzImage as Debian ships it (`.../boot/vmlinuz-RELEASE`).
+    pub vmlinuz: PathBuf,
+    /// Its module tree (`.../lib/modules/RELEASE`, beside the kernel).
+    pub modules: PathBuf,
+}
+
+/// Runs tools/debian-kernel.sh (apt-get download on first use).
+#[allow(dead_code)] // Not every test binary that includes this module uses it.
+pub fn debian_kernel() -> DebianKernel {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/debian-kernel.sh");
+    let out = Command::new(script)
+        .output()
+        .expect("run tools/debian-kernel.sh");
+    assert!(
+        out.status.success(),
+        "tools/debian-kernel.sh failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let value = |key: &str| {
+        let prefix = format!("{key}=");
+        PathBuf::from(
+            text.lines()
+                .find_map(|l| l.strip_prefix(&prefix))
+                .unwrap_or_else(|| panic!("tools/debian-kernel.sh printed no {prefix}")),
+        )
+    };
+    DebianKernel {
+        vmlinuz: value("vmlinuz"),
+        modules: value("modules"),
+    }
 }
