@@ -5,6 +5,22 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
+/// Runs the repository's script `path` with `args`; its stdout, or a panic
+/// with its stderr.
+fn project_script(path: &str, args: &[&str]) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path);
+    let out = Command::new(&script)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {path}: {e}"));
+    assert!(
+        out.status.success(),
+        "{path} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap_or_else(|e| panic!("{path} printed non-UTF-8: {e}"))
+}
+
 /// The kernel and the small initramfs (init and busybox) from
 /// `guest-images/out`, or from `$VMM_GUEST_IMAGES` when set. Missing images
 /// are built with `guest-images/build.sh` (cached; the first build takes
@@ -20,15 +36,8 @@ pub fn guest_images() -> (PathBuf, PathBuf) {
             let kernel = dir.join("vmlinux");
             let initramfs = dir.join("initramfs-base.cpio");
             if !kernel.exists() || !initramfs.exists() {
-                let out = Command::new(root.join("guest-images/build.sh"))
-                    .arg("--quiet")
-                    .output()
-                    .expect("run guest-images/build.sh");
-                assert!(
-                    out.status.success(),
-                    "these tests need the guest images; guest-images/build.sh failed:\n{}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
+                // These tests need the guest images.
+                project_script("guest-images/build.sh", &["--quiet"]);
             }
             (kernel, initramfs)
         })
@@ -71,23 +80,12 @@ pub fn vmm_run_with(
     options: &[&str],
     command: &[&str],
 ) -> Outcome {
-    vmm_run_in(Path::new("."), initramfs, env, options, command)
-}
-
-/// [`vmm_run_with`] with the VMM started in `cwd`.
-pub fn vmm_run_in(
-    cwd: &Path,
-    initramfs: &Path,
-    env: &[(&str, &str)],
-    options: &[&str],
-    command: &[&str],
-) -> Outcome {
     let (kernel, _) = guest_images();
-    vmm_run_kernel_in(cwd, &kernel, initramfs, env, options, command)
+    vmm_run_in(Path::new("."), &kernel, initramfs, env, options, command)
 }
 
-/// [`vmm_run_in`] with another kernel than the project's.
-pub fn vmm_run_kernel_in(
+/// [`vmm_run_with`] with the VMM started in `cwd`, on `kernel`.
+pub fn vmm_run_in(
     cwd: &Path,
     kernel: &Path,
     initramfs: &Path,
@@ -127,17 +125,7 @@ pub fn virtiofsd() -> PathBuf {
         if let Some(path) = std::env::var_os("VMM_VIRTIOFSD") {
             return PathBuf::from(path);
         }
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/virtiofsd.sh");
-        let out = Command::new(script)
-            .arg("--quiet")
-            .output()
-            .expect("run tools/virtiofsd.sh");
-        assert!(
-            out.status.success(),
-            "tools/virtiofsd.sh failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+        PathBuf::from(project_script("tools/virtiofsd.sh", &["--quiet"]).trim())
     })
     .clone()
 }
@@ -155,16 +143,7 @@ pub struct DebianKernel {
 /// Runs tools/debian-kernel.sh (apt-get download on first use).
 #[allow(dead_code)] // Not every test binary that includes this module uses it.
 pub fn debian_kernel() -> DebianKernel {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/debian-kernel.sh");
-    let out = Command::new(script)
-        .output()
-        .expect("run tools/debian-kernel.sh");
-    assert!(
-        out.status.success(),
-        "tools/debian-kernel.sh failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
+    let text = project_script("tools/debian-kernel.sh", &[]);
     let value = |key: &str| {
         let prefix = format!("{key}=");
         PathBuf::from(
