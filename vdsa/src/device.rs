@@ -498,35 +498,51 @@ impl Inner {
 
 /// A handle the IOMMU model keeps to answer page requests and invalidate
 /// the device TLB, without going through the PCI bus lock.
+///
+/// It does not keep the device alive: the IOMMU model and the PASID
+/// bookkeeping that hold it are themselves reachable from the device (its
+/// DMA port, its PASID translator), so a strong reference would make a
+/// cycle that outlives the VM. Once the [`Dsa`] is dropped (its threads
+/// joined) the handle's calls do nothing: there is no device left to
+/// answer, to cache a translation or to use a PASID.
 #[derive(Clone)]
 pub struct DsaIommuHandle {
-    inner: Arc<Inner>,
+    inner: Weak<Inner>,
 }
 
 impl DsaIommuHandle {
+    fn device(&self) -> Option<Arc<Inner>> {
+        self.inner.upgrade()
+    }
+
     /// Delivers a PRG response for the page request group `prg_index`.
     pub fn page_response(&self, prg_index: u16, code: PageResponseCode) {
-        self.inner.prs.respond(prg_index, code);
+        if let Some(inner) = self.device() {
+            inner.prs.respond(prg_index, code);
+        }
     }
 
     /// Invalidates cached translations of `pasid` (of every PASID and of
     /// untagged requests when `None`) overlapping `[addr, addr + len)`.
     /// Returns once no access uses an invalidated translation.
     pub fn invalidate_device_tlb(&self, pasid: Option<u32>, addr: u64, len: u64) {
-        self.inner.atc.invalidate(pasid, addr, len);
+        if let Some(inner) = self.device() {
+            inner.atc.invalidate(pasid, addr, len);
+        }
     }
 
     /// Whether the device still holds work or configuration tagged with
     /// `pasid`: a queued or running descriptor, or an enabled dedicated WQ
     /// whose PASID it is. The VMM frees a host PASID only once no device
-    /// says so.
+    /// says so. A device that is gone uses nothing.
     pub fn pasid_in_use(&self, pasid: u32) -> bool {
-        self.inner.pasid_in_use(pasid)
+        self.device().is_some_and(|inner| inner.pasid_in_use(pasid))
     }
 
-    /// The number of translations in the device TLB.
+    /// The number of translations in the device TLB (0 once the device is
+    /// gone).
     pub fn cached_translations(&self) -> usize {
-        self.inner.atc.len()
+        self.device().map_or(0, |inner| inner.atc.len())
     }
 }
 
@@ -601,7 +617,7 @@ impl Dsa {
     /// invalidates the device TLB.
     pub fn iommu_handle(&self) -> DsaIommuHandle {
         DsaIommuHandle {
-            inner: self.inner.clone(),
+            inner: Arc::downgrade(&self.inner),
         }
     }
 

@@ -227,18 +227,30 @@ fn visit(index: &ModuleIndex, name: &str, seen: &mut HashSet<String>, order: &mu
     order.push(file.clone());
 }
 
-/// A cpio "newc" archive being written.
-struct Cpio {
+/// A cpio "newc" archive being written (Linux's initramfs format; archives
+/// may be concatenated).
+pub struct Cpio {
     bytes: Vec<u8>,
     ino: u32,
 }
 
+impl Default for Cpio {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Cpio {
     const MAGIC: &'static str = "070701";
-    const DIR: u32 = 0o040_755;
-    const FILE: u32 = 0o100_644;
+    /// Mode of a directory.
+    pub const DIR: u32 = 0o040_755;
+    /// Mode of a plain file.
+    pub const FILE: u32 = 0o100_644;
+    /// Mode of an executable file.
+    pub const EXECUTABLE: u32 = 0o100_755;
 
-    fn new() -> Self {
+    /// An empty archive.
+    pub fn new() -> Self {
         Self {
             bytes: Vec::new(),
             ino: 1,
@@ -251,7 +263,8 @@ impl Cpio {
         }
     }
 
-    fn entry(&mut self, name: &str, mode: u32, data: &[u8]) {
+    /// Adds `name` (no leading '/') with `mode` and contents `data`.
+    pub fn entry(&mut self, name: &str, mode: u32, data: &[u8]) {
         let fields = [
             self.ino,
             mode,
@@ -280,7 +293,8 @@ impl Cpio {
         self.pad();
     }
 
-    fn finish(mut self) -> Vec<u8> {
+    /// The archive's bytes, trailer included.
+    pub fn finish(mut self) -> Vec<u8> {
         self.entry("TRAILER!!!", 0, &[]);
         self.bytes
     }

@@ -14,7 +14,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::bus::Bus;
 use crate::emulator::{
-    self, EmulatorError, EntryAction, FallbackInstruction, GuestCpu, Outcome, StepOver, SyscallMsrs,
+    self, EmulatorError, EntryAction, FallbackInstruction, GuestCpu, Outcome, StepOver,
+    SyscallMsrs, XState, XStateLayout, XsaveFeatures,
 };
 use crate::entry_watch::{EntryWatch, SharedHandlers};
 use crate::platform::{vector, HostCpu, Platform};
@@ -22,6 +23,9 @@ use crate::sva::GuestPasids;
 
 /// KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES.
 const EMULATION_FLAG_INSTRUCTION_BYTES: u64 = 1;
+
+/// #DB, the debug exception.
+const DEBUG_VECTOR: u8 = 1;
 
 /// Why a vCPU stopped.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -72,6 +76,12 @@ pub struct Vcpu {
     /// KVM has stored this exit's registers in the `kvm_run` page (see
     /// [`Vcpu::new`]); false before the first exit.
     synced: bool,
+    /// The XSAVE layout and instructions of this vCPU's CPUID, read at the
+    /// first emulated XSAVE-family instruction.
+    xsave_cpuid: Option<(XStateLayout, XsaveFeatures)>,
+    /// Emulation-failure exits the fallback emulator answered, by
+    /// instruction.
+    fallback_exits: Vec<(FallbackInstruction, u64)>,
 }
 
 impl Vcpu {
@@ -111,6 +121,8 @@ impl Vcpu {
             watch_exits: WatchExits::default(),
             syscall_msrs: SyscallMsrs::default(),
             synced: false,
+            xsave_cpuid: None,
+            fallback_exits: Vec::new(),
         }
     }
 
@@ -252,11 +264,12 @@ impl Vcpu {
     pub fn run(&mut self, stop: &AtomicBool) -> VcpuStop {
         let why = self.run_loop(stop);
         log::info!(
-            "vCPU {}: {} ({}): exception-entry watch exits {}",
+            "vCPU {}: {} ({}): exception-entry watch exits {}; fallback-emulated exits {:?}",
             self.id,
             self.platform.name(),
             self.watch.describe(),
-            self.watch_exits
+            self.watch_exits,
+            self.fallback_exits
         );
         why
     }
@@ -326,7 +339,7 @@ impl Vcpu {
                             Action::PasidWritten(msr.data)
                         }
                     }
-                    VcpuExit::Debug(arch) => Action::Debug(arch.pc),
+                    VcpuExit::Debug(arch) => Action::Debug(arch.pc, arch.dr6),
                     VcpuExit::InternalError => Action::InternalError,
                     VcpuExit::Shutdown => return VcpuStop::TripleFault,
                     VcpuExit::SystemEvent(kind, _) => return VcpuStop::SystemEvent(kind),
@@ -367,8 +380,8 @@ impl Vcpu {
                         }
                     }
                 }
-                Action::Debug(pc) => {
-                    if let Err(line) = self.on_debug(pc) {
+                Action::Debug(pc, dr6) => {
+                    if let Err(line) = self.on_debug(pc, dr6) {
                         return VcpuStop::Fatal(line);
                     }
                 }
@@ -389,12 +402,9 @@ impl Vcpu {
     }
 
     /// A hardware breakpoint hit: the entry of a watched exception handler.
-    fn on_debug(&mut self, pc: u64) -> Result<(), String> {
+    fn on_debug(&mut self, pc: u64, dr6: u64) -> Result<(), String> {
         let Some(vector) = self.watch.vector_at(pc) else {
-            return Err(format!(
-                "vCPU {}: unexpected debug exit at RIP {pc:#x}",
-                self.id
-            ));
+            return self.reflect_debug_exception(dr6);
         };
         if log::log_enabled!(log::Level::Trace) {
             if let Ok(frame) = emulator::read_exception_frame(self, vector) {
@@ -467,6 +477,23 @@ impl Vcpu {
         }
     }
 
+    /// A debug exception that is the guest's own (a single step with TF,
+    /// ICEBP, its own breakpoints): while the VMM's hardware breakpoints are
+    /// armed, KVM brings every #DB here. The guest gets it as the CPU
+    /// delivers it, its DR6 (`dr6`, as the exit reports it) updated.
+    fn reflect_debug_exception(&mut self, dr6: u64) -> Result<(), String> {
+        let mut debug_regs = self
+            .fd
+            .get_debug_regs()
+            .map_err(|e| format!("vCPU {}: KVM_GET_DEBUGREGS: {e}", self.id))?;
+        debug_regs.dr6 = dr6 & 0xffff_ffff;
+        self.fd
+            .set_debug_regs(&debug_regs)
+            .map_err(|e| format!("vCPU {}: KVM_SET_DEBUGREGS: {e}", self.id))?;
+        self.inject_exception(DEBUG_VECTOR, None, None)
+            .map_err(|e| self.fatal(&e))
+    }
+
     /// Stops watching `vector`'s handler (until the next re-arm).
     fn unwatch(&mut self, vector: u8) -> Result<(), String> {
         let watch = self.watch.without(vector);
@@ -509,6 +536,12 @@ impl Vcpu {
         match emulator::handle_emulation_failure(self, &bytes).map_err(|e| self.fatal(&e))? {
             Outcome::NotHandled(u) => Err(format!("vCPU {}: emulation failure: {u}", self.id)),
             outcome => {
+                if let Outcome::Emulated(which) = outcome {
+                    match self.fallback_exits.iter_mut().find(|(w, _)| *w == which) {
+                        Some((_, n)) => *n += 1,
+                        None => self.fallback_exits.push((which, 1)),
+                    }
+                }
                 log::trace!("vCPU {}: emulation failure answered: {outcome:x?}", self.id);
                 Ok(())
             }
@@ -581,7 +614,7 @@ enum Action {
     CheckStop,
     SyscallMsr(u32, u64),
     PasidWritten(u64),
-    Debug(u64),
+    Debug(u64, u64),
     InternalError,
     Fatal(String),
 }
@@ -636,6 +669,45 @@ impl GuestCpu for Vcpu {
     /// another task.
     fn enqcmd_pasid(&mut self, cr3: u64) -> u64 {
         self.pasids.enqcmd_pasid(cr3)
+    }
+
+    fn xstate(&mut self) -> Result<XState, EmulatorError> {
+        use crate::platform::pvm;
+        let (layout, features) = match &self.xsave_cpuid {
+            Some(c) => c.clone(),
+            None => {
+                let cpuid = self
+                    .fd
+                    .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+                    .map_err(vcpu_error)?;
+                let c = pvm::xsave_cpuid(cpuid.as_slice());
+                self.xsave_cpuid = Some(c.clone());
+                c
+            }
+        };
+        let xsave = self.fd.get_xsave().map_err(vcpu_error)?;
+        let xcrs = self.fd.get_xcrs().map_err(vcpu_error)?;
+        Ok(XState {
+            image: pvm::xstate_image(&xsave),
+            xcr0: pvm::xcr0_of(&xcrs),
+            xss: 0,
+            pasid: self.pasid_msr.read(),
+            layout,
+            features,
+        })
+    }
+
+    fn set_xstate(&mut self, state: &XState) -> Result<(), EmulatorError> {
+        let xsave = crate::platform::pvm::kvm_xsave_of(&state.image);
+        // SAFETY: `xsave` is a whole `kvm_xsave` (4096 bytes, no trailing
+        // part), which is all KVM_SET_XSAVE reads.
+        unsafe { self.fd.set_xsave(&xsave) }.map_err(vcpu_error)?;
+        if state.pasid != self.pasid_msr.read() {
+            self.pasid_msr
+                .write(state.pasid)
+                .map_err(|e| EmulatorError::Vcpu(format!("IA32_PASID: {e:?}").into()))?;
+        }
+        Ok(())
     }
 
     fn inject_exception(

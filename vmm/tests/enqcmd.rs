@@ -510,3 +510,326 @@ fn address_size_prefix_truncates_both_addresses() {
         vmm::devices::test_devices::TEST_MMIO_MAGIC.to_le_bytes()
     );
 }
+
+/// IA32_GS_BASE.
+const GS_BASE_MSR: u32 = 0xc000_0101;
+
+#[test]
+fn gs_override_source_adds_the_gs_base() {
+    let src = DATA_START + 0x3000;
+    let mut g = MicroGuest::new();
+    g.write(src, &command(0x6a));
+    g.asm.mov(ecx, GS_BASE_MSR).unwrap();
+    g.asm.mov(eax, (src - 0x240) as u32).unwrap();
+    g.asm.mov(edx, ((src - 0x240) >> 32) as u32).unwrap();
+    g.asm.wrmsr().unwrap();
+    g.asm.mov(rdi, TEST_PORTAL_START + 0x40).unwrap();
+    g.asm.mov(rsi, 0x240u64).unwrap();
+    g.asm.movdir64b(rdi, zmmword_ptr(rsi).gs()).unwrap();
+    exit_with(&mut g.asm, 0x600).unwrap();
+    let r = run(g, false);
+    assert_eq!(r.exit, RunExit::TestExit(0x600));
+    let s = stores(&r);
+    assert_eq!(s.len(), 1);
+    assert_eq!(s[0].offset, 0x40);
+    assert_eq!(s[0].data, command(0x6a));
+}
+
+/// A CPL0 MOVDIR64B of [`command`] from `SRC` to the portal through a
+/// `seg:` override of the source: in 64-bit mode CS, DS, ES and SS have
+/// base 0, so every one reads `SRC` itself.
+fn store_through_override(seg: fn(AsmMemoryOperand) -> AsmMemoryOperand) {
+    let mut g = MicroGuest::new();
+    g.write(SRC, &command(0x5e));
+    g.asm.mov(rdi, TEST_PORTAL_START + 0x80).unwrap();
+    g.asm.mov(rsi, SRC).unwrap();
+    g.asm.movdir64b(rdi, seg(zmmword_ptr(rsi))).unwrap();
+    exit_with(&mut g.asm, 0x600).unwrap();
+    let r = run(g, false);
+    assert_eq!(r.exit, RunExit::TestExit(0x600));
+    let s = stores(&r);
+    assert_eq!(s.len(), 1);
+    assert_eq!((s[0].offset, s[0].data), (0x80, command(0x5e)));
+}
+
+#[test]
+fn cs_override_source_has_base_0() {
+    store_through_override(|m| m.cs());
+}
+
+#[test]
+fn ds_override_source_has_base_0() {
+    store_through_override(|m| m.ds());
+}
+
+#[test]
+fn es_override_source_has_base_0() {
+    store_through_override(|m| m.es());
+}
+
+#[test]
+fn ss_override_source_has_base_0() {
+    store_through_override(|m| m.ss());
+}
+
+#[test]
+fn ss_override_non_canonical_source_is_ss0() {
+    // RSI as the base, but SS named: #SS, not #GP.
+    let (exit, stores) = kernel_fault(None, |a| {
+        a.mov(rdi, TEST_PORTAL_START).unwrap();
+        a.mov(rsi, 0x0000_8000_0000_0000u64).unwrap();
+        a.movdir64b(rdi, zmmword_ptr(rsi).ss()).unwrap();
+    });
+    assert_eq!(exit, fault(SS, false, 0));
+    assert!(stores.is_empty());
+}
+
+#[test]
+fn ds_override_of_an_rbp_source_makes_a_non_canonical_one_gp0() {
+    // RBP as the base, but DS named: #GP, not #SS.
+    let (exit, stores) = kernel_fault(None, |a| {
+        a.mov(rdi, TEST_PORTAL_START).unwrap();
+        a.mov(rbp, 0xffff_7fff_ffff_ff00u64).unwrap();
+        a.enqcmds(rdi, zmmword_ptr(rbp).ds()).unwrap();
+    });
+    assert_eq!(exit, fault(GP, false, 0));
+    assert!(stores.is_empty());
+}
+
+/// A micro-guest that loads IA32_PASID (valid, PASID 0x77), runs `prepare`
+/// at CPL0, enters CPL3 and runs `code` there (which sets R12 to the CR2 it
+/// expects; otherwise R12 is 1), with the pages in `missing` given `flags`.
+/// Handlers for #GP, #SS and #PF exit with `vector << 24 | (CR2 == R12)
+/// << 20 | (CPL of the faulting code) << 16 | error code (16 bits)`; #UD
+/// exits with 0xbad6 and falling through with 0x3600.
+fn user_fault(
+    pages: &[(u64, u64)],
+    prepare: impl FnOnce(&mut CodeAssembler),
+    code: impl FnOnce(&mut CodeAssembler),
+) -> (RunExit, Vec<PortalStore>, vm_memory::GuestMemoryMmap) {
+    let mut g = MicroGuest::new();
+    g.write(SRC, &command(0x33));
+    for &(page, flags) in pages {
+        g.map_page(page, flags).unwrap();
+    }
+    g.asm.mov(ecx, IA32_PASID).unwrap();
+    g.asm.mov(eax, 0x8000_0077u32).unwrap();
+    g.asm.xor(edx, edx).unwrap();
+    g.asm.wrmsr().unwrap();
+    g.asm.mov(r12, 1u64).unwrap();
+    prepare(&mut g.asm);
+    let mut user = g.asm.create_label();
+    enter_user(&mut g.asm, user, USER_STACK_TOP).unwrap();
+    g.asm.set_label(&mut user).unwrap();
+    code(&mut g.asm);
+    exit_with(&mut g.asm, 0x3600).unwrap();
+    for vector in [GP, SS, PF] {
+        let mut l = g.asm.create_label();
+        g.asm.set_label(&mut l).unwrap();
+        g.asm.pop(rbx).unwrap(); // the error code
+        g.asm.and(ebx, 0xffff).unwrap();
+        g.asm.mov(rcx, qword_ptr(rsp + 8)).unwrap(); // frame CS
+        g.asm.and(ecx, 3).unwrap();
+        g.asm.shl(ecx, 16).unwrap();
+        g.asm.or(ebx, ecx).unwrap();
+        g.asm.mov(rax, cr2).unwrap();
+        g.asm.cmp(rax, r12).unwrap();
+        g.asm.sete(al).unwrap();
+        g.asm.movzx(eax, al).unwrap();
+        g.asm.shl(eax, 20).unwrap();
+        g.asm.or(eax, ebx).unwrap();
+        g.asm.or(eax, u32::from(vector) << 24).unwrap();
+        g.asm.out(0xf4, eax).unwrap();
+        g.asm.hlt().unwrap();
+        g.handler(vector, l);
+    }
+    ud_reports(&mut g, 0xbad6);
+    let r = run(g, false);
+    let s = stores(&r);
+    (r.exit, s, r.memory)
+}
+
+/// [`fault`] taken at CPL3.
+fn user_fault_exit(vector: u8, cr2_matches: bool, error_code: u32) -> RunExit {
+    RunExit::TestExit(u32::from(vector) << 24 | u32::from(cr2_matches) << 20 | 3 << 16 | error_code)
+}
+
+/// [`user_fault`] with no page changes and nothing to prepare.
+fn user_store(
+    code: impl FnOnce(&mut CodeAssembler),
+) -> (RunExit, Vec<PortalStore>, vm_memory::GuestMemoryMmap) {
+    user_fault(&[], |_| {}, code)
+}
+
+/// Asserts that `code` at CPL3 raises `vector` with error code 0 and
+/// stores nothing.
+fn assert_user_exception(vector: u8, code: impl FnOnce(&mut CodeAssembler)) {
+    let (exit, stores, _) = user_store(code);
+    assert_eq!(exit, user_fault_exit(vector, false, 0));
+    assert!(stores.is_empty());
+}
+
+/// #PF error code bits.
+const PF_PRESENT: u32 = 1;
+const PF_WRITE: u32 = 2;
+const PF_USER: u32 = 4;
+
+#[test]
+fn user_enqcmds_is_gp0() {
+    assert_user_exception(GP, |a| {
+        a.mov(rdi, TEST_PORTAL_START).unwrap();
+        a.mov(rsi, SRC).unwrap();
+        a.enqcmds(rdi, zmmword_ptr(rsi)).unwrap();
+    });
+}
+
+#[test]
+fn user_non_canonical_source_is_gp0() {
+    assert_user_exception(GP, |a| {
+        a.mov(rdi, TEST_PORTAL_START).unwrap();
+        a.mov(rsi, 0xff00_0000_0000_0000u64).unwrap();
+        a.enqcmd(rdi, zmmword_ptr(rsi)).unwrap();
+    });
+}
+
+#[test]
+fn user_non_canonical_stack_source_is_ss0() {
+    // RBP - 0x20 is canonical, but the 64 bytes run past the top of the
+    // lower half.
+    assert_user_exception(SS, |a| {
+        a.mov(rdi, TEST_PORTAL_START).unwrap();
+        a.mov(rbp, 0x0000_8000_0000_0000u64).unwrap();
+        a.movdir64b(rdi, zmmword_ptr(rbp - 0x20)).unwrap();
+    });
+}
+
+#[test]
+fn user_misaligned_destination_is_gp0() {
+    assert_user_exception(GP, |a| {
+        a.mov(rdi, TEST_PORTAL_START + 0x20).unwrap();
+        a.mov(rsi, SRC).unwrap();
+        a.enqcmd(rdi, zmmword_ptr(rsi)).unwrap();
+    });
+}
+
+#[test]
+fn user_non_canonical_destination_is_gp0() {
+    assert_user_exception(GP, |a| {
+        a.mov(rdi, 0x8000_0000_0000_0000u64).unwrap();
+        a.mov(rsi, SRC).unwrap();
+        a.movdir64b(rdi, zmmword_ptr(rsi)).unwrap();
+    });
+}
+
+#[test]
+fn user_source_running_into_a_supervisor_page_is_pf_protection_at_that_page() {
+    let page = DATA_START + 0x5000;
+    let (exit, stores, _) = user_fault(
+        &[(page, microguest::PTE_P | microguest::PTE_W)],
+        |a| {
+            a.mov(r12, page).unwrap();
+        },
+        |a| {
+            a.mov(rdi, TEST_PORTAL_START).unwrap();
+            a.mov(rsi, page - 0x10).unwrap();
+            a.movdir64b(rdi, zmmword_ptr(rsi)).unwrap();
+        },
+    );
+    // A user read of a present supervisor page: P | U, CR2 = its first byte.
+    assert_eq!(exit, user_fault_exit(PF, true, PF_PRESENT | PF_USER));
+    assert!(stores.is_empty());
+}
+
+#[test]
+fn user_destination_on_a_missing_page_is_pf_user_write_with_cr2() {
+    let page = DATA_START + 0x5000;
+    let (exit, stores, _) = user_fault(
+        &[(page, 0)],
+        |a| {
+            a.mov(r12, page + 0xc0).unwrap();
+        },
+        |a| {
+            a.mov(rdi, page + 0xc0).unwrap();
+            a.mov(rsi, SRC).unwrap();
+            a.movdir64b(rdi, zmmword_ptr(rsi)).unwrap();
+        },
+    );
+    assert_eq!(exit, user_fault_exit(PF, true, PF_WRITE | PF_USER));
+    assert!(stores.is_empty());
+}
+
+#[test]
+fn user_destination_on_a_read_only_page_is_pf_protection_write() {
+    let page = DATA_START + 0x5000;
+    let (exit, stores, memory) = user_fault(
+        &[(page, microguest::PTE_P | microguest::PTE_U)],
+        |a| {
+            a.mov(r12, page).unwrap();
+        },
+        |a| {
+            a.mov(rdi, page).unwrap();
+            a.mov(rsi, SRC).unwrap();
+            a.enqcmd(rdi, zmmword_ptr(rsi)).unwrap();
+        },
+    );
+    assert_eq!(
+        exit,
+        user_fault_exit(PF, true, PF_PRESENT | PF_WRITE | PF_USER)
+    );
+    assert!(stores.is_empty());
+    let mut back = [0u8; 64];
+    vm_memory::Bytes::read_slice(&memory, &mut back, vm_memory::GuestAddress(page)).unwrap();
+    assert_eq!(back, [0; 64], "nothing written");
+}
+
+#[test]
+fn user_movdir64b_to_ram_stores_the_64_bytes() {
+    let dest = DATA_START + 0x6040;
+    let (exit, stores, memory) = user_store(|a| {
+        a.mov(rdi, dest).unwrap();
+        a.mov(rsi, SRC).unwrap();
+        a.movdir64b(rdi, zmmword_ptr(rsi)).unwrap();
+    });
+    assert_eq!(exit, RunExit::TestExit(0x3600));
+    assert!(stores.is_empty());
+    let mut back = [0u8; 64];
+    vm_memory::Bytes::read_slice(&memory, &mut back, vm_memory::GuestAddress(dest)).unwrap();
+    assert_eq!(back, command(0x33));
+}
+
+#[test]
+fn user_gs_override_source_adds_the_gs_base() {
+    let (exit, stores, _) = user_fault(
+        &[],
+        |a| {
+            a.mov(ecx, GS_BASE_MSR).unwrap();
+            a.mov(eax, (SRC - 0x1000) as u32).unwrap();
+            a.mov(edx, ((SRC - 0x1000) >> 32) as u32).unwrap();
+            a.wrmsr().unwrap();
+        },
+        |a| {
+            a.mov(rdi, TEST_PORTAL_START + 0x100).unwrap();
+            a.mov(rsi, 0x1000u64).unwrap();
+            a.enqcmd(rdi, zmmword_ptr(rsi).gs()).unwrap();
+        },
+    );
+    assert_eq!(exit, RunExit::TestExit(0x3600));
+    assert_eq!(stores.len(), 1);
+    assert_eq!(stores[0].kind, StoreKind::Enqcmd);
+    assert_eq!(stores[0].offset, 0x100);
+    // ENQCMD puts IA32_PASID's PASID in dword 0, the rest as read.
+    assert_eq!(stores[0].data, command(0x77));
+}
+
+#[test]
+fn user_address_size_prefix_truncates_both_addresses() {
+    let (exit, stores, _) = user_store(|a| {
+        a.mov(rdi, 0xffff_ffff_0000_0000u64 | TEST_PORTAL_START | 0x140)
+            .unwrap();
+        a.mov(rsi, 0x0000_7fff_0000_0000u64 | SRC).unwrap();
+        a.movdir64b(edi, zmmword_ptr(esi)).unwrap();
+    });
+    assert_eq!(exit, RunExit::TestExit(0x3600));
+    assert_eq!(stores.len(), 1);
+    assert_eq!((stores[0].offset, stores[0].data), (0x140, command(0x33)));
+}

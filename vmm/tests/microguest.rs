@@ -188,3 +188,78 @@ fn sva_benchmark_copies_and_submits() {
     assert!(run.pasids.device_requests().iter().all(|&(_, h)| h == host));
     assert!(run.tsc_khz > 0);
 }
+
+/// A #DB handler that exits with `0xdb00 | DR6.BS << 4 | CPL of the
+/// interrupted code`, and a #UD handler (so the VMM watches exception
+/// entries with hardware breakpoints, as it does for every Linux guest).
+fn debug_handlers(g: &mut MicroGuest) {
+    let mut db = g.asm.create_label();
+    g.asm.set_label(&mut db).unwrap();
+    g.asm.mov(rax, dr6).unwrap();
+    g.asm.shr(eax, 14).unwrap();
+    g.asm.and(eax, 1).unwrap();
+    g.asm.shl(eax, 4).unwrap();
+    g.asm.mov(rcx, qword_ptr(rsp + 8)).unwrap(); // frame CS
+    g.asm.and(ecx, 3).unwrap();
+    g.asm.or(eax, ecx).unwrap();
+    g.asm.or(eax, 0xdb00).unwrap();
+    g.asm.out(0xf4, eax).unwrap();
+    g.asm.hlt().unwrap();
+    g.handler(1, db);
+    let mut ud = g.asm.create_label();
+    g.asm.set_label(&mut ud).unwrap();
+    g.asm.endbr64().unwrap();
+    exit_with(&mut g.asm, 0xbad6).unwrap();
+    g.handler(6, ud);
+}
+
+/// Emits a single step: TF set by POPFQ traps after the next instruction.
+fn single_step(a: &mut CodeAssembler) {
+    a.pushfq().unwrap();
+    a.or(qword_ptr(rsp), 0x100).unwrap();
+    a.popfq().unwrap();
+    a.nop().unwrap();
+    exit_with(a, 0x5700).unwrap();
+}
+
+#[test]
+fn a_kernel_single_step_reaches_the_guests_debug_handler() {
+    // With hardware breakpoints in use KVM brings every #DB to the VMM; a
+    // guest's own (here TF) must still reach the guest, DR6.BS set.
+    let mut g = MicroGuest::new();
+    single_step(&mut g.asm);
+    debug_handlers(&mut g);
+    assert_eq!(run(g), RunExit::TestExit(0xdb10));
+}
+
+#[test]
+fn a_user_single_step_reaches_the_guests_debug_handler() {
+    let mut g = MicroGuest::new();
+    let mut user = g.asm.create_label();
+    enter_user(&mut g.asm, user, USER_STACK_TOP).unwrap();
+    g.asm.set_label(&mut user).unwrap();
+    single_step(&mut g.asm);
+    debug_handlers(&mut g);
+    assert_eq!(run(g), RunExit::TestExit(0xdb13));
+}
+
+#[test]
+fn icebp_reaches_the_guests_debug_handler() {
+    let mut g = MicroGuest::new();
+    g.asm.int1().unwrap();
+    exit_with(&mut g.asm, 0x5700).unwrap();
+    debug_handlers(&mut g);
+    assert_eq!(run(g), RunExit::TestExit(0xdb00));
+}
+
+#[test]
+fn user_icebp_reaches_the_guests_debug_handler() {
+    let mut g = MicroGuest::new();
+    let mut user = g.asm.create_label();
+    enter_user(&mut g.asm, user, USER_STACK_TOP).unwrap();
+    g.asm.set_label(&mut user).unwrap();
+    g.asm.int1().unwrap();
+    exit_with(&mut g.asm, 0x5700).unwrap();
+    debug_handlers(&mut g);
+    assert_eq!(run(g), RunExit::TestExit(0xdb03));
+}

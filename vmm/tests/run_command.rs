@@ -105,3 +105,65 @@ fn timeout_while_the_command_runs_gives_4() {
     assert_eq!(run.stdout, b"");
     assert_eq!(run.stderr, "vmm: timeout\n");
 }
+
+/// Boots in a row for each SMP soak; `SMP_SOAK_BOOTS` overrides it.
+const SMP_SOAK_BOOTS: usize = 20;
+
+/// `vmm run --cpus CPUS` boots in a row, each running a command that prints
+/// which CPUs Linux brought online: every boot must end with status 0 and
+/// all of them online (a lost application processor is only a kernel log
+/// line, "CPU1 failed to report alive state", so the status alone would
+/// not show it).
+fn smp_soak(cpus: u8) {
+    let boots = std::env::var("SMP_SOAK_BOOTS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(SMP_SOAK_BOOTS);
+    let online = format!("0-{}\n", cpus - 1);
+    let cpus_arg = cpus.to_string();
+    let start = std::time::Instant::now();
+    let mut failed = Vec::new();
+    for boot in 1..=boots {
+        let run = vmm_run(
+            &["--timeout", TIMEOUT, "--cpus", &cpus_arg],
+            &["cat", "/sys/devices/system/cpu/online"],
+        );
+        let ok = run.code == 0 && run.stdout == online.as_bytes();
+        eprintln!(
+            "smp soak: {cpus} vCPUs, boot {boot}/{boots}: {} after {:.0} s",
+            if ok { "ok" } else { "FAILED" },
+            start.elapsed().as_secs_f64()
+        );
+        if !ok {
+            failed.push(format!(
+                "boot {boot}: status {}, online {:?}, stderr tail: {}",
+                run.code,
+                String::from_utf8_lossy(&run.stdout),
+                run.stderr
+                    .lines()
+                    .rev()
+                    .take(5)
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            ));
+        }
+    }
+    println!(
+        "{} of {boots} {cpus}-vCPU boots passed in {:.0} s",
+        boots - failed.len(),
+        start.elapsed().as_secs_f64()
+    );
+    assert!(failed.is_empty(), "failed:\n{}", failed.join("\n"));
+}
+
+#[test]
+#[ignore = "soak: 20 two-vCPU boots in a row, 20-40 minutes on PVM (run with --ignored)"]
+fn two_vcpu_boots_soak() {
+    smp_soak(2);
+}
+
+#[test]
+#[ignore = "soak: 20 four-vCPU boots in a row, 20-40 minutes on PVM (run with --ignored)"]
+fn four_vcpu_boots_soak() {
+    smp_soak(4);
+}

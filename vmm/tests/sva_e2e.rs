@@ -575,6 +575,34 @@ fn two_guests_with_the_same_guest_pasid_get_different_host_pasids_and_keep_to_th
     assert_eq!(b.pasids.device_requests(), vec![(rid, hb)]);
 }
 
+/// A VM that ran ENQCMD through its vIOMMU gives every host PASID back to
+/// the process's space once it is gone: the space another VM allocates
+/// from is as it was before.
+#[test]
+fn a_finished_vm_frees_its_host_pasids() {
+    let space = Arc::new(PasidSpace::new());
+    let r = run(
+        sva_program(program(true, 13)).unwrap(),
+        MicroOptions {
+            pasid_space: Some(space.clone()),
+            ..options(true)
+        },
+    );
+    assert_sva_program_results(&r, 13);
+    let hpasid = host_pasid(&r, GUEST_PASID);
+    let quarantine = r.pasids.quarantine();
+    for h in [hpasid, quarantine] {
+        assert_eq!(space.owner_of(Scope::Global, h), Some(r.pasids.owner()));
+    }
+    let pasids = Arc::downgrade(&r.pasids);
+    drop(r);
+    assert!(pasids.upgrade().is_none(), "the VM's PASIDs outlived it");
+    for h in [hpasid, quarantine] {
+        assert_eq!(space.owner_of(Scope::Global, h), None, "{h:#x} not freed");
+    }
+    assert_eq!(space.allocated(), 0);
+}
+
 /// Report slot of ZF after the ENQCMD that follows the teardown.
 const SLOT_ZF_AFTER_TEARDOWN: usize = slot::USER + 4;
 

@@ -45,6 +45,8 @@ pub const CR3_ROOT_MASK: u64 = 0x000f_ffff_ffff_f000;
 pub mod cr4 {
     /// 57-bit linear addresses (5-level paging).
     pub const LA57: u64 = 1 << 12;
+    /// XSAVE and processor extended states enabled.
+    pub const OSXSAVE: u64 = 1 << 18;
     /// Supervisor-mode execution prevention.
     pub const SMEP: u64 = 1 << 20;
     /// Supervisor-mode access prevention.
@@ -61,6 +63,8 @@ pub mod efer {
 
 /// Exception vectors.
 pub mod vector {
+    /// #DB, debug (INT1, single step, debug registers).
+    pub const DB: u8 = 1;
     /// #BP, breakpoint (INT3).
     pub const BP: u8 = 3;
     /// #UD, invalid opcode.

@@ -1,6 +1,6 @@
 //! Instruction decoding (iced-x86) and operand addressing in 64-bit mode.
 
-use iced_x86::{Decoder, DecoderOptions, Instruction, OpKind, Register};
+use iced_x86::{Decoder, DecoderError, DecoderOptions, Instruction, OpKind, Register};
 
 use super::context::CpuContext;
 use super::exception::Exception;
@@ -14,6 +14,23 @@ pub(crate) fn decode(bytes: &[u8], rip: u64) -> Option<Instruction> {
     let mut decoder = Decoder::with_ip(64, bytes, rip, DecoderOptions::NONE);
     let instr = decoder.decode();
     (!instr.is_invalid()).then_some(instr)
+}
+
+/// Whether `bytes` begin with no instruction at all (an undefined opcode, a
+/// prefix the opcode does not take, a register where only memory is
+/// allowed): what the CPU answers with #UD. Bytes that may merely stop short
+/// of a whole instruction are not: they count as no instruction only if no
+/// continuation tried (zeros, all ones) makes one of them.
+pub(crate) fn is_undefined(bytes: &[u8], rip: u64) -> bool {
+    let known = bytes.len().min(MAX_INSN_LEN);
+    known > 0
+        && [0x00, 0xff].into_iter().all(|fill| {
+            let mut window = [fill; MAX_INSN_LEN];
+            window[..known].copy_from_slice(&bytes[..known]);
+            let mut decoder = Decoder::with_ip(64, &window, rip, DecoderOptions::NONE);
+            decoder.decode().is_invalid()
+                && decoder.last_error() == DecoderError::InvalidInstruction
+        })
 }
 
 /// A memory operand's linear address.
@@ -148,6 +165,16 @@ mod tests {
         // truncated
         assert!(decode(&[0xf2, 0x0f, 0x38], 0).is_none());
         assert!(decode(&[], 0).is_none());
+    }
+
+    #[test]
+    fn only_bytes_no_continuation_completes_are_undefined() {
+        // PUSH ES (not in 64-bit mode), LOCK NOP.
+        assert!(is_undefined(&[0x06], 0));
+        assert!(is_undefined(&[0xf0, 0x90], 0));
+        // MOVDIR64B without its ModRM byte yet; nothing at all.
+        assert!(!is_undefined(&[0x66, 0x0f, 0x38, 0xf8], 0));
+        assert!(!is_undefined(&[], 0));
     }
 
     #[test]

@@ -54,6 +54,16 @@ impl Exception {
         }
     }
 
+    /// #DB (raised by INT1 after it completes: trap semantics; it sets no
+    /// DR6 bit).
+    pub const fn db() -> Self {
+        Exception {
+            vector: vector::DB,
+            error_code: None,
+            cr2: None,
+        }
+    }
+
     /// #BP (raised by INT3 after it completes: trap semantics).
     pub const fn bp() -> Self {
         Exception {

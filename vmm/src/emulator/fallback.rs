@@ -30,9 +30,26 @@ pub enum FallbackInstruction {
     Popcnt,
     /// INT3: #BP delivered with RIP after the instruction.
     Int3,
+    /// INT1 (ICEBP): #DB delivered with RIP after the instruction.
+    Int1,
     /// CMPXCHG16B m128 (normally LOCKed): atomic 128-bit compare-exchange
     /// with RDX:RAX / RCX:RBX; only ZF changes.
     Cmpxchg16b,
+    /// XSAVE / XSAVE64: save the state components EDX:EAX & XCR0 asks for
+    /// (standard format). This and the six below: `super::xsave`.
+    Xsave,
+    /// XSAVEOPT / XSAVEOPT64.
+    Xsaveopt,
+    /// XSAVEC / XSAVEC64 (compacted format, init optimisation).
+    Xsavec,
+    /// XSAVES / XSAVES64 (compacted, supervisor components, CPL 0).
+    Xsaves,
+    /// XRSTOR / XRSTOR64 (standard or compacted form).
+    Xrstor,
+    /// XRSTORS / XRSTORS64 (compacted, supervisor components, CPL 0).
+    Xrstors,
+    /// XGETBV: read XCR0 (or XINUSE with ECX = 1).
+    Xgetbv,
 }
 
 impl FallbackInstruction {
@@ -44,8 +61,9 @@ impl FallbackInstruction {
             Mnemonic::Wait => Self::Fwait,
             Mnemonic::Popcnt => Self::Popcnt,
             Mnemonic::Int3 => Self::Int3,
+            Mnemonic::Int1 => Self::Int1,
             Mnemonic::Cmpxchg16b => Self::Cmpxchg16b,
-            _ => return None,
+            m => return super::xsave::of(m),
         })
     }
 }
@@ -63,9 +81,22 @@ pub(crate) fn execute<C: GuestCpu + ?Sized>(
         FallbackInstruction::Fwait => fwait(ctx),
         FallbackInstruction::Popcnt => popcnt(cpu, ctx, instr),
         FallbackInstruction::Int3 => int3(ctx),
+        FallbackInstruction::Int1 => Err(Stop::Trap(Exception::db())),
         FallbackInstruction::Cmpxchg16b => cmpxchg16b(cpu, ctx, instr),
+        xsave_family => return super::xsave::execute(cpu, ctx, instr, xsave_family),
     };
-    Ok(match step {
+    Ok(conclude(step, ctx, instr, which))
+}
+
+/// The step an instruction's result is: RIP after it if it completed or
+/// trapped.
+pub(super) fn conclude(
+    step: Result<(), Stop>,
+    ctx: &mut CpuContext,
+    instr: &Instruction,
+    which: FallbackInstruction,
+) -> Step<FallbackInstruction> {
+    match step {
         Ok(()) => {
             ctx.regs.rip = instr.next_ip();
             Step::Completed(which)
@@ -77,11 +108,11 @@ pub(crate) fn execute<C: GuestCpu + ?Sized>(
         Err(Stop::Fault(e)) => Step::Fault(e),
         Err(Stop::Retry) => Step::Retry,
         Err(Stop::Unsupported(r)) => Step::Unsupported(r),
-    })
+    }
 }
 
 /// How an instruction ended if it did not simply complete.
-enum Stop {
+pub(super) enum Stop {
     /// Raised before any change (RIP at the instruction).
     Fault(Exception),
     /// Raised after completion (RIP after the instruction).

@@ -9,7 +9,8 @@
 //!    instruction and its destination is emulated MMIO, or (PVM) KVM's
 //!    emulator runs the guest's CPL 0 code and lacks it. On PVM the same
 //!    exit brings the instructions its emulator lacks (`clac`, `stac`,
-//!    `fwait`, `popcnt`, `int3`, `lock cmpxchg16b`), which the fallback
+//!    `fwait`, `popcnt`, `int3`, `lock cmpxchg16b`, the XSAVE family but
+//!    XSETBV), which the fallback
 //!    emulator answers when [`GuestCpu::emulates`] says so. The caller passes
 //!    them to [`handle_emulation_failure`].
 //! 2. #UD at the guest's own handler, at CPL 3 or CPL 0: the host CPU lacks
@@ -59,6 +60,7 @@ mod fallback;
 mod guest_atomic;
 mod mmu;
 mod syscall;
+mod xsave;
 
 #[cfg(test)]
 mod tests;
@@ -83,6 +85,7 @@ pub use syscall::{
     broken_syscall_entry, complete_syscall, flat_segment, msr as syscall_msr, SyscallEntry,
     SyscallMsrs,
 };
+pub use xsave::{XComponent, XState, XStateLayout, XsaveFeatures};
 
 /// Errors of the VMM side: the vCPU or a device could not be reached. A
 /// guest's bad instruction or operand is never an error: it gets its
@@ -147,6 +150,18 @@ pub trait GuestCpu {
         let _ = which;
         true
     }
+    /// The vCPU's state the XSAVE family moves ([`XState`]); only vCPUs
+    /// whose platform answers the family
+    /// ([`GuestCpu::emulates`]) need it.
+    fn xstate(&mut self) -> Result<XState, EmulatorError> {
+        Err(EmulatorError::Vcpu("this vCPU has no XSAVE state".into()))
+    }
+    /// Loads the state an XRSTOR or XRSTORS left in `state`: the image's
+    /// user components and IA32_PASID.
+    fn set_xstate(&mut self, state: &XState) -> Result<(), EmulatorError> {
+        let _ = state;
+        Err(EmulatorError::Vcpu("this vCPU has no XSAVE state".into()))
+    }
     /// Injects an exception at the vCPU's current state: the frame the guest
     /// sees holds the RIP, CS, RFLAGS, RSP, SS the vCPU has now (so a fault
     /// is injected with RIP still at the instruction; #BP from INT3 after
@@ -205,7 +220,8 @@ pub struct StoreRecord {
 pub enum UnhandledReason {
     /// The vCPU is not in 64-bit mode.
     NotLongMode,
-    /// The bytes are not a valid x86-64 instruction (or could not be read).
+    /// The bytes stop short of a whole instruction (or could not be read);
+    /// bytes that are no instruction at all get #UD instead.
     Undecodable,
     /// A valid instruction the emulator does not implement.
     UnknownInstruction(Mnemonic),
@@ -222,7 +238,7 @@ impl fmt::Display for UnhandledReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::NotLongMode => write!(f, "vCPU not in 64-bit mode"),
-            Self::Undecodable => write!(f, "not a valid instruction"),
+            Self::Undecodable => write!(f, "not a whole instruction"),
             Self::UnknownInstruction(m) => {
                 write!(f, "no emulation for {}", format!("{m:?}").to_lowercase())
             }
@@ -380,7 +396,19 @@ pub fn handle_emulation_failure<C: GuestCpu + ?Sized>(
     if !ctx.is_64bit_mode() {
         return not_handled(bytes, UnhandledReason::NotLongMode);
     }
-    let Some(instr) = decode::decode(&bytes, rip) else {
+    let instr = decode::decode(&bytes, rip);
+    let undefined = match &instr {
+        Some(i) => matches!(i.mnemonic(), Mnemonic::Ud0 | Mnemonic::Ud1 | Mnemonic::Ud2),
+        None => decode::is_undefined(&bytes, rip),
+    };
+    if undefined {
+        // No instruction at all, or one defined to raise it: the CPU's
+        // answer is #UD.
+        let ud = Exception::ud();
+        apply_step::<C, ()>(cpu, &ctx, &Step::Fault(ud), false)?;
+        return Ok(Outcome::Exception(ud));
+    }
+    let Some(instr) = instr else {
         return not_handled(bytes, UnhandledReason::Undecodable);
     };
     let bytes = bytes[..instr.len().min(bytes.len())].to_vec();

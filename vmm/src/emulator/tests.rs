@@ -1713,6 +1713,22 @@ fn int3_reflects_bp_with_rip_after_it() {
 }
 
 #[test]
+fn int1_reflects_db_with_rip_after_it() {
+    let mut cpu = MockCpu::new();
+    let bytes = cpu.place(|a| a.int1());
+    assert_eq!(bytes, [0xf1]);
+    assert_eq!(
+        handle_emulation_failure(&mut cpu, &bytes).unwrap(),
+        Outcome::Exception(Exception::db())
+    );
+    assert_eq!(cpu.regs.rip, KCODE + 1);
+    assert_eq!(
+        cpu.injected,
+        vec![Injected::at(Exception::db(), KCODE + 1, KERNEL_CS)]
+    );
+}
+
+#[test]
 fn lock_cmpxchg16b_exchanges_or_loads() {
     let target = KDATA + 0x40;
     let setup = |memory: u128| {
@@ -1762,7 +1778,7 @@ fn lock_cmpxchg16b_exchanges_or_loads() {
 fn unknown_instruction_gives_a_one_line_diagnostic() {
     let mut cpu = MockCpu::new();
     cpu.regs.rsi = KDATA;
-    let bytes = cpu.place(|a| a.xrstor(ptr(rsi)));
+    let bytes = cpu.place(|a| a.fxrstor(ptr(rsi)));
     let before = (cpu.regs, cpu.sregs);
 
     let outcome = handle_emulation_failure(&mut cpu, &bytes).unwrap();
@@ -1772,7 +1788,7 @@ fn unknown_instruction_gives_a_one_line_diagnostic() {
     };
     assert_eq!(
         u.to_string(),
-        "RIP 0xffffffff81000000 bytes [0f ae 2e]: no emulation for xrstor"
+        "RIP 0xffffffff81000000 bytes [0f ae 0e]: no emulation for fxrstor"
     );
     assert_eq!((cpu.regs, cpu.sregs), before);
 
@@ -1782,8 +1798,29 @@ fn unknown_instruction_gives_a_one_line_diagnostic() {
     };
     assert_eq!(
         u.to_string(),
-        "RIP 0xffffffff81000000 bytes [0f ff]: not a valid instruction"
+        "RIP 0xffffffff81000000 bytes [0f ff]: not a whole instruction"
     );
+}
+
+#[test]
+fn bytes_that_are_no_instruction_get_ud() {
+    // An undefined opcode in 64-bit mode (PUSH ES), a LOCK prefix on an
+    // instruction that takes none, and MOVDIR64B with a register source:
+    // the CPU raises #UD, and so does the emulator, RIP at the bytes.
+    for bytes in [
+        vec![0x06],
+        vec![0xf0, 0x90],
+        vec![0x66, 0x0f, 0x38, 0xf8, 0xc2],
+        // UD2, and UD0 and UD1, defined to raise it.
+        vec![0x0f, 0x0b],
+        vec![0x0f, 0xff, 0x00],
+        vec![0x0f, 0xb9, 0x00],
+    ] {
+        let mut cpu = MockCpu::new();
+        let before = cpu.regs;
+        assert_raises(&mut cpu, &bytes, Exception::ud());
+        assert_eq!(cpu.regs, before, "{bytes:02x?}: nothing else changed");
+    }
 }
 
 #[test]

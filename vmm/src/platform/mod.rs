@@ -10,7 +10,8 @@
 //!   SYSCALL half done. Everything that exists only for it is applied only
 //!   there: its kernel parameters, its CPUID edits, the SYSCALL completion
 //!   with its SYSCALL-MSR filter and #PF watch, and the fallback emulator's
-//!   instructions (CLAC, STAC, POPCNT, FWAIT, INT3, CMPXCHG16B).
+//!   instructions (CLAC, STAC, POPCNT, FWAIT, INT3, CMPXCHG16B, the XSAVE
+//!   family).
 //!
 //! What both share, because any x86 host can produce it, is the answer to
 //! a guest's ENQCMD, ENQCMDS and MOVDIR64B by each route the host takes
@@ -428,28 +429,26 @@ mod tests {
 
     #[test]
     fn pvm_parameters_come_before_the_users_and_before_init_args() {
-        let glibc = pvm::GLIBC_NO_AVX;
         assert_eq!(
             Platform::Pvm.with_kernel_params("console=ttyS0 -- vmm.cmd=true"),
-            format!("noxsave forcecpuid=movdir64b,enqcmd clearcpuid=smap {glibc} console=ttyS0 -- vmm.cmd=true")
+            "forcecpuid=movdir64b,enqcmd clearcpuid=smap console=ttyS0 -- vmm.cmd=true"
         );
         assert_eq!(
             Platform::Pvm.with_kernel_params(""),
-            format!("noxsave forcecpuid=movdir64b,enqcmd clearcpuid=smap {glibc}")
+            "forcecpuid=movdir64b,enqcmd clearcpuid=smap"
         );
     }
 
     #[test]
     fn a_pvm_parameter_the_user_gave_is_not_repeated() {
-        let glibc = pvm::GLIBC_NO_AVX;
         assert_eq!(
             Platform::Pvm.with_kernel_params("forcecpuid=movdir64b console=ttyS0"),
-            format!("noxsave clearcpuid=smap {glibc} forcecpuid=movdir64b console=ttyS0")
+            "clearcpuid=smap forcecpuid=movdir64b console=ttyS0"
         );
         // After `--` it is an argument of init, not a kernel parameter.
         assert_eq!(
-            Platform::Pvm.with_kernel_params("console=ttyS0 -- noxsave"),
-            format!("noxsave forcecpuid=movdir64b,enqcmd clearcpuid=smap {glibc} console=ttyS0 -- noxsave")
+            Platform::Pvm.with_kernel_params("console=ttyS0 -- clearcpuid=smap"),
+            "forcecpuid=movdir64b,enqcmd clearcpuid=smap console=ttyS0 -- clearcpuid=smap"
         );
     }
 

@@ -3,11 +3,14 @@
 //!
 //! - An unmodified guest's CPL 0 code always runs through KVM's instruction
 //!   emulator, which lacks CLAC, STAC, POPCNT, FWAIT, INT3, LOCK CMPXCHG16B
-//!   and XRSTOR: each ends KVM_RUN as an emulation failure. The VMM's
-//!   fallback emulator (`crate::emulator::FallbackInstruction`) answers the
-//!   first six ([`super::Platform::emulates`]); the guest is kept from the
-//!   rest by CPUID and kernel parameters ([`adjust_cpuid`],
-//!   [`KERNEL_PARAMS`]).
+//!   and the XSAVE family but XSETBV: each ends KVM_RUN as an emulation
+//!   failure. The VMM's fallback emulator
+//!   (`crate::emulator::FallbackInstruction`) answers them
+//!   ([`super::Platform::emulates`]); the XSAVE family on the state KVM
+//!   keeps ([`xsave_cpuid`], [`xstate_image`], [`kvm_xsave_of`]), so the
+//!   guest kernel manages XSAVE state as on hardware: guest user code runs
+//!   natively on the host CPU with AVX, AVX2 and AVX-512 (the backend's
+//!   CPUID), and each process keeps its YMM/ZMM/opmask registers.
 //! - A user-mode SYSCALL reaches LSTAR without switching to CPL 0 and
 //!   faults there. The VMM intercepts writes of STAR/LSTAR/FMASK
 //!   ([`SYSCALL_MSR_WRITES`]), watches the guest's #PF handler once LSTAR is
@@ -18,13 +21,16 @@
 //!   (measured, `RUST_LOG=vmm=info vmm run`, one vCPU).
 //! - Leaf 7 of KVM_SET_CPUID2 is ignored: MOVDIR64B and ENQCMD reach the
 //!   guest kernel through its `forcecpuid=` parameter (the project's guest
-//!   kernel patch), SMAP is hidden by `clearcpuid=smap`.
+//!   kernel patch), SMAP is hidden by `clearcpuid=smap`. Leaf 0xD is
+//!   ignored too (XSAVES added to sub-leaf 1 did not reach the guest), so
+//!   the guest has no XSAVES and no PASID state component: IA32_PASID is
+//!   kept per address space (`crate::sva::GuestPasids`), not by XRSTORS.
 
-use kvm_bindings::kvm_cpuid_entry2;
+use kvm_bindings::{kvm_cpuid_entry2, kvm_xcrs, kvm_xsave};
 use kvm_ioctls::{MsrFilterRange, MsrFilterRangeFlags};
 
 use super::leaf7_ecx;
-use crate::emulator::syscall_msr;
+use crate::emulator::{syscall_msr, XStateLayout, XsaveFeatures};
 
 /// CPUID.(EAX=7,ECX=0):EBX bit 20: SMAP.
 const LEAF7_EBX_SMAP: u32 = 1 << 20;
@@ -70,13 +76,6 @@ pub const SYSCALL_MSR_WRITES: MsrFilterRange<'static> = MsrFilterRange {
 /// Kernel parameters every Linux guest needs on PVM, each with the reason.
 pub const KERNEL_PARAMS: &[(&str, &str)] = &[
     (
-        "noxsave",
-        // What the guest does: with XSAVE, FPU initialisation runs XRSTOR at
-        // CPL 0. The backend's emulator cannot run it and the VMM's fallback
-        // emulator does not have it, so the boot would stop there.
-        "the backend cannot emulate XRSTOR",
-    ),
-    (
         "forcecpuid=movdir64b,enqcmd",
         // What the guest does: idxd refuses to load without MOVDIR64B and
         // offers shared work queues only with ENQCMD. The backend ignores
@@ -95,32 +94,50 @@ pub const KERNEL_PARAMS: &[(&str, &str)] = &[
         // kernel leaves both instructions out.
         "every STAC/CLAC would be an emulation-failure exit",
     ),
-    (
-        GLIBC_NO_AVX,
-        // What the guest does: its user code runs natively on the host CPU,
-        // where CPUID (answered by the backend) and XGETBV (the host's XCR0)
-        // offer AVX, AVX2 and AVX-512, so glibc's string functions use
-        // YMM/ZMM registers and ymm16-31 (e.g. memcpy's `vmovdqu64
-        // %ymm16`). The kernel, booted with `noxsave`, context-switches
-        // only the FXSAVE state (x87, XMM0-15): the upper YMM halves, ZMM,
-        // ymm16-31 and the opmask registers are shared by every process on
-        // a vCPU. With two processes alive (a pipe) one overwrote another's
-        // ymm16 while the other was in a page fault inside memcpy, and the
-        // new process's TLS lost its first word: "segfault at 0 ip 4a4d02"
-        // (measured). The kernel passes this unknown `NAME=value` parameter
-        // to init's environment, and glibc then picks SSE2 code. Programs
-        // that use AVX on their own are not covered: that needs the guest
-        // kernel to manage XSAVE state (XSAVE/XRSTOR emulation, no
-        // `noxsave`).
-        "guest processes would share the AVX state the kernel does not switch",
-    ),
 ];
 
-/// The kernel parameter that reaches init's environment (and from there
-/// every process's) and keeps glibc to the registers the `noxsave` guest
-/// kernel context-switches (x87, SSE). See [`KERNEL_PARAMS`].
-pub const GLIBC_NO_AVX: &str =
-    "GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD";
+/// The XSAVE family's view of a vCPU's CPUID (leaf 0xD): where the state
+/// components live and which instructions are offered. The backend's KVM
+/// emulator runs XSETBV at CPL 0 but not XGETBV, XSAVE, XSAVEOPT, XSAVEC,
+/// XRSTOR (each an emulation-failure exit, measured with a micro-guest), so
+/// the VMM's fallback emulator executes them on the state KVM keeps
+/// ([`xstate_image`], [`kvm_xsave_of`]).
+pub fn xsave_cpuid(entries: &[kvm_cpuid_entry2]) -> (XStateLayout, XsaveFeatures) {
+    let leaf = |index: u32| {
+        entries
+            .iter()
+            .find(|e| e.function == 0xd && e.index == index)
+            .map_or((0, 0, 0), |e| (e.eax, e.ebx, e.ecx))
+    };
+    let features = XsaveFeatures::from_leaf_d1_eax(leaf(1).0);
+    (XStateLayout::from_cpuid(leaf), features)
+}
+
+/// The standard-format image of `KVM_GET_XSAVE`'s answer.
+pub fn xstate_image(xsave: &kvm_xsave) -> Vec<u8> {
+    xsave.region.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+/// The `KVM_SET_XSAVE` argument holding `image` (at most 4096 bytes: the
+/// guest's standard-format area, 2,696 bytes with AVX-512 and PKRU).
+pub fn kvm_xsave_of(image: &[u8]) -> kvm_xsave {
+    let mut xsave = kvm_xsave::default();
+    for (word, bytes) in xsave.region.iter_mut().zip(image.chunks(4)) {
+        let mut w = [0u8; 4];
+        w[..bytes.len()].copy_from_slice(bytes);
+        *word = u32::from_le_bytes(w);
+    }
+    xsave
+}
+
+/// XCR0 from `KVM_GET_XCRS` (1, x87 only, if KVM lists none).
+pub fn xcr0_of(xcrs: &kvm_xcrs) -> u64 {
+    let n = (xcrs.nr_xcrs as usize).min(xcrs.xcrs.len());
+    xcrs.xcrs[..n]
+        .iter()
+        .find(|x| x.xcr == 0)
+        .map_or(1, |x| x.value)
+}
 
 #[cfg(test)]
 mod tests {

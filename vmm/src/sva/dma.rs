@@ -13,7 +13,7 @@
 //! record cannot be written). No request of one guest ever reaches the
 //! vIOMMU (or the memory) of another: the adapter belongs to one guest.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 
 use vdsa::dma::{
     AddressSpace, DmaFault, DmaPort, FaultKind, IdentityDma, PageRequest, PageResponseCode,
@@ -37,21 +37,30 @@ pub type Viommu = Iommu<GuestMem>;
 /// The vIOMMU as the judge of which guest PASIDs exist: a PASID is set up
 /// when the unit resolves a present PASID-table entry for it, for the
 /// device asking, or for any of the devices behind the unit.
+///
+/// It holds the unit weakly: the unit holds the guest's PASIDs (as an
+/// observer), which hold their authority, so a strong reference would keep
+/// both, and the guest's host PASIDs, alive after the VM. A unit that is
+/// gone confirms no PASID.
 pub struct ViommuAuthority {
-    iommu: Arc<Viommu>,
+    iommu: Weak<Viommu>,
     rids: Vec<u16>,
 }
 
 impl ViommuAuthority {
     /// Checks with `iommu`; `rids` are the requester IDs of the devices
     /// behind it.
-    pub fn new(iommu: Arc<Viommu>, rids: Vec<u16>) -> Self {
-        Self { iommu, rids }
+    pub fn new(iommu: &Arc<Viommu>, rids: Vec<u16>) -> Self {
+        Self {
+            iommu: Arc::downgrade(iommu),
+            rids,
+        }
     }
 }
 
 impl PasidAuthority for ViommuAuthority {
     fn pasid_setup(&self, rid: Option<u16>, gpasid: u32) -> Option<PasidSetup> {
+        let iommu = self.iommu.upgrade()?;
         let one;
         let rids = match rid {
             Some(r) => {
@@ -61,7 +70,7 @@ impl PasidAuthority for ViommuAuthority {
             None => &self.rids[..],
         };
         rids.iter()
-            .find_map(|&r| self.iommu.resolve_pasid(r, gpasid).ok())
+            .find_map(|&r| iommu.resolve_pasid(r, gpasid).ok())
             .map(|entry| PasidSetup {
                 first_stage_root: matches!(entry.pgtt, Pgtt::FirstStage | Pgtt::Nested)
                     .then(|| address_space_key(entry.flptr)),

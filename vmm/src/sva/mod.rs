@@ -311,7 +311,7 @@ pub fn attach_devices(
     let dmar = iommu.as_ref().map(|iommu| {
         iommu.add_pasid_observer(pasids.clone());
         let rids = placements.iter().map(DsaPlacement::rid).collect();
-        pasids.set_authority(Arc::new(ViommuAuthority::new(iommu.clone(), rids)));
+        pasids.set_authority(Arc::new(ViommuAuthority::new(iommu, rids)));
         build_dmar_table(&DmarConfig::include_all(layout::VIOMMU_START))
     });
     Ok(Accelerators {

@@ -433,7 +433,7 @@ fn user(pasid: u32) -> AddressSpace {
 fn dma_with_a_host_pasid_uses_the_guests_pasid_entry() {
     let (g, pgd) = ScalableGuest::new();
     let pasids = Arc::new(GuestPasids::new(Arc::new(PasidSpace::new()), "g").unwrap());
-    pasids.set_authority(Arc::new(ViommuAuthority::new(g.iommu.clone(), vec![RID])));
+    pasids.set_authority(Arc::new(ViommuAuthority::new(&g.iommu, vec![RID])));
     assert_eq!(
         pasids.host_pasid(Some(RID), GPASID + 1),
         Err(PasidMiss::NotSetUp(GPASID + 1)),
@@ -492,7 +492,7 @@ fn dma_with_a_host_pasid_uses_the_guests_pasid_entry() {
     );
     // ENQCMD's staleness check sees the entry's page tables.
     assert_eq!(
-        ViommuAuthority::new(g.iommu.clone(), vec![RID]).pasid_setup(None, GPASID),
+        ViommuAuthority::new(&g.iommu, vec![RID]).pasid_setup(None, GPASID),
         Some(PasidSetup {
             first_stage_root: Some(address_space_key(pgd))
         })
@@ -504,7 +504,7 @@ fn guest_pasid_teardown_unmaps_and_frees_through_the_viommu() {
     let (mut g, _) = ScalableGuest::new();
     let space = Arc::new(PasidSpace::new());
     let pasids = Arc::new(GuestPasids::new(space.clone(), "g").unwrap());
-    pasids.set_authority(Arc::new(ViommuAuthority::new(g.iommu.clone(), vec![RID])));
+    pasids.set_authority(Arc::new(ViommuAuthority::new(&g.iommu, vec![RID])));
     g.iommu.add_pasid_observer(pasids.clone());
     let h = pasids.host_pasid(Some(RID), GPASID).unwrap();
     let port = ViommuDma::new(g.iommu.clone(), g.mem.clone(), RID, pasids.clone());
@@ -656,6 +656,44 @@ fn enqcmd_to_a_shared_wq_runs_in_the_guests_address_space() {
     assert_eq!(copied, [0xc3; 0x40]);
     // A guest PASID the guest never set up is not enqueued.
     assert_eq!(enqcmd_memmove(&attached, GPASID + 1), StoreReply::Retry);
+}
+
+/// A guest's devices, vIOMMU and PASIDs reference one another (the unit
+/// observes the PASIDs, the PASIDs ask the unit, the devices' ports and
+/// bridges hold both). Once the VM lets go of them, every host PASID it
+/// held (mapped, unverified, quarantine) is back in the space and its
+/// owner is gone.
+#[test]
+fn a_dropped_guest_frees_its_host_pasids() {
+    let space = Arc::new(PasidSpace::new());
+    let (g, _) = ScalableGuest::new();
+    let (pasids, attached) = wq_device_in(
+        &space,
+        &g,
+        true,
+        micro::WQCFG_PASID_EN | micro::WQCFG_PRIORITY_1,
+    );
+    assert_eq!(enqcmd_memmove(&attached, GPASID), StoreReply::Accepted);
+    assert_eq!(
+        completion_status(&g),
+        vdsa::completion::Status::Success as u8
+    );
+    let mapped = pasids.table().translate(GPASID).unwrap();
+    let unverified = pasids.host_pasid_for_device(Some(RID), GPASID + 1);
+    let held = [mapped, unverified, pasids.quarantine()];
+    for h in held {
+        assert_eq!(space.owner_of(Scope::Global, h), Some(pasids.owner()));
+    }
+    assert_eq!(space.allocated(), 3);
+    let weak = Arc::downgrade(&pasids);
+    drop(pasids);
+    drop(attached);
+    drop(g);
+    assert!(weak.upgrade().is_none(), "the guest's PASIDs outlived it");
+    for h in held {
+        assert_eq!(space.owner_of(Scope::Global, h), None, "{h:#x} not freed");
+    }
+    assert_eq!(space.allocated(), 0);
 }
 
 /// Two VMs in one process share a host PASID space so small (4 bits, 15
