@@ -58,6 +58,7 @@
 //! assert_eq!(space.charged(guest), Ok(2));
 //! ```
 
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod bitmap;

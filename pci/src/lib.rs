@@ -13,6 +13,8 @@
 //! - [`MsixConfig`]: the MSI-X capability, vector table and pending-bit array.
 //! - [`MsiSink`]: where a device sends its message-signalled interrupts.
 
+#![forbid(unsafe_code)]
+
 mod bus;
 mod configuration;
 mod device;

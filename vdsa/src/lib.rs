@@ -23,6 +23,8 @@
 //!   (WQCFG, Drain/Abort PASID, MSIXPERM, SWERROR) go through a
 //!   [`pasid::PasidTranslator`] ([`Dsa::with_pasid_translator`]).
 
+#![forbid(unsafe_code)]
+
 mod access;
 mod atc;
 mod bits;

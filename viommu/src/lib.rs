@@ -20,6 +20,8 @@
 //! queue sit behind separate mutexes; MSIs and device callbacks are issued after the register
 //! lock is released.
 
+#![forbid(unsafe_code)]
+
 pub mod cache;
 pub mod device;
 pub mod dmar;

@@ -80,7 +80,7 @@ fn pci_host_bridge(config: &AcpiConfig) -> Vec<u8> {
 }
 
 /// A device identified by a PNP ID, with one instance and fixed resources.
-fn pnp_device(name: &str, pnp_id: &str, crs: &ResourceTemplate) -> Vec<u8> {
+fn pnp_device(name: &str, pnp_id: &str, crs: &ResourceTemplate<'_>) -> Vec<u8> {
     aml_bytes(&Device::new(
         Path::new(name),
         vec![

@@ -42,7 +42,7 @@ struct DeviceWorker {
 }
 
 impl MutEventSubscriber for DeviceWorker {
-    fn init(&mut self, ops: &mut EventOps) {
+    fn init(&mut self, ops: &mut EventOps<'_>) {
         if let Err(e) = ops.add(Events::with_data(&self.kick, KICK, EventSet::IN)) {
             log::error!("virtio event loop: cannot watch queue notifications: {e}");
         }
@@ -58,7 +58,7 @@ impl MutEventSubscriber for DeviceWorker {
         }
     }
 
-    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+    fn process(&mut self, events: Events, _ops: &mut EventOps<'_>) {
         if let Some(queue) = events.data().checked_sub(CALL) {
             if let Some(call) = self.calls.get(queue as usize) {
                 let _ = call.read();
@@ -88,13 +88,13 @@ impl MutEventSubscriber for DeviceWorker {
 struct Waker(EventFd);
 
 impl MutEventSubscriber for Waker {
-    fn init(&mut self, ops: &mut EventOps) {
+    fn init(&mut self, ops: &mut EventOps<'_>) {
         if let Err(e) = ops.add(Events::new(&self.0, EventSet::IN)) {
             log::error!("virtio event loop: cannot watch the stop event: {e}");
         }
     }
 
-    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps<'_>) {
         let _ = self.0.read();
     }
 }
