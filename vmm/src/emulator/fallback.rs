@@ -1,5 +1,5 @@
 //! Fallback emulation of instructions the platform's KVM emulator lacks
-//! (PLATFORM.md: seen at CPL 0 in a Linux guest).
+//! (seen at CPL 0 in a Linux guest on PVM: docs/pvm-platform.md).
 //!
 //! To add an instruction: a variant of [`FallbackInstruction`], its line in
 //! [`FallbackInstruction::of`], and its function in [`execute`]'s match.
