@@ -11,9 +11,9 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 
+use crate::config_space::{PcieState, PRI_CAPACITY};
 use crate::device::{Inner, RegFile, Route};
 use crate::engine::{Group, WqSnapshot};
-use crate::pci::{PcieState, PRI_CAPACITY};
 use crate::regs::{intcause, CmdReg, CmdSts, DeviceState};
 use crate::wqcfg::WqState;
 

@@ -10,11 +10,11 @@ use pci::{MappedBar, MsiSink, MsixConfig, PciConfiguration, PciDevice, StoreKind
 
 use crate::atc::Atc;
 use crate::bits::le_value;
+use crate::config_space::{self, ExtCaps, PcieState};
 use crate::dma::{DmaPort, PageResponseCode};
 use crate::engine::Group;
 use crate::grpcfg::GrpCfg;
 use crate::pasid::{IdentityPasids, PasidTranslator};
-use crate::pci::{self as config_space, ExtCaps, PcieState};
 use crate::profile;
 use crate::prs::PageRequester;
 use crate::regs::{

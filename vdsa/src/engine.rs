@@ -626,7 +626,7 @@ impl Submission<'_> {
                 pri_allocation: pcie.pri_alloc.load(Ordering::SeqCst),
             },
             tag: self.tag,
-            ats: crate::pci::PcieState::get(&pcie.ats) && !self.wq.ats_disable,
+            ats: crate::config_space::PcieState::get(&pcie.ats) && !self.wq.ats_disable,
             block_on_fault: block_on_fault && pcie.page_requests(),
             cancel: self.cancel(),
             defer: self.defer,
@@ -662,7 +662,9 @@ impl Submission<'_> {
     fn process(&self, desc: &Descriptor) -> Option<()> {
         if !self.wq.dedicated {
             // Trusted fields of a shared-WQ submission.
-            if desc.privileged() && !crate::pci::PcieState::get(&self.inner.pcie.pasid_priv) {
+            if desc.privileged()
+                && !crate::config_space::PcieState::get(&self.inner.pcie.pasid_priv)
+            {
                 self.software_error(Status::PrivBad, self.info(desc, None), None, None);
                 return Some(());
             }

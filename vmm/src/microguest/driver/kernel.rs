@@ -69,7 +69,11 @@ impl SvaSetup {
             Vtd::default().enable(asm, tables.root_table())?;
         }
         let function = PciFunction::from_rid(self.dsa_rid);
-        function.check_identity(asm, vdsa::pci::VENDOR_ID, vdsa::pci::DEVICE_ID)?;
+        function.check_identity(
+            asm,
+            vdsa::config_space::VENDOR_ID,
+            vdsa::config_space::DEVICE_ID,
+        )?;
         function.size_and_assign_bar64(asm, 0, DSA_BAR0, slot::BAR0_SIZE)?;
         function.size_and_assign_bar64(asm, 2, DSA_BAR2, slot::BAR2_SIZE)?;
         function.enable_memory_and_bus_master(asm)?;
