@@ -1,10 +1,25 @@
-//! The MMIO and port-I/O buses: address ranges mapped to bus devices.
+//! The MMIO and port-I/O buses: address ranges mapped to bus devices, and
+//! the interface those devices implement.
+//!
+//! - [`BusDevice`]: a device on a bus: reads, writes and the 64-byte atomic
+//!   stores of MOVDIR64B, ENQCMD and ENQCMDS ([`StoreKind`], answered with a
+//!   [`StoreReply`]).
+//! - [`Bus`]: non-overlapping address ranges, each served by one device.
+//!
+//! The device crates (`vdsa`, `viommu`, `pci`'s functions behind the root
+//! complex) implement [`BusDevice`] without KVM; the `vmm` crate owns the
+//! buses and dispatches the vCPUs' exits to them.
+
+#![forbid(unsafe_code)]
+
+mod device;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 
-use pci::{BusDevice, StoreKind, StoreReply};
 use thiserror::Error;
+
+pub use device::{BusDevice, StoreKind, StoreReply};
 
 /// A device shared between the bus and its owner.
 pub type SharedDevice = Arc<Mutex<dyn BusDevice>>;

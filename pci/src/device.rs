@@ -1,6 +1,8 @@
 //! The PCI function interface the root complex drives.
 
-use crate::{MappedBar, StoreKind, StoreReply};
+use bus::{StoreKind, StoreReply};
+
+use crate::MappedBar;
 
 /// A PCI(e) function on the VMM's root complex.
 ///

@@ -1,12 +1,12 @@
-//! Interfaces between the VMM's buses and its device models.
+//! PCI and PCI Express: the interfaces between the VMM's PCIe root complex
+//! and its device models.
 //!
 //! The device crates (`vdsa`, `viommu`) implement these traits; the `vmm`
-//! crate, the only one that talks to KVM, owns the buses and the PCIe root
-//! complex and drives devices through them. Keeping the interfaces here lets
-//! the device models build and test without KVM.
+//! crate, the only one that talks to KVM, owns the root complex and drives
+//! functions through it. Keeping the interfaces here lets the device models
+//! build and test without KVM. (Devices on the plain MMIO and port-I/O buses
+//! implement the `bus` crate's `BusDevice`.)
 //!
-//! - [`BusDevice`]: a device on the MMIO or port-I/O bus, including the
-//!   64-byte atomic stores of MOVDIR64B, ENQCMD and ENQCMDS.
 //! - [`PciDevice`]: a PCI(e) function: 4 KiB configuration space and BARs.
 //! - [`PciConfiguration`]: a configuration-space model with BARs, capability
 //!   and extended-capability lists and write masks.
@@ -15,13 +15,13 @@
 
 #![forbid(unsafe_code)]
 
-mod bus;
 mod configuration;
 mod device;
 mod msi;
 mod msix;
 mod pcie;
 
+// Until every user imports them from `bus` (they are not PCI).
 pub use bus::{BusDevice, StoreKind, StoreReply};
 pub use configuration::{
     BarKind, ConfigError, MappedBar, PciConfiguration, PciHeader, BAR_COUNT, CONFIG_SPACE_SIZE,

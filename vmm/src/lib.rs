@@ -8,7 +8,6 @@
 
 pub mod acpi;
 pub mod boot;
-pub mod bus;
 pub mod cpuid;
 pub mod demos;
 pub mod devices;

@@ -12,7 +12,6 @@ use pasid::{Ia32Pasid, MSR_IA32_PASID};
 use pci::{StoreKind, StoreReply};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use crate::bus::Bus;
 use crate::emulator::{
     self, EmulatorError, EntryAction, FallbackInstruction, GuestCpu, Outcome, StepOver,
     SyscallMsrs, XState, XStateLayout, XsaveFeatures,
@@ -20,6 +19,7 @@ use crate::emulator::{
 use crate::entry_watch::{EntryWatch, SharedHandlers};
 use crate::platform::{vector, HostCpu, Platform};
 use crate::sva::GuestPasids;
+use bus::Bus;
 
 /// KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES.
 const EMULATION_FLAG_INSTRUCTION_BYTES: u64 = 1;

@@ -22,7 +22,6 @@ use vm_memory::{
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use crate::bus::{Bus, BusError};
 use crate::devices::i8042::{I8042, I8042_COMMAND_PORT};
 use crate::devices::serial::{SerialDevice, SerialOutput};
 use crate::devices::test_devices::TestExit;
@@ -32,6 +31,7 @@ use crate::platform::{pvm, HostCpu, Platform};
 use crate::stop_signal;
 use crate::sva::GuestPasids;
 use crate::vcpu::{Vcpu, VcpuStop};
+use bus::{Bus, BusError};
 use pasid::PasidSpace;
 
 /// What a vCPU thread tells the thread that runs the machine.

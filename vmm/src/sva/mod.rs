@@ -87,11 +87,11 @@ use vdsa::dma::{DmaPort, IdentityDma};
 use vdsa::{Dsa, DsaConfig, DsaError};
 use viommu::dmar::{build_dmar_table, DmarConfig};
 
-use crate::bus::BusError;
 use crate::layout;
 use crate::msi::KvmMsiSink;
 use crate::pci_root::{Bdf, PciRoot, PciRootError, SharedPciDevice};
 use crate::vm::Vm;
+use bus::BusError;
 
 pub use dma::{DsaAtsBridge, GuestMem, Viommu, ViommuAuthority, ViommuDma};
 pub use function::{translate_enqueue, DevicePasids, DsaFunction};
