@@ -66,16 +66,18 @@ pub mod msr;
 pub mod space;
 pub mod sva;
 pub mod table;
+pub mod translator;
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 pub use msr::{Ia32Pasid, MSR_IA32_PASID};
 pub use space::{
-    OwnerId, PasidSpace, RequesterId, Scope, PASID_BITS, PASID_MAX, PASID_SPACE_SIZE,
+    OwnerId, PasidSpace, RequesterId, Scope, PASID_BITS, PASID_MASK, PASID_MAX, PASID_SPACE_SIZE,
     RESERVED_PASID,
 };
 pub use sva::{AddressSpaceId, Binding, DomainId, SvaHandle, SvaRegistry, TaskId};
 pub use table::PasidTable;
+pub use translator::{IdentityPasids, PasidTranslator};
 
 /// Everything that can go wrong in this crate. Each case is a distinct
 /// variant so that callers can map it to the architectural answer (fault

@@ -17,7 +17,7 @@ pub struct Ia32Pasid(u64);
 
 impl Ia32Pasid {
     /// Bits 19:0: the PASID.
-    pub const PASID_MASK: u64 = 0xf_ffff;
+    pub const PASID_MASK: u64 = crate::PASID_MASK as u64;
     /// Bit 31: the PASID is valid.
     pub const VALID: u64 = 1 << 31;
     /// Every other bit.

@@ -34,6 +34,10 @@ pub const PASID_BITS: u32 = 20;
 pub const PASID_SPACE_SIZE: u32 = 1 << PASID_BITS;
 /// Largest PASID value.
 pub const PASID_MAX: u32 = PASID_SPACE_SIZE - 1;
+/// The PASID bits of a field that carries one in its low bits (a DMA
+/// request's PASID prefix, a descriptor's dword 0, IA32_PASID, a fault or
+/// page-request record).
+pub const PASID_MASK: u32 = PASID_SPACE_SIZE - 1;
 /// PASID of requests without PASID (RID_PASID); never allocated.
 pub const RESERVED_PASID: u32 = 0;
 

@@ -1,6 +1,6 @@
-//! Where guest PASIDs become host PASIDs inside the device.
+//! Where guest PASIDs become host PASIDs inside a device.
 //!
-//! The device works in host PASIDs: every PASID it carries in a queued
+//! A device model (the vDSA) works in host PASIDs: every PASID it carries in a queued
 //! descriptor, a WQ snapshot, the device TLB or a DMA request is a host
 //! PASID. Guest software programs guest PASIDs in four places, and the
 //! device asks its [`PasidTranslator`] at each:

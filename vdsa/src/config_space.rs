@@ -22,7 +22,7 @@ pub const CLASS_CODE: u32 = 0x08_8000;
 /// PASID capability register: max width 20 (bits 12:8) and privileged
 /// mode (bit 2); no execute permission (`lspci`: `Exec- Priv+`, see
 /// [`crate::profile`]).
-pub const PASID_CAP: u16 = (20 << 8) | (1 << 2);
+pub const PASID_CAP: u16 = ((pasid::PASID_BITS as u16) << 8) | (1 << 2);
 /// PASID control: PASID enable.
 pub const PASID_CTRL_ENABLE: u16 = 1 << 0;
 /// PASID control: execute permission enable.

@@ -195,7 +195,7 @@ impl Descriptor {
 
     /// PASID (dword 0 bits 19:0).
     pub fn pasid(&self) -> u32 {
-        self.u32_at(0) & 0xf_ffff
+        self.u32_at(0) & pasid::PASID_MASK
     }
 
     /// Privilege (dword 0 bit 31).
@@ -210,7 +210,10 @@ impl Descriptor {
 
     /// Sets the PASID and privilege (dword 0).
     pub fn set_pasid(&mut self, pasid: u32, privileged: bool) -> &mut Self {
-        self.set_u32(0, (pasid & 0xf_ffff) | (u32::from(privileged) << 31))
+        self.set_u32(
+            0,
+            (pasid & ::pasid::PASID_MASK) | (u32::from(privileged) << 31),
+        )
     }
 
     /// The 24 flag bits.

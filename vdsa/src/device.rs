@@ -14,7 +14,6 @@ use crate::config_space::{self, ExtCaps, PcieState};
 use crate::dma::{DmaPort, PageResponseCode};
 use crate::engine::Group;
 use crate::grpcfg::GrpCfg;
-use crate::pasid::{IdentityPasids, PasidTranslator};
 use crate::profile;
 use crate::prs::PageRequester;
 use crate::regs::{
@@ -23,6 +22,7 @@ use crate::regs::{
 };
 use crate::swerr::{self, SoftwareError, SwErrReg};
 use crate::wqcfg::{WqCfg, WqState};
+use pasid::{IdentityPasids, PasidTranslator};
 
 /// The shape of the device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -567,7 +567,7 @@ impl Dsa {
 
     /// Creates the device with `pasids` translating the PASIDs the guest
     /// programs into the host PASIDs the device works in (see
-    /// [`crate::pasid`]).
+    /// [`pasid::translator`]).
     pub fn with_pasid_translator(
         config: DsaConfig,
         dma: Arc<dyn DmaPort>,

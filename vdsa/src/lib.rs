@@ -37,7 +37,6 @@ pub mod dma;
 mod engine;
 pub mod grpcfg;
 pub mod ops;
-pub mod pasid;
 pub mod portal;
 pub mod profile;
 mod prs;

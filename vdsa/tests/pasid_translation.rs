@@ -6,10 +6,10 @@ mod common;
 use std::sync::Arc;
 
 use common::{memory, msi, Guest, WqSpec};
+use pasid::PasidTranslator;
 use vdsa::command::code;
 use vdsa::descriptor::{flags, Descriptor, Opcode};
 use vdsa::dma::{AddressSpace, MockIommu, PasidTag};
-use vdsa::pasid::PasidTranslator;
 use vdsa::regs::{layout, offset};
 use vdsa::DsaConfig;
 

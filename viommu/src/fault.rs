@@ -206,7 +206,7 @@ impl FaultRecord {
         let mut hi =
             u64::from(self.source_id) | (u64::from(self.reason.code()) << frcd::FR_SHIFT) | frcd::F;
         if let Some(pasid) = self.pasid {
-            hi |= frcd::PP | (u64::from(pasid & 0xf_ffff) << frcd::PV_SHIFT);
+            hi |= frcd::PP | (u64::from(pasid & ::pasid::PASID_MASK) << frcd::PV_SHIFT);
         }
         if self.privileged {
             hi |= frcd::PRIV;

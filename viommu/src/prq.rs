@@ -42,7 +42,7 @@ impl PageRequest {
     pub fn encode(&self) -> [u64; 4] {
         let mut qw0 = PAGE_REQUEST_TYPE | (u64::from(self.requester_id) << 16);
         if let Some(tag) = self.pasid {
-            qw0 |= (1 << 8) | (u64::from(tag.pasid & 0xf_ffff) << 32);
+            qw0 |= (1 << 8) | (u64::from(tag.pasid & pasid::PASID_MASK) << 32);
             if tag.privileged {
                 qw0 |= 1 << 53;
             }

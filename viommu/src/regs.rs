@@ -203,8 +203,8 @@ pub const CAP_VALUE: u64 = cap::nd(6)
     | cap::FL1GP
     | cap::FL5LP;
 
-/// Bits of the PASID supported (ECAP.PSS + 1).
-pub const PASID_BITS: u32 = 20;
+/// Bits of the PASID supported (ECAP.PSS + 1): all of them.
+pub const PASID_BITS: u32 = pasid::PASID_BITS;
 
 /// The ECAP value this model advertises.
 pub const ECAP_VALUE: u64 = ecap::C

@@ -147,7 +147,7 @@ pub mod context {
     /// PDTS field shift (bits 11:9).
     pub const PDTS_SHIFT: u32 = 9;
     /// Second quadword: RID_PASID (bits 19:0); bits 63:20 reserved (no RID_PRIV support).
-    pub const RID_PASID_MASK: u64 = 0xf_ffff;
+    pub const RID_PASID_MASK: u64 = pasid::PASID_MASK as u64;
 }
 
 impl ContextEntry {

@@ -5,10 +5,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use pasid::{IdentityPasids, PasidTranslator};
 use pci::{cap_id, MsiMessage, MsiRecorder, PciDevice, StoreKind, StoreReply};
 use vdsa::descriptor::Descriptor;
 use vdsa::dma::{DmaPort, MockIommu};
-use vdsa::pasid::{IdentityPasids, PasidTranslator};
 use vdsa::portal::Portal;
 use vdsa::regs::{layout, offset};
 use vdsa::{Dsa, DsaConfig, DsaIommuHandle};

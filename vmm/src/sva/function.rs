@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
+use pasid::PasidTranslator;
 use pci::{MappedBar, PciDevice, StoreKind, StoreReply};
-use vdsa::pasid::PasidTranslator;
 use vdsa::Dsa;
 
 use super::guest_pasids::GuestPasids;

@@ -31,7 +31,7 @@
 //!   device TLB and every DMA request carry host PASIDs. The guest's PASIDs
 //!   cross into the device at the VMM boundary only: the portal store
 //!   ([`DsaFunction::bar_store64`], ENQCMD and ENQCMDS), and the
-//!   [`vdsa::pasid::PasidTranslator`] hook the device calls at Enable WQ
+//!   [`pasid::PasidTranslator`] hook the device calls at Enable WQ
 //!   (WQCFG.PASID becomes a host PASID) and, the other way, to compare
 //!   guest PASIDs (Drain/Abort PASID, MSIXPERM) with the host PASIDs it
 //!   holds and to report SWERROR's PASID field.
