@@ -20,16 +20,15 @@
 //! * one [`Ia32Pasid`] per vCPU, the `IA32_PASID` MSR (0xD93). A write with
 //!   reserved bits set returns [`Error::MsrReservedBits`], which the VMM turns
 //!   into #GP;
-//! * one [`SvaRegistry`] per guest for Shared Virtual Addressing bindings
-//!   (address space x device -> handle), with the PASID living as long as the
-//!   address space, and the per-task "PASID loaded into the MSR" reference.
+//! * [`PasidTranslator`], the hook through which a device model that works
+//!   in host PASIDs (the vDSA) meets the guest's PASIDs.
 //!
 //! Every fallible call returns a distinct [`Error`] variant; none panics on
 //! bad input.
 //!
 //! ```
 //! use std::sync::Arc;
-//! use pasid::{AddressSpaceId, Error, Ia32Pasid, PasidSpace, PasidTable, RequesterId, SvaRegistry};
+//! use pasid::{Error, Ia32Pasid, PasidSpace, PasidTable};
 //!
 //! let space = Arc::new(PasidSpace::new());
 //! let guest = space.add_owner("guest0", Some(4096));
@@ -47,15 +46,7 @@
 //! };
 //! assert_eq!(table.translate(gpasid), Ok(hpasid));
 //! assert_eq!(msr.write(1 << 40), Err(Error::MsrReservedBits(1 << 40))); // #GP
-//!
-//! // SVA: the same process bound twice to one device.
-//! let sva = SvaRegistry::new(space.clone(), guest).unwrap();
-//! let dev = RequesterId::new(0, 4, 0);
-//! let first = sva.bind(AddressSpaceId(0x1000), dev).unwrap();
-//! let second = sva.bind(AddressSpaceId(0x1000), dev).unwrap();
-//! assert_ne!(first.handle, second.handle);
-//! assert_eq!((first.domain, first.pasid), (second.domain, second.pasid));
-//! assert_eq!(space.charged(guest), Ok(2));
+//! assert_eq!(space.charged(guest), Ok(1));
 //! ```
 
 #![forbid(unsafe_code)]
@@ -64,7 +55,6 @@
 mod bitmap;
 pub mod msr;
 pub mod space;
-pub mod sva;
 pub mod table;
 pub mod translator;
 
@@ -75,7 +65,6 @@ pub use space::{
     OwnerId, PasidSpace, RequesterId, Scope, PASID_BITS, PASID_MASK, PASID_MAX, PASID_SPACE_SIZE,
     RESERVED_PASID,
 };
-pub use sva::{AddressSpaceId, Binding, DomainId, SvaHandle, SvaRegistry, TaskId};
 pub use table::PasidTable;
 pub use translator::{IdentityPasids, PasidTranslator};
 
@@ -140,15 +129,6 @@ pub enum Error {
     /// A write to IA32_PASID with reserved bits set (the VMM injects #GP).
     #[error("IA32_PASID value {0:#x} sets reserved bits")]
     MsrReservedBits(u64),
-    /// An SVA handle that was never returned, or was already unbound.
-    #[error("unknown {0}")]
-    UnknownHandle(SvaHandle),
-    /// An address space that has no PASID: never bound, or already released.
-    #[error("unknown {0}")]
-    UnknownAddressSpace(AddressSpaceId),
-    /// The task already holds a reference to its address space's PASID.
-    #[error("{0} already holds its PASID reference")]
-    TaskRefHeld(TaskId),
     /// A host PASID width outside 1..=20 bits.
     #[error("PASID width of {0} bits is not in 1..=20")]
     InvalidWidth(u32),

@@ -12,8 +12,8 @@
 //!   charge.
 //!
 //! The space does no reference counting: a PASID is freed exactly once, by
-//! whoever holds it, when the address space it names ends (see
-//! [`crate::sva`]). Running out is only possible by abuse, and then fails
+//! whoever holds it (a guest's [`PasidTable`](crate::PasidTable) when the
+//! guest tears the PASID down). Running out is only possible by abuse, and then fails
 //! cleanly with [`Error::NoSpace`].
 //!
 //! Allocation is next-fit over bitmaps: the search resumes after the last
@@ -399,10 +399,10 @@ impl PasidSpace {
     /// [`Error::OutOfRange`], [`Error::NotAllocated`] (double free or wrong
     /// scope), [`Error::NotOwner`].
     ///
-    /// PASIDs that a [`PasidTable`](crate::PasidTable) or an
-    /// [`SvaRegistry`](crate::SvaRegistry) allocated are theirs to free:
-    /// freeing one behind their back would let the space hand it to another
-    /// owner while they still use it.
+    /// PASIDs that a [`PasidTable`](crate::PasidTable) allocated are its to
+    /// free:
+    /// freeing one behind its back would let the space hand it to another
+    /// owner while the table still maps it.
     pub fn free(&self, owner: OwnerId, scope: Scope, pasid: u32) -> Result<()> {
         let result = lock(&self.inner).free(owner, scope, pasid);
         match result {

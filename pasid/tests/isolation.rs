@@ -4,14 +4,13 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use pasid::{
-    AddressSpaceId, Error, OwnerId, PasidSpace, PasidTable, RequesterId, Scope, SvaRegistry,
-    PASID_MAX,
-};
+use pasid::{Error, OwnerId, PasidSpace, PasidTable, RequesterId, Scope, PASID_MAX};
 use proptest::prelude::*;
 
 const GUESTS: usize = 3;
 const BITS: u32 = 5;
+/// Global PASIDs each guest may hold outside its table.
+const SLOTS: usize = 4;
 
 #[derive(Clone, Copy, Debug)]
 enum Op {
@@ -34,14 +33,15 @@ enum Op {
         victim: usize,
         pick: usize,
     },
-    /// SVA on the same space, charged to the guest.
-    Bind {
+    /// A global PASID charged to the guest outside its table (as an
+    /// address-space binding would take one), from the same space.
+    Alloc {
         guest: usize,
-        mm: u64,
+        slot: usize,
     },
-    Release {
+    Free {
         guest: usize,
-        mm: u64,
+        slot: usize,
     },
     /// The VMM's own device-scoped allocations.
     VmmDevice {
@@ -58,8 +58,8 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         1 => guest.clone().prop_map(|guest| Op::Recreate { guest }),
         2 => (guest.clone(), guest.clone(), any::<usize>())
             .prop_map(|(by, victim, pick)| Op::ForeignFree { by, victim, pick }),
-        2 => (guest.clone(), 0..4u64).prop_map(|(guest, mm)| Op::Bind { guest, mm }),
-        1 => (guest, 0..4u64).prop_map(|(guest, mm)| Op::Release { guest, mm }),
+        2 => (guest.clone(), 0..SLOTS).prop_map(|(guest, slot)| Op::Alloc { guest, slot }),
+        1 => (guest, 0..SLOTS).prop_map(|(guest, slot)| Op::Free { guest, slot }),
         1 => (0..3u16).prop_map(|rid| Op::VmmDevice { rid }),
     ]
 }
@@ -77,10 +77,7 @@ proptest! {
             .iter()
             .map(|&owner| PasidTable::new(space.clone(), owner).unwrap())
             .collect();
-        let sva: Vec<SvaRegistry> = owners
-            .iter()
-            .map(|&owner| SvaRegistry::new(space.clone(), owner).unwrap())
-            .collect();
+        let mut held: Vec<[Option<u32>; SLOTS]> = vec![[None; SLOTS]; GUESTS];
         for op in ops {
             match op {
                 Op::Install { guest, gpasid } => {
@@ -106,11 +103,15 @@ proptest! {
                         );
                     }
                 }
-                Op::Bind { guest, mm } => {
-                    let _ = sva[guest].bind(AddressSpaceId(mm), RequesterId(0x100));
+                Op::Alloc { guest, slot } => {
+                    if held[guest][slot].is_none() {
+                        held[guest][slot] = space.alloc(owners[guest], Scope::Global).ok();
+                    }
                 }
-                Op::Release { guest, mm } => {
-                    let _ = sva[guest].release_address_space(AddressSpaceId(mm));
+                Op::Free { guest, slot } => {
+                    if let Some(h) = held[guest][slot].take() {
+                        prop_assert_eq!(space.free(owners[guest], Scope::Global, h), Ok(()));
+                    }
                 }
                 Op::VmmDevice { rid } => {
                     let _ = space.alloc(OwnerId::VMM, Scope::Device(RequesterId(rid)));
@@ -130,12 +131,10 @@ proptest! {
                     }
                 }
             }
-            for (guest, registry) in sva.iter().enumerate() {
-                for mm in 0..4 {
-                    if let Some(h) = registry.pasid(AddressSpaceId(mm)) {
-                        prop_assert_eq!(space.owner_of(Scope::Global, h), Some(owners[guest]));
-                        prop_assert!(!mapped_by.contains_key(&h), "SVA PASID {} also in a table", h);
-                    }
+            for (guest, slots) in held.iter().enumerate() {
+                for &h in slots.iter().flatten() {
+                    prop_assert_eq!(space.owner_of(Scope::Global, h), Some(owners[guest]));
+                    prop_assert!(!mapped_by.contains_key(&h), "held PASID {} also in a table", h);
                 }
             }
         }
