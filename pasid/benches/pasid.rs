@@ -15,7 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
-use pasid::{OwnerId, PasidSpace, PasidTable, RequesterId, Scope, PASID_MAX};
+use pasid::{OwnerId, PasidSpace, PasidTable, Scope, PASID_MAX};
+use pci::PciAddress;
 
 /// Guest PASIDs looked up, in a fixed pseudo-random order that defeats the
 /// prefetcher equally for both structures.
@@ -135,7 +136,7 @@ fn alloc_free(c: &mut Criterion) {
             half.free(guest, Scope::Global, *pasid).unwrap();
         }
     }
-    let rid = Scope::Device(RequesterId::new(0, 3, 0));
+    let rid = Scope::Device(PciAddress::new(0, 3, 0));
     for _ in 0..1000 {
         half.alloc(guest, rid).unwrap();
     }

@@ -62,8 +62,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 pub use msr::{Ia32Pasid, MSR_IA32_PASID};
 pub use space::{
-    OwnerId, PasidSpace, RequesterId, Scope, PASID_BITS, PASID_MASK, PASID_MAX, PASID_SPACE_SIZE,
-    RESERVED_PASID,
+    OwnerId, PasidSpace, Scope, PASID_BITS, PASID_MASK, PASID_MAX, PASID_SPACE_SIZE, RESERVED_PASID,
 };
 pub use table::PasidTable;
 pub use translator::{IdentityPasids, PasidTranslator};

@@ -25,6 +25,8 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Mutex;
 
+use pci::PciAddress;
+
 use crate::bitmap::{find_clear, Bitmap};
 use crate::{lock, Error, Result};
 
@@ -41,52 +43,13 @@ pub const PASID_MASK: u32 = PASID_SPACE_SIZE - 1;
 /// PASID of requests without PASID (RID_PASID); never allocated.
 pub const RESERVED_PASID: u32 = 0;
 
-/// A PCI requester ID (bus, device, function), as carried by DMA requests.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct RequesterId(pub u16);
-
-impl RequesterId {
-    /// The requester ID of `bus:device.function` (`device` < 32,
-    /// `function` < 8; higher bits are dropped).
-    pub fn new(bus: u8, device: u8, function: u8) -> Self {
-        RequesterId(u16::from(bus) << 8 | u16::from(device & 0x1f) << 3 | u16::from(function & 7))
-    }
-
-    /// Bus number (bits 15:8).
-    pub fn bus(self) -> u8 {
-        (self.0 >> 8) as u8
-    }
-
-    /// Device number (bits 7:3).
-    pub fn device(self) -> u8 {
-        ((self.0 >> 3) & 0x1f) as u8
-    }
-
-    /// Function number (bits 2:0).
-    pub fn function(self) -> u8 {
-        (self.0 & 7) as u8
-    }
-}
-
-impl fmt::Display for RequesterId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{:02x}:{:02x}.{}",
-            self.bus(),
-            self.device(),
-            self.function()
-        )
-    }
-}
-
 /// Where an allocated PASID must be valid.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Scope {
     /// Valid for every device and IOMMU in the system (ENQCMD, SVA).
     Global,
-    /// Valid only for DMA from this requester ID.
-    Device(RequesterId),
+    /// Valid only for DMA from this function.
+    Device(PciAddress),
 }
 
 impl fmt::Display for Scope {
@@ -145,7 +108,7 @@ struct Inner {
     /// must avoid.
     any: Bitmap,
     global_hint: u32,
-    devices: HashMap<RequesterId, DeviceSpace>,
+    devices: HashMap<PciAddress, DeviceSpace>,
     owners: Vec<Owner>,
     allocated: u32,
 }
@@ -422,16 +385,8 @@ impl PasidSpace {
 mod tests {
     use super::*;
 
-    const RID_A: Scope = Scope::Device(RequesterId(0x0010));
-    const RID_B: Scope = Scope::Device(RequesterId(0x0018));
-
-    #[test]
-    fn requester_id_fields() {
-        let rid = RequesterId::new(0x3a, 0x1f, 7);
-        assert_eq!(rid, RequesterId(0x3aff));
-        assert_eq!((rid.bus(), rid.device(), rid.function()), (0x3a, 0x1f, 7));
-        assert_eq!(rid.to_string(), "3a:1f.7");
-    }
+    const RID_A: Scope = Scope::Device(PciAddress::from_rid(0x0010));
+    const RID_B: Scope = Scope::Device(PciAddress::from_rid(0x0018));
 
     #[test]
     fn pasid_zero_is_never_allocated_and_cannot_be_freed() {

@@ -2,7 +2,8 @@
 
 use std::sync::Arc;
 
-use pasid::{Error, OwnerId, PasidSpace, PasidTable, RequesterId, Scope, PASID_MAX};
+use pasid::{Error, OwnerId, PasidSpace, PasidTable, Scope, PASID_MAX};
+use pci::PciAddress;
 
 #[test]
 fn global_scope_allocates_every_pasid_but_zero_exactly_once() {
@@ -19,7 +20,7 @@ fn global_scope_allocates_every_pasid_but_zero_exactly_once() {
         Err(Error::NoSpace(Scope::Global))
     );
     // No device can get one either: every value is global.
-    let rid = Scope::Device(RequesterId(0x100));
+    let rid = Scope::Device(PciAddress::from_rid(0x100));
     assert_eq!(space.alloc(OwnerId::VMM, rid), Err(Error::NoSpace(rid)));
 
     space.free(OwnerId::VMM, Scope::Global, 0x5_5555).unwrap();
@@ -34,8 +35,8 @@ fn global_scope_allocates_every_pasid_but_zero_exactly_once() {
 fn device_scope_exhausts_per_requester_id() {
     let space = PasidSpace::new();
     let guest = space.add_owner("guest", None);
-    let a = Scope::Device(RequesterId::new(0, 1, 0));
-    let b = Scope::Device(RequesterId::new(0, 2, 0));
+    let a = Scope::Device(PciAddress::new(0, 1, 0));
+    let b = Scope::Device(PciAddress::new(0, 2, 0));
     for _ in 0..PASID_MAX {
         space.alloc(guest, a).unwrap();
     }

@@ -4,7 +4,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use pasid::{Error, OwnerId, PasidSpace, PasidTable, RequesterId, Scope, PASID_MAX};
+use pasid::{Error, OwnerId, PasidSpace, PasidTable, Scope, PASID_MAX};
+use pci::PciAddress;
 use proptest::prelude::*;
 
 const GUESTS: usize = 3;
@@ -114,7 +115,7 @@ proptest! {
                     }
                 }
                 Op::VmmDevice { rid } => {
-                    let _ = space.alloc(OwnerId::VMM, Scope::Device(RequesterId(rid)));
+                    let _ = space.alloc(OwnerId::VMM, Scope::Device(PciAddress::from_rid(rid)));
                 }
             }
             // Every translation any table can give, against the space's

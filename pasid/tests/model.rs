@@ -4,7 +4,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use pasid::{Error, OwnerId, PasidSpace, PasidTable, RequesterId, Scope, PASID_MAX};
+use pasid::{Error, OwnerId, PasidSpace, PasidTable, Scope, PASID_MAX};
+use pci::PciAddress;
 use proptest::prelude::*;
 
 // ---- allocator ----
@@ -55,7 +56,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
 fn to_scope(scope: Option<u16>) -> Scope {
     match scope {
         None => Scope::Global,
-        Some(dev) => Scope::Device(RequesterId(0x100 + dev * 8)),
+        Some(dev) => Scope::Device(PciAddress::from_rid(0x100 + dev * 8)),
     }
 }
 

@@ -7,6 +7,7 @@
 //! build and test without KVM. (Devices on the plain MMIO and port-I/O buses
 //! implement the `bus` crate's `BusDevice`.)
 //!
+//! - [`PciAddress`]: a function's bus/device/function, and its requester ID.
 //! - [`PciDevice`]: a PCI(e) function: 4 KiB configuration space and BARs.
 //! - [`PciConfiguration`]: a configuration-space model with BARs, capability
 //!   and extended-capability lists and write masks.
@@ -15,6 +16,7 @@
 
 #![forbid(unsafe_code)]
 
+mod address;
 mod configuration;
 mod device;
 mod msi;
@@ -22,6 +24,7 @@ mod msix;
 mod pcie;
 
 // Until every user imports them from `bus` (they are not PCI).
+pub use address::{PciAddress, DEVICES_PER_BUS, FUNCTIONS_PER_DEVICE};
 pub use bus::{BusDevice, StoreKind, StoreReply};
 pub use configuration::{
     BarKind, ConfigError, MappedBar, PciConfiguration, PciHeader, BAR_COUNT, CONFIG_SPACE_SIZE,

@@ -62,16 +62,6 @@ where
     mem.read_obj::<[u64; N]>(GuestAddress(addr)).ok()
 }
 
-/// A bus/device/function requester ID.
-pub fn bus(rid: u16) -> u8 {
-    (rid >> 8) as u8
-}
-
-/// Device/function part of a requester ID.
-pub fn devfn(rid: u16) -> u8 {
-    rid as u8
-}
-
 /// Scalable-mode root entry (128-bit, one per bus): the lower half points at the context
 /// table for devfn 0-127, the upper half at the one for devfn 128-255.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -9,6 +9,7 @@ use std::ops::Range;
 use std::sync::atomic::Ordering;
 
 use log::debug;
+use pci::PciAddress;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemory, Permissions};
 
 use crate::cache::{CachedStage, Caches, IotlbEntry};
@@ -21,7 +22,7 @@ use crate::paging::{self, AccessType, Translation, WalkConfig, PAGE_SIZE_4K};
 use crate::prq::{PageRequest, PostOutcome};
 use crate::regs::{rtaddr, HOST_ADDRESS_WIDTH};
 use crate::second_stage::{self, StageTranslation};
-use crate::tables::{bus, devfn, ContextEntry, PasidEntry, Pgtt, RootEntry, TableFault};
+use crate::tables::{ContextEntry, PasidEntry, Pgtt, RootEntry, TableFault};
 use crate::{lock, Iommu};
 
 /// Why a request was not translated (before fault recording).
@@ -230,8 +231,9 @@ impl<S: GuestAddressSpace> Iommu<S> {
         if let Some(c) = caches.context.get(rid) {
             return Ok(c);
         }
-        let table = RootEntry::read(mem, root, bus(rid))?.context_table(devfn(rid))?;
-        let entry = ContextEntry::read(mem, table, devfn(rid))?;
+        let function = PciAddress::from_rid(rid);
+        let table = RootEntry::read(mem, root, function.bus)?.context_table(function.devfn())?;
+        let entry = ContextEntry::read(mem, table, function.devfn())?;
         caches.context.insert(rid, entry);
         Ok(entry)
     }

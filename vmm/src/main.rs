@@ -828,7 +828,7 @@ fn sva_bench(
         .pasids
         .device_requests()
         .iter()
-        .map(|&(rid, hpasid)| format!("{}/{hpasid:#x}", vmm::pci_root::Bdf::from_rid(rid)))
+        .map(|&(rid, hpasid)| format!("{}/{hpasid:#x}", pci::PciAddress::from_rid(rid)))
         .collect();
     println!(
         "bench: with the vIOMMU and a vDSA: guest PASID {:#x} -> host PASID {}; \

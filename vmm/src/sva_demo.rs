@@ -17,9 +17,9 @@ use crate::microguest::driver::{report, slot, store_bytes};
 use crate::microguest::{
     enter_user, exit_with, MicroGuest, MicroOptions, DATA_START, USER_STACK_TOP,
 };
-use crate::pci_root::Bdf;
 use crate::sva::{dsa_placements, AccelConfig};
 use iced_x86::IcedError;
+use pci::PciAddress;
 
 /// What every program ends with when all its checks passed.
 pub const DONE: u32 = 0x5a0d;
@@ -182,7 +182,7 @@ pub fn options(iommu: bool) -> MicroOptions {
 /// The program's parameters for the machine of [`accel`].
 pub fn program(iommu: bool, seed: u8) -> SvaProgram {
     SvaProgram {
-        dsa_rid: dsa_placements(&accel(iommu).dsa)[0].rid(),
+        dsa_rid: dsa_placements(&accel(iommu).dsa)[0].bdf.rid(),
         pasid: GUEST_PASID,
         did: 1,
         iommu,
@@ -253,7 +253,7 @@ pub fn describe(run: &crate::microguest::MicroRun, p: &SvaProgram) -> (Vec<Strin
             let requests = run.pasids.device_requests();
             let tagged: Vec<String> = requests
                 .iter()
-                .map(|&(rid, h)| format!("{} with host PASID {h:#x}", Bdf::from_rid(rid)))
+                .map(|&(rid, h)| format!("{} with host PASID {h:#x}", PciAddress::from_rid(rid)))
                 .collect();
             ok &= requests.iter().all(|&(_, h)| h == host);
             lines.push(format!(

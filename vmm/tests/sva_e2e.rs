@@ -49,8 +49,8 @@ fn pasid_entry_of(
     rid: u16,
     pasid: u32,
 ) -> Result<viommu::PasidEntry, FaultReason> {
-    let bus = viommu::tables::bus(rid);
-    let devfn = viommu::tables::devfn(rid);
+    let function = pci::PciAddress::from_rid(rid);
+    let (bus, devfn) = (function.bus, function.devfn());
     let root_entry = RootEntry::read(memory, root, bus).map_err(|f| f.reason)?;
     let context_table = root_entry.context_table(devfn).map_err(|f| f.reason)?;
     let context = ContextEntry::read(memory, context_table, devfn).map_err(|f| f.reason)?;

@@ -30,7 +30,7 @@ use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use log::{debug, warn};
-use pci::{MappedBar, PciDevice, BAR_COUNT};
+use pci::{MappedBar, PciAddress, PciDevice, BAR_COUNT};
 use thiserror::Error;
 
 use crate::layout;
@@ -57,48 +57,6 @@ const BAR_MEM_TYPE_MASK: u32 = 0b11 << 1;
 const BAR_MEM_TYPE_64: u32 = 0b10 << 1;
 const BAR_MEM_ADDRESS_MASK: u32 = !0xf;
 
-/// A PCI bus/device/function address.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Bdf {
-    /// Bus number.
-    pub bus: u8,
-    /// Device number (0..32).
-    pub device: u8,
-    /// Function number (0..8).
-    pub function: u8,
-}
-
-impl Bdf {
-    /// The function a requester ID (bus << 8 | devfn) names.
-    pub fn from_rid(rid: u16) -> Self {
-        let [bus, devfn] = rid.to_be_bytes();
-        Self {
-            bus,
-            ..Self::from_devfn(devfn)
-        }
-    }
-
-    /// A function on bus 0.
-    pub fn from_devfn(devfn: u8) -> Self {
-        Self {
-            bus: 0,
-            device: devfn >> 3,
-            function: devfn & 7,
-        }
-    }
-
-    /// The device/function byte (`device << 3 | function`).
-    pub fn devfn(&self) -> u8 {
-        (self.device << 3) | (self.function & 7)
-    }
-}
-
-impl fmt::Display for Bdf {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:02x}:{:02x}.{}", self.bus, self.device, self.function)
-    }
-}
-
 /// Errors adding a function to the root complex.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum PciRootError {
@@ -109,7 +67,7 @@ pub enum PciRootError {
     #[error("no room for BAR {bar} ({size:#x} bytes) of {bdf} in the {window} MMIO window")]
     WindowFull {
         /// The function.
-        bdf: Bdf,
+        bdf: PciAddress,
         /// The BAR register index.
         bar: u8,
         /// The BAR size.
@@ -205,9 +163,9 @@ impl Default for PciRoot {
 impl fmt::Debug for PciRoot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let functions = self.functions_read();
-        let present: Vec<Bdf> = (0..DEVFN_COUNT)
+        let present: Vec<PciAddress> = (0..DEVFN_COUNT)
             .filter(|&i| functions[i].is_some())
-            .map(|i| Bdf::from_devfn(i as u8))
+            .map(|i| PciAddress::from_devfn(i as u8))
             .collect();
         f.debug_struct("PciRoot")
             .field("functions", &present)
@@ -246,7 +204,7 @@ impl PciRoot {
     /// aligned address (64-bit BARs in the 64-bit window, 32-bit BARs in the
     /// 32-bit window, largest first) and enables memory decoding. I/O BARs
     /// are left unassigned: the machine has no PCI I/O window.
-    pub fn add_device(&self, device: SharedPciDevice) -> Result<Bdf, PciRootError> {
+    pub fn add_device(&self, device: SharedPciDevice) -> Result<PciAddress, PciRootError> {
         // Hold the function table for the whole insertion so that two
         // concurrent callers cannot take the same slot.
         let mut functions = self
@@ -274,7 +232,7 @@ impl PciRoot {
     fn assign_bars(
         &self,
         dev: &mut dyn PciDevice,
-        bdf: Bdf,
+        bdf: PciAddress,
         bars: &[ProbedBar],
     ) -> Result<(), PciRootError> {
         let mut windows = self
@@ -308,12 +266,12 @@ impl PciRoot {
     }
 
     /// Where [`PciRoot::add_device`] would put the next function.
-    pub fn first_free_device(&self) -> Option<Bdf> {
+    pub fn first_free_device(&self) -> Option<PciAddress> {
         first_free(&self.functions_read())
     }
 
     /// The function at `bdf`, if any.
-    pub fn device(&self, bdf: Bdf) -> Option<SharedPciDevice> {
+    pub fn device(&self, bdf: PciAddress) -> Option<SharedPciDevice> {
         if bdf.bus != 0 {
             return None;
         }
@@ -396,9 +354,9 @@ impl PciRoot {
 }
 
 /// Function 0 of the first device number of bus 0 that has no function.
-fn first_free(functions: &[Option<SharedPciDevice>]) -> Option<Bdf> {
+fn first_free(functions: &[Option<SharedPciDevice>]) -> Option<PciAddress> {
     (1..DEVICES_PER_BUS)
-        .map(|device| Bdf {
+        .map(|device| PciAddress {
             bus: 0,
             device,
             function: 0,
@@ -420,7 +378,7 @@ fn read_config_u16(dev: &mut dyn PciDevice, offset: u16) -> u16 {
 
 /// Sizes the memory BARs of `dev` the way firmware does: write all ones,
 /// read back the mask, restore.
-fn probe_bars(dev: &mut dyn PciDevice, bdf: Bdf) -> Vec<ProbedBar> {
+fn probe_bars(dev: &mut dyn PciDevice, bdf: PciAddress) -> Vec<ProbedBar> {
     let mut bars = Vec::new();
     let mut index = 0;
     while index < BAR_COUNT as u16 {

@@ -110,24 +110,24 @@ impl PciDevice for FakeFunction {
 }
 
 /// A root with one fake function added.
-fn root_with_fake() -> (PciRoot, Arc<Mutex<FakeFunction>>, Bdf) {
+fn root_with_fake() -> (PciRoot, Arc<Mutex<FakeFunction>>, PciAddress) {
     let root = PciRoot::new();
     let fake = Arc::new(Mutex::new(FakeFunction::new()));
     let bdf = root.add_device(fake.clone()).unwrap();
     (root, fake, bdf)
 }
 
-fn ecam_offset(bdf: Bdf, register: u16) -> u64 {
+fn ecam_offset(bdf: PciAddress, register: u16) -> u64 {
     (u64::from(bdf.bus) << 20) | (u64::from(bdf.devfn()) << 12) | u64::from(register)
 }
 
-fn ecam_read32(ecam: &mut PciEcam, bdf: Bdf, register: u16) -> u32 {
+fn ecam_read32(ecam: &mut PciEcam, bdf: PciAddress, register: u16) -> u32 {
     let mut b = [0; 4];
     ecam.read(PCIE_ECAM_START, ecam_offset(bdf, register), &mut b);
     u32::from_le_bytes(b)
 }
 
-fn ecam_write32(ecam: &mut PciEcam, bdf: Bdf, register: u16, value: u32) {
+fn ecam_write32(ecam: &mut PciEcam, bdf: PciAddress, register: u16, value: u32) {
     ecam.write(
         PCIE_ECAM_START,
         ecam_offset(bdf, register),
@@ -186,7 +186,7 @@ fn window_split(addr: u64) -> (u64, u64) {
     }
 }
 
-const HOST_BRIDGE: Bdf = Bdf {
+const HOST_BRIDGE: PciAddress = PciAddress {
     bus: 0,
     device: 0,
     function: 0,
@@ -238,7 +238,7 @@ fn ecam_unaligned_or_odd_sized_access_reads_all_ones() {
 fn config_ports_read_ids_and_honour_enable_bit() {
     let (root, _fake, bdf) = root_with_fake();
     let mut io = root.config_io();
-    let select = |bdf: Bdf, reg: u32| 0x8000_0000 | (u32::from(bdf.devfn()) << 8) | reg;
+    let select = |bdf: PciAddress, reg: u32| 0x8000_0000 | (u32::from(bdf.devfn()) << 8) | reg;
 
     cf8_select(&mut io, select(HOST_BRIDGE, 0));
     assert_eq!(cfc_read(&mut io, 0, 4), 0x0d57_8086);
@@ -278,19 +278,19 @@ fn config_ports_ignore_byte_accesses_to_address_register() {
 fn absent_functions_and_other_buses_read_all_ones() {
     let (root, _fake, _bdf) = root_with_fake();
     let mut ecam = root.ecam();
-    let absent = Bdf {
+    let absent = PciAddress {
         bus: 0,
         device: 2,
         function: 0,
     };
     assert_eq!(ecam_read32(&mut ecam, absent, 0), 0xffff_ffff);
     assert_eq!(
-        ecam_read32(&mut ecam, Bdf::from_devfn(0x09), 0),
+        ecam_read32(&mut ecam, PciAddress::from_devfn(0x09), 0),
         0xffff_ffff,
         "function 1 of the fake device"
     );
     ecam_write32(&mut ecam, absent, 0x10, 0x1234_5000);
-    let other_bus = Bdf {
+    let other_bus = PciAddress {
         bus: 1,
         device: 0,
         function: 0,
@@ -518,7 +518,10 @@ fn bar_larger_than_the_window_is_refused() {
         err.to_string(),
         "no room for BAR 1 (0x40000000 bytes) of 00:01.0 in the 32-bit MMIO window"
     );
-    assert!(root.device(Bdf::from_devfn(8)).is_none(), "not added");
+    assert!(
+        root.device(PciAddress::from_devfn(8)).is_none(),
+        "not added"
+    );
 }
 
 #[test]

@@ -81,7 +81,7 @@ mod tests;
 
 use std::sync::{Arc, Mutex};
 
-use pci::{BusDevice, MsiSink, PciDevice};
+use pci::{BusDevice, MsiSink, PciAddress, PciDevice};
 use thiserror::Error;
 use vdsa::dma::{DmaPort, IdentityDma};
 use vdsa::{Dsa, DsaConfig, DsaError};
@@ -89,7 +89,7 @@ use viommu::dmar::{build_dmar_table, DmarConfig};
 
 use crate::layout;
 use crate::msi::KvmMsiSink;
-use crate::pci_root::{Bdf, PciRoot, PciRootError, SharedPciDevice};
+use crate::pci_root::{PciRoot, PciRootError, SharedPciDevice};
 use crate::vm::Vm;
 use bus::BusError;
 
@@ -115,18 +115,11 @@ pub struct AccelConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DsaPlacement {
     /// Its PCI address.
-    pub bdf: Bdf,
+    pub bdf: PciAddress,
     /// BAR0 (registers) base.
     pub bar0: u64,
     /// BAR2 (portals) base.
     pub bar2: u64,
-}
-
-impl DsaPlacement {
-    /// The requester ID of its DMA (bus << 8 | devfn).
-    pub fn rid(&self) -> u16 {
-        u16::from(self.bdf.bus) << 8 | u16::from(self.bdf.devfn())
-    }
 }
 
 /// Size of a vDSA's BAR2: four 4 KiB portals per WQ, rounded up to a power
@@ -161,7 +154,7 @@ pub fn dsa_placements(configs: &[DsaConfig]) -> Vec<DsaPlacement> {
                 (bar0, take(bar2_size))
             };
             DsaPlacement {
-                bdf: Bdf {
+                bdf: PciAddress {
                     bus: 0,
                     device: i as u8 + 1,
                     function: 0,
@@ -251,7 +244,7 @@ pub fn attach_devices(
     let mut functions = Vec::new();
     for (index, dsa_config) in configs.iter().enumerate() {
         let bdf = root.first_free_device().ok_or(PciRootError::BusFull)?;
-        let rid = u16::from(bdf.devfn());
+        let rid = bdf.rid();
         let (dma, viommu_dma): (Arc<dyn DmaPort>, _) = match &iommu {
             Some(iommu) => {
                 let port = Arc::new(ViommuDma::new(
@@ -310,7 +303,7 @@ pub fn attach_devices(
     }
     let dmar = iommu.as_ref().map(|iommu| {
         iommu.add_pasid_observer(pasids.clone());
-        let rids = placements.iter().map(DsaPlacement::rid).collect();
+        let rids = placements.iter().map(|p| p.bdf.rid()).collect();
         pasids.set_authority(Arc::new(ViommuAuthority::new(iommu, rids)));
         build_dmar_table(&DmarConfig::include_all(layout::VIOMMU_START))
     });

@@ -557,7 +557,7 @@ fn wq_device_in(
         }],
     )
     .unwrap();
-    assert_eq!(attached.dsa[0].rid(), RID);
+    assert_eq!(attached.dsa[0].bdf.rid(), RID);
     let function = attached.functions[0].clone();
     let mut guard = function.lock().unwrap();
     let dev: &mut dyn pci::PciDevice = &mut *guard;

@@ -151,7 +151,8 @@ impl ScalableTables {
     /// Adds the context entry of `rid`: PASID enabled, a PASID directory
     /// of its own, RID_PASID 0, and `controls`.
     pub fn add_device(&mut self, rid: u16, controls: ContextControls) -> Result<(), TablesError> {
-        let (bus, devfn) = (viommu::tables::bus(rid), viommu::tables::devfn(rid));
+        let function = pci::PciAddress::from_rid(rid);
+        let (bus, devfn) = (function.bus, function.devfn());
         let upper = devfn >= 0x80;
         let table = match self
             .context_tables
