@@ -2,6 +2,8 @@
 
 use thiserror::Error;
 
+use crate::header::{bar, command, offset, status};
+
 /// Size of a PCIe function's configuration space.
 pub const CONFIG_SPACE_SIZE: usize = 4096;
 /// Size of the part reachable through the legacy 0xCF8/0xCFC mechanism.
@@ -9,33 +11,20 @@ pub const LEGACY_CONFIG_SPACE_SIZE: usize = 256;
 /// Number of BAR registers in a type-0 header.
 pub const BAR_COUNT: usize = 6;
 
-// Type-0 header register offsets.
-const VENDOR_ID: usize = 0x00;
-const DEVICE_ID: usize = 0x02;
-const COMMAND: usize = 0x04;
-const STATUS: usize = 0x06;
-const REVISION_ID: usize = 0x08;
-const CLASS_CODE: usize = 0x09;
-const CACHE_LINE_SIZE: usize = 0x0c;
-const HEADER_TYPE: usize = 0x0e;
-const BAR0: usize = 0x10;
-const SUBSYSTEM_VENDOR_ID: usize = 0x2c;
-const SUBSYSTEM_ID: usize = 0x2e;
-const CAPABILITIES_POINTER: usize = 0x34;
-const INTERRUPT_LINE: usize = 0x3c;
-
-const COMMAND_IO_SPACE: u16 = 1 << 0;
-const COMMAND_MEMORY_SPACE: u16 = 1 << 1;
-const COMMAND_BUS_MASTER: u16 = 1 << 2;
-const COMMAND_PARITY_ERROR_RESPONSE: u16 = 1 << 6;
-const COMMAND_SERR: u16 = 1 << 8;
-const COMMAND_INTX_DISABLE: u16 = 1 << 10;
-const STATUS_CAPABILITIES_LIST: u16 = 1 << 4;
-/// Status bits 8 and 11..15 are write-1-to-clear error flags.
-const STATUS_W1C: u16 = 0xf900;
-
-const BAR_MEM_TYPE_64: u32 = 0b10 << 1;
-const BAR_MEM_PREFETCHABLE: u32 = 1 << 3;
+// Type-0 header register offsets, as indexes into the space.
+const VENDOR_ID: usize = offset::VENDOR_ID as usize;
+const DEVICE_ID: usize = offset::DEVICE_ID as usize;
+const COMMAND: usize = offset::COMMAND as usize;
+const STATUS: usize = offset::STATUS as usize;
+const REVISION_ID: usize = offset::REVISION_ID as usize;
+const CLASS_CODE: usize = offset::CLASS_CODE as usize;
+const CACHE_LINE_SIZE: usize = offset::CACHE_LINE_SIZE as usize;
+const HEADER_TYPE: usize = offset::HEADER_TYPE as usize;
+const BAR0: usize = offset::BAR0 as usize;
+const SUBSYSTEM_VENDOR_ID: usize = offset::SUBSYSTEM_VENDOR_ID as usize;
+const SUBSYSTEM_ID: usize = offset::SUBSYSTEM_ID as usize;
+const CAPABILITIES_POINTER: usize = offset::CAPABILITIES_POINTER as usize;
+const INTERRUPT_LINE: usize = offset::INTERRUPT_LINE as usize;
 
 /// First offset of the standard capability list.
 const CAPABILITY_START: usize = 0x40;
@@ -170,14 +159,14 @@ impl PciConfiguration {
         );
         cfg.put(SUBSYSTEM_ID, &header.subsystem_id.to_le_bytes());
         cfg.put(HEADER_TYPE, &[0]);
-        let command_mask = COMMAND_IO_SPACE
-            | COMMAND_MEMORY_SPACE
-            | COMMAND_BUS_MASTER
-            | COMMAND_PARITY_ERROR_RESPONSE
-            | COMMAND_SERR
-            | COMMAND_INTX_DISABLE;
+        let command_mask = command::IO_SPACE
+            | command::MEMORY_SPACE
+            | command::BUS_MASTER
+            | command::PARITY_ERROR_RESPONSE
+            | command::SERR
+            | command::INTX_DISABLE;
         cfg.set_writable(COMMAND as u16, &command_mask.to_le_bytes());
-        cfg.set_write_one_to_clear(STATUS as u16, &STATUS_W1C.to_le_bytes());
+        cfg.set_write_one_to_clear(STATUS as u16, &status::W1C.to_le_bytes());
         cfg.set_writable(CACHE_LINE_SIZE as u16, &[0xff]);
         cfg.set_writable(INTERRUPT_LINE as u16, &[0xff]);
         cfg
@@ -208,14 +197,9 @@ impl PciConfiguration {
         }
         let (flags, prefetchable) = match kind {
             BarKind::Memory32 { prefetchable } => (0, prefetchable),
-            BarKind::Memory64 { prefetchable } => (BAR_MEM_TYPE_64, prefetchable),
+            BarKind::Memory64 { prefetchable } => (bar::MEM_TYPE_64, prefetchable),
         };
-        let flags = flags
-            | if prefetchable {
-                BAR_MEM_PREFETCHABLE
-            } else {
-                0
-            };
+        let flags = flags | if prefetchable { bar::PREFETCHABLE } else { 0 };
         let mask = !(size - 1);
         let reg = (BAR0 + 4 * index) as u16;
         self.put(reg.into(), &flags.to_le_bytes());
@@ -290,12 +274,12 @@ impl PciConfiguration {
 
     /// Whether memory-space decoding is enabled.
     pub fn memory_enabled(&self) -> bool {
-        self.command() & COMMAND_MEMORY_SPACE != 0
+        self.command() & command::MEMORY_SPACE != 0
     }
 
     /// Whether the function may master the bus (issue DMA and MSIs).
     pub fn bus_master_enabled(&self) -> bool {
-        self.command() & COMMAND_BUS_MASTER != 0
+        self.command() & command::BUS_MASTER != 0
     }
 
     /// Appends a standard capability with ID `id`.
@@ -324,7 +308,7 @@ impl PciConfiguration {
             Some(last) => self.put(last + 1, &[offset as u8]),
             None => {
                 self.put(CAPABILITIES_POINTER, &[offset as u8]);
-                let status = self.read_u16(STATUS as u16) | STATUS_CAPABILITIES_LIST;
+                let status = self.read_u16(STATUS as u16) | status::CAPABILITIES_LIST;
                 self.put(STATUS, &status.to_le_bytes());
             }
         }
@@ -525,7 +509,7 @@ mod tests {
         cfg.write(0x14, &1u32.to_le_bytes());
         assert_eq!(cfg.bar_address(0), 0x1_fe00_0000);
         assert!(cfg.mapped_bars().is_empty(), "memory decode is off");
-        cfg.write(0x04, &COMMAND_MEMORY_SPACE.to_le_bytes());
+        cfg.write(0x04, &command::MEMORY_SPACE.to_le_bytes());
         assert_eq!(
             cfg.mapped_bars(),
             vec![MappedBar {
@@ -591,8 +575,8 @@ mod tests {
         let b = cfg.add_capability(0x11, &[0; 10], &[0, 0xc0]).unwrap();
         assert_eq!((a, b), (0x40, 0x48));
         assert_eq!(
-            cfg.read_u16(0x06) & STATUS_CAPABILITIES_LIST,
-            STATUS_CAPABILITIES_LIST
+            cfg.read_u16(0x06) & status::CAPABILITIES_LIST,
+            status::CAPABILITIES_LIST
         );
         assert_eq!(cfg.find_capability(0x11), Some(0x48));
         assert_eq!(cfg.find_capability(0x05), None);
@@ -610,9 +594,9 @@ mod tests {
     #[test]
     fn status_errors_are_write_one_to_clear() {
         let mut cfg = PciConfiguration::new(&header());
-        cfg.set_u16(0x06, 0x8000 | STATUS_CAPABILITIES_LIST);
+        cfg.set_u16(0x06, 0x8000 | status::CAPABILITIES_LIST);
         cfg.write(0x06, &0x8010u16.to_le_bytes());
-        assert_eq!(cfg.read_u16(0x06), STATUS_CAPABILITIES_LIST);
+        assert_eq!(cfg.read_u16(0x06), status::CAPABILITIES_LIST);
     }
 
     #[test]

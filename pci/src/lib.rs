@@ -8,6 +8,7 @@
 //! implement the `bus` crate's `BusDevice`.)
 //!
 //! - [`PciAddress`]: a function's bus/device/function, and its requester ID.
+//! - [`header`]: the type-0 header's register offsets and bits.
 //! - [`PciDevice`]: a PCI(e) function: 4 KiB configuration space and BARs.
 //! - [`PciConfiguration`]: a configuration-space model with BARs, capability
 //!   and extended-capability lists and write masks.
@@ -19,6 +20,7 @@
 mod address;
 mod configuration;
 mod device;
+pub mod header;
 mod msi;
 mod msix;
 mod pcie;

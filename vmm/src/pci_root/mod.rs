@@ -30,7 +30,8 @@ use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use log::{debug, warn};
-use pci::{MappedBar, PciAddress, PciDevice, BAR_COUNT};
+use pci::header::{bar, command, offset};
+use pci::{MappedBar, PciAddress, PciDevice, BAR_COUNT, DEVICES_PER_BUS, FUNCTIONS_PER_DEVICE};
 use thiserror::Error;
 
 use crate::layout;
@@ -40,22 +41,8 @@ pub use config_io::PciConfigIo;
 pub use ecam::PciEcam;
 pub use host_bridge::HostBridge;
 
-/// Devices on one bus.
-const DEVICES_PER_BUS: u8 = 32;
-/// Functions per device.
-const FUNCTIONS_PER_DEVICE: u8 = 8;
 /// Device/function slots on one bus.
 const DEVFN_COUNT: usize = DEVICES_PER_BUS as usize * FUNCTIONS_PER_DEVICE as usize;
-
-// Type-0 header registers the root complex programs, as firmware would.
-const COMMAND: u16 = 0x04;
-const BAR0: u16 = 0x10;
-const COMMAND_MEMORY_SPACE: u16 = 1 << 1;
-// BAR low-dword fields.
-const BAR_IO_SPACE: u32 = 1 << 0;
-const BAR_MEM_TYPE_MASK: u32 = 0b11 << 1;
-const BAR_MEM_TYPE_64: u32 = 0b10 << 1;
-const BAR_MEM_ADDRESS_MASK: u32 = !0xf;
 
 /// Errors adding a function to the root complex.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -218,8 +205,8 @@ impl PciRoot {
             let mut bars = probe_bars(&mut *dev, bdf);
             bars.sort_by_key(|bar| std::cmp::Reverse(bar.size));
             self.assign_bars(&mut *dev, bdf, &bars)?;
-            let command = read_config_u16(&mut *dev, COMMAND) | COMMAND_MEMORY_SPACE;
-            dev.config_write(COMMAND, &command.to_le_bytes());
+            let command = read_config_u16(&mut *dev, offset::COMMAND) | command::MEMORY_SPACE;
+            dev.config_write(offset::COMMAND, &command.to_le_bytes());
             dev.mapped_bars()
         };
         functions[usize::from(bdf.devfn())] = Some(device.clone());
@@ -252,7 +239,7 @@ impl PciRoot {
                 size: bar.size,
                 window: window.name,
             })?;
-            let reg = BAR0 + 4 * u16::from(bar.index);
+            let reg = offset::BAR0 + 4 * u16::from(bar.index);
             dev.config_write(reg, &(base as u32).to_le_bytes());
             if bar.is_64bit {
                 dev.config_write(reg + 4, &((base >> 32) as u32).to_le_bytes());
@@ -382,7 +369,7 @@ fn probe_bars(dev: &mut dyn PciDevice, bdf: PciAddress) -> Vec<ProbedBar> {
     let mut bars = Vec::new();
     let mut index = 0;
     while index < BAR_COUNT as u16 {
-        let reg = BAR0 + 4 * index;
+        let reg = offset::BAR0 + 4 * index;
         let original = read_config_u32(dev, reg);
         dev.config_write(reg, &u32::MAX.to_le_bytes());
         let mask = read_config_u32(dev, reg);
@@ -391,13 +378,14 @@ fn probe_bars(dev: &mut dyn PciDevice, bdf: PciAddress) -> Vec<ProbedBar> {
             index += 1;
             continue;
         }
-        if mask & BAR_IO_SPACE != 0 {
+        if mask & bar::IO_SPACE != 0 {
             warn!("pci: {bdf} BAR{index} is an I/O BAR; the machine has no I/O window, left unassigned");
             index += 1;
             continue;
         }
-        let is_64bit = mask & BAR_MEM_TYPE_MASK == BAR_MEM_TYPE_64 && index + 1 < BAR_COUNT as u16;
-        let mut size_mask = u64::from(mask & BAR_MEM_ADDRESS_MASK) | 0xffff_ffff_0000_0000;
+        let is_64bit =
+            mask & bar::MEM_TYPE_MASK == bar::MEM_TYPE_64 && index + 1 < BAR_COUNT as u16;
+        let mut size_mask = u64::from(mask & bar::MEM_ADDRESS_MASK) | 0xffff_ffff_0000_0000;
         if is_64bit {
             let high = reg + 4;
             let original_high = read_config_u32(dev, high);
