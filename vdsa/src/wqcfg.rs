@@ -35,6 +35,10 @@ pub mod mode {
     pub const PASID_EN: u32 = 1 << 28;
     /// Privileged (dedicated WQs).
     pub const PRIV: u32 = 1 << 29;
+    /// Shift of the priority field (bits 7:4).
+    pub const PRIORITY_SHIFT: u32 = 4;
+    /// Shift of the WQ PASID field (bits 27:8, dedicated WQs).
+    pub const PASID_SHIFT: u32 = 8;
     /// Bits software may write while the WQ is disabled (WQ PRS disable,
     /// bit 3, is hardwired to 0: WQCAP.wq_prs_support is 0).
     pub const WRITABLE: u32 = 0x3fff_fff7;
@@ -97,12 +101,12 @@ impl WqCfg {
 
     /// Priority.
     pub fn priority(&self) -> u8 {
-        self.field(dword::MODE, 7, 4) as u8
+        self.field(dword::MODE, 7, mode::PRIORITY_SHIFT) as u8
     }
 
     /// WQ PASID (dedicated WQs).
     pub fn pasid(&self) -> u32 {
-        self.field(dword::MODE, 27, 8)
+        self.field(dword::MODE, 27, mode::PASID_SHIFT)
     }
 
     /// PASID enable.

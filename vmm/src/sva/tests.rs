@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use pasid::{Ia32Pasid, PasidSpace, Scope};
 use pci::{MsiRecorder, StoreKind, StoreReply};
 use vdsa::dma::{AddressSpace, DmaFault, DmaPort, FaultKind, PasidTag};
+use vdsa::wqcfg::mode;
 use viommu::paging::builder::PageTableBuilder;
 use viommu::paging::{entry, PagingLevels};
 use viommu::regs::{gcmd, iqa, rtaddr, FSTS, GCMD, GSTS, IQA, IQT, PQA, PQT, RTADDR};
@@ -525,7 +526,7 @@ fn guest_pasid_teardown_unmaps_and_frees_through_the_viommu() {
 /// A vDSA behind `g`'s vIOMMU, with PASID (and ATS if `ats`) enabled and
 /// WQ 0 shared in group 0, enabled.
 fn shared_wq_device(g: &ScalableGuest, ats: bool) -> (Arc<GuestPasids>, Accelerators) {
-    wq_device(g, ats, micro::WQCFG_PASID_EN | micro::WQCFG_PRIORITY_1)
+    wq_device(g, ats, mode::PASID_EN | WQCFG_PRIORITY_1)
 }
 
 /// [`shared_wq_device`] with WQCFG dword 2 `mode` (PRI enabled too when
@@ -568,7 +569,7 @@ fn wq_device_in(
         let ats_cap = find_ext_cap(dev, EXT_CAP_ATS);
         dev.config_write(ats_cap + 6, &0x8000u16.to_le_bytes());
     }
-    if mode & WQCFG_BOF != 0 {
+    if mode & mode::BOF != 0 {
         // Block on fault needs PRI: 32 outstanding requests, enabled.
         let pri = find_ext_cap(dev, EXT_CAP_PRI);
         dev.config_write(pri + 0xc, &32u32.to_le_bytes());
@@ -710,12 +711,7 @@ fn teardown_never_lets_a_descriptor_run_with_another_vms_host_pasid() {
     const TEARDOWNS: usize = 1000;
     let space = Arc::new(PasidSpace::with_bits(4).unwrap());
     let (mut ga, pgd) = ScalableGuest::new();
-    let (a, attached) = wq_device_in(
-        &space,
-        &ga,
-        false,
-        micro::WQCFG_PASID_EN | micro::WQCFG_PRIORITY_1,
-    );
+    let (a, attached) = wq_device_in(&space, &ga, false, mode::PASID_EN | WQCFG_PRIORITY_1);
     ga.iommu.add_pasid_observer(a.clone());
     let (b, ib) = guest(&space, "b");
     let stop = AtomicBool::new(false);
@@ -824,10 +820,7 @@ fn a_dedicated_wq_with_a_pasid_the_guest_never_set_up_fails_translation() {
     use vdsa::regs::offset;
     let (g, _) = ScalableGuest::new();
     let unknown = GPASID + 4;
-    let mode = micro::WQCFG_MODE_DEDICATED
-        | micro::WQCFG_PRIORITY_1
-        | micro::WQCFG_PASID_EN
-        | (unknown << micro::WQCFG_PASID_SHIFT);
+    let mode = mode::DEDICATED | WQCFG_PRIORITY_1 | mode::PASID_EN | (unknown << mode::PASID_SHIFT);
     let (pasids, attached) = wq_device(&g, false, mode);
     assert!(pasids.table().is_empty(), "no host PASID for it");
     let mut desc = vdsa::descriptor::Descriptor::new(
@@ -877,7 +870,7 @@ fn a_dedicated_wq_with_a_pasid_the_guest_never_set_up_fails_translation() {
 #[test]
 fn page_requests_carry_the_guest_pasid_and_responses_reach_the_device() {
     let (mut g, _) = ScalableGuest::new();
-    let mode = micro::WQCFG_PASID_EN | micro::WQCFG_PRIORITY_1 | WQCFG_BOF;
+    let mode = mode::PASID_EN | WQCFG_PRIORITY_1 | mode::BOF;
     // The device sends page requests with ATS and PRI both enabled.
     let (pasids, attached) = wq_device(&g, true, mode);
     g.mem.write_slice(&[0x3c; 0x40], GuestAddress(GPA)).unwrap();
@@ -940,7 +933,8 @@ fn page_requests_carry_the_guest_pasid_and_responses_reach_the_device() {
 /// FSTS: primary pending fault.
 const FSTS_PPF: u32 = 1 << 1;
 /// WQCFG dword 2: block on fault enable.
-const WQCFG_BOF: u32 = 1 << 1;
+/// WQCFG priority 1, the one every WQ here runs at.
+const WQCFG_PRIORITY_1: u32 = 1 << mode::PRIORITY_SHIFT;
 /// Page group response descriptor (VT-d 6.5.2.11): type, PASID present,
 /// last page in group.
 const PAGE_GROUP_RESPONSE: u64 = 9;
