@@ -95,7 +95,3 @@ pub const ACPI_SLEEP_STATUS_PORT: u16 = 0x601;
 pub const COM1_PORT: u16 = 0x3f8;
 /// COM1 interrupt line.
 pub const COM1_IRQ: u32 = 4;
-
-/// The micro-guest "test exit" port: a 4-byte OUT here ends the run and the
-/// value written becomes the run's result.
-pub const TEST_EXIT_PORT: u16 = 0xf4;

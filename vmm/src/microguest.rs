@@ -12,7 +12,7 @@
 //!   VMM's breakpoint there steps over it when the guest's handler should
 //!   run, because this platform's KVM does not honour RFLAGS.RF;
 //!   every other vector reports `0xDEAD_00vv` through the test-exit port;
-//! - the test-exit port [`layout::TEST_EXIT_PORT`]: a 4-byte OUT there ends
+//! - the test-exit port [`TEST_EXIT_PORT`]: a 4-byte OUT there ends
 //!   the run and the value written is its result.
 //!
 //! The first GiB of the PCI 64-bit MMIO window ([`layout::PCI_MMIO64_START`])
@@ -111,6 +111,10 @@ const TSS_LIMIT: u64 = 0x67;
 const TSS_RSP0: u64 = 4;
 /// IDT gate type: present 64-bit interrupt gate, DPL 0.
 const GATE_INTERRUPT: u8 = 0x8e;
+/// The test-exit port the harness adds to every micro-guest's machine: a
+/// 4-byte OUT here ends the run and the value written becomes the run's
+/// result ([`crate::vm::RunExit::TestExit`]).
+pub const TEST_EXIT_PORT: u16 = 0xf4;
 /// Result a default handler reports: `DEFAULT_HANDLER_RESULT | vector`.
 pub const DEFAULT_HANDLER_RESULT: u32 = 0xdead_0000;
 
@@ -204,7 +208,7 @@ impl MicroGuest {
             self.asm.endbr64()?;
             self.asm
                 .mov(eax, DEFAULT_HANDLER_RESULT | u32::from(vector))?;
-            self.asm.out(i32::from(layout::TEST_EXIT_PORT as u8), eax)?;
+            self.asm.out(i32::from(TEST_EXIT_PORT as u8), eax)?;
             self.asm.hlt()?;
             defaults.push((vector, label));
         }
@@ -360,7 +364,7 @@ pub fn long_mode_sregs() -> kvm_sregs {
 /// Emits the end of a run: `value` to the test-exit port.
 pub fn exit_with(asm: &mut CodeAssembler, value: u32) -> Result<(), IcedError> {
     asm.mov(eax, value)?;
-    asm.out(i32::from(layout::TEST_EXIT_PORT as u8), eax)?;
+    asm.out(i32::from(TEST_EXIT_PORT as u8), eax)?;
     asm.hlt()
 }
 
@@ -483,6 +487,18 @@ pub fn require_kvm() {
     );
 }
 
+/// Adds the test-exit port ([`TEST_EXIT_PORT`]) to `vm`: [`run`] does it
+/// for every micro-guest, a test that builds its own machine calls it.
+pub fn add_test_exit(vm: &crate::vm::Vm) -> Result<(), crate::vm::VmError> {
+    use crate::devices::test_devices::TestExit;
+    use std::sync::{Arc, Mutex};
+
+    let exit = TestExit::new(vm.exit_reporter());
+    vm.pio()
+        .insert(TEST_EXIT_PORT.into(), 4, Arc::new(Mutex::new(exit)))?;
+    Ok(())
+}
+
 /// Runs `guest` on a one-vCPU machine with the test devices, watching the
 /// exception entries `options.platform` needs, serial output discarded.
 pub fn run(guest: MicroGuest, options: MicroOptions) -> Result<MicroRun, MicroRunError> {
@@ -504,6 +520,7 @@ pub fn run(guest: MicroGuest, options: MicroOptions) -> Result<MicroRun, MicroRu
     if let Some(host) = options.host_cpu {
         vm.set_host_cpu(host);
     }
+    add_test_exit(&vm)?;
     let portal = Arc::new(PortalLog::default());
     portal
         .retry

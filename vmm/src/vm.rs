@@ -24,7 +24,6 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::devices::i8042::{I8042, I8042_COMMAND_PORT};
 use crate::devices::serial::{SerialDevice, SerialOutput};
-use crate::devices::test_devices::TestExit;
 use crate::entry_watch::SharedHandlers;
 use crate::layout;
 use crate::platform::{pvm, HostCpu, Platform};
@@ -95,7 +94,9 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
 /// How a run ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RunExit {
-    /// A micro-guest wrote this value to the test-exit port.
+    /// A device ended the run with this value through
+    /// [`Vm::exit_reporter`] (a micro-guest wrote it to the harness's
+    /// test-exit port).
     TestExit(u32),
     /// The guest powered off.
     PowerOff,
@@ -287,11 +288,6 @@ impl Vm {
             1,
             Arc::new(Mutex::new(I8042::new(reset.clone(), stop.clone()))),
         )?;
-        let test_done = Arc::new(AtomicBool::new(false));
-        let test_result = Arc::new(AtomicU32::new(0));
-        let exit = TestExit::new(test_result.clone(), test_done.clone(), stop.clone());
-        pio.insert(layout::TEST_EXIT_PORT.into(), 4, Arc::new(Mutex::new(exit)))?;
-
         Ok(Self {
             kvm,
             fd: Arc::new(fd),
@@ -305,8 +301,8 @@ impl Vm {
             power_off: Arc::new(AtomicBool::new(false)),
             panicked: Arc::new(AtomicBool::new(false)),
             stop,
-            test_done,
-            test_result,
+            test_done: Arc::new(AtomicBool::new(false)),
+            test_result: Arc::new(AtomicU32::new(0)),
             reset,
             serial,
             pasids,
@@ -557,5 +553,35 @@ impl Vm {
     /// the run (test exit, reset, power-off) raise it.
     pub fn stop_flag(&self) -> Arc<AtomicBool> {
         self.stop.clone()
+    }
+
+    /// What a device uses to end the run with a value
+    /// ([`RunExit::TestExit`]); the micro-guest harness's test-exit port is
+    /// one. A production machine has no such device.
+    pub fn exit_reporter(&self) -> ExitReporter {
+        ExitReporter {
+            result: self.test_result.clone(),
+            done: self.test_done.clone(),
+            stop: self.stop.clone(),
+        }
+    }
+}
+
+/// Ends a run with a value: [`Vm::run`] returns [`RunExit::TestExit`] with
+/// it.
+#[derive(Clone)]
+pub struct ExitReporter {
+    result: Arc<AtomicU32>,
+    done: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+}
+
+impl ExitReporter {
+    /// Records `value` as the run's result and makes every vCPU leave its
+    /// run loop.
+    pub fn report(&self, value: u32) {
+        self.result.store(value, Ordering::SeqCst);
+        self.done.store(true, Ordering::SeqCst);
+        self.stop.store(true, Ordering::SeqCst);
     }
 }

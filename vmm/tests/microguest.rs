@@ -120,6 +120,7 @@ fn msi_from_a_device_reaches_the_guest_idt() {
         pasid_space: None,
     };
     let mut vm = Vm::new(config).unwrap();
+    microguest::add_test_exit(&vm).unwrap();
     let loaded = g.load(vm.memory()).unwrap();
     vm.set_boot_state(loaded.regs, loaded.sregs);
     let sink = KvmMsiSink::new(vm.fd().clone());

@@ -202,6 +202,7 @@ mod iommu_alone {
             pasid_space: None,
         })
         .unwrap();
+        vmm::microguest::add_test_exit(&vm).unwrap();
         let unit = Arc::new(Iommu::new(
             Arc::new(vm.memory().clone()),
             Arc::new(MsiRecorder::new()),

@@ -1,24 +1,23 @@
 //! Devices used by micro-guest programs: the test-exit port, a scratch MMIO
 //! register file, and a portal that records 64-byte stores.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::vm::ExitReporter;
 use std::sync::{Arc, Mutex};
 
 use pci::{BusDevice, StoreKind, StoreReply};
 
-/// A 4-byte OUT to [`crate::layout::TEST_EXIT_PORT`] ends the run with the
-/// value written as its result.
+/// A 4-byte OUT to [`crate::microguest::TEST_EXIT_PORT`] ends the run with
+/// the value written as its result.
 pub struct TestExit {
-    result: Arc<AtomicU32>,
-    done: Arc<AtomicBool>,
-    stop: Arc<AtomicBool>,
+    reporter: ExitReporter,
 }
 
 impl TestExit {
-    /// Reports through `result` and `done`, and raises `stop` so that every
-    /// vCPU leaves its run loop.
-    pub fn new(result: Arc<AtomicU32>, done: Arc<AtomicBool>, stop: Arc<AtomicBool>) -> Self {
-        Self { result, done, stop }
+    /// Reports through the machine's `reporter`.
+    pub fn new(reporter: ExitReporter) -> Self {
+        Self { reporter }
     }
 }
 
@@ -31,10 +30,7 @@ impl BusDevice for TestExit {
         let mut value = [0u8; 4];
         let n = data.len().min(4);
         value[..n].copy_from_slice(&data[..n]);
-        self.result
-            .store(u32::from_le_bytes(value), Ordering::SeqCst);
-        self.done.store(true, Ordering::SeqCst);
-        self.stop.store(true, Ordering::SeqCst);
+        self.reporter.report(u32::from_le_bytes(value));
     }
 }
 

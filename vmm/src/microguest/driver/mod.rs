@@ -184,7 +184,7 @@ impl GuestFailure {
 pub fn fail_with_eax(asm: &mut CodeAssembler, step: Step) -> Result<(), IcedError> {
     asm.and(eax, 0xffff)?;
     asm.or(eax, (FAILURE | (u32::from(step as u8) << 16)) as i32)?;
-    asm.out(i32::from(layout::TEST_EXIT_PORT as u8), eax)?;
+    asm.out(i32::from(crate::microguest::TEST_EXIT_PORT as u8), eax)?;
     asm.hlt()
 }
 
