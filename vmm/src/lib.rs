@@ -9,6 +9,7 @@
 pub mod acpi;
 pub mod boot;
 pub mod cpuid;
+pub mod demo_runs;
 pub mod demos;
 pub mod devices;
 pub mod emulator;

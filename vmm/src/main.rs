@@ -21,18 +21,16 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use vdsa::DsaConfig;
-use vmm::demos::{self, DEMO_PASID};
+use vmm::demo_runs::{self, Outcome};
 use vmm::devices::serial::SerialOutput;
 use vmm::guest_images::{default_images, ImagesError};
 use vmm::machine::{run_linux, LinuxConfig, MachineError};
-use vmm::microguest::{self, MicroOptions};
 use vmm::modules;
 use vmm::platform::{Platform, PlatformChoice};
 use vmm::run_command::{run_command, CommandRun, GuestStatus, RunCommandError};
 use vmm::share::{check_shares, find_virtiofsd, parse_share, Shares};
 use vmm::stop_signal;
 use vmm::sva::AccelConfig;
-use vmm::sva_bench;
 use vmm::vm::{RunExit, MIN_MEMORY};
 
 const EXIT_ERROR: u8 = 1;
@@ -403,11 +401,13 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::Micro {
             program: MicroProgram::EnqcmdDemo,
-        }) => enqcmd_demo(cli.timeout, accel, platform),
+        }) => outcome_code(demo_runs::enqcmd_demo(cli.timeout, accel, platform)),
         Some(Command::Micro {
             program: MicroProgram::SvaDemo,
-        }) => sva_demo(cli.timeout, platform),
-        Some(Command::Bench { iterations, repeat }) => bench(iterations, repeat, accel, platform),
+        }) => outcome_code(demo_runs::sva_demo(cli.timeout, platform)),
+        Some(Command::Bench { iterations, repeat }) => {
+            outcome_code(demo_runs::bench(iterations, repeat, accel, platform))
+        }
         Some(Command::Run(args)) => run(*args, accel, platform),
         None => boot(cli, accel, platform),
     }
@@ -630,236 +630,16 @@ fn command_exit_code(run: &CommandRun) -> ExitCode {
     }
 }
 
-/// Assembles and runs a micro-guest; a failure to build or run it is
-/// reported on stderr and becomes the VMM-error exit status.
-fn run_micro<E: std::fmt::Display>(
-    guest: Result<microguest::MicroGuest, E>,
-    options: MicroOptions,
-) -> Result<microguest::MicroRun, ExitCode> {
-    guest
-        .map_err(|e| e.to_string())
-        .and_then(|g| microguest::run(g, options).map_err(|e| e.to_string()))
-        .map_err(|e| {
-            eprintln!("vmm: {e}");
+/// The exit status of a demo or benchmark: 0 when it passed, the machine's
+/// own when it stopped otherwise, else a VMM error (its line on stderr).
+fn outcome_code(outcome: Result<Outcome, String>) -> ExitCode {
+    match outcome {
+        Ok(Outcome::Passed) => ExitCode::SUCCESS,
+        Ok(Outcome::Failed) => ExitCode::from(EXIT_ERROR),
+        Ok(Outcome::Stopped(exit)) => exit_code(&exit),
+        Err(line) => {
+            eprintln!("vmm: {line}");
             ExitCode::from(EXIT_ERROR)
-        })
-}
-
-fn sva_demo(timeout: Option<u64>, platform: Platform) -> ExitCode {
-    use vmm::sva_demo;
-    let program = sva_demo::program(true, 7);
-    println!(
-        "micro-guest: vIOMMU (VT-d scalable mode) + vDSA at 00:01.0 (8 WQs, 4 engines, 4 groups); \
-         user process with guest PASID {:#x}",
-        program.pasid
-    );
-    let options = MicroOptions {
-        timeout: Duration::from_secs(timeout.unwrap_or(30)),
-        platform,
-        ..sva_demo::options(true)
-    };
-    let run = match run_micro(sva_demo::sva_program(program), options) {
-        Ok(run) => run,
-        Err(code) => return code,
-    };
-    let (lines, ok) = sva_demo::describe(&run, &program);
-    for line in lines {
-        println!("{line}");
-    }
-    println!(
-        "{}",
-        if ok {
-            "sva-demo: OK"
-        } else {
-            "sva-demo: FAILED"
-        }
-    );
-    if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(EXIT_ERROR)
-    }
-}
-
-fn enqcmd_demo(timeout: Option<u64>, accel: AccelConfig, platform: Platform) -> ExitCode {
-    println!("micro-guest: user-mode ENQCMD with IA32_PASID clear, then retried after the guest's #GP handler loads PASID {DEMO_PASID:#x}");
-    let options = MicroOptions {
-        timeout: Duration::from_secs(timeout.unwrap_or(30)),
-        accel,
-        platform,
-        ..Default::default()
-    };
-    let run = match run_micro(demos::enqcmd_after_gp(), options) {
-        Ok(run) => run,
-        Err(code) => return code,
-    };
-    let RunExit::TestExit(result) = run.exit else {
-        return exit_code(&run.exit);
-    };
-    let gps = (result >> 4) & 0xf;
-    let zf = result & 1;
-    println!(
-        "guest: took {gps} #GP, ENQCMD returned ZF={zf} ({})",
-        if zf == 0 { "accepted" } else { "retry" }
-    );
-    let stores = run
-        .portal
-        .stores
-        .lock()
-        .map(|s| s.clone())
-        .unwrap_or_default();
-    for s in &stores {
-        let dword0 = u32::from_le_bytes([s.data[0], s.data[1], s.data[2], s.data[3]]);
-        println!(
-            "portal: {:?} at offset {:#x}, descriptor dword0 {dword0:#010x}: PASID {:#x}, privilege {}",
-            s.kind,
-            s.offset,
-            dword0 & 0xf_ffff,
-            dword0 >> 31
-        );
-    }
-    let ok =
-        gps == 1 && zf == 0 && stores.len() == 1 && stores[0].data[..4] == DEMO_PASID.to_le_bytes();
-    println!(
-        "{}",
-        if ok {
-            "ENQCMD trap demo: OK"
-        } else {
-            "ENQCMD trap demo: FAILED"
-        }
-    );
-    if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(EXIT_ERROR)
-    }
-}
-
-fn bench(iterations: u32, repeat: u32, accel: AccelConfig, platform: Platform) -> ExitCode {
-    let mut runs = Vec::new();
-    for run in 1..=repeat {
-        if repeat > 1 {
-            println!("bench: run {run} of {repeat}");
-        }
-        if let Ok(load) = std::fs::read_to_string("/proc/loadavg") {
-            let load: Vec<&str> = load.split_whitespace().take(3).collect();
-            println!(
-                "bench: host load average (1, 5, 15 min): {}",
-                load.join(" ")
-            );
-        }
-        match bench_once(iterations, accel.clone(), platform) {
-            Ok(figures) => runs.push(figures),
-            Err(code) => return code,
         }
     }
-    if repeat > 1 {
-        for line in sva_bench::summary(&runs) {
-            println!("{line}");
-        }
-    }
-    ExitCode::SUCCESS
-}
-
-/// One run of `vmm bench`: the trap benchmark, then the accelerator's.
-fn bench_once(
-    iterations: u32,
-    accel: AccelConfig,
-    platform: Platform,
-) -> Result<sva_bench::RunFigures, ExitCode> {
-    let per_round = (iterations / demos::BENCH_ROUNDS).max(1);
-    let options = MicroOptions {
-        timeout: Duration::from_secs(600),
-        accel,
-        platform,
-        ..Default::default()
-    };
-    let run = run_micro(demos::trap_benchmark(per_round), options)?;
-    if run.exit != RunExit::TestExit(0xbe) {
-        return Err(exit_code(&run.exit));
-    }
-    let result = demos::TrapBench::from_memory(&run.memory, per_round);
-    let (pio, enq) = result.per_round_trip();
-    println!(
-        "bench: {} rounds of {per_round} round trips each, guest TSC ticks per round trip; \
-         figures are min / median / max over the rounds",
-        demos::BENCH_ROUNDS
-    );
-    println!("bench: bare port-I/O exit: {pio:.0}");
-    println!("bench: trapped user ENQCMD: {enq:.0}");
-    let test_portal = result.ratio();
-    println!(
-        "bench: ENQCMD / port-I/O ratio = {test_portal} (target <= {})",
-        sva_bench::ENQCMD_TARGET
-    );
-    sva_bench(per_round, test_portal.median, platform)
-}
-
-/// The accelerator half of `vmm bench` (see [`vmm::sva_bench`]).
-fn sva_bench(
-    per_round: u32,
-    test_portal: f64,
-    platform: Platform,
-) -> Result<sva_bench::RunFigures, ExitCode> {
-    let options = MicroOptions {
-        platform,
-        ..sva_bench::options()
-    };
-    let run = run_micro(sva_bench::program(per_round), options)?;
-    if run.exit != RunExit::TestExit(sva_bench::DONE) {
-        eprintln!("vmm: the accelerator benchmark ended with {:?}", run.exit);
-        return Err(exit_code(&run.exit));
-    }
-    let result = sva_bench::SvaBench::from_memory(&run.memory, per_round);
-    if let Some(bad) = result
-        .rounds
-        .iter()
-        .find(|r| r.status != vdsa::completion::Status::Success as u64)
-    {
-        eprintln!(
-            "vmm: a benchmark MEMMOVE completed with status {:#x}",
-            bad.status
-        );
-        return Err(ExitCode::from(EXIT_ERROR));
-    }
-    let (issued, accepted) = result.submissions();
-    let host = run.pasids.table().translate(sva_bench::PASID).ok();
-    let tagged: Vec<String> = run
-        .pasids
-        .device_requests()
-        .iter()
-        .map(|&(rid, hpasid)| format!("{}/{hpasid:#x}", pci::PciAddress::from_rid(rid)))
-        .collect();
-    println!(
-        "bench: with the vIOMMU and a vDSA: guest PASID {:#x} -> host PASID {}; \
-         DMA seen by the vIOMMU (function/host PASID): {}",
-        sva_bench::PASID,
-        host.map_or("none".into(), |h| format!("{h:#x}")),
-        tagged.join(", ")
-    );
-    let shared_wq = result.enqcmd_spread();
-    println!(
-        "bench: ENQCMD to a shared WQ / port-I/O ratio = {shared_wq} (target <= {})",
-        sva_bench::ENQCMD_TARGET
-    );
-    let memmove = result.memmove_spread();
-    println!(
-        "bench: 1 MiB MEMMOVE via a dedicated WQ, end to end = {memmove} of memcpy's throughput \
-         (target >= {})",
-        sva_bench::MEMMOVE_TARGET
-    );
-    let noops_per_second = (run.tsc_khz != 0).then(|| result.submissions_spread(run.tsc_khz));
-    match noops_per_second {
-        None => println!("bench: NOOPs per second: unknown (KVM did not give the TSC rate)"),
-        Some(rate) => println!(
-            "bench: NOOPs per second through a shared WQ (trapped ENQCMDs accepted, one vCPU) = \
-             {rate:.0} ({accepted} of {issued} accepted)"
-        ),
-    }
-    Ok(sva_bench::RunFigures {
-        test_portal,
-        shared_wq: shared_wq.median,
-        memmove: memmove.median,
-        noops_per_second: noops_per_second.map(|r| r.median),
-    })
 }
