@@ -18,7 +18,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-cargo build --release -q -p vmm
+cargo build --release -q --bin vmm
 vmm=target/release/vmm
 
 echo "== micro-guest: SVA copy through the vIOMMU and the vDSA"

@@ -59,7 +59,7 @@ memory=512M
 if [[ $inner == 0 ]]; then
 	[[ -f $kernel && -f $initrd ]] || "$here/build.sh" --quiet >/dev/null
 	if [[ -z $vmm ]]; then
-		cargo build --release -q -p vmm --manifest-path "$repo/Cargo.toml"
+		cargo build --release -q --bin vmm --manifest-path "$repo/Cargo.toml"
 		vmm=$repo/target/release/vmm
 	fi
 	vmm=$(realpath "$vmm")

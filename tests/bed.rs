@@ -105,7 +105,7 @@ fn sibling_tests(names: &[&str]) -> Vec<(String, PathBuf)> {
             let exe = newest(deps, |f| is_test_executable_of(f, name)).unwrap_or_else(|| {
                 panic!(
                     "no `{name}` test executable in {}: build them first \
-                     (`cargo test --workspace` does; alone: `cargo test -p vmm --no-run`)",
+                     (`cargo test --workspace` does; alone: `cargo test -p vmm-sva --no-run`)",
                     deps.display()
                 )
             });
@@ -113,7 +113,7 @@ fn sibling_tests(names: &[&str]) -> Vec<(String, PathBuf)> {
                 assert!(
                     modified(&exe) >= modified(lib),
                     "{} is older than {}: it was not rebuilt with this build \
-                     (run `cargo test -p vmm --no-run` first)",
+                     (run `cargo test -p vmm-sva --no-run` first)",
                     exe.display(),
                     lib.display()
                 );
@@ -134,7 +134,7 @@ struct Ran {
 /// Runs `commands` in one L1 boot of the bed with `includes` present at
 /// their own paths; results and logs stay in the target's tmp dir under `name`.
 fn run_in_bed(name: &str, includes: &[PathBuf], commands: &[String]) -> (PathBuf, Vec<Ran>) {
-    let script = manifest_dir().join("../bed/run.sh");
+    let script = manifest_dir().join("bed/run.sh");
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
     let mut cmd = Command::new("bash");
     cmd.arg(&script)

@@ -8,7 +8,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 /// Runs the repository's script `path` with `args`; its stdout, or a panic
 /// with its stderr.
 fn project_script(path: &str, args: &[&str]) -> String {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
     let out = Command::new(&script)
         .args(args)
         .output()
@@ -29,7 +29,7 @@ pub fn guest_images() -> (PathBuf, PathBuf) {
     static IMAGES: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
     IMAGES
         .get_or_init(|| {
-            let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+            let root = Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf();
             let dir = std::env::var_os("VMM_GUEST_IMAGES")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| root.join("guest-images/out"));

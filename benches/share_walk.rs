@@ -5,7 +5,7 @@
 //! guest's own RAM file system. Prints the times and the share/RAM ratio.
 //! Not a criterion bench: one guest boot takes minutes on some KVMs.
 //!
-//! `cargo bench -p vmm --bench share_walk` (FILES=n to change the size).
+//! `cargo bench -p vmm-sva --bench share_walk` (FILES=n to change the size).
 
 #[path = "../tests/linux/mod.rs"]
 mod linux;
