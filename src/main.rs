@@ -20,8 +20,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use microguest::demo_runs::{self, Outcome};
 use vdsa::DsaConfig;
-use vmm::demo_runs::{self, Outcome};
 use vmm::devices::serial::SerialOutput;
 use vmm::guest_images::{default_images, ImagesError};
 use vmm::machine::{run_linux, LinuxConfig, MachineError};

@@ -37,7 +37,7 @@ const fn all(name: &'static str) -> BedTest {
 /// In the order they run in L1. `--show-output`: the test prints figures
 /// for the report.
 const KVM_TESTS: &[BedTest] = &[
-    all("microguest"),
+    all("harness"),
     all("syscall"),
     all("enqcmd"),
     all("dsa"),

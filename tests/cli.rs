@@ -147,7 +147,7 @@ fn unknown_micro_program() {
 
 #[test]
 fn enqcmd_demo_runs() {
-    vmm::microguest::require_kvm();
+    microguest::require_kvm();
     let (code, out, err) = vmm(&["micro", "enqcmd-demo"]);
     assert_eq!(code, 0, "stderr: {err}");
     assert!(
@@ -200,7 +200,7 @@ fn a_platform_override_the_host_contradicts_is_refused() {
             ),
         );
     }
-    vmm::microguest::require_kvm();
+    microguest::require_kvm();
     for platform in ["auto", right] {
         let (code, out, err) = vmm(&["--platform", platform, "micro", "enqcmd-demo"]);
         assert_eq!(code, 0, "--platform {platform}: {err}");
@@ -345,7 +345,7 @@ fn run_help_names_the_exit_statuses() {
 /// The README's main job: SVA end to end in a micro-guest.
 #[test]
 fn sva_demo_copies_through_the_viommu_with_pasid_translation() {
-    vmm::microguest::require_kvm();
+    microguest::require_kvm();
     let (code, out, err) = vmm(&["micro", "sva-demo"]);
     assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
     for line in [
@@ -423,7 +423,7 @@ fn more_dsa_devices_than_bus_0_holds() {
 
 #[test]
 fn iommu_and_dsa_options_attach_to_micro_guests() {
-    vmm::microguest::require_kvm();
+    microguest::require_kvm();
     let out = Command::new(env!("CARGO_BIN_EXE_vmm"))
         .args([
             "--iommu",

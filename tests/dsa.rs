@@ -2,14 +2,14 @@
 //! BAR0 MMIO as idxd would. These tests need /dev/kvm.
 
 use iced_x86::code_asm::*;
+use microguest::driver::bring_up::{
+    bring_up_wq, exit_with_completion_status, WQCFG_MODE_DEDICATED, WQCFG_PRIORITY_1,
+};
+use microguest::{MicroGuest, MicroOptions, MicroRun, DATA_START};
 use vdsa::completion::Status;
 use vdsa::descriptor::{flags, Descriptor, Opcode};
 use vdsa::DsaConfig;
 use vm_memory::{Bytes, GuestAddress};
-use vmm::microguest::{self, MicroGuest, MicroOptions, MicroRun, DATA_START};
-use vmm::sva::micro::{
-    bring_up_wq, exit_with_completion_status, WQCFG_MODE_DEDICATED, WQCFG_PRIORITY_1,
-};
 use vmm::sva::{dsa_placements, AccelConfig};
 use vmm::vm::RunExit;
 
@@ -22,7 +22,7 @@ const LEN: usize = 0x3000;
 const BRING_UP_FAILED: u32 = 0xe000;
 
 fn run(guest: MicroGuest, accel: AccelConfig) -> MicroRun {
-    vmm::microguest::require_kvm();
+    microguest::require_kvm();
     microguest::run(
         guest,
         MicroOptions {
@@ -96,8 +96,8 @@ fn kernel_movdir64b_memmove_through_a_dedicated_wq() {
 /// an address space that never loaded one takes #GP.
 #[test]
 fn ia32_pasid_follows_cr3_across_context_switches() {
-    use vmm::demos::command;
-    use vmm::microguest::{PML4_START, TEST_PORTAL_START};
+    use microguest::demos::command;
+    use microguest::{PML4_START, TEST_PORTAL_START};
     const CMD: u64 = DATA_START + 0x1000;
     // 8 KiB aligned, as Linux's PGDs are; A's PTI user half follows it.
     const PML4_A: u64 = DATA_START + 0x4000;
@@ -139,10 +139,10 @@ fn ia32_pasid_follows_cr3_across_context_switches() {
     switch_and_enqcmd(a, PML4_B);
     // The harness's own address space never loaded a PASID.
     switch_and_enqcmd(a, PML4_START);
-    vmm::microguest::exit_with(a, 0x600d).unwrap();
+    microguest::exit_with(a, 0x600d).unwrap();
     let mut gp = g.asm.create_label();
     g.asm.set_label(&mut gp).unwrap();
-    vmm::microguest::exit_with(&mut g.asm, GP_RESULT).unwrap();
+    microguest::exit_with(&mut g.asm, GP_RESULT).unwrap();
     g.handler(GP, gp);
 
     let r = run(g, AccelConfig::default());
@@ -167,7 +167,7 @@ fn ia32_pasid_follows_cr3_across_context_switches() {
 /// `0x5a00 | ZF` when the ENQCMD was refused, else with the completion
 /// status.
 fn enqcmd_to_shared_wq(accel: &AccelConfig, pasid: u32) -> MicroGuest {
-    use vmm::sva::micro::{enable_pasid, WQCFG_PASID_EN};
+    use microguest::driver::bring_up::{enable_pasid, WQCFG_PASID_EN};
     let dsa = dsa_placements(&accel.dsa)[0];
     let mut g = memmove_guest();
     enable_pasid(&mut g.asm, &dsa, false).unwrap();
@@ -190,7 +190,7 @@ fn enqcmd_to_shared_wq(accel: &AccelConfig, pasid: u32) -> MicroGuest {
     a.enqcmd(rdi, zmmword_ptr(rsi)).unwrap();
     let mut accepted = a.create_label();
     a.jnz(accepted).unwrap();
-    vmm::microguest::exit_with(a, 0x5a01).unwrap();
+    microguest::exit_with(a, 0x5a01).unwrap();
     a.set_label(&mut accepted).unwrap();
     exit_with_completion_status(a, COMPLETION).unwrap();
     g

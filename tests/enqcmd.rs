@@ -3,13 +3,13 @@
 //! These tests need /dev/kvm and fail with a message saying so without it.
 
 use iced_x86::code_asm::*;
-use pci::StoreKind;
-use vmm::demos::command;
-use vmm::devices::test_devices::PortalStore;
-use vmm::microguest::{
+use microguest::demos::command;
+use microguest::test_devices::PortalStore;
+use microguest::{
     self, enter_user, exit_with, MicroGuest, MicroOptions, MicroRun, DATA_START, TEST_MMIO_START,
     TEST_PORTAL_START, USER_CS, USER_STACK_TOP,
 };
+use pci::StoreKind;
 use vmm::vm::RunExit;
 
 use pasid::MSR_IA32_PASID as IA32_PASID;
@@ -21,7 +21,7 @@ const GP: u8 = 13;
 const PF: u8 = 14;
 
 fn run(guest: MicroGuest, portal_retry: bool) -> MicroRun {
-    vmm::microguest::require_kvm();
+    microguest::require_kvm();
     microguest::run(
         guest,
         MicroOptions {
@@ -48,7 +48,7 @@ fn ud_reports(g: &mut MicroGuest, value: u32) {
 /// User ENQCMD with IA32_PASID clear: #GP, the guest's handler loads the MSR
 /// and returns, the retried ENQCMD reaches the portal with the MSR's PASID.
 fn enqcmd_after_gp(portal_retry: bool) -> (RunExit, Vec<PortalStore>) {
-    let r = run(vmm::demos::enqcmd_after_gp().unwrap(), portal_retry);
+    let r = run(microguest::demos::enqcmd_after_gp().unwrap(), portal_retry);
     let s = stores(&r);
     (r.exit, s)
 }
@@ -321,7 +321,7 @@ fn user_movdir64b_from_device_registers_reads_the_device() {
     let r = run(g, false);
     assert_eq!(r.exit, RunExit::TestExit(0x64b));
     let mut expected = [0u8; 64];
-    expected[..4].copy_from_slice(&vmm::devices::test_devices::TEST_MMIO_MAGIC.to_le_bytes());
+    expected[..4].copy_from_slice(&microguest::test_devices::TEST_MMIO_MAGIC.to_le_bytes());
     assert_eq!(stores(&r).len(), 1);
     assert_eq!(stores(&r)[0].data, expected);
 }
@@ -507,7 +507,7 @@ fn address_size_prefix_truncates_both_addresses() {
     assert_eq!(stores[0].offset, 0x80);
     assert_eq!(
         stores[0].data[..4],
-        vmm::devices::test_devices::TEST_MMIO_MAGIC.to_le_bytes()
+        microguest::test_devices::TEST_MMIO_MAGIC.to_le_bytes()
     );
 }
 

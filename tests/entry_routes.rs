@@ -17,13 +17,13 @@
 //! ordinary KVM's behaviour forced. These tests need /dev/kvm.
 
 use iced_x86::code_asm::*;
-use pci::StoreKind;
-use vmm::demos::command;
-use vmm::devices::test_devices::PortalStore;
-use vmm::microguest::{
+use microguest::demos::command;
+use microguest::test_devices::PortalStore;
+use microguest::{
     self, exit_with, MicroGuest, MicroOptions, MicroRun, DATA_START, KERNEL_CS, KERNEL_DS,
     TEST_PORTAL_START, USER_CS, USER_DS, USER_STACK_TOP,
 };
+use pci::StoreKind;
 use vmm::platform::{HostCpu, Platform};
 use vmm::vm::RunExit;
 

@@ -23,7 +23,7 @@ const TEARDOWN: Duration = Duration::from_secs(20);
 /// `vmm` with `args`, in a process group of its own (so that anything it
 /// left running would be found), its stdout and stderr piped.
 fn spawn_vmm(args: &[&str], stdin: Stdio) -> Child {
-    vmm::microguest::require_kvm();
+    microguest::require_kvm();
     Command::new(env!("CARGO_BIN_EXE_vmm"))
         .args(args)
         .stdin(stdin)

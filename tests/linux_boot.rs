@@ -45,7 +45,7 @@ fn boot(cpus: u8, shell_command: &str) -> Boot {
 
 /// [`boot`] with another initramfs.
 fn boot_with(cpus: u8, shell_command: &str, initramfs: &std::path::Path) -> Boot {
-    vmm::microguest::require_kvm();
+    microguest::require_kvm();
     let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
     let images = images();
     // vmm.cmd encoding (guest-images/README.md): elements joined by ',',

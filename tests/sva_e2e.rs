@@ -10,21 +10,21 @@ use pasid::{PasidSpace, Scope};
 use vdsa::completion::{CompletionRecord, Status};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use viommu::paging::{walk, AccessType, PagingLevels};
-use viommu::tables::{ContextEntry, Pgtt, RootEntry};
-use viommu::FaultReason;
-use vmm::microguest::driver::dsa::{wait_for_completion, DsaDriver, WqSetup};
-use vmm::microguest::driver::vtd::{ContextControls, FirstStageBinding, ScalableTables, Vtd};
-use vmm::microguest::driver::{read_report, report, slot, store_qwords, GuestFailure};
-use vmm::microguest::{
+use microguest::driver::dsa::{wait_for_completion, DsaDriver, WqSetup};
+use microguest::driver::vtd::{ContextControls, FirstStageBinding, ScalableTables, Vtd};
+use microguest::driver::{read_report, report, slot, store_qwords, GuestFailure};
+use microguest::sva_demo::*;
+use microguest::{
     self, enter_user, exit_with, MicroGuest, MicroOptions, MicroRun, DATA_START, PML4_START,
     USER_STACK_TOP,
 };
-use vmm::sva_demo::*;
+use viommu::paging::{walk, AccessType, PagingLevels};
+use viommu::tables::{ContextEntry, Pgtt, RootEntry};
+use viommu::FaultReason;
 use vmm::vm::RunExit;
 
 fn run(guest: MicroGuest, options: MicroOptions) -> MicroRun {
-    vmm::microguest::require_kvm();
+    microguest::require_kvm();
     microguest::run(guest, options).expect("micro-guest machine")
 }
 
@@ -150,6 +150,12 @@ mod iommu_alone {
     use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant};
 
+    use microguest::driver::vtd::{ContextControls, FirstStageBinding, ScalableTables, Vtd};
+    use microguest::driver::{read_report, slot};
+    use microguest::{
+        exit_with, MicroGuest, DATA_PT_START, DATA_START, MICRO_MEMORY, PML4_START, PTE_P, PTE_U,
+        PTE_W,
+    };
     use pci::{BusDevice, MsiRecorder};
     use viommu::regs::{gcmd, GSTS};
     use viommu::{
@@ -158,12 +164,6 @@ mod iommu_alone {
     };
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
     use vmm::layout;
-    use vmm::microguest::driver::vtd::{ContextControls, FirstStageBinding, ScalableTables, Vtd};
-    use vmm::microguest::driver::{read_report, slot};
-    use vmm::microguest::{
-        exit_with, MicroGuest, DATA_PT_START, DATA_START, MICRO_MEMORY, PML4_START, PTE_P, PTE_U,
-        PTE_W,
-    };
     use vmm::vm::{Vm, VmConfig};
 
     type Unit = Iommu<Arc<GuestMemoryMmap>>;
@@ -193,7 +193,7 @@ mod iommu_alone {
 
     #[test]
     fn guest_enables_translation_and_answers_a_page_request() {
-        vmm::microguest::require_kvm();
+        microguest::require_kvm();
         let mut vm = Vm::new(VmConfig {
             cpus: 1,
             memory: MICRO_MEMORY,
@@ -202,7 +202,7 @@ mod iommu_alone {
             pasid_space: None,
         })
         .unwrap();
-        vmm::microguest::add_test_exit(&vm).unwrap();
+        microguest::add_test_exit(&vm).unwrap();
         let unit = Arc::new(Iommu::new(
             Arc::new(vm.memory().clone()),
             Arc::new(MsiRecorder::new()),

@@ -2,14 +2,16 @@
 //! the half-done SYSCALL the backend leaves (a #PF at LSTAR) so the guest
 //! kernel's entry point runs at CPL 0. These tests need /dev/kvm.
 
+use microguest::demos::{
+    syscall_round_trips, SYSCALL_FMASK, SYSCALL_LOG, SYSCALL_LOGGED, SYSCALL_RESULT,
+};
+use microguest::{MicroOptions, DEFAULT_HANDLER_RESULT, KERNEL_CS};
 use vm_memory::{Bytes, GuestAddress};
-use vmm::demos::{syscall_round_trips, SYSCALL_FMASK, SYSCALL_LOG, SYSCALL_LOGGED, SYSCALL_RESULT};
-use vmm::microguest::{self, MicroOptions, DEFAULT_HANDLER_RESULT, KERNEL_CS};
 use vmm::vm::RunExit;
 
 #[test]
 fn user_syscall_enters_lstar_at_cpl0_and_sysret_returns() {
-    vmm::microguest::require_kvm();
+    microguest::require_kvm();
     const CALLS: u32 = 3;
     let guest = syscall_round_trips(CALLS).unwrap();
     let run = microguest::run(guest, MicroOptions::default()).expect("micro-guest machine");

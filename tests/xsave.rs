@@ -7,8 +7,8 @@
 //! These tests need /dev/kvm and fail with a message saying so without it.
 
 use iced_x86::code_asm::*;
+use microguest::{enter_user, MicroGuest, MicroOptions, DATA_START, USER_STACK_TOP};
 use vm_memory::{Bytes, GuestAddress};
-use vmm::microguest::{self, enter_user, MicroGuest, MicroOptions, DATA_START, USER_STACK_TOP};
 use vmm::vm::RunExit;
 
 /// CR4.OSXSAVE.

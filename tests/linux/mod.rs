@@ -93,7 +93,7 @@ pub fn vmm_run_in(
     options: &[&str],
     command: &[&str],
 ) -> Outcome {
-    vmm::microguest::require_kvm();
+    microguest::require_kvm();
     let _guard = one_guest_at_a_time();
     let out = Command::new(env!("CARGO_BIN_EXE_vmm"))
         .current_dir(cwd)

@@ -3,5 +3,4 @@
 pub mod i8042;
 pub mod pvpanic;
 pub mod serial;
-pub mod test_devices;
 pub mod virtio;

@@ -75,7 +75,6 @@
 mod dma;
 mod function;
 mod guest_pasids;
-pub mod micro;
 #[cfg(test)]
 mod tests;
 

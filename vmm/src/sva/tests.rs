@@ -668,12 +668,7 @@ fn enqcmd_to_a_shared_wq_runs_in_the_guests_address_space() {
 fn a_dropped_guest_frees_its_host_pasids() {
     let space = Arc::new(PasidSpace::new());
     let (g, _) = ScalableGuest::new();
-    let (pasids, attached) = wq_device_in(
-        &space,
-        &g,
-        true,
-        micro::WQCFG_PASID_EN | micro::WQCFG_PRIORITY_1,
-    );
+    let (pasids, attached) = wq_device_in(&space, &g, true, mode::PASID_EN | WQCFG_PRIORITY_1);
     assert_eq!(enqcmd_memmove(&attached, GPASID), StoreReply::Accepted);
     assert_eq!(
         completion_status(&g),

@@ -3,12 +3,12 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::vm::ExitReporter;
 use std::sync::{Arc, Mutex};
+use vmm::vm::ExitReporter;
 
 use pci::{BusDevice, StoreKind, StoreReply};
 
-/// A 4-byte OUT to [`crate::microguest::TEST_EXIT_PORT`] ends the run with
+/// A 4-byte OUT to [`crate::TEST_EXIT_PORT`] ends the run with
 /// the value written as its result.
 pub struct TestExit {
     reporter: ExitReporter,

@@ -2,15 +2,15 @@
 //! These tests need /dev/kvm and fail with a message saying so without it.
 
 use iced_x86::code_asm::*;
-use vm_memory::Bytes;
-use vmm::microguest::{
+use microguest::{
     self, enter_user, exit_with, MicroGuest, MicroOptions, DEFAULT_HANDLER_RESULT, TEST_MMIO_START,
     USER_CS, USER_STACK_TOP,
 };
+use vm_memory::Bytes;
 use vmm::vm::RunExit;
 
 fn run(guest: MicroGuest) -> RunExit {
-    vmm::microguest::require_kvm();
+    microguest::require_kvm();
     microguest::run(guest, MicroOptions::default())
         .expect("micro-guest machine")
         .exit
@@ -95,7 +95,7 @@ fn msi_from_a_device_reaches_the_guest_idt() {
     use vmm::msi::KvmMsiSink;
     use vmm::vm::{Vm, VmConfig};
 
-    vmm::microguest::require_kvm();
+    microguest::require_kvm();
     // The guest enables its LAPIC, sets IF and waits; vector 0x40 ends the run.
     const LAPIC_SVR: u64 = 0xfee0_00f0;
     let mut g = MicroGuest::new();
@@ -147,11 +147,11 @@ fn msi_from_a_device_reaches_the_guest_idt() {
 #[test]
 fn trap_benchmark_records_every_round() {
     let per_round = 50;
-    let guest = vmm::demos::trap_benchmark(per_round).expect("assemble");
-    let run = vmm::microguest::run(guest, Default::default()).expect("run");
+    let guest = microguest::demos::trap_benchmark(per_round).expect("assemble");
+    let run = microguest::run(guest, Default::default()).expect("run");
     assert_eq!(run.exit, vmm::vm::RunExit::TestExit(0xbe));
-    let bench = vmm::demos::TrapBench::from_memory(&run.memory, per_round);
-    assert_eq!(bench.rounds.len(), vmm::demos::BENCH_ROUNDS as usize);
+    let bench = microguest::demos::TrapBench::from_memory(&run.memory, per_round);
+    assert_eq!(bench.rounds.len(), microguest::demos::BENCH_ROUNDS as usize);
     assert!(
         bench.rounds.iter().all(|&(pio, enq)| pio > 0 && enq > 0),
         "{:?}",
@@ -164,10 +164,10 @@ fn trap_benchmark_records_every_round() {
 /// the device's DMA carried the host PASID of the guest's PASID.
 #[test]
 fn sva_benchmark_copies_and_submits() {
-    use vmm::sva_bench::{self, SvaBench};
+    use microguest::sva_bench::{self, SvaBench};
     let per_round = 20;
     let guest = sva_bench::program(per_round).expect("assemble");
-    let run = vmm::microguest::run(guest, sva_bench::options()).expect("run");
+    let run = microguest::run(guest, sva_bench::options()).expect("run");
     assert_eq!(run.exit, RunExit::TestExit(sva_bench::DONE));
     let bench = SvaBench::from_memory(&run.memory, per_round);
     assert!(bench.rounds.iter().all(|r| r.status == 1), "{bench:?}");

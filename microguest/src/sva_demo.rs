@@ -11,15 +11,13 @@ use iced_x86::code_asm::*;
 use vdsa::DsaConfig;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::microguest::driver::dsa::{memmove, wait_for_completion, DsaDriver, WqSetup};
-use crate::microguest::driver::kernel::{BringUpError, SvaSetup};
-use crate::microguest::driver::{report, slot, store_bytes};
-use crate::microguest::{
-    enter_user, exit_with, MicroGuest, MicroOptions, DATA_START, USER_STACK_TOP,
-};
-use crate::sva::{dsa_placements, AccelConfig};
+use crate::driver::dsa::{memmove, wait_for_completion, DsaDriver, WqSetup};
+use crate::driver::kernel::{BringUpError, SvaSetup};
+use crate::driver::{report, slot, store_bytes};
+use crate::{enter_user, exit_with, MicroGuest, MicroOptions, DATA_START, USER_STACK_TOP};
 use iced_x86::IcedError;
 use pci::PciAddress;
+use vmm::sva::{dsa_placements, AccelConfig};
 
 /// What every program ends with when all its checks passed.
 pub const DONE: u32 = 0x5a0d;
@@ -200,10 +198,10 @@ pub fn bytes(memory: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
 
 /// What a run of [`sva_program`] showed, as lines for a user, and whether
 /// every check passed.
-pub fn describe(run: &crate::microguest::MicroRun, p: &SvaProgram) -> (Vec<String>, bool) {
-    use crate::microguest::driver::{read_report, GuestFailure};
-    use crate::vm::RunExit;
+pub fn describe(run: &crate::MicroRun, p: &SvaProgram) -> (Vec<String>, bool) {
+    use crate::driver::{read_report, GuestFailure};
     use vdsa::completion::Status;
+    use vmm::vm::RunExit;
 
     let mut lines = Vec::new();
     if let RunExit::TestExit(v) = run.exit {

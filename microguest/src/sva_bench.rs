@@ -19,11 +19,11 @@ use vdsa::DsaConfig;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::demos::{tsc_start, tsc_store, Spread};
-use crate::microguest::driver::dsa::{memmove, wait_for_completion, DsaDriver, WqSetup};
-use crate::microguest::driver::kernel::{BringUpError, SvaSetup};
-use crate::microguest::driver::store_bytes;
-use crate::microguest::{enter_user, exit_with, MicroGuest, MicroOptions, USER_STACK_TOP};
-use crate::sva::{dsa_placements, AccelConfig};
+use crate::driver::dsa::{memmove, wait_for_completion, DsaDriver, WqSetup};
+use crate::driver::kernel::{BringUpError, SvaSetup};
+use crate::driver::store_bytes;
+use crate::{enter_user, exit_with, MicroGuest, MicroOptions, USER_STACK_TOP};
+use vmm::sva::{dsa_placements, AccelConfig};
 
 /// Rounds; each times one batch of every kind back to back.
 pub const ROUNDS: u32 = 10;

@@ -13,8 +13,8 @@ use super::{
     INVALIDATION_QUEUE_START, PAGE_REQUEST_QUEUE_START, QI_SCRATCH, QI_STATUS, VTD_TABLES_PAGES,
     VTD_TABLES_START,
 };
-use crate::layout;
-use crate::microguest::{DATA_PT_START, DATA_START, PTE_P, PTE_U, PTE_W};
+use crate::{DATA_PT_START, DATA_START, PTE_P, PTE_U, PTE_W};
+use vmm::layout;
 
 /// Present bit of a root-entry half and of a PASID-directory entry.
 const PRESENT: u64 = 1;

@@ -8,7 +8,7 @@ use super::dsa::{DsaDriver, WqSetup};
 use super::ecam::PciFunction;
 use super::vtd::{ContextControls, FirstStageBinding, ScalableTables, TablesError, Vtd};
 use super::{slot, DSA_BAR0, DSA_BAR2};
-use crate::microguest::{MicroGuest, PML4_START};
+use crate::{MicroGuest, PML4_START};
 
 /// IA32_PASID valid bit.
 const PASID_VALID: u32 = 1 << 31;

@@ -14,13 +14,13 @@ use std::time::Duration;
 
 use criterion::Criterion;
 use iced_x86::code_asm::*;
+use microguest::driver::dsa::{memmove, DsaDriver, WqSetup};
+use microguest::driver::kernel::SvaSetup;
+use microguest::driver::{read_report, report, slot, store_bytes, GuestFailure};
+use microguest::USER_STACK_TOP;
+use microguest::{enter_user, exit_with, MicroGuest, MicroOptions, DATA_START};
 use vdsa::completion::Status;
 use vdsa::DsaConfig;
-use vmm::microguest::driver::dsa::{memmove, DsaDriver, WqSetup};
-use vmm::microguest::driver::kernel::SvaSetup;
-use vmm::microguest::driver::{read_report, report, slot, store_bytes, GuestFailure};
-use vmm::microguest::USER_STACK_TOP;
-use vmm::microguest::{self, enter_user, exit_with, MicroGuest, MicroOptions, DATA_START};
 use vmm::sva::{dsa_placements, AccelConfig};
 use vmm::vm::RunExit;
 
@@ -106,7 +106,7 @@ fn run_copies(iommu: bool, len: u32, copies: u64) -> u64 {
 }
 
 fn main() {
-    vmm::microguest::require_kvm();
+    microguest::require_kvm();
     let mut c = Criterion::default()
         .sample_size(SAMPLES)
         .warm_up_time(Duration::from_millis(500))

@@ -5,7 +5,7 @@
 use iced_x86::code_asm::*;
 
 use super::{fail_with_eax, report, Step};
-use crate::layout;
+use vmm::layout;
 
 /// Type-0 header: vendor ID.
 pub const VENDOR_ID: u16 = 0x00;

@@ -4,7 +4,7 @@ use iced_x86::code_asm::*;
 use iced_x86::IcedError;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::microguest::{
+use crate::{
     enter_user, exit_with, MicroGuest, MicroGuestError, DATA_START, TEST_PORTAL_START,
     USER_STACK_TOP,
 };
@@ -261,7 +261,7 @@ pub const SYSCALL_ENTRY: u64 = DATA_START + 0x10_0000;
 /// (bits 31:0) as it found them.
 pub const SYSCALL_LOG: u64 = DATA_START + 0x8000;
 /// Its STAR: SYSCALL loads CS 0x10 / SS 0x18; SYSRET returns to 0x33 / 0x2b.
-pub const SYSCALL_STAR: u64 = (0x23 << 48) | ((crate::microguest::KERNEL_CS as u64) << 32);
+pub const SYSCALL_STAR: u64 = (0x23 << 48) | ((crate::KERNEL_CS as u64) << 32);
 /// Its FMASK, Linux's: TF, DF, IF, IOPL, AC, NT.
 pub const SYSCALL_FMASK: u64 = 0x47700;
 /// Result of a run: `SYSCALL_RESULT | calls that returned after themselves`.
@@ -304,8 +304,8 @@ fn syscall_entry_code() -> Result<Vec<u8>, MicroGuestError> {
 /// back with RCX after the SYSCALL. A run the VMM did not fix ends with the
 /// default #PF handler's `DEFAULT_HANDLER_RESULT | 14`.
 pub fn syscall_round_trips(calls: u32) -> Result<MicroGuest, MicroGuestError> {
-    use crate::emulator::syscall_msr::{FMASK, LSTAR, STAR};
-    use crate::microguest::{PTE_P, PTE_W};
+    use crate::{PTE_P, PTE_W};
+    use vmm::emulator::syscall_msr::{FMASK, LSTAR, STAR};
 
     let mut g = MicroGuest::new();
     g.map_page(SYSCALL_ENTRY, PTE_P | PTE_W)?;

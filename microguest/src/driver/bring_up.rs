@@ -11,8 +11,8 @@ use iced_x86::code_asm::*;
 use vdsa::command::code;
 use vdsa::regs::{layout, offset};
 
-use super::DsaPlacement;
-use crate::layout::PCIE_ECAM_START;
+use vmm::layout::PCIE_ECAM_START;
+use vmm::sva::DsaPlacement;
 
 /// PCI command register: memory space and bus master.
 const PCI_COMMAND_MEMORY_MASTER: u16 = 0b110;
@@ -160,7 +160,7 @@ pub fn command(
     asm.jz(ok)?;
     asm.and(eax, 0xff)?;
     asm.or(eax, fail as i32)?;
-    asm.out(i32::from(crate::microguest::TEST_EXIT_PORT as u8), eax)?;
+    asm.out(i32::from(crate::TEST_EXIT_PORT as u8), eax)?;
     asm.hlt()?;
     asm.set_label(&mut ok)?;
     asm.nop()
@@ -195,6 +195,6 @@ pub fn exit_with_completion_status(asm: &mut CodeAssembler, addr: u64) -> Result
     asm.movzx(eax, byte_ptr(rbx))?;
     asm.test(eax, eax)?;
     asm.jz(poll)?;
-    asm.out(i32::from(crate::microguest::TEST_EXIT_PORT as u8), eax)?;
+    asm.out(i32::from(crate::TEST_EXIT_PORT as u8), eax)?;
     asm.hlt()
 }

@@ -18,7 +18,7 @@
 //! The first GiB of the PCI 64-bit MMIO window ([`layout::PCI_MMIO64_START`])
 //! is identity-mapped too (2 MiB pages, supervisor and user), so a program
 //! reaches the BARs of the vDSA functions that [`MicroOptions::accel`]
-//! attaches: they sit at the fixed places [`crate::sva::dsa_placements`]
+//! attaches: they sit at the fixed places [`vmm::sva::dsa_placements`]
 //! gives (first vDSA at 00:01.0, BAR2 at `PCI_MMIO64_START`, BAR0 after it
 //! for the default 8-WQ shape; ECAM at [`layout::PCIE_ECAM_START`]); the
 //! vIOMMU's registers are at [`layout::VIOMMU_START`].
@@ -33,9 +33,14 @@ use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::layout;
+use vmm::layout;
 
+pub mod demo_runs;
+pub mod demos;
 pub mod driver;
+pub mod sva_bench;
+pub mod sva_demo;
+pub mod test_devices;
 
 /// GDT base.
 pub const GDT_START: u64 = 0x1000;
@@ -113,7 +118,7 @@ const TSS_RSP0: u64 = 4;
 const GATE_INTERRUPT: u8 = 0x8e;
 /// The test-exit port the harness adds to every micro-guest's machine: a
 /// 4-byte OUT here ends the run and the value written becomes the run's
-/// result ([`crate::vm::RunExit::TestExit`]).
+/// result ([`vmm::vm::RunExit::TestExit`]).
 pub const TEST_EXIT_PORT: u16 = 0xf4;
 /// Result a default handler reports: `DEFAULT_HANDLER_RESULT | vector`.
 pub const DEFAULT_HANDLER_RESULT: u32 = 0xdead_0000;
@@ -330,7 +335,7 @@ fn write_page_tables(memory: &GuestMemoryMmap) -> Result<(), MicroGuestError> {
 }
 
 fn segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
-    crate::emulator::flat_segment(selector, type_, long)
+    vmm::emulator::flat_segment(selector, type_, long)
 }
 
 /// Long mode with the harness's GDT, IDT, TSS and page tables.
@@ -396,22 +401,22 @@ pub const MICRO_MEMORY: u64 = 64 << 20;
 /// The result of running a micro-guest.
 pub struct MicroRun {
     /// How the run ended.
-    pub exit: crate::vm::RunExit,
+    pub exit: vmm::vm::RunExit,
     /// What the test portal received.
-    pub portal: std::sync::Arc<crate::devices::test_devices::PortalLog>,
+    pub portal: std::sync::Arc<crate::test_devices::PortalLog>,
     /// Guest RAM as the run left it.
     pub memory: GuestMemoryMmap,
-    /// Where the vDSA functions were put (as [`crate::sva::dsa_placements`]
+    /// Where the vDSA functions were put (as [`vmm::sva::dsa_placements`]
     /// predicts).
-    pub dsa: Vec<crate::sva::DsaPlacement>,
+    pub dsa: Vec<vmm::sva::DsaPlacement>,
     /// The vDSA functions themselves (registers, device TLB), in the same
     /// order.
-    pub dsa_functions: Vec<std::sync::Arc<std::sync::Mutex<crate::sva::DsaFunction>>>,
+    pub dsa_functions: Vec<std::sync::Arc<std::sync::Mutex<vmm::sva::DsaFunction>>>,
     /// The vIOMMU, if [`MicroOptions::accel`] asked for one.
-    pub iommu: Option<std::sync::Arc<crate::sva::Viommu>>,
+    pub iommu: Option<std::sync::Arc<vmm::sva::Viommu>>,
     /// The guest's PASIDs (its gPASID -> hPASID table), as the run left
     /// them.
-    pub pasids: std::sync::Arc<crate::sva::GuestPasids>,
+    pub pasids: std::sync::Arc<vmm::sva::GuestPasids>,
     /// The guest's TSC frequency in kHz (0 if KVM could not tell).
     pub tsc_khz: u32,
 }
@@ -425,17 +430,17 @@ pub struct MicroOptions {
     pub timeout: std::time::Duration,
     /// The vIOMMU and vDSA functions (none by default). With any of them
     /// the machine gets the PCIe root complex (ECAM, BAR windows) too.
-    pub accel: crate::sva::AccelConfig,
+    pub accel: vmm::sva::AccelConfig,
     /// The host PASID space (the process-wide one when `None`); two runs
     /// given the same space model two guests of one host.
     pub pasid_space: Option<std::sync::Arc<pasid::PasidSpace>>,
-    /// The kind of KVM to run on: the host's ([`crate::platform::Platform::host`]) unless a
+    /// The kind of KVM to run on: the host's ([`vmm::platform::Platform::host`]) unless a
     /// test forces the other's behaviour (e.g. ordinary KVM's watch on a PVM
     /// host, to raise its routes on purpose).
-    pub platform: crate::platform::Platform,
+    pub platform: vmm::platform::Platform,
     /// What the host CPU runs natively, if not probed (see
-    /// [`crate::vm::Vm::set_host_cpu`]).
-    pub host_cpu: Option<crate::platform::HostCpu>,
+    /// [`vmm::vm::Vm::set_host_cpu`]).
+    pub host_cpu: Option<vmm::platform::HostCpu>,
 }
 
 impl std::fmt::Debug for MicroOptions {
@@ -456,9 +461,9 @@ impl Default for MicroOptions {
         Self {
             portal_retry: false,
             timeout: std::time::Duration::from_secs(30),
-            accel: crate::sva::AccelConfig::default(),
+            accel: vmm::sva::AccelConfig::default(),
             pasid_space: None,
-            platform: crate::platform::Platform::host(),
+            platform: vmm::platform::Platform::host(),
             host_cpu: None,
         }
     }
@@ -469,13 +474,13 @@ impl Default for MicroOptions {
 pub enum MicroRunError {
     /// The machine could not be built.
     #[error(transparent)]
-    Vm(#[from] crate::vm::VmError),
+    Vm(#[from] vmm::vm::VmError),
     /// The program could not be loaded.
     #[error(transparent)]
     Load(#[from] MicroGuestError),
     /// The vIOMMU or a vDSA could not be attached.
     #[error(transparent)]
-    Accel(#[from] crate::sva::AccelError),
+    Accel(#[from] vmm::sva::AccelError),
 }
 
 /// Fails (never skips) with one line naming the problem when this machine
@@ -489,8 +494,8 @@ pub fn require_kvm() {
 
 /// Adds the test-exit port ([`TEST_EXIT_PORT`]) to `vm`: [`run`] does it
 /// for every micro-guest, a test that builds its own machine calls it.
-pub fn add_test_exit(vm: &crate::vm::Vm) -> Result<(), crate::vm::VmError> {
-    use crate::devices::test_devices::TestExit;
+pub fn add_test_exit(vm: &vmm::vm::Vm) -> Result<(), vmm::vm::VmError> {
+    use crate::test_devices::TestExit;
     use std::sync::{Arc, Mutex};
 
     let exit = TestExit::new(vm.exit_reporter());
@@ -502,12 +507,10 @@ pub fn add_test_exit(vm: &crate::vm::Vm) -> Result<(), crate::vm::VmError> {
 /// Runs `guest` on a one-vCPU machine with the test devices, watching the
 /// exception entries `options.platform` needs, serial output discarded.
 pub fn run(guest: MicroGuest, options: MicroOptions) -> Result<MicroRun, MicroRunError> {
-    use crate::devices::serial::SerialOutput;
-    use crate::devices::test_devices::{
-        PortalLog, TestMmio, TestPortal, TEST_MMIO_SIZE, TEST_PORTAL_SIZE,
-    };
-    use crate::vm::{Vm, VmConfig};
+    use crate::test_devices::{PortalLog, TestMmio, TestPortal, TEST_MMIO_SIZE, TEST_PORTAL_SIZE};
     use std::sync::{Arc, Mutex};
+    use vmm::devices::serial::SerialOutput;
+    use vmm::vm::{Vm, VmConfig};
 
     let config = VmConfig {
         cpus: 1,
@@ -531,18 +534,18 @@ pub fn run(guest: MicroGuest, options: MicroOptions) -> Result<MicroRun, MicroRu
             TEST_MMIO_SIZE,
             Arc::new(Mutex::new(TestMmio::default())),
         )
-        .map_err(crate::vm::VmError::from)?;
+        .map_err(vmm::vm::VmError::from)?;
     vm.mmio()
         .insert(
             TEST_PORTAL_START,
             TEST_PORTAL_SIZE,
             Arc::new(Mutex::new(TestPortal::new(portal.clone()))),
         )
-        .map_err(crate::vm::VmError::from)?;
+        .map_err(vmm::vm::VmError::from)?;
     let accel = &options.accel;
     let (dsa, dsa_functions, iommu) = if accel.iommu || !accel.dsa.is_empty() {
-        let root = crate::machine::attach_pci_root(&vm)?;
-        let attached = crate::sva::attach(&vm, &root, accel)?;
+        let root = vmm::machine::attach_pci_root(&vm)?;
+        let attached = vmm::sva::attach(&vm, &root, accel)?;
         (attached.dsa, attached.functions, attached.iommu)
     } else {
         (Vec::new(), Vec::new(), None)

@@ -27,6 +27,7 @@
 //! Guest routines record what a test checks in the report area
 //! ([`REPORT_START`], slots in [`slot`]).
 
+pub mod bring_up;
 pub mod dsa;
 pub mod ecam;
 pub mod kernel;
@@ -35,7 +36,7 @@ pub mod vtd;
 use iced_x86::code_asm::*;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::layout;
+use vmm::layout;
 
 /// Where the guest builds its VT-d translation structures (root table,
 /// context tables, PASID directories and tables: 16 pages).
@@ -184,7 +185,7 @@ impl GuestFailure {
 pub fn fail_with_eax(asm: &mut CodeAssembler, step: Step) -> Result<(), IcedError> {
     asm.and(eax, 0xffff)?;
     asm.or(eax, (FAILURE | (u32::from(step as u8) << 16)) as i32)?;
-    asm.out(i32::from(crate::microguest::TEST_EXIT_PORT as u8), eax)?;
+    asm.out(i32::from(crate::TEST_EXIT_PORT as u8), eax)?;
     asm.hlt()
 }
 

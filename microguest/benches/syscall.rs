@@ -7,8 +7,8 @@
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use vmm::demos::{port_io_round_trips, syscall_round_trips, SYSCALL_RESULT};
-use vmm::microguest::{self, MicroGuest, MicroOptions};
+use microguest::demos::{port_io_round_trips, syscall_round_trips, SYSCALL_RESULT};
+use microguest::{MicroGuest, MicroOptions};
 use vmm::vm::RunExit;
 
 const CALLS: u32 = 2000;

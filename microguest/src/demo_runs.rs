@@ -5,12 +5,12 @@
 use std::time::Duration;
 
 use crate::demos::{self, DEMO_PASID};
-use crate::microguest::{self, MicroOptions};
-use crate::platform::Platform;
-use crate::sva::AccelConfig;
 use crate::sva_bench;
 use crate::sva_demo;
-use crate::vm::RunExit;
+use crate::MicroOptions;
+use vmm::platform::Platform;
+use vmm::sva::AccelConfig;
+use vmm::vm::RunExit;
 
 /// How a demo or benchmark ended (a VMM error is the `Err` beside it).
 #[derive(Debug)]
@@ -37,12 +37,12 @@ impl Outcome {
 /// Assembles and runs a micro-guest; a failure to build or run it is the
 /// line that says why.
 fn run_micro<E: std::fmt::Display>(
-    guest: Result<microguest::MicroGuest, E>,
+    guest: Result<crate::MicroGuest, E>,
     options: MicroOptions,
-) -> Result<microguest::MicroRun, String> {
+) -> Result<crate::MicroRun, String> {
     guest
         .map_err(|e| e.to_string())
-        .and_then(|g| microguest::run(g, options).map_err(|e| e.to_string()))
+        .and_then(|g| crate::run(g, options).map_err(|e| e.to_string()))
 }
 
 /// `vmm micro sva-demo`: prints what the guest did and whether it is right.
