@@ -1,5 +1,13 @@
 //! Micro-guests: small x86-64 programs, written with iced-x86's code
-//! assembler, run as guests in 64-bit long mode.
+//! assembler, run as guests in 64-bit long mode on the `vmm` machine.
+//!
+//! This crate is the test and demo harness, never part of a production
+//! machine: the program builder and [`run`] (here), the guest-side VT-d,
+//! ECAM and DSA driver library ([`driver`]), the test devices
+//! ([`test_devices`], with the test-exit port [`add_test_exit`] puts on a
+//! machine), the demo programs ([`demos`], [`sva_demo`]), the SVA benchmark
+//! ([`sva_bench`]) and what `vmm micro` and `vmm bench` print
+//! ([`demo_runs`]).
 //!
 //! The harness gives a program:
 //! - identity paging of the first 4 GiB (2 MiB pages, all user-accessible),
