@@ -2,6 +2,7 @@
 //! micro-guests at CPL0 and CPL3, reaching the test portal.
 //! These tests need /dev/kvm and fail with a message saying so without it.
 
+use bus::StoreKind;
 use iced_x86::code_asm::*;
 use microguest::demos::command;
 use microguest::test_devices::PortalStore;
@@ -9,7 +10,6 @@ use microguest::{
     self, enter_user, exit_with, MicroGuest, MicroOptions, MicroRun, DATA_START, TEST_MMIO_START,
     TEST_PORTAL_START, USER_CS, USER_STACK_TOP,
 };
-use pci::StoreKind;
 use vmm::vm::RunExit;
 
 use pasid::MSR_IA32_PASID as IA32_PASID;

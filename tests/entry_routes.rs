@@ -16,6 +16,7 @@
 //! (`MicroOptions::host_cpu`). Each runs with the host's platform and with
 //! ordinary KVM's behaviour forced. These tests need /dev/kvm.
 
+use bus::StoreKind;
 use iced_x86::code_asm::*;
 use microguest::demos::command;
 use microguest::test_devices::PortalStore;
@@ -23,7 +24,6 @@ use microguest::{
     self, exit_with, MicroGuest, MicroOptions, MicroRun, DATA_START, KERNEL_CS, KERNEL_DS,
     TEST_PORTAL_START, USER_CS, USER_DS, USER_STACK_TOP,
 };
-use pci::StoreKind;
 use vmm::platform::{HostCpu, Platform};
 use vmm::vm::RunExit;
 

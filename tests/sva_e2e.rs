@@ -150,13 +150,14 @@ mod iommu_alone {
     use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant};
 
+    use bus::BusDevice;
     use microguest::driver::vtd::{ContextControls, FirstStageBinding, ScalableTables, Vtd};
     use microguest::driver::{read_report, slot};
     use microguest::{
         exit_with, MicroGuest, DATA_PT_START, DATA_START, MICRO_MEMORY, PML4_START, PTE_P, PTE_U,
         PTE_W,
     };
-    use pci::{BusDevice, MsiRecorder};
+    use pci::MsiRecorder;
     use viommu::regs::{gcmd, GSTS};
     use viommu::{
         AtsDevice, DeviceTlbInvalidation, Iommu, PageGroupResponse, PageRequest, PasidTag,

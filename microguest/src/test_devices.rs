@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use vmm::vm::ExitReporter;
 
-use pci::{BusDevice, StoreKind, StoreReply};
+use bus::{BusDevice, StoreKind, StoreReply};
 
 /// A 4-byte OUT to [`crate::TEST_EXIT_PORT`] ends the run with
 /// the value written as its result.

@@ -16,9 +16,10 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bus::{StoreKind, StoreReply};
 use common::{Guest, WqSpec};
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
-use pci::{PciDevice, StoreKind, StoreReply};
+use pci::PciDevice;
 use vdsa::descriptor::{flags, Descriptor, Opcode};
 use vdsa::dma::{
     AddressSpace, DmaFault, DmaPort, FaultKind, IdentityDma, PageRequest, PasidTag, Translation,

@@ -6,7 +6,9 @@ use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 use std::thread::JoinHandle;
 
-use pci::{MappedBar, MsiSink, MsixConfig, PciConfiguration, PciDevice, StoreKind, StoreReply};
+use bus::{StoreKind, StoreReply};
+
+use pci::{MappedBar, MsiSink, MsixConfig, PciConfiguration, PciDevice};
 
 use crate::atc::Atc;
 use crate::bits::le_value;

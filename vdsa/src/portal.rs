@@ -5,7 +5,7 @@
 //! the IMS portals (absent here: IMS is not supported). Any 64-byte-aligned
 //! offset in a page is the same portal.
 
-use pci::{StoreKind, StoreReply};
+use bus::{StoreKind, StoreReply};
 
 use crate::descriptor::Descriptor;
 use crate::device::Inner;

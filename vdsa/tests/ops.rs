@@ -534,8 +534,8 @@ fn block_on_fault_resumes_after_page_response() {
     let mut swq = d;
     swq.set_completion_addr(cr).set_pasid(1, false);
     assert_eq!(
-        g.submit(1, true, &swq, pci::StoreKind::Enqcmds),
-        pci::StoreReply::Accepted
+        g.submit(1, true, &swq, bus::StoreKind::Enqcmds),
+        bus::StoreReply::Accepted
     );
     let record = g.wait_cr(cr);
     assert_eq!((record[0], u32_at(&record, 16)), (0x11, flags::BOF));

@@ -6,8 +6,9 @@ mod common;
 
 use std::sync::Arc;
 
+use bus::{StoreKind, StoreReply};
 use common::*;
-use pci::{cap_id, PciDevice, StoreKind, StoreReply};
+use pci::{cap_id, PciDevice};
 use vdsa::descriptor::{flags, Descriptor, Opcode};
 use vdsa::dma::IdentityDma;
 use vdsa::regs::{layout, offset};

@@ -3,8 +3,9 @@
 
 mod common;
 
+use bus::StoreKind;
 use common::*;
-use pci::{PciDevice, StoreKind};
+use pci::PciDevice;
 use proptest::prelude::*;
 use vdsa::descriptor::{flags, Descriptor, Opcode};
 

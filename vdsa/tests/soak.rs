@@ -18,8 +18,9 @@ mod common;
 use std::sync::Arc;
 use std::time::Instant;
 
+use bus::{StoreKind, StoreReply};
 use common::*;
-use pci::{PciDevice, StoreKind, StoreReply};
+use pci::PciDevice;
 use vdsa::descriptor::{flags, Descriptor, Opcode};
 use vdsa::dma::IdentityDma;
 use vdsa::regs::{layout, offset, SUPPORTED_OPS};

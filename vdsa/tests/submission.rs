@@ -6,8 +6,9 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bus::{StoreKind, StoreReply};
 use common::*;
-use pci::{PciDevice, StoreKind, StoreReply};
+use pci::PciDevice;
 use vdsa::descriptor::{flags, Descriptor, Opcode};
 use vdsa::dma::{AddressSpace, MockIommu, PageRequest, PageResponseCode, PasidTag};
 use vdsa::portal::Portal;

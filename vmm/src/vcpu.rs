@@ -3,13 +3,13 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use bus::{StoreKind, StoreReply};
 use kvm_bindings::{
     kvm_msr_entry, kvm_regs, kvm_sregs, kvm_sync_regs, kvm_vcpu_events, Msrs,
     KVM_EXIT_INTERNAL_ERROR, KVM_INTERNAL_ERROR_EMULATION,
 };
 use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
 use pasid::{Ia32Pasid, MSR_IA32_PASID};
-use pci::{StoreKind, StoreReply};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::emulator::{

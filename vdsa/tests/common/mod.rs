@@ -5,8 +5,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bus::{StoreKind, StoreReply};
 use pasid::{IdentityPasids, PasidTranslator};
-use pci::{cap_id, MsiMessage, MsiRecorder, PciDevice, StoreKind, StoreReply};
+use pci::{cap_id, MsiMessage, MsiRecorder, PciDevice};
 use vdsa::descriptor::Descriptor;
 use vdsa::dma::{DmaPort, MockIommu};
 use vdsa::portal::Portal;

@@ -1,7 +1,7 @@
 //! The hardware-reduced ACPI sleep registers: how the guest powers off.
 
+use bus::BusDevice;
 use log::{info, warn};
-use pci::BusDevice;
 
 /// Sleep control register: SLP_TYP in bits 4:2.
 const SLEEP_CONTROL_SLP_TYP_SHIFT: u8 = 2;

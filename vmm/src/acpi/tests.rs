@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use acpi_tables::sdt::Sdt;
-use pci::BusDevice;
+use bus::BusDevice;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::*;

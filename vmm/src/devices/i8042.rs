@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use pci::BusDevice;
+use bus::BusDevice;
 
 /// I/O port of the i8042 command/status register.
 pub const I8042_COMMAND_PORT: u16 = 0x64;

@@ -4,7 +4,7 @@
 use std::fs::File;
 use std::io::{self, Write};
 
-use pci::BusDevice;
+use bus::BusDevice;
 use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;

@@ -20,8 +20,8 @@
 //! nobody claims (reads as all ones) or a range straddling the end of RAM;
 //! every case completes as on hardware.
 
+use bus::{StoreKind, StoreReply};
 use iced_x86::{Code, Instruction};
-use pci::{StoreKind, StoreReply};
 
 use super::arch::{ia32_pasid, rflags};
 use super::context::CpuContext;

@@ -394,7 +394,7 @@ pub(crate) fn store_entry<C: GuestCpu + ?Sized>(
         return Ok(EntryAction::PassThrough);
     };
     // Only ENQCMD depends on IA32_PASID; any other #GP is the guest's.
-    if v == vector::GP && kind != pci::StoreKind::Enqcmd {
+    if v == vector::GP && kind != bus::StoreKind::Enqcmd {
         return Ok(EntryAction::PassThrough);
     }
     let bytes = bytes[..instr.len().min(bytes.len())].to_vec();

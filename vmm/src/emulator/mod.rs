@@ -67,9 +67,9 @@ mod tests;
 
 use std::fmt;
 
+use bus::{StoreKind, StoreReply};
 use iced_x86::Mnemonic;
 use kvm_bindings::{kvm_regs, kvm_sregs};
-use pci::{StoreKind, StoreReply};
 
 use context::CpuContext;
 use mmu::Privilege;
@@ -175,7 +175,7 @@ pub trait GuestCpu {
         cr2: Option<u64>,
     ) -> Result<(), EmulatorError>;
     /// One 64-byte store, not torn, to a guest-physical address: RAM (a
-    /// plain write) or a device on the MMIO bus ([`pci::BusDevice::store64`]).
+    /// plain write) or a device on the MMIO bus ([`bus::BusDevice::store64`]).
     /// `gpa` is 64-byte aligned. The reply sets ZF for ENQCMD/ENQCMDS and
     /// is ignored for MOVDIR64B; what a store to RAM answers to ENQCMD is the
     /// implementer's choice (documented there).

@@ -1,9 +1,9 @@
 //! Behaviour of the trap layer on a mock vCPU over real guest memory with
 //! hand-built IA-32e page tables, GDT and IDT.
 
+use bus::{StoreKind, StoreReply};
 use iced_x86::code_asm::*;
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
-use pci::{StoreKind, StoreReply};
 use proptest::prelude::*;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 

@@ -6,9 +6,9 @@
 //! at 1152, Hi16_ZMM 1024 at 1664 (standard offsets); compacted over all of
 //! them, as Linux printed for the guest: 576, 832, 896, 1408.
 
+use bus::{StoreKind, StoreReply};
 use iced_x86::code_asm::*;
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
-use pci::{StoreKind, StoreReply};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::super::arch::vector;

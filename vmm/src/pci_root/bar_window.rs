@@ -1,7 +1,7 @@
 //! Dispatch of memory accesses in the PCI MMIO windows to function BARs.
 
+use bus::{BusDevice, StoreKind, StoreReply};
 use log::trace;
-use pci::{BusDevice, StoreKind, StoreReply};
 
 use super::{lock, PciRoot};
 

@@ -1,8 +1,9 @@
 //! The legacy configuration mechanism #1: CONFIG_ADDRESS at 0xCF8 and
 //! CONFIG_DATA at 0xCFC..0xCFF.
 
+use bus::BusDevice;
 use log::debug;
-use pci::{BusDevice, LEGACY_CONFIG_SPACE_SIZE};
+use pci::LEGACY_CONFIG_SPACE_SIZE;
 
 use super::PciRoot;
 

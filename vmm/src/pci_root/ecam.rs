@@ -1,8 +1,8 @@
 //! ECAM (enhanced configuration access mechanism, MMCONFIG): each function's
 //! 4 KiB configuration space mapped in memory.
 
+use bus::BusDevice;
 use log::debug;
-use pci::BusDevice;
 
 use super::PciRoot;
 

@@ -2,9 +2,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use pci::{
-    BarKind, BusDevice, MappedBar, PciConfiguration, PciDevice, PciHeader, StoreKind, StoreReply,
-};
+use bus::{BusDevice, StoreKind, StoreReply};
+
+use pci::{BarKind, MappedBar, PciConfiguration, PciDevice, PciHeader};
 
 use super::*;
 use crate::layout::{

@@ -3,8 +3,9 @@
 
 use std::sync::Arc;
 
+use bus::{StoreKind, StoreReply};
 use pasid::PasidTranslator;
-use pci::{MappedBar, PciDevice, StoreKind, StoreReply};
+use pci::{MappedBar, PciDevice};
 use vdsa::Dsa;
 
 use super::guest_pasids::GuestPasids;

@@ -80,7 +80,9 @@ mod tests;
 
 use std::sync::{Arc, Mutex};
 
-use pci::{BusDevice, MsiSink, PciAddress, PciDevice};
+use bus::BusDevice;
+
+use pci::{MsiSink, PciAddress, PciDevice};
 use thiserror::Error;
 use vdsa::dma::{DmaPort, IdentityDma};
 use vdsa::{Dsa, DsaConfig, DsaError};

@@ -4,8 +4,9 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
+use bus::{StoreKind, StoreReply};
 use pasid::{Ia32Pasid, PasidSpace, Scope};
-use pci::{MsiRecorder, StoreKind, StoreReply};
+use pci::MsiRecorder;
 use vdsa::dma::{AddressSpace, DmaFault, DmaPort, FaultKind, PasidTag};
 use vdsa::wqcfg::mode;
 use viommu::paging::builder::PageTableBuilder;
