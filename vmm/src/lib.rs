@@ -27,3 +27,4 @@ pub mod stop_signal;
 pub mod sva;
 pub mod vcpu;
 pub mod vm;
+pub mod x86;

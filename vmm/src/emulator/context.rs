@@ -8,8 +8,8 @@ use iced_x86::Register;
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use viommu::paging::PagingLevels;
 
-use super::arch::{cr4, efer, rflags};
 use super::{EmulatorError, GuestCpu};
+use crate::x86::{cr4, efer, rflags};
 
 /// CPUID facts the page walk needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -23,12 +23,12 @@
 use bus::{StoreKind, StoreReply};
 use iced_x86::{Code, Instruction};
 
-use super::arch::{ia32_pasid, rflags};
 use super::context::CpuContext;
 use super::decode::{check_canonical, memory_operand};
 use super::exception::Exception;
 use super::mmu::{read_linear_any, translate, AccessKind, Privilege};
 use super::{EmulatorError, GuestCpu, Step, StoreRecord, UnhandledReason};
+use crate::x86::{ia32_pasid, rflags};
 
 /// Size of the store and of its source.
 pub(crate) const STORE_SIZE: usize = 64;

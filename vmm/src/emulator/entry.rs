@@ -38,13 +38,13 @@
 
 use kvm_bindings::kvm_segment;
 
-use super::arch::{vector, ENDBR64, SELECTOR_RPL_MASK, SELECTOR_TI};
 use super::context::CpuContext;
 use super::decode::decode;
 use super::direct_store::{self, store_kind};
 use super::exception::Exception;
 use super::mmu::{fetch_instruction, read_linear, AccessKind, Privilege};
 use super::{apply_step, EmulatorError, GuestCpu, Step, StoreRecord, Unhandled};
+use crate::x86::{vector, ENDBR64, SELECTOR_RPL_MASK, SELECTOR_TI};
 
 /// What [`handle_exception_entry`] did.
 #[derive(Clone, Debug, PartialEq, Eq)]

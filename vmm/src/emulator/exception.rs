@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use super::arch::vector;
+use crate::x86::vector;
 
 /// An exception to deliver to the guest, as an emulated instruction would
 /// have raised it.

@@ -8,13 +8,13 @@
 
 use iced_x86::{Instruction, Mnemonic, OpKind};
 
-use super::arch::{cr0, rflags};
 use super::context::CpuContext;
 use super::decode::{check_canonical, memory_operand};
 use super::exception::Exception;
 use super::guest_atomic::{compare_exchange_u128, AtomicAccessError};
 use super::mmu::{read_linear_any, translate, AccessError, AccessKind, Privilege};
 use super::{EmulatorError, GuestCpu, Step, UnhandledReason};
+use crate::x86::{cr0, rflags};
 
 /// An instruction the fallback emulator knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -8,9 +8,9 @@
 use viommu::paging::{self, AccessType, WalkConfig, WalkFault};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap};
 
-use super::arch::{cr0, cr4, efer, rflags, CR3_ROOT_MASK};
 use super::context::CpuContext;
 use super::exception::Exception;
+use crate::x86::{cr0, cr4, efer, rflags, CR3_ROOT_MASK};
 
 /// Size of the smallest page: accesses are split at this granularity.
 const PAGE_SIZE: u64 = 4096;

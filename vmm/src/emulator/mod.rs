@@ -50,7 +50,6 @@
 //! with [`is_exception_entry`] and [`read_exception_frame`] before calling
 //! [`handle_emulation_failure`] on the `clac` there.
 
-mod arch;
 mod context;
 mod decode;
 mod direct_store;
@@ -74,7 +73,7 @@ use kvm_bindings::{kvm_regs, kvm_sregs};
 use context::CpuContext;
 use mmu::Privilege;
 
-pub use arch::ia32_pasid::MSR as IA32_PASID_MSR;
+pub use crate::x86::ia32_pasid::MSR as IA32_PASID_MSR;
 pub use entry::{
     handle_exception_entry, idt_handler, is_exception_entry, read_exception_frame,
     step_over_handler_entry, EntryAction, ExceptionFrame, StepOver,
@@ -418,16 +417,16 @@ pub fn handle_emulation_failure<C: GuestCpu + ?Sized>(
     } else if let Some(which) = FallbackInstruction::of(&instr).filter(|w| cpu.emulates(*w)) {
         if which == FallbackInstruction::Clac
             && ctx.cpl() == 0
-            && entry::is_entry(&ctx, cpu.memory(), rip, arch::vector::UD)
+            && entry::is_entry(&ctx, cpu.memory(), rip, crate::x86::vector::UD)
         {
-            match entry::store_entry(cpu, &ctx, arch::vector::UD)? {
+            match entry::store_entry(cpu, &ctx, crate::x86::vector::UD)? {
                 EntryAction::PassThrough => {}
                 // The vCPU is unchanged: the guest's handler runs and the
                 // user process sees its #UD.
                 EntryAction::NotHandled(u) => log::warn!("{u}; #UD left to the guest"),
                 action => {
                     return Ok(Outcome::ExceptionEntry {
-                        vector: arch::vector::UD,
+                        vector: crate::x86::vector::UD,
                         action,
                     })
                 }

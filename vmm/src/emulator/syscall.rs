@@ -22,10 +22,10 @@
 
 use kvm_bindings::kvm_segment;
 
-use super::arch::{rflags, vector};
 use super::context::CpuContext;
 use super::entry::{frame_at, ExceptionFrame};
 use super::{EmulatorError, GuestCpu};
+use crate::x86::{rflags, vector};
 
 /// MSR indices of the SYSCALL configuration (SDM Vol. 4, table 2-2).
 pub mod msr {

@@ -7,8 +7,8 @@ use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 use proptest::prelude::*;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::arch::rflags;
 use super::*;
+use crate::x86::rflags;
 use viommu::paging::pf_error;
 
 // ---------------------------------------------------------------------------
@@ -2221,9 +2221,9 @@ fn step_over_at_handler(first: &[u8], rflags: u64) -> (MockCpu, StepOver) {
 #[test]
 fn step_over_skips_the_nops_linux_entry_points_begin_with() {
     for (bytes, len) in [
-        (&[0x0f, 0x1f, 0x00][..], 3),   // the clac slot with SMAP off
-        (&[0x90, 0x90, 0x90][..], 1),   // the same slot before alternatives
-        (&super::arch::ENDBR64[..], 4), // IBT kernels
+        (&[0x0f, 0x1f, 0x00][..], 3),  // the clac slot with SMAP off
+        (&[0x90, 0x90, 0x90][..], 1),  // the same slot before alternatives
+        (&crate::x86::ENDBR64[..], 4), // IBT kernels
         (&[0x66, 0x0f, 0x1f, 0x44, 0x00, 0x00][..], 6),
     ] {
         let (cpu, result) = step_over_at_handler(bytes, 0x2);

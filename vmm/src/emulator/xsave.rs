@@ -38,13 +38,13 @@
 
 use iced_x86::{Instruction, Mnemonic};
 
-use super::arch::{cr0, cr4};
 use super::context::CpuContext;
 use super::decode::{check_canonical, memory_operand};
 use super::exception::Exception;
 use super::fallback::{conclude, FallbackInstruction, Stop};
 use super::mmu::{translate, AccessKind, Privilege};
 use super::{EmulatorError, GuestCpu, Step, UnhandledReason};
+use crate::x86::{cr0, cr4};
 use vm_memory::{Bytes, GuestAddress};
 
 /// State-component numbers (SDM Vol. 1, 13.1).

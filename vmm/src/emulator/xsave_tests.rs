@@ -11,11 +11,11 @@ use iced_x86::code_asm::*;
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::super::arch::vector;
 use super::super::{
     handle_emulation_failure, EmulatorError, Exception, FallbackInstruction, GuestCpu, Outcome,
 };
 use super::*;
+use crate::x86::vector;
 
 const PML4: u64 = 0x1000;
 const PDPT: u64 = 0x2000;
