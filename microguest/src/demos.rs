@@ -9,8 +9,7 @@ use crate::{
     USER_STACK_TOP,
 };
 
-/// MSR index of IA32_PASID.
-const IA32_PASID: u32 = pasid::MSR_IA32_PASID;
+use pasid::MSR_IA32_PASID as IA32_PASID;
 /// Where the programs keep their 64-byte command.
 pub const COMMAND_START: u64 = DATA_START + 0x1000;
 /// Where the benchmark leaves its TSC deltas (per round two u64: port

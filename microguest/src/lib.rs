@@ -89,30 +89,11 @@ pub const USER_CS: u16 = 0x33;
 /// TSS selector.
 pub const TSS_SELECTOR: u16 = 0x40;
 
-// Page-table entry bits.
-/// Present.
-pub const PTE_P: u64 = 1 << 0;
-/// Writable.
-pub const PTE_W: u64 = 1 << 1;
-/// User-accessible.
-pub const PTE_U: u64 = 1 << 2;
-const PTE_PS: u64 = 1 << 7;
+// Page-table entry bits, under the names the programs use.
+use vmm::x86::pte::PAGE_SIZE as PTE_PS;
+pub use vmm::x86::pte::{PRESENT as PTE_P, USER as PTE_U, WRITABLE as PTE_W};
 
-// Control-register and EFER bits for long mode.
-const CR0_PE: u64 = 1 << 0;
-const CR0_MP: u64 = 1 << 1;
-const CR0_ET: u64 = 1 << 4;
-const CR0_NE: u64 = 1 << 5;
-const CR0_WP: u64 = 1 << 16;
-const CR0_PG: u64 = 1 << 31;
-const CR4_PAE: u64 = 1 << 5;
-const CR4_OSFXSR: u64 = 1 << 9;
-const CR4_OSXMMEXCPT: u64 = 1 << 10;
-const EFER_SCE: u64 = 1 << 0;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
-const EFER_NXE: u64 = 1 << 11;
-const RFLAGS_RESERVED: u64 = 1 << 1;
+use vmm::x86::{cr0, cr4, efer, rflags};
 
 // Segment descriptors (flat).
 const GDT_KERNEL_CS: u64 = 0x00af_9b00_0000_ffff;
@@ -258,7 +239,7 @@ impl MicroGuest {
         let regs = kvm_regs {
             rip: CODE_START,
             rsp: KERNEL_STACK_TOP,
-            rflags: RFLAGS_RESERVED,
+            rflags: rflags::FIXED,
             ..Default::default()
         };
         Ok(LoadedGuest {
@@ -349,12 +330,12 @@ fn segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
 /// Long mode with the harness's GDT, IDT, TSS and page tables.
 pub fn long_mode_sregs() -> kvm_sregs {
     let mut sregs = kvm_sregs {
-        cr0: CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG,
+        cr0: cr0::PE | cr0::MP | cr0::ET | cr0::NE | cr0::WP | cr0::PG,
         ..Default::default()
     };
     sregs.cr3 = PML4_START;
-    sregs.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT;
-    sregs.efer = EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE;
+    sregs.cr4 = cr4::PAE | cr4::OSFXSR | cr4::OSXMMEXCPT;
+    sregs.efer = efer::SCE | efer::LME | efer::LMA | efer::NXE;
     sregs.cs = segment(KERNEL_CS, 0xb, true);
     let data = segment(KERNEL_DS, 0x3, false);
     (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
@@ -392,7 +373,7 @@ pub fn enter_user(
     asm.push(i32::from(USER_DS))?;
     asm.mov(rax, user_rsp)?;
     asm.push(rax)?;
-    asm.push((IOPL3 | RFLAGS_RESERVED as u32) as i32)?;
+    asm.push((IOPL3 | rflags::FIXED as u32) as i32)?;
     asm.push(i32::from(USER_CS))?;
     asm.lea(rax, ptr(target))?;
     asm.push(rax)?;

@@ -1,6 +1,8 @@
-//! x86-64 architectural constants the emulator needs (Intel SDM Vol. 3A):
-//! RFLAGS bits, control-register and EFER bits, exception vectors, page-fault
-//! error-code bits, and the canonical-address rule.
+//! x86-64 architectural constants, the machine's one home for them (Intel
+//! SDM Vol. 3A): RFLAGS bits, control-register and EFER bits, MSR indices,
+//! exception vectors, segment-selector fields and page-table entry bits. The
+//! emulator, the boot state and the micro-guest harness take them from here;
+//! IA32_PASID's index and fields are the `pasid` crate's.
 
 /// RFLAGS bits (SDM Vol. 1, 3.4.3).
 pub mod rflags {
@@ -30,6 +32,14 @@ pub mod rflags {
 
 /// CR0 bits.
 pub mod cr0 {
+    /// Protected mode.
+    pub const PE: u64 = 1 << 0;
+    /// Extension type (always 1 on modern CPUs).
+    pub const ET: u64 = 1 << 4;
+    /// Native x87 error reporting.
+    pub const NE: u64 = 1 << 5;
+    /// Paging.
+    pub const PG: u64 = 1 << 31;
     /// Monitor coprocessor.
     pub const MP: u64 = 1 << 1;
     /// Task switched.
@@ -43,6 +53,12 @@ pub const CR3_ROOT_MASK: u64 = 0x000f_ffff_ffff_f000;
 
 /// CR4 bits.
 pub mod cr4 {
+    /// Physical address extension, required for long mode.
+    pub const PAE: u64 = 1 << 5;
+    /// The OS supports FXSAVE/FXRSTOR (SSE).
+    pub const OSFXSR: u64 = 1 << 9;
+    /// The OS handles SIMD floating-point exceptions.
+    pub const OSXMMEXCPT: u64 = 1 << 10;
     /// 57-bit linear addresses (5-level paging).
     pub const LA57: u64 = 1 << 12;
     /// XSAVE and processor extended states enabled.
@@ -55,6 +71,10 @@ pub mod cr4 {
 
 /// IA32_EFER bits.
 pub mod efer {
+    /// SYSCALL/SYSRET enable.
+    pub const SCE: u64 = 1 << 0;
+    /// Long mode enable.
+    pub const LME: u64 = 1 << 8;
     /// Long mode active.
     pub const LMA: u64 = 1 << 10;
     /// Execute-disable bit enable.
@@ -106,14 +126,28 @@ pub const SELECTOR_TI: u16 = 1 << 2;
 /// The ENDBR64 instruction (CET), which Linux puts at every entry point.
 pub const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
 
-/// IA32_PASID (MSR 0xD93) fields.
-pub mod ia32_pasid {
-    /// MSR index.
-    pub const MSR: u32 = 0xd93;
-    /// Bits 19:0: the PASID.
-    pub const PASID_MASK: u64 = 0xf_ffff;
-    /// Bit 31: the PASID is valid.
-    pub const VALID: u64 = 1 << 31;
+/// MSR indices (SDM Vol. 4, table 2-2).
+pub mod msr {
+    /// IA32_STAR: bits 47:32 the kernel CS selector (SS is CS + 8).
+    pub const STAR: u32 = 0xc000_0081;
+    /// IA32_LSTAR: the 64-bit SYSCALL entry point.
+    pub const LSTAR: u32 = 0xc000_0082;
+    /// IA32_FMASK: RFLAGS bits SYSCALL clears.
+    pub const FMASK: u32 = 0xc000_0084;
+    /// IA32_PASID (its fields: [`pasid::Ia32Pasid`]).
+    pub use pasid::MSR_IA32_PASID as IA32_PASID;
+}
+
+/// Paging-structure entry bits (4-level paging).
+pub mod pte {
+    /// Present.
+    pub const PRESENT: u64 = 1 << 0;
+    /// Writable.
+    pub const WRITABLE: u64 = 1 << 1;
+    /// User-accessible.
+    pub const USER: u64 = 1 << 2;
+    /// In a PDPT or page-directory entry: maps a 1 GiB or 2 MiB page.
+    pub const PAGE_SIZE: u64 = 1 << 7;
 }
 
 #[cfg(test)]

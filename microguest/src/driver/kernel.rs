@@ -11,7 +11,7 @@ use super::{slot, DSA_BAR0, DSA_BAR2};
 use crate::{MicroGuest, PML4_START};
 
 /// IA32_PASID valid bit.
-const PASID_VALID: u32 = 1 << 31;
+const PASID_VALID: u32 = pasid::Ia32Pasid::VALID as u32;
 /// #GP vector.
 const GP_VECTOR: u8 = 13;
 

@@ -5,35 +5,12 @@
 use kvm_bindings::{kvm_dtable, kvm_segment};
 
 use crate::layout;
+use crate::x86::pte;
 
-/// CR0 bits.
-pub mod cr0 {
-    /// Protected mode.
-    pub const PE: u64 = 1 << 0;
-    /// Extension type (always 1 on modern CPUs).
-    pub const ET: u64 = 1 << 4;
-    /// Native x87 error reporting.
-    pub const NE: u64 = 1 << 5;
-    /// Paging.
-    pub const PG: u64 = 1 << 31;
-}
-
-/// CR4 bits.
-pub mod cr4 {
-    /// Physical address extension, required for long mode.
-    pub const PAE: u64 = 1 << 5;
-}
-
-/// IA32_EFER bits.
-pub mod efer {
-    /// Long mode enable.
-    pub const LME: u64 = 1 << 8;
-    /// Long mode active.
-    pub const LMA: u64 = 1 << 10;
-}
+pub use crate::x86::{cr0, cr4, efer};
 
 /// RFLAGS with only the always-one bit 1 set: interrupts disabled.
-pub const RFLAGS_RESERVED_ONE: u64 = 1 << 1;
+pub const RFLAGS_RESERVED_ONE: u64 = crate::x86::rflags::FIXED;
 
 /// A segment descriptor in the GDT (flat: base 0).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -154,14 +131,6 @@ pub fn gdt_register() -> kvm_dtable {
         limit: (std::mem::size_of::<[u64; 6]>() - 1) as u16,
         padding: [0; 3],
     }
-}
-
-/// Page-table entry bits.
-mod pte {
-    pub const PRESENT: u64 = 1 << 0;
-    pub const WRITABLE: u64 = 1 << 1;
-    /// In a page-directory entry: maps a 2 MiB page.
-    pub const PAGE_SIZE: u64 = 1 << 7;
 }
 
 /// GiB of address space the boot page tables map (one page directory each).

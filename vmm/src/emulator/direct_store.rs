@@ -28,13 +28,14 @@ use super::decode::{check_canonical, memory_operand};
 use super::exception::Exception;
 use super::mmu::{read_linear_any, translate, AccessKind, Privilege};
 use super::{EmulatorError, GuestCpu, Step, StoreRecord, UnhandledReason};
-use crate::x86::{ia32_pasid, rflags};
+use crate::x86::rflags;
+use pasid::Ia32Pasid;
 
 /// Size of the store and of its source.
 pub(crate) const STORE_SIZE: usize = 64;
 
 /// Command dword 0: bits 19:0, the PASID.
-const CMD_PASID_MASK: u32 = 0x000f_ffff;
+const CMD_PASID_MASK: u32 = pasid::PASID_MASK;
 /// Command dword 0: bit 31, the privilege (1 = supervisor).
 const CMD_PRIV: u32 = 1 << 31;
 
@@ -65,7 +66,7 @@ pub(crate) fn format_command(
     let new_dword0 = match kind {
         StoreKind::Movdir64b => return cmd,
         // The MSR's PASID, user privilege, reserved bits zero.
-        StoreKind::Enqcmd => (ia32_pasid_msr & ia32_pasid::PASID_MASK) as u32,
+        StoreKind::Enqcmd => (ia32_pasid_msr & Ia32Pasid::PASID_MASK) as u32,
         // The source's PASID and privilege, reserved bits zero.
         StoreKind::Enqcmds => dword0 & (CMD_PASID_MASK | CMD_PRIV),
     };
@@ -87,7 +88,7 @@ pub(crate) fn execute<C: GuestCpu + ?Sized>(
     };
     match kind {
         StoreKind::Enqcmds if ctx.cpl() != 0 => return Ok(Step::Fault(Exception::gp0())),
-        StoreKind::Enqcmd if msr & ia32_pasid::VALID == 0 => {
+        StoreKind::Enqcmd if msr & Ia32Pasid::VALID == 0 => {
             return Ok(Step::Fault(Exception::gp0()))
         }
         _ => {}

@@ -73,13 +73,13 @@ use kvm_bindings::{kvm_regs, kvm_sregs};
 use context::CpuContext;
 use mmu::Privilege;
 
-pub use crate::x86::ia32_pasid::MSR as IA32_PASID_MSR;
 pub use entry::{
     handle_exception_entry, idt_handler, is_exception_entry, read_exception_frame,
     step_over_handler_entry, EntryAction, ExceptionFrame, StepOver,
 };
 pub use exception::Exception;
 pub use fallback::FallbackInstruction;
+pub use pasid::MSR_IA32_PASID as IA32_PASID_MSR;
 pub use syscall::{
     broken_syscall_entry, complete_syscall, flat_segment, msr as syscall_msr, SyscallEntry,
     SyscallMsrs,

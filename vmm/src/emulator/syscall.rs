@@ -27,15 +27,8 @@ use super::entry::{frame_at, ExceptionFrame};
 use super::{EmulatorError, GuestCpu};
 use crate::x86::{rflags, vector};
 
-/// MSR indices of the SYSCALL configuration (SDM Vol. 4, table 2-2).
-pub mod msr {
-    /// IA32_STAR: bits 47:32 the kernel CS selector (SS is CS + 8).
-    pub const STAR: u32 = 0xc000_0081;
-    /// IA32_LSTAR: the 64-bit SYSCALL entry point.
-    pub const LSTAR: u32 = 0xc000_0082;
-    /// IA32_FMASK: RFLAGS bits SYSCALL clears.
-    pub const FMASK: u32 = 0xc000_0084;
-}
+/// MSR indices of the SYSCALL configuration.
+pub use crate::x86::msr;
 
 /// #PF error-code bit: the access was made in user mode.
 const PF_USER: u64 = 1 << 2;
