@@ -8,28 +8,30 @@
 //! through the test-exit port.
 
 use iced_x86::code_asm::*;
+use pci::header::{command, offset as header};
 use vdsa::command::code;
 use vdsa::regs::{layout, offset};
+use vdsa::wqcfg::mode;
 
 use vmm::layout::PCIE_ECAM_START;
 use vmm::sva::DsaPlacement;
 
 /// PCI command register: memory space and bus master.
-const PCI_COMMAND_MEMORY_MASTER: u16 = 0b110;
+const PCI_COMMAND_MEMORY_MASTER: u16 = command::MEMORY_SPACE | command::BUS_MASTER;
 /// PCI command register offset.
-const PCI_COMMAND: u64 = 0x04;
+const PCI_COMMAND: u64 = header::COMMAND as u64;
 /// CMDSTS.active (bit 31).
 const CMDSTS_ACTIVE: u32 = 1 << 31;
 /// CMD: command code shift.
 const CMD_CODE_SHIFT: u32 = 20;
 /// WQCFG dword 2: dedicated mode.
-pub const WQCFG_MODE_DEDICATED: u32 = 1 << 0;
+pub const WQCFG_MODE_DEDICATED: u32 = mode::DEDICATED;
 /// WQCFG dword 2: priority 1 (bits 7:4).
-pub const WQCFG_PRIORITY_1: u32 = 1 << 4;
+pub const WQCFG_PRIORITY_1: u32 = 1 << mode::PRIORITY_SHIFT;
 /// WQCFG dword 2: PASID field shift (bits 27:8).
-pub const WQCFG_PASID_SHIFT: u32 = 8;
+pub const WQCFG_PASID_SHIFT: u32 = mode::PASID_SHIFT;
 /// WQCFG dword 2: PASID enable.
-pub const WQCFG_PASID_EN: u32 = 1 << 28;
+pub const WQCFG_PASID_EN: u32 = mode::PASID_EN;
 /// WQCFG dword 3 for 2 GiB transfers and batches of 1024 (the defaults).
 const WQCFG_MAX_SHIFTS: u32 = 31 | (10 << 5);
 

@@ -7,20 +7,10 @@ use iced_x86::code_asm::*;
 use super::{fail_with_eax, report, Step};
 use vmm::layout;
 
-/// Type-0 header: vendor ID.
-pub const VENDOR_ID: u16 = 0x00;
-/// Type-0 header: command register.
-pub const COMMAND: u16 = 0x04;
-/// Command: memory space decode.
-pub const COMMAND_MEMORY: u16 = 1 << 1;
-/// Command: bus master.
-pub const COMMAND_BUS_MASTER: u16 = 1 << 2;
-/// Type-0 header: BAR0.
-pub const BAR0: u16 = 0x10;
+use pci::header::offset::{BAR0, COMMAND, VENDOR_ID};
+use pci::header::{bar, command};
 /// BAR low bits: memory type (2:1) and prefetchable (3).
-const BAR_FLAGS: u32 = 0xf;
-/// BAR type field value of a 64-bit memory BAR.
-const BAR_MEMORY_64: u32 = 0b10 << 1;
+const BAR_FLAGS: u32 = !bar::MEM_ADDRESS_MASK;
 /// BAR bits 2:0: I/O space (0) and type (2:1).
 const BAR_TYPE_MASK: u32 = 0b111;
 /// First extended capability.
@@ -125,12 +115,12 @@ impl PciFunction {
         // Memory decode off while the BAR moves.
         asm.mov(rdi, self.reg(COMMAND))?;
         asm.movzx(eax, word_ptr(rdi))?;
-        asm.and(eax, !i32::from(COMMAND_MEMORY))?;
+        asm.and(eax, !i32::from(command::MEMORY_SPACE))?;
         asm.mov(word_ptr(rdi), ax)?;
         self.read32(asm, reg)?;
         asm.mov(ecx, eax)?;
         asm.and(ecx, BAR_TYPE_MASK as i32)?;
-        asm.cmp(ecx, BAR_MEMORY_64 as i32)?;
+        asm.cmp(ecx, bar::MEM_TYPE_64 as i32)?;
         asm.je(is_64)?;
         fail_with_eax(asm, Step::BarType)?;
         asm.set_label(&mut is_64)?;
@@ -154,7 +144,7 @@ impl PciFunction {
     pub fn enable_memory_and_bus_master(&self, asm: &mut CodeAssembler) -> Result<(), IcedError> {
         asm.mov(rdi, self.reg(COMMAND))?;
         asm.movzx(eax, word_ptr(rdi))?;
-        asm.or(eax, i32::from(COMMAND_MEMORY | COMMAND_BUS_MASTER))?;
+        asm.or(eax, i32::from(command::MEMORY_SPACE | command::BUS_MASTER))?;
         asm.mov(word_ptr(rdi), ax)
     }
 
