@@ -534,7 +534,7 @@ pub fn run(guest: MicroGuest, options: MicroOptions) -> Result<MicroRun, MicroRu
     let accel = &options.accel;
     let (dsa, dsa_functions, iommu) = if accel.iommu || !accel.dsa.is_empty() {
         let root = vmm::machine::attach_pci_root(&vm)?;
-        let attached = vmm::sva::attach(&vm, &root, accel)?;
+        let attached = vmm::machine::attach_accelerators(&vm, &root, accel)?;
         (attached.dsa, attached.functions, attached.iommu)
     } else {
         (Vec::new(), Vec::new(), None)

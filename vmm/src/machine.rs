@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use pci::MsiSink;
 use thiserror::Error;
 
 use crate::acpi::{create_acpi_tables, AcpiConfig, AcpiError, AcpiSleepDevice};
@@ -24,7 +25,7 @@ use crate::layout;
 use crate::msi::KvmMsiSink;
 use crate::pci_root::{PciConfigIo, PciRoot, PciRootError};
 use crate::platform::Platform;
-use crate::sva::{attach, AccelConfig, AccelError};
+use crate::sva::{attach_devices, attach_viommu, AccelConfig, AccelError, Accelerators, GuestMem};
 use crate::vm::{RunExit, Vm, VmConfig, VmError};
 
 /// What to boot and on what.
@@ -124,7 +125,7 @@ pub fn run_linux(config: LinuxConfig) -> Result<RunExit, MachineError> {
     }
 
     let root = attach_pci_root(&vm)?;
-    let accel = attach(&vm, &root, &config.accel)?;
+    let accel = attach_accelerators(&vm, &root, &config.accel)?;
     add_pvpanic(&vm, &root)?;
     let mut virtio = add_virtio_consoles(&vm, &root, config.consoles)?;
     virtio.extend(add_virtio_fs(&vm, &root, &config.filesystems)?);
@@ -215,6 +216,23 @@ fn add_virtio_fs(
         devices.push(shared);
     }
     Ok(devices)
+}
+
+/// Puts the vIOMMU (if asked) on `vm`'s MMIO bus and the vDSAs on `root`,
+/// wired to the VM's PASIDs ([`Vm::pasids`]).
+pub fn attach_accelerators(
+    vm: &Vm,
+    root: &PciRoot,
+    config: &AccelConfig,
+) -> Result<Accelerators, AccelError> {
+    let memory: GuestMem = Arc::new(vm.memory().clone());
+    let msi: Arc<dyn MsiSink> = Arc::new(KvmMsiSink::new(vm.fd().clone()));
+    let iommu = if config.iommu {
+        Some(attach_viommu(vm.mmio(), memory.clone(), msi.clone())?)
+    } else {
+        None
+    };
+    attach_devices(vm.pasids(), memory, msi, iommu, root, &config.dsa)
 }
 
 /// Puts a PCIe root complex on `vm`'s buses: ECAM, the 0xCF8/0xCFC ports

@@ -23,7 +23,7 @@
 //!   ([`vdsa::dma::IdentityDma`]), and PASIDs still go through the guest's
 //!   table, filled without a check (there are no PASID tables to check).
 //!
-//! [`attach`] builds all of it for a machine.
+//! `crate::machine::attach_accelerators` builds all of it for a machine.
 //!
 //! # Decisions
 //!
@@ -80,7 +80,7 @@ mod tests;
 
 use std::sync::{Arc, Mutex};
 
-use bus::BusDevice;
+use bus::{Bus, BusDevice, BusError};
 
 use pci::{MsiSink, PciAddress, PciDevice};
 use thiserror::Error;
@@ -89,10 +89,7 @@ use vdsa::{Dsa, DsaConfig, DsaError};
 use viommu::dmar::{build_dmar_table, DmarConfig};
 
 use crate::layout;
-use crate::msi::KvmMsiSink;
 use crate::pci_root::{PciRoot, PciRootError, SharedPciDevice};
-use crate::vm::Vm;
-use bus::BusError;
 
 pub use dma::{DsaAtsBridge, GuestMem, Viommu, ViommuAuthority, ViommuDma};
 pub use function::{translate_enqueue, DevicePasids, DsaFunction};
@@ -129,7 +126,7 @@ pub fn dsa_bar2_size(config: &DsaConfig) -> u64 {
     (u64::from(config.num_wqs) * vdsa::regs::layout::PORTALS_PER_WQ).next_power_of_two()
 }
 
-/// Where [`attach`] puts the vDSAs of `configs` on a root complex that has
+/// Where [`attach_devices`] puts the vDSAs of `configs` on a root complex that has
 /// nothing but its host bridge: device numbers from 1, both 64-bit BARs in
 /// the 64-bit window from [`layout::PCI_MMIO64_START`], naturally aligned,
 /// each function's larger BAR first (BAR2 unless it is smaller than BAR0).
@@ -212,27 +209,25 @@ impl BusDevice for IommuWindow {
     }
 }
 
-/// Puts the vIOMMU (if asked) on `vm`'s MMIO bus and the vDSAs on `root`,
-/// wired to the VM's PASIDs ([`Vm::pasids`]).
-pub fn attach(vm: &Vm, root: &PciRoot, config: &AccelConfig) -> Result<Accelerators, AccelError> {
-    let memory: GuestMem = Arc::new(vm.memory().clone());
-    let msi: Arc<dyn MsiSink> = Arc::new(KvmMsiSink::new(vm.fd().clone()));
-    let iommu = if config.iommu {
-        let iommu = Arc::new(Viommu::new(memory.clone(), msi.clone()));
-        vm.mmio().insert(
-            layout::VIOMMU_START,
-            layout::VIOMMU_SIZE,
-            Arc::new(Mutex::new(IommuWindow(iommu.clone()))),
-        )?;
-        Some(iommu)
-    } else {
-        None
-    };
-    attach_devices(vm.pasids(), memory, msi, iommu, root, &config.dsa)
+/// Puts a vIOMMU on `mmio` at its place ([`layout::VIOMMU_START`]), its
+/// table walks in `memory`, its interrupts to `msi`.
+pub fn attach_viommu(
+    mmio: &Bus,
+    memory: GuestMem,
+    msi: Arc<dyn MsiSink>,
+) -> Result<Arc<Viommu>, AccelError> {
+    let iommu = Arc::new(Viommu::new(memory, msi));
+    mmio.insert(
+        layout::VIOMMU_START,
+        layout::VIOMMU_SIZE,
+        Arc::new(Mutex::new(IommuWindow(iommu.clone()))),
+    )?;
+    Ok(iommu)
 }
 
-/// [`attach`] without a VM: the devices on `root`, their DMA into `memory`
-/// (through `iommu` if given), their interrupts to `msi`.
+/// The vDSAs of `configs` on `root`, their DMA into `memory` (through
+/// `iommu` if given), their interrupts to `msi`, their PASIDs through
+/// `pasids`. A machine gets them with `crate::machine::attach_accelerators`.
 pub fn attach_devices(
     pasids: &Arc<GuestPasids>,
     memory: GuestMem,
