@@ -2,15 +2,14 @@
 //! BAR0 MMIO as idxd would. These tests need /dev/kvm.
 
 use iced_x86::code_asm::*;
-use microguest::driver::bring_up::{
-    bring_up_wq, exit_with_completion_status, WQCFG_MODE_DEDICATED, WQCFG_PRIORITY_1,
-};
-use microguest::{MicroGuest, MicroOptions, MicroRun, DATA_START};
+use microguest::driver::dsa::{wait_for_completion, DsaDriver, WqSetup};
+use microguest::driver::ecam::PciFunction;
+use microguest::{exit_with_eax, MicroGuest, MicroOptions, MicroRun, DATA_START};
 use vdsa::completion::Status;
 use vdsa::descriptor::{flags, Descriptor, Opcode};
 use vdsa::DsaConfig;
 use vm_memory::{Bytes, GuestAddress};
-use vmm::sva::{dsa_placements, AccelConfig};
+use vmm::sva::{dsa_placements, AccelConfig, DsaPlacement};
 use vmm::vm::RunExit;
 
 const DESC: u64 = DATA_START + 0x1000;
@@ -18,8 +17,6 @@ const COMPLETION: u64 = DATA_START + 0x2000;
 const SRC: u64 = DATA_START + 0x10_000;
 const DST: u64 = DATA_START + 0x20_000;
 const LEN: usize = 0x3000;
-/// Run result when bring-up fails (low bits: which step and CMDSTS.err).
-const BRING_UP_FAILED: u32 = 0xe000;
 
 fn run(guest: MicroGuest, accel: AccelConfig) -> MicroRun {
     microguest::require_kvm();
@@ -31,6 +28,29 @@ fn run(guest: MicroGuest, accel: AccelConfig) -> MicroRun {
         },
     )
     .expect("micro-guest machine")
+}
+
+/// Emits what idxd does with the vDSA the VMM placed at `dsa`: PASID
+/// enable (if `pasid`), memory decode and bus master, then the device and
+/// `wq` brought up through BAR0 (the harness's one DSA driver).
+fn bring_up(g: &mut MicroGuest, dsa: &DsaPlacement, wq: WqSetup, pasid: bool) {
+    let function = PciFunction::at(dsa.bdf);
+    if pasid {
+        function.enable_pasid(&mut g.asm, false).unwrap();
+    }
+    function.enable_memory_and_bus_master(&mut g.asm).unwrap();
+    let driver = DsaDriver {
+        bar0: dsa.bar0,
+        bar2: dsa.bar2,
+    };
+    driver.bring_up(&mut g.asm, &[wq]).unwrap();
+}
+
+/// Emits a wait for the completion record at `COMPLETION`, then ends the
+/// run with its status.
+fn exit_with_completion_status(asm: &mut CodeAssembler) {
+    wait_for_completion(asm, COMPLETION).unwrap();
+    exit_with_eax(asm).unwrap();
 }
 
 fn pattern(len: usize) -> Vec<u8> {
@@ -59,20 +79,12 @@ fn kernel_movdir64b_memmove_through_a_dedicated_wq() {
     };
     let dsa = dsa_placements(&accel.dsa)[0];
     let mut g = memmove_guest();
-    bring_up_wq(
-        &mut g.asm,
-        &dsa,
-        0,
-        16,
-        WQCFG_MODE_DEDICATED | WQCFG_PRIORITY_1,
-        BRING_UP_FAILED,
-    )
-    .unwrap();
+    bring_up(&mut g, &dsa, WqSetup::kernel_dedicated(0, 0), false);
     // MOVDIR64B the descriptor to WQ 0's unlimited portal.
     g.asm.mov(rdi, dsa.bar2).unwrap();
     g.asm.mov(rsi, DESC).unwrap();
     g.asm.movdir64b(rdi, ptr(rsi)).unwrap();
-    exit_with_completion_status(&mut g.asm, COMPLETION).unwrap();
+    exit_with_completion_status(&mut g.asm);
 
     let r = run(g, accel);
     assert_eq!(r.dsa, vec![dsa], "the vDSA is where the guest looked");
@@ -167,19 +179,9 @@ fn ia32_pasid_follows_cr3_across_context_switches() {
 /// `0x5a00 | ZF` when the ENQCMD was refused, else with the completion
 /// status.
 fn enqcmd_to_shared_wq(accel: &AccelConfig, pasid: u32) -> MicroGuest {
-    use microguest::driver::bring_up::{enable_pasid, WQCFG_PASID_EN};
     let dsa = dsa_placements(&accel.dsa)[0];
     let mut g = memmove_guest();
-    enable_pasid(&mut g.asm, &dsa, false).unwrap();
-    bring_up_wq(
-        &mut g.asm,
-        &dsa,
-        0,
-        16,
-        WQCFG_PASID_EN | WQCFG_PRIORITY_1,
-        BRING_UP_FAILED,
-    )
-    .unwrap();
+    bring_up(&mut g, &dsa, WqSetup::shared(0, 0), true);
     let a = &mut g.asm;
     a.mov(ecx, pasid::MSR_IA32_PASID).unwrap();
     a.mov(eax, 0x8000_0000 | pasid).unwrap();
@@ -192,7 +194,7 @@ fn enqcmd_to_shared_wq(accel: &AccelConfig, pasid: u32) -> MicroGuest {
     a.jnz(accepted).unwrap();
     microguest::exit_with(a, 0x5a01).unwrap();
     a.set_label(&mut accepted).unwrap();
-    exit_with_completion_status(a, COMPLETION).unwrap();
+    exit_with_completion_status(a);
     g
 }
 

@@ -358,6 +358,11 @@ pub fn long_mode_sregs() -> kvm_sregs {
 /// Emits the end of a run: `value` to the test-exit port.
 pub fn exit_with(asm: &mut CodeAssembler, value: u32) -> Result<(), IcedError> {
     asm.mov(eax, value)?;
+    exit_with_eax(asm)
+}
+
+/// Emits the end of the run with the value in `eax` as its result.
+pub fn exit_with_eax(asm: &mut CodeAssembler) -> Result<(), IcedError> {
     asm.out(i32::from(TEST_EXIT_PORT as u8), eax)?;
     asm.hlt()
 }

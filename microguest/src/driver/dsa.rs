@@ -13,10 +13,6 @@ use vdsa::wqcfg::{dword, mode, WqState};
 
 use super::{fail_with_eax, poll, poll_rdi, report, slot, Step, Until, Width, DSA_BAR0, DSA_BAR2};
 
-/// WQCFG dword 2: priority field shift (bits 7:4).
-const PRIORITY_SHIFT: u32 = 4;
-/// WQCFG dword 2: WQ PASID field shift (bits 27:8).
-const WQ_PASID_SHIFT: u32 = 8;
 /// WQCFG dword 3: maximum batch size shift field position (bits 8:5).
 const MAX_BATCH_SHIFT_POS: u32 = 5;
 /// WQCFG status dword: WQ state field shift (bits 31:30).
@@ -66,6 +62,15 @@ impl WqSetup {
         }
     }
 
+    /// A dedicated kernel WQ without PASID (MOVDIR64B from CPL 0, as
+    /// idxd's kernel WQs without SVA).
+    pub fn kernel_dedicated(wq: u8, group: u8) -> Self {
+        Self {
+            mode: WqMode::Dedicated { pasid: None },
+            ..Self::dedicated(wq, group, 0)
+        }
+    }
+
     /// A shared WQ.
     pub fn shared(wq: u8, group: u8) -> Self {
         Self {
@@ -88,7 +93,7 @@ impl WqSetup {
 
     /// WQCFG dword 2 (mode, block-on-fault, priority 1, PASID, PASID enable).
     pub fn mode_dword(&self) -> u32 {
-        let mut v = 1 << PRIORITY_SHIFT;
+        let mut v = 1 << mode::PRIORITY_SHIFT;
         if self.block_on_fault {
             v |= mode::BOF;
         }
@@ -96,7 +101,7 @@ impl WqSetup {
             WqMode::Dedicated { pasid } => {
                 v |= mode::DEDICATED;
                 if let Some(p) = pasid {
-                    v |= mode::PASID_EN | ((p & 0xf_ffff) << WQ_PASID_SHIFT);
+                    v |= mode::PASID_EN | ((p & pasid::PASID_MASK) << mode::PASID_SHIFT);
                 }
             }
             WqMode::Shared => v |= mode::PASID_EN,

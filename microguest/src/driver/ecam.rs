@@ -5,6 +5,7 @@
 use iced_x86::code_asm::*;
 
 use super::{fail_with_eax, report, Step};
+use pci::PciAddress;
 use vmm::layout;
 
 use pci::header::offset::{BAR0, COMMAND, VENDOR_ID};
@@ -18,6 +19,10 @@ const EXTENDED_CAPABILITIES: u32 = 0x100;
 
 /// PASID control (capability + 6): enable and privileged mode.
 const PASID_CTRL: u16 = 6;
+/// PASID control: enable.
+const PASID_ENABLE: u16 = 1 << 0;
+/// PASID control: privileged mode enable.
+const PASID_PRIVILEGED: u16 = 1 << 2;
 /// ATS control (capability + 6).
 const ATS_CTRL: u16 = 6;
 /// PRI control (capability + 4).
@@ -37,19 +42,22 @@ pub struct PciFunction {
 }
 
 impl PciFunction {
+    /// The function at `address`.
+    pub fn at(address: PciAddress) -> Self {
+        // ECAM: bus in bits 27:20, device/function in 19:12.
+        Self {
+            base: layout::PCIE_ECAM_START + (u64::from(address.rid()) << 12),
+        }
+    }
+
     /// The function at `bus:device.function`.
     pub fn new(bus: u8, device: u8, function: u8) -> Self {
-        let offset = (u64::from(bus) << 20)
-            | (u64::from(device & 0x1f) << 15)
-            | (u64::from(function & 7) << 12);
-        Self {
-            base: layout::PCIE_ECAM_START + offset,
-        }
+        Self::at(PciAddress::new(bus, device, function))
     }
 
     /// The function with requester ID `rid`.
     pub fn from_rid(rid: u16) -> Self {
-        Self::new((rid >> 8) as u8, ((rid >> 3) & 0x1f) as u8, (rid & 7) as u8)
+        Self::at(PciAddress::from_rid(rid))
     }
 
     fn reg(&self, offset: u16) -> u64 {
@@ -188,14 +196,11 @@ impl PciFunction {
     pub fn enable_pasid_pri_ats(&self, asm: &mut CodeAssembler) -> Result<(), IcedError> {
         use super::slot;
         use pci::ext_cap_id;
-        const PASID_ENABLE: u16 = 1 << 0;
-        const PASID_PRIVILEGED: u16 = 1 << 2;
         const PRI_ENABLE: u16 = 1 << 0;
         const PRI_RESET: u16 = 1 << 1;
         const ATS_ENABLE: u16 = 1 << 15;
 
-        self.find_extended_capability(asm, ext_cap_id::PASID, slot::PASID_CAP)?;
-        self.write_at_esi16(asm, PASID_CTRL, PASID_ENABLE | PASID_PRIVILEGED)?;
+        self.enable_pasid(asm, true)?;
         self.find_extended_capability(asm, ext_cap_id::PRI, slot::PRI_CAP)?;
         self.write_at_esi16(asm, PRI_CTRL, PRI_RESET)?;
         asm.mov(rdi, self.base)?;
@@ -203,6 +208,15 @@ impl PciFunction {
         self.write_at_esi16(asm, PRI_CTRL, PRI_ENABLE)?;
         self.find_extended_capability(asm, ext_cap_id::ATS, slot::ATS_CAP)?;
         self.write_at_esi16(asm, ATS_CTRL, ATS_ENABLE)
+    }
+
+    /// Emits the PASID enable alone (pci_enable_pasid), with privileged
+    /// mode if `privileged`; the capability's offset lands in
+    /// [`super::slot::PASID_CAP`].
+    pub fn enable_pasid(&self, asm: &mut CodeAssembler, privileged: bool) -> Result<(), IcedError> {
+        self.find_extended_capability(asm, pci::ext_cap_id::PASID, super::slot::PASID_CAP)?;
+        let privileged = if privileged { PASID_PRIVILEGED } else { 0 };
+        self.write_at_esi16(asm, PASID_CTRL, PASID_ENABLE | privileged)
     }
 
     /// Emits a 16-bit write at capability offset `esi` + `offset`.

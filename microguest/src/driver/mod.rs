@@ -27,7 +27,6 @@
 //! Guest routines record what a test checks in the report area
 //! ([`REPORT_START`], slots in [`slot`]).
 
-pub mod bring_up;
 pub mod dsa;
 pub mod ecam;
 pub mod kernel;
