@@ -75,8 +75,9 @@ pub fn e820_entries(ram: &[(u64, u64)]) -> Vec<E820Entry> {
     entries
 }
 
-/// The RAM ranges of `mem`, as `(start, size)`.
-pub fn ram_ranges<M: GuestMemoryBackend>(mem: &M) -> Vec<(u64, u64)> {
+/// The regions of `mem`, as `(start, size)` (the machine's layout of RAM
+/// for a given size is `crate::vm::ram_ranges`).
+pub fn memory_regions<M: GuestMemoryBackend>(mem: &M) -> Vec<(u64, u64)> {
     mem.iter()
         .map(|r| (r.start_addr().raw_value(), r.len()))
         .collect()
@@ -84,5 +85,5 @@ pub fn ram_ranges<M: GuestMemoryBackend>(mem: &M) -> Vec<(u64, u64)> {
 
 /// The E820 map of `mem`.
 pub fn e820_map<M: GuestMemoryBackend>(mem: &M) -> Vec<E820Entry> {
-    e820_entries(&ram_ranges(mem))
+    e820_entries(&memory_regions(mem))
 }

@@ -195,7 +195,7 @@ impl BootState {
 /// One past the last RAM address below the MMIO hole, if RAM starts at 0.
 fn low_ram_end<M: GuestMemoryBackend>(mem: &M) -> u64 {
     let mut end = 0;
-    let mut ranges = e820::ram_ranges(mem);
+    let mut ranges = e820::memory_regions(mem);
     ranges.sort();
     for (start, size) in ranges {
         if start == end && start < layout::MMIO_HOLE_START {
