@@ -13,6 +13,8 @@
 //! ran `poweroff`). SIGINT and SIGTERM end any run with 128 + the signal's
 //! number (130, 143) after the guest and every VMM thread have stopped.
 
+#![forbid(unsafe_code)]
+
 use std::ffi::OsString;
 use std::fs::File;
 use std::path::PathBuf;

@@ -35,6 +35,8 @@
 //! [`KERNEL_STACK_TOP`]. [`enter_user`] emits the IRETQ to CPL3 code;
 //! exceptions (`ud2`, a privileged instruction) bring it back to CPL0.
 
+#![forbid(unsafe_code)]
+
 use iced_x86::code_asm::*;
 use iced_x86::BlockEncoderOptions;
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
