@@ -23,21 +23,25 @@ $t -w 1 -l 4096 -o 3 >/dev/null || exit 12
 echo swq-memmove-ok
 ";
 
+/// The guest both tests boot: the vIOMMU and the DSA, room for dsa_test's
+/// buffers, the kernel's console off.
+const VMM_OPTIONS: &[&str] = &[
+    "--iommu",
+    "--dsa",
+    "--memory",
+    "512M",
+    "--timeout",
+    "900",
+    "--serial",
+    "none",
+];
+
 #[test]
 fn dsa_test_copies_through_dedicated_and_shared_user_wqs() {
     let out = linux::vmm_run_with(
         &linux::full_initramfs(),
         &[("RUST_LOG", "vmm::sva=info")],
-        &[
-            "--iommu",
-            "--dsa",
-            "--memory",
-            "512M",
-            "--timeout",
-            "900",
-            "--serial",
-            "none",
-        ],
+        VMM_OPTIONS,
         &["sh", "-c", SCRIPT],
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -90,18 +94,7 @@ fn two_processes_on_one_vcpu_enqcmd_with_their_own_pasids() {
             "RUST_LOG",
             "vmm::sva=info,vmm::emulator::direct_store=trace",
         )],
-        &[
-            "--iommu",
-            "--dsa",
-            "--cpus",
-            "1",
-            "--memory",
-            "512M",
-            "--timeout",
-            "900",
-            "--serial",
-            "none",
-        ],
+        &[VMM_OPTIONS, &["--cpus", "1"]].concat(),
         &["sh", "-c", ALTERNATING_SCRIPT, &copies],
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
