@@ -135,5 +135,9 @@ fn two_processes_on_one_vcpu_enqcmd_with_their_own_pasids() {
     assert_eq!(accepted.len(), 2 * ALTERNATING_COPIES);
     let turns = accepted.windows(2).filter(|w| w[0] != w[1]).count();
     eprintln!("the two PASIDs took {turns} turns on the portal");
-    assert!(turns >= 10, "only {turns} turns between the two processes");
+    // From the fourth turn on, each process has run again after the other
+    // loaded its own PASID: an ENQCMD taking the PASID last written to the
+    // MSR would have gone out under the wrong one. (HZ=100 guest; 29 to 71
+    // turns were seen on PVM.)
+    assert!(turns >= 4, "only {turns} turns between the two processes");
 }
