@@ -68,12 +68,13 @@ for d in bin sbin lib lib64; do ln -s "usr/$d" "$stage/$d"; done
 is_elf() { [[ $(head -c4 "$1" 2>/dev/null | od -An -c | tr -d ' ') == '177ELF' ]]; }
 
 # Copies host path $1 (a file, followed if a symlink) to the same path in L1.
-# ELF files lose their debug sections (test binaries shrink to a fifth).
+# ELF programs and libraries lose their debug sections (test binaries shrink to
+# a fifth); kernel modules are copied as they are (stripping drops their signature).
 add_file() {
 	local path=$1 dst=$stage$1
 	[[ -e $dst ]] && return
 	mkdir -p "$(dirname "$dst")"
-	if is_elf "$path"; then
+	if [[ $path != *.ko ]] && is_elf "$path"; then
 		strip --strip-debug -o "$dst" "$path" 2>/dev/null || cp -L "$path" "$dst"
 		chmod --reference="$path" "$dst"
 		add_libraries "$path"

@@ -5,9 +5,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::atc::Atc;
-use crate::dma::{
-    AddressSpace, DmaFault, DmaPort, FaultKind, PageResponseCode, PasidTag, Translation,
-};
+use crate::dma::{AddressSpace, DmaFault, DmaPort, FaultKind, PageResponseCode, PasidTag};
 use crate::prs::{PageRequester, RequestOutcome};
 
 /// Page requests for one address before the device gives up (status 0x04,
@@ -223,18 +221,9 @@ impl Access<'_> {
                             ..f
                         });
                 };
-                // Pages whose translations continue both runs join them:
-                // one copy for what is contiguous on both sides.
-                let want = (len - moved).min(MAX_RUN) as u64;
-                let atc = self.path.atc;
-                let n = if from.1.min(to.1) >= want {
-                    want
-                } else {
-                    atc.contiguous(self.tag, s, from.0, want, false)
-                        .min(atc.contiguous(self.tag, d, to.0, want, true))
-                        .max(from.1.min(to.1))
-                        .min(want)
-                };
+                // The ATC keeps contiguous pages as one run: one copy for
+                // what is contiguous on both sides.
+                let n = from.1.min(to.1).min((len - moved).min(MAX_RUN) as u64);
                 let n = usize::try_from(n).unwrap_or(usize::MAX);
                 self.path
                     .port
@@ -292,38 +281,38 @@ impl Access<'_> {
     /// The translated address of `addr` and the bytes left in its page,
     /// from the ATC or a fresh ATS request; `None` when the port has no ATS.
     fn translation(&self, addr: u64, write: bool) -> Result<Option<(u64, u64)>, DmaFault> {
-        let allows = |t: &Translation| if write { t.write } else { t.read };
+        let allows = |read: bool, may_write: bool| if write { may_write } else { read };
         let fault = |kind| DmaFault {
             done: 0,
             addr,
             write,
             kind,
         };
-        let cached = self.path.atc.lookup(self.tag, addr);
-        let (base, t) = match cached {
-            Some((base, t)) if allows(&t) => (base, t),
+        let atc = self.path.atc;
+        let hit = match atc.lookup(self.tag, addr) {
+            Some(hit) if allows(hit.read, hit.write) => hit,
             stale => {
-                if let Some((base, _)) = stale {
+                if stale.is_some() {
                     // A cached entry without the permission: ask again.
-                    self.path.atc.remove(self.tag, base);
+                    atc.remove(self.tag, addr);
                 }
                 match self.path.port.translate(self.tag, addr) {
                     None => return Ok(None),
                     Some(Err(f)) => return Err(fault(f.kind)),
                     Some(Ok(t)) => {
-                        let base = self.path.atc.insert(self.tag, addr, t);
-                        (
-                            base,
-                            self.path.atc.lookup(self.tag, addr).map_or(t, |h| h.1),
-                        )
+                        atc.insert(self.tag, addr, t);
+                        match atc.lookup(self.tag, addr) {
+                            Some(hit) => hit,
+                            None => return Err(fault(FaultKind::PageFault)),
+                        }
                     }
                 }
             }
         };
-        if !allows(&t) {
+        if !allows(hit.read, hit.write) {
             return Err(fault(FaultKind::PageFault));
         }
-        let offset = addr - base;
-        Ok(Some((t.addr.wrapping_add(offset), t.size - offset)))
+        let offset = addr - hit.base;
+        Ok(Some((hit.target.wrapping_add(offset), hit.len - offset)))
     }
 }

@@ -1,74 +1,80 @@
 //! The Address Translation Cache (device TLB): ATS translations the device
 //! keeps until the IOMMU invalidates them.
+//!
+//! Translations are kept as runs: pages of one size whose untranslated and
+//! translated addresses both follow on, with the same permissions, are one
+//! entry. A copy then finds everything it may move in one step with one
+//! lookup per side, instead of a lookup per page (with 4 KiB pages those
+//! lookups were a fifth of the time of a 1 MiB copy). Invalidation still
+//! works page by page: it cuts the pages it names out of a run and keeps
+//! the rest.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
-use crate::bits::overlaps;
 use crate::dma::{PasidTag, Translation};
 
-/// Page sizes a translation can cover, smallest first.
-const PAGE_SIZES: [u64; 3] = [1 << 12, 1 << 21, 1 << 30];
+/// The smallest translation (a 4 KiB page).
+const MIN_PAGE: u64 = 1 << 12;
 
-/// A multiply-rotate hash for the ATC's small integer keys: a copy looks a
-/// page up on each side for every page it moves, and SipHash was a third
-/// of the time of a 1 MiB copy.
-#[derive(Default)]
-struct PageHasher(u64);
+/// A run of cached translations of one page size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Run {
+    /// Bytes covered (a multiple of `page`).
+    len: u64,
+    /// The translated address of the run's start.
+    target: u64,
+    /// The page size of every translation in the run.
+    page: u64,
+    read: bool,
+    write: bool,
+}
 
-impl Hasher for PageHasher {
-    fn finish(&self) -> u64 {
-        // Page addresses have their low bits clear: mix the high bits down
-        // (the table indexes with the low bits).
-        let z = (self.0 ^ (self.0 >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        let z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(u64::from(b));
-        }
-    }
-
-    fn write_u8(&mut self, v: u8) {
-        self.write_u64(u64::from(v));
-    }
-
-    fn write_u32(&mut self, v: u32) {
-        self.write_u64(u64::from(v));
-    }
-
-    fn write_u64(&mut self, v: u64) {
-        const K: u64 = 0x517c_c1b7_2722_0a95;
-        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(K);
-    }
-
-    fn write_usize(&mut self, v: usize) {
-        self.write_u64(v as u64);
-    }
-
-    fn write_isize(&mut self, v: isize) {
-        self.write_u64(v as u64);
+impl Run {
+    /// Whether `next`, starting where this run ends, continues it.
+    fn continued_by(&self, next: &Run) -> bool {
+        self.page == next.page
+            && self.read == next.read
+            && self.write == next.write
+            && self.target.wrapping_add(self.len) == next.target
     }
 }
 
-type Entries = HashMap<(Option<PasidTag>, u64), Translation, BuildHasherDefault<PageHasher>>;
+/// Runs keyed by PASID tag and untranslated start.
+type Runs = BTreeMap<(Option<PasidTag>, u64), Run>;
 
-/// Cached translations, keyed by PASID tag and untranslated page base.
+/// What the ATC holds for an address: the run of translations around it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hit {
+    /// The untranslated start of the run.
+    pub base: u64,
+    /// Bytes the run covers from `base`.
+    pub len: u64,
+    /// The translated address of `base`.
+    pub target: u64,
+    /// Reads are allowed.
+    pub read: bool,
+    /// Writes are allowed.
+    pub write: bool,
+}
+
+/// Cached translations.
 #[derive(Default)]
 pub struct Atc {
-    entries: Mutex<Entries>,
+    runs: Mutex<Runs>,
     /// Held for reading while a cached translation is in use, for writing
     /// by invalidations: an invalidation completes only after every access
     /// that used an old translation has.
     in_use: RwLock<()>,
 }
 
+fn end(base: u64, len: u64) -> u128 {
+    u128::from(base) + u128::from(len)
+}
+
 impl Atc {
-    fn lock(&self) -> MutexGuard<'_, Entries> {
-        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> MutexGuard<'_, Runs> {
+        self.runs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Marks the start of a translated access.
@@ -76,78 +82,109 @@ impl Atc {
         self.in_use.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The cached translation covering `addr`, with its untranslated base.
-    pub fn lookup(&self, tag: Option<PasidTag>, addr: u64) -> Option<(u64, Translation)> {
-        Self::find(&self.lock(), tag, addr)
-    }
-
-    fn find(entries: &Entries, tag: Option<PasidTag>, addr: u64) -> Option<(u64, Translation)> {
-        PAGE_SIZES.iter().find_map(|&size| {
-            let base = addr & !(size - 1);
-            entries
-                .get(&(tag, base))
-                .filter(|t| t.size == size)
-                .map(|t| (base, *t))
+    /// The cached run of translations covering `addr`.
+    pub fn lookup(&self, tag: Option<PasidTag>, addr: u64) -> Option<Hit> {
+        let runs = self.lock();
+        let (&(t, base), run) = runs.range(..=(tag, addr)).next_back()?;
+        (t == tag && u128::from(addr) < end(base, run.len)).then_some(Hit {
+            base,
+            len: run.len,
+            target: run.target,
+            read: run.read,
+            write: run.write,
         })
     }
 
-    /// How many bytes from `addr`, up to `len`, the cached translations map
-    /// contiguously to `target` onwards with the permission asked (`write`,
-    /// or read): the run one copy may move. Looked up under one lock.
-    pub fn contiguous(
-        &self,
-        tag: Option<PasidTag>,
-        addr: u64,
-        target: u64,
-        len: u64,
-        write: bool,
-    ) -> u64 {
-        let entries = self.lock();
-        let mut covered = 0u64;
-        while covered < len {
-            let at = addr.wrapping_add(covered);
-            let Some((base, t)) = Self::find(&entries, tag, at) else {
-                break;
-            };
-            let offset = at - base;
-            if !(if write { t.write } else { t.read })
-                || t.addr.wrapping_add(offset) != target.wrapping_add(covered)
-            {
-                break;
+    /// Caches `translation` for the page holding `addr`, in place of
+    /// whatever was cached for that page.
+    pub fn insert(&self, tag: Option<PasidTag>, addr: u64, translation: Translation) {
+        let page = translation.size.max(MIN_PAGE).next_power_of_two();
+        let mut base = addr & !(page - 1);
+        let mut run = Run {
+            len: page,
+            target: translation.addr,
+            page,
+            read: translation.read,
+            write: translation.write,
+        };
+        let mut runs = self.lock();
+        Self::cut(&mut runs, |t| t == tag, base, page);
+        // Join the run that ends here and the one that starts after.
+        if let Some((&(t, before), prev)) = runs.range(..(tag, base)).next_back() {
+            if t == tag && end(before, prev.len) == u128::from(base) && prev.continued_by(&run) {
+                run = Run {
+                    len: prev.len + run.len,
+                    target: prev.target,
+                    ..run
+                };
+                runs.remove(&(tag, before));
+                base = before;
             }
-            covered += t.size - offset;
         }
-        covered.min(len)
+        if let Ok(after) = u64::try_from(end(base, run.len)) {
+            if let Some(next) = runs.get(&(tag, after)).copied() {
+                if run.continued_by(&next) {
+                    run.len += next.len;
+                    runs.remove(&(tag, after));
+                }
+            }
+        }
+        runs.insert((tag, base), run);
     }
 
-    /// Caches `translation` for the page holding `addr`; returns the page's
-    /// untranslated base.
-    pub fn insert(&self, tag: Option<PasidTag>, addr: u64, translation: Translation) -> u64 {
-        let size = translation.size.max(PAGE_SIZES[0]).next_power_of_two();
-        let base = addr & !(size - 1);
-        self.lock().insert(
-            (tag, base),
-            Translation {
-                size,
-                ..translation
-            },
-        );
-        base
+    /// Drops the cached translation of the page holding `addr`.
+    pub fn remove(&self, tag: Option<PasidTag>, addr: u64) {
+        Self::cut(&mut self.lock(), |t| t == tag, addr, 1);
     }
 
-    /// Drops the entry for the page at `base`.
-    pub fn remove(&self, tag: Option<PasidTag>, base: u64) {
-        self.lock().remove(&(tag, base));
+    /// Cuts the pages overlapping `[addr, addr + len)` out of the runs
+    /// whose tag matches; the rest of each run stays cached.
+    fn cut(runs: &mut Runs, matches: impl Fn(Option<PasidTag>) -> bool, addr: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let (from, to) = (u128::from(addr), end(addr, len));
+        let hit: Vec<_> = runs
+            .iter()
+            .filter(|(&(tag, base), run)| {
+                matches(tag) && u128::from(base) < to && from < end(base, run.len)
+            })
+            .map(|(&key, &run)| (key, run))
+            .collect();
+        for ((tag, base), run) in hit {
+            runs.remove(&(tag, base));
+            let page = u128::from(run.page);
+            let (start, stop) = (u128::from(base), end(base, run.len));
+            let cut_from = (from / page * page).max(start);
+            let cut_to = to.div_ceil(page).saturating_mul(page).min(stop);
+            if cut_from > start {
+                let len = (cut_from - start) as u64;
+                runs.insert((tag, base), Run { len, ..run });
+            }
+            if cut_to < stop {
+                let skip = (cut_to - start) as u64;
+                runs.insert(
+                    (tag, base + skip),
+                    Run {
+                        len: (stop - cut_to) as u64,
+                        target: run.target.wrapping_add(skip),
+                        ..run
+                    },
+                );
+            }
+        }
     }
 
     /// Drops translations of `pasid` (every PASID and untagged ones when
     /// `None`) that overlap `[addr, addr + len)`, then waits for accesses
     /// still using them.
     pub fn invalidate(&self, pasid: Option<u32>, addr: u64, len: u64) {
-        self.lock().retain(|(tag, base), t| {
-            let tag_matches = pasid.is_none() || tag.map(|t| t.pasid) == pasid;
-            !(tag_matches && overlaps(*base, t.size, addr, len))
-        });
+        Self::cut(
+            &mut self.lock(),
+            |tag| pasid.is_none() || tag.map(|t| t.pasid) == pasid,
+            addr,
+            len,
+        );
         drop(self.in_use.write().unwrap_or_else(|e| e.into_inner()));
     }
 
@@ -156,8 +193,16 @@ impl Atc {
         self.invalidate(None, 0, u64::MAX);
     }
 
-    /// The number of cached translations.
+    /// The number of cached translations (pages).
     pub fn len(&self) -> usize {
+        self.lock()
+            .values()
+            .map(|run| usize::try_from(run.len / run.page).unwrap_or(usize::MAX))
+            .sum()
+    }
+
+    /// The number of runs the translations form.
+    pub fn runs(&self) -> usize {
         self.lock().len()
     }
 }
@@ -175,26 +220,89 @@ mod tests {
         }
     }
 
+    const TAG: Option<PasidTag> = Some(PasidTag {
+        pasid: 7,
+        privileged: false,
+    });
+
     #[test]
     fn lookup_and_invalidate() {
         let atc = Atc::default();
-        let tag = Some(PasidTag {
-            pasid: 7,
-            privileged: false,
-        });
-        assert_eq!(atc.insert(tag, 0x20_1234, page(0x9000, 0x1000)), 0x20_1000);
-        atc.insert(tag, 0x40_0000, page(0x80_0000, 1 << 21));
-        assert_eq!(
-            atc.lookup(tag, 0x20_1fff),
-            Some((0x20_1000, page(0x9000, 0x1000)))
-        );
-        assert_eq!(atc.lookup(tag, 0x5f_0000).map(|h| h.0), Some(0x40_0000));
+        atc.insert(TAG, 0x20_1234, page(0x9000, 0x1000));
+        atc.insert(TAG, 0x40_0000, page(0x80_0000, 1 << 21));
+        let hit = atc.lookup(TAG, 0x20_1fff).unwrap();
+        assert_eq!((hit.base, hit.len, hit.target), (0x20_1000, 0x1000, 0x9000));
+        assert_eq!(atc.lookup(TAG, 0x5f_0000).map(|h| h.base), Some(0x40_0000));
+        assert_eq!(atc.lookup(TAG, 0x20_2000), None);
         assert_eq!(atc.lookup(None, 0x20_1000), None, "other tag misses");
         atc.invalidate(Some(8), 0, u64::MAX);
         assert_eq!(atc.len(), 2, "other PASID untouched");
         atc.invalidate(Some(7), 0x20_1800, 1);
-        assert_eq!(atc.lookup(tag, 0x20_1000), None);
+        assert_eq!(atc.lookup(TAG, 0x20_1000), None);
         assert_eq!(atc.len(), 1);
+        atc.clear();
+        assert_eq!(atc.len(), 0);
+    }
+
+    #[test]
+    fn contiguous_pages_form_one_run_that_invalidation_cuts() {
+        let atc = Atc::default();
+        // Filled out of order: pages 1, 0, 3, then 2 closes the gap.
+        for p in [1u64, 0, 3, 2] {
+            atc.insert(
+                TAG,
+                0x10_0000 + p * 0x1000,
+                page(0x70_0000 + p * 0x1000, 0x1000),
+            );
+        }
+        assert_eq!((atc.len(), atc.runs()), (4, 1));
+        let hit = atc.lookup(TAG, 0x10_2abc).unwrap();
+        assert_eq!(
+            (hit.base, hit.len, hit.target),
+            (0x10_0000, 0x4000, 0x70_0000)
+        );
+        // A page that maps elsewhere, or with other rights, starts a run.
+        atc.insert(TAG, 0x10_4000, page(0x90_0000, 0x1000));
+        let ro = Translation {
+            write: false,
+            ..page(0x90_1000, 0x1000)
+        };
+        atc.insert(TAG, 0x10_5000, ro);
+        assert_eq!((atc.len(), atc.runs()), (6, 3));
+        // Invalidating page 1 keeps pages 0, 2 and 3 with their targets.
+        atc.invalidate(Some(7), 0x10_1000, 0x1000);
+        assert_eq!(atc.lookup(TAG, 0x10_1000), None);
+        let hit = atc.lookup(TAG, 0x10_3000).unwrap();
+        assert_eq!(
+            (hit.base, hit.len, hit.target),
+            (0x10_2000, 0x2000, 0x70_2000)
+        );
+        assert_eq!(atc.lookup(TAG, 0x10_0000).unwrap().len, 0x1000);
+        // A new answer for a cached page replaces it.
+        atc.insert(TAG, 0x10_2000, page(0xa0_0000, 0x1000));
+        assert_eq!(atc.lookup(TAG, 0x10_2000).unwrap().target, 0xa0_0000);
+        assert_eq!(atc.lookup(TAG, 0x10_3000).unwrap().target, 0x70_3000);
+        atc.remove(TAG, 0x10_3fff);
+        assert_eq!(atc.lookup(TAG, 0x10_3000), None);
+        assert_eq!(atc.len(), 4);
+    }
+
+    #[test]
+    fn a_large_page_is_dropped_whole() {
+        let atc = Atc::default();
+        atc.insert(TAG, 0x40_0000, page(0x80_0000, 1 << 21));
+        atc.insert(TAG, 0x60_0000, page(0xa0_0000, 1 << 21));
+        assert_eq!(atc.runs(), 1);
+        atc.invalidate(None, 0x41_0000, 0x1000);
+        assert_eq!(atc.lookup(TAG, 0x40_0000), None);
+        let hit = atc.lookup(TAG, 0x60_0000).unwrap();
+        assert_eq!((hit.len, hit.target), (1 << 21, 0xa0_0000));
+        // The top page of the address space.
+        atc.insert(TAG, u64::MAX, page(0x1000, 0x1000));
+        assert_eq!(
+            atc.lookup(TAG, u64::MAX - 5).unwrap().base,
+            u64::MAX - 0xfff
+        );
         atc.clear();
         assert_eq!(atc.len(), 0);
     }

@@ -12,8 +12,14 @@
 //! nothing running) while no engine is polling on a core runs at once on the
 //! submitting thread, as the group's engine would: waking a sleeping worker
 //! costs a scheduler round trip, which on a busy host is up to a time slice,
-//! far longer than most descriptors take. After a long run there, an engine
-//! is woken so that descriptors the guest submits next run beside it. Such a run never waits for the guest:
+//! far longer than most descriptors take. Before a long run there (one that
+//! moves many bytes), an engine is woken and polls while the run goes on, so
+//! that descriptors the guest submits next go to it and run beside the
+//! guest; after a long run, one is woken too. A long descriptor that finds
+//! an engine of a group of several awake is offered to it first and taken
+//! back after a few microseconds if the engine has not taken it: a guest
+//! that keeps several long descriptors in flight then has them run on
+//! several engines instead of one after another on its own thread. Such a run never waits for the guest:
 //! where it would wait for a page (block-on-fault, with page requests
 //! enabled) it stops and the descriptor goes to the group's queue, ahead of
 //! anything submitted since, to start over on a worker. So a run that may
@@ -22,7 +28,9 @@
 //! again (see [`restartable`]). Everything else is queued. An idle worker
 //! polls for new work briefly (yielding the CPU between polls, one worker per
 //! group at a time, checking in as it polls) before it sleeps; work goes to
-//! it only while its check-ins are recent.
+//! it only while its check-ins are recent. Queued work wakes sleeping
+//! engines while it outnumbers the engines awake, so descriptors kept in
+//! flight spread over the group.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -51,6 +59,15 @@ const LIVE: Duration = Duration::from_micros(20);
 /// costs), an engine is woken to take the next descriptor while the guest
 /// goes on: descriptors submitted one after another then run side by side.
 const WAKE_AFTER: Duration = Duration::from_micros(20);
+/// A descriptor moving at least this many bytes that runs on the submitting
+/// thread wakes an engine first: a guest that keeps several descriptors in
+/// flight finds it ready for the next one when the run ends.
+const WAKE_AHEAD_BYTES: u32 = 256 << 10;
+/// How long a long descriptor offered to an awake engine waits to be taken
+/// before the submitting thread runs it itself.
+const HAND_OVER: Duration = Duration::from_micros(20);
+/// The longest an engine polls while a submitting thread runs a descriptor.
+const SPIN_BESIDE: Duration = Duration::from_millis(1);
 
 /// Whether running `desc` again from the start, after a run stopped part
 /// way, leaves memory and the completion record as one run would: the
@@ -246,6 +263,9 @@ pub struct Group {
     /// Descriptors queued in all WQs of the group (read without the lock
     /// by idle engines).
     queued: AtomicUsize,
+    /// Descriptors running on submitting threads (read without the lock by
+    /// the polling engine, which goes on polling while one runs).
+    running_here: AtomicUsize,
     /// When the polling engine last checked in, in nanoseconds since `epoch`.
     heartbeat: AtomicU64,
     epoch: Instant,
@@ -275,6 +295,7 @@ impl Group {
             cancel: (0..2 * engines).map(|_| AtomicBool::new(false)).collect(),
             engines,
             queued: AtomicUsize::new(0),
+            running_here: AtomicUsize::new(0),
             heartbeat: AtomicU64::new(0),
             epoch: Instant::now(),
         }
@@ -303,9 +324,11 @@ impl Group {
                 < LIVE.as_nanos() as u64
     }
 
-    /// Wakes a sleeping engine unless one is awake or on its way.
+    /// Wakes a sleeping engine unless engines awake or on their way are
+    /// enough for the queued descriptors (and at least one).
     fn wake_one(&self, state: &mut GroupState) {
-        if state.sleepers > state.woken && state.spinning == 0 && state.woken == 0 {
+        let queued = self.queued.load(Ordering::SeqCst).max(1);
+        if state.sleepers > state.woken && queued > state.spinning + state.woken {
             state.woken += 1;
             self.work.notify_one();
         }
@@ -314,10 +337,10 @@ impl Group {
     /// Accepts `desc` on WQ slot `slot` (whose configuration is `wq`): runs
     /// it on this thread when the group is idle and may (see the module
     /// documentation), queues it for an engine otherwise.
-    pub(crate) fn submit(
-        &self,
+    pub(crate) fn submit<'a>(
+        &'a self,
         inner: &Inner,
-        mut state: MutexGuard<'_, GroupState>,
+        mut state: MutexGuard<'a, GroupState>,
         slot: usize,
         wq: WqSnapshot,
         desc: Descriptor,
@@ -334,16 +357,44 @@ impl Group {
         let runs_here = state.idle()
             && !self.engine_ready(&state)
             && (!inner.pcie.page_requests() || restartable(&desc));
-        if !runs_here {
+        let long = Opcode::from_u8(desc.opcode()) != Some(Opcode::Batch)
+            && desc.xfer_size() >= WAKE_AHEAD_BYTES;
+        if runs_here && long && self.engines > 1 && (state.spinning > 0 || state.woken > 0) {
+            // An engine is awake (woken ahead by the last long run): offer
+            // the descriptor to it, so that the guest goes on and may keep
+            // several in flight; take it back if the engine does not take
+            // it soon (it lost its core).
+            state.wqs[slot].queue.push_back(item);
+            self.queued.fetch_add(1, Ordering::SeqCst);
+            self.wake_one(&mut state);
+            drop(state);
+            let offered = Instant::now();
+            loop {
+                std::thread::yield_now();
+                let mut again = self.lock();
+                let queue = &mut again.wqs[slot].queue;
+                match queue.iter().position(|q| q.ticket == ticket) {
+                    // Taken (or aborted).
+                    None => return,
+                    Some(at) if offered.elapsed() >= HAND_OVER => {
+                        queue.remove(at);
+                        self.queued.fetch_sub(1, Ordering::SeqCst);
+                        state = again;
+                        break;
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        // A cancel slot of its own, past the engines'.
+        let free = (self.engines..2 * self.engines)
+            .find(|&w| state.in_flight.iter().all(|f| f.worker != w));
+        let (true, Some(worker)) = (runs_here, free) else {
             state.wqs[slot].queue.push_back(item);
             self.queued.fetch_add(1, Ordering::SeqCst);
             self.wake_one(&mut state);
             return;
-        }
-        // A cancel slot of its own, past the engines'.
-        let worker = (self.engines..2 * self.engines)
-            .find(|&w| state.in_flight.iter().all(|f| f.worker != w))
-            .expect("an idle group has a free slot");
+        };
         state.in_flight.push(InFlight {
             ticket,
             wq: wq.id,
@@ -351,6 +402,10 @@ impl Group {
             worker,
         });
         self.cancel[worker].store(false, Ordering::SeqCst);
+        self.running_here.fetch_add(1, Ordering::SeqCst);
+        if long {
+            self.wake_one(&mut state);
+        }
         drop(state);
         let deferred = AtomicBool::new(false);
         let started = Instant::now();
@@ -368,6 +423,7 @@ impl Group {
         .process(&desc)
         .is_none();
         let ran = started.elapsed();
+        self.running_here.fetch_sub(1, Ordering::SeqCst);
         log::trace!(
             "WQ {}: descriptor {ticket} (opcode {:#x}, {} bytes) ran on the submitter in {ran:?}{}",
             wq.id,
@@ -481,9 +537,18 @@ impl Group {
                         group.heartbeat.store(group.now(), Ordering::SeqCst);
                         drop(state);
                         let start = Instant::now();
-                        while group.queued.load(Ordering::SeqCst) == 0
-                            && start.elapsed() < IDLE_SPIN
-                        {
+                        let mut last_busy = start;
+                        while group.queued.load(Ordering::SeqCst) == 0 {
+                            let now = Instant::now();
+                            // While a submitting thread runs a descriptor,
+                            // the guest may be about to submit the next.
+                            if group.running_here.load(Ordering::SeqCst) > 0
+                                && now - start < SPIN_BESIDE
+                            {
+                                last_busy = now;
+                            } else if now - last_busy >= IDLE_SPIN {
+                                break;
+                            }
                             std::thread::yield_now();
                             group.heartbeat.store(group.now(), Ordering::SeqCst);
                         }

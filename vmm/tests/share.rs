@@ -27,13 +27,19 @@ fn scratch(name: &str) -> PathBuf {
     dir.canonicalize().unwrap()
 }
 
-/// `vmm run` in `cwd` with the default small initramfs.
+/// `vmm run` in `cwd` with the default kernel and small initramfs.
 fn run_in(cwd: &Path, options: &[&str], command: &[&str]) -> Outcome {
+    let (kernel, _) = guest_images();
+    run_kernel_in(cwd, &kernel, options, command)
+}
+
+/// `vmm run --kernel KERNEL` in `cwd` with the default small initramfs.
+fn run_kernel_in(cwd: &Path, kernel: &Path, options: &[&str], command: &[&str]) -> Outcome {
     let (_, initramfs) = guest_images();
     let vfsd = virtiofsd();
     let mut all = vec!["--timeout", TIMEOUT, "--virtiofsd", vfsd.to_str().unwrap()];
     all.extend_from_slice(options);
-    vmm_run_in(cwd, &initramfs, &[], &all, command)
+    vmm_run_in(cwd, kernel, &initramfs, &[], &all, command)
 }
 
 /// `vmm` with `args`, expecting a one-line usage error before any boot.
@@ -207,34 +213,34 @@ fn bad_share_input_is_refused_before_boot() {
     );
 }
 
-/// Debian's kernel as tools/debian-kernel.sh unpacked it: `key` is
-/// vmlinuz, vmlinux or modules.
-fn debian_kernel(key: &str) -> PathBuf {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/debian-kernel.sh");
-    let out = Command::new(script)
-        .output()
-        .expect("run tools/debian-kernel.sh");
-    assert!(
-        out.status.success(),
-        "tools/debian-kernel.sh failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
-    let prefix = format!("{key}=");
-    PathBuf::from(text.lines().find_map(|l| l.strip_prefix(&prefix)).unwrap())
+/// Debian's kernel (bzImage) as tools/debian-kernel.sh unpacked it, its
+/// module tree beside it (`../lib/modules/RELEASE`), where `vmm run` finds
+/// it; `$VMM_DEBIAN_KERNEL` names another such bzImage (the nested bed
+/// brings in one with only the modules `vmm run` carries).
+fn debian_kernel() -> PathBuf {
+    std::env::var_os("VMM_DEBIAN_KERNEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| linux::debian_kernel().vmlinuz)
 }
 
+/// Debian's own kernel, whose virtio-pci, virtio-console, FUSE and
+/// virtio-fs drivers are all modules: `vmm run` carries them in from the
+/// kernel's module tree, and the command's output, its status and a share
+/// all work. On this project's PVM machines Debian's kernel printed nothing
+/// in 10 minutes; tests/bed.rs runs this test on ordinary KVM in the
+/// nested bed.
 #[test]
-#[ignore = "ordinary KVM only: Debian's kernel prints nothing on this project's PVM machines"]
+#[ignore = "ordinary KVM only (tests/bed.rs runs it in the nested bed)"]
 fn debian_kernel_with_modular_virtio_runs_the_command_and_mounts_a_share() {
-    let kernel = debian_kernel("vmlinuz");
+    let kernel = debian_kernel();
+    let started = std::time::Instant::now();
     let dir = scratch("debian");
     std::fs::write(dir.join("hello.txt"), "hello from the host\n").unwrap();
     let share = dir.display().to_string();
-    let k = kernel.to_str().unwrap();
-    let run = run_in(
+    let run = run_kernel_in(
         &dir,
-        &["--kernel", k, "--share", &share],
+        &kernel,
+        &["--share", &share],
         &["sh", "-c", "cat hello.txt; uname -r; exit 3"],
     );
     let release = kernel
@@ -247,5 +253,9 @@ fn debian_kernel_with_modular_virtio_runs_the_command_and_mounts_a_share() {
     assert_eq!(
         String::from_utf8_lossy(&run.stdout),
         format!("hello from the host\n{release}\n")
+    );
+    println!(
+        "Debian {release}: modules carried in, share read, status 3 back in {:.1} s",
+        started.elapsed().as_secs_f64()
     );
 }

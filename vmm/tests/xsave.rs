@@ -28,9 +28,21 @@ fn pattern(seed: u8) -> [u8; 16] {
     std::array::from_fn(|i| seed.wrapping_add(i as u8 * 7))
 }
 
+/// Whether this host's CPU has XSAVEC (CPUID.(EAX=0DH,ECX=1):EAX[1]). The
+/// guest is offered what the host has; QEMU's TCG CPU of the ordinary-KVM
+/// bed has no XSAVEC, so there the compacted half of the test is left out.
+fn host_has_xsavec() -> bool {
+    use std::arch::x86_64::{__cpuid, __cpuid_count};
+    __cpuid(0).eax >= 0xd && __cpuid_count(0xd, 1).eax & (1 << 1) != 0
+}
+
 #[test]
 fn xrstor_loads_what_user_code_sees_and_xsave_xsavec_save_it() {
     microguest::require_kvm();
+    let xsavec = host_has_xsavec();
+    if !xsavec {
+        eprintln!("this CPU has no XSAVEC: only XRSTOR, XGETBV and XSAVE are checked");
+    }
     let mut g = MicroGuest::new();
     let mut user = g.asm.create_label();
     let mut gp_handler = g.asm.create_label();
@@ -59,7 +71,9 @@ fn xrstor_loads_what_user_code_sees_and_xsave_xsavec_save_it() {
     a.mov(eax, u32::MAX).unwrap();
     a.mov(edx, u32::MAX).unwrap();
     a.xsave64(ptr(AREA_STD)).unwrap();
-    a.xsavec64(ptr(AREA_CMP)).unwrap();
+    if xsavec {
+        a.xsavec64(ptr(AREA_CMP)).unwrap();
+    }
     microguest::exit_with(a, DONE).unwrap();
     g.handler(13, gp_handler);
 
@@ -102,6 +116,9 @@ fn xrstor_loads_what_user_code_sees_and_xsave_xsavec_save_it() {
     assert_eq!(read(AREA_STD + 416, 96), vec![0xa5; 96]);
     assert_eq!(read(AREA_STD + 520, 56), vec![0x5a; 56]);
 
+    if !xsavec {
+        return;
+    }
     // Compacted: XCOMP_BV = bit 63 | RFBM, AVX first in the extended region.
     assert_eq!(u64_at(AREA_CMP + 520), (1 << 63) | u64::from(XCR0));
     assert_eq!(u64_at(AREA_CMP + 512) & 0b110, 0b110);

@@ -21,7 +21,7 @@ pub use identity::IdentityDma;
 pub use mock::MockIommu;
 
 /// The PASID TLP prefix of a request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PasidTag {
     /// The 20-bit process address space ID.
     pub pasid: u32,

@@ -5,6 +5,22 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
+/// Runs the repository's script `path` with `args`; its stdout, or a panic
+/// with its stderr.
+fn project_script(path: &str, args: &[&str]) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path);
+    let out = Command::new(&script)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {path}: {e}"));
+    assert!(
+        out.status.success(),
+        "{path} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap_or_else(|e| panic!("{path} printed non-UTF-8: {e}"))
+}
+
 /// The kernel and the small initramfs (init and busybox) from
 /// `guest-images/out`, or from `$VMM_GUEST_IMAGES` when set. Missing images
 /// are built with `guest-images/build.sh` (cached; the first build takes
@@ -20,15 +36,8 @@ pub fn guest_images() -> (PathBuf, PathBuf) {
             let kernel = dir.join("vmlinux");
             let initramfs = dir.join("initramfs-base.cpio");
             if !kernel.exists() || !initramfs.exists() {
-                let out = Command::new(root.join("guest-images/build.sh"))
-                    .arg("--quiet")
-                    .output()
-                    .expect("run guest-images/build.sh");
-                assert!(
-                    out.status.success(),
-                    "these tests need the guest images; guest-images/build.sh failed:\n{}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
+                // These tests need the guest images.
+                project_script("guest-images/build.sh", &["--quiet"]);
             }
             (kernel, initramfs)
         })
@@ -71,26 +80,27 @@ pub fn vmm_run_with(
     options: &[&str],
     command: &[&str],
 ) -> Outcome {
-    vmm_run_in(Path::new("."), initramfs, env, options, command)
+    let (kernel, _) = guest_images();
+    vmm_run_in(Path::new("."), &kernel, initramfs, env, options, command)
 }
 
-/// [`vmm_run_with`] with the VMM started in `cwd`.
+/// [`vmm_run_with`] with the VMM started in `cwd`, on `kernel`.
 pub fn vmm_run_in(
     cwd: &Path,
+    kernel: &Path,
     initramfs: &Path,
     env: &[(&str, &str)],
     options: &[&str],
     command: &[&str],
 ) -> Outcome {
     vmm::microguest::require_kvm();
-    let (kernel, _) = guest_images();
     let _guard = one_guest_at_a_time();
     let out = Command::new(env!("CARGO_BIN_EXE_vmm"))
         .current_dir(cwd)
         .envs(env.iter().copied())
         .arg("run")
         .arg("--kernel")
-        .arg(&kernel)
+        .arg(kernel)
         .arg("--initramfs")
         .arg(initramfs)
         .args(options)
@@ -105,23 +115,45 @@ pub fn vmm_run_in(
     }
 }
 
-/// The pinned virtiofsd that `vmm run --share` starts, installed by
-/// tools/virtiofsd.sh on first use (cached).
+/// The pinned virtiofsd that `vmm run --share` starts: `$VMM_VIRTIOFSD`
+/// when set (as for `vmm run` itself; the nested bed sets it), else the one
+/// tools/virtiofsd.sh installs on first use (cached).
 #[allow(dead_code)] // Not every test binary that includes this module uses it.
 pub fn virtiofsd() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/virtiofsd.sh");
-        let out = Command::new(script)
-            .arg("--quiet")
-            .output()
-            .expect("run tools/virtiofsd.sh");
-        assert!(
-            out.status.success(),
-            "tools/virtiofsd.sh failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+        if let Some(path) = std::env::var_os("VMM_VIRTIOFSD") {
+            return PathBuf::from(path);
+        }
+        PathBuf::from(project_script("tools/virtiofsd.sh", &["--quiet"]).trim())
     })
     .clone()
+}
+
+/// Debian's distribution kernel, fetched and unpacked (not installed) by
+/// tools/debian-kernel.sh, cached.
+#[allow(dead_code)] // Not every test binary that includes this module uses it.
+pub struct DebianKernel {
+    /// The bzImage as Debian ships it (`.../boot/vmlinuz-RELEASE`).
+    pub vmlinuz: PathBuf,
+    /// Its module tree (`.../lib/modules/RELEASE`, beside the kernel).
+    pub modules: PathBuf,
+}
+
+/// Runs tools/debian-kernel.sh (apt-get download on first use).
+#[allow(dead_code)] // Not every test binary that includes this module uses it.
+pub fn debian_kernel() -> DebianKernel {
+    let text = project_script("tools/debian-kernel.sh", &[]);
+    let value = |key: &str| {
+        let prefix = format!("{key}=");
+        PathBuf::from(
+            text.lines()
+                .find_map(|l| l.strip_prefix(&prefix))
+                .unwrap_or_else(|| panic!("tools/debian-kernel.sh printed no {prefix}")),
+        )
+    };
+    DebianKernel {
+        vmlinuz: value("vmlinuz"),
+        modules: value("modules"),
+    }
 }
