@@ -134,7 +134,9 @@ pub(crate) fn execute<C: GuestCpu + ?Sized>(
 
     let command = format_command(kind, &source, msr);
     let reply = cpu.store64(gpa, &command, kind)?;
-    log::trace!("{kind:?} to {dest:#x} (GPA {gpa:#x}): {reply:?}");
+    let pasid =
+        u32::from_le_bytes([command[0], command[1], command[2], command[3]]) & CMD_PASID_MASK;
+    log::trace!("{kind:?} to {dest:#x} (GPA {gpa:#x}), command PASID {pasid:#x}: {reply:?}");
 
     if kind != StoreKind::Movdir64b {
         ctx.set_status_flags(if reply == StoreReply::Retry {
