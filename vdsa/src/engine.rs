@@ -12,14 +12,25 @@
 //! nothing running) while no engine is polling on a core runs at once on the
 //! submitting thread, as the group's engine would: waking a sleeping worker
 //! costs a scheduler round trip, which on a busy host is up to a time slice,
-//! far longer than most descriptors take. Before a long run there (one that
-//! moves many bytes), an engine is woken and polls while the run goes on, so
-//! that descriptors the guest submits next go to it and run beside the
-//! guest; after a long run, one is woken too. A long descriptor that finds
+//! far longer than most descriptors take.
+//!
+//! Long descriptors (ones that move many bytes) depend on how the guest
+//! submits them. A guest that waits for each before it submits the next
+//! gains nothing from an engine: its long descriptors run on its own thread
+//! (caches warm, no hand-off) even beside a polling engine, and wake none.
+//! Once a submission finds the group busy, the guest keeps several in
+//! flight: for the next few long descriptors that find the group idle, an
+//! engine is woken before the run and polls while it goes on, so that the
+//! descriptor the guest submits next goes to it and runs beside the guest
+//! (after such a run, one is woken too), and a long descriptor that finds
 //! an engine of a group of several awake is offered to it first and taken
-//! back after a few microseconds if the engine has not taken it: a guest
-//! that keeps several long descriptors in flight then has them run on
-//! several engines instead of one after another on its own thread. Such a run never waits for the guest:
+//! back after a few microseconds if the engine has not taken it. So several
+//! long descriptors in flight run on several engines instead of one after
+//! another on the guest's thread. Every so often a long descriptor of a
+//! waiting guest is handled as if the guest kept several in flight, to see
+//! whether it now does.
+//!
+//! A run on the submitting thread never waits for the guest:
 //! where it would wait for a page (block-on-fault, with page requests
 //! enabled) it stops and the descriptor goes to the group's queue, ahead of
 //! anything submitted since, to start over on a worker. So a run that may
@@ -59,13 +70,22 @@ const LIVE: Duration = Duration::from_micros(20);
 /// costs), an engine is woken to take the next descriptor while the guest
 /// goes on: descriptors submitted one after another then run side by side.
 const WAKE_AFTER: Duration = Duration::from_micros(20);
-/// A descriptor moving at least this many bytes that runs on the submitting
-/// thread wakes an engine first: a guest that keeps several descriptors in
-/// flight finds it ready for the next one when the run ends.
+/// A descriptor moving at least this many bytes is long: run on the
+/// submitting thread of a guest that keeps several descriptors in flight, it
+/// wakes an engine first, which is ready for the next one when the run ends.
 const WAKE_AHEAD_BYTES: u32 = 256 << 10;
 /// How long a long descriptor offered to an awake engine waits to be taken
 /// before the submitting thread runs it itself.
 const HAND_OVER: Duration = Duration::from_micros(20);
+/// A submission that finds the group busy shows that the guest keeps
+/// several descriptors in flight: the next this many long descriptors that
+/// find the group idle still go to engines (woken ahead, offered).
+const OVERLAP_CREDIT: u32 = 8;
+/// A guest that waits for each long descriptor before it submits the next
+/// has them run on its own thread; every this many of them, one wakes an
+/// engine ahead as if the guest kept several in flight, to find out whether
+/// it now does.
+const PROBE_EVERY: u32 = 32;
 /// The longest an engine polls while a submitting thread runs a descriptor.
 const SPIN_BESIDE: Duration = Duration::from_millis(1);
 
@@ -210,6 +230,12 @@ pub struct GroupState {
     /// Workers notified and not yet back.
     woken: usize,
     idle_waiters: usize,
+    /// Long descriptors that find the group idle still handed to engines
+    /// (see [`OVERLAP_CREDIT`]).
+    overlap: u32,
+    /// Long descriptors run on the submitting thread since the last probe
+    /// (see [`PROBE_EVERY`]).
+    solo: u32,
 }
 
 impl GroupState {
@@ -263,8 +289,9 @@ pub struct Group {
     /// Descriptors queued in all WQs of the group (read without the lock
     /// by idle engines).
     queued: AtomicUsize,
-    /// Descriptors running on submitting threads (read without the lock by
-    /// the polling engine, which goes on polling while one runs).
+    /// Descriptors running on submitting threads that may be followed by
+    /// more soon (read without the lock by the polling engine, which goes on
+    /// polling while one runs): not long ones of a guest that waits for each.
     running_here: AtomicUsize,
     /// When the polling engine last checked in, in nanoseconds since `epoch`.
     heartbeat: AtomicU64,
@@ -354,12 +381,35 @@ impl Group {
             pasid,
             at: Instant::now(),
         };
-        let runs_here = state.idle()
-            && !self.engine_ready(&state)
-            && (!inner.pcie.page_requests() || restartable(&desc));
         let long = Opcode::from_u8(desc.opcode()) != Some(Opcode::Batch)
             && desc.xfer_size() >= WAKE_AHEAD_BYTES;
-        if runs_here && long && self.engines > 1 && (state.spinning > 0 || state.woken > 0) {
+        // Whether long descriptors go to engines: the guest keeps several in
+        // flight (or this one probes whether it does). Otherwise a long one
+        // runs here even beside a polling engine: handing it over costs the
+        // waiting guest a hand-off and gains nothing.
+        let spread = long && {
+            if !state.idle() {
+                state.overlap = OVERLAP_CREDIT;
+            }
+            if state.overlap > 0 {
+                state.overlap -= 1;
+                true
+            } else {
+                state.solo += 1;
+                if state.solo >= PROBE_EVERY {
+                    state.solo = 0;
+                    // The next long one goes to the engine woken ahead.
+                    state.overlap = 1;
+                    true
+                } else {
+                    false
+                }
+            }
+        };
+        let runs_here = state.idle()
+            && (!self.engine_ready(&state) || (long && !spread))
+            && (!inner.pcie.page_requests() || restartable(&desc));
+        if runs_here && spread && self.engines > 1 && (state.spinning > 0 || state.woken > 0) {
             // An engine is awake (woken ahead by the last long run): offer
             // the descriptor to it, so that the guest goes on and may keep
             // several in flight; take it back if the engine does not take
@@ -402,8 +452,12 @@ impl Group {
             worker,
         });
         self.cancel[worker].store(false, Ordering::SeqCst);
-        self.running_here.fetch_add(1, Ordering::SeqCst);
-        if long {
+        // A long run of a guest that waits for it has no engine beside it.
+        let beside = !long || spread;
+        if beside {
+            self.running_here.fetch_add(1, Ordering::SeqCst);
+        }
+        if spread {
             self.wake_one(&mut state);
         }
         drop(state);
@@ -423,7 +477,9 @@ impl Group {
         .process(&desc)
         .is_none();
         let ran = started.elapsed();
-        self.running_here.fetch_sub(1, Ordering::SeqCst);
+        if beside {
+            self.running_here.fetch_sub(1, Ordering::SeqCst);
+        }
         log::trace!(
             "WQ {}: descriptor {ticket} (opcode {:#x}, {} bytes) ran on the submitter in {ran:?}{}",
             wq.id,
@@ -446,7 +502,7 @@ impl Group {
             state.wqs[slot].queue.push_front(item);
             self.queued.fetch_add(1, Ordering::SeqCst);
         }
-        if !state.idle() || ran > WAKE_AFTER {
+        if !state.idle() || (ran > WAKE_AFTER && (!long || state.overlap > 0)) {
             self.wake_one(&mut state);
         }
         let wake = state.idle_waiters > 0;
