@@ -278,7 +278,11 @@ fn test_outcomes(stdout: &str) -> BTreeMap<String, String> {
         .lines()
         .filter_map(|l| l.strip_prefix("test "))
         .filter_map(|l| l.rsplit_once(" ... "))
-        .map(|(name, outcome)| (name.to_string(), outcome.to_string()))
+        // An ignored test with a reason reads "ignored, REASON".
+        .map(|(name, outcome)| {
+            let outcome = outcome.split_once(',').map_or(outcome, |(o, _)| o);
+            (name.to_string(), outcome.to_string())
+        })
         .collect()
 }
 
