@@ -8,7 +8,8 @@
 //! - **PVM** ([`pvm`]): the software-assisted backend (`kvm_pvm`) that runs
 //!   guest kernels through KVM's instruction emulator and leaves user-mode
 //!   SYSCALL half done. Everything that exists only for it is applied only
-//!   there: its kernel parameters, its CPUID edits, the SYSCALL completion
+//!   there: its kernel parameters, its CPUID edits (no paravirtual
+//!   feature used by hypercall), no hypercall patching, the SYSCALL completion
 //!   with its SYSCALL-MSR filter and #PF watch, and the fallback emulator's
 //!   instructions (CLAC, STAC, POPCNT, FWAIT, INT3, CMPXCHG16B, the XSAVE
 //!   family).
@@ -271,6 +272,17 @@ impl Platform {
         kvm::adjust_cpuid(entry);
         if self == Platform::Pvm {
             pvm::adjust_cpuid(entry);
+        }
+    }
+
+    /// VM-wide settings the platform needs before any vCPU exists. On PVM:
+    /// KVM must not rewrite a guest's hypercall instruction
+    /// ([`pvm::keep_hypercalls_unpatched`]). Ordinary KVM keeps its
+    /// defaults.
+    pub fn configure_vm(self, vm: &kvm_ioctls::VmFd) -> Result<(), kvm_ioctls::Error> {
+        match self {
+            Platform::Kvm => Ok(()),
+            Platform::Pvm => pvm::keep_hypercalls_unpatched(vm),
         }
     }
 
