@@ -443,11 +443,12 @@ mod tests {
     fn pvm_parameters_come_before_the_users_and_before_init_args() {
         assert_eq!(
             Platform::Pvm.with_kernel_params("console=ttyS0 -- vmm.cmd=true"),
-            "forcecpuid=movdir64b,enqcmd clearcpuid=smap console=ttyS0 -- vmm.cmd=true"
+            "forcecpuid=movdir64b,enqcmd clearcpuid=smap lapic=notscdeadline console=ttyS0 -- \
+             vmm.cmd=true"
         );
         assert_eq!(
             Platform::Pvm.with_kernel_params(""),
-            "forcecpuid=movdir64b,enqcmd clearcpuid=smap"
+            "forcecpuid=movdir64b,enqcmd clearcpuid=smap lapic=notscdeadline"
         );
     }
 
@@ -455,12 +456,13 @@ mod tests {
     fn a_pvm_parameter_the_user_gave_is_not_repeated() {
         assert_eq!(
             Platform::Pvm.with_kernel_params("forcecpuid=movdir64b console=ttyS0"),
-            "clearcpuid=smap forcecpuid=movdir64b console=ttyS0"
+            "clearcpuid=smap lapic=notscdeadline forcecpuid=movdir64b console=ttyS0"
         );
         // After `--` it is an argument of init, not a kernel parameter.
         assert_eq!(
             Platform::Pvm.with_kernel_params("console=ttyS0 -- clearcpuid=smap"),
-            "forcecpuid=movdir64b,enqcmd clearcpuid=smap console=ttyS0 -- clearcpuid=smap"
+            "forcecpuid=movdir64b,enqcmd clearcpuid=smap lapic=notscdeadline console=ttyS0 -- \
+             clearcpuid=smap"
         );
     }
 

@@ -148,6 +148,21 @@ pub const KERNEL_PARAMS: &[(&str, &str)] = &[
         // kernel leaves both instructions out.
         "every STAC/CLAC would be an emulation-failure exit",
     ),
+    (
+        "lapic=notscdeadline",
+        // What the guest does: with the TSC-deadline timer its LAPIC
+        // clockevent is one-shot only, and until a CPU switches to
+        // high-resolution mode its periodic tick is emulated: a late tick's
+        // handler runs tick_periodic() again for every period it missed
+        // before it returns. An emulated tick costs milliseconds, so a vCPU
+        // that shares a host core with others never catches up; with 4
+        // vCPUs on 2 cores a CPU sat in that loop for minutes (its task at
+        // one RIP, RCU stall reports) while the others waited for it in
+        // stop_machine. The LAPIC's own periodic mode has no catch-up loop
+        // (one run of 4 vCPUs got past that point with it; see
+        // docs/pvm-backend.md).
+        "a periodic tick emulated by the one-shot TSC-deadline timer never catches up on a shared core",
+    ),
 ];
 
 /// The XSAVE family's view of a vCPU's CPUID (leaf 0xD): where the state
