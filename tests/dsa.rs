@@ -282,16 +282,30 @@ fn a_guests_host_pasids_are_free_once_its_machine_is_gone() {
         let held: Vec<u32> = (0..space.capacity())
             .filter(|&h| space.owner_of(pasid::Scope::Global, h) == Some(first.pasids.owner()))
             .collect();
-        assert!(!held.is_empty(), "iommu {iommu}: the first guest holds host PASIDs");
+        assert!(
+            !held.is_empty(),
+            "iommu {iommu}: the first guest holds host PASIDs"
+        );
         let table = std::sync::Arc::downgrade(&first.pasids);
         drop(first);
-        assert!(table.upgrade().is_none(), "iommu {iommu}: the guest's PASIDs outlive it");
+        assert!(
+            table.upgrade().is_none(),
+            "iommu {iommu}: the guest's PASIDs outlive it"
+        );
         for h in &held {
-            assert_eq!(space.owner_of(pasid::Scope::Global, *h), None, "host PASID {h:#x}");
+            assert_eq!(
+                space.owner_of(pasid::Scope::Global, *h),
+                None,
+                "host PASID {h:#x}"
+            );
         }
         assert_eq!(space.allocated(), 0, "iommu {iommu}");
         let second = microguest::run(enqcmd_to_shared_wq(&accel, 0x77), options).unwrap();
-        assert_ne!(space.allocated(), 0, "iommu {iommu}: the second guest's own");
+        assert_ne!(
+            space.allocated(),
+            0,
+            "iommu {iommu}: the second guest's own"
+        );
         drop(second);
         assert_eq!(space.allocated(), 0, "iommu {iommu}");
     }
