@@ -233,11 +233,14 @@ fn enqcmd_with_a_pasid_the_viommu_does_not_know_is_not_accepted() {
     assert_eq!(record, [0; 32], "the device never ran it");
 }
 
-#[test]
-fn two_guests_of_one_host_get_different_host_pasids_for_one_guest_pasid() {
-    let space = std::sync::Arc::new(pasid::PasidSpace::new());
+/// One vDSA (behind the vIOMMU if `iommu`) of a guest whose host PASIDs
+/// come from `space`.
+fn one_dsa_in(
+    space: &std::sync::Arc<pasid::PasidSpace>,
+    iommu: bool,
+) -> (AccelConfig, MicroOptions) {
     let accel = AccelConfig {
-        iommu: false,
+        iommu,
         dsa: vec![DsaConfig::default()],
     };
     let options = MicroOptions {
@@ -245,6 +248,13 @@ fn two_guests_of_one_host_get_different_host_pasids_for_one_guest_pasid() {
         pasid_space: Some(space.clone()),
         ..Default::default()
     };
+    (accel, options)
+}
+
+#[test]
+fn two_guests_of_one_host_get_different_host_pasids_for_one_guest_pasid() {
+    let space = std::sync::Arc::new(pasid::PasidSpace::new());
+    let (accel, options) = one_dsa_in(&space, false);
     let first = microguest::run(enqcmd_to_shared_wq(&accel, 0x77), options.clone()).unwrap();
     let second = microguest::run(enqcmd_to_shared_wq(&accel, 0x77), options).unwrap();
     for r in [&first, &second] {
@@ -269,15 +279,7 @@ fn two_guests_of_one_host_get_different_host_pasids_for_one_guest_pasid() {
 fn a_guests_host_pasids_are_free_once_its_machine_is_gone() {
     for iommu in [false, true] {
         let space = std::sync::Arc::new(pasid::PasidSpace::new());
-        let accel = AccelConfig {
-            iommu,
-            dsa: vec![DsaConfig::default()],
-        };
-        let options = MicroOptions {
-            accel: accel.clone(),
-            pasid_space: Some(space.clone()),
-            ..Default::default()
-        };
+        let (accel, options) = one_dsa_in(&space, iommu);
         let first = microguest::run(enqcmd_to_shared_wq(&accel, 0x77), options.clone()).unwrap();
         let held: Vec<u32> = (0..space.capacity())
             .filter(|&h| space.owner_of(pasid::Scope::Global, h) == Some(first.pasids.owner()))
