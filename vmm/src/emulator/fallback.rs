@@ -188,15 +188,7 @@ fn popcnt<C: GuestCpu + ?Sized>(
             check_canonical(ctx, m.linear, size as u64, m.ss_based)?;
             // Device memory is read through its device, as the CPU does.
             let mut buf = [0u8; 8];
-            let memory = cpu.memory().clone();
-            read_linear_any(
-                &memory,
-                ctx,
-                m.linear,
-                &mut buf[..size],
-                Privilege::of(ctx),
-                &mut |gpa, data| cpu.read_device(gpa, data),
-            )?;
+            read_linear_any(cpu, ctx, m.linear, &mut buf[..size], Privilege::of(ctx))?;
             u64::from_le_bytes(buf)
         }
         _ => return Err(Stop::Unsupported(UnhandledReason::BadOperand)),
@@ -318,7 +310,6 @@ fn lsl<C: GuestCpu + ?Sized>(
     if ctx.sregs.cr0 & cr0::PE == 0 || ctx.regs.rflags & rflags::VM != 0 {
         return Err(Exception::ud().into());
     }
-    let memory = cpu.memory().clone();
     let selector = match instr.op1_kind() {
         OpKind::Register => {
             ctx.gpr(instr.op1_register())
@@ -329,14 +320,7 @@ fn lsl<C: GuestCpu + ?Sized>(
                 .ok_or(Stop::Unsupported(UnhandledReason::BadOperand))?;
             check_canonical(ctx, m.linear, 2, m.ss_based)?;
             let mut buf = [0u8; 2];
-            read_linear_any(
-                &memory,
-                ctx,
-                m.linear,
-                &mut buf,
-                Privilege::of(ctx),
-                &mut |gpa, data| cpu.read_device(gpa, data),
-            )?;
+            read_linear_any(cpu, ctx, m.linear, &mut buf, Privilege::of(ctx))?;
             u16::from_le_bytes(buf)
         }
         _ => return Err(Stop::Unsupported(UnhandledReason::BadOperand)),
@@ -357,12 +341,11 @@ fn lsl<C: GuestCpu + ?Sized>(
         Some(limit) if !null && offset + 7 <= u64::from(limit) => {
             let mut buf = [0u8; 8];
             read_linear_any(
-                &memory,
+                cpu,
                 ctx,
                 base.wrapping_add(offset),
                 &mut buf,
                 Privilege::Implicit,
-                &mut |gpa, data| cpu.read_device(gpa, data),
             )?;
             let long_mode = ctx.sregs.efer & efer::LMA != 0;
             lsl_limit(
