@@ -43,7 +43,16 @@ use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use vmm::devices::serial::SerialOutput;
 use vmm::layout;
+use vmm::machine::{Machine, MachineConfig, MachineError};
+
+use crate::test_devices::{
+    PortalLog, TestExit, TestMmio, TestPortal, TEST_MMIO_SIZE, TEST_PORTAL_SIZE,
+};
 
 pub mod demo_runs;
 pub mod demos;
@@ -468,15 +477,12 @@ impl Default for MicroOptions {
 /// Errors of a micro-guest run.
 #[derive(Debug, Error)]
 pub enum MicroRunError {
-    /// The machine could not be built.
+    /// The machine could not be built or run.
     #[error(transparent)]
-    Vm(#[from] vmm::vm::VmError),
+    Machine(#[from] vmm::machine::MachineError),
     /// The program could not be loaded.
     #[error(transparent)]
     Load(#[from] MicroGuestError),
-    /// The vIOMMU or a vDSA could not be attached.
-    #[error(transparent)]
-    Accel(#[from] vmm::sva::AccelError),
 }
 
 /// Fails (never skips) with one line naming the problem when this machine
@@ -488,70 +494,63 @@ pub fn require_kvm() {
     );
 }
 
-/// Adds the test-exit port ([`TEST_EXIT_PORT`]) to `vm`: [`run`] does it
-/// for every micro-guest, a test that builds its own machine calls it.
-pub fn add_test_exit(vm: &vmm::vm::Vm) -> Result<(), vmm::vm::VmError> {
-    use crate::test_devices::TestExit;
-    use std::sync::{Arc, Mutex};
-
-    let exit = TestExit::new(vm.exit_reporter());
-    vm.pio()
-        .insert(TEST_EXIT_PORT.into(), 4, Arc::new(Mutex::new(exit)))?;
-    Ok(())
+/// Adds the test-exit port ([`TEST_EXIT_PORT`]) to `machine`: [`run`]
+/// does it for every micro-guest, a test that builds its own machine calls
+/// it.
+pub fn add_test_exit(machine: &Machine) -> Result<(), MachineError> {
+    let exit = TestExit::new(machine.exit_reporter());
+    machine
+        .devices()
+        .add_pio_device(TEST_EXIT_PORT, 4, Arc::new(Mutex::new(exit)))
 }
 
-/// Runs `guest` on a one-vCPU machine with the test devices, watching the
-/// exception entries `options.platform` needs, serial output discarded.
-pub fn run(guest: MicroGuest, options: MicroOptions) -> Result<MicroRun, MicroRunError> {
-    use crate::test_devices::{PortalLog, TestMmio, TestPortal, TEST_MMIO_SIZE, TEST_PORTAL_SIZE};
-    use std::sync::{Arc, Mutex};
-    use vmm::devices::serial::SerialOutput;
-    use vmm::vm::{Vm, VmConfig};
-
-    let config = VmConfig {
-        cpus: 1,
-        memory: MICRO_MEMORY,
-        serial: SerialOutput::Sink,
-        platform: options.platform,
+/// The machine of a micro-guest run with `options`: one vCPU,
+/// [`MICRO_MEMORY`] of RAM, serial output discarded, the vIOMMU and vDSAs
+/// of [`MicroOptions::accel`] (with the PCIe root complex when there is any)
+/// and the test-exit port; no ACPI, no other PCI device.
+pub fn machine(options: &MicroOptions) -> Result<Machine, MachineError> {
+    let config = MachineConfig {
+        host_cpu: options.host_cpu,
         pasid_space: options.pasid_space.clone(),
+        accel: options.accel.clone(),
+        ..MachineConfig::new(1, MICRO_MEMORY, SerialOutput::Sink, options.platform)
     };
-    let mut vm = Vm::new(config)?;
-    if let Some(host) = options.host_cpu {
-        vm.set_host_cpu(host);
-    }
-    add_test_exit(&vm)?;
+    let machine = vmm::machine::build(config)?;
+    add_test_exit(&machine)?;
+    Ok(machine)
+}
+
+/// Runs `guest` on [`machine`] with the test MMIO device and the test
+/// portal added, watching the exception entries `options.platform` needs.
+pub fn run(guest: MicroGuest, options: MicroOptions) -> Result<MicroRun, MicroRunError> {
+    let mut machine = machine(&options)?;
     let portal = Arc::new(PortalLog::default());
-    portal
-        .retry
-        .store(options.portal_retry, std::sync::atomic::Ordering::SeqCst);
-    vm.mmio()
-        .insert(
-            TEST_MMIO_START,
-            TEST_MMIO_SIZE,
-            Arc::new(Mutex::new(TestMmio::default())),
-        )
-        .map_err(vmm::vm::VmError::from)?;
-    vm.mmio()
-        .insert(
-            TEST_PORTAL_START,
-            TEST_PORTAL_SIZE,
-            Arc::new(Mutex::new(TestPortal::new(portal.clone()))),
-        )
-        .map_err(vmm::vm::VmError::from)?;
-    let accel = &options.accel;
-    let (dsa, dsa_functions, iommu) = if accel.iommu || !accel.dsa.is_empty() {
-        let root = vmm::machine::attach_pci_root(&vm)?;
-        let attached = vmm::machine::attach_accelerators(&vm, &root, accel)?;
-        (attached.dsa, attached.functions, attached.iommu)
-    } else {
-        (Vec::new(), Vec::new(), None)
+    portal.retry.store(options.portal_retry, Ordering::SeqCst);
+    let devices = machine.devices();
+    devices.add_mmio_device(
+        TEST_MMIO_START,
+        TEST_MMIO_SIZE,
+        Arc::new(Mutex::new(TestMmio::default())),
+    )?;
+    devices.add_mmio_device(
+        TEST_PORTAL_START,
+        TEST_PORTAL_SIZE,
+        Arc::new(Mutex::new(TestPortal::new(portal.clone()))),
+    )?;
+    let (dsa, dsa_functions, iommu) = match devices.accelerators() {
+        Some(attached) => (
+            attached.dsa.clone(),
+            attached.functions.clone(),
+            attached.iommu.clone(),
+        ),
+        None => (Vec::new(), Vec::new(), None),
     };
-    let loaded = guest.load(vm.memory())?;
-    vm.set_boot_state(loaded.regs, loaded.sregs);
-    let memory = vm.memory().clone();
-    let pasids = vm.pasids().clone();
-    let tsc_khz = vm.tsc_khz();
-    let exit = vm.run(Some(options.timeout));
+    let loaded = guest.load(machine.memory())?;
+    machine.set_boot_state(loaded.regs, loaded.sregs);
+    let memory = machine.memory().clone();
+    let pasids = machine.vm().pasids().clone();
+    let tsc_khz = machine.vm().tsc_khz();
+    let exit = machine.run(Some(options.timeout))?;
     Ok(MicroRun {
         exit,
         portal,
@@ -560,6 +559,6 @@ pub fn run(guest: MicroGuest, options: MicroOptions) -> Result<MicroRun, MicroRu
         dsa_functions,
         iommu,
         pasids,
-        tsc_khz: tsc_khz.load(std::sync::atomic::Ordering::Relaxed),
+        tsc_khz: tsc_khz.load(Ordering::Relaxed),
     })
 }

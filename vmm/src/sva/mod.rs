@@ -23,7 +23,7 @@
 //!   ([`vdsa::dma::IdentityDma`]), and PASIDs still go through the guest's
 //!   table, filled without a check (there are no PASID tables to check).
 //!
-//! `crate::machine::attach_accelerators` builds all of it for a machine.
+//! `crate::machine::DeviceManager::attach_accelerators` builds all of it for a machine.
 //!
 //! # Decisions
 //!
@@ -227,7 +227,8 @@ pub fn attach_viommu(
 
 /// The vDSAs of `configs` on `root`, their DMA into `memory` (through
 /// `iommu` if given), their interrupts to `msi`, their PASIDs through
-/// `pasids`. A machine gets them with `crate::machine::attach_accelerators`.
+/// `pasids`. A machine gets them with
+/// `crate::machine::DeviceManager::attach_accelerators`.
 pub fn attach_devices(
     pasids: &Arc<GuestPasids>,
     memory: GuestMem,
