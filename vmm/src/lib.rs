@@ -21,7 +21,6 @@ pub mod modules;
 pub mod msi;
 pub mod pci_root;
 pub mod platform;
-pub mod run_command;
 pub mod share;
 pub mod stop_signal;
 pub mod sva;
