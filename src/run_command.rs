@@ -13,6 +13,10 @@
 //! reaches init as
 //! `vmm.cmd=` (the argv, percent-encoded; see guest-images/README.md) after
 //! `--` on the kernel command line, with `vmm.out=hvc0 vmm.status=hvc1`.
+//! init mounts each share (`vmm::share`, one virtio-fs device each) as
+//! `vmm.share=TAG,PATH,ro|rw` says (PATH percent-encoded as `vmm.cmd=` is)
+//! before it runs the command, in `vmm.cwd=` when the VMM's working
+//! directory lies in a share.
 
 use std::ffi::OsString;
 use std::io::{self, Write};

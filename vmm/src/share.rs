@@ -6,10 +6,9 @@
 //! `Drop`; a daemon whose VMM died without unwinding exits when its
 //! vhost-user connection closes).
 //!
-//! The guest's init mounts each share by tag before it runs the command
-//! (`vmm.share=TAG,PATH,ro|rw` after `--` on the kernel command line, PATH
-//! percent-encoded as `vmm.cmd=` is) and runs the command in `vmm.cwd=`
-//! when the VMM's working directory lies in a share.
+//! The guest finds each share by its [`tag`]; telling the guest's init
+//! where to mount it is `vmm run`'s business (the command's
+//! `src/run_command.rs`).
 
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Component, Path, PathBuf};
