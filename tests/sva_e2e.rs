@@ -188,6 +188,7 @@ mod iommu_alone {
     }
 
     const RID: u16 = 0x0018;
+    const DEV: pci::PciAddress = pci::PciAddress::from_rid(RID);
     const PASID: u32 = 9;
     const PAGE: u64 = DATA_START + 0x7000;
 
@@ -202,7 +203,7 @@ mod iommu_alone {
             Arc::new(MsiRecorder::new()),
         ));
         let device = Arc::new(Responses::default());
-        unit.register_device(RID, device.clone());
+        unit.register_device(DEV, device.clone());
         machine
             .devices()
             .add_mmio_device(
@@ -250,7 +251,7 @@ mod iommu_alone {
                     std::thread::sleep(Duration::from_millis(1));
                 }
                 unit.page_request(&PageRequest {
-                    requester_id: RID,
+                    requester_id: DEV,
                     pasid: Some(PasidTag {
                         pasid: PASID,
                         privileged: false,
@@ -293,7 +294,7 @@ mod iommu_alone {
         assert_eq!(
             *device.0.lock().unwrap(),
             vec![PageGroupResponse {
-                requester_id: RID,
+                requester_id: DEV,
                 pasid: Some(PASID),
                 prg_index: 0x17,
                 code: ResponseCode::Success,

@@ -19,7 +19,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Instant;
 
-use common::{qi, RecordingMsi, GARBAGE_TARGETS};
+use common::{qi, PciAddress, RecordingMsi, GARBAGE_TARGETS};
 use viommu::regs::*;
 use viommu::{AccessType, Iommu, PageRequest, PasidTag};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -261,12 +261,12 @@ impl Soak {
         self.counts[2] += 1;
     }
 
-    fn requester(&mut self) -> (u16, Option<PasidTag>) {
-        let rid = if self.rng.chance(70) {
+    fn requester(&mut self) -> (PciAddress, Option<PasidTag>) {
+        let rid = PciAddress::from_rid(if self.rng.chance(70) {
             self.rng.below(64) as u16
         } else {
             self.rng.next() as u16
-        };
+        });
         let pasid = self.rng.chance(60).then(|| PasidTag {
             pasid: if self.rng.chance(70) {
                 self.rng.below(128) as u32

@@ -247,7 +247,7 @@ pub fn attach_devices(
                 let port = Arc::new(ViommuDma::new(
                     iommu.clone(),
                     memory.clone(),
-                    rid,
+                    bdf,
                     pasids.clone(),
                 ));
                 (port.clone(), Some(port))
@@ -265,7 +265,7 @@ pub fn attach_devices(
         if let (Some(iommu), Some(port)) = (&iommu, viommu_dma) {
             port.connect(handle.clone());
             iommu.register_device(
-                rid,
+                bdf,
                 Arc::new(DsaAtsBridge::new(handle.clone(), pasids.clone())),
             );
         }
@@ -300,7 +300,7 @@ pub fn attach_devices(
     }
     let dmar = iommu.as_ref().map(|iommu| {
         iommu.add_pasid_observer(pasids.clone());
-        let rids = placements.iter().map(|p| p.bdf.rid()).collect();
+        let rids = placements.iter().map(|p| p.bdf).collect();
         pasids.set_authority(Arc::new(ViommuAuthority::new(iommu, rids)));
         build_dmar_table(&DmarConfig::include_all(layout::VIOMMU_START))
     });
