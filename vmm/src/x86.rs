@@ -1,6 +1,7 @@
 //! x86-64 architectural constants, the machine's one home for them (Intel
 //! SDM Vol. 3A): RFLAGS bits, control-register and EFER bits, MSR indices,
-//! exception vectors, segment-selector fields and page-table entry bits. The
+//! exception vectors, segment selectors and descriptors, and page-table
+//! entry bits. The
 //! emulator, the boot state and the micro-guest harness take them from here;
 //! IA32_PASID's index and fields are the `pasid` crate's.
 
@@ -122,6 +123,76 @@ pub mod vector {
 pub const SELECTOR_RPL_MASK: u16 = 3;
 /// Table-indicator bit of a segment selector (1: LDT).
 pub const SELECTOR_TI: u16 = 1 << 2;
+
+/// Segment descriptors (SDM Vol. 3A, 3.4.5).
+pub mod segment {
+    use kvm_bindings::kvm_segment;
+
+    /// A segment descriptor in the GDT (flat: base 0).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct SegmentDescriptor {
+        /// Limit in units of the granularity (20 bits).
+        pub limit: u32,
+        /// Type field (bits 43:40).
+        pub kind: u8,
+        /// S: code/data (true) or system (false).
+        pub code_or_data: bool,
+        /// L: 64-bit code segment.
+        pub long: bool,
+        /// D/B: 32-bit default operand size.
+        pub default_32: bool,
+        /// G: limit in 4 KiB units.
+        pub granularity_4k: bool,
+    }
+
+    /// Segment types.
+    pub mod kind {
+        /// Code: execute/read, accessed.
+        pub const CODE_EXEC_READ_ACCESSED: u8 = 0xb;
+        /// Data: read/write, accessed.
+        pub const DATA_READ_WRITE_ACCESSED: u8 = 0x3;
+        /// System: 64-bit TSS, busy.
+        pub const TSS64_BUSY: u8 = 0xb;
+    }
+
+    impl SegmentDescriptor {
+        /// The 8-byte descriptor (present, DPL 0, base 0).
+        pub fn to_u64(self) -> u64 {
+            let limit = u64::from(self.limit & 0xf_ffff);
+            let access =
+                u64::from(self.kind & 0xf) | (u64::from(self.code_or_data) << 4) | (1 << 7); // present, DPL 0
+            let flags = (u64::from(self.long) << 1)
+                | (u64::from(self.default_32) << 2)
+                | (u64::from(self.granularity_4k) << 3);
+            (limit & 0xffff) | ((limit >> 16) << 48) | (access << 40) | (flags << 52)
+        }
+
+        /// The same segment as KVM's segment-register state, loaded with
+        /// `selector`.
+        pub fn to_kvm_segment(self, selector: u16) -> kvm_segment {
+            let limit = if self.granularity_4k {
+                (self.limit << 12) | 0xfff
+            } else {
+                self.limit
+            };
+            kvm_segment {
+                base: 0,
+                limit,
+                selector,
+                type_: self.kind,
+                present: 1,
+                dpl: 0,
+                db: u8::from(self.default_32),
+                s: u8::from(self.code_or_data),
+                l: u8::from(self.long),
+                g: u8::from(self.granularity_4k),
+                avl: 0,
+                unusable: 0,
+                padding: 0,
+            }
+        }
+    }
+}
 
 /// The ENDBR64 instruction (CET), which Linux puts at every entry point.
 pub const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
