@@ -104,14 +104,15 @@ pub const TSS_SELECTOR: u16 = 0x40;
 use vmm::x86::pte::PAGE_SIZE as PTE_PS;
 pub use vmm::x86::pte::{PRESENT as PTE_P, USER as PTE_U, WRITABLE as PTE_W};
 
+use vmm::x86::segment::{self, SegmentDescriptor};
 use vmm::x86::{cr0, cr4, efer, rflags};
 
-// Segment descriptors (flat).
-const GDT_KERNEL_CS: u64 = 0x00af_9b00_0000_ffff;
-const GDT_KERNEL_DS: u64 = 0x00cf_9300_0000_ffff;
-const GDT_USER_DS: u64 = 0x00cf_f300_0000_ffff;
-const GDT_USER_CS: u64 = 0x00af_fb00_0000_ffff;
-const TSS_LIMIT: u64 = 0x67;
+// Segment descriptors, flat as Linux's.
+const KERNEL_CODE: SegmentDescriptor = segment::code64(0);
+const KERNEL_DATA: SegmentDescriptor = segment::data(0);
+const USER_DATA: SegmentDescriptor = segment::data(3);
+const USER_CODE: SegmentDescriptor = segment::code64(3);
+const TSS_LIMIT: u32 = 0x67;
 /// TSS.RSP0 offset.
 const TSS_RSP0: u64 = 4;
 /// IDT gate type: present 64-bit interrupt gate, DPL 0.
@@ -272,22 +273,13 @@ fn write_gate(memory: &GuestMemoryMmap, vector: u8, handler: u64) -> Result<(), 
     Ok(())
 }
 
-fn tss_descriptor() -> [u64; 2] {
-    let base = TSS_START;
-    let low = TSS_LIMIT
-        | ((base & 0xff_ffff) << 16)
-        | (0x89 << 40) // present, available 64-bit TSS
-        | (((base >> 24) & 0xff) << 56);
-    [low, base >> 32]
-}
-
 fn write_gdt_and_tss(memory: &GuestMemoryMmap) -> Result<(), MicroGuestError> {
     let mut gdt = [0u64; 10];
-    gdt[usize::from(KERNEL_CS >> 3)] = GDT_KERNEL_CS;
-    gdt[usize::from(KERNEL_DS >> 3)] = GDT_KERNEL_DS;
-    gdt[usize::from(USER_DS >> 3)] = GDT_USER_DS;
-    gdt[usize::from(USER_CS >> 3)] = GDT_USER_CS;
-    let tss = tss_descriptor();
+    gdt[usize::from(KERNEL_CS >> 3)] = KERNEL_CODE.to_u64();
+    gdt[usize::from(KERNEL_DS >> 3)] = KERNEL_DATA.to_u64();
+    gdt[usize::from(USER_DS >> 3)] = USER_DATA.to_u64();
+    gdt[usize::from(USER_CS >> 3)] = USER_CODE.to_u64();
+    let tss = segment::tss64(TSS_LIMIT, segment::kind::TSS64_AVAILABLE).to_system_u64(TSS_START);
     gdt[usize::from(TSS_SELECTOR >> 3)] = tss[0];
     gdt[usize::from(TSS_SELECTOR >> 3) + 1] = tss[1];
     for (i, d) in gdt.iter().enumerate() {
@@ -334,10 +326,6 @@ fn write_page_tables(memory: &GuestMemoryMmap) -> Result<(), MicroGuestError> {
     Ok(())
 }
 
-fn segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
-    vmm::emulator::flat_segment(selector, type_, long)
-}
-
 /// Long mode with the harness's GDT, IDT, TSS and page tables.
 pub fn long_mode_sregs() -> kvm_sregs {
     let mut sregs = kvm_sregs {
@@ -347,14 +335,14 @@ pub fn long_mode_sregs() -> kvm_sregs {
     sregs.cr3 = PML4_START;
     sregs.cr4 = cr4::PAE | cr4::OSFXSR | cr4::OSXMMEXCPT;
     sregs.efer = efer::SCE | efer::LME | efer::LMA | efer::NXE;
-    sregs.cs = segment(KERNEL_CS, 0xb, true);
-    let data = segment(KERNEL_DS, 0x3, false);
+    sregs.cs = KERNEL_CODE.to_kvm_segment(KERNEL_CS);
+    let data = KERNEL_DATA.to_kvm_segment(KERNEL_DS);
     (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
     sregs.tr = kvm_segment {
         base: TSS_START,
-        limit: TSS_LIMIT as u32,
+        limit: TSS_LIMIT,
         selector: TSS_SELECTOR,
-        type_: 0xb, // busy 64-bit TSS
+        type_: segment::kind::TSS64_BUSY,
         present: 1,
         s: 0,
         ..Default::default()

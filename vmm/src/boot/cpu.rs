@@ -14,33 +14,12 @@ pub use crate::x86::{cr0, cr4, efer};
 pub const RFLAGS_RESERVED_ONE: u64 = crate::x86::rflags::FIXED;
 
 /// __BOOT_CS: flat 64-bit code.
-pub const BOOT_CS: SegmentDescriptor = SegmentDescriptor {
-    limit: 0xf_ffff,
-    kind: segment::kind::CODE_EXEC_READ_ACCESSED,
-    code_or_data: true,
-    long: true,
-    default_32: false,
-    granularity_4k: true,
-};
+pub const BOOT_CS: SegmentDescriptor = segment::code64(0);
 /// __BOOT_DS: flat read/write data.
-pub const BOOT_DS: SegmentDescriptor = SegmentDescriptor {
-    limit: 0xf_ffff,
-    kind: segment::kind::DATA_READ_WRITE_ACCESSED,
-    code_or_data: true,
-    long: false,
-    default_32: true,
-    granularity_4k: true,
-};
+pub const BOOT_DS: SegmentDescriptor = segment::data(0);
 /// A busy 64-bit TSS, so that TR holds a valid system segment until the
 /// kernel loads its own.
-pub const BOOT_TSS: SegmentDescriptor = SegmentDescriptor {
-    limit: 0x67,
-    kind: segment::kind::TSS64_BUSY,
-    code_or_data: false,
-    long: false,
-    default_32: false,
-    granularity_4k: false,
-};
+pub const BOOT_TSS: SegmentDescriptor = segment::tss64(0x67, segment::kind::TSS64_BUSY);
 
 /// Selectors the boot protocol names: GDT entries 2 and 3.
 pub const BOOT_CS_SELECTOR: u16 = 0x10;
