@@ -1,9 +1,9 @@
 //! x86-64 architectural constants, the machine's one home for them (Intel
 //! SDM Vol. 3A): RFLAGS bits, control-register and EFER bits, MSR indices,
 //! exception vectors, segment selectors and descriptors, and page-table
-//! entry bits. The
-//! emulator, the boot state and the micro-guest harness take them from here;
-//! IA32_PASID's index and fields are the `pasid` crate's.
+//! entry bits. The emulator, the boot state and the micro-guest harness
+//! take them from here; IA32_PASID's index and fields are the `pasid`
+//! crate's.
 
 /// RFLAGS bits (SDM Vol. 1, 3.4.3).
 pub mod rflags {
