@@ -115,16 +115,7 @@ pub(crate) fn execute<C: GuestCpu + ?Sized>(
     // The source is read as the CPU reads it: RAM, a device's registers
     // (the portal itself included), or all ones where nothing answers.
     let mut source = [0u8; STORE_SIZE];
-    let memory = cpu.memory().clone();
-    let read = read_linear_any(
-        &memory,
-        ctx,
-        src.linear,
-        &mut source,
-        privilege,
-        &mut |gpa, data| cpu.read_device(gpa, data),
-    );
-    if let Err(e) = read {
+    if let Err(e) = read_linear_any(cpu, ctx, src.linear, &mut source, privilege) {
         return Ok(e.into());
     }
     let gpa = match translate(cpu.memory(), ctx, dest, AccessKind::Write, privilege) {

@@ -95,16 +95,10 @@ fn read_u64s<const N: usize>(
     mem: &vm_memory::GuestMemoryMmap,
     va: u64,
 ) -> Option<[u64; N]> {
-    let mut buf = vec![0u8; N * 8];
-    read_linear(
-        mem,
-        ctx,
-        va,
-        &mut buf,
-        AccessKind::Read,
-        Privilege::Implicit,
-    )
-    .ok()?;
+    // At most a frame's five quadwords: read into the stack, not the heap.
+    let mut whole = [0u8; 8 * 8];
+    let buf = whole.get_mut(..N * 8)?;
+    read_linear(mem, ctx, va, buf, AccessKind::Read, Privilege::Implicit).ok()?;
     let mut out = [0u64; N];
     for (o, chunk) in out.iter_mut().zip(buf.chunks_exact(8)) {
         let mut b = [0u8; 8];
@@ -397,8 +391,6 @@ pub(crate) fn store_entry<C: GuestCpu + ?Sized>(
     if v == vector::GP && kind != bus::StoreKind::Enqcmd {
         return Ok(EntryAction::PassThrough);
     }
-    let bytes = bytes[..instr.len().min(bytes.len())].to_vec();
-
     let mut ctx = interrupted;
     let step = direct_store::execute(cpu, &mut ctx, &instr, kind)?;
     if let Step::Fault(e) = &step {
@@ -414,7 +406,7 @@ pub(crate) fn store_entry<C: GuestCpu + ?Sized>(
         Step::Retry => EntryAction::Retry,
         Step::Unsupported(reason) => EntryAction::NotHandled(Unhandled {
             rip: frame.rip,
-            bytes,
+            bytes: bytes[..instr.len().min(bytes.len())].to_vec(),
             reason,
         }),
     })
@@ -475,7 +467,7 @@ pub fn step_over_handler_entry<C: GuestCpu + ?Sized>(
         return not_handled(Vec::new(), super::UnhandledReason::Undecodable);
     };
     let Some(instr) = decode(&bytes, rip) else {
-        return not_handled(bytes, super::UnhandledReason::Undecodable);
+        return not_handled(bytes.to_vec(), super::UnhandledReason::Undecodable);
     };
     if matches!(instr.mnemonic(), Mnemonic::Nop | Mnemonic::Endbr64) {
         ctx.regs.rip = instr.next_ip();

@@ -181,15 +181,7 @@ fn popcnt<C: GuestCpu + ?Sized>(
             check_canonical(ctx, m.linear, size as u64, m.ss_based)?;
             // Device memory is read through its device, as the CPU does.
             let mut buf = [0u8; 8];
-            let memory = cpu.memory().clone();
-            read_linear_any(
-                &memory,
-                ctx,
-                m.linear,
-                &mut buf[..size],
-                Privilege::of(ctx),
-                &mut |gpa, data| cpu.read_device(gpa, data),
-            )?;
+            read_linear_any(cpu, ctx, m.linear, &mut buf[..size], Privilege::of(ctx))?;
             u64::from_le_bytes(buf)
         }
         _ => return Err(Stop::Unsupported(UnhandledReason::BadOperand)),

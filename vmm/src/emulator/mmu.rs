@@ -6,10 +6,11 @@
 //! would raise, with its architectural error code and CR2.
 
 use viommu::paging::{self, AccessType, WalkConfig, WalkFault};
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::context::CpuContext;
 use super::exception::Exception;
+use super::GuestCpu;
 use crate::x86::{cr0, cr4, efer, rflags, CR3_ROOT_MASK};
 
 /// Size of the smallest page: accesses are split at this granularity.
@@ -149,6 +150,48 @@ fn page_chunks(va: u64, len: usize) -> impl Iterator<Item = (u64, usize)> {
     })
 }
 
+/// The guest-physical pieces of a linear range, one per page, every page
+/// translated before any is used. A range of up to two pages (every
+/// operand, descriptor, exception frame and instruction the emulator reads)
+/// needs no allocation: emulated instructions sit on the trap path.
+struct Pieces {
+    inline: [(u64, usize); 2],
+    count: usize,
+    more: Vec<(u64, usize)>,
+}
+
+impl Pieces {
+    fn translate<M: GuestMemory>(
+        mem: &M,
+        ctx: &CpuContext,
+        va: u64,
+        len: usize,
+        kind: AccessKind,
+        privilege: Privilege,
+    ) -> Result<Self, AccessError> {
+        let mut pieces = Pieces {
+            inline: [(0, 0); 2],
+            count: 0,
+            more: Vec::new(),
+        };
+        for (addr, n) in page_chunks(va, len) {
+            let piece = (translate(mem, ctx, addr, kind, privilege)?, n);
+            match pieces.inline.get_mut(pieces.count) {
+                Some(slot) => *slot = piece,
+                None => pieces.more.push(piece),
+            }
+            pieces.count += 1;
+        }
+        Ok(pieces)
+    }
+
+    /// (guest-physical address, length), in order.
+    fn iter(&self) -> impl Iterator<Item = (u64, usize)> + '_ {
+        let inline = self.count.min(self.inline.len());
+        self.inline[..inline].iter().chain(&self.more).copied()
+    }
+}
+
 /// Reads `buf.len()` bytes at linear address `va`. Every page is translated
 /// before any byte is read, so a fault on the second page of a split access
 /// reports that page (CR2 = first byte on it) and reads nothing.
@@ -160,11 +203,9 @@ pub(crate) fn read_linear<M: GuestMemory>(
     kind: AccessKind,
     privilege: Privilege,
 ) -> Result<(), AccessError> {
-    let pieces = page_chunks(va, buf.len())
-        .map(|(addr, len)| Ok((translate(mem, ctx, addr, kind, privilege)?, len)))
-        .collect::<Result<Vec<_>, AccessError>>()?;
+    let pieces = Pieces::translate(mem, ctx, va, buf.len(), kind, privilege)?;
     let mut off = 0;
-    for (gpa, len) in pieces {
+    for (gpa, len) in pieces.iter() {
         mem.read_slice(&mut buf[off..off + len], GuestAddress(gpa))
             .map_err(|_| AccessError::NotRam { gpa })?;
         off += len;
@@ -175,47 +216,45 @@ pub(crate) fn read_linear<M: GuestMemory>(
 /// Reads `buf.len()` bytes at linear address `va` as a CPU's data read
 /// does: every page is translated first (a fault reads nothing), then each
 /// byte comes from RAM or, where the guest-physical address is not RAM,
-/// from `read_device` (a device's registers, or all ones where no device
-/// answers), in naturally aligned pieces of at most 8 bytes. A range that
-/// straddles the end of RAM reads its RAM bytes from RAM and the rest from
-/// the bus.
-pub(crate) fn read_linear_any(
-    mem: &GuestMemoryMmap,
+/// from the vCPU's [`GuestCpu::read_device`] (a device's registers, or all
+/// ones where no device answers), in naturally aligned pieces of at most 8
+/// bytes. A range that straddles the end of RAM reads its RAM bytes from
+/// RAM and the rest from the bus.
+pub(crate) fn read_linear_any<C: GuestCpu + ?Sized>(
+    cpu: &mut C,
     ctx: &CpuContext,
     va: u64,
     buf: &mut [u8],
     privilege: Privilege,
-    read_device: &mut dyn FnMut(u64, &mut [u8]),
 ) -> Result<(), AccessError> {
-    let pieces = page_chunks(va, buf.len())
-        .map(|(addr, len)| Ok((translate(mem, ctx, addr, AccessKind::Read, privilege)?, len)))
-        .collect::<Result<Vec<_>, AccessError>>()?;
+    let pieces = Pieces::translate(
+        cpu.memory(),
+        ctx,
+        va,
+        buf.len(),
+        AccessKind::Read,
+        privilege,
+    )?;
     let mut off = 0;
-    for (gpa, len) in pieces {
-        read_physical_any(mem, gpa, &mut buf[off..off + len], read_device);
+    for (gpa, len) in pieces.iter() {
+        read_physical_any(cpu, gpa, &mut buf[off..off + len]);
         off += len;
     }
     Ok(())
 }
 
 /// Reads `buf.len()` bytes at guest-physical `gpa` from RAM where it is RAM
-/// and from `read_device` elsewhere (see [`read_linear_any`]).
-fn read_physical_any(
-    mem: &GuestMemoryMmap,
-    gpa: u64,
-    buf: &mut [u8],
-    read_device: &mut dyn FnMut(u64, &mut [u8]),
-) {
+/// and from the vCPU's devices elsewhere (see [`read_linear_any`]).
+fn read_physical_any<C: GuestCpu + ?Sized>(cpu: &mut C, gpa: u64, buf: &mut [u8]) {
     let mut off = 0;
     while off < buf.len() {
         let at = gpa.wrapping_add(off as u64);
         let left = buf.len() - off;
-        if mem.address_in_range(GuestAddress(at)) {
+        let mem = cpu.memory();
+        if let Some(region) = mem.find_region(GuestAddress(at)) {
             // The RAM run: up to the end of this region (or of the buffer).
-            let mut n = 1;
-            while n < left && mem.address_in_range(GuestAddress(at.wrapping_add(n as u64))) {
-                n += 1;
-            }
+            let region_end = region.start_addr().0.saturating_add(region.len());
+            let n = usize::try_from(region_end - at).map_or(left, |in_region| in_region.min(left));
             if mem
                 .read_slice(&mut buf[off..off + n], GuestAddress(at))
                 .is_err()
@@ -229,9 +268,24 @@ fn read_physical_any(
             while n > 1 && (at % n as u64 != 0 || !n.is_power_of_two()) {
                 n -= 1;
             }
-            read_device(at, &mut buf[off..off + n]);
+            cpu.read_device(at, &mut buf[off..off + n]);
             off += n;
         }
+    }
+}
+
+/// Up to [`MAX_INSN_LEN`] instruction bytes, kept on the stack.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct InsnBytes {
+    bytes: [u8; MAX_INSN_LEN],
+    len: usize,
+}
+
+impl std::ops::Deref for InsnBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.bytes[..self.len]
     }
 }
 
@@ -244,22 +298,18 @@ pub(crate) fn fetch_instruction<M: GuestMemory>(
     ctx: &CpuContext,
     rip: u64,
     privilege: Privilege,
-) -> Result<Vec<u8>, AccessError> {
-    let mut bytes = Vec::with_capacity(MAX_INSN_LEN);
+) -> Result<InsnBytes, AccessError> {
+    let mut insn = InsnBytes {
+        bytes: [0; MAX_INSN_LEN],
+        len: 0,
+    };
     for (i, (addr, len)) in page_chunks(rip, MAX_INSN_LEN).enumerate() {
-        let mut chunk = [0u8; MAX_INSN_LEN];
-        match read_linear(
-            mem,
-            ctx,
-            addr,
-            &mut chunk[..len],
-            AccessKind::Fetch,
-            privilege,
-        ) {
-            Ok(()) => bytes.extend_from_slice(&chunk[..len]),
+        let chunk = &mut insn.bytes[insn.len..insn.len + len];
+        match read_linear(mem, ctx, addr, chunk, AccessKind::Fetch, privilege) {
+            Ok(()) => insn.len += len,
             Err(e) if i == 0 => return Err(e),
             Err(_) => break,
         }
     }
-    Ok(bytes)
+    Ok(insn)
 }

@@ -388,7 +388,9 @@ pub fn handle_emulation_failure<C: GuestCpu + ?Sized>(
     let mut ctx = CpuContext::capture(cpu)?;
     let rip = ctx.regs.rip;
     let bytes = if insn_bytes.is_empty() && ctx.is_64bit_mode() {
-        mmu::fetch_instruction(cpu.memory(), &ctx, rip, Privilege::of(&ctx)).unwrap_or_default()
+        mmu::fetch_instruction(cpu.memory(), &ctx, rip, Privilege::of(&ctx))
+            .map(|bytes| bytes.to_vec())
+            .unwrap_or_default()
     } else {
         insn_bytes[..insn_bytes.len().min(mmu::MAX_INSN_LEN)].to_vec()
     };
