@@ -91,9 +91,7 @@ fn switch_to_cpl3_and_back() {
 
 #[test]
 fn msi_from_a_device_reaches_the_guest_idt() {
-    use vmm::devices::serial::SerialOutput;
     use vmm::msi::KvmMsiSink;
-    use vmm::vm::{Vm, VmConfig};
 
     microguest::require_kvm();
     // The guest enables its LAPIC, sets IF and waits; vector 0x40 ends the run.
@@ -112,18 +110,10 @@ fn msi_from_a_device_reaches_the_guest_idt() {
     exit_with(&mut g.asm, 0x4040).unwrap();
     g.handler(0x40, handler);
 
-    let config = VmConfig {
-        cpus: 1,
-        memory: microguest::MICRO_MEMORY,
-        serial: SerialOutput::Sink,
-        platform: vmm::platform::Platform::host(),
-        pasid_space: None,
-    };
-    let mut vm = Vm::new(config).unwrap();
-    microguest::add_test_exit(&vm).unwrap();
-    let loaded = g.load(vm.memory()).unwrap();
-    vm.set_boot_state(loaded.regs, loaded.sregs);
-    let sink = KvmMsiSink::new(vm.fd().clone());
+    let mut machine = microguest::machine(&MicroOptions::default()).unwrap();
+    let loaded = g.load(machine.memory()).unwrap();
+    machine.set_boot_state(loaded.regs, loaded.sregs);
+    let sink = KvmMsiSink::new(machine.vm().fd().clone());
     let sender = std::thread::spawn(move || {
         for _ in 0..200 {
             std::thread::sleep(std::time::Duration::from_millis(10));
@@ -137,7 +127,9 @@ fn msi_from_a_device_reaches_the_guest_idt() {
             );
         }
     });
-    let exit = vm.run(Some(std::time::Duration::from_secs(10)));
+    let exit = machine
+        .run(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
     drop(sender);
     assert_eq!(exit, RunExit::TestExit(0x4040));
 }

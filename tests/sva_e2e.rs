@@ -154,7 +154,7 @@ mod iommu_alone {
     use microguest::driver::vtd::{ContextControls, FirstStageBinding, ScalableTables, Vtd};
     use microguest::driver::{read_report, slot};
     use microguest::{
-        exit_with, MicroGuest, DATA_PT_START, DATA_START, MICRO_MEMORY, PML4_START, PTE_P, PTE_U,
+        exit_with, MicroGuest, MicroOptions, DATA_PT_START, DATA_START, PML4_START, PTE_P, PTE_U,
         PTE_W,
     };
     use pci::MsiRecorder;
@@ -165,7 +165,6 @@ mod iommu_alone {
     };
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
     use vmm::layout;
-    use vmm::vm::{Vm, VmConfig};
 
     type Unit = Iommu<Arc<GuestMemoryMmap>>;
 
@@ -189,29 +188,25 @@ mod iommu_alone {
     }
 
     const RID: u16 = 0x0018;
+    const DEV: pci::PciAddress = pci::PciAddress::from_rid(RID);
     const PASID: u32 = 9;
     const PAGE: u64 = DATA_START + 0x7000;
 
     #[test]
     fn guest_enables_translation_and_answers_a_page_request() {
         microguest::require_kvm();
-        let mut vm = Vm::new(VmConfig {
-            cpus: 1,
-            memory: MICRO_MEMORY,
-            serial: vmm::devices::serial::SerialOutput::Sink,
-            platform: vmm::platform::Platform::host(),
-            pasid_space: None,
-        })
-        .unwrap();
-        microguest::add_test_exit(&vm).unwrap();
+        // The harness's machine without accelerators; the test puts its
+        // own VT-d unit where the vIOMMU goes.
+        let mut machine = microguest::machine(&MicroOptions::default()).unwrap();
         let unit = Arc::new(Iommu::new(
-            Arc::new(vm.memory().clone()),
+            Arc::new(machine.memory().clone()),
             Arc::new(MsiRecorder::new()),
         ));
         let device = Arc::new(Responses::default());
-        unit.register_device(RID, device.clone());
-        vm.mmio()
-            .insert(
+        unit.register_device(DEV, device.clone());
+        machine
+            .devices()
+            .add_mmio_device(
                 layout::VIOMMU_START,
                 layout::VIOMMU_SIZE,
                 Arc::new(Mutex::new(Window(unit.clone()))),
@@ -237,9 +232,9 @@ mod iommu_alone {
         vtd.enable(&mut g.asm, tables.root_table()).unwrap();
         vtd.service_page_request(&mut g.asm).unwrap();
         exit_with(&mut g.asm, super::DONE).unwrap();
-        let loaded = g.load(vm.memory()).unwrap();
-        vm.set_boot_state(loaded.regs, loaded.sregs);
-        let memory = vm.memory().clone();
+        let loaded = g.load(machine.memory()).unwrap();
+        machine.set_boot_state(loaded.regs, loaded.sregs);
+        let memory = machine.memory().clone();
 
         // The device: once translation is on, a write page request.
         let poster = {
@@ -256,7 +251,7 @@ mod iommu_alone {
                     std::thread::sleep(Duration::from_millis(1));
                 }
                 unit.page_request(&PageRequest {
-                    requester_id: RID,
+                    requester_id: DEV,
                     pasid: Some(PasidTag {
                         pasid: PASID,
                         privileged: false,
@@ -271,7 +266,7 @@ mod iommu_alone {
                 })
             })
         };
-        let exit = vm.run(Some(Duration::from_secs(30)));
+        let exit = machine.run(Some(Duration::from_secs(30))).unwrap();
         let posted = poster.join().unwrap();
         assert_eq!(exit, vmm::vm::RunExit::TestExit(super::DONE));
         assert_eq!(posted, Ok(()));
@@ -299,7 +294,7 @@ mod iommu_alone {
         assert_eq!(
             *device.0.lock().unwrap(),
             vec![PageGroupResponse {
-                requester_id: RID,
+                requester_id: DEV,
                 pasid: Some(PASID),
                 prg_index: 0x17,
                 code: ResponseCode::Success,

@@ -624,7 +624,7 @@ mod tests {
     fn the_page_group_response_echoes_the_request() {
         // What service_page_request computes from a queued request.
         let request = PageRequest {
-            requester_id: 0x0108,
+            requester_id: pci::PciAddress::from_rid(0x0108),
             pasid: Some(PasidTag {
                 pasid: 0xa_bcde,
                 privileged: false,
@@ -647,7 +647,7 @@ mod tests {
         assert_eq!(
             Descriptor::decode(response, true),
             Ok(Descriptor::PageGroupResponse(PageGroupResponse {
-                requester_id: 0x0108,
+                requester_id: pci::PciAddress::from_rid(0x0108),
                 pasid: Some(0xa_bcde),
                 prg_index: 0x1ff,
                 code: ResponseCode::Success,

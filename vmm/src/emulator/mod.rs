@@ -62,6 +62,8 @@ mod syscall;
 mod xsave;
 
 #[cfg(test)]
+mod test_cpu;
+#[cfg(test)]
 mod tests;
 
 use std::fmt;

@@ -265,6 +265,8 @@ fn placements_match_the_root_complex() {
 
 /// Requester ID of the device under test (00:01.0).
 const RID: u16 = 0x08;
+/// [`RID`] as the function it names.
+const DEV: pci::PciAddress = pci::PciAddress::from_rid(RID);
 const MEM_SIZE: usize = 32 << 20;
 /// Guest PASID of the test process.
 const GPASID: u32 = 5;
@@ -435,14 +437,14 @@ fn user(pasid: u32) -> AddressSpace {
 fn dma_with_a_host_pasid_uses_the_guests_pasid_entry() {
     let (g, pgd) = ScalableGuest::new();
     let pasids = Arc::new(GuestPasids::new(Arc::new(PasidSpace::new()), "g").unwrap());
-    pasids.set_authority(Arc::new(ViommuAuthority::new(&g.iommu, vec![RID])));
+    pasids.set_authority(Arc::new(ViommuAuthority::new(&g.iommu, vec![DEV])));
     assert_eq!(
         pasids.host_pasid(Some(RID), GPASID + 1),
         Err(PasidMiss::NotSetUp(GPASID + 1)),
         "no PASID-table entry"
     );
     let h = pasids.host_pasid(Some(RID), GPASID).unwrap();
-    let port = ViommuDma::new(g.iommu.clone(), g.mem.clone(), RID, pasids.clone());
+    let port = ViommuDma::new(g.iommu.clone(), g.mem.clone(), DEV, pasids.clone());
     port.write(user(h), IOVA + 0x10, b"through the guest's tables")
         .unwrap();
     let mut back = [0u8; 26];
@@ -494,7 +496,7 @@ fn dma_with_a_host_pasid_uses_the_guests_pasid_entry() {
     );
     // ENQCMD's staleness check sees the entry's page tables.
     assert_eq!(
-        ViommuAuthority::new(&g.iommu, vec![RID]).pasid_setup(None, GPASID),
+        ViommuAuthority::new(&g.iommu, vec![DEV]).pasid_setup(None, GPASID),
         Some(PasidSetup {
             first_stage_root: Some(address_space_key(pgd))
         })
@@ -506,10 +508,10 @@ fn guest_pasid_teardown_unmaps_and_frees_through_the_viommu() {
     let (mut g, _) = ScalableGuest::new();
     let space = Arc::new(PasidSpace::new());
     let pasids = Arc::new(GuestPasids::new(space.clone(), "g").unwrap());
-    pasids.set_authority(Arc::new(ViommuAuthority::new(&g.iommu, vec![RID])));
+    pasids.set_authority(Arc::new(ViommuAuthority::new(&g.iommu, vec![DEV])));
     g.iommu.add_pasid_observer(pasids.clone());
     let h = pasids.host_pasid(Some(RID), GPASID).unwrap();
-    let port = ViommuDma::new(g.iommu.clone(), g.mem.clone(), RID, pasids.clone());
+    let port = ViommuDma::new(g.iommu.clone(), g.mem.clone(), DEV, pasids.clone());
     port.write(user(h), IOVA, &[1]).unwrap();
     g.tear_down();
     assert_eq!(pasids.guest_pasid(h), None, "unmapped");
