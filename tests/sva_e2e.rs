@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use iced_x86::code_asm::*;
 use pasid::{PasidSpace, Scope};
+use pci::PciAddress;
 use vdsa::completion::{CompletionRecord, Status};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -443,7 +444,7 @@ fn user_movdir64b_and_enqcmd_copy_through_the_viommu() {
     assert_ne!(hpasid, GUEST_PASID);
     assert_eq!(
         r.pasids.device_requests(),
-        vec![(program(true, 3).dsa_rid, hpasid)]
+        vec![(PciAddress::from_rid(program(true, 3).dsa_rid), hpasid)]
     );
     let iommu = r.iommu.as_ref().expect("a vIOMMU");
     assert_eq!(fault_status(iommu), 0, "no fault recorded on the way");
@@ -484,7 +485,10 @@ fn block_on_fault_page_request_serviced_by_the_guest_completes_the_copy() {
     // The device asked in the host PASID; the guest saw its own.
     let hpasid = host_pasid(&r, GUEST_PASID);
     assert_ne!(hpasid, GUEST_PASID);
-    assert_eq!(r.pasids.device_requests(), vec![(p.dsa_rid, hpasid)]);
+    assert_eq!(
+        r.pasids.device_requests(),
+        vec![(PciAddress::from_rid(p.dsa_rid), hpasid)]
+    );
     let iommu = r.iommu.as_ref().unwrap();
     assert_eq!(fault_status(iommu), 0, "a page request is no fault record");
 }
@@ -567,7 +571,7 @@ fn two_guests_with_the_same_guest_pasid_get_different_host_pasids_and_keep_to_th
     assert_eq!(space.owner_of(Scope::Global, ha), Some(a.pasids.owner()));
     assert_eq!(space.owner_of(Scope::Global, hb), Some(b.pasids.owner()));
     // Each vDSA's DMA carried its own guest's host PASID only.
-    let rid = program(true, 0).dsa_rid;
+    let rid = PciAddress::from_rid(program(true, 0).dsa_rid);
     assert_eq!(a.pasids.device_requests(), vec![(rid, ha)]);
     assert_eq!(b.pasids.device_requests(), vec![(rid, hb)]);
 }
@@ -679,7 +683,7 @@ fn after_the_guest_tears_its_pasid_down_the_host_pasid_is_freed_and_enqcmd_refus
     let requests = r.pasids.device_requests();
     assert_eq!(requests.len(), 1);
     let (rid, hpasid) = requests[0];
-    assert_eq!(rid, p.dsa_rid);
+    assert_eq!(rid, PciAddress::from_rid(p.dsa_rid));
     // The teardown unmapped the guest PASID and gave the host PASID back.
     assert!(r.pasids.table().translate(GUEST_PASID).is_err());
     assert_eq!(r.pasids.guest_pasid(hpasid), None);
@@ -823,7 +827,7 @@ fn a_guest_naming_another_guests_host_pasid_gets_its_own_address_space() {
     assert_ne!(hb, ha);
     assert_eq!(
         b.pasids.device_requests(),
-        vec![(program(true, 0).dsa_rid, hb)]
+        vec![(PciAddress::from_rid(program(true, 0).dsa_rid), hb)]
     );
     // A's memory is as A's run left it.
     for (i, c) in [COPY_DWQ, COPY_SWQ].iter().enumerate() {
@@ -833,6 +837,6 @@ fn a_guest_naming_another_guests_host_pasid_gets_its_own_address_space() {
     }
     assert_eq!(
         a.pasids.device_requests(),
-        vec![(program(true, 0).dsa_rid, ha)]
+        vec![(PciAddress::from_rid(program(true, 0).dsa_rid), ha)]
     );
 }

@@ -16,7 +16,6 @@ use crate::driver::kernel::{BringUpError, SvaSetup};
 use crate::driver::{report, slot, store_bytes};
 use crate::{enter_user, exit_with, MicroGuest, MicroOptions, DATA_START, USER_STACK_TOP};
 use iced_x86::IcedError;
-use pci::PciAddress;
 use vmm::sva::{dsa_placements, AccelConfig};
 
 /// What every program ends with when all its checks passed.
@@ -251,7 +250,7 @@ pub fn describe(run: &crate::MicroRun, p: &SvaProgram) -> (Vec<String>, bool) {
             let requests = run.pasids.device_requests();
             let tagged: Vec<String> = requests
                 .iter()
-                .map(|&(rid, h)| format!("{} with host PASID {h:#x}", PciAddress::from_rid(rid)))
+                .map(|&(rid, h)| format!("{rid} with host PASID {h:#x}"))
                 .collect();
             ok &= requests.iter().all(|&(_, h)| h == host);
             lines.push(format!(

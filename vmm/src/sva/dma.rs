@@ -59,14 +59,10 @@ impl ViommuAuthority {
 }
 
 impl PasidAuthority for ViommuAuthority {
-    fn pasid_setup(&self, rid: Option<u16>, gpasid: u32) -> Option<PasidSetup> {
+    fn pasid_setup(&self, rid: Option<PciAddress>, gpasid: u32) -> Option<PasidSetup> {
         let iommu = self.iommu.upgrade()?;
-        let one;
-        let rids = match rid {
-            Some(r) => {
-                one = [PciAddress::from_rid(r)];
-                &one[..]
-            }
+        let rids = match rid.as_ref() {
+            Some(r) => std::slice::from_ref(r),
             None => &self.rids[..],
         };
         rids.iter()
@@ -115,7 +111,7 @@ impl ViommuDma {
     fn guest_tag(&self, tag: Option<PasidTag>) -> Result<Option<viommu::PasidTag>, ()> {
         match tag {
             None => Ok(None),
-            Some(t) => match self.pasids.guest_pasid_of_request(self.rid.rid(), t.pasid) {
+            Some(t) => match self.pasids.guest_pasid_of_request(self.rid, t.pasid) {
                 Some(pasid) => Ok(Some(viommu::PasidTag {
                     pasid,
                     privileged: t.privileged,

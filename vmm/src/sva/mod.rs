@@ -241,7 +241,7 @@ pub fn attach_devices(
     let mut functions = Vec::new();
     for (index, dsa_config) in configs.iter().enumerate() {
         let bdf = root.first_free_device().ok_or(PciRootError::BusFull)?;
-        let rid = bdf.rid();
+        let rid = bdf;
         let (dma, viommu_dma): (Arc<dyn DmaPort>, _) = match &iommu {
             Some(iommu) => {
                 let port = Arc::new(ViommuDma::new(
