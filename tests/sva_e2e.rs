@@ -47,11 +47,10 @@ fn assert_done(run: &MicroRun) {
 fn pasid_entry_of(
     memory: &GuestMemoryMmap,
     root: u64,
-    rid: u16,
+    rid: PciAddress,
     pasid: u32,
 ) -> Result<viommu::PasidEntry, FaultReason> {
-    let function = pci::PciAddress::from_rid(rid);
-    let (bus, devfn) = (function.bus, function.devfn());
+    let (bus, devfn) = (rid.bus, rid.devfn());
     let root_entry = RootEntry::read(memory, root, bus).map_err(|f| f.reason)?;
     let context_table = root_entry.context_table(devfn).map_err(|f| f.reason)?;
     let context = ContextEntry::read(memory, context_table, devfn).map_err(|f| f.reason)?;
@@ -60,8 +59,9 @@ fn pasid_entry_of(
 
 #[test]
 fn guest_built_tables_point_pasids_at_the_guests_page_tables() {
-    const RID: u16 = 0x0018; // 00:03.0
-    const OTHER_RID: u16 = 0x0285; // 02:10.5, upper half of its context table
+    const RID: PciAddress = PciAddress::new(0, 3, 0);
+    // Upper half of its context table.
+    const OTHER_RID: PciAddress = PciAddress::new(2, 0x10, 5);
     let mut tables = ScalableTables::default();
     tables.add_device(RID, ContextControls::default()).unwrap();
     tables
@@ -138,7 +138,7 @@ fn guest_built_tables_point_pasids_at_the_guests_page_tables() {
         Err(FaultReason::PasidTooLarge)
     );
     assert_eq!(
-        pasid_entry_of(&r.memory, root, 0x0020, 5),
+        pasid_entry_of(&r.memory, root, PciAddress::new(0, 4, 0), 5),
         Err(FaultReason::ContextEntryNotPresent)
     );
 }
@@ -188,8 +188,8 @@ mod iommu_alone {
         }
     }
 
-    const RID: u16 = 0x0018;
-    const DEV: pci::PciAddress = pci::PciAddress::from_rid(RID);
+    const RID: pci::PciAddress = pci::PciAddress::new(0, 3, 0);
+    const DEV: pci::PciAddress = RID;
     const PASID: u32 = 9;
     const PAGE: u64 = DATA_START + 0x7000;
 
@@ -279,7 +279,7 @@ mod iommu_alone {
         // The request as the guest read it from the queue.
         let qw0 = read_report(&memory, slot::PRQ_QW0);
         let qw1 = read_report(&memory, slot::PRQ_QW1);
-        assert_eq!((qw0 >> 16) as u16, RID, "requester ID");
+        assert_eq!((qw0 >> 16) as u16, RID.rid(), "requester ID");
         assert_eq!((qw0 >> 32) & 0xf_ffff, u64::from(PASID), "PASID");
         assert_ne!(qw0 & (1 << 8), 0, "PASID present");
         assert_eq!(qw1 & !0xfff, PAGE);
@@ -444,7 +444,7 @@ fn user_movdir64b_and_enqcmd_copy_through_the_viommu() {
     assert_ne!(hpasid, GUEST_PASID);
     assert_eq!(
         r.pasids.device_requests(),
-        vec![(PciAddress::from_rid(program(true, 3).dsa_rid), hpasid)]
+        vec![(program(true, 3).dsa_rid, hpasid)]
     );
     let iommu = r.iommu.as_ref().expect("a vIOMMU");
     assert_eq!(fault_status(iommu), 0, "no fault recorded on the way");
@@ -476,7 +476,7 @@ fn block_on_fault_page_request_serviced_by_the_guest_completes_the_copy() {
     assert_eq!(read_report(m, slot::PRQ_SERVICED), 1);
     let qw0 = read_report(m, slot::PRQ_QW0);
     let qw1 = read_report(m, slot::PRQ_QW1);
-    assert_eq!((qw0 >> 16) as u16, p.dsa_rid, "requester ID");
+    assert_eq!((qw0 >> 16) as u16, p.dsa_rid.rid(), "requester ID");
     assert_ne!(qw0 & (1 << 8), 0, "PASID present");
     assert_eq!((qw0 >> 32) as u32 & 0xf_ffff, GUEST_PASID, "guest PASID");
     assert_eq!(qw0 & (1 << 53), 0, "user request (no privilege)");
@@ -485,10 +485,7 @@ fn block_on_fault_page_request_serviced_by_the_guest_completes_the_copy() {
     // The device asked in the host PASID; the guest saw its own.
     let hpasid = host_pasid(&r, GUEST_PASID);
     assert_ne!(hpasid, GUEST_PASID);
-    assert_eq!(
-        r.pasids.device_requests(),
-        vec![(PciAddress::from_rid(p.dsa_rid), hpasid)]
-    );
+    assert_eq!(r.pasids.device_requests(), vec![(p.dsa_rid, hpasid)]);
     let iommu = r.iommu.as_ref().unwrap();
     assert_eq!(fault_status(iommu), 0, "a page request is no fault record");
 }
@@ -571,7 +568,7 @@ fn two_guests_with_the_same_guest_pasid_get_different_host_pasids_and_keep_to_th
     assert_eq!(space.owner_of(Scope::Global, ha), Some(a.pasids.owner()));
     assert_eq!(space.owner_of(Scope::Global, hb), Some(b.pasids.owner()));
     // Each vDSA's DMA carried its own guest's host PASID only.
-    let rid = PciAddress::from_rid(program(true, 0).dsa_rid);
+    let rid = program(true, 0).dsa_rid;
     assert_eq!(a.pasids.device_requests(), vec![(rid, ha)]);
     assert_eq!(b.pasids.device_requests(), vec![(rid, hb)]);
 }
@@ -683,7 +680,7 @@ fn after_the_guest_tears_its_pasid_down_the_host_pasid_is_freed_and_enqcmd_refus
     let requests = r.pasids.device_requests();
     assert_eq!(requests.len(), 1);
     let (rid, hpasid) = requests[0];
-    assert_eq!(rid, PciAddress::from_rid(p.dsa_rid));
+    assert_eq!(rid, p.dsa_rid);
     // The teardown unmapped the guest PASID and gave the host PASID back.
     assert!(r.pasids.table().translate(GUEST_PASID).is_err());
     assert_eq!(r.pasids.guest_pasid(hpasid), None);
@@ -827,7 +824,7 @@ fn a_guest_naming_another_guests_host_pasid_gets_its_own_address_space() {
     assert_ne!(hb, ha);
     assert_eq!(
         b.pasids.device_requests(),
-        vec![(PciAddress::from_rid(program(true, 0).dsa_rid), hb)]
+        vec![(program(true, 0).dsa_rid, hb)]
     );
     // A's memory is as A's run left it.
     for (i, c) in [COPY_DWQ, COPY_SWQ].iter().enumerate() {
@@ -837,6 +834,6 @@ fn a_guest_naming_another_guests_host_pasid_gets_its_own_address_space() {
     }
     assert_eq!(
         a.pasids.device_requests(),
-        vec![(PciAddress::from_rid(program(true, 0).dsa_rid), ha)]
+        vec![(program(true, 0).dsa_rid, ha)]
     );
 }

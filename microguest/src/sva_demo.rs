@@ -70,7 +70,7 @@ pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
 #[derive(Clone, Copy, Debug)]
 pub struct SvaProgram {
     /// The vDSA's requester ID.
-    pub dsa_rid: u16,
+    pub dsa_rid: pci::PciAddress,
     /// The guest PASID of the user process.
     pub pasid: u32,
     /// Domain ID of the process's PASID entry.
@@ -179,7 +179,7 @@ pub fn options(iommu: bool) -> MicroOptions {
 /// The program's parameters for the machine of [`accel`].
 pub fn program(iommu: bool, seed: u8) -> SvaProgram {
     SvaProgram {
-        dsa_rid: dsa_placements(&accel(iommu).dsa)[0].bdf.rid(),
+        dsa_rid: dsa_placements(&accel(iommu).dsa)[0].bdf,
         pasid: GUEST_PASID,
         did: 1,
         iommu,
