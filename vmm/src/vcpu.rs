@@ -19,6 +19,7 @@ use crate::emulator::{
 use crate::entry_watch::{EntryWatch, SharedHandlers};
 use crate::platform::{vector, HostCpu, Platform};
 use crate::sva::GuestPasids;
+use crate::vcpu_trace::{EmulationRoute, EntryRoute, ExitTrace, Route};
 use bus::Bus;
 
 /// KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES.
@@ -82,6 +83,9 @@ pub struct Vcpu {
     /// Emulation-failure exits the fallback emulator answered, by
     /// instruction.
     fallback_exits: Vec<(FallbackInstruction, u64)>,
+    /// The last exits and the state last resumed with, for the report of
+    /// a triple fault.
+    trace: Box<ExitTrace>,
 }
 
 impl Vcpu {
@@ -123,6 +127,7 @@ impl Vcpu {
             synced: false,
             xsave_cpuid: None,
             fallback_exits: Vec::new(),
+            trace: Box::default(),
         }
     }
 
@@ -230,6 +235,35 @@ impl Vcpu {
         self.arm_entry_watch()
     }
 
+    /// Keeps the state the vCPU resumes with (the `kvm_run` sync area
+    /// after an exit) and ends the last exit's time.
+    fn trace_resume(&mut self) {
+        if self.synced {
+            let s = self.fd.sync_regs_mut();
+            self.trace.resume(Some((&s.regs, &s.sregs, &s.events)));
+        } else {
+            self.trace.resume(None);
+        }
+    }
+
+    /// Records the exit KVM_RUN reported (`errno`: it returned that error).
+    fn trace_exit(&mut self, errno: Option<i32>) {
+        let rip = if self.synced {
+            self.fd.sync_regs_mut().regs.rip
+        } else {
+            0
+        };
+        self.trace
+            .exit(self.fd.get_kvm_run(), errno.map_or(Ok(()), Err), rip);
+    }
+
+    /// KVM_EXIT_SHUTDOWN: reports the vCPU's state and its last exits.
+    fn triple_fault(&mut self) -> VcpuStop {
+        self.trace_exit(None);
+        log::error!("{}", self.trace.shutdown_report(self.id, &self.fd));
+        VcpuStop::TripleFault
+    }
+
     fn rip(&mut self) -> u64 {
         GuestCpu::regs(self).map_or(0, |r| r.rip)
     }
@@ -285,8 +319,10 @@ impl Vcpu {
             if stop.load(Ordering::Acquire) {
                 return VcpuStop::Requested;
             }
+            self.trace_resume();
             let result = self.fd.run();
             self.synced = result.is_ok();
+            let mut errno = None;
             let action = match result {
                 Ok(exit) => match exit {
                     VcpuExit::IoOut(port, data) => {
@@ -341,15 +377,19 @@ impl Vcpu {
                     }
                     VcpuExit::Debug(arch) => Action::Debug(arch.pc, arch.dr6),
                     VcpuExit::InternalError => Action::InternalError,
-                    VcpuExit::Shutdown => return VcpuStop::TripleFault,
+                    VcpuExit::Shutdown => return self.triple_fault(),
                     VcpuExit::SystemEvent(kind, _) => return VcpuStop::SystemEvent(kind),
                     VcpuExit::Hlt => Action::Fatal("HLT (interrupts cannot wake it)".into()),
                     VcpuExit::Intr => Action::Resume,
                     other => Action::Fatal(format!("{other:?}")),
                 },
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Action::Resume,
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    errno = Some(e.errno());
+                    Action::Resume
+                }
                 Err(e) => return VcpuStop::Fatal(format!("vCPU {}: KVM_RUN failed: {e}", self.id)),
             };
+            self.trace_exit(errno);
             if let Err(e) = self.rearm_on_new_idt() {
                 return VcpuStop::Fatal(format!(
                     "vCPU {}: cannot watch exception entries: {e}",
@@ -414,7 +454,11 @@ impl Vcpu {
         self.watch_exits.count(vector);
         let handled = match vector {
             vector::UD | vector::GP => {
-                match emulator::handle_exception_entry(self, vector).map_err(|e| self.fatal(&e))? {
+                let action =
+                    emulator::handle_exception_entry(self, vector).map_err(|e| self.fatal(&e))?;
+                self.trace
+                    .route(Route::Entry(vector, EntryRoute::of(&action)));
+                match action {
                     EntryAction::PassThrough => false,
                     EntryAction::NotHandled(u) => {
                         log::warn!(
@@ -452,6 +496,9 @@ impl Vcpu {
                         }
                     }
                 }
+                if entry.is_some() {
+                    self.trace.route(Route::SyscallEntry);
+                }
                 entry.is_some()
             }
             _ => false,
@@ -471,9 +518,13 @@ impl Vcpu {
                      instruction: {u}",
                     self.id
                 );
+                self.trace.route(Route::Unwatched(vector));
                 self.unwatch(vector)
             }
-            StepOver::Skipped(_) | StepOver::Emulated(_) => Ok(()),
+            StepOver::Skipped(_) | StepOver::Emulated(_) => {
+                self.trace.route(Route::StepOver(vector));
+                Ok(())
+            }
         }
     }
 
@@ -482,6 +533,7 @@ impl Vcpu {
     /// armed, KVM brings every #DB here. The guest gets it as the CPU
     /// delivers it, its DR6 (`dr6`, as the exit reports it) updated.
     fn reflect_debug_exception(&mut self, dr6: u64) -> Result<(), String> {
+        self.trace.route(Route::ReflectDebug(dr6));
         let mut debug_regs = self
             .fd
             .get_debug_regs()
@@ -533,7 +585,11 @@ impl Vcpu {
             &[]
         };
         let bytes = bytes.to_vec();
-        match emulator::handle_emulation_failure(self, &bytes).map_err(|e| self.fatal(&e))? {
+        let outcome =
+            emulator::handle_emulation_failure(self, &bytes).map_err(|e| self.fatal(&e))?;
+        self.trace
+            .route(Route::Emulation(EmulationRoute::of(&outcome)));
+        match outcome {
             Outcome::NotHandled(u) => Err(format!("vCPU {}: emulation failure: {u}", self.id)),
             outcome => {
                 if let Outcome::Emulated(which) = outcome {
