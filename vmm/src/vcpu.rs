@@ -686,6 +686,53 @@ fn is_canonical(addr: u64) -> bool {
     ((addr as i64) << 16 >> 16) as u64 == addr
 }
 
+/// The events to hand KVM for injecting exception `vector` (with
+/// `error_code`), from `at_exit`, the events KVM reported at the exit.
+///
+/// Only the event fields KVM always takes are written, as they were at the
+/// exit, plus the exception: no validity flag is kept, so KVM does not take
+/// back the exit's NMI-pending count, SMM state (with its latched INIT),
+/// SIPI vector or interrupt shadow. Those can change between the exit and
+/// the next KVM_RUN (another vCPU's NMI or INIT arrives while the VMM
+/// answers, which can take long: an ENQCMD may run its descriptor), and
+/// writing the exit's values back would drop them.
+///
+/// An event KVM was still delivering at the exit (an exception, an
+/// external interrupt or an NMI "injected") would be lost under the new
+/// exception: KVM re-injects only one event per entry and forgets the
+/// rest, and a lost interrupt leaves its vector in service for good. That
+/// is refused, naming both.
+fn events_injecting(
+    at_exit: kvm_vcpu_events,
+    vector: u8,
+    error_code: Option<u32>,
+) -> Result<kvm_vcpu_events, String> {
+    let mut events = at_exit;
+    let in_delivery = if at_exit.exception.injected != 0 || at_exit.exception.pending != 0 {
+        Some(format!("exception {}", at_exit.exception.nr))
+    } else if at_exit.nmi.injected != 0 {
+        Some("an NMI".to_string())
+    } else if at_exit.interrupt.injected != 0 {
+        Some(format!("interrupt {:#x}", at_exit.interrupt.nr))
+    } else {
+        None
+    };
+    if let Some(other) = in_delivery {
+        return Err(format!(
+            "cannot inject exception {vector}: KVM was delivering {other} at the exit"
+        ));
+    }
+    events.flags = 0;
+    events.exception.injected = 1;
+    events.exception.pending = 0;
+    events.exception.nr = vector;
+    events.exception.has_error_code = u8::from(error_code.is_some());
+    events.exception.error_code = error_code.unwrap_or(0);
+    events.exception_has_payload = 0;
+    events.exception_payload = 0;
+    Ok(events)
+}
+
 fn vcpu_error(e: kvm_ioctls::Error) -> EmulatorError {
     EmulatorError::Vcpu(Box::new(e))
 }
@@ -777,11 +824,9 @@ impl GuestCpu for Vcpu {
             sregs.cr2 = cr2;
             self.write_state(&SREGS, &sregs)?;
         }
-        let mut events = self.read_state(&EVENTS)?;
-        events.exception.injected = 1;
-        events.exception.nr = vector;
-        events.exception.has_error_code = u8::from(error_code.is_some());
-        events.exception.error_code = error_code.unwrap_or(0);
+        let events = self.read_state(&EVENTS)?;
+        let events = events_injecting(events, vector, error_code)
+            .map_err(|e| EmulatorError::Vcpu(e.into()))?;
         self.write_state(&EVENTS, &events)
     }
 
@@ -817,5 +862,66 @@ impl GuestCpu for Vcpu {
     fn write_device(&mut self, gpa: u64, data: &[u8]) {
         // A write nobody claims is dropped, as on the bus.
         let _ = self.mmio.write(gpa, data);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_bindings::{
+        KVM_VCPUEVENT_VALID_NMI_PENDING, KVM_VCPUEVENT_VALID_SHADOW, KVM_VCPUEVENT_VALID_SMM,
+    };
+
+    /// What KVM_GET_VCPU_EVENTS reports at a quiet exit.
+    fn quiet_exit() -> kvm_vcpu_events {
+        let mut e = kvm_vcpu_events {
+            flags: KVM_VCPUEVENT_VALID_NMI_PENDING
+                | KVM_VCPUEVENT_VALID_SHADOW
+                | KVM_VCPUEVENT_VALID_SMM,
+            ..Default::default()
+        };
+        // A stale vector of an earlier exception, not in delivery.
+        e.exception.nr = 6;
+        e
+    }
+
+    #[test]
+    fn an_injected_exception_keeps_nmis_and_inits_that_arrive_after_the_exit() {
+        let events = events_injecting(quiet_exit(), 14, Some(6)).unwrap();
+        assert_eq!(
+            (
+                events.exception.injected,
+                events.exception.nr,
+                events.exception.has_error_code,
+                events.exception.error_code
+            ),
+            (1, 14, 1, 6)
+        );
+        // Without the flags KVM keeps its own NMI-pending count, SMM state
+        // (latched INIT) and interrupt shadow instead of the exit's.
+        assert_eq!(events.flags, 0);
+        let db = events_injecting(quiet_exit(), 1, None).unwrap();
+        assert_eq!((db.exception.nr, db.exception.has_error_code), (1, 0));
+    }
+
+    #[test]
+    fn an_event_in_delivery_is_not_replaced() {
+        let mut irq = quiet_exit();
+        irq.interrupt.injected = 1;
+        irq.interrupt.nr = 0xec;
+        assert_eq!(
+            events_injecting(irq, 14, Some(4)).unwrap_err(),
+            "cannot inject exception 14: KVM was delivering interrupt 0xec at the exit"
+        );
+        let mut nmi = quiet_exit();
+        nmi.nmi.injected = 1;
+        assert!(events_injecting(nmi, 1, None)
+            .unwrap_err()
+            .contains("an NMI"));
+        let mut ud = quiet_exit();
+        ud.exception.injected = 1;
+        assert!(events_injecting(ud, 13, Some(0))
+            .unwrap_err()
+            .contains("delivering exception 6"));
     }
 }
