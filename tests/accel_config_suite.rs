@@ -17,6 +17,7 @@
 //! Needs /dev/kvm and the guest images.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Instant;
 
 use vmm::platform::Platform;
@@ -129,8 +130,27 @@ fn smoke_script() -> String {
     s
 }
 
+/// Where a test's guest kernel console goes (`--serial file:...`): kept,
+/// so that a failure shows the kernel's last messages (an oops or warning
+/// before a triple fault), not only the VMM's report.
+fn console_file(test: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    std::fs::create_dir_all(&dir).expect("the target's tmp dir");
+    dir.join(format!("{test}-console.log"))
+}
+
+/// The last lines of a console file, for a failure message.
+fn console_tail(path: &PathBuf) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+    format!("guest console ({}), last lines:\n{tail}", path.display())
+}
+
 #[test]
 fn accel_config_dsa_user_test_runner() {
+    let console = console_file("accel_config_dsa_user_test_runner");
+    let serial = format!("file:{}", console.display());
     let options = [
         "--iommu",
         "--dsa",
@@ -139,7 +159,7 @@ fn accel_config_dsa_user_test_runner() {
         "--timeout",
         "3000",
         "--serial",
-        "none",
+        &serial,
     ];
     if Platform::host() == Platform::Pvm {
         smoke_subset(&options);
@@ -150,9 +170,11 @@ fn accel_config_dsa_user_test_runner() {
     let secs = started.elapsed().as_secs_f64();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
-        out.code, 0,
-        "the runner failed (77 is its skip)\nstdout:\n{stdout}\nstderr:\n{}",
-        out.stderr
+        out.code,
+        0,
+        "the runner failed (77 is its skip)\nstdout:\n{stdout}\nstderr:\n{}\n{}",
+        out.stderr,
+        console_tail(&console)
     );
     let counts = count_runs(&stdout);
     let mut summary = Vec::new();
@@ -233,6 +255,8 @@ fn shared_wq_batched_memmove_soak() {
     };
     let rounds = env_or("ACCEL_SOAK_ROUNDS", 40);
     let cpus = env_or("ACCEL_SOAK_CPUS", 1).to_string();
+    let console = console_file("shared_wq_batched_memmove_soak");
+    let serial = format!("file:{}", console.display());
     let script = format!(
         "cd {TEST_DIR} && . ./common || exit 90\n\
          _cleanup\n\
@@ -256,7 +280,7 @@ fn shared_wq_batched_memmove_soak() {
         "--timeout",
         "3000",
         "--serial",
-        "none",
+        &serial,
     ];
     let started = Instant::now();
     let out = linux::vmm_run_with(
@@ -268,9 +292,11 @@ fn shared_wq_batched_memmove_soak() {
     let secs = started.elapsed().as_secs_f64();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
-        out.code, 0,
-        "after {secs:.0} s\nstdout:\n{stdout}\nstderr:\n{}",
-        out.stderr
+        out.code,
+        0,
+        "after {secs:.0} s\nstdout:\n{stdout}\nstderr:\n{}\n{}",
+        out.stderr,
+        console_tail(&console)
     );
     assert!(stdout.contains(&format!("soak-done {rounds}")), "{stdout}");
     println!(
