@@ -27,5 +27,6 @@ pub mod share;
 pub mod stop_signal;
 pub mod sva;
 pub mod vcpu;
+pub mod vcpu_trace;
 pub mod vm;
 pub mod x86;
