@@ -15,6 +15,8 @@
 
 #![forbid(unsafe_code)]
 
+mod run_command;
+
 use std::ffi::OsString;
 use std::fs::File;
 use std::path::PathBuf;
@@ -29,9 +31,11 @@ use vmm::guest_images::{default_images, ImagesError};
 use vmm::machine::{run_linux, LinuxConfig, MachineError};
 use vmm::modules;
 use vmm::platform::{Platform, PlatformChoice};
-use vmm::run_command::{run_command, CommandRun, GuestStatus, RunCommandError};
+
 use vmm::share::{check_shares, find_virtiofsd, parse_share, Shares};
 use vmm::stop_signal;
+
+use crate::run_command::{run_command, CommandRun, GuestStatus, RunCommandError};
 use vmm::sva::AccelConfig;
 use vmm::vm::{RunExit, MIN_MEMORY};
 

@@ -17,6 +17,7 @@
 //! Needs /dev/kvm and the guest images.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Instant;
 
 use vmm::platform::Platform;
@@ -129,8 +130,27 @@ fn smoke_script() -> String {
     s
 }
 
+/// Where a test's guest kernel console goes (`--serial file:...`): kept,
+/// so that a failure shows the kernel's last messages (an oops or warning
+/// before a triple fault), not only the VMM's report.
+fn console_file(test: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    std::fs::create_dir_all(&dir).expect("the target's tmp dir");
+    dir.join(format!("{test}-console.log"))
+}
+
+/// The last lines of a console file, for a failure message.
+fn console_tail(path: &PathBuf) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+    format!("guest console ({}), last lines:\n{tail}", path.display())
+}
+
 #[test]
 fn accel_config_dsa_user_test_runner() {
+    let console = console_file("accel_config_dsa_user_test_runner");
+    let serial = format!("file:{}", console.display());
     let options = [
         "--iommu",
         "--dsa",
@@ -139,7 +159,7 @@ fn accel_config_dsa_user_test_runner() {
         "--timeout",
         "3000",
         "--serial",
-        "none",
+        &serial,
     ];
     if Platform::host() == Platform::Pvm {
         smoke_subset(&options);
@@ -150,9 +170,11 @@ fn accel_config_dsa_user_test_runner() {
     let secs = started.elapsed().as_secs_f64();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
-        out.code, 0,
-        "the runner failed (77 is its skip)\nstdout:\n{stdout}\nstderr:\n{}",
-        out.stderr
+        out.code,
+        0,
+        "the runner failed (77 is its skip)\nstdout:\n{stdout}\nstderr:\n{}\n{}",
+        out.stderr,
+        console_tail(&console)
     );
     let counts = count_runs(&stdout);
     let mut summary = Vec::new();
@@ -212,5 +234,74 @@ fn smoke_subset(options: &[&str]) {
         "PVM: ran the runner-equivalent smoke subset ({ran} dsa_test runs, every operation \
          family, DIF included); the full {RUNNER} runs where KVM is ordinary (the \
          ordinary-KVM bed, tests/bed.rs)"
+    );
+}
+
+/// The runner's batched MEMMOVE section on the shared WQ with block-on-fault
+/// on (its `test_op_batch 0x3 0x1`, every transfer size, 1 B to 2 MiB), the
+/// section in which the full runner once triple-faulted the guest in the
+/// bed, over and over in one boot: `ACCEL_SOAK_ROUNDS` rounds (default 40,
+/// 200 dsa_test runs) with `ACCEL_SOAK_CPUS` vCPUs (default 1, as the
+/// runner's test). A triple fault ends `vmm` with status 3 and its report
+/// of the vCPU's state and last exits on stderr.
+#[test]
+#[ignore = "soak: 200 of the runner's batched shared-WQ MEMMOVE runs (run with --ignored)"]
+fn shared_wq_batched_memmove_soak() {
+    let env_or = |name: &str, default: u32| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(default)
+    };
+    let rounds = env_or("ACCEL_SOAK_ROUNDS", 40);
+    let cpus = env_or("ACCEL_SOAK_CPUS", 1).to_string();
+    let console = console_file("shared_wq_batched_memmove_soak");
+    let serial = format!("file:{}", console.display());
+    let script = format!(
+        "cd {TEST_DIR} && . ./common || exit 90\n\
+         _cleanup\n\
+         $ACCFG load-config -c $CONFIG1 || exit 91\n\
+         $ACCFG enable-device dsa0 || exit 92\n\
+         $ACCFG enable-wq dsa0/wq0.0 dsa0/wq0.1 || exit 93\n\
+         i=0; while [ $i -lt {rounds} ]; do i=$((i+1))\n\
+         for l in $SIZE_1 $SIZE_4K $SIZE_64K $SIZE_1M $SIZE_2M; do\n\
+         $DSATEST -w 1 -l $l -o 0x1 -b 0x3 -c 16 -f 0x1 t2000 -v >/tmp/o 2>&1 || \
+         {{ echo \"round $i, $l bytes failed\"; tail -20 /tmp/o; exit 1; }}\n\
+         done; done\n\
+         echo soak-done {rounds}\n"
+    );
+    let options = [
+        "--iommu",
+        "--dsa",
+        "--memory",
+        "1G",
+        "--cpus",
+        &cpus,
+        "--timeout",
+        "3000",
+        "--serial",
+        &serial,
+    ];
+    let started = Instant::now();
+    let out = linux::vmm_run_with(
+        &linux::full_initramfs(),
+        &[],
+        &options,
+        &["bash", "-c", &script],
+    );
+    let secs = started.elapsed().as_secs_f64();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.code,
+        0,
+        "after {secs:.0} s\nstdout:\n{stdout}\nstderr:\n{}\n{}",
+        out.stderr,
+        console_tail(&console)
+    );
+    assert!(stdout.contains(&format!("soak-done {rounds}")), "{stdout}");
+    println!(
+        "{} batched shared-WQ MEMMOVE runs ({rounds} rounds of 5 sizes), {cpus} vCPU(s): \
+         all passed in {secs:.0} s",
+        rounds * 5
     );
 }

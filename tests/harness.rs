@@ -91,9 +91,7 @@ fn switch_to_cpl3_and_back() {
 
 #[test]
 fn msi_from_a_device_reaches_the_guest_idt() {
-    use vmm::devices::serial::SerialOutput;
     use vmm::msi::KvmMsiSink;
-    use vmm::vm::{Vm, VmConfig};
 
     microguest::require_kvm();
     // The guest enables its LAPIC, sets IF and waits; vector 0x40 ends the run.
@@ -112,18 +110,10 @@ fn msi_from_a_device_reaches_the_guest_idt() {
     exit_with(&mut g.asm, 0x4040).unwrap();
     g.handler(0x40, handler);
 
-    let config = VmConfig {
-        cpus: 1,
-        memory: microguest::MICRO_MEMORY,
-        serial: SerialOutput::Sink,
-        platform: vmm::platform::Platform::host(),
-        pasid_space: None,
-    };
-    let mut vm = Vm::new(config).unwrap();
-    microguest::add_test_exit(&vm).unwrap();
-    let loaded = g.load(vm.memory()).unwrap();
-    vm.set_boot_state(loaded.regs, loaded.sregs);
-    let sink = KvmMsiSink::new(vm.fd().clone());
+    let mut machine = microguest::machine(&MicroOptions::default()).unwrap();
+    let loaded = g.load(machine.memory()).unwrap();
+    machine.set_boot_state(loaded.regs, loaded.sregs);
+    let sink = KvmMsiSink::new(machine.vm().fd().clone());
     let sender = std::thread::spawn(move || {
         for _ in 0..200 {
             std::thread::sleep(std::time::Duration::from_millis(10));
@@ -137,7 +127,9 @@ fn msi_from_a_device_reaches_the_guest_idt() {
             );
         }
     });
-    let exit = vm.run(Some(std::time::Duration::from_secs(10)));
+    let exit = machine
+        .run(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
     drop(sender);
     assert_eq!(exit, RunExit::TestExit(0x4040));
 }
@@ -263,4 +255,112 @@ fn user_icebp_reaches_the_guests_debug_handler() {
     exit_with(&mut g.asm, 0x5700).unwrap();
     debug_handlers(&mut g);
     assert_eq!(run(g), RunExit::TestExit(0xdb03));
+}
+
+/// The VMM's error-level log records (the triple-fault report is one), as
+/// `vmm`'s logger would print them on stderr.
+struct ErrorRecords(std::sync::Mutex<Vec<String>>);
+
+impl log::Log for ErrorRecords {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::Level::Error
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if self.enabled(record.metadata()) {
+            self.0.lock().unwrap().push(record.args().to_string());
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+static ERROR_RECORDS: ErrorRecords = ErrorRecords(std::sync::Mutex::new(Vec::new()));
+
+/// A guest that triple-faults gets a report: its registers, descriptor
+/// tables and events, the state the VMM last resumed it with and its last
+/// exits. The guest loads an empty IDT, leaves to the VMM with an OUT
+/// (which the report must list at its RIP) and executes UD2: #UD cannot be
+/// delivered, nor the #GP and #DF that follow.
+#[test]
+fn triple_fault_reports_the_vcpu_state_and_its_last_exits() {
+    let _ = log::set_logger(&ERROR_RECORDS);
+    log::set_max_level(log::LevelFilter::Error);
+    let mut g = MicroGuest::new();
+    let a = &mut g.asm;
+    a.push(0).unwrap(); // 2 bytes
+    a.push(0).unwrap(); // 2 bytes: a zero IDT pseudo-descriptor at RSP
+    a.lidt(ptr(rsp)).unwrap(); // 4 bytes
+    a.out(0x80, al).unwrap(); // 2 bytes, at CODE_START + 8
+    a.ud2().unwrap(); // at CODE_START + 10
+    assert_eq!(run(g), RunExit::TripleFault);
+    let out_rip = microguest::CODE_START + 8;
+    let ud2_rip = microguest::CODE_START + 10;
+    let records = ERROR_RECORDS.0.lock().unwrap();
+    let report = records
+        .iter()
+        .find(|r| r.starts_with("vCPU 0: KVM_EXIT_SHUTDOWN (triple fault)"))
+        .unwrap_or_else(|| panic!("no triple-fault report among {records:#?}"));
+    let section = |title: &str| -> &str {
+        let start = report
+            .find(title)
+            .unwrap_or_else(|| panic!("no '{title}' in:\n{report}"));
+        let rest = &report[start..];
+        let end = rest[1..].find("\nvCPU state").map_or(rest.len(), |e| e + 1);
+        let end = end.min(rest.find("\nlast ").unwrap_or(rest.len()));
+        &rest[..end]
+    };
+    // The state now: KVM's, which some KVMs reset to INIT at a shutdown.
+    let now = section("vCPU state at the shutdown:");
+    for label in [
+        "RAX",
+        "R15",
+        "RFLAGS",
+        "CS ",
+        "SS ",
+        "TR ",
+        "CR0",
+        "CR2",
+        "CR3",
+        "CR4",
+        "EFER",
+        "GDT",
+        "events: exception injected",
+    ] {
+        assert!(now.contains(label), "no {label} in:\n{report}");
+    }
+    if now.contains("the INIT state") {
+        assert!(now.contains("RIP 0x000000000000fff0 "), "{report}");
+    } else {
+        assert!(now.contains(&format!("RIP {ud2_rip:#018x} ")), "{report}");
+        assert!(
+            now.contains("IDT base 0x0000000000000000 limit 0x0000"),
+            "{report}"
+        );
+    }
+    // What the VMM resumed it with after the OUT: the empty IDT, long mode.
+    let resumed = section("vCPU state the VMM last resumed it with");
+    assert!(
+        resumed.contains("IDT base 0x0000000000000000 limit 0x0000"),
+        "{report}"
+    );
+    assert!(resumed.contains("EFER 0x"), "{report}");
+    // The exits, the OUT at its RIP among them, the shutdown last.
+    let exits = &report[report.find("\nlast ").expect("an exit list")..];
+    // KVMs differ in whether the RIP of an OUT's exit is already past it
+    // (PVM's is; VMX's and SVM's complete the OUT at the next KVM_RUN).
+    assert!(
+        [out_rip, ud2_rip].iter().any(|rip| exits
+            .contains(&format!("IO RIP {rip:#x} OUT port 0x80 size 1; route: -; "))),
+        "{report}"
+    );
+    assert!(
+        exits
+            .trim_end()
+            .lines()
+            .last()
+            .unwrap()
+            .contains(" SHUTDOWN RIP "),
+        "{report}"
+    );
 }

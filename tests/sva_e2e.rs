@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use iced_x86::code_asm::*;
 use pasid::{PasidSpace, Scope};
+use pci::PciAddress;
 use vdsa::completion::{CompletionRecord, Status};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -46,11 +47,10 @@ fn assert_done(run: &MicroRun) {
 fn pasid_entry_of(
     memory: &GuestMemoryMmap,
     root: u64,
-    rid: u16,
+    rid: PciAddress,
     pasid: u32,
 ) -> Result<viommu::PasidEntry, FaultReason> {
-    let function = pci::PciAddress::from_rid(rid);
-    let (bus, devfn) = (function.bus, function.devfn());
+    let (bus, devfn) = (rid.bus, rid.devfn());
     let root_entry = RootEntry::read(memory, root, bus).map_err(|f| f.reason)?;
     let context_table = root_entry.context_table(devfn).map_err(|f| f.reason)?;
     let context = ContextEntry::read(memory, context_table, devfn).map_err(|f| f.reason)?;
@@ -59,8 +59,9 @@ fn pasid_entry_of(
 
 #[test]
 fn guest_built_tables_point_pasids_at_the_guests_page_tables() {
-    const RID: u16 = 0x0018; // 00:03.0
-    const OTHER_RID: u16 = 0x0285; // 02:10.5, upper half of its context table
+    const RID: PciAddress = PciAddress::new(0, 3, 0);
+    // Upper half of its context table.
+    const OTHER_RID: PciAddress = PciAddress::new(2, 0x10, 5);
     let mut tables = ScalableTables::default();
     tables.add_device(RID, ContextControls::default()).unwrap();
     tables
@@ -137,7 +138,7 @@ fn guest_built_tables_point_pasids_at_the_guests_page_tables() {
         Err(FaultReason::PasidTooLarge)
     );
     assert_eq!(
-        pasid_entry_of(&r.memory, root, 0x0020, 5),
+        pasid_entry_of(&r.memory, root, PciAddress::new(0, 4, 0), 5),
         Err(FaultReason::ContextEntryNotPresent)
     );
 }
@@ -154,7 +155,7 @@ mod iommu_alone {
     use microguest::driver::vtd::{ContextControls, FirstStageBinding, ScalableTables, Vtd};
     use microguest::driver::{read_report, slot};
     use microguest::{
-        exit_with, MicroGuest, DATA_PT_START, DATA_START, MICRO_MEMORY, PML4_START, PTE_P, PTE_U,
+        exit_with, MicroGuest, MicroOptions, DATA_PT_START, DATA_START, PML4_START, PTE_P, PTE_U,
         PTE_W,
     };
     use pci::MsiRecorder;
@@ -165,7 +166,6 @@ mod iommu_alone {
     };
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
     use vmm::layout;
-    use vmm::vm::{Vm, VmConfig};
 
     type Unit = Iommu<Arc<GuestMemoryMmap>>;
 
@@ -188,30 +188,26 @@ mod iommu_alone {
         }
     }
 
-    const RID: u16 = 0x0018;
+    const RID: pci::PciAddress = pci::PciAddress::new(0, 3, 0);
+    const DEV: pci::PciAddress = RID;
     const PASID: u32 = 9;
     const PAGE: u64 = DATA_START + 0x7000;
 
     #[test]
     fn guest_enables_translation_and_answers_a_page_request() {
         microguest::require_kvm();
-        let mut vm = Vm::new(VmConfig {
-            cpus: 1,
-            memory: MICRO_MEMORY,
-            serial: vmm::devices::serial::SerialOutput::Sink,
-            platform: vmm::platform::Platform::host(),
-            pasid_space: None,
-        })
-        .unwrap();
-        microguest::add_test_exit(&vm).unwrap();
+        // The harness's machine without accelerators; the test puts its
+        // own VT-d unit where the vIOMMU goes.
+        let mut machine = microguest::machine(&MicroOptions::default()).unwrap();
         let unit = Arc::new(Iommu::new(
-            Arc::new(vm.memory().clone()),
+            Arc::new(machine.memory().clone()),
             Arc::new(MsiRecorder::new()),
         ));
         let device = Arc::new(Responses::default());
-        unit.register_device(RID, device.clone());
-        vm.mmio()
-            .insert(
+        unit.register_device(DEV, device.clone());
+        machine
+            .devices()
+            .add_mmio_device(
                 layout::VIOMMU_START,
                 layout::VIOMMU_SIZE,
                 Arc::new(Mutex::new(Window(unit.clone()))),
@@ -237,9 +233,9 @@ mod iommu_alone {
         vtd.enable(&mut g.asm, tables.root_table()).unwrap();
         vtd.service_page_request(&mut g.asm).unwrap();
         exit_with(&mut g.asm, super::DONE).unwrap();
-        let loaded = g.load(vm.memory()).unwrap();
-        vm.set_boot_state(loaded.regs, loaded.sregs);
-        let memory = vm.memory().clone();
+        let loaded = g.load(machine.memory()).unwrap();
+        machine.set_boot_state(loaded.regs, loaded.sregs);
+        let memory = machine.memory().clone();
 
         // The device: once translation is on, a write page request.
         let poster = {
@@ -256,7 +252,7 @@ mod iommu_alone {
                     std::thread::sleep(Duration::from_millis(1));
                 }
                 unit.page_request(&PageRequest {
-                    requester_id: RID,
+                    requester_id: DEV,
                     pasid: Some(PasidTag {
                         pasid: PASID,
                         privileged: false,
@@ -271,7 +267,7 @@ mod iommu_alone {
                 })
             })
         };
-        let exit = vm.run(Some(Duration::from_secs(30)));
+        let exit = machine.run(Some(Duration::from_secs(30))).unwrap();
         let posted = poster.join().unwrap();
         assert_eq!(exit, vmm::vm::RunExit::TestExit(super::DONE));
         assert_eq!(posted, Ok(()));
@@ -283,7 +279,7 @@ mod iommu_alone {
         // The request as the guest read it from the queue.
         let qw0 = read_report(&memory, slot::PRQ_QW0);
         let qw1 = read_report(&memory, slot::PRQ_QW1);
-        assert_eq!((qw0 >> 16) as u16, RID, "requester ID");
+        assert_eq!((qw0 >> 16) as u16, RID.rid(), "requester ID");
         assert_eq!((qw0 >> 32) & 0xf_ffff, u64::from(PASID), "PASID");
         assert_ne!(qw0 & (1 << 8), 0, "PASID present");
         assert_eq!(qw1 & !0xfff, PAGE);
@@ -299,7 +295,7 @@ mod iommu_alone {
         assert_eq!(
             *device.0.lock().unwrap(),
             vec![PageGroupResponse {
-                requester_id: RID,
+                requester_id: DEV,
                 pasid: Some(PASID),
                 prg_index: 0x17,
                 code: ResponseCode::Success,
@@ -480,7 +476,7 @@ fn block_on_fault_page_request_serviced_by_the_guest_completes_the_copy() {
     assert_eq!(read_report(m, slot::PRQ_SERVICED), 1);
     let qw0 = read_report(m, slot::PRQ_QW0);
     let qw1 = read_report(m, slot::PRQ_QW1);
-    assert_eq!((qw0 >> 16) as u16, p.dsa_rid, "requester ID");
+    assert_eq!((qw0 >> 16) as u16, p.dsa_rid.rid(), "requester ID");
     assert_ne!(qw0 & (1 << 8), 0, "PASID present");
     assert_eq!((qw0 >> 32) as u32 & 0xf_ffff, GUEST_PASID, "guest PASID");
     assert_eq!(qw0 & (1 << 53), 0, "user request (no privilege)");

@@ -40,7 +40,7 @@ fn run_copies(iommu: bool, len: u32, copies: u64) -> u64 {
         dsa: vec![DsaConfig::default()],
     };
     let setup = SvaSetup {
-        dsa_rid: dsa_placements(&accel.dsa)[0].bdf.rid(),
+        dsa_rid: dsa_placements(&accel.dsa)[0].bdf,
         pasid: 0x77,
         did: 1,
         iommu,

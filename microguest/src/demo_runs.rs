@@ -222,7 +222,7 @@ fn sva_bench(per_round: u32, test_portal: f64, platform: Platform) -> BenchRun {
         .pasids
         .device_requests()
         .iter()
-        .map(|&(rid, hpasid)| format!("{}/{hpasid:#x}", pci::PciAddress::from_rid(rid)))
+        .map(|&(rid, hpasid)| format!("{rid}/{hpasid:#x}"))
         .collect();
     println!(
         "bench: with the vIOMMU and a vDSA: guest PASID {:#x} -> host PASID {}; \

@@ -43,7 +43,16 @@ use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use vmm::devices::serial::SerialOutput;
 use vmm::layout;
+use vmm::machine::{Machine, MachineConfig, MachineError};
+
+use crate::test_devices::{
+    PortalLog, TestExit, TestMmio, TestPortal, TEST_MMIO_SIZE, TEST_PORTAL_SIZE,
+};
 
 pub mod demo_runs;
 pub mod demos;
@@ -95,14 +104,15 @@ pub const TSS_SELECTOR: u16 = 0x40;
 use vmm::x86::pte::PAGE_SIZE as PTE_PS;
 pub use vmm::x86::pte::{PRESENT as PTE_P, USER as PTE_U, WRITABLE as PTE_W};
 
+use vmm::x86::segment::{self, SegmentDescriptor};
 use vmm::x86::{cr0, cr4, efer, rflags};
 
-// Segment descriptors (flat).
-const GDT_KERNEL_CS: u64 = 0x00af_9b00_0000_ffff;
-const GDT_KERNEL_DS: u64 = 0x00cf_9300_0000_ffff;
-const GDT_USER_DS: u64 = 0x00cf_f300_0000_ffff;
-const GDT_USER_CS: u64 = 0x00af_fb00_0000_ffff;
-const TSS_LIMIT: u64 = 0x67;
+// Segment descriptors, flat as Linux's.
+const KERNEL_CODE: SegmentDescriptor = segment::code64(0);
+const KERNEL_DATA: SegmentDescriptor = segment::data(0);
+const USER_DATA: SegmentDescriptor = segment::data(3);
+const USER_CODE: SegmentDescriptor = segment::code64(3);
+const TSS_LIMIT: u32 = 0x67;
 /// TSS.RSP0 offset.
 const TSS_RSP0: u64 = 4;
 /// IDT gate type: present 64-bit interrupt gate, DPL 0.
@@ -263,22 +273,13 @@ fn write_gate(memory: &GuestMemoryMmap, vector: u8, handler: u64) -> Result<(), 
     Ok(())
 }
 
-fn tss_descriptor() -> [u64; 2] {
-    let base = TSS_START;
-    let low = TSS_LIMIT
-        | ((base & 0xff_ffff) << 16)
-        | (0x89 << 40) // present, available 64-bit TSS
-        | (((base >> 24) & 0xff) << 56);
-    [low, base >> 32]
-}
-
 fn write_gdt_and_tss(memory: &GuestMemoryMmap) -> Result<(), MicroGuestError> {
     let mut gdt = [0u64; 10];
-    gdt[usize::from(KERNEL_CS >> 3)] = GDT_KERNEL_CS;
-    gdt[usize::from(KERNEL_DS >> 3)] = GDT_KERNEL_DS;
-    gdt[usize::from(USER_DS >> 3)] = GDT_USER_DS;
-    gdt[usize::from(USER_CS >> 3)] = GDT_USER_CS;
-    let tss = tss_descriptor();
+    gdt[usize::from(KERNEL_CS >> 3)] = KERNEL_CODE.to_u64();
+    gdt[usize::from(KERNEL_DS >> 3)] = KERNEL_DATA.to_u64();
+    gdt[usize::from(USER_DS >> 3)] = USER_DATA.to_u64();
+    gdt[usize::from(USER_CS >> 3)] = USER_CODE.to_u64();
+    let tss = segment::tss64(TSS_LIMIT, segment::kind::TSS64_AVAILABLE).to_system_u64(TSS_START);
     gdt[usize::from(TSS_SELECTOR >> 3)] = tss[0];
     gdt[usize::from(TSS_SELECTOR >> 3) + 1] = tss[1];
     for (i, d) in gdt.iter().enumerate() {
@@ -325,10 +326,6 @@ fn write_page_tables(memory: &GuestMemoryMmap) -> Result<(), MicroGuestError> {
     Ok(())
 }
 
-fn segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
-    vmm::emulator::flat_segment(selector, type_, long)
-}
-
 /// Long mode with the harness's GDT, IDT, TSS and page tables.
 pub fn long_mode_sregs() -> kvm_sregs {
     let mut sregs = kvm_sregs {
@@ -338,14 +335,14 @@ pub fn long_mode_sregs() -> kvm_sregs {
     sregs.cr3 = PML4_START;
     sregs.cr4 = cr4::PAE | cr4::OSFXSR | cr4::OSXMMEXCPT;
     sregs.efer = efer::SCE | efer::LME | efer::LMA | efer::NXE;
-    sregs.cs = segment(KERNEL_CS, 0xb, true);
-    let data = segment(KERNEL_DS, 0x3, false);
+    sregs.cs = KERNEL_CODE.to_kvm_segment(KERNEL_CS);
+    let data = KERNEL_DATA.to_kvm_segment(KERNEL_DS);
     (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
     sregs.tr = kvm_segment {
         base: TSS_START,
-        limit: TSS_LIMIT as u32,
+        limit: TSS_LIMIT,
         selector: TSS_SELECTOR,
-        type_: 0xb, // busy 64-bit TSS
+        type_: segment::kind::TSS64_BUSY,
         present: 1,
         s: 0,
         ..Default::default()
@@ -468,15 +465,12 @@ impl Default for MicroOptions {
 /// Errors of a micro-guest run.
 #[derive(Debug, Error)]
 pub enum MicroRunError {
-    /// The machine could not be built.
+    /// The machine could not be built or run.
     #[error(transparent)]
-    Vm(#[from] vmm::vm::VmError),
+    Machine(#[from] vmm::machine::MachineError),
     /// The program could not be loaded.
     #[error(transparent)]
     Load(#[from] MicroGuestError),
-    /// The vIOMMU or a vDSA could not be attached.
-    #[error(transparent)]
-    Accel(#[from] vmm::sva::AccelError),
 }
 
 /// Fails (never skips) with one line naming the problem when this machine
@@ -488,70 +482,63 @@ pub fn require_kvm() {
     );
 }
 
-/// Adds the test-exit port ([`TEST_EXIT_PORT`]) to `vm`: [`run`] does it
-/// for every micro-guest, a test that builds its own machine calls it.
-pub fn add_test_exit(vm: &vmm::vm::Vm) -> Result<(), vmm::vm::VmError> {
-    use crate::test_devices::TestExit;
-    use std::sync::{Arc, Mutex};
-
-    let exit = TestExit::new(vm.exit_reporter());
-    vm.pio()
-        .insert(TEST_EXIT_PORT.into(), 4, Arc::new(Mutex::new(exit)))?;
-    Ok(())
+/// Adds the test-exit port ([`TEST_EXIT_PORT`]) to `machine`: [`run`]
+/// does it for every micro-guest, a test that builds its own machine calls
+/// it.
+pub fn add_test_exit(machine: &Machine) -> Result<(), MachineError> {
+    let exit = TestExit::new(machine.exit_reporter());
+    machine
+        .devices()
+        .add_pio_device(TEST_EXIT_PORT, 4, Arc::new(Mutex::new(exit)))
 }
 
-/// Runs `guest` on a one-vCPU machine with the test devices, watching the
-/// exception entries `options.platform` needs, serial output discarded.
-pub fn run(guest: MicroGuest, options: MicroOptions) -> Result<MicroRun, MicroRunError> {
-    use crate::test_devices::{PortalLog, TestMmio, TestPortal, TEST_MMIO_SIZE, TEST_PORTAL_SIZE};
-    use std::sync::{Arc, Mutex};
-    use vmm::devices::serial::SerialOutput;
-    use vmm::vm::{Vm, VmConfig};
-
-    let config = VmConfig {
-        cpus: 1,
-        memory: MICRO_MEMORY,
-        serial: SerialOutput::Sink,
-        platform: options.platform,
+/// The machine of a micro-guest run with `options`: one vCPU,
+/// [`MICRO_MEMORY`] of RAM, serial output discarded, the vIOMMU and vDSAs
+/// of [`MicroOptions::accel`] (with the PCIe root complex when there is any)
+/// and the test-exit port; no ACPI, no other PCI device.
+pub fn machine(options: &MicroOptions) -> Result<Machine, MachineError> {
+    let config = MachineConfig {
+        host_cpu: options.host_cpu,
         pasid_space: options.pasid_space.clone(),
+        accel: options.accel.clone(),
+        ..MachineConfig::new(1, MICRO_MEMORY, SerialOutput::Sink, options.platform)
     };
-    let mut vm = Vm::new(config)?;
-    if let Some(host) = options.host_cpu {
-        vm.set_host_cpu(host);
-    }
-    add_test_exit(&vm)?;
+    let machine = vmm::machine::build(config)?;
+    add_test_exit(&machine)?;
+    Ok(machine)
+}
+
+/// Runs `guest` on [`machine`] with the test MMIO device and the test
+/// portal added, watching the exception entries `options.platform` needs.
+pub fn run(guest: MicroGuest, options: MicroOptions) -> Result<MicroRun, MicroRunError> {
+    let mut machine = machine(&options)?;
     let portal = Arc::new(PortalLog::default());
-    portal
-        .retry
-        .store(options.portal_retry, std::sync::atomic::Ordering::SeqCst);
-    vm.mmio()
-        .insert(
-            TEST_MMIO_START,
-            TEST_MMIO_SIZE,
-            Arc::new(Mutex::new(TestMmio::default())),
-        )
-        .map_err(vmm::vm::VmError::from)?;
-    vm.mmio()
-        .insert(
-            TEST_PORTAL_START,
-            TEST_PORTAL_SIZE,
-            Arc::new(Mutex::new(TestPortal::new(portal.clone()))),
-        )
-        .map_err(vmm::vm::VmError::from)?;
-    let accel = &options.accel;
-    let (dsa, dsa_functions, iommu) = if accel.iommu || !accel.dsa.is_empty() {
-        let root = vmm::machine::attach_pci_root(&vm)?;
-        let attached = vmm::machine::attach_accelerators(&vm, &root, accel)?;
-        (attached.dsa, attached.functions, attached.iommu)
-    } else {
-        (Vec::new(), Vec::new(), None)
+    portal.retry.store(options.portal_retry, Ordering::SeqCst);
+    let devices = machine.devices();
+    devices.add_mmio_device(
+        TEST_MMIO_START,
+        TEST_MMIO_SIZE,
+        Arc::new(Mutex::new(TestMmio::default())),
+    )?;
+    devices.add_mmio_device(
+        TEST_PORTAL_START,
+        TEST_PORTAL_SIZE,
+        Arc::new(Mutex::new(TestPortal::new(portal.clone()))),
+    )?;
+    let (dsa, dsa_functions, iommu) = match devices.accelerators() {
+        Some(attached) => (
+            attached.dsa.clone(),
+            attached.functions.clone(),
+            attached.iommu.clone(),
+        ),
+        None => (Vec::new(), Vec::new(), None),
     };
-    let loaded = guest.load(vm.memory())?;
-    vm.set_boot_state(loaded.regs, loaded.sregs);
-    let memory = vm.memory().clone();
-    let pasids = vm.pasids().clone();
-    let tsc_khz = vm.tsc_khz();
-    let exit = vm.run(Some(options.timeout));
+    let loaded = guest.load(machine.memory())?;
+    machine.set_boot_state(loaded.regs, loaded.sregs);
+    let memory = machine.memory().clone();
+    let pasids = machine.vm().pasids().clone();
+    let tsc_khz = machine.vm().tsc_khz();
+    let exit = machine.run(Some(options.timeout))?;
     Ok(MicroRun {
         exit,
         portal,
@@ -560,6 +547,6 @@ pub fn run(guest: MicroGuest, options: MicroOptions) -> Result<MicroRun, MicroRu
         dsa_functions,
         iommu,
         pasids,
-        tsc_khz: tsc_khz.load(std::sync::atomic::Ordering::Relaxed),
+        tsc_khz: tsc_khz.load(Ordering::Relaxed),
     })
 }

@@ -63,7 +63,7 @@ pub fn machine() -> AccelConfig {
 /// round.
 pub fn program(per_round: u32) -> Result<MicroGuest, BringUpError> {
     let setup = SvaSetup {
-        dsa_rid: dsa_placements(&machine().dsa)[0].bdf.rid(),
+        dsa_rid: dsa_placements(&machine().dsa)[0].bdf,
         pasid: PASID,
         did: 1,
         iommu: true,

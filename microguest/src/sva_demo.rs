@@ -16,7 +16,6 @@ use crate::driver::kernel::{BringUpError, SvaSetup};
 use crate::driver::{report, slot, store_bytes};
 use crate::{enter_user, exit_with, MicroGuest, MicroOptions, DATA_START, USER_STACK_TOP};
 use iced_x86::IcedError;
-use pci::PciAddress;
 use vmm::sva::{dsa_placements, AccelConfig};
 
 /// What every program ends with when all its checks passed.
@@ -71,7 +70,7 @@ pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
 #[derive(Clone, Copy, Debug)]
 pub struct SvaProgram {
     /// The vDSA's requester ID.
-    pub dsa_rid: u16,
+    pub dsa_rid: pci::PciAddress,
     /// The guest PASID of the user process.
     pub pasid: u32,
     /// Domain ID of the process's PASID entry.
@@ -180,7 +179,7 @@ pub fn options(iommu: bool) -> MicroOptions {
 /// The program's parameters for the machine of [`accel`].
 pub fn program(iommu: bool, seed: u8) -> SvaProgram {
     SvaProgram {
-        dsa_rid: dsa_placements(&accel(iommu).dsa)[0].bdf.rid(),
+        dsa_rid: dsa_placements(&accel(iommu).dsa)[0].bdf,
         pasid: GUEST_PASID,
         did: 1,
         iommu,
@@ -251,7 +250,7 @@ pub fn describe(run: &crate::MicroRun, p: &SvaProgram) -> (Vec<String>, bool) {
             let requests = run.pasids.device_requests();
             let tagged: Vec<String> = requests
                 .iter()
-                .map(|&(rid, h)| format!("{} with host PASID {h:#x}", PciAddress::from_rid(rid)))
+                .map(|&(rid, h)| format!("{rid} with host PASID {h:#x}"))
                 .collect();
             ok &= requests.iter().all(|&(_, h)| h == host);
             lines.push(format!(

@@ -54,6 +54,7 @@ const IN_FLIGHT_LEN: usize = 1 << 20;
 const STREAMED: usize = 64;
 const PASID: u32 = 5;
 const RID: u16 = viommu_guest::RID;
+const DEV: pci::PciAddress = viommu_guest::DEV;
 /// Interleaved rounds of the ratio tables.
 const ROUNDS: usize = 7;
 
@@ -86,7 +87,7 @@ impl DmaPort for ViommuPort {
             AddressSpace::Untranslated(tag) => self
                 .g
                 .iommu
-                .dma_read(RID, guest_tag(tag), addr, buf)
+                .dma_read(DEV, guest_tag(tag), addr, buf)
                 .map_err(|e| failed(e.completed, e.address, false)),
         }
     }
@@ -97,7 +98,7 @@ impl DmaPort for ViommuPort {
             AddressSpace::Untranslated(tag) => self
                 .g
                 .iommu
-                .dma_write(RID, guest_tag(tag), addr, data)
+                .dma_write(DEV, guest_tag(tag), addr, data)
                 .map_err(|e| failed(e.completed, e.address, true)),
         }
     }
@@ -108,7 +109,7 @@ impl DmaPort for ViommuPort {
             AddressSpace::Untranslated(tag) => self
                 .g
                 .iommu
-                .dma_copy(RID, guest_tag(tag), src, dst, len)
+                .dma_copy(DEV, guest_tag(tag), src, dst, len)
                 .map_err(|e| failed(e.error.completed, e.error.address, e.write)),
         }
     }
@@ -126,7 +127,7 @@ impl DmaPort for ViommuPort {
             };
             self.g
                 .iommu
-                .ats_translate(RID, guest_tag(pasid), addr, access)
+                .ats_translate(DEV, guest_tag(pasid), addr, access)
         };
         let answer = match ask(true) {
             Ok(c) if !c.read => ask(false),

@@ -18,6 +18,8 @@ mod common;
 use std::sync::Arc;
 use std::time::Instant;
 
+use testkit::{Canary, Rng, SoakSettings};
+
 use bus::{StoreKind, StoreReply};
 use common::*;
 use pci::PciDevice;
@@ -42,26 +44,6 @@ const CANARY_HIGH: (u64, u64) = (RAM_END + MIB, MIB);
 const CHECK_EVERY: u64 = 4096;
 /// Largest transfer the WQs accept (WQCFG max transfer size, log2).
 const MAX_XFER_SHIFT: u32 = 16;
-
-/// xorshift64*: fast, reproducible from its seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
 
 fn in_canary(addr: u64) -> bool {
     [CANARY_LOW, CANARY_HIGH]
@@ -148,8 +130,7 @@ fn descriptor(rng: &mut Rng) -> Descriptor {
 struct Soak {
     g: Guest,
     rng: Rng,
-    canary_low: Vec<u8>,
-    canary_high: Vec<u8>,
+    canaries: [Canary; 2],
     accepted: u64,
     register_writes: u64,
     setups: u64,
@@ -171,16 +152,18 @@ impl Soak {
         };
         let port = Arc::new(IdentityDma::new(mem.clone()));
         let g = Guest::new(config, port, mem);
-        let canary_low = pattern(CANARY_LOW.1 as usize, 0xc0ffee);
-        let canary_high = pattern(CANARY_HIGH.1 as usize, 0xbadf00d);
-        g.fill(CANARY_LOW.0, &canary_low);
-        g.fill(CANARY_HIGH.0, &canary_high);
+        let canaries = [
+            Canary::new(CANARY_LOW.0, pattern(CANARY_LOW.1 as usize, 0xc0ffee)),
+            Canary::new(CANARY_HIGH.0, pattern(CANARY_HIGH.1 as usize, 0xbadf00d)),
+        ];
+        for canary in &canaries {
+            g.fill(canary.start(), canary.expected());
+        }
         g.fill(PLAY.0, &pattern(PLAY.1 as usize, seed as u32));
         let mut soak = Self {
             g,
-            rng: Rng(seed.wrapping_mul(2).wrapping_add(1)),
-            canary_low,
-            canary_high,
+            rng: Rng::new(seed.wrapping_mul(2).wrapping_add(1)),
+            canaries,
             accepted: 0,
             register_writes: 0,
             setups: 0,
@@ -321,31 +304,16 @@ impl Soak {
     }
 
     fn check_canaries(&self, ops: u64) {
-        for ((start, len), expected) in [
-            (CANARY_LOW, &self.canary_low),
-            (CANARY_HIGH, &self.canary_high),
-        ] {
-            let now = self.g.bytes(start, len as usize);
-            if let Some(at) = now.iter().zip(expected.iter()).position(|(a, b)| a != b) {
-                panic!(
-                    "after {ops} operations the canary at {:#x} changed",
-                    start + at as u64
-                );
-            }
+        for canary in &self.canaries {
+            let now = self.g.bytes(canary.start(), canary.expected().len());
+            canary.check(&now, ops);
         }
     }
 }
 
 #[test]
 fn hostile_soak() {
-    let ops: u64 = std::env::var("SOAK_OPS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000);
-    let seed: u64 = std::env::var("SOAK_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0x05ee_dd5a);
+    let SoakSettings { ops, seed } = SoakSettings::from_env(0x05ee_dd5a);
     let start = Instant::now();
     let mut soak = Soak::new(seed);
     let mut dirty = false;

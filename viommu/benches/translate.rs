@@ -105,12 +105,12 @@ fn main() {
     let read = AccessType::READ;
 
     c.bench_function("iotlb_hit", |b| {
-        g.iommu.translate(RID, TAG, VA_BASE, read).unwrap();
+        g.iommu.translate(DEV, TAG, VA_BASE, read).unwrap();
         b.iter_custom(|iters| {
             timed("iotlb_hit", iters, || {
                 black_box(
                     g.iommu
-                        .translate(RID, TAG, black_box(VA_BASE), read)
+                        .translate(DEV, TAG, black_box(VA_BASE), read)
                         .unwrap(),
                 );
             })
@@ -135,29 +135,29 @@ fn main() {
             timed("miss", iters, || {
                 i = (i + 1) % MISS_PAGES;
                 let va = VA_BASE + i * PAGE_SIZE_4K;
-                black_box(g.iommu.translate(RID, TAG, va, read).unwrap());
+                black_box(g.iommu.translate(DEV, TAG, va, read).unwrap());
             })
         })
     });
 
     let data = vec![0x5au8; MIB];
     let mut out = vec![0u8; MIB];
-    g.iommu.dma_write(RID, TAG, BUF_VA, &data).unwrap();
+    g.iommu.dma_write(DEV, TAG, BUF_VA, &data).unwrap();
     c.bench_function("dma_write_1MiB_translated", |b| {
         b.iter_custom(|iters| {
             timed("dma_write", iters, || {
                 g.iommu
-                    .dma_write(RID, TAG, BUF_VA, black_box(&data))
+                    .dma_write(DEV, TAG, BUF_VA, black_box(&data))
                     .unwrap();
             })
         })
     });
-    g.iommu.dma_write(RID, TAG, SCATTERED_VA, &data).unwrap();
+    g.iommu.dma_write(DEV, TAG, SCATTERED_VA, &data).unwrap();
     c.bench_function("dma_write_1MiB_translated_scattered", |b| {
         b.iter_custom(|iters| {
             timed("dma_write_scattered", iters, || {
                 g.iommu
-                    .dma_write(RID, TAG, SCATTERED_VA, black_box(&data))
+                    .dma_write(DEV, TAG, SCATTERED_VA, black_box(&data))
                     .unwrap();
             })
         })
@@ -175,7 +175,7 @@ fn main() {
         b.iter_custom(|iters| {
             timed("dma_read", iters, || {
                 g.iommu
-                    .dma_read(RID, TAG, BUF_VA, black_box(&mut out))
+                    .dma_read(DEV, TAG, BUF_VA, black_box(&mut out))
                     .unwrap();
             })
         })

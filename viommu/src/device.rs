@@ -5,6 +5,8 @@
 //! unit reaches devices (device-TLB invalidations, page group responses) and the VMM (PASID
 //! cache invalidations).
 
+use pci::PciAddress;
+
 use crate::cache::PasidCacheScope;
 use crate::fault::FaultReason;
 
@@ -105,10 +107,10 @@ pub enum AtsError {
 /// PASID-based device-TLB invalidate descriptor).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DeviceTlbInvalidation {
-    /// Requester ID of the device whose TLB is invalidated.
-    pub source_id: u16,
+    /// The device whose TLB is invalidated (the descriptor's SID).
+    pub source_id: PciAddress,
     /// Physical function source ID (for VFs; reported as written).
-    pub pf_source_id: u16,
+    pub pf_source_id: PciAddress,
     /// PASID for a PASID-based invalidation; `None` for translations without PASID.
     pub pasid: Option<u32>,
     /// PASID-based only: also invalidate global translations (G bit).
@@ -179,8 +181,8 @@ impl ResponseCode {
 /// A page group response for a device's page request group.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PageGroupResponse {
-    /// Requester ID of the device.
-    pub requester_id: u16,
+    /// The device.
+    pub requester_id: PciAddress,
     /// PASID of the group, if the response carries one.
     pub pasid: Option<u32>,
     /// Page request group index.
@@ -237,8 +239,8 @@ mod tests {
         );
         assert_eq!(decode_invalidation_range(!0u64 >> 1, true), (0, u64::MAX));
         let inv = DeviceTlbInvalidation {
-            source_id: 0,
-            pf_source_id: 0,
+            source_id: PciAddress::default(),
+            pf_source_id: PciAddress::default(),
             pasid: None,
             global: false,
             address: 0x40_0000,

@@ -3,6 +3,8 @@
 
 //! Fault reasons and primary fault logging (VT-d 7.1-7.2, fault-recording registers 11.4.14).
 
+use pci::PciAddress;
+
 use crate::paging::{Violation, WalkFault};
 use crate::regs::{fsts, NUM_FAULT_RECORDS};
 
@@ -173,7 +175,7 @@ pub struct FaultRecord {
     /// Why the request faulted.
     pub reason: FaultReason,
     /// Requester ID (bus:dev.fn).
-    pub source_id: u16,
+    pub source_id: PciAddress,
     /// PASID of a request-with-PASID.
     pub pasid: Option<u32>,
     /// Faulting address (the page is recorded).
@@ -203,8 +205,9 @@ impl FaultRecord {
     /// The 128-bit register encoding (low quadword, high quadword) with F=1.
     pub fn encode(&self) -> [u64; 2] {
         let lo = self.address & !0xfff;
-        let mut hi =
-            u64::from(self.source_id) | (u64::from(self.reason.code()) << frcd::FR_SHIFT) | frcd::F;
+        let mut hi = u64::from(self.source_id.rid())
+            | (u64::from(self.reason.code()) << frcd::FR_SHIFT)
+            | frcd::F;
         if let Some(pasid) = self.pasid {
             hi |= frcd::PP | (u64::from(pasid & ::pasid::PASID_MASK) << frcd::PV_SHIFT);
         }
@@ -307,7 +310,7 @@ mod tests {
     fn record(sid: u16) -> FaultRecord {
         FaultRecord {
             reason: FaultReason::FirstStageNotPresent,
-            source_id: sid,
+            source_id: PciAddress::from_rid(sid),
             pasid: Some(0x12345),
             address: 0x7f81_c968_d123,
             write: false,

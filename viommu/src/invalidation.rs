@@ -6,6 +6,7 @@
 //! with the unit ([`crate::Iommu`]); this module decodes and validates.
 
 use log::{debug, warn};
+use pci::PciAddress;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 
 use crate::cache::{IotlbFamily, PasidCacheScope};
@@ -308,7 +309,7 @@ impl Descriptor {
                 let pasid_present = qw[0] & (1 << 4) != 0;
                 let private_present = qw[0] & (1 << 5) != 0;
                 Ok(Descriptor::PageGroupResponse(PageGroupResponse {
-                    requester_id: bits(qw[0], 31, 16) as u16,
+                    requester_id: PciAddress::from_rid(bits(qw[0], 31, 16) as u16),
                     pasid: pasid_present.then(|| bits(qw[0], 51, 32) as u32),
                     prg_index: bits(qw[1], 11, 3) as u16,
                     code: ResponseCode::from_bits(bits(qw[0], 15, 12) as u8),
@@ -480,8 +481,8 @@ impl<S: GuestAddressSpace> Iommu<S> {
                 address,
                 size,
             } => self.forward_device_tlb(DeviceTlbInvalidation {
-                source_id: sid,
-                pf_source_id: pfsid,
+                source_id: PciAddress::from_rid(sid),
+                pf_source_id: PciAddress::from_rid(pfsid),
                 pasid: None,
                 global: false,
                 address,
@@ -495,8 +496,8 @@ impl<S: GuestAddressSpace> Iommu<S> {
                 address,
                 size,
             } => self.forward_device_tlb(DeviceTlbInvalidation {
-                source_id: sid,
-                pf_source_id: pfsid,
+                source_id: PciAddress::from_rid(sid),
+                pf_source_id: PciAddress::from_rid(pfsid),
                 pasid: Some(pasid),
                 global,
                 address,
@@ -505,7 +506,7 @@ impl<S: GuestAddressSpace> Iommu<S> {
             Descriptor::PageGroupResponse(response) => match self.device(response.requester_id) {
                 Some(device) => device.page_group_response(&response),
                 None => debug!(
-                    "viommu: page group response for unregistered device {:#06x}",
+                    "viommu: page group response for unregistered device {}",
                     response.requester_id
                 ),
             },
@@ -540,7 +541,7 @@ impl<S: GuestAddressSpace> Iommu<S> {
         match self.device(invalidation.source_id) {
             Some(device) => device.invalidate_device_tlb(&invalidation),
             None => debug!(
-                "viommu: device-TLB invalidation for unregistered device {:#06x}",
+                "viommu: device-TLB invalidation for unregistered device {}",
                 invalidation.source_id
             ),
         }
@@ -617,7 +618,12 @@ mod tests {
         };
         assert_eq!(
             (resp.requester_id, resp.pasid, resp.prg_index, resp.code),
-            (0x0810, Some(5), 0x1ab, ResponseCode::Success)
+            (
+                PciAddress::from_rid(0x0810),
+                Some(5),
+                0x1ab,
+                ResponseCode::Success
+            )
         );
     }
 

@@ -40,6 +40,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
+use pci::PciAddress;
 use vm_memory::GuestAddressSpace;
 
 pub use cache::PasidCacheScope;
@@ -82,7 +83,7 @@ pub struct Iommu<S: GuestAddressSpace> {
     /// Moves on with every cache invalidation and translation-mode change; translations
     /// memoised outside the cache lock are only valid for the generation they were made in.
     generation: AtomicU64,
-    devices: RwLock<HashMap<u16, Arc<dyn AtsDevice>>>,
+    devices: RwLock<HashMap<PciAddress, Arc<dyn AtsDevice>>>,
     pasid_observers: RwLock<Vec<Arc<dyn PasidObserver>>>,
 }
 
@@ -111,21 +112,21 @@ impl<S: GuestAddressSpace> Iommu<S> {
         }
     }
 
-    /// Register the device with requester ID `rid` for device-TLB invalidations and page
-    /// group responses. Replaces an earlier registration for the same ID.
-    pub fn register_device(&self, rid: u16, device: Arc<dyn AtsDevice>) {
+    /// Register the device at `requester` for device-TLB invalidations and page group
+    /// responses. Replaces an earlier registration for the same function.
+    pub fn register_device(&self, requester: PciAddress, device: Arc<dyn AtsDevice>) {
         self.devices
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(rid, device);
+            .insert(requester, device);
     }
 
-    /// Forget the device with requester ID `rid`.
-    pub fn unregister_device(&self, rid: u16) {
+    /// Forget the device at `requester`.
+    pub fn unregister_device(&self, requester: PciAddress) {
         self.devices
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&rid);
+            .remove(&requester);
     }
 
     /// Be told about every PASID-cache invalidation the guest issues (it tore a PASID down or
@@ -137,11 +138,11 @@ impl<S: GuestAddressSpace> Iommu<S> {
             .push(observer);
     }
 
-    fn device(&self, rid: u16) -> Option<Arc<dyn AtsDevice>> {
+    fn device(&self, requester: PciAddress) -> Option<Arc<dyn AtsDevice>> {
         self.devices
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&rid)
+            .get(&requester)
             .cloned()
     }
 

@@ -5,6 +5,7 @@
 //! 32-byte descriptors into a ring in guest memory, with PQH/PQT/PQA/PRS registers and the
 //! page request event.
 
+use pci::PciAddress;
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 use crate::device::PasidTag;
@@ -15,7 +16,7 @@ use crate::regs::{pqa, prs, PQ_OFFSET_MASK};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PageRequest {
     /// Requester ID.
-    pub requester_id: u16,
+    pub requester_id: PciAddress,
     /// PASID prefix of the request, if any.
     pub pasid: Option<PasidTag>,
     /// Page address (bits 11:0 ignored).
@@ -40,7 +41,7 @@ pub const PAGE_REQUEST_TYPE: u64 = 1;
 impl PageRequest {
     /// The 32-byte page request descriptor.
     pub fn encode(&self) -> [u64; 4] {
-        let mut qw0 = PAGE_REQUEST_TYPE | (u64::from(self.requester_id) << 16);
+        let mut qw0 = PAGE_REQUEST_TYPE | (u64::from(self.requester_id.rid()) << 16);
         if let Some(tag) = self.pasid {
             qw0 |= (1 << 8) | (u64::from(tag.pasid & pasid::PASID_MASK) << 32);
             if tag.privileged {
@@ -165,7 +166,7 @@ mod tests {
 
     fn request(prg: u16) -> PageRequest {
         PageRequest {
-            requester_id: 0x0810,
+            requester_id: PciAddress::from_rid(0x0810),
             pasid: Some(PasidTag {
                 pasid: 7,
                 privileged: false,

@@ -427,7 +427,7 @@ impl<S: GuestAddressSpace> Iommu<S> {
                 if !f.fpd {
                     self.record_fault(FaultRecord {
                         reason: f.reason,
-                        source_id: rid,
+                        source_id: PciAddress::from_rid(rid),
                         pasid: tag.map(|t| t.pasid),
                         address: iova,
                         write: access.write,
@@ -443,18 +443,19 @@ impl<S: GuestAddressSpace> Iommu<S> {
         }
     }
 
-    /// Translate an untranslated DMA request from requester `rid` (bus << 8 | devfn), with the
+    /// Translate an untranslated DMA request from `requester`, with the
     /// PASID prefix `pasid` if any. `access.write` and `access.execute` describe the request;
     /// `access.user` is ignored: the privilege comes from the PASID prefix (requests without
     /// PASID are user requests). A failure records a fault (unless FPD) and may raise the
     /// fault event.
     pub fn translate(
         &self,
-        rid: u16,
+        requester: PciAddress,
         pasid: Option<PasidTag>,
         iova: u64,
         access: AccessType,
     ) -> Result<Translation, DmaFault> {
+        let rid = requester.rid();
         let generation = self.generation.load(Ordering::Acquire);
         if let Some(t) = recent::lookup(self.unit_id, generation, rid, pasid, iova, access) {
             return Ok(t);
@@ -584,12 +585,13 @@ impl<S: GuestAddressSpace> Iommu<S> {
     /// destination fault before the source fault's position comes first).
     pub fn dma_copy(
         &self,
-        rid: u16,
+        requester: PciAddress,
         pasid: Option<PasidTag>,
         src: u64,
         dst: u64,
         len: usize,
     ) -> Result<(), CopyError> {
+        let rid = requester.rid();
         let mem = self.mem.memory();
         let request = |write| DmaRequest {
             rid,
@@ -660,28 +662,38 @@ impl<S: GuestAddressSpace> Iommu<S> {
     /// On failure, the error says how many bytes were read and which address failed.
     pub fn dma_read(
         &self,
-        rid: u16,
+        requester: PciAddress,
         pasid: Option<PasidTag>,
         iova: u64,
         buf: &mut [u8],
     ) -> Result<(), DmaError> {
-        self.dma(rid, pasid, iova, buf.len(), false, |mem, phys, range| {
-            mem.read_slice(&mut buf[range], GuestAddress(phys)).is_ok()
-        })
+        self.dma(
+            requester.rid(),
+            pasid,
+            iova,
+            buf.len(),
+            false,
+            |mem, phys, range| mem.read_slice(&mut buf[range], GuestAddress(phys)).is_ok(),
+        )
     }
 
     /// Write `data` at I/O virtual address `iova` through translation, page by page. On
     /// failure, the error says how many bytes were written and which address failed.
     pub fn dma_write(
         &self,
-        rid: u16,
+        requester: PciAddress,
         pasid: Option<PasidTag>,
         iova: u64,
         data: &[u8],
     ) -> Result<(), DmaError> {
-        self.dma(rid, pasid, iova, data.len(), true, |mem, phys, range| {
-            mem.write_slice(&data[range], GuestAddress(phys)).is_ok()
-        })
+        self.dma(
+            requester.rid(),
+            pasid,
+            iova,
+            data.len(),
+            true,
+            |mem, phys, range| mem.write_slice(&data[range], GuestAddress(phys)).is_ok(),
+        )
     }
 
     /// An ATS translation request. Not-present and permission failures answer with
@@ -692,11 +704,12 @@ impl<S: GuestAddressSpace> Iommu<S> {
     /// (ECAP.ERS=0).
     pub fn ats_translate(
         &self,
-        rid: u16,
+        requester: PciAddress,
         pasid: Option<PasidTag>,
         iova: u64,
         access: AccessType,
     ) -> Result<AtsCompletion, AtsError> {
+        let rid = requester.rid();
         let mem = self.mem.memory();
         let privileged = pasid.is_some_and(|t| t.privileged);
         match self.resolve(&mem, rid, pasid, iova, access, true) {
@@ -724,11 +737,16 @@ impl<S: GuestAddressSpace> Iommu<S> {
         }
     }
 
-    /// The PASID-table entry the unit uses for (`rid`, `pasid`): the one a request-with-PASID
+    /// The PASID-table entry the unit uses for (`requester`, `pasid`): the one a request-with-PASID
     /// from that requester would be translated with, read through the context and PASID
     /// caches exactly as a DMA request would (so an entry the guest changed without a
     /// PASID-cache invalidation may still be the cached one). Records no fault.
-    pub fn resolve_pasid(&self, rid: u16, pasid: u32) -> Result<PasidEntry, PasidLookupError> {
+    pub fn resolve_pasid(
+        &self,
+        requester: PciAddress,
+        pasid: u32,
+    ) -> Result<PasidEntry, PasidLookupError> {
+        let rid = requester.rid();
         let root = self
             .scalable_root()
             .map_err(|_| PasidLookupError::TranslationDisabled)?;
@@ -748,11 +766,11 @@ impl<S: GuestAddressSpace> Iommu<S> {
     /// queue and raises the page request event. Software answers through the invalidation
     /// queue; the response reaches the device through [`crate::AtsDevice::page_group_response`].
     pub fn page_request(&self, request: &PageRequest) -> Result<(), PageRequestError> {
-        let rid = request.requester_id;
+        let rid = request.requester_id.rid();
         let reject = |reason, code| PageRequestError {
             reason,
             response: request.needs_response().then_some(PageGroupResponse {
-                requester_id: rid,
+                requester_id: request.requester_id,
                 pasid: request.pasid.map(|t| t.pasid),
                 prg_index: request.prg_index,
                 code,

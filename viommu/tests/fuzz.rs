@@ -102,6 +102,7 @@ proptest! {
                     g.mem.write_obj(value, GuestAddress(addr)).unwrap();
                 }
                 Op::Translate { rid, pasid, iova, write } => {
+                    let rid = PciAddress::from_rid(rid);
                     let tag = pasid.map(|(pasid, privileged)| PasidTag { pasid, privileged });
                     let access = AccessType { write, user: false, execute: false };
                     let _ = g.iommu.translate(rid, tag, iova, access);
@@ -109,9 +110,11 @@ proptest! {
                     let _ = g.iommu.dma_read(rid, tag, iova, &mut buf);
                 }
                 Op::Ats { rid, iova } => {
+                    let rid = PciAddress::from_rid(rid);
                     let _ = g.iommu.ats_translate(rid, None, iova, AccessType::READ);
                 }
                 Op::PageRequest { rid, pasid, addr, lpig } => {
+                    let rid = PciAddress::from_rid(rid);
                     let _ = g.iommu.page_request(&PageRequest {
                         requester_id: rid,
                         pasid: Some(PasidTag { pasid, privileged: false }),

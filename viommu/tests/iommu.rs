@@ -154,7 +154,7 @@ fn sva_bind_translates_user_addresses() {
         ),
         (VA_RO, READ, PA_RO, PAGE_SIZE_4K),
     ] {
-        let t = g.iommu.translate(RID, user(PASID), va, access).unwrap();
+        let t = g.iommu.translate(DEV, user(PASID), va, access).unwrap();
         assert_eq!((t.phys_addr, t.page_size), (phys, size), "va {va:#x}");
     }
 
@@ -182,13 +182,13 @@ fn sva_bind_translates_user_addresses() {
 
     // DMA through the bind moves real bytes.
     g.iommu
-        .dma_write(RID, user(PASID), VA_4K + 0xff0, &[0xab; 32])
+        .dma_write(DEV, user(PASID), VA_4K + 0xff0, &[0xab; 32])
         .unwrap_err(); // crosses into VA_RO, which is read-only
     assert_eq!(g.read_obj::<[u8; 16]>(PA_4K + 0xff0), [0xab; 16]);
     let mut buf = [0u8; 32];
     g.mem.write_slice(&[0x5a; 16], GuestAddress(PA_RO)).unwrap();
     g.iommu
-        .dma_read(RID, user(PASID), VA_4K + 0xff0, &mut buf)
+        .dma_read(DEV, user(PASID), VA_4K + 0xff0, &mut buf)
         .unwrap();
     assert_eq!(&buf[..16], &[0xab; 16]);
     assert_eq!(&buf[16..], &[0x5a; 16]);
@@ -214,11 +214,11 @@ fn sva_without_nxe_ignores_xd_on_process_pages() {
     g.set_pasid_entry(RID, PASID, pasid_entry);
     let t = g
         .iommu
-        .translate(RID, user(PASID), VA_4K + 8, WRITE)
+        .translate(DEV, user(PASID), VA_4K + 8, WRITE)
         .unwrap();
     assert_eq!(t.phys_addr, PA_4K + 8);
     g.iommu
-        .dma_write(RID, user(PASID), VA_4K + 0x10, &[0xcd; 16])
+        .dma_write(DEV, user(PASID), VA_4K + 0x10, &[0xcd; 16])
         .unwrap();
     assert_eq!(g.read_obj::<[u8; 16]>(PA_4K + 0x10), [0xcd; 16]);
     assert_eq!(g.read32(FSTS), 0, "no fault recorded");
@@ -230,7 +230,7 @@ fn sva_faults_record_what_linux_prints() {
     // Not mapped.
     let err = g
         .iommu
-        .translate(RID, user(PASID), 0x7ffd_0000_0123, READ)
+        .translate(DEV, user(PASID), 0x7ffd_0000_0123, READ)
         .unwrap_err();
     assert_eq!(
         err,
@@ -255,7 +255,7 @@ fn sva_faults_record_what_linux_prints() {
         (supervisor(PASID), VA_4K, READ, 0x5d),
     ];
     for (i, (tag, va, access, reason)) in cases.into_iter().enumerate() {
-        let err = g.iommu.translate(RID, tag, va, access).unwrap_err();
+        let err = g.iommu.translate(DEV, tag, va, access).unwrap_err();
         let DmaFault::Translation { reason: r, .. } = err else {
             panic!("{err:?}");
         };
@@ -268,7 +268,7 @@ fn sva_faults_record_what_linux_prints() {
     service_faults(&g);
     assert_eq!(g.read32(FSTS), fsts::fri(5));
     g.iommu
-        .translate(RID, user(PASID), 0x1000, READ)
+        .translate(DEV, user(PASID), 0x1000, READ)
         .unwrap_err();
     assert_eq!(g.msis.take(), vec![FAULT_MSI]);
 }
@@ -278,20 +278,20 @@ fn supervisor_bind_uses_sre_and_wpe() {
     let Sva { mut g, pgd } = sva();
     g.set_pasid_entry(RID, 7, first_level_entry(pgd, DID, true, false));
     let kva = 0xffff_8880_0000_1234;
-    let t = g.iommu.translate(RID, supervisor(7), kva, WRITE).unwrap();
+    let t = g.iommu.translate(DEV, supervisor(7), kva, WRITE).unwrap();
     assert_eq!(t.phys_addr, 0x20_1234);
     // WPE: supervisor writes to read-only user pages fault; reads of user pages are fine.
     let err = g
         .iommu
-        .translate(RID, supervisor(7), VA_RO, WRITE)
+        .translate(DEV, supervisor(7), VA_RO, WRITE)
         .unwrap_err();
     assert_eq!(reason(err), Some(FaultReason::NoWrite));
-    assert!(g.iommu.translate(RID, supervisor(7), VA_RO, READ).is_ok());
+    assert!(g.iommu.translate(DEV, supervisor(7), VA_RO, READ).is_ok());
     // Without WPE supervisor writes ignore R/W.
     let mut e = first_level_entry(pgd, DID, true, false);
     e[2] &= !(1 << 4);
     g.set_pasid_entry(RID, 8, e);
-    assert!(g.iommu.translate(RID, supervisor(8), VA_RO, WRITE).is_ok());
+    assert!(g.iommu.translate(DEV, supervisor(8), VA_RO, WRITE).is_ok());
     // Execute requests are refused (ECAP.ERS=0).
     let exec = AccessType {
         execute: true,
@@ -299,7 +299,7 @@ fn supervisor_bind_uses_sre_and_wpe() {
     };
     let err = g
         .iommu
-        .translate(RID, supervisor(7), kva, exec)
+        .translate(DEV, supervisor(7), kva, exec)
         .unwrap_err();
     assert_eq!(reason(err), Some(FaultReason::ExecuteRequestsDisabled));
 }
@@ -313,7 +313,7 @@ fn five_level_first_stage() {
     pt.map(va, 0x12_3000, PAGE_SIZE_4K, USER_RW).unwrap();
     g.set_context(RID, ContextFlags::default());
     g.set_pasid_entry(RID, 3, first_level_entry(pt.root(), DID, false, true));
-    let t = g.iommu.translate(RID, user(3), va | 0x10, READ).unwrap();
+    let t = g.iommu.translate(DEV, user(3), va | 0x10, READ).unwrap();
     assert_eq!(t.phys_addr, 0x12_3010);
 }
 
@@ -322,10 +322,10 @@ fn requests_without_pasid_use_rid_pasid() {
     let Sva { mut g, pgd } = sva();
     // Linux's default DMA domain: first-level entry at RID_PASID 0.
     g.set_pasid_entry(RID, 0, first_level_entry(pgd, 2, false, false));
-    let t = g.iommu.translate(RID, None, VA_4K, WRITE).unwrap();
+    let t = g.iommu.translate(DEV, None, VA_4K, WRITE).unwrap();
     assert_eq!(t.phys_addr, PA_4K);
     // Fault records for requests without PASID have PP=0.
-    g.iommu.translate(RID, None, 0x1000, READ).unwrap_err();
+    g.iommu.translate(DEV, None, 0x1000, READ).unwrap_err();
     let rec = fault_record(&g, 0);
     assert_eq!((rec.1, rec.3), (0x71, None));
 }
@@ -339,7 +339,10 @@ fn structure_faults_report_their_reasons() {
     let good_entry = first_level_entry(pt.root(), DID, false, false);
 
     let expect = |g: &Guest, rid: u16, tag, reason: FaultReason| {
-        let err = g.iommu.translate(rid, tag, 0x1000, READ).unwrap_err();
+        let err = g
+            .iommu
+            .translate(PciAddress::from_rid(rid), tag, 0x1000, READ)
+            .unwrap_err();
         assert_eq!(
             err,
             DmaFault::Translation {
@@ -423,7 +426,7 @@ fn structure_faults_report_their_reasons() {
     // (CAP.ESRTPS=0): until then the cached entries keep translating.
     g.write64(RTADDR, outside | (1 << 10));
     g.write32(GCMD, g.read32(GSTS) | gcmd::SRTP);
-    assert!(g.iommu.translate(RID, user(1), 0x1000, READ).is_ok());
+    assert!(g.iommu.translate(DEV, user(1), 0x1000, READ).is_ok());
     assert!(g.submit(&[
         qi::context_global(),
         qi::pasid_cache_global(),
@@ -446,7 +449,7 @@ fn fault_processing_disable_suppresses_records() {
             ..Default::default()
         },
     );
-    let err = g.iommu.translate(RID, user(9), 0x1000, READ).unwrap_err();
+    let err = g.iommu.translate(DEV, user(9), 0x1000, READ).unwrap_err();
     assert_eq!(
         err,
         DmaFault::Translation {
@@ -461,7 +464,7 @@ fn fault_processing_disable_suppresses_records() {
     g.set_pasid_entry(RID + 1, 9, e);
     let err = g
         .iommu
-        .translate(RID + 1, user(9), 0x1000, READ)
+        .translate(PciAddress::from_rid(RID + 1), user(9), 0x1000, READ)
         .unwrap_err();
     assert_eq!(
         err,
@@ -479,18 +482,18 @@ fn primary_fault_overflow() {
     let mut g = Guest::new();
     g.set_context(RID, ContextFlags::default());
     for i in 0..NUM_FAULT_RECORDS as u64 {
-        g.iommu.translate(RID, user(1), i << 12, READ).unwrap_err();
+        g.iommu.translate(DEV, user(1), i << 12, READ).unwrap_err();
     }
     assert_eq!(g.msis.take(), vec![FAULT_MSI]);
     assert_eq!(g.read32(FSTS), fsts::PPF | fsts::fri(0));
     // The next fault finds record 0 still pending: PFO, one more event, nothing recorded.
     g.iommu
-        .translate(RID, user(1), 0x99_9000, READ)
+        .translate(DEV, user(1), 0x99_9000, READ)
         .unwrap_err();
     assert_eq!(g.read32(FSTS), fsts::PPF | fsts::PFO | fsts::fri(0));
     assert_eq!(g.msis.take(), vec![FAULT_MSI]);
     g.iommu
-        .translate(RID, user(1), 0x98_9000, WRITE)
+        .translate(DEV, user(1), 0x98_9000, WRITE)
         .unwrap_err();
     assert!(g.msis.take().is_empty());
     for i in 0..NUM_FAULT_RECORDS as u64 {
@@ -499,7 +502,7 @@ fn primary_fault_overflow() {
     service_faults(&g);
     assert_eq!(g.read32(FSTS), fsts::fri(0));
     g.iommu
-        .translate(RID, user(1), 0x77_7000, WRITE)
+        .translate(DEV, user(1), 0x77_7000, WRITE)
         .unwrap_err();
     assert_eq!(fault_record(&g, 0).0, 0x77_7000);
     assert!(!fault_record(&g, 0).4, "write");
@@ -511,7 +514,7 @@ fn masked_fault_event_is_delivered_on_unmask() {
     let mut g = Guest::new();
     g.set_context(RID, ContextFlags::default());
     g.write32(FECTL, ectl::IM);
-    g.iommu.translate(RID, user(1), 0, READ).unwrap_err();
+    g.iommu.translate(DEV, user(1), 0, READ).unwrap_err();
     assert!(g.msis.take().is_empty());
     assert_eq!(g.read32(FECTL), ectl::IM | ectl::IP);
     g.write32(FECTL, 0);
@@ -520,7 +523,7 @@ fn masked_fault_event_is_delivered_on_unmask() {
     // Serviced while masked: no stale interrupt on unmask.
     service_faults(&g);
     g.write32(FECTL, ectl::IM);
-    g.iommu.translate(RID, user(1), 0, READ).unwrap_err();
+    g.iommu.translate(DEV, user(1), 0, READ).unwrap_err();
     service_faults(&g);
     g.write32(FECTL, 0);
     assert!(g.msis.take().is_empty());
@@ -546,7 +549,7 @@ fn stale_iotlb_until_pasid_based_invalidation() {
     let Sva { mut g, pgd } = sva();
     let phys = |g: &Guest| {
         g.iommu
-            .translate(RID, user(PASID), VA_4K, READ)
+            .translate(DEV, user(PASID), VA_4K, READ)
             .unwrap()
             .phys_addr
     };
@@ -583,12 +586,12 @@ fn stale_iotlb_until_pasid_based_invalidation() {
 #[test]
 fn stale_pasid_and_context_caches_until_invalidated() {
     let Sva { mut g, pgd } = sva();
-    assert!(g.iommu.translate(RID, user(PASID), VA_4K, READ).is_ok());
+    assert!(g.iommu.translate(DEV, user(PASID), VA_4K, READ).is_ok());
     // The guest tears the PASID down (clears P) and forgets the PASID-cache invalidation.
     g.set_pasid_entry(RID, PASID, [0; 8]);
     assert!(g.submit(&[qi::piotlb_pasid(DID, PASID)]));
     assert!(
-        g.iommu.translate(RID, user(PASID), VA_4K, READ).is_ok(),
+        g.iommu.translate(DEV, user(PASID), VA_4K, READ).is_ok(),
         "cached PASID entry still used"
     );
     let observer = Arc::new(RecordingObserver::default());
@@ -603,17 +606,17 @@ fn stale_pasid_and_context_caches_until_invalidated() {
     );
     let err = g
         .iommu
-        .translate(RID, user(PASID), VA_4K, READ)
+        .translate(DEV, user(PASID), VA_4K, READ)
         .unwrap_err();
     assert_eq!(reason(err), Some(FaultReason::PasidEntryNotPresent));
     assert_eq!(
-        g.iommu.resolve_pasid(RID, PASID),
+        g.iommu.resolve_pasid(DEV, PASID),
         Err(viommu::PasidLookupError::Fault(
             FaultReason::PasidEntryNotPresent
         ))
     );
     g.set_pasid_entry(RID, PASID, first_level_entry(pgd, DID, false, false));
-    assert_eq!(g.iommu.resolve_pasid(RID, PASID).unwrap().flptr, pgd);
+    assert_eq!(g.iommu.resolve_pasid(DEV, PASID).unwrap().flptr, pgd);
 
     // Context cache: disable PASIDs in the context entry; stale until invalidated.
     g.set_context(
@@ -623,13 +626,13 @@ fn stale_pasid_and_context_caches_until_invalidated() {
             ..Default::default()
         },
     );
-    assert!(g.iommu.translate(RID, user(PASID), VA_4K, READ).is_ok());
+    assert!(g.iommu.translate(DEV, user(PASID), VA_4K, READ).is_ok());
     assert!(g.submit(&[qi::context_device(RID + 1)]));
-    assert!(g.iommu.translate(RID, user(PASID), VA_4K, READ).is_ok());
+    assert!(g.iommu.translate(DEV, user(PASID), VA_4K, READ).is_ok());
     assert!(g.submit(&[qi::context_device(RID)]));
     let err = g
         .iommu
-        .translate(RID, user(PASID), VA_4K, READ)
+        .translate(DEV, user(PASID), VA_4K, READ)
         .unwrap_err();
     assert_eq!(reason(err), Some(FaultReason::PasidDisabled));
     // Register-based context invalidation (CCMD) works as well.
@@ -637,7 +640,7 @@ fn stale_pasid_and_context_caches_until_invalidated() {
     g.write64(CCMD, ccmd::ICC | (1 << 61));
     assert_eq!(g.read64(CCMD) >> 63, 0);
     assert_eq!((g.read64(CCMD) >> 59) & 3, 1);
-    assert!(g.iommu.translate(RID, user(PASID), VA_4K, READ).is_ok());
+    assert!(g.iommu.translate(DEV, user(PASID), VA_4K, READ).is_ok());
 }
 
 #[test]
@@ -651,20 +654,20 @@ fn second_stage_and_pass_through_entries() {
     g.set_context(RID, ContextFlags::default());
     g.set_pasid_entry(RID, 0, second_level_entry(sl.root(), 5));
     g.set_pasid_entry(RID, 1, pass_through_entry(6));
-    let t = g.iommu.translate(RID, None, 0x1080, WRITE).unwrap();
+    let t = g.iommu.translate(DEV, None, 0x1080, WRITE).unwrap();
     assert_eq!(t.phys_addr, 0x40_0080);
-    let t = g.iommu.translate(RID, user(1), 0xdead_b000, WRITE).unwrap();
+    let t = g.iommu.translate(DEV, user(1), 0xdead_b000, WRITE).unwrap();
     assert_eq!(t.phys_addr, 0xdead_b000);
-    let err = g.iommu.translate(RID, user(1), 1 << 50, READ).unwrap_err();
+    let err = g.iommu.translate(DEV, user(1), 1 << 50, READ).unwrap_err();
     assert_eq!(reason(err), Some(FaultReason::AddressBeyondMax));
-    let err = g.iommu.translate(RID, None, 0x2000, READ).unwrap_err();
+    let err = g.iommu.translate(DEV, None, 0x2000, READ).unwrap_err();
     assert_eq!(reason(err), Some(FaultReason::SecondStagePermission));
     // Stale second-stage translations until IOTLB invalidation (DSI, PSI), not P_IOTLB.
     let leaf = sl.entry_addr(0x1000, 1).unwrap();
     sl.write_entry(leaf, 0x41_0000 | 3).unwrap();
     assert_eq!(
         g.iommu
-            .translate(RID, None, 0x1000, READ)
+            .translate(DEV, None, 0x1000, READ)
             .unwrap()
             .phys_addr,
         0x40_0000
@@ -672,7 +675,7 @@ fn second_stage_and_pass_through_entries() {
     assert!(g.submit(&[qi::piotlb_pasid(5, 0)]));
     assert_eq!(
         g.iommu
-            .translate(RID, None, 0x1000, READ)
+            .translate(DEV, None, 0x1000, READ)
             .unwrap()
             .phys_addr,
         0x40_0000
@@ -680,7 +683,7 @@ fn second_stage_and_pass_through_entries() {
     assert!(g.submit(&[qi::iotlb_page(5, 0x1000, 0)]));
     assert_eq!(
         g.iommu
-            .translate(RID, None, 0x1000, READ)
+            .translate(DEV, None, 0x1000, READ)
             .unwrap()
             .phys_addr,
         0x41_0000
@@ -689,7 +692,7 @@ fn second_stage_and_pass_through_entries() {
     assert!(g.submit(&[qi::iotlb_domain(5)]));
     assert_eq!(
         g.iommu
-            .translate(RID, None, 0x1000, READ)
+            .translate(DEV, None, 0x1000, READ)
             .unwrap()
             .phys_addr,
         0x42_0000
@@ -700,7 +703,7 @@ fn second_stage_and_pass_through_entries() {
     g.write64(IOTLB_REG, iotlb_reg::IVT | (3 << 60) | (5u64 << 32));
     assert_eq!(
         g.iommu
-            .translate(RID, None, 0x1000, READ)
+            .translate(DEV, None, 0x1000, READ)
             .unwrap()
             .phys_addr,
         0x43_0000
@@ -724,16 +727,16 @@ fn nested_entry_translates_through_both_stages() {
         .unwrap();
     g.set_context(RID, ContextFlags::default());
     g.set_pasid_entry(RID, 2, nested_entry(fl.root(), sl.root(), 9));
-    let t = g.iommu.translate(RID, user(2), 0x4000_1008, WRITE).unwrap();
+    let t = g.iommu.translate(DEV, user(2), 0x4000_1008, WRITE).unwrap();
     assert_eq!(t.phys_addr, 0x50_0008);
     // Nested entries are reached by both invalidation families.
     fl.write_entry(fl.entry_addr(0x4000_1000, 1).unwrap(), 0)
         .unwrap();
-    assert!(g.iommu.translate(RID, user(2), 0x4000_1008, READ).is_ok());
+    assert!(g.iommu.translate(DEV, user(2), 0x4000_1008, READ).is_ok());
     assert!(g.submit(&[qi::iotlb_domain(9)]));
     let err = g
         .iommu
-        .translate(RID, user(2), 0x4000_1008, READ)
+        .translate(DEV, user(2), 0x4000_1008, READ)
         .unwrap_err();
     assert_eq!(reason(err), Some(FaultReason::FirstStageNotPresent));
 }
@@ -741,14 +744,14 @@ fn nested_entry_translates_through_both_stages() {
 #[test]
 fn translation_disabled_passes_through_requests_without_pasid() {
     let g = Guest::bare();
-    let t = g.iommu.translate(RID, None, 0x1234_5678, WRITE).unwrap();
+    let t = g.iommu.translate(DEV, None, 0x1234_5678, WRITE).unwrap();
     assert_eq!(t.phys_addr, 0x1234_5678);
     assert_eq!(
-        g.iommu.translate(RID, user(1), 0x1000, READ),
+        g.iommu.translate(DEV, user(1), 0x1000, READ),
         Err(DmaFault::Blocked)
     );
     assert_eq!(
-        g.iommu.resolve_pasid(RID, 1),
+        g.iommu.resolve_pasid(DEV, 1),
         Err(viommu::PasidLookupError::TranslationDisabled)
     );
 }
@@ -760,7 +763,7 @@ fn dma_stops_at_the_faulting_page() {
     let data: Vec<u8> = (0..3 * 4096u32).map(|i| i as u8).collect();
     let err = g
         .iommu
-        .dma_write(RID, user(PASID), VA_4K + 0x800, &data)
+        .dma_write(DEV, user(PASID), VA_4K + 0x800, &data)
         .unwrap_err();
     assert_eq!(err.completed, 0x800);
     assert_eq!(err.address, VA_RO);
@@ -768,7 +771,7 @@ fn dma_stops_at_the_faulting_page() {
     let mut buf = vec![0u8; 3 * 4096];
     let err = g
         .iommu
-        .dma_read(RID, user(PASID), VA_4K + 0x800, &mut buf)
+        .dma_read(DEV, user(PASID), VA_4K + 0x800, &mut buf)
         .unwrap_err();
     assert_eq!(err.completed, 0x800 + 0x1000);
     assert_eq!(err.address, VA_RO + 0x1000);
@@ -783,7 +786,7 @@ fn dma_stops_at_the_faulting_page() {
     g2.set_pasid_entry(RID, 1, first_level_entry(pt.root(), DID, false, false));
     let err = g2
         .iommu
-        .dma_read(RID, user(1), 0x1000, &mut buf)
+        .dma_read(DEV, user(1), 0x1000, &mut buf)
         .unwrap_err();
     assert_eq!(
         err.kind,
@@ -801,7 +804,7 @@ fn dma_copy_moves_memory_to_memory_and_stops_where_an_access_fails() {
     let data: Vec<u8> = (0..0x1800u32).map(|i| (i * 3) as u8).collect();
     g.mem.write_slice(&data, GuestAddress(PA_2M)).unwrap();
     g.iommu
-        .dma_copy(RID, user(PASID), VA_2M, VA_2M + 0x10_0000, data.len())
+        .dma_copy(DEV, user(PASID), VA_2M, VA_2M + 0x10_0000, data.len())
         .unwrap();
     assert_eq!(
         g.read_obj::<[u8; 32]>(PA_2M + 0x10_0000 + 0x17e0)[..],
@@ -810,7 +813,7 @@ fn dma_copy_moves_memory_to_memory_and_stops_where_an_access_fails() {
     // The destination turns read-only after 0x800 bytes: the write fails first.
     let err = g
         .iommu
-        .dma_copy(RID, user(PASID), VA_2M, VA_4K + 0x800, 0x1000)
+        .dma_copy(DEV, user(PASID), VA_2M, VA_4K + 0x800, 0x1000)
         .unwrap_err();
     assert!(err.write);
     assert_eq!((err.error.completed, err.error.address), (0x800, VA_RO));
@@ -822,7 +825,7 @@ fn dma_copy_moves_memory_to_memory_and_stops_where_an_access_fails() {
     // The source ends after VA_RO: the read fails once the rest is copied.
     let err = g
         .iommu
-        .dma_copy(RID, user(PASID), VA_RO + 0x800, VA_2M, 0x1000)
+        .dma_copy(DEV, user(PASID), VA_RO + 0x800, VA_2M, 0x1000)
         .unwrap_err();
     assert!(!err.write);
     assert_eq!(
@@ -837,7 +840,7 @@ fn ats_translation_requests() {
     // Read request on a clean writable page: W withheld until the page is dirty.
     let c = g
         .iommu
-        .ats_translate(RID, user(PASID), VA_4K + 5, READ)
+        .ats_translate(DEV, user(PASID), VA_4K + 5, READ)
         .unwrap();
     assert_eq!(
         (c.translated_addr, c.size, c.read, c.write),
@@ -845,23 +848,23 @@ fn ats_translation_requests() {
     );
     let c = g
         .iommu
-        .ats_translate(RID, user(PASID), VA_4K, WRITE)
+        .ats_translate(DEV, user(PASID), VA_4K, WRITE)
         .unwrap();
     assert!(c.write);
     let c = g
         .iommu
-        .ats_translate(RID, user(PASID), VA_4K, READ)
+        .ats_translate(DEV, user(PASID), VA_4K, READ)
         .unwrap();
     assert!(c.write, "dirty now");
     let c = g
         .iommu
-        .ats_translate(RID, user(PASID), VA_2M, WRITE)
+        .ats_translate(DEV, user(PASID), VA_2M, WRITE)
         .unwrap();
     assert_eq!((c.translated_addr, c.size), (PA_2M, PAGE_SIZE_2M));
     // Not present: a completion without permissions, no fault record.
     let c = g
         .iommu
-        .ats_translate(RID, user(PASID), 0x7000_0000_0000, READ)
+        .ats_translate(DEV, user(PASID), 0x7000_0000_0000, READ)
         .unwrap();
     assert!(!c.read && !c.write);
     assert_eq!(g.read32(FSTS), 0);
@@ -874,7 +877,7 @@ fn ats_translation_requests() {
         },
     );
     assert_eq!(
-        g.iommu.ats_translate(RID_HIGH, user(1), 0, READ),
+        g.iommu.ats_translate(DEV_HIGH, user(1), 0, READ),
         Err(AtsError::UnsupportedRequest(FaultReason::DeviceTlbDisabled))
     );
     assert_eq!(fault_record(&g, 0).1, 0x44);
@@ -885,7 +888,7 @@ fn ats_translation_requests() {
 fn device_tlb_invalidations_and_page_responses_reach_the_device() {
     let Sva { mut g, .. } = sva();
     let dev = Arc::new(RecordingDevice::default());
-    g.iommu.register_device(RID, dev.clone());
+    g.iommu.register_device(DEV, dev.clone());
     // Linux's SVA range flush: P_IOTLB then PASID-based devTLB with S=1 for 2 MiB.
     assert!(g.submit(&[
         qi::piotlb_page(DID, PASID, VA_2M, 9),
@@ -898,7 +901,7 @@ fn device_tlb_invalidations_and_page_responses_reach_the_device() {
     assert_eq!(inv.len(), 2);
     assert_eq!(
         (inv[0].source_id, inv[0].pasid, inv[0].address, inv[0].size),
-        (RID, Some(PASID), VA_2M, PAGE_SIZE_2M)
+        (DEV, Some(PASID), VA_2M, PAGE_SIZE_2M)
     );
     assert_eq!(
         (inv[1].pasid, inv[1].address, inv[1].size),
@@ -914,7 +917,7 @@ fn device_tlb_invalidations_and_page_responses_reach_the_device() {
             resp[0].code,
             resp[0].from_hardware
         ),
-        (RID, Some(PASID), 0x1ab, ResponseCode::Success, false)
+        (DEV, Some(PASID), 0x1ab, ResponseCode::Success, false)
     );
 }
 
@@ -922,7 +925,7 @@ fn device_tlb_invalidations_and_page_responses_reach_the_device() {
 fn page_requests_land_in_the_guest_queue() {
     let Sva { g, .. } = sva();
     let req = PageRequest {
-        requester_id: RID,
+        requester_id: DEV,
         pasid: user(PASID),
         address: 0x7ffd_0000_0000,
         read: true,
@@ -976,7 +979,7 @@ fn page_requests_land_in_the_guest_queue() {
     let e = g
         .iommu
         .page_request(&PageRequest {
-            requester_id: RID_HIGH,
+            requester_id: DEV_HIGH,
             ..req
         })
         .unwrap_err();
@@ -1092,7 +1095,7 @@ fn register_window_semantics() {
     assert_eq!(g.read32(GSTS) & gcmd::TE, 0);
     assert_eq!(
         g.iommu
-            .translate(RID, None, 0x5000, READ)
+            .translate(DEV, None, 0x5000, READ)
             .unwrap()
             .phys_addr,
         0x5000
@@ -1112,7 +1115,7 @@ fn concurrent_translations_and_invalidations() {
                     } else {
                         VA_2M + i * 8
                     };
-                    g_ref.translate(RID, user(PASID), va, READ).unwrap();
+                    g_ref.translate(DEV, user(PASID), va, READ).unwrap();
                 }
             });
         }
@@ -1124,7 +1127,7 @@ fn concurrent_translations_and_invalidations() {
     assert!(g.submit(&[qi::piotlb_pasid(DID, PASID)]));
     assert_eq!(
         g.iommu
-            .translate(RID, user(PASID), VA_4K, READ)
+            .translate(DEV, user(PASID), VA_4K, READ)
             .unwrap()
             .phys_addr,
         0x74_0000
@@ -1144,7 +1147,7 @@ fn remaining_invalidation_scopes() {
     let Sva { mut g, pgd } = sva();
     let observer = Arc::new(RecordingObserver::default());
     g.iommu.add_pasid_observer(observer.clone());
-    let translates = |g: &Guest| g.iommu.translate(RID, user(PASID), VA_4K, READ).is_ok();
+    let translates = |g: &Guest| g.iommu.translate(DEV, user(PASID), VA_4K, READ).is_ok();
     assert!(translates(&g));
     // PASID cache, domain-selective: wrong domain leaves the stale entry, right one drops it.
     g.set_pasid_entry(RID, PASID, [0; 8]);

@@ -19,7 +19,9 @@ mod common;
 use std::sync::Arc;
 use std::time::Instant;
 
-use common::{qi, RecordingMsi, GARBAGE_TARGETS};
+use testkit::{pattern, Canary, Rng, SoakSettings};
+
+use common::{qi, PciAddress, RecordingMsi, GARBAGE_TARGETS};
 use viommu::regs::*;
 use viommu::{AccessType, Iommu, PageRequest, PasidTag};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -42,26 +44,6 @@ const REACH: u64 = 512 * 1024;
 
 type Mem = Arc<GuestMemoryMmap<()>>;
 
-/// xorshift64*: fast, reproducible from its seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
-
 /// Whether a value, read as an address (or a page address with flags),
 /// could make the unit write a canary.
 fn reaches_canary(v: u64) -> bool {
@@ -80,8 +62,7 @@ struct Soak {
     queue: u64,
     tail: u64,
     status: u64,
-    canary_low: Vec<u8>,
-    canary_high: Vec<u8>,
+    canaries: [Canary; 2],
     counts: [u64; 6],
     /// Translations that succeeded: the garbage reached the page walks.
     translated: u64,
@@ -98,25 +79,26 @@ impl Soak {
             .unwrap(),
         );
         let iommu = Iommu::new(mem.clone(), Arc::new(RecordingMsi::default()));
-        let canary_low = pattern(CANARY_LOW.1 as usize, 0xc0ffee);
-        let canary_high = pattern(CANARY_HIGH.1 as usize, 0xbadf00d);
-        mem.write_slice(&canary_low, GuestAddress(CANARY_LOW.0))
-            .unwrap();
-        mem.write_slice(&canary_high, GuestAddress(CANARY_HIGH.0))
-            .unwrap();
+        let canaries = [
+            Canary::new(CANARY_LOW.0, pattern(CANARY_LOW.1 as usize, 0xc0ffee)),
+            Canary::new(CANARY_HIGH.0, pattern(CANARY_HIGH.1 as usize, 0xbadf00d)),
+        ];
+        for canary in &canaries {
+            mem.write_slice(canary.expected(), GuestAddress(canary.start()))
+                .unwrap();
+        }
         let hot = PLAY.0;
         let queue = hot + HOT_PAGES * 0x1000;
         let status = queue + 0x1000;
         let mut soak = Self {
             mem,
             iommu,
-            rng: Rng(seed.wrapping_mul(2).wrapping_add(1)),
+            rng: Rng::new(seed.wrapping_mul(2).wrapping_add(1)),
             hot,
             queue,
             tail: 0,
             status,
-            canary_low,
-            canary_high,
+            canaries,
             counts: [0; 6],
             translated: 0,
         };
@@ -261,12 +243,12 @@ impl Soak {
         self.counts[2] += 1;
     }
 
-    fn requester(&mut self) -> (u16, Option<PasidTag>) {
-        let rid = if self.rng.chance(70) {
+    fn requester(&mut self) -> (PciAddress, Option<PasidTag>) {
+        let rid = PciAddress::from_rid(if self.rng.chance(70) {
             self.rng.below(64) as u16
         } else {
             self.rng.next() as u16
-        };
+        });
         let pasid = self.rng.chance(60).then(|| PasidTag {
             pasid: if self.rng.chance(70) {
                 self.rng.below(128) as u32
@@ -331,38 +313,19 @@ impl Soak {
     }
 
     fn check_canaries(&self, ops: u64) {
-        for ((start, len), expected) in [
-            (CANARY_LOW, &self.canary_low),
-            (CANARY_HIGH, &self.canary_high),
-        ] {
-            let mut now = vec![0u8; len as usize];
-            self.mem.read_slice(&mut now, GuestAddress(start)).unwrap();
-            if let Some(at) = now.iter().zip(expected.iter()).position(|(a, b)| a != b) {
-                panic!(
-                    "after {ops} operations the canary at {:#x} changed",
-                    start + at as u64
-                );
-            }
+        for canary in &self.canaries {
+            let mut now = vec![0u8; canary.expected().len()];
+            self.mem
+                .read_slice(&mut now, GuestAddress(canary.start()))
+                .unwrap();
+            canary.check(&now, ops);
         }
     }
 }
 
-/// A pseudo-random byte pattern.
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut rng = Rng(seed | 1);
-    (0..len).map(|_| rng.next() as u8).collect()
-}
-
 #[test]
 fn hostile_soak() {
-    let ops: u64 = std::env::var("SOAK_OPS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000);
-    let seed: u64 = std::env::var("SOAK_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0x5eed_1044);
+    let SoakSettings { ops, seed } = SoakSettings::from_env(0x5eed_1044);
     let start = Instant::now();
     let mut soak = Soak::new(seed);
     let mut dirty = false;

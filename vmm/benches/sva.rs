@@ -12,7 +12,7 @@ use vmm::sva::{translate_enqueue, GuestPasids};
 
 const CR3: u64 = 0x1234_6000;
 const GPASID: u32 = 0x42;
-const RID: u16 = 0x08;
+const RID: pci::PciAddress = pci::PciAddress::from_rid(0x08);
 
 fn enqcmd_pasid(c: &mut Criterion) {
     let pasids = GuestPasids::new(Arc::new(PasidSpace::new()), "bench").unwrap();

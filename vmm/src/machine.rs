@@ -1,32 +1,33 @@
-//! The standard machine for Linux guests: the VM, the PCIe root complex,
-//! ACPI tables with the power-off device (and the vIOMMU's DMAR), the
-//! vIOMMU and vDSA functions, and the loaded kernel.
+//! Machines: the [`builder`] that assembles every machine from a
+//! [`MachineConfig`], the [`device_manager`] that owns its buses, PCIe
+//! root complex and vIOMMU attachment, and the standard machine for Linux
+//! guests ([`run_linux`]): everything, with ACPI tables and the loaded
+//! kernel.
+
+pub mod builder;
+pub mod device_manager;
+
+pub use builder::{build, Machine, MachineConfig};
+pub use device_manager::DeviceManager;
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use pci::MsiSink;
 use thiserror::Error;
 
-use crate::acpi::{create_acpi_tables, AcpiConfig, AcpiError, AcpiSleepDevice};
+use crate::acpi::AcpiError;
 use crate::boot::{load_linux, BootConfig, BootError};
-use crate::devices::pvpanic::PvPanic;
-use crate::devices::serial::SerialOutput;
-use crate::devices::virtio::event_loop::{EventLoopError, SharedVirtioDevice};
+use crate::devices::serial::{SerialDevice, SerialOutput};
+use crate::devices::virtio::event_loop::EventLoopError;
 use crate::devices::virtio::fs::FsError;
 use crate::devices::virtio::transport::TransportError;
-use crate::devices::virtio::{
-    Console, ConsoleInput, VhostUserFs, VirtioEventLoop, VirtioPciDevice,
-};
-use crate::layout;
-use crate::msi::KvmMsiSink;
-use crate::pci_root::{PciConfigIo, PciRoot, PciRootError};
+use crate::devices::virtio::ConsoleInput;
+use crate::pci_root::PciRootError;
 use crate::platform::Platform;
-use crate::sva::{attach_devices, attach_viommu, AccelConfig, AccelError, Accelerators, GuestMem};
-use crate::vm::{RunExit, Vm, VmConfig, VmError};
+use crate::sva::{AccelConfig, AccelError};
+use crate::vm::{RunExit, VmError};
 
 /// What to boot and on what.
 pub struct LinuxConfig {
@@ -72,7 +73,7 @@ pub struct VirtioConsole {
     pub input: Arc<ConsoleInput>,
 }
 
-/// Errors building the Linux machine; each prints as one line.
+/// Errors building or booting a machine; each prints as one line.
 #[derive(Debug, Error)]
 pub enum MachineError {
     /// The VM.
@@ -105,159 +106,46 @@ pub enum MachineError {
     /// An EventFd could not be created.
     #[error("virtio console input: {0}")]
     Io(#[from] std::io::Error),
+    /// A device's place on a bus is taken.
+    #[error(transparent)]
+    Bus(#[from] bus::BusError),
+    /// A PCI device was asked for on a machine without a root complex.
+    #[error("a PCI device needs the PCIe root complex, which this machine lacks")]
+    NoPciRoot,
 }
 
-/// Builds the machine, boots the kernel and runs it to the end.
+/// Builds the Linux machine ([`build`]: PCIe root complex, vIOMMU and
+/// vDSAs, pvpanic, virtio devices, ACPI), boots the kernel and runs it to
+/// the end.
 pub fn run_linux(config: LinuxConfig) -> Result<RunExit, MachineError> {
     // A plain boot on the terminal takes typed input on COM1; `vmm run`
     // (virtio consoles) leaves the VMM's stdin alone.
     let interactive = matches!(config.serial, SerialOutput::Stdout) && config.consoles.is_empty();
-    let vm_config = VmConfig {
-        cpus: config.cpus,
-        memory: config.memory,
-        serial: config.serial,
-        platform: config.platform,
-        pasid_space: None,
+    let machine_config = MachineConfig {
+        pci: true,
+        accel: config.accel,
+        pvpanic: true,
+        consoles: config.consoles,
+        filesystems: config.filesystems,
+        acpi: true,
+        ..MachineConfig::new(config.cpus, config.memory, config.serial, config.platform)
     };
-    let mut vm = Vm::new(vm_config)?;
+    let mut machine = build(machine_config)?;
     if interactive {
-        forward_stdin(vm.serial().clone());
+        if let Some(serial) = machine.devices().serial() {
+            forward_stdin(serial.clone());
+        }
     }
-
-    let root = attach_pci_root(&vm)?;
-    let accel = attach_accelerators(&vm, &root, &config.accel)?;
-    add_pvpanic(&vm, &root)?;
-    let mut virtio = add_virtio_consoles(&vm, &root, config.consoles)?;
-    virtio.extend(add_virtio_fs(&vm, &root, &config.filesystems)?);
-
-    let (power_off, stop) = (vm.power_off_flag(), vm.stop_flag());
-    let sleep = AcpiSleepDevice::new(move || {
-        power_off.store(true, Ordering::SeqCst);
-        stop.store(true, Ordering::SeqCst);
-    });
-    vm.pio()
-        .insert(
-            layout::ACPI_SLEEP_CONTROL_PORT.into(),
-            AcpiSleepDevice::PORT_COUNT,
-            Arc::new(Mutex::new(sleep)),
-        )
-        .map_err(VmError::from)?;
-
-    let mut acpi = AcpiConfig::new(config.cpus);
-    acpi.extra_tables.extend(accel.dmar);
-    let rsdp = create_acpi_tables(vm.memory(), &acpi)?;
     let boot = BootConfig {
         kernel: config.kernel,
         initramfs: config.initramfs,
         cmdline: config.platform.with_kernel_params(&config.cmdline),
-        rsdp: Some(rsdp),
+        rsdp: machine.rsdp(),
     };
-    let state = load_linux(vm.memory(), &boot)?;
+    let state = load_linux(machine.memory(), &boot)?;
     let regs = state.regs();
-    vm.set_boot_state_with(regs, Box::new(move |sregs| state.apply_sregs(sregs)));
-    let event_loop = if virtio.is_empty() {
-        None
-    } else {
-        Some(VirtioEventLoop::start(&virtio)?)
-    };
-    let exit = vm.run(config.timeout);
-    // Stopping the loop flushes what the guest queued last.
-    drop(event_loop);
-    Ok(exit)
-}
-
-/// The pvpanic PCI device: a guest panic ends the run as
-/// [`RunExit::GuestPanic`].
-fn add_pvpanic(vm: &Vm, root: &PciRoot) -> Result<(), MachineError> {
-    let (panicked, stop) = (vm.panic_flag(), vm.stop_flag());
-    let pvpanic = PvPanic::new(Box::new(move || {
-        panicked.store(true, Ordering::SeqCst);
-        stop.store(true, Ordering::SeqCst);
-    }))?;
-    let bdf = root.add_device(Arc::new(Mutex::new(pvpanic)))?;
-    log::debug!("pvpanic at {bdf}");
-    Ok(())
-}
-
-/// One virtio-console PCI function per entry of `consoles`.
-fn add_virtio_consoles(
-    vm: &Vm,
-    root: &PciRoot,
-    consoles: Vec<VirtioConsole>,
-) -> Result<Vec<SharedVirtioDevice>, MachineError> {
-    let msi = Arc::new(KvmMsiSink::new(vm.fd().clone()));
-    let mut devices = Vec::new();
-    for console in consoles {
-        let device = Console::new(console.output, console.input)?;
-        let pci = VirtioPciDevice::new(Box::new(device), vm.memory().clone(), msi.clone())?;
-        let shared = Arc::new(Mutex::new(pci));
-        let bdf = root.add_device(shared.clone())?;
-        log::debug!("virtio-console at {bdf}");
-        devices.push(shared);
-    }
-    Ok(devices)
-}
-
-/// One virtio-fs PCI function per entry of `filesystems`, each connected
-/// to its vhost-user backend.
-fn add_virtio_fs(
-    vm: &Vm,
-    root: &PciRoot,
-    filesystems: &[VirtioFs],
-) -> Result<Vec<SharedVirtioDevice>, MachineError> {
-    let msi = Arc::new(KvmMsiSink::new(vm.fd().clone()));
-    let mut devices = Vec::new();
-    for fs in filesystems {
-        let device = VhostUserFs::connect(&fs.socket, &fs.tag)?;
-        let pci = VirtioPciDevice::new(Box::new(device), vm.memory().clone(), msi.clone())?;
-        let shared = Arc::new(Mutex::new(pci));
-        let bdf = root.add_device(shared.clone())?;
-        log::debug!("virtio-fs '{}' at {bdf}", fs.tag);
-        devices.push(shared);
-    }
-    Ok(devices)
-}
-
-/// Puts the vIOMMU (if asked) on `vm`'s MMIO bus and the vDSAs on `root`,
-/// wired to the VM's PASIDs ([`Vm::pasids`]).
-pub fn attach_accelerators(
-    vm: &Vm,
-    root: &PciRoot,
-    config: &AccelConfig,
-) -> Result<Accelerators, AccelError> {
-    let memory: GuestMem = Arc::new(vm.memory().clone());
-    let msi: Arc<dyn MsiSink> = Arc::new(KvmMsiSink::new(vm.fd().clone()));
-    let iommu = if config.iommu {
-        Some(attach_viommu(vm.mmio(), memory.clone(), msi.clone())?)
-    } else {
-        None
-    };
-    attach_devices(vm.pasids(), memory, msi, iommu, root, &config.dsa)
-}
-
-/// Puts a PCIe root complex on `vm`'s buses: ECAM, the 0xCF8/0xCFC ports
-/// and the BAR windows.
-pub fn attach_pci_root(vm: &Vm) -> Result<PciRoot, VmError> {
-    let root = PciRoot::new();
-    vm.mmio().insert(
-        layout::PCIE_ECAM_START,
-        layout::PCIE_ECAM_SIZE,
-        Arc::new(Mutex::new(root.ecam())),
-    )?;
-    vm.pio().insert(
-        layout::PCI_CONFIG_ADDRESS_PORT.into(),
-        PciConfigIo::PORT_COUNT,
-        Arc::new(Mutex::new(root.config_io())),
-    )?;
-    let windows = Arc::new(Mutex::new(root.mmio_windows()));
-    vm.mmio().insert(
-        layout::PCI_MMIO32_START,
-        layout::PCI_MMIO32_SIZE,
-        windows.clone(),
-    )?;
-    vm.mmio()
-        .insert(layout::PCI_MMIO64_START, layout::PCI_MMIO64_SIZE, windows)?;
-    Ok(root)
+    machine.set_boot_state_with(regs, Box::new(move |sregs| state.apply_sregs(sregs)));
+    machine.run(config.timeout)
 }
 
 /// Feeds what is typed on the VMM's stdin to COM1. The thread ends at
@@ -265,7 +153,7 @@ pub fn attach_pci_root(vm: &Vm) -> Result<PciRoot, VmError> {
 /// (a non-blocking or unreadable stdin), never retrying in a loop, and
 /// otherwise with the process. A signal that interrupts the read is not
 /// the end.
-fn forward_stdin(serial: Arc<Mutex<crate::devices::serial::SerialDevice>>) {
+fn forward_stdin(serial: Arc<Mutex<SerialDevice>>) {
     let spawned = std::thread::Builder::new()
         .name("stdin".into())
         .spawn(move || {

@@ -6,12 +6,10 @@
 //! `Drop`; a daemon whose VMM died without unwinding exits when its
 //! vhost-user connection closes).
 //!
-//! The guest's init mounts each share by tag before it runs the command
-//! (`vmm.share=TAG,PATH,ro|rw` after `--` on the kernel command line, PATH
-//! percent-encoded as `vmm.cmd=` is) and runs the command in `vmm.cwd=`
-//! when the VMM's working directory lies in a share.
+//! The guest finds each share by its [`tag`]; telling the guest's init
+//! where to mount it is `vmm run`'s business (the command's
+//! `src/run_command.rs`).
 
-use std::ffi::OsString;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Component, Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -21,7 +19,6 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use crate::machine::VirtioFs;
-use crate::run_command::encode_argv;
 
 /// The virtiofsd release `tools/virtiofsd.sh` installs.
 pub const VIRTIOFSD_VERSION: &str = "1.14.0";
@@ -127,41 +124,6 @@ pub fn check_shares(shares: &[ShareSpec]) -> Result<(), ShareError> {
 /// The tag of the `index`th share.
 pub fn tag(index: usize) -> String {
     format!("share{index}")
-}
-
-/// Where the command runs in the guest: `cwd`'s place in the share that
-/// holds it (the innermost), if one does.
-pub fn guest_cwd(shares: &[ShareSpec], cwd: &Path) -> Option<PathBuf> {
-    shares
-        .iter()
-        .filter_map(|s| Some((s, cwd.strip_prefix(&s.host).ok()?)))
-        .max_by_key(|(s, _)| s.host.components().count())
-        .map(|(s, rest)| s.guest.join(rest))
-}
-
-fn encode_path(path: &Path) -> String {
-    encode_argv(&[OsString::from(path.as_os_str())])
-}
-
-/// init's settings for `shares`: one `vmm.share=` each, and `vmm.cwd=`
-/// when `cwd` lies in one.
-pub fn init_settings(shares: &[ShareSpec], cwd: Option<&Path>) -> Vec<String> {
-    let mut settings: Vec<String> = shares
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            format!(
-                "vmm.share={},{},{}",
-                tag(i),
-                encode_path(&s.guest),
-                if s.writable { "rw" } else { "ro" }
-            )
-        })
-        .collect();
-    if let Some(dir) = cwd.and_then(|cwd| guest_cwd(shares, cwd)) {
-        settings.push(format!("vmm.cwd={}", encode_path(&dir)));
-    }
-    settings
 }
 
 /// The directory `tools/virtiofsd.sh` installs into.
@@ -415,38 +377,6 @@ mod tests {
             parse_share("/nonexistent/dir"),
             Err(ShareError::HostDir { .. })
         ));
-    }
-
-    #[test]
-    fn cwd_in_the_innermost_share() {
-        let outer = ShareSpec {
-            host: "/home/u".into(),
-            guest: "/home/u".into(),
-            writable: false,
-        };
-        let inner = ShareSpec {
-            host: "/home/u/src".into(),
-            guest: "/src".into(),
-            writable: true,
-        };
-        let shares = [outer, inner];
-        assert_eq!(
-            guest_cwd(&shares, Path::new("/home/u/src/t")),
-            Some(PathBuf::from("/src/t"))
-        );
-        assert_eq!(
-            guest_cwd(&shares, Path::new("/home/u")),
-            Some(PathBuf::from("/home/u"))
-        );
-        assert_eq!(guest_cwd(&shares, Path::new("/tmp")), None);
-        assert_eq!(
-            init_settings(&shares, Some(Path::new("/home/u/src/a b"))),
-            [
-                "vmm.share=share0,/home/u,ro",
-                "vmm.share=share1,/src,rw",
-                "vmm.cwd=/src/a%20b"
-            ]
-        );
     }
 
     #[test]

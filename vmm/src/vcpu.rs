@@ -19,6 +19,7 @@ use crate::emulator::{
 use crate::entry_watch::{EntryWatch, SharedHandlers};
 use crate::platform::{vector, HostCpu, Platform};
 use crate::sva::GuestPasids;
+use crate::vcpu_trace::{EmulationRoute, EntryRoute, ExitTrace, Route};
 use bus::Bus;
 
 /// KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES.
@@ -82,6 +83,9 @@ pub struct Vcpu {
     /// Emulation-failure exits the fallback emulator answered, by
     /// instruction.
     fallback_exits: Vec<(FallbackInstruction, u64)>,
+    /// The last exits and the state last resumed with, for the report of
+    /// a triple fault.
+    trace: Box<ExitTrace>,
 }
 
 impl Vcpu {
@@ -123,6 +127,7 @@ impl Vcpu {
             synced: false,
             xsave_cpuid: None,
             fallback_exits: Vec::new(),
+            trace: Box::default(),
         }
     }
 
@@ -230,6 +235,35 @@ impl Vcpu {
         self.arm_entry_watch()
     }
 
+    /// Keeps the state the vCPU resumes with (the `kvm_run` sync area
+    /// after an exit) and ends the last exit's time.
+    fn trace_resume(&mut self) {
+        if self.synced {
+            let s = self.fd.sync_regs_mut();
+            self.trace.resume(Some((&s.regs, &s.sregs, &s.events)));
+        } else {
+            self.trace.resume(None);
+        }
+    }
+
+    /// Records the exit KVM_RUN reported (`errno`: it returned that error).
+    fn trace_exit(&mut self, errno: Option<i32>) {
+        let rip = if self.synced {
+            self.fd.sync_regs_mut().regs.rip
+        } else {
+            0
+        };
+        self.trace
+            .exit(self.fd.get_kvm_run(), errno.map_or(Ok(()), Err), rip);
+    }
+
+    /// KVM_EXIT_SHUTDOWN: reports the vCPU's state and its last exits.
+    fn triple_fault(&mut self) -> VcpuStop {
+        self.trace_exit(None);
+        log::error!("{}", self.trace.shutdown_report(self.id, &self.fd));
+        VcpuStop::TripleFault
+    }
+
     fn rip(&mut self) -> u64 {
         GuestCpu::regs(self).map_or(0, |r| r.rip)
     }
@@ -285,8 +319,10 @@ impl Vcpu {
             if stop.load(Ordering::Acquire) {
                 return VcpuStop::Requested;
             }
+            self.trace_resume();
             let result = self.fd.run();
             self.synced = result.is_ok();
+            let mut errno = None;
             let action = match result {
                 Ok(exit) => match exit {
                     VcpuExit::IoOut(port, data) => {
@@ -341,15 +377,19 @@ impl Vcpu {
                     }
                     VcpuExit::Debug(arch) => Action::Debug(arch.pc, arch.dr6),
                     VcpuExit::InternalError => Action::InternalError,
-                    VcpuExit::Shutdown => return VcpuStop::TripleFault,
+                    VcpuExit::Shutdown => return self.triple_fault(),
                     VcpuExit::SystemEvent(kind, _) => return VcpuStop::SystemEvent(kind),
                     VcpuExit::Hlt => Action::Fatal("HLT (interrupts cannot wake it)".into()),
                     VcpuExit::Intr => Action::Resume,
                     other => Action::Fatal(format!("{other:?}")),
                 },
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Action::Resume,
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    errno = Some(e.errno());
+                    Action::Resume
+                }
                 Err(e) => return VcpuStop::Fatal(format!("vCPU {}: KVM_RUN failed: {e}", self.id)),
             };
+            self.trace_exit(errno);
             if let Err(e) = self.rearm_on_new_idt() {
                 return VcpuStop::Fatal(format!(
                     "vCPU {}: cannot watch exception entries: {e}",
@@ -414,7 +454,11 @@ impl Vcpu {
         self.watch_exits.count(vector);
         let handled = match vector {
             vector::UD | vector::GP => {
-                match emulator::handle_exception_entry(self, vector).map_err(|e| self.fatal(&e))? {
+                let action =
+                    emulator::handle_exception_entry(self, vector).map_err(|e| self.fatal(&e))?;
+                self.trace
+                    .route(Route::Entry(vector, EntryRoute::of(&action)));
+                match action {
                     EntryAction::PassThrough => false,
                     EntryAction::NotHandled(u) => {
                         log::warn!(
@@ -452,6 +496,9 @@ impl Vcpu {
                         }
                     }
                 }
+                if entry.is_some() {
+                    self.trace.route(Route::SyscallEntry);
+                }
                 entry.is_some()
             }
             _ => false,
@@ -471,9 +518,13 @@ impl Vcpu {
                      instruction: {u}",
                     self.id
                 );
+                self.trace.route(Route::Unwatched(vector));
                 self.unwatch(vector)
             }
-            StepOver::Skipped(_) | StepOver::Emulated(_) => Ok(()),
+            StepOver::Skipped(_) | StepOver::Emulated(_) => {
+                self.trace.route(Route::StepOver(vector));
+                Ok(())
+            }
         }
     }
 
@@ -482,6 +533,7 @@ impl Vcpu {
     /// armed, KVM brings every #DB here. The guest gets it as the CPU
     /// delivers it, its DR6 (`dr6`, as the exit reports it) updated.
     fn reflect_debug_exception(&mut self, dr6: u64) -> Result<(), String> {
+        self.trace.route(Route::ReflectDebug(dr6));
         let mut debug_regs = self
             .fd
             .get_debug_regs()
@@ -533,7 +585,11 @@ impl Vcpu {
             &[]
         };
         let bytes = bytes.to_vec();
-        match emulator::handle_emulation_failure(self, &bytes).map_err(|e| self.fatal(&e))? {
+        let outcome =
+            emulator::handle_emulation_failure(self, &bytes).map_err(|e| self.fatal(&e))?;
+        self.trace
+            .route(Route::Emulation(EmulationRoute::of(&outcome)));
+        match outcome {
             Outcome::NotHandled(u) => Err(format!("vCPU {}: emulation failure: {u}", self.id)),
             outcome => {
                 if let Outcome::Emulated(which) = outcome {
@@ -630,6 +686,53 @@ fn is_canonical(addr: u64) -> bool {
     ((addr as i64) << 16 >> 16) as u64 == addr
 }
 
+/// The events to hand KVM for injecting exception `vector` (with
+/// `error_code`), from `at_exit`, the events KVM reported at the exit.
+///
+/// Only the event fields KVM always takes are written, as they were at the
+/// exit, plus the exception: no validity flag is kept, so KVM does not take
+/// back the exit's NMI-pending count, SMM state (with its latched INIT),
+/// SIPI vector or interrupt shadow. Those can change between the exit and
+/// the next KVM_RUN (another vCPU's NMI or INIT arrives while the VMM
+/// answers, which can take long: an ENQCMD may run its descriptor), and
+/// writing the exit's values back would drop them.
+///
+/// An event KVM was still delivering at the exit (an exception, an
+/// external interrupt or an NMI "injected") would be lost under the new
+/// exception: KVM re-injects only one event per entry and forgets the
+/// rest, and a lost interrupt leaves its vector in service for good. That
+/// is refused, naming both.
+fn events_injecting(
+    at_exit: kvm_vcpu_events,
+    vector: u8,
+    error_code: Option<u32>,
+) -> Result<kvm_vcpu_events, String> {
+    let mut events = at_exit;
+    let in_delivery = if at_exit.exception.injected != 0 || at_exit.exception.pending != 0 {
+        Some(format!("exception {}", at_exit.exception.nr))
+    } else if at_exit.nmi.injected != 0 {
+        Some("an NMI".to_string())
+    } else if at_exit.interrupt.injected != 0 {
+        Some(format!("interrupt {:#x}", at_exit.interrupt.nr))
+    } else {
+        None
+    };
+    if let Some(other) = in_delivery {
+        return Err(format!(
+            "cannot inject exception {vector}: KVM was delivering {other} at the exit"
+        ));
+    }
+    events.flags = 0;
+    events.exception.injected = 1;
+    events.exception.pending = 0;
+    events.exception.nr = vector;
+    events.exception.has_error_code = u8::from(error_code.is_some());
+    events.exception.error_code = error_code.unwrap_or(0);
+    events.exception_has_payload = 0;
+    events.exception_payload = 0;
+    Ok(events)
+}
+
 fn vcpu_error(e: kvm_ioctls::Error) -> EmulatorError {
     EmulatorError::Vcpu(Box::new(e))
 }
@@ -721,11 +824,9 @@ impl GuestCpu for Vcpu {
             sregs.cr2 = cr2;
             self.write_state(&SREGS, &sregs)?;
         }
-        let mut events = self.read_state(&EVENTS)?;
-        events.exception.injected = 1;
-        events.exception.nr = vector;
-        events.exception.has_error_code = u8::from(error_code.is_some());
-        events.exception.error_code = error_code.unwrap_or(0);
+        let events = self.read_state(&EVENTS)?;
+        let events = events_injecting(events, vector, error_code)
+            .map_err(|e| EmulatorError::Vcpu(e.into()))?;
         self.write_state(&EVENTS, &events)
     }
 
@@ -761,5 +862,66 @@ impl GuestCpu for Vcpu {
     fn write_device(&mut self, gpa: u64, data: &[u8]) {
         // A write nobody claims is dropped, as on the bus.
         let _ = self.mmio.write(gpa, data);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_bindings::{
+        KVM_VCPUEVENT_VALID_NMI_PENDING, KVM_VCPUEVENT_VALID_SHADOW, KVM_VCPUEVENT_VALID_SMM,
+    };
+
+    /// What KVM_GET_VCPU_EVENTS reports at a quiet exit.
+    fn quiet_exit() -> kvm_vcpu_events {
+        let mut e = kvm_vcpu_events {
+            flags: KVM_VCPUEVENT_VALID_NMI_PENDING
+                | KVM_VCPUEVENT_VALID_SHADOW
+                | KVM_VCPUEVENT_VALID_SMM,
+            ..Default::default()
+        };
+        // A stale vector of an earlier exception, not in delivery.
+        e.exception.nr = 6;
+        e
+    }
+
+    #[test]
+    fn an_injected_exception_keeps_nmis_and_inits_that_arrive_after_the_exit() {
+        let events = events_injecting(quiet_exit(), 14, Some(6)).unwrap();
+        assert_eq!(
+            (
+                events.exception.injected,
+                events.exception.nr,
+                events.exception.has_error_code,
+                events.exception.error_code
+            ),
+            (1, 14, 1, 6)
+        );
+        // Without the flags KVM keeps its own NMI-pending count, SMM state
+        // (latched INIT) and interrupt shadow instead of the exit's.
+        assert_eq!(events.flags, 0);
+        let db = events_injecting(quiet_exit(), 1, None).unwrap();
+        assert_eq!((db.exception.nr, db.exception.has_error_code), (1, 0));
+    }
+
+    #[test]
+    fn an_event_in_delivery_is_not_replaced() {
+        let mut irq = quiet_exit();
+        irq.interrupt.injected = 1;
+        irq.interrupt.nr = 0xec;
+        assert_eq!(
+            events_injecting(irq, 14, Some(4)).unwrap_err(),
+            "cannot inject exception 14: KVM was delivering interrupt 0xec at the exit"
+        );
+        let mut nmi = quiet_exit();
+        nmi.nmi.injected = 1;
+        assert!(events_injecting(nmi, 1, None)
+            .unwrap_err()
+            .contains("an NMI"));
+        let mut ud = quiet_exit();
+        ud.exception.injected = 1;
+        assert!(events_injecting(ud, 13, Some(0))
+            .unwrap_err()
+            .contains("delivering exception 6"));
     }
 }

@@ -5,7 +5,7 @@ use std::fs::File;
 use std::os::fd::FromRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -19,18 +19,15 @@ use thiserror::Error;
 use vm_memory::{
     Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
 };
-use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use crate::devices::i8042::{I8042, I8042_COMMAND_PORT};
-use crate::devices::serial::{SerialDevice, SerialOutput};
 use crate::entry_watch::SharedHandlers;
 use crate::layout;
 use crate::platform::{pvm, HostCpu, Platform};
 use crate::stop_signal;
 use crate::sva::GuestPasids;
 use crate::vcpu::{Vcpu, VcpuStop};
-use bus::{Bus, BusError};
+use bus::Bus;
 use pasid::PasidSpace;
 
 /// What a vCPU thread tells the thread that runs the machine.
@@ -68,9 +65,6 @@ pub enum VmError {
     /// Guest memory could not be mapped.
     #[error("guest memory: {0}")]
     Memory(String),
-    /// Device registration failed.
-    #[error(transparent)]
-    Bus(#[from] BusError),
     /// A thread could not be started.
     #[error("cannot start a vCPU thread: {0}")]
     Thread(#[from] std::io::Error),
@@ -133,8 +127,6 @@ pub struct VmConfig {
     pub cpus: u8,
     /// Guest RAM in bytes.
     pub memory: u64,
-    /// Where COM1's output goes.
-    pub serial: SerialOutput,
     /// The kind of KVM serving /dev/kvm: which workarounds apply
     /// ([`crate::platform`]); usually [`Platform::host`].
     pub platform: Platform,
@@ -164,7 +156,6 @@ pub struct Vm {
     test_done: Arc<AtomicBool>,
     test_result: Arc<AtomicU32>,
     reset: Arc<AtomicBool>,
-    serial: Arc<Mutex<SerialDevice>>,
     pasids: Arc<GuestPasids>,
     tsc_khz: Arc<AtomicU32>,
 }
@@ -208,9 +199,11 @@ pub fn shared_guest_memory(size: u64) -> Result<GuestMemoryMmap, VmError> {
 }
 
 impl Vm {
-    /// Creates the VM, its memory, interrupt chip, PIT, serial port and
-    /// platform devices.
-    pub fn new(config: VmConfig) -> Result<Self, VmError> {
+    /// Creates the VM, its memory, interrupt chip and PIT; its vCPUs will
+    /// dispatch MMIO and port I/O to `mmio` and `pio`, whose devices the
+    /// machine's device manager puts there
+    /// ([`crate::machine::DeviceManager`]).
+    pub fn new(config: VmConfig, mmio: Arc<Bus>, pio: Arc<Bus>) -> Result<Self, VmError> {
         static NEXT_VM: AtomicU32 = AtomicU32::new(0);
         let space = config.pasid_space.clone().unwrap_or_else(host_pasid_space);
         let name = format!("vm{}", NEXT_VM.fetch_add(1, Ordering::Relaxed));
@@ -277,20 +270,6 @@ impl Vm {
         fd.set_msr_filter(MsrFilterDefaultAction::ALLOW, &ranges)
             .map_err(kvm_err("KVM_X86_SET_MSR_FILTER"))?;
 
-        let mmio = Arc::new(Bus::new());
-        let pio = Arc::new(Bus::new());
-        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::Thread)?;
-        fd.register_irqfd(&serial_irq, layout::COM1_IRQ)
-            .map_err(kvm_err("KVM_IRQFD (COM1)"))?;
-        let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, config.serial)));
-        pio.insert(layout::COM1_PORT.into(), 8, serial.clone())?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let reset = Arc::new(AtomicBool::new(false));
-        pio.insert(
-            I8042_COMMAND_PORT.into(),
-            1,
-            Arc::new(Mutex::new(I8042::new(reset.clone(), stop.clone()))),
-        )?;
         Ok(Self {
             kvm,
             fd: Arc::new(fd),
@@ -303,11 +282,10 @@ impl Vm {
             boot: None,
             power_off: Arc::new(AtomicBool::new(false)),
             panicked: Arc::new(AtomicBool::new(false)),
-            stop,
+            stop: Arc::new(AtomicBool::new(false)),
             test_done: Arc::new(AtomicBool::new(false)),
             test_result: Arc::new(AtomicU32::new(0)),
-            reset,
-            serial,
+            reset: Arc::new(AtomicBool::new(false)),
             pasids,
             tsc_khz: Arc::new(AtomicU32::new(0)),
         })
@@ -343,24 +321,9 @@ impl Vm {
         &self.memory
     }
 
-    /// The MMIO bus.
-    pub fn mmio(&self) -> &Arc<Bus> {
-        &self.mmio
-    }
-
-    /// The port-I/O bus.
-    pub fn pio(&self) -> &Arc<Bus> {
-        &self.pio
-    }
-
     /// The KVM VM (for MSI delivery and irqfds).
     pub fn fd(&self) -> &Arc<VmFd> {
         &self.fd
-    }
-
-    /// COM1, to feed it input.
-    pub fn serial(&self) -> &Arc<Mutex<SerialDevice>> {
-        &self.serial
     }
 
     /// The registers vCPU 0 starts with. The APIC base keeps KVM's reset
@@ -386,6 +349,12 @@ impl Vm {
     /// [`RunExit::PowerOff`].
     pub fn power_off_flag(&self) -> Arc<AtomicBool> {
         self.power_off.clone()
+    }
+
+    /// A flag a reset device (the i8042's reset command) raises; the run
+    /// then ends as [`RunExit::Reset`].
+    pub fn reset_flag(&self) -> Arc<AtomicBool> {
+        self.reset.clone()
     }
 
     /// A flag a panic-notification device raises; the run then ends as

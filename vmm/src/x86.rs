@@ -1,8 +1,9 @@
 //! x86-64 architectural constants, the machine's one home for them (Intel
 //! SDM Vol. 3A): RFLAGS bits, control-register and EFER bits, MSR indices,
-//! exception vectors, segment-selector fields and page-table entry bits. The
-//! emulator, the boot state and the micro-guest harness take them from here;
-//! IA32_PASID's index and fields are the `pasid` crate's.
+//! exception vectors, segment selectors and descriptors, and page-table
+//! entry bits. The emulator, the boot state and the micro-guest harness
+//! take them from here; IA32_PASID's index and fields are the `pasid`
+//! crate's.
 
 /// RFLAGS bits (SDM Vol. 1, 3.4.3).
 pub mod rflags {
@@ -147,6 +148,132 @@ pub mod descriptor {
     }
 }
 
+/// Segment descriptors (SDM Vol. 3A, 3.4.5).
+pub mod segment {
+    use kvm_bindings::kvm_segment;
+
+    /// A segment descriptor in the GDT. Code and data descriptors are flat
+    /// (base 0); a system descriptor's base goes in with
+    /// [`SegmentDescriptor::to_system_u64`].
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct SegmentDescriptor {
+        /// Limit in units of the granularity (20 bits).
+        pub limit: u32,
+        /// Type field (bits 43:40).
+        pub kind: u8,
+        /// S: code/data (true) or system (false).
+        pub code_or_data: bool,
+        /// DPL (bits 46:45).
+        pub dpl: u8,
+        /// L: 64-bit code segment.
+        pub long: bool,
+        /// D/B: 32-bit default operand size.
+        pub default_32: bool,
+        /// G: limit in 4 KiB units.
+        pub granularity_4k: bool,
+    }
+
+    /// Segment types.
+    pub mod kind {
+        /// Code: execute/read, accessed.
+        pub const CODE_EXEC_READ_ACCESSED: u8 = 0xb;
+        /// Data: read/write, accessed.
+        pub const DATA_READ_WRITE_ACCESSED: u8 = 0x3;
+        /// System: 64-bit TSS, available.
+        pub const TSS64_AVAILABLE: u8 = 0x9;
+        /// System: 64-bit TSS, busy.
+        pub const TSS64_BUSY: u8 = 0xb;
+    }
+
+    /// Flat 64-bit code at `dpl`.
+    pub const fn code64(dpl: u8) -> SegmentDescriptor {
+        SegmentDescriptor {
+            limit: 0xf_ffff,
+            kind: kind::CODE_EXEC_READ_ACCESSED,
+            code_or_data: true,
+            dpl,
+            long: true,
+            default_32: false,
+            granularity_4k: true,
+        }
+    }
+
+    /// Flat read/write data at `dpl`.
+    pub const fn data(dpl: u8) -> SegmentDescriptor {
+        SegmentDescriptor {
+            limit: 0xf_ffff,
+            kind: kind::DATA_READ_WRITE_ACCESSED,
+            code_or_data: true,
+            dpl,
+            long: false,
+            default_32: true,
+            granularity_4k: true,
+        }
+    }
+
+    /// A 64-bit TSS of `limit + 1` bytes, of type `kind` (available or
+    /// busy).
+    pub const fn tss64(limit: u32, kind: u8) -> SegmentDescriptor {
+        SegmentDescriptor {
+            limit,
+            kind,
+            code_or_data: false,
+            dpl: 0,
+            long: false,
+            default_32: false,
+            granularity_4k: false,
+        }
+    }
+
+    impl SegmentDescriptor {
+        /// The 8-byte descriptor (present, base 0).
+        pub fn to_u64(self) -> u64 {
+            let limit = u64::from(self.limit & 0xf_ffff);
+            let present = 1 << 7;
+            let access = u64::from(self.kind & 0xf)
+                | (u64::from(self.code_or_data) << 4)
+                | (u64::from(self.dpl & 3) << 5)
+                | present;
+            let flags = (u64::from(self.long) << 1)
+                | (u64::from(self.default_32) << 2)
+                | (u64::from(self.granularity_4k) << 3);
+            (limit & 0xffff) | ((limit >> 16) << 48) | (access << 40) | (flags << 52)
+        }
+
+        /// The 16-byte form of a system descriptor (TSS, LDT) at `base`:
+        /// two GDT entries.
+        pub fn to_system_u64(self, base: u64) -> [u64; 2] {
+            let low = self.to_u64() | ((base & 0xff_ffff) << 16) | (((base >> 24) & 0xff) << 56);
+            [low, base >> 32]
+        }
+
+        /// The same segment as KVM's segment-register state, loaded with
+        /// `selector` (base 0).
+        pub fn to_kvm_segment(self, selector: u16) -> kvm_segment {
+            let limit = if self.granularity_4k {
+                (self.limit << 12) | 0xfff
+            } else {
+                self.limit
+            };
+            kvm_segment {
+                base: 0,
+                limit,
+                selector,
+                type_: self.kind,
+                present: 1,
+                dpl: self.dpl & 3,
+                db: u8::from(self.default_32),
+                s: u8::from(self.code_or_data),
+                l: u8::from(self.long),
+                g: u8::from(self.granularity_4k),
+                avl: 0,
+                unusable: 0,
+                padding: 0,
+            }
+        }
+    }
+}
+
 /// The ENDBR64 instruction (CET), which Linux puts at every entry point.
 pub const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
 
@@ -177,6 +304,26 @@ pub mod pte {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flat_descriptors_encode_as_linux_writes_them() {
+        // Linux's GDT_ENTRY_INIT values for __KERNEL_CS, __KERNEL_DS,
+        // __USER_DS and __USER_CS in 64-bit mode.
+        assert_eq!(segment::code64(0).to_u64(), 0x00af_9b00_0000_ffff);
+        assert_eq!(segment::data(0).to_u64(), 0x00cf_9300_0000_ffff);
+        assert_eq!(segment::data(3).to_u64(), 0x00cf_f300_0000_ffff);
+        assert_eq!(segment::code64(3).to_u64(), 0x00af_fb00_0000_ffff);
+        let tss = segment::tss64(0x67, segment::kind::TSS64_AVAILABLE);
+        assert_eq!(
+            tss.to_system_u64(0x1234_5678_9abc_d000),
+            [0x9a00_89bc_d000_0067, 0x1234_5678]
+        );
+        let user = segment::code64(3).to_kvm_segment(0x33);
+        assert_eq!(
+            (user.dpl, user.limit, user.l, user.db),
+            (3, 0xffff_ffff, 1, 0)
+        );
+    }
 
     #[test]
     fn error_code_vectors() {

@@ -55,11 +55,6 @@ impl PciFunction {
         Self::at(PciAddress::new(bus, device, function))
     }
 
-    /// The function with requester ID `rid`.
-    pub fn from_rid(rid: u16) -> Self {
-        Self::at(PciAddress::from_rid(rid))
-    }
-
     fn reg(&self, offset: u16) -> u64 {
         self.base + u64::from(offset)
     }

@@ -30,7 +30,7 @@ pub enum BringUpError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SvaSetup {
     /// The vDSA's requester ID.
-    pub dsa_rid: u16,
+    pub dsa_rid: pci::PciAddress,
     /// The process's guest PASID.
     pub pasid: u32,
     /// Domain ID of the process's PASID entry.
@@ -68,7 +68,7 @@ impl SvaSetup {
             tables.emit(asm)?;
             Vtd::default().enable(asm, tables.root_table())?;
         }
-        let function = PciFunction::from_rid(self.dsa_rid);
+        let function = PciFunction::at(self.dsa_rid);
         function.check_identity(
             asm,
             vdsa::config_space::VENDOR_ID,

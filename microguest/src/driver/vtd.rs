@@ -14,6 +14,7 @@ use super::{
     VTD_TABLES_START,
 };
 use crate::{DATA_PT_START, DATA_START, PTE_P, PTE_U, PTE_W};
+use pci::PciAddress;
 use vmm::layout;
 
 /// Present bit of a root-entry half and of a PASID-directory entry.
@@ -81,9 +82,9 @@ pub struct ScalableTables {
     base: u64,
     pages: u64,
     /// (rid, PASID-directory page).
-    directories: Vec<(u16, u64)>,
+    directories: Vec<(PciAddress, u64)>,
     /// (rid, directory index, PASID-table page).
-    pasid_tables: Vec<(u16, u32, u64)>,
+    pasid_tables: Vec<(PciAddress, u32, u64)>,
     /// (bus, context-table page for devfn 0-127 or 128-255, upper half).
     context_tables: Vec<(u8, bool, u64)>,
     stores: Vec<(u64, Vec<u64>)>,
@@ -99,8 +100,8 @@ pub enum TablesError {
     #[error("PASID {0:#x} is beyond the {MAX_PASIDS} PASIDs the directory covers")]
     PasidTooLarge(u32),
     /// A PASID entry for a device without a context entry.
-    #[error("requester {0:#06x} has no context entry")]
-    NoContext(u16),
+    #[error("{0} has no context entry")]
+    NoContext(PciAddress),
 }
 
 impl Default for ScalableTables {
@@ -141,7 +142,7 @@ impl ScalableTables {
     }
 
     /// The PASID directory of `rid`.
-    pub fn pasid_directory(&self, rid: u16) -> Option<u64> {
+    pub fn pasid_directory(&self, rid: PciAddress) -> Option<u64> {
         self.directories
             .iter()
             .find(|(r, _)| *r == rid)
@@ -150,9 +151,12 @@ impl ScalableTables {
 
     /// Adds the context entry of `rid`: PASID enabled, a PASID directory
     /// of its own, RID_PASID 0, and `controls`.
-    pub fn add_device(&mut self, rid: u16, controls: ContextControls) -> Result<(), TablesError> {
-        let function = pci::PciAddress::from_rid(rid);
-        let (bus, devfn) = (function.bus, function.devfn());
+    pub fn add_device(
+        &mut self,
+        rid: PciAddress,
+        controls: ContextControls,
+    ) -> Result<(), TablesError> {
+        let (bus, devfn) = (rid.bus, rid.devfn());
         let upper = devfn >= 0x80;
         let table = match self
             .context_tables
@@ -185,7 +189,11 @@ impl ScalableTables {
     /// Adds `rid`'s PASID-table entry for `binding`: first-stage
     /// translation through the process's own page tables, user requests
     /// only (SRE clear), as Linux's intel_pasid_setup_first_level writes it.
-    pub fn bind(&mut self, rid: u16, binding: FirstStageBinding) -> Result<u64, TablesError> {
+    pub fn bind(
+        &mut self,
+        rid: PciAddress,
+        binding: FirstStageBinding,
+    ) -> Result<u64, TablesError> {
         if binding.pasid >= MAX_PASIDS {
             return Err(TablesError::PasidTooLarge(binding.pasid));
         }
@@ -624,7 +632,7 @@ mod tests {
     fn the_page_group_response_echoes_the_request() {
         // What service_page_request computes from a queued request.
         let request = PageRequest {
-            requester_id: 0x0108,
+            requester_id: pci::PciAddress::from_rid(0x0108),
             pasid: Some(PasidTag {
                 pasid: 0xa_bcde,
                 privileged: false,
@@ -647,7 +655,7 @@ mod tests {
         assert_eq!(
             Descriptor::decode(response, true),
             Ok(Descriptor::PageGroupResponse(PageGroupResponse {
-                requester_id: 0x0108,
+                requester_id: pci::PciAddress::from_rid(0x0108),
                 pasid: Some(0xa_bcde),
                 prg_index: 0x1ff,
                 code: ResponseCode::Success,
@@ -677,21 +685,22 @@ mod tests {
             did: 1,
         };
         let mut t = ScalableTables::default();
-        assert_eq!(t.bind(0x18, binding(1)), Err(TablesError::NoContext(0x18)));
-        t.add_device(0x18, ContextControls::default()).unwrap();
+        let dev = PciAddress::from_rid(0x18);
+        assert_eq!(t.bind(dev, binding(1)), Err(TablesError::NoContext(dev)));
+        t.add_device(dev, ContextControls::default()).unwrap();
         assert_eq!(
-            t.bind(0x18, binding(MAX_PASIDS)),
+            t.bind(dev, binding(MAX_PASIDS)),
             Err(TablesError::PasidTooLarge(MAX_PASIDS))
         );
         // Root, context table, directory: 13 PASID tables fit, the 14th not.
         for i in 0..13 {
-            t.bind(0x18, binding(i * PASIDS_PER_TABLE)).unwrap();
+            t.bind(dev, binding(i * PASIDS_PER_TABLE)).unwrap();
         }
         assert_eq!(
-            t.bind(0x18, binding(13 * PASIDS_PER_TABLE)),
+            t.bind(dev, binding(13 * PASIDS_PER_TABLE)),
             Err(TablesError::OutOfPages(VTD_TABLES_PAGES))
         );
         // Another PASID in an existing table needs no page.
-        assert!(t.bind(0x18, binding(5)).is_ok());
+        assert!(t.bind(dev, binding(5)).is_ok());
     }
 }

@@ -9,6 +9,7 @@
 
 use std::sync::{Arc, Mutex};
 
+pub use pci::PciAddress;
 use viommu::paging::builder::PageTableBuilder;
 use viommu::paging::PagingLevels;
 use viommu::regs::*;
@@ -32,6 +33,10 @@ pub const PRQ_MSI: (u64, u32) = (0xfee0_2000, 0x43);
 pub const RID: u16 = 0x0018;
 /// A device in the upper half of a context table (devfn >= 0x80), on bus 2.
 pub const RID_HIGH: u16 = 0x0285;
+/// [`RID`] as the function it names, as the unit's requests take it.
+pub const DEV: PciAddress = PciAddress::from_rid(RID);
+/// [`RID_HIGH`] as the function it names.
+pub const DEV_HIGH: PciAddress = PciAddress::from_rid(RID_HIGH);
 
 /// Records every MSI.
 #[derive(Default)]

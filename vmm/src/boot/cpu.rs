@@ -2,108 +2,24 @@
 //! registers and segment registers, as Linux's 64-bit boot protocol wants
 //! them (Documentation/arch/x86/boot.rst, "64-bit Boot Protocol").
 
-use kvm_bindings::{kvm_dtable, kvm_segment};
+use kvm_bindings::kvm_dtable;
 
 use crate::layout;
 use crate::x86::pte;
+use crate::x86::segment::{self, SegmentDescriptor};
 
 pub use crate::x86::{cr0, cr4, efer};
 
 /// RFLAGS with only the always-one bit 1 set: interrupts disabled.
 pub const RFLAGS_RESERVED_ONE: u64 = crate::x86::rflags::FIXED;
 
-/// A segment descriptor in the GDT (flat: base 0).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SegmentDescriptor {
-    /// Limit in units of the granularity (20 bits).
-    pub limit: u32,
-    /// Type field (bits 43:40).
-    pub kind: u8,
-    /// S: code/data (true) or system (false).
-    pub code_or_data: bool,
-    /// L: 64-bit code segment.
-    pub long: bool,
-    /// D/B: 32-bit default operand size.
-    pub default_32: bool,
-    /// G: limit in 4 KiB units.
-    pub granularity_4k: bool,
-}
-
-/// Segment types.
-mod seg_type {
-    /// Code: execute/read, accessed.
-    pub const CODE_EXEC_READ_ACCESSED: u8 = 0xb;
-    /// Data: read/write, accessed.
-    pub const DATA_READ_WRITE_ACCESSED: u8 = 0x3;
-    /// System: 64-bit TSS, busy.
-    pub const TSS64_BUSY: u8 = 0xb;
-}
-
-impl SegmentDescriptor {
-    /// The 8-byte descriptor (present, DPL 0, base 0).
-    pub fn to_u64(self) -> u64 {
-        let limit = u64::from(self.limit & 0xf_ffff);
-        let access = u64::from(self.kind & 0xf) | (u64::from(self.code_or_data) << 4) | (1 << 7); // present, DPL 0
-        let flags = (u64::from(self.long) << 1)
-            | (u64::from(self.default_32) << 2)
-            | (u64::from(self.granularity_4k) << 3);
-        (limit & 0xffff) | ((limit >> 16) << 48) | (access << 40) | (flags << 52)
-    }
-
-    /// The same segment as KVM's segment-register state, loaded with
-    /// `selector`.
-    pub fn to_kvm_segment(self, selector: u16) -> kvm_segment {
-        let limit = if self.granularity_4k {
-            (self.limit << 12) | 0xfff
-        } else {
-            self.limit
-        };
-        kvm_segment {
-            base: 0,
-            limit,
-            selector,
-            type_: self.kind,
-            present: 1,
-            dpl: 0,
-            db: u8::from(self.default_32),
-            s: u8::from(self.code_or_data),
-            l: u8::from(self.long),
-            g: u8::from(self.granularity_4k),
-            avl: 0,
-            unusable: 0,
-            padding: 0,
-        }
-    }
-}
-
 /// __BOOT_CS: flat 64-bit code.
-pub const BOOT_CS: SegmentDescriptor = SegmentDescriptor {
-    limit: 0xf_ffff,
-    kind: seg_type::CODE_EXEC_READ_ACCESSED,
-    code_or_data: true,
-    long: true,
-    default_32: false,
-    granularity_4k: true,
-};
+pub const BOOT_CS: SegmentDescriptor = segment::code64(0);
 /// __BOOT_DS: flat read/write data.
-pub const BOOT_DS: SegmentDescriptor = SegmentDescriptor {
-    limit: 0xf_ffff,
-    kind: seg_type::DATA_READ_WRITE_ACCESSED,
-    code_or_data: true,
-    long: false,
-    default_32: true,
-    granularity_4k: true,
-};
+pub const BOOT_DS: SegmentDescriptor = segment::data(0);
 /// A busy 64-bit TSS, so that TR holds a valid system segment until the
 /// kernel loads its own.
-pub const BOOT_TSS: SegmentDescriptor = SegmentDescriptor {
-    limit: 0x67,
-    kind: seg_type::TSS64_BUSY,
-    code_or_data: false,
-    long: false,
-    default_32: false,
-    granularity_4k: false,
-};
+pub const BOOT_TSS: SegmentDescriptor = segment::tss64(0x67, segment::kind::TSS64_BUSY);
 
 /// Selectors the boot protocol names: GDT entries 2 and 3.
 pub const BOOT_CS_SELECTOR: u16 = 0x10;

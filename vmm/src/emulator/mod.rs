@@ -62,6 +62,8 @@ mod syscall;
 mod xsave;
 
 #[cfg(test)]
+mod test_cpu;
+#[cfg(test)]
 mod tests;
 
 use std::fmt;
@@ -81,8 +83,7 @@ pub use exception::Exception;
 pub use fallback::FallbackInstruction;
 pub use pasid::MSR_IA32_PASID as IA32_PASID_MSR;
 pub use syscall::{
-    broken_syscall_entry, complete_syscall, flat_segment, msr as syscall_msr, SyscallEntry,
-    SyscallMsrs,
+    broken_syscall_entry, complete_syscall, msr as syscall_msr, SyscallEntry, SyscallMsrs,
 };
 pub use xsave::{XComponent, XState, XStateLayout, XsaveFeatures};
 

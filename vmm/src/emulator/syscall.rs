@@ -25,7 +25,7 @@ use kvm_bindings::kvm_segment;
 use super::context::CpuContext;
 use super::entry::{frame_at, ExceptionFrame};
 use super::{EmulatorError, GuestCpu};
-use crate::x86::{rflags, vector};
+use crate::x86::{rflags, segment, vector};
 
 /// MSR indices of the SYSCALL configuration.
 pub use crate::x86::msr;
@@ -86,35 +86,12 @@ impl SyscallEntry {
     /// The code segment SYSCALL loads: flat, 64-bit, DPL 0, execute/read,
     /// accessed (fixed values, not read from the GDT).
     pub fn cs_segment(&self) -> kvm_segment {
-        flat_segment(self.cs, 0xb, true)
+        segment::code64(0).to_kvm_segment(self.cs)
     }
 
     /// The stack segment SYSCALL loads: flat, DPL 0, read/write, accessed.
     pub fn ss_segment(&self) -> kvm_segment {
-        flat_segment(self.ss, 0x3, false)
-    }
-}
-
-/// A flat (base 0, 4 GiB limit, page granular), present code or data
-/// segment whose DPL is `selector`'s RPL: what SYSCALL and SYSRET load, and
-/// what a flat GDT descriptor holds. `type_` is the descriptor type (0xb
-/// execute/read accessed, 0x3 read/write accessed); `long` makes a 64-bit
-/// code segment.
-pub fn flat_segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
-    kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector,
-        type_,
-        present: 1,
-        dpl: (selector & 3) as u8,
-        db: u8::from(!long),
-        s: 1,
-        l: u8::from(long),
-        g: 1,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
+        segment::data(0).to_kvm_segment(self.ss)
     }
 }
 

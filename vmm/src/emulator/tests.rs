@@ -8,6 +8,7 @@ use proptest::prelude::*;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::*;
+use crate::emulator::test_cpu::register_and_memory_accessors;
 use crate::x86::rflags;
 use viommu::paging::pf_error;
 
@@ -112,23 +113,7 @@ fn portal_byte(gpa: u64) -> u8 {
 }
 
 impl GuestCpu for MockCpu {
-    fn regs(&mut self) -> Result<kvm_regs, EmulatorError> {
-        Ok(self.regs)
-    }
-    fn set_regs(&mut self, regs: &kvm_regs) -> Result<(), EmulatorError> {
-        self.regs = *regs;
-        Ok(())
-    }
-    fn sregs(&mut self) -> Result<kvm_sregs, EmulatorError> {
-        Ok(self.sregs)
-    }
-    fn set_sregs(&mut self, sregs: &kvm_sregs) -> Result<(), EmulatorError> {
-        self.sregs = *sregs;
-        Ok(())
-    }
-    fn memory(&self) -> &GuestMemoryMmap {
-        &self.mem
-    }
+    register_and_memory_accessors!();
     fn ia32_pasid(&self) -> u64 {
         self.pasid
     }

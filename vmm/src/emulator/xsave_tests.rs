@@ -15,6 +15,7 @@ use super::super::{
     handle_emulation_failure, EmulatorError, Exception, FallbackInstruction, GuestCpu, Outcome,
 };
 use super::*;
+use crate::emulator::test_cpu::register_and_memory_accessors;
 use crate::x86::vector;
 
 const PML4: u64 = 0x1000;
@@ -174,23 +175,7 @@ impl Cpu {
 }
 
 impl GuestCpu for Cpu {
-    fn regs(&mut self) -> Result<kvm_regs, EmulatorError> {
-        Ok(self.regs)
-    }
-    fn set_regs(&mut self, regs: &kvm_regs) -> Result<(), EmulatorError> {
-        self.regs = *regs;
-        Ok(())
-    }
-    fn sregs(&mut self) -> Result<kvm_sregs, EmulatorError> {
-        Ok(self.sregs)
-    }
-    fn set_sregs(&mut self, sregs: &kvm_sregs) -> Result<(), EmulatorError> {
-        self.sregs = *sregs;
-        Ok(())
-    }
-    fn memory(&self) -> &GuestMemoryMmap {
-        &self.mem
-    }
+    register_and_memory_accessors!();
     fn ia32_pasid(&self) -> u64 {
         self.state.pasid
     }

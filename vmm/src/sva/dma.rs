@@ -15,6 +15,7 @@
 
 use std::sync::{Arc, OnceLock, Weak};
 
+use pci::PciAddress;
 use vdsa::dma::{
     AddressSpace, DmaFault, DmaPort, FaultKind, IdentityDma, PageRequest, PageResponseCode,
     PasidTag, Translation,
@@ -44,13 +45,12 @@ pub type Viommu = Iommu<GuestMem>;
 /// gone confirms no PASID.
 pub struct ViommuAuthority {
     iommu: Weak<Viommu>,
-    rids: Vec<u16>,
+    rids: Vec<PciAddress>,
 }
 
 impl ViommuAuthority {
-    /// Checks with `iommu`; `rids` are the requester IDs of the devices
-    /// behind it.
-    pub fn new(iommu: &Arc<Viommu>, rids: Vec<u16>) -> Self {
+    /// Checks with `iommu`; `rids` are the devices behind it.
+    pub fn new(iommu: &Arc<Viommu>, rids: Vec<PciAddress>) -> Self {
         Self {
             iommu: Arc::downgrade(iommu),
             rids,
@@ -59,14 +59,10 @@ impl ViommuAuthority {
 }
 
 impl PasidAuthority for ViommuAuthority {
-    fn pasid_setup(&self, rid: Option<u16>, gpasid: u32) -> Option<PasidSetup> {
+    fn pasid_setup(&self, rid: Option<PciAddress>, gpasid: u32) -> Option<PasidSetup> {
         let iommu = self.iommu.upgrade()?;
-        let one;
-        let rids = match rid {
-            Some(r) => {
-                one = [r];
-                &one[..]
-            }
+        let rids = match rid.as_ref() {
+            Some(r) => std::slice::from_ref(r),
             None => &self.rids[..],
         };
         rids.iter()
@@ -82,14 +78,19 @@ impl PasidAuthority for ViommuAuthority {
 pub struct ViommuDma {
     iommu: Arc<Viommu>,
     memory: IdentityDma<GuestMem>,
-    rid: u16,
+    rid: PciAddress,
     pasids: Arc<GuestPasids>,
     device: OnceLock<DsaIommuHandle>,
 }
 
 impl ViommuDma {
-    /// The port of the function with requester ID `rid` (bus << 8 | devfn).
-    pub fn new(iommu: Arc<Viommu>, memory: GuestMem, rid: u16, pasids: Arc<GuestPasids>) -> Self {
+    /// The port of the function at `rid`.
+    pub fn new(
+        iommu: Arc<Viommu>,
+        memory: GuestMem,
+        rid: PciAddress,
+        pasids: Arc<GuestPasids>,
+    ) -> Self {
         Self {
             iommu,
             memory: IdentityDma::new(memory),
@@ -117,7 +118,7 @@ impl ViommuDma {
                 })),
                 None => {
                     log::debug!(
-                        "{:#06x}: host PASID {:#x} is not the guest's: translation error",
+                        "{}: host PASID {:#x} is not the guest's: translation error",
                         self.rid,
                         t.pasid
                     );
@@ -293,7 +294,7 @@ impl DmaPort for ViommuDma {
             private_data: None,
         });
         if let Err(e) = posted {
-            log::debug!("{:#06x}: {e}", self.rid);
+            log::debug!("{}: {e}", self.rid);
             if let Some(response) = e.response {
                 respond(response_code(response.code));
             }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use bus::{StoreKind, StoreReply};
 use pasid::PasidTranslator;
-use pci::{MappedBar, PciDevice};
+use pci::{MappedBar, PciAddress, PciDevice};
 use vdsa::Dsa;
 
 use super::guest_pasids::GuestPasids;
@@ -18,13 +18,13 @@ const DESC_PASID_MASK: u32 = 0x000f_ffff;
 /// The vDSA's PASID translation for one guest and one requester ID.
 pub struct DevicePasids {
     pasids: Arc<GuestPasids>,
-    rid: u16,
+    rid: PciAddress,
 }
 
 impl DevicePasids {
     /// The translation of device `rid` of the guest whose PASIDs are
     /// `pasids`.
-    pub fn new(pasids: Arc<GuestPasids>, rid: u16) -> Self {
+    pub fn new(pasids: Arc<GuestPasids>, rid: PciAddress) -> Self {
         Self { pasids, rid }
     }
 }
@@ -50,13 +50,13 @@ impl PasidTranslator for DevicePasids {
 /// never sees it.
 pub struct DsaFunction {
     dsa: Dsa,
-    rid: u16,
+    rid: PciAddress,
     pasids: Arc<GuestPasids>,
 }
 
 impl DsaFunction {
     /// `dsa`, at requester ID `rid`, in the guest whose PASIDs are `pasids`.
-    pub fn new(dsa: Dsa, rid: u16, pasids: Arc<GuestPasids>) -> Self {
+    pub fn new(dsa: Dsa, rid: PciAddress, pasids: Arc<GuestPasids>) -> Self {
         Self { dsa, rid, pasids }
     }
 
@@ -68,7 +68,11 @@ impl DsaFunction {
 
 /// The enqueue command with its guest PASID replaced by `pasids`'s host
 /// PASID, or `None` when the guest PASID has none.
-pub fn translate_enqueue(pasids: &GuestPasids, rid: u16, data: &[u8; 64]) -> Option<[u8; 64]> {
+pub fn translate_enqueue(
+    pasids: &GuestPasids,
+    rid: PciAddress,
+    data: &[u8; 64],
+) -> Option<[u8; 64]> {
     let dword0 = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
     let gpasid = dword0 & DESC_PASID_MASK;
     match pasids.host_pasid(Some(rid), gpasid) {
@@ -79,7 +83,7 @@ pub fn translate_enqueue(pasids: &GuestPasids, rid: u16, data: &[u8; 64]) -> Opt
             Some(out)
         }
         Err(miss) => {
-            log::debug!("{rid:#06x}: enqueue not accepted: {miss}");
+            log::debug!("{rid}: enqueue not accepted: {miss}");
             None
         }
     }

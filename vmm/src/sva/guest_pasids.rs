@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
 
 use pasid::{Ia32Pasid, OwnerId, PasidSpace, PasidTable, Scope, PASID_MAX, RESERVED_PASID};
+use pci::PciAddress;
 use thiserror::Error;
 use viommu::{PasidCacheScope, PasidObserver};
 
@@ -39,7 +40,7 @@ pub trait PasidAuthority: Send + Sync {
     /// The guest's PASID-table entry for `gpasid`, as device `rid` would
     /// use it (any device behind the unit when `rid` is `None`); `None` when
     /// the guest has no present entry for it.
-    fn pasid_setup(&self, rid: Option<u16>, gpasid: u32) -> Option<PasidSetup>;
+    fn pasid_setup(&self, rid: Option<PciAddress>, gpasid: u32) -> Option<PasidSetup>;
 }
 
 /// Why a guest PASID has no host PASID.
@@ -113,7 +114,7 @@ pub struct GuestPasids {
     freed: RwLock<Vec<HostPasidFreed>>,
     /// (requester ID, host PASID) of the DMA requests devices made through
     /// the vIOMMU (see [`GuestPasids::device_requests`]).
-    device_requests: RwLock<BTreeSet<(u16, u32)>>,
+    device_requests: RwLock<BTreeSet<(PciAddress, u32)>>,
     /// Held shared by each enqueue from its translation to its arrival in
     /// the device, exclusively by a removal between unmapping and retiring.
     submissions: RwLock<()>,
@@ -241,7 +242,7 @@ impl GuestPasids {
 
     /// The host PASID of `gpasid` for device `rid`, filling the table on a
     /// miss once the vIOMMU confirms the guest set the PASID up.
-    pub fn host_pasid(&self, rid: Option<u16>, gpasid: u32) -> Result<u32, PasidMiss> {
+    pub fn host_pasid(&self, rid: Option<PciAddress>, gpasid: u32) -> Result<u32, PasidMiss> {
         if gpasid == RESERVED_PASID || gpasid > PASID_MAX {
             return Err(PasidMiss::Invalid(gpasid));
         }
@@ -268,7 +269,7 @@ impl GuestPasids {
     /// not confirm, its unverified host PASID (allocated on first use); the
     /// quarantine PASID for PASID 0, values wider than 20 bits and an
     /// exhausted space.
-    pub fn host_pasid_for_device(&self, rid: Option<u16>, gpasid: u32) -> u32 {
+    pub fn host_pasid_for_device(&self, rid: Option<PciAddress>, gpasid: u32) -> u32 {
         match self.host_pasid(rid, gpasid) {
             Ok(hpasid) => hpasid,
             Err(PasidMiss::NotSetUp(_)) => self.unverified_host_pasid(gpasid),
@@ -322,7 +323,7 @@ impl GuestPasids {
     /// records the request ([`GuestPasids::device_requests`]) and, when the
     /// host PASID maps back to nothing, checks that it is not another
     /// owner's.
-    pub fn guest_pasid_of_request(&self, rid: u16, hpasid: u32) -> Option<u32> {
+    pub fn guest_pasid_of_request(&self, rid: PciAddress, hpasid: u32) -> Option<u32> {
         self.note_device_request(rid, hpasid);
         let gpasid = self.guest_pasid(hpasid);
         if gpasid.is_none() {
@@ -341,7 +342,7 @@ impl GuestPasids {
 
     /// Notes that device `rid` made a DMA request tagged with host PASID
     /// `hpasid` (the vIOMMU adapter calls it for every PASID-tagged request).
-    pub fn note_device_request(&self, rid: u16, hpasid: u32) {
+    pub fn note_device_request(&self, rid: PciAddress, hpasid: u32) {
         if !read(&self.device_requests).contains(&(rid, hpasid)) {
             write(&self.device_requests).insert((rid, hpasid));
         }
@@ -350,21 +351,21 @@ impl GuestPasids {
     /// Checks a device request's host PASID that maps back to no guest
     /// PASID: it must still be this guest's (retired, unverified or the
     /// quarantine) or free, never another owner's.
-    fn check_unmapped_request(&self, rid: u16, hpasid: u32) {
+    fn check_unmapped_request(&self, rid: PciAddress, hpasid: u32) {
         let owner = self.table.space().owner_of(Scope::Global, hpasid);
         if owner.is_some_and(|o| o != self.table.owner()) {
             self.foreign_requests.fetch_add(1, Ordering::Relaxed);
             log::error!(
-                "{rid:#06x}: a request with host PASID {hpasid:#x}, which is {}'s",
+                "{rid}: a request with host PASID {hpasid:#x}, which is {}'s",
                 owner.map_or_else(String::new, |o| o.to_string())
             );
         }
     }
 
-    /// Every (requester ID, host PASID) a device of this guest tagged a DMA
+    /// Every (device, host PASID) a device of this guest tagged a DMA
     /// request with, through the vIOMMU: what tests check to see that the
     /// devices work in host PASIDs.
-    pub fn device_requests(&self) -> Vec<(u16, u32)> {
+    pub fn device_requests(&self) -> Vec<(PciAddress, u32)> {
         read(&self.device_requests).iter().copied().collect()
     }
 

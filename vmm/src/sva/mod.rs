@@ -23,7 +23,7 @@
 //!   ([`vdsa::dma::IdentityDma`]), and PASIDs still go through the guest's
 //!   table, filled without a check (there are no PASID tables to check).
 //!
-//! `crate::machine::attach_accelerators` builds all of it for a machine.
+//! `crate::machine::DeviceManager::attach_accelerators` builds all of it for a machine.
 //!
 //! # Decisions
 //!
@@ -227,7 +227,8 @@ pub fn attach_viommu(
 
 /// The vDSAs of `configs` on `root`, their DMA into `memory` (through
 /// `iommu` if given), their interrupts to `msi`, their PASIDs through
-/// `pasids`. A machine gets them with `crate::machine::attach_accelerators`.
+/// `pasids`. A machine gets them with
+/// `crate::machine::DeviceManager::attach_accelerators`.
 pub fn attach_devices(
     pasids: &Arc<GuestPasids>,
     memory: GuestMem,
@@ -240,13 +241,13 @@ pub fn attach_devices(
     let mut functions = Vec::new();
     for (index, dsa_config) in configs.iter().enumerate() {
         let bdf = root.first_free_device().ok_or(PciRootError::BusFull)?;
-        let rid = bdf.rid();
+        let rid = bdf;
         let (dma, viommu_dma): (Arc<dyn DmaPort>, _) = match &iommu {
             Some(iommu) => {
                 let port = Arc::new(ViommuDma::new(
                     iommu.clone(),
                     memory.clone(),
-                    rid,
+                    bdf,
                     pasids.clone(),
                 ));
                 (port.clone(), Some(port))
@@ -264,7 +265,7 @@ pub fn attach_devices(
         if let (Some(iommu), Some(port)) = (&iommu, viommu_dma) {
             port.connect(handle.clone());
             iommu.register_device(
-                rid,
+                bdf,
                 Arc::new(DsaAtsBridge::new(handle.clone(), pasids.clone())),
             );
         }
@@ -299,7 +300,7 @@ pub fn attach_devices(
     }
     let dmar = iommu.as_ref().map(|iommu| {
         iommu.add_pasid_observer(pasids.clone());
-        let rids = placements.iter().map(|p| p.bdf.rid()).collect();
+        let rids = placements.iter().map(|p| p.bdf).collect();
         pasids.set_authority(Arc::new(ViommuAuthority::new(iommu, rids)));
         build_dmar_table(&DmarConfig::include_all(layout::VIOMMU_START))
     });

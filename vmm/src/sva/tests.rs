@@ -39,7 +39,7 @@ impl FakeIommu {
 }
 
 impl PasidAuthority for FakeIommu {
-    fn pasid_setup(&self, _rid: Option<u16>, gpasid: u32) -> Option<PasidSetup> {
+    fn pasid_setup(&self, _rid: Option<pci::PciAddress>, gpasid: u32) -> Option<PasidSetup> {
         self.0.lock().unwrap().get(&gpasid).copied()
     }
 }
@@ -55,11 +55,11 @@ fn guest(space: &Arc<PasidSpace>, name: &str) -> (Arc<GuestPasids>, Arc<FakeIomm
 fn lazy_fill_only_after_the_viommu_confirms() {
     let space = Arc::new(PasidSpace::new());
     let (pasids, iommu) = guest(&space, "g");
-    assert_eq!(pasids.host_pasid(Some(8), 5), Err(PasidMiss::NotSetUp(5)));
+    assert_eq!(pasids.host_pasid(Some(DEV), 5), Err(PasidMiss::NotSetUp(5)));
     assert!(pasids.table().is_empty(), "a miss allocates nothing");
     iommu.set(5, None);
-    let h = pasids.host_pasid(Some(8), 5).unwrap();
-    assert_eq!(pasids.host_pasid(Some(8), 5), Ok(h), "filled once");
+    let h = pasids.host_pasid(Some(DEV), 5).unwrap();
+    assert_eq!(pasids.host_pasid(Some(DEV), 5), Ok(h), "filled once");
     assert_eq!(pasids.guest_pasid(h), Some(5));
     assert_eq!(pasids.table().len(), 1);
     assert_eq!(pasids.host_pasid(None, 0), Err(PasidMiss::Invalid(0)));
@@ -71,24 +71,24 @@ fn lazy_fill_only_after_the_viommu_confirms() {
     // vIOMMU does not confirm gets an unverified host PASID: it maps back
     // to the guest PASID, stays out of the table (ENQCMD never uses it),
     // and is the same every time.
-    let u = pasids.host_pasid_for_device(Some(8), 6);
+    let u = pasids.host_pasid_for_device(Some(DEV), 6);
     assert_eq!(pasids.guest_pasid(u), Some(6));
     assert_eq!(
         pasids.table().translate(6),
         Err(pasid::Error::TranslationFault(6))
     );
-    assert_eq!(pasids.host_pasid(Some(8), 6), Err(PasidMiss::NotSetUp(6)));
-    assert_eq!(pasids.host_pasid_for_device(Some(8), 6), u);
+    assert_eq!(pasids.host_pasid(Some(DEV), 6), Err(PasidMiss::NotSetUp(6)));
+    assert_eq!(pasids.host_pasid_for_device(Some(DEV), 6), u);
     assert_eq!(pasids.host_pasids_of(6), vec![u]);
     assert_eq!(space.owner_of(Scope::Global, u), Some(pasids.owner()));
     // PASID 0 gets the quarantine PASID, which maps back to nothing.
-    let q = pasids.host_pasid_for_device(Some(8), 0);
+    let q = pasids.host_pasid_for_device(Some(DEV), 0);
     assert_eq!(q, pasids.quarantine());
     assert_eq!(pasids.guest_pasid(q), None);
     assert_eq!(space.owner_of(Scope::Global, q), Some(pasids.owner()));
     // Once the guest sets it up, ENQCMD gets a mapping of its own.
     iommu.set(6, None);
-    let h6 = pasids.host_pasid(Some(8), 6).unwrap();
+    let h6 = pasids.host_pasid(Some(DEV), 6).unwrap();
     assert_ne!(h6, u);
     assert_eq!(pasids.host_pasids_of(6), vec![h6, u]);
 }
@@ -221,9 +221,9 @@ fn enqueue_commands_get_the_host_pasid_and_keep_the_rest() {
     let (pasids, iommu) = guest(&space, "g");
     let mut cmd = [0x5au8; 64];
     cmd[..4].copy_from_slice(&(0x8000_0000u32 | 5).to_le_bytes());
-    assert_eq!(translate_enqueue(&pasids, 8, &cmd), None, "not set up");
+    assert_eq!(translate_enqueue(&pasids, DEV, &cmd), None, "not set up");
     iommu.set(5, None);
-    let out = translate_enqueue(&pasids, 8, &cmd).unwrap();
+    let out = translate_enqueue(&pasids, DEV, &cmd).unwrap();
     let h = pasids.table().translate(5).unwrap();
     assert_eq!(
         u32::from_le_bytes(out[..4].try_into().unwrap()),
@@ -265,6 +265,8 @@ fn placements_match_the_root_complex() {
 
 /// Requester ID of the device under test (00:01.0).
 const RID: u16 = 0x08;
+/// [`RID`] as the function it names.
+const DEV: pci::PciAddress = pci::PciAddress::from_rid(RID);
 const MEM_SIZE: usize = 32 << 20;
 /// Guest PASID of the test process.
 const GPASID: u32 = 5;
@@ -435,14 +437,14 @@ fn user(pasid: u32) -> AddressSpace {
 fn dma_with_a_host_pasid_uses_the_guests_pasid_entry() {
     let (g, pgd) = ScalableGuest::new();
     let pasids = Arc::new(GuestPasids::new(Arc::new(PasidSpace::new()), "g").unwrap());
-    pasids.set_authority(Arc::new(ViommuAuthority::new(&g.iommu, vec![RID])));
+    pasids.set_authority(Arc::new(ViommuAuthority::new(&g.iommu, vec![DEV])));
     assert_eq!(
-        pasids.host_pasid(Some(RID), GPASID + 1),
+        pasids.host_pasid(Some(DEV), GPASID + 1),
         Err(PasidMiss::NotSetUp(GPASID + 1)),
         "no PASID-table entry"
     );
-    let h = pasids.host_pasid(Some(RID), GPASID).unwrap();
-    let port = ViommuDma::new(g.iommu.clone(), g.mem.clone(), RID, pasids.clone());
+    let h = pasids.host_pasid(Some(DEV), GPASID).unwrap();
+    let port = ViommuDma::new(g.iommu.clone(), g.mem.clone(), DEV, pasids.clone());
     port.write(user(h), IOVA + 0x10, b"through the guest's tables")
         .unwrap();
     let mut back = [0u8; 26];
@@ -494,7 +496,7 @@ fn dma_with_a_host_pasid_uses_the_guests_pasid_entry() {
     );
     // ENQCMD's staleness check sees the entry's page tables.
     assert_eq!(
-        ViommuAuthority::new(&g.iommu, vec![RID]).pasid_setup(None, GPASID),
+        ViommuAuthority::new(&g.iommu, vec![DEV]).pasid_setup(None, GPASID),
         Some(PasidSetup {
             first_stage_root: Some(address_space_key(pgd))
         })
@@ -506,10 +508,10 @@ fn guest_pasid_teardown_unmaps_and_frees_through_the_viommu() {
     let (mut g, _) = ScalableGuest::new();
     let space = Arc::new(PasidSpace::new());
     let pasids = Arc::new(GuestPasids::new(space.clone(), "g").unwrap());
-    pasids.set_authority(Arc::new(ViommuAuthority::new(&g.iommu, vec![RID])));
+    pasids.set_authority(Arc::new(ViommuAuthority::new(&g.iommu, vec![DEV])));
     g.iommu.add_pasid_observer(pasids.clone());
-    let h = pasids.host_pasid(Some(RID), GPASID).unwrap();
-    let port = ViommuDma::new(g.iommu.clone(), g.mem.clone(), RID, pasids.clone());
+    let h = pasids.host_pasid(Some(DEV), GPASID).unwrap();
+    let port = ViommuDma::new(g.iommu.clone(), g.mem.clone(), DEV, pasids.clone());
     port.write(user(h), IOVA, &[1]).unwrap();
     g.tear_down();
     assert_eq!(pasids.guest_pasid(h), None, "unmapped");
@@ -519,7 +521,7 @@ fn guest_pasid_teardown_unmaps_and_frees_through_the_viommu() {
         FaultKind::TranslationError
     );
     assert_eq!(
-        pasids.host_pasid(Some(RID), GPASID),
+        pasids.host_pasid(Some(DEV), GPASID),
         Err(PasidMiss::NotSetUp(GPASID))
     );
 }
@@ -676,7 +678,7 @@ fn a_dropped_guest_frees_its_host_pasids() {
         vdsa::completion::Status::Success as u8
     );
     let mapped = pasids.table().translate(GPASID).unwrap();
-    let unverified = pasids.host_pasid_for_device(Some(RID), GPASID + 1);
+    let unverified = pasids.host_pasid_for_device(Some(DEV), GPASID + 1);
     let held = [mapped, unverified, pasids.quarantine()];
     for h in held {
         assert_eq!(space.owner_of(Scope::Global, h), Some(pasids.owner()));
@@ -739,7 +741,7 @@ fn teardown_never_lets_a_descriptor_run_with_another_vms_host_pasid() {
             seen
         });
         for _ in 0..TEARDOWNS {
-            if let Ok(h) = a.host_pasid(Some(RID), GPASID) {
+            if let Ok(h) = a.host_pasid(Some(DEV), GPASID) {
                 a_hpasids.push(h);
             }
             std::thread::yield_now();

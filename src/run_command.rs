@@ -13,19 +13,24 @@
 //! reaches init as
 //! `vmm.cmd=` (the argv, percent-encoded; see guest-images/README.md) after
 //! `--` on the kernel command line, with `vmm.out=hvc0 vmm.status=hvc1`.
+//! init mounts each share (`vmm::share`, one virtio-fs device each) as
+//! `vmm.share=TAG,PATH,ro|rw` says (PATH percent-encoded as `vmm.cmd=` is)
+//! before it runs the command, in `vmm.cwd=` when the VMM's working
+//! directory lies in a share.
 
 use std::ffi::OsString;
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use thiserror::Error;
 
-use crate::devices::serial::SerialOutput;
-use crate::devices::virtio::{CaptureOutput, ConsoleInput};
-use crate::machine::{run_linux, LinuxConfig, MachineError, VirtioConsole};
-use crate::share::{self, DaemonError, Shares};
-use crate::vm::RunExit;
+use vmm::devices::serial::SerialOutput;
+use vmm::devices::virtio::{CaptureOutput, ConsoleInput};
+use vmm::machine::{run_linux, LinuxConfig, MachineError, VirtioConsole};
+use vmm::share::{tag, DaemonError, ShareSpec, Shares};
+use vmm::vm::RunExit;
 
 /// The console that carries the command's output.
 pub const OUTPUT_CONSOLE: &str = "hvc0";
@@ -82,7 +87,7 @@ pub enum RunError {
 }
 
 /// The kernel command line: `base`, then init's settings after `--`
-/// (`extra` ones, e.g. [`crate::share::init_settings`], last).
+/// (`extra` ones, e.g. [`init_settings`], last).
 pub fn kernel_cmdline(base: &str, argv: &[OsString], extra: &[String]) -> Result<String, RunError> {
     if base.split_whitespace().any(|word| word == "--") {
         return Err(RunError::DoubleDash);
@@ -103,6 +108,41 @@ pub fn kernel_cmdline(base: &str, argv: &[OsString], extra: &[String]) -> Result
         });
     }
     Ok(line)
+}
+
+/// Where the command runs in the guest: `cwd`'s place in the share that
+/// holds it (the innermost), if one does.
+pub fn guest_cwd(shares: &[ShareSpec], cwd: &Path) -> Option<PathBuf> {
+    shares
+        .iter()
+        .filter_map(|s| Some((s, cwd.strip_prefix(&s.host).ok()?)))
+        .max_by_key(|(s, _)| s.host.components().count())
+        .map(|(s, rest)| s.guest.join(rest))
+}
+
+fn encode_path(path: &Path) -> String {
+    encode_argv(&[OsString::from(path.as_os_str())])
+}
+
+/// init's settings for `shares`: one `vmm.share=` each, and `vmm.cwd=`
+/// when `cwd` lies in one.
+pub fn init_settings(shares: &[ShareSpec], cwd: Option<&Path>) -> Vec<String> {
+    let mut settings: Vec<String> = shares
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            format!(
+                "vmm.share={},{},{}",
+                tag(i),
+                encode_path(&s.guest),
+                if s.writable { "rw" } else { "ro" }
+            )
+        })
+        .collect();
+    if let Some(dir) = cwd.and_then(|cwd| guest_cwd(shares, cwd)) {
+        settings.push(format!("vmm.cwd={}", encode_path(&dir)));
+    }
+    settings
 }
 
 /// What init reported on the status console.
@@ -195,7 +235,7 @@ pub fn run_command(
     // machine does not repeat them).
     let base = machine.platform.with_kernel_params(&machine.cmdline);
     let cwd = std::env::current_dir().ok();
-    let settings = share::init_settings(&shares.list, cwd.as_deref());
+    let settings = init_settings(&shares.list, cwd.as_deref());
     machine.cmdline = kernel_cmdline(&base, argv, &settings)?;
     let console_error = Arc::new(Mutex::new(None));
     let serial = std::mem::replace(&mut machine.serial, SerialOutput::Sink);
@@ -288,6 +328,38 @@ mod tests {
                 len: 13 + 12 + 2000 + 29,
                 max: 2047
             })
+        );
+    }
+
+    #[test]
+    fn cwd_in_the_innermost_share() {
+        let outer = ShareSpec {
+            host: "/home/u".into(),
+            guest: "/home/u".into(),
+            writable: false,
+        };
+        let inner = ShareSpec {
+            host: "/home/u/src".into(),
+            guest: "/src".into(),
+            writable: true,
+        };
+        let shares = [outer, inner];
+        assert_eq!(
+            guest_cwd(&shares, Path::new("/home/u/src/t")),
+            Some(PathBuf::from("/src/t"))
+        );
+        assert_eq!(
+            guest_cwd(&shares, Path::new("/home/u")),
+            Some(PathBuf::from("/home/u"))
+        );
+        assert_eq!(guest_cwd(&shares, Path::new("/tmp")), None);
+        assert_eq!(
+            init_settings(&shares, Some(Path::new("/home/u/src/a b"))),
+            [
+                "vmm.share=share0,/home/u,ro",
+                "vmm.share=share1,/src,rw",
+                "vmm.cwd=/src/a%20b"
+            ]
         );
     }
 
