@@ -233,11 +233,14 @@ fn enqcmd_with_a_pasid_the_viommu_does_not_know_is_not_accepted() {
     assert_eq!(record, [0; 32], "the device never ran it");
 }
 
-#[test]
-fn two_guests_of_one_host_get_different_host_pasids_for_one_guest_pasid() {
-    let space = std::sync::Arc::new(pasid::PasidSpace::new());
+/// One vDSA (behind the vIOMMU if `iommu`) of a guest whose host PASIDs
+/// come from `space`.
+fn one_dsa_in(
+    space: &std::sync::Arc<pasid::PasidSpace>,
+    iommu: bool,
+) -> (AccelConfig, MicroOptions) {
     let accel = AccelConfig {
-        iommu: false,
+        iommu,
         dsa: vec![DsaConfig::default()],
     };
     let options = MicroOptions {
@@ -245,6 +248,13 @@ fn two_guests_of_one_host_get_different_host_pasids_for_one_guest_pasid() {
         pasid_space: Some(space.clone()),
         ..Default::default()
     };
+    (accel, options)
+}
+
+#[test]
+fn two_guests_of_one_host_get_different_host_pasids_for_one_guest_pasid() {
+    let space = std::sync::Arc::new(pasid::PasidSpace::new());
+    let (accel, options) = one_dsa_in(&space, false);
     let first = microguest::run(enqcmd_to_shared_wq(&accel, 0x77), options.clone()).unwrap();
     let second = microguest::run(enqcmd_to_shared_wq(&accel, 0x77), options).unwrap();
     for r in [&first, &second] {
@@ -259,4 +269,46 @@ fn two_guests_of_one_host_get_different_host_pasids_for_one_guest_pasid() {
         space.owner_of(pasid::Scope::Global, h2),
         Some(second.pasids.owner())
     );
+}
+
+/// Two guests of one host, one after the other: once the first machine is
+/// gone, every host PASID it held (its quarantine PASID, the one its
+/// ENQCMD got) is free again and its guest-PASID table is dropped, while
+/// the second guest's are still its own.
+#[test]
+fn a_guests_host_pasids_are_free_once_its_machine_is_gone() {
+    for iommu in [false, true] {
+        let space = std::sync::Arc::new(pasid::PasidSpace::new());
+        let (accel, options) = one_dsa_in(&space, iommu);
+        let first = microguest::run(enqcmd_to_shared_wq(&accel, 0x77), options.clone()).unwrap();
+        let held: Vec<u32> = (0..space.capacity())
+            .filter(|&h| space.owner_of(pasid::Scope::Global, h) == Some(first.pasids.owner()))
+            .collect();
+        assert!(
+            !held.is_empty(),
+            "iommu {iommu}: the first guest holds host PASIDs"
+        );
+        let table = std::sync::Arc::downgrade(&first.pasids);
+        drop(first);
+        assert!(
+            table.upgrade().is_none(),
+            "iommu {iommu}: the guest's PASIDs outlive it"
+        );
+        for h in &held {
+            assert_eq!(
+                space.owner_of(pasid::Scope::Global, *h),
+                None,
+                "host PASID {h:#x}"
+            );
+        }
+        assert_eq!(space.allocated(), 0, "iommu {iommu}");
+        let second = microguest::run(enqcmd_to_shared_wq(&accel, 0x77), options).unwrap();
+        assert_ne!(
+            space.allocated(),
+            0,
+            "iommu {iommu}: the second guest's own"
+        );
+        drop(second);
+        assert_eq!(space.allocated(), 0, "iommu {iommu}");
+    }
 }

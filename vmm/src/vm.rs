@@ -242,6 +242,9 @@ impl Vm {
         cap.args[0] = 1;
         fd.enable_cap(&cap)
             .map_err(kvm_err("KVM_CAP_EXIT_ON_EMULATION_FAILURE"))?;
+        config.platform.configure_vm(&fd).map_err(kvm_err(
+            "KVM_CAP_DISABLE_QUIRKS2 (the platform's KVM quirks)",
+        ))?;
         // IA32_PASID accesses exit to us: KVM does not know the MSR, and the
         // filter makes sure of it.
         let mut cap = kvm_enable_cap {

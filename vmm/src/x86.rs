@@ -23,6 +23,8 @@ pub mod rflags {
     pub const OF: u64 = 1 << 11;
     /// Resume flag.
     pub const RF: u64 = 1 << 16;
+    /// Virtual-8086 mode.
+    pub const VM: u64 = 1 << 17;
     /// Bit 1, which always reads as 1.
     pub const FIXED: u64 = 1 << 1;
     /// Alignment-check / access-control flag (SMAP override).
@@ -123,6 +125,28 @@ pub mod vector {
 pub const SELECTOR_RPL_MASK: u16 = 3;
 /// Table-indicator bit of a segment selector (1: LDT).
 pub const SELECTOR_TI: u16 = 1 << 2;
+
+/// Segment-descriptor fields, as a little-endian u64 of its first eight
+/// bytes (SDM Vol. 3A, 3.4.5).
+pub mod descriptor {
+    /// The S flag: a code or data segment (clear: a system segment).
+    pub const S: u64 = 1 << 44;
+    /// The type field: its position and mask.
+    pub const TYPE_SHIFT: u32 = 40;
+    /// See [`TYPE_SHIFT`].
+    pub const TYPE_MASK: u64 = 0xf;
+    /// In a code or data type: code (bit 3) and conforming (bit 2).
+    pub const TYPE_CODE_CONFORMING: u64 = 0b1100;
+    /// DPL's position (two bits).
+    pub const DPL_SHIFT: u32 = 45;
+    /// The G flag: the limit counts 4-KiB units.
+    pub const G: u64 = 1 << 55;
+
+    /// The 20-bit limit field (bits 15:0 and 51:48).
+    pub fn raw_limit(desc: u64) -> u32 {
+        ((desc & 0xffff) | ((desc >> 32) & 0xf_0000)) as u32
+    }
+}
 
 /// Segment descriptors (SDM Vol. 3A, 3.4.5).
 pub mod segment {

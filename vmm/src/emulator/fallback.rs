@@ -50,6 +50,11 @@ pub enum FallbackInstruction {
     Xrstors,
     /// XGETBV: read XCR0 (or XINUSE with ECX = 1).
     Xgetbv,
+    /// LSL r, r/m16: the limit of the segment a selector names, ZF set;
+    /// ZF clear (and the destination kept) where the selector cannot be
+    /// read at this privilege. Linux's paranoid entries (NMI, #DB, #MC)
+    /// read their CPU number with it when the CPU lacks RDPID.
+    Lsl,
 }
 
 impl FallbackInstruction {
@@ -63,6 +68,7 @@ impl FallbackInstruction {
             Mnemonic::Int3 => Self::Int3,
             Mnemonic::Int1 => Self::Int1,
             Mnemonic::Cmpxchg16b => Self::Cmpxchg16b,
+            Mnemonic::Lsl => Self::Lsl,
             m => return super::xsave::of(m),
         })
     }
@@ -83,6 +89,7 @@ pub(crate) fn execute<C: GuestCpu + ?Sized>(
         FallbackInstruction::Int3 => int3(ctx),
         FallbackInstruction::Int1 => Err(Stop::Trap(Exception::db())),
         FallbackInstruction::Cmpxchg16b => cmpxchg16b(cpu, ctx, instr),
+        FallbackInstruction::Lsl => lsl(cpu, ctx, instr),
         xsave_family => return super::xsave::execute(cpu, ctx, instr, xsave_family),
     };
     Ok(conclude(step, ctx, instr, which))
@@ -259,6 +266,104 @@ fn cmpxchg16b<C: GuestCpu + ?Sized>(
             ctx.regs.rax = actual as u64;
             ctx.regs.rdx = (actual >> 64) as u64;
         }
+    }
+    Ok(())
+}
+
+/// System-segment types LSL accepts in IA-32e mode: LDT, available and
+/// busy 64-bit TSS (SDM Vol. 2A, LSL); outside it also the 16-bit TSS
+/// types and the 32-bit TSS types (the same numbers as the 64-bit ones).
+const LSL_SYSTEM_TYPES: [u64; 3] = [0x2, 0x9, 0xb];
+const LSL_LEGACY_SYSTEM_TYPES: [u64; 2] = [0x1, 0x3];
+
+/// The limit LSL loads from descriptor `desc` for a selector with
+/// requested privilege `rpl` at `cpl`, or `None` (ZF cleared) where the
+/// type or privilege forbids it.
+fn lsl_limit(desc: u64, cpl: u8, rpl: u8, long_mode: bool) -> Option<u32> {
+    use crate::x86::descriptor::*;
+    let kind = (desc >> TYPE_SHIFT) & TYPE_MASK;
+    let dpl = ((desc >> DPL_SHIFT) & 3) as u8;
+    let conforming_code = desc & S != 0 && kind & TYPE_CODE_CONFORMING == TYPE_CODE_CONFORMING;
+    if desc & S == 0
+        && !LSL_SYSTEM_TYPES.contains(&kind)
+        && (long_mode || !LSL_LEGACY_SYSTEM_TYPES.contains(&kind))
+    {
+        return None;
+    }
+    if !conforming_code && (dpl < cpl || dpl < rpl) {
+        return None;
+    }
+    let raw = raw_limit(desc);
+    Some(if desc & G != 0 {
+        (raw << 12) | 0xfff
+    } else {
+        raw
+    })
+}
+
+fn lsl<C: GuestCpu + ?Sized>(
+    cpu: &mut C,
+    ctx: &mut CpuContext,
+    instr: &Instruction,
+) -> Result<(), Stop> {
+    use crate::x86::{efer, SELECTOR_RPL_MASK, SELECTOR_TI};
+    if ctx.sregs.cr0 & cr0::PE == 0 || ctx.regs.rflags & rflags::VM != 0 {
+        return Err(Exception::ud().into());
+    }
+    let selector = match instr.op1_kind() {
+        OpKind::Register => {
+            ctx.gpr(instr.op1_register())
+                .ok_or(Stop::Unsupported(UnhandledReason::BadOperand))? as u16
+        }
+        OpKind::Memory => {
+            let m = memory_operand(ctx, instr, 1)
+                .ok_or(Stop::Unsupported(UnhandledReason::BadOperand))?;
+            check_canonical(ctx, m.linear, 2, m.ss_based)?;
+            let mut buf = [0u8; 2];
+            read_linear_any(cpu, ctx, m.linear, &mut buf, Privilege::of(ctx))?;
+            u16::from_le_bytes(buf)
+        }
+        _ => return Err(Stop::Unsupported(UnhandledReason::BadOperand)),
+    };
+    let (base, limit) = if selector & SELECTOR_TI != 0 {
+        let ldt = &ctx.sregs.ldt;
+        if ldt.unusable != 0 || ldt.present == 0 {
+            (0, None)
+        } else {
+            (ldt.base, Some(ldt.limit))
+        }
+    } else {
+        (ctx.sregs.gdt.base, Some(u32::from(ctx.sregs.gdt.limit)))
+    };
+    let offset = u64::from(selector & !7);
+    let null = selector & !SELECTOR_RPL_MASK == 0;
+    let found = match limit {
+        Some(limit) if !null && offset + 7 <= u64::from(limit) => {
+            let mut buf = [0u8; 8];
+            read_linear_any(
+                cpu,
+                ctx,
+                base.wrapping_add(offset),
+                &mut buf,
+                Privilege::Implicit,
+            )?;
+            let long_mode = ctx.sregs.efer & efer::LMA != 0;
+            lsl_limit(
+                u64::from_le_bytes(buf),
+                ctx.cpl(),
+                (selector & SELECTOR_RPL_MASK) as u8,
+                long_mode,
+            )
+        }
+        _ => None,
+    };
+    match found {
+        Some(value) => {
+            ctx.set_gpr(instr.op0_register(), u64::from(value))
+                .ok_or(Stop::Unsupported(UnhandledReason::BadOperand))?;
+            ctx.regs.rflags |= rflags::ZF;
+        }
+        None => ctx.regs.rflags &= !rflags::ZF,
     }
     Ok(())
 }

@@ -2239,3 +2239,142 @@ fn step_over_refuses_an_instruction_with_effects() {
     );
     assert_eq!(cpu.regs.rip, PF_HANDLER, "the vCPU is unchanged");
 }
+
+// ---------------------------------------------------------------------------
+// LSL (Linux's paranoid entries read their CPU number with it)
+// ---------------------------------------------------------------------------
+
+/// Linux's per-CPU segment (GDT entry 15, selector 0x7b): a DPL 3
+/// read-only data segment whose byte-granular limit holds CPU 3, node 1.
+const CPUNODE_DESCRIPTOR: u64 = 0x0040_f100_0000_1003;
+const CPUNODE_SELECTOR: u64 = 0x7b;
+/// `lsl rax, eax`, as Linux's entry code has it.
+const LSL_RAX_EAX: [u8; 4] = [0x48, 0x0f, 0x03, 0xc0];
+
+fn with_descriptor(index: u64, desc: u64) -> MockCpu {
+    let cpu = MockCpu::new();
+    cpu.mem
+        .write_obj(desc, GuestAddress(GDT_PA + index * 8))
+        .unwrap();
+    cpu
+}
+
+/// Runs `bytes` at the current RIP and checks it completed as LSL.
+fn run_lsl(cpu: &mut MockCpu, bytes: &[u8]) {
+    cpu.write(cpu.regs.rip, bytes);
+    let rip = cpu.regs.rip;
+    assert_eq!(
+        handle_emulation_failure(cpu, bytes).unwrap(),
+        Outcome::Emulated(FallbackInstruction::Lsl)
+    );
+    assert_eq!(cpu.regs.rip, rip + bytes.len() as u64);
+}
+
+#[test]
+fn lsl_reads_the_limit_of_linuxs_cpu_number_segment() {
+    let mut cpu = with_descriptor(15, CPUNODE_DESCRIPTOR);
+    cpu.regs.rax = CPUNODE_SELECTOR;
+    cpu.regs.rflags = 0x2 | rflags::CF;
+    run_lsl(&mut cpu, &LSL_RAX_EAX);
+    assert_eq!(cpu.regs.rax, 0x1003);
+    assert_eq!(
+        cpu.regs.rflags,
+        0x2 | rflags::CF | rflags::ZF,
+        "only ZF changes"
+    );
+}
+
+#[test]
+fn lsl_scales_a_page_granular_limit_and_writes_the_operand_size() {
+    // Kernel CS: limit 0xfffff in 4-KiB units.
+    let mut cpu = MockCpu::new();
+    cpu.regs.rbx = u64::from(KERNEL_CS);
+    cpu.regs.rcx = 0xdead_beef_dead_beef;
+    let bytes = cpu.place(|a| a.lsl(ecx, ebx));
+    run_lsl(&mut cpu, &bytes);
+    assert_eq!(
+        cpu.regs.rcx, 0xffff_ffff,
+        "a 32-bit destination zero-extends"
+    );
+    // A 16-bit destination keeps the rest of the register.
+    let mut cpu = MockCpu::new();
+    cpu.regs.rbx = u64::from(KERNEL_CS);
+    cpu.regs.rcx = 0xdead_beef_dead_0000;
+    let bytes = cpu.place(|a| a.lsl(cx, bx));
+    run_lsl(&mut cpu, &bytes);
+    assert_eq!(cpu.regs.rcx, 0xdead_beef_dead_ffff);
+    assert_ne!(cpu.regs.rflags & rflags::ZF, 0);
+}
+
+#[test]
+fn lsl_clears_zf_and_keeps_the_destination_where_the_selector_is_refused() {
+    let call_gate = 0x0000_ec00_0010_0000; // type 0xc, DPL 3
+    let conforming_code = 0x00af_9f00_0000_ffff; // DPL 0, type 0xf
+    let busy_tss = 0x0000_8b00_0000_0067; // DPL 0, 64-bit busy TSS
+    let cases: [(&str, u64, u64, bool, Option<u64>); 8] = [
+        // (what, GDT entry 15, selector, at CPL 3, limit if accepted)
+        ("null selector", CPUNODE_DESCRIPTOR, 0x3, false, None),
+        ("past the GDT limit", CPUNODE_DESCRIPTOR, 0x83, false, None),
+        (
+            "LDT selector, no LDT",
+            CPUNODE_DESCRIPTOR,
+            0x7f,
+            false,
+            None,
+        ),
+        ("call gate", call_gate, 0x7b, false, None),
+        (
+            "DPL 0 data from CPL 3",
+            0x00cf_9300_0000_ffff,
+            0x78,
+            true,
+            None,
+        ),
+        (
+            "RPL 3 above DPL 0",
+            0x00cf_9300_0000_ffff,
+            0x7b,
+            false,
+            None,
+        ),
+        (
+            "conforming code, any privilege",
+            conforming_code,
+            0x7b,
+            true,
+            Some(0xffff_ffff),
+        ),
+        ("64-bit busy TSS", busy_tss, 0x78, false, Some(0x67)),
+    ];
+    for (what, desc, selector, user, limit) in cases {
+        let mut cpu = with_descriptor(15, desc);
+        if user {
+            cpu.enter_user();
+        }
+        cpu.regs.rax = selector;
+        cpu.regs.rflags |= rflags::ZF;
+        run_lsl(&mut cpu, &LSL_RAX_EAX);
+        match limit {
+            Some(l) => assert_eq!(cpu.regs.rax, l, "{what}"),
+            None => {
+                assert_eq!(cpu.regs.rax, selector, "{what}: destination kept");
+                assert_eq!(cpu.regs.rflags & rflags::ZF, 0, "{what}: ZF clear");
+            }
+        }
+    }
+}
+
+#[test]
+fn lsl_from_memory_and_its_page_fault() {
+    let mut cpu = with_descriptor(15, CPUNODE_DESCRIPTOR);
+    cpu.write(KDATA + 0x10, &(CPUNODE_SELECTOR as u16).to_le_bytes());
+    cpu.regs.rsi = KDATA;
+    let bytes = cpu.place(|a| a.lsl(edx, word_ptr(rsi + 0x10)));
+    run_lsl(&mut cpu, &bytes);
+    assert_eq!(cpu.regs.rdx, 0x1003);
+
+    let mut cpu = MockCpu::new();
+    cpu.regs.rsi = 0x5000_0000; // unmapped
+    let bytes = cpu.place(|a| a.lsl(edx, word_ptr(rsi)));
+    assert_raises(&mut cpu, &bytes, Exception::page_fault(0, 0x5000_0000));
+}

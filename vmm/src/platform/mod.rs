@@ -8,7 +8,8 @@
 //! - **PVM** ([`pvm`]): the software-assisted backend (`kvm_pvm`) that runs
 //!   guest kernels through KVM's instruction emulator and leaves user-mode
 //!   SYSCALL half done. Everything that exists only for it is applied only
-//!   there: its kernel parameters, its CPUID edits, the SYSCALL completion
+//!   there: its kernel parameters, its CPUID edits (no paravirtual
+//!   feature used by hypercall), no hypercall patching, the SYSCALL completion
 //!   with its SYSCALL-MSR filter and #PF watch, and the fallback emulator's
 //!   instructions (CLAC, STAC, POPCNT, FWAIT, INT3, CMPXCHG16B, the XSAVE
 //!   family).
@@ -274,6 +275,17 @@ impl Platform {
         }
     }
 
+    /// VM-wide settings the platform needs before any vCPU exists. On PVM:
+    /// KVM must not rewrite a guest's hypercall instruction
+    /// ([`pvm::keep_hypercalls_unpatched`]). Ordinary KVM keeps its
+    /// defaults.
+    pub fn configure_vm(self, vm: &kvm_ioctls::VmFd) -> Result<(), kvm_ioctls::Error> {
+        match self {
+            Platform::Kvm => Ok(()),
+            Platform::Pvm => pvm::keep_hypercalls_unpatched(vm),
+        }
+    }
+
     /// The guest's user-mode SYSCALL needs the VMM (PVM leaves it half
     /// done): intercept writes of STAR/LSTAR/FMASK and watch #PF.
     pub fn completes_syscall(self) -> bool {
@@ -431,11 +443,12 @@ mod tests {
     fn pvm_parameters_come_before_the_users_and_before_init_args() {
         assert_eq!(
             Platform::Pvm.with_kernel_params("console=ttyS0 -- vmm.cmd=true"),
-            "forcecpuid=movdir64b,enqcmd clearcpuid=smap console=ttyS0 -- vmm.cmd=true"
+            "forcecpuid=movdir64b,enqcmd clearcpuid=smap lapic=notscdeadline console=ttyS0 -- \
+             vmm.cmd=true"
         );
         assert_eq!(
             Platform::Pvm.with_kernel_params(""),
-            "forcecpuid=movdir64b,enqcmd clearcpuid=smap"
+            "forcecpuid=movdir64b,enqcmd clearcpuid=smap lapic=notscdeadline"
         );
     }
 
@@ -443,12 +456,13 @@ mod tests {
     fn a_pvm_parameter_the_user_gave_is_not_repeated() {
         assert_eq!(
             Platform::Pvm.with_kernel_params("forcecpuid=movdir64b console=ttyS0"),
-            "clearcpuid=smap forcecpuid=movdir64b console=ttyS0"
+            "clearcpuid=smap lapic=notscdeadline forcecpuid=movdir64b console=ttyS0"
         );
         // After `--` it is an argument of init, not a kernel parameter.
         assert_eq!(
             Platform::Pvm.with_kernel_params("console=ttyS0 -- clearcpuid=smap"),
-            "forcecpuid=movdir64b,enqcmd clearcpuid=smap console=ttyS0 -- clearcpuid=smap"
+            "forcecpuid=movdir64b,enqcmd clearcpuid=smap lapic=notscdeadline console=ttyS0 -- \
+             clearcpuid=smap"
         );
     }
 

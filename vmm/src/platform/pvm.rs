@@ -25,9 +25,22 @@
 //!   ignored too (XSAVES added to sub-leaf 1 did not reach the guest), so
 //!   the guest has no XSAVES and no PASID state component: IA32_PASID is
 //!   kept per address space (`crate::sva::GuestPasids`), not by XRSTORS.
+//! - A hypercall (VMCALL or VMMCALL) at CPL 0 never reaches KVM's hypercall
+//!   handler: KVM's emulator treats it as the wrong vendor's instruction
+//!   and "fixes" it, writing the backend's preferred instruction (VMCALL,
+//!   measured) over the guest's three bytes and running it again, which
+//!   does the same: the vCPU spins there forever, or, once the kernel
+//!   text is read-only, the write is a #PF the guest cannot handle (a
+//!   4-vCPU Linux sends its IPIs by hypercall and hung or panicked at
+//!   boot). The VMM turns that patching off
+//!   ([`keep_hypercalls_unpatched`]: the guest gets #UD at the instruction,
+//!   its text intact) and hides the paravirtual features a Linux guest
+//!   would use by hypercall ([`HYPERCALL_FEATURES`]); the guest then sends
+//!   IPIs through its x2APIC, as with two vCPUs.
 
 use kvm_bindings::{kvm_cpuid_entry2, kvm_xcrs, kvm_xsave};
-use kvm_ioctls::{MsrFilterRange, MsrFilterRangeFlags};
+use kvm_bindings::{kvm_enable_cap, KVM_CAP_DISABLE_QUIRKS2, KVM_X86_QUIRK_FIX_HYPERCALL_INSN};
+use kvm_ioctls::{MsrFilterRange, MsrFilterRangeFlags, VmFd};
 
 use super::leaf7_ecx;
 use crate::emulator::{syscall_msr, XStateLayout, XsaveFeatures};
@@ -37,9 +50,37 @@ const LEAF7_EBX_SMAP: u32 = 1 << 20;
 /// CPUID.1:ECX bit 13: CMPXCHG16B.
 const LEAF1_ECX_CX16: u32 = 1 << 13;
 
+/// CPUID leaf of KVM's paravirtual features (EAX), KVM_CPUID_FEATURES.
+const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
+
+/// KVM's paravirtual features (CPUID 0x4000_0001 EAX) whose use is a
+/// hypercall.
+pub mod kvm_feature {
+    /// KVM_FEATURE_PV_UNHALT: paravirtual spinlocks, woken by
+    /// KVM_HC_KICK_CPU.
+    pub const PV_UNHALT: u32 = 1 << 7;
+    /// KVM_FEATURE_PV_SEND_IPI: IPIs to several CPUs by KVM_HC_SEND_IPI.
+    pub const PV_SEND_IPI: u32 = 1 << 11;
+    /// KVM_FEATURE_PV_SCHED_YIELD: KVM_HC_SCHED_YIELD to a preempted
+    /// IPI target.
+    pub const PV_SCHED_YIELD: u32 = 1 << 13;
+}
+
+/// The features PVM hides: a hypercall at CPL 0 cannot be made there (see
+/// the module doc), so the guest must not be told to make one. Linux then
+/// sends IPIs through x2APIC ICR writes, uses ordinary spinlocks and does
+/// not yield to preempted vCPUs.
+pub const HYPERCALL_FEATURES: u32 =
+    kvm_feature::PV_UNHALT | kvm_feature::PV_SEND_IPI | kvm_feature::PV_SCHED_YIELD;
+
 /// PVM's CPUID edits, after the baseline's.
 pub(super) fn adjust_cpuid(entry: &mut kvm_cpuid_entry2) {
     match (entry.function, entry.index) {
+        (KVM_CPUID_FEATURES, _) => {
+            // The backend takes this leaf from KVM_SET_CPUID2 (measured:
+            // a guest's CPUID no longer showed a cleared bit).
+            entry.eax &= !HYPERCALL_FEATURES;
+        }
         (1, _) => {
             // The backend's emulator cannot run `lock cmpxchg16b` at CPL0;
             // without CX16 Linux's SLUB avoids it.
@@ -57,6 +98,19 @@ pub(super) fn adjust_cpuid(entry: &mut kvm_cpuid_entry2) {
         }
         _ => {}
     }
+}
+
+/// Turns off KVM's rewriting of a guest hypercall instruction
+/// (KVM_X86_QUIRK_FIX_HYPERCALL_INSN): a VMCALL or VMMCALL at CPL 0 then
+/// raises #UD in the guest, as on a machine without a hypervisor, instead
+/// of rewriting the guest's code and spinning on it.
+pub fn keep_hypercalls_unpatched(vm: &VmFd) -> Result<(), kvm_ioctls::Error> {
+    let mut cap = kvm_enable_cap {
+        cap: KVM_CAP_DISABLE_QUIRKS2,
+        ..Default::default()
+    };
+    cap.args[0] = u64::from(KVM_X86_QUIRK_FIX_HYPERCALL_INSN);
+    vm.enable_cap(&cap)
 }
 
 /// Writes of STAR (bit 0), LSTAR (bit 1) and FMASK (bit 3) exit to the VMM;
@@ -93,6 +147,21 @@ pub const KERNEL_PARAMS: &[(&str, &str)] = &[
         // in CPUID leaf 7 whatever KVM_SET_CPUID2 says; without it the
         // kernel leaves both instructions out.
         "every STAC/CLAC would be an emulation-failure exit",
+    ),
+    (
+        "lapic=notscdeadline",
+        // What the guest does: with the TSC-deadline timer its LAPIC
+        // clockevent is one-shot only, and until a CPU switches to
+        // high-resolution mode its periodic tick is emulated: a late tick's
+        // handler runs tick_periodic() again for every period it missed
+        // before it returns. An emulated tick costs milliseconds, so a vCPU
+        // that shares a host core with others never catches up; with 4
+        // vCPUs on 2 cores a CPU sat in that loop for minutes (its task at
+        // one RIP, RCU stall reports) while the others waited for it in
+        // stop_machine. The LAPIC's own periodic mode has no catch-up loop
+        // (one run of 4 vCPUs got past that point with it; see
+        // docs/pvm-backend.md).
+        "a periodic tick emulated by the one-shot TSC-deadline timer never catches up on a shared core",
     ),
 ];
 
@@ -164,6 +233,26 @@ mod tests {
             leaf7.ecx,
             leaf7_ecx::MOVDIRI | leaf7_ecx::MOVDIR64B | leaf7_ecx::ENQCMD
         );
+    }
+
+    #[test]
+    fn pvm_hides_the_features_a_guest_uses_by_hypercall() {
+        // KVM's leaf as a 6.18 host offers it (measured on this machine).
+        let offered = 0x0100_7efb;
+        let mut leaf = kvm_cpuid_entry2 {
+            function: KVM_CPUID_FEATURES,
+            eax: offered,
+            ..Default::default()
+        };
+        Platform::Pvm.adjust_cpuid(&mut leaf);
+        assert_eq!(leaf.eax, 0x0100_567b);
+        let mut leaf = kvm_cpuid_entry2 {
+            function: KVM_CPUID_FEATURES,
+            eax: offered,
+            ..Default::default()
+        };
+        Platform::Kvm.adjust_cpuid(&mut leaf);
+        assert_eq!(leaf.eax, offered, "ordinary KVM keeps every feature");
     }
 
     #[test]
