@@ -44,6 +44,7 @@ const KVM_TESTS: &[BedTest] = &[
     all("sva_e2e"),
     all("entry_routes"),
     all("xsave"),
+    all("hypercall"),
     all("cli"),
     all("run_command"),
     all("linux_boot"),
