@@ -126,28 +126,6 @@ pub const SELECTOR_RPL_MASK: u16 = 3;
 /// Table-indicator bit of a segment selector (1: LDT).
 pub const SELECTOR_TI: u16 = 1 << 2;
 
-/// Segment-descriptor fields, as a little-endian u64 of its first eight
-/// bytes (SDM Vol. 3A, 3.4.5).
-pub mod descriptor {
-    /// The S flag: a code or data segment (clear: a system segment).
-    pub const S: u64 = 1 << 44;
-    /// The type field: its position and mask.
-    pub const TYPE_SHIFT: u32 = 40;
-    /// See [`TYPE_SHIFT`].
-    pub const TYPE_MASK: u64 = 0xf;
-    /// In a code or data type: code (bit 3) and conforming (bit 2).
-    pub const TYPE_CODE_CONFORMING: u64 = 0b1100;
-    /// DPL's position (two bits).
-    pub const DPL_SHIFT: u32 = 45;
-    /// The G flag: the limit counts 4-KiB units.
-    pub const G: u64 = 1 << 55;
-
-    /// The 20-bit limit field (bits 15:0 and 51:48).
-    pub fn raw_limit(desc: u64) -> u32 {
-        ((desc & 0xffff) | ((desc >> 32) & 0xf_0000)) as u32
-    }
-}
-
 /// Segment descriptors (SDM Vol. 3A, 3.4.5).
 pub mod segment {
     use kvm_bindings::kvm_segment;
@@ -183,6 +161,9 @@ pub mod segment {
         pub const TSS64_AVAILABLE: u8 = 0x9;
         /// System: 64-bit TSS, busy.
         pub const TSS64_BUSY: u8 = 0xb;
+        /// In a code or data type: the code (bit 3) and conforming (bit 2)
+        /// bits, both set in a conforming code segment.
+        pub const CODE_CONFORMING: u8 = 0b1100;
     }
 
     /// Flat 64-bit code at `dpl`.
@@ -226,6 +207,37 @@ pub mod segment {
     }
 
     impl SegmentDescriptor {
+        /// The fields of the 8-byte descriptor `desc` (its base and present
+        /// bit are not kept).
+        pub fn from_u64(desc: u64) -> Self {
+            let access = (desc >> 40) as u8;
+            let flags = (desc >> 52) as u8;
+            SegmentDescriptor {
+                limit: ((desc & 0xffff) | ((desc >> 32) & 0xf_0000)) as u32,
+                kind: access & 0xf,
+                code_or_data: access & (1 << 4) != 0,
+                dpl: (access >> 5) & 3,
+                long: flags & (1 << 1) != 0,
+                default_32: flags & (1 << 2) != 0,
+                granularity_4k: flags & (1 << 3) != 0,
+            }
+        }
+
+        /// The limit in bytes minus one: the limit field, scaled to 4 KiB
+        /// units when G is set.
+        pub fn byte_limit(self) -> u32 {
+            if self.granularity_4k {
+                (self.limit << 12) | 0xfff
+            } else {
+                self.limit
+            }
+        }
+
+        /// A conforming code segment.
+        pub fn is_conforming_code(self) -> bool {
+            self.code_or_data && self.kind & kind::CODE_CONFORMING == kind::CODE_CONFORMING
+        }
+
         /// The 8-byte descriptor (present, base 0).
         pub fn to_u64(self) -> u64 {
             let limit = u64::from(self.limit & 0xf_ffff);
@@ -250,14 +262,9 @@ pub mod segment {
         /// The same segment as KVM's segment-register state, loaded with
         /// `selector` (base 0).
         pub fn to_kvm_segment(self, selector: u16) -> kvm_segment {
-            let limit = if self.granularity_4k {
-                (self.limit << 12) | 0xfff
-            } else {
-                self.limit
-            };
             kvm_segment {
                 base: 0,
-                limit,
+                limit: self.byte_limit(),
                 selector,
                 type_: self.kind,
                 present: 1,
@@ -318,6 +325,10 @@ mod tests {
             tss.to_system_u64(0x1234_5678_9abc_d000),
             [0x9a00_89bc_d000_0067, 0x1234_5678]
         );
+        for desc in [segment::code64(3), segment::data(0), tss] {
+            assert_eq!(segment::SegmentDescriptor::from_u64(desc.to_u64()), desc);
+        }
+        assert!(!segment::code64(0).is_conforming_code());
         let user = segment::code64(3).to_kvm_segment(0x33);
         assert_eq!(
             (user.dpl, user.limit, user.l, user.db),

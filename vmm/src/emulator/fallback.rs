@@ -273,32 +273,24 @@ fn cmpxchg16b<C: GuestCpu + ?Sized>(
 /// System-segment types LSL accepts in IA-32e mode: LDT, available and
 /// busy 64-bit TSS (SDM Vol. 2A, LSL); outside it also the 16-bit TSS
 /// types and the 32-bit TSS types (the same numbers as the 64-bit ones).
-const LSL_SYSTEM_TYPES: [u64; 3] = [0x2, 0x9, 0xb];
-const LSL_LEGACY_SYSTEM_TYPES: [u64; 2] = [0x1, 0x3];
+const LSL_SYSTEM_TYPES: [u8; 3] = [0x2, 0x9, 0xb];
+const LSL_LEGACY_SYSTEM_TYPES: [u8; 2] = [0x1, 0x3];
 
 /// The limit LSL loads from descriptor `desc` for a selector with
 /// requested privilege `rpl` at `cpl`, or `None` (ZF cleared) where the
 /// type or privilege forbids it.
 fn lsl_limit(desc: u64, cpl: u8, rpl: u8, long_mode: bool) -> Option<u32> {
-    use crate::x86::descriptor::*;
-    let kind = (desc >> TYPE_SHIFT) & TYPE_MASK;
-    let dpl = ((desc >> DPL_SHIFT) & 3) as u8;
-    let conforming_code = desc & S != 0 && kind & TYPE_CODE_CONFORMING == TYPE_CODE_CONFORMING;
-    if desc & S == 0
-        && !LSL_SYSTEM_TYPES.contains(&kind)
-        && (long_mode || !LSL_LEGACY_SYSTEM_TYPES.contains(&kind))
+    let desc = crate::x86::segment::SegmentDescriptor::from_u64(desc);
+    if !desc.code_or_data
+        && !LSL_SYSTEM_TYPES.contains(&desc.kind)
+        && (long_mode || !LSL_LEGACY_SYSTEM_TYPES.contains(&desc.kind))
     {
         return None;
     }
-    if !conforming_code && (dpl < cpl || dpl < rpl) {
+    if !desc.is_conforming_code() && (desc.dpl < cpl || desc.dpl < rpl) {
         return None;
     }
-    let raw = raw_limit(desc);
-    Some(if desc & G != 0 {
-        (raw << 12) | 0xfff
-    } else {
-        raw
-    })
+    Some(desc.byte_limit())
 }
 
 fn lsl<C: GuestCpu + ?Sized>(
