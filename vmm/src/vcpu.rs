@@ -584,9 +584,8 @@ impl Vcpu {
         } else {
             &[]
         };
-        let bytes = bytes.to_vec();
         let outcome =
-            emulator::handle_emulation_failure(self, &bytes).map_err(|e| self.fatal(&e))?;
+            emulator::handle_emulation_failure(self, bytes).map_err(|e| self.fatal(&e))?;
         self.trace
             .route(Route::Emulation(EmulationRoute::of(&outcome)));
         match outcome {
