@@ -179,6 +179,33 @@ pub mod segment {
         }
     }
 
+    /// Flat 32-bit code at `dpl` (L=0, D=1): in long mode, a
+    /// compatibility-mode code segment.
+    pub const fn code32(dpl: u8) -> SegmentDescriptor {
+        SegmentDescriptor {
+            limit: 0xf_ffff,
+            kind: kind::CODE_EXEC_READ_ACCESSED,
+            code_or_data: true,
+            dpl,
+            long: false,
+            default_32: true,
+            granularity_4k: true,
+        }
+    }
+
+    /// 64 KiB of 16-bit code at `dpl` (L=0, D=0, byte granularity).
+    pub const fn code16(dpl: u8) -> SegmentDescriptor {
+        SegmentDescriptor {
+            limit: 0xffff,
+            kind: kind::CODE_EXEC_READ_ACCESSED,
+            code_or_data: true,
+            dpl,
+            long: false,
+            default_32: false,
+            granularity_4k: false,
+        }
+    }
+
     /// Flat read/write data at `dpl`.
     pub const fn data(dpl: u8) -> SegmentDescriptor {
         SegmentDescriptor {
@@ -252,10 +279,17 @@ pub mod segment {
             (limit & 0xffff) | ((limit >> 16) << 48) | (access << 40) | (flags << 52)
         }
 
+        /// The 8-byte descriptor (present) of a code or data segment at
+        /// `base` (outside 64-bit mode, bases apply to every segment).
+        pub fn to_u64_at(self, base: u32) -> u64 {
+            let base = u64::from(base);
+            self.to_u64() | ((base & 0xff_ffff) << 16) | ((base >> 24) << 56)
+        }
+
         /// The 16-byte form of a system descriptor (TSS, LDT) at `base`:
         /// two GDT entries.
         pub fn to_system_u64(self, base: u64) -> [u64; 2] {
-            let low = self.to_u64() | ((base & 0xff_ffff) << 16) | (((base >> 24) & 0xff) << 56);
+            let low = self.to_u64_at(base as u32);
             [low, base >> 32]
         }
 

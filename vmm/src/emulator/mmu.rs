@@ -1,14 +1,17 @@
 //! Guest linear-address accesses on behalf of an emulated instruction.
 //!
-//! Translation walks the guest's IA-32e page tables with the vIOMMU's
-//! first-level walker ([`viommu::paging`], the same format), configured from
-//! the vCPU's CR0/CR3/CR4/EFER/RFLAGS. A walk fault becomes the #PF the CPU
-//! would raise, with its architectural error code and CR2.
+//! Translation walks the guest's IA-32e page tables (64-bit and
+//! compatibility mode) with the vIOMMU's first-level walker
+//! ([`viommu::paging`], the same format), configured from the vCPU's
+//! CR0/CR3/CR4/EFER/RFLAGS. A walk fault becomes the #PF the CPU would
+//! raise, with its architectural error code and CR2. Outside long mode
+//! with paging off a linear address is the physical one; 32-bit and PAE
+//! paging are not walked (reported as not handled).
 
 use viommu::paging::{self, AccessType, WalkConfig, WalkFault};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryRegion};
 
-use super::context::CpuContext;
+use super::context::{CpuContext, LINEAR32_MASK};
 use super::exception::Exception;
 use super::GuestCpu;
 use crate::x86::{cr0, cr4, efer, rflags, CR3_ROOT_MASK};
@@ -61,6 +64,9 @@ pub(crate) enum AccessError {
     /// Other vCPUs kept changing the paging entries while the walker set
     /// accessed/dirty flags: the instruction is to be executed again.
     Contended,
+    /// The guest uses 32-bit or PAE paging, which the emulator does not
+    /// walk.
+    LegacyPaging,
 }
 
 impl From<Exception> for AccessError {
@@ -125,6 +131,14 @@ pub(crate) fn translate<M: GuestMemory>(
     // The emulator's own peeks (instruction bytes, descriptor tables, the
     // exception frame) are reads the CPU already made or would make; only
     // an instruction's data accesses set accessed/dirty bits.
+    if ctx.sregs.efer & efer::LMA == 0 {
+        // Protected or real mode: with paging off a linear address (32
+        // bits) is the physical address.
+        if ctx.sregs.cr0 & cr0::PG == 0 {
+            return Ok(va & LINEAR32_MASK);
+        }
+        return Err(AccessError::LegacyPaging);
+    }
     let set_ad = kind != AccessKind::Fetch && privilege != Privilege::Implicit;
     let cfg = walk_config(ctx, privilege, set_ad);
     let root = ctx.sregs.cr3 & CR3_ROOT_MASK;
@@ -289,7 +303,8 @@ impl std::ops::Deref for InsnBytes {
     }
 }
 
-/// Fetches up to 15 instruction bytes at `rip`. The first page must be
+/// Fetches up to 15 instruction bytes at `rip` (an offset in CS outside
+/// 64-bit mode: [`CpuContext::code_linear`]). The first page must be
 /// reachable; bytes on a following page that cannot be fetched are left out
 /// (the decoder then sees a truncated instruction only if it really spans
 /// into that page).
@@ -303,7 +318,7 @@ pub(crate) fn fetch_instruction<M: GuestMemory>(
         bytes: [0; MAX_INSN_LEN],
         len: 0,
     };
-    for (i, (addr, len)) in page_chunks(rip, MAX_INSN_LEN).enumerate() {
+    for (i, (addr, len)) in page_chunks(ctx.code_linear(rip), MAX_INSN_LEN).enumerate() {
         let chunk = &mut insn.bytes[insn.len..insn.len + len];
         match read_linear(mem, ctx, addr, chunk, AccessKind::Fetch, privilege) {
             Ok(()) => insn.len += len,

@@ -24,8 +24,11 @@
 //! [`GuestCpu`] trait, which the VMM's vCPU implements and which a test can
 //! mock over a plain [`vm_memory::GuestMemoryMmap`].
 //!
-//! Only 64-bit mode is emulated (long mode with a 64-bit code segment);
-//! anything else is reported as not handled.
+//! Every mode is emulated: 64-bit mode, compatibility mode (32- and 16-bit
+//! code in long mode, IA-32e paging), protected mode with paging off and
+//! real mode, with the mode's operand and address sizes, segment bases and
+//! limits ([`decode`]). Protected mode with 32-bit or PAE paging is
+//! reported as not handled ([`UnhandledReason::LegacyPaging`]).
 //!
 //! # Wiring it into a vCPU loop
 //!
@@ -218,8 +221,12 @@ pub struct StoreRecord {
 /// Why an instruction was not emulated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UnhandledReason {
-    /// The vCPU is not in 64-bit mode.
+    /// The vCPU is not in 64-bit mode (where the VMM watches the
+    /// exception handlers it steps over).
     NotLongMode,
+    /// The guest uses 32-bit or PAE paging (protected mode without long
+    /// mode, CR0.PG=1), whose page tables the emulator does not walk.
+    LegacyPaging,
     /// The bytes stop short of a whole instruction (or could not be read);
     /// bytes that are no instruction at all get #UD instead.
     Undecodable,
@@ -238,6 +245,7 @@ impl fmt::Display for UnhandledReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::NotLongMode => write!(f, "vCPU not in 64-bit mode"),
+            Self::LegacyPaging => write!(f, "32-bit or PAE paging is not emulated"),
             Self::Undecodable => write!(f, "not a whole instruction"),
             Self::UnknownInstruction(m) => {
                 write!(f, "no emulation for {}", format!("{m:?}").to_lowercase())
@@ -330,11 +338,22 @@ impl<T> From<mmu::AccessError> for Step<T> {
                 Step::Unsupported(UnhandledReason::OperandNotRam { gpa })
             }
             mmu::AccessError::Contended => Step::Retry,
+            mmu::AccessError::LegacyPaging => Step::Unsupported(UnhandledReason::LegacyPaging),
         }
     }
 }
 
 impl<T> Step<T> {
+    /// The step with its exception as the CPU delivers it in `ctx`'s mode
+    /// (real mode pushes no error code).
+    fn delivered_in(self, ctx: &CpuContext) -> Self {
+        match self {
+            Step::Fault(e) => Step::Fault(ctx.delivered(e)),
+            Step::Trap(e) => Step::Trap(ctx.delivered(e)),
+            other => other,
+        }
+    }
+
     fn map<U>(self, f: impl FnOnce(T) -> U) -> Step<U> {
         match self {
             Step::Completed(t) => Step::Completed(f(t)),
@@ -386,7 +405,8 @@ pub fn handle_emulation_failure<C: GuestCpu + ?Sized>(
 ) -> Result<Outcome, EmulatorError> {
     let mut ctx = CpuContext::capture(cpu)?;
     let rip = ctx.regs.rip;
-    let bytes = if insn_bytes.is_empty() && ctx.is_64bit_mode() {
+    let bitness = ctx.code_bitness();
+    let bytes = if insn_bytes.is_empty() {
         mmu::fetch_instruction(cpu.memory(), &ctx, rip, Privilege::of(&ctx))
             .map(|bytes| bytes.to_vec())
             .unwrap_or_default()
@@ -395,13 +415,10 @@ pub fn handle_emulation_failure<C: GuestCpu + ?Sized>(
     };
     let not_handled =
         |bytes: Vec<u8>, reason| Ok(Outcome::NotHandled(Unhandled { rip, bytes, reason }));
-    if !ctx.is_64bit_mode() {
-        return not_handled(bytes, UnhandledReason::NotLongMode);
-    }
-    let instr = decode::decode(&bytes, rip);
+    let instr = decode::decode(&bytes, bitness, rip);
     let undefined = match &instr {
         Some(i) => matches!(i.mnemonic(), Mnemonic::Ud0 | Mnemonic::Ud1 | Mnemonic::Ud2),
-        None => decode::is_undefined(&bytes, rip),
+        None => decode::is_undefined(&bytes, bitness, rip),
     };
     if undefined {
         // No instruction at all, or one defined to raise it: the CPU's
@@ -418,7 +435,10 @@ pub fn handle_emulation_failure<C: GuestCpu + ?Sized>(
     let step = if let Some(kind) = direct_store::store_kind(&instr) {
         direct_store::execute(cpu, &mut ctx, &instr, kind)?.map(Outcome::Store)
     } else if let Some(which) = FallbackInstruction::of(&instr).filter(|w| cpu.emulates(*w)) {
+        // A handler entry is 64-bit code: in IA-32e mode every IDT gate
+        // leads to a 64-bit code segment.
         if which == FallbackInstruction::Clac
+            && ctx.is_64bit_mode()
             && ctx.cpl() == 0
             && entry::is_entry(&ctx, cpu.memory(), rip, crate::x86::vector::UD)
         {
@@ -440,6 +460,7 @@ pub fn handle_emulation_failure<C: GuestCpu + ?Sized>(
         Step::Unsupported(UnhandledReason::UnknownInstruction(instr.mnemonic()))
     };
 
+    let step = step.delivered_in(&ctx);
     apply_step(cpu, &ctx, &step, false)?;
     Ok(match step {
         Step::Completed(outcome) => outcome,

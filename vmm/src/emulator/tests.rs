@@ -261,6 +261,8 @@ impl MockCpu {
             (3, 0x00cf_9300_0000_ffff),
             (5, 0x00cf_f300_0000_ffff),
             (6, 0x00af_fb00_0000_ffff),
+            // Linux's __USER32_CS 0x23: 32-bit user code.
+            (4, 0x00cf_fb00_0000_ffff),
         ] {
             cpu.mem
                 .write_obj(desc, GuestAddress(GDT_PA + index * 8))
@@ -1358,7 +1360,8 @@ fn kernel_ud2_and_kernel_frames_with_odd_selectors_pass_through() {
     );
     assert_eq!((cpu.regs, cpu.sregs), before);
 
-    // RPL 1 code selector, a user data segment as SS, a 32-bit CS.
+    // RPL 1 code selector, a user data segment as SS, a CS selector with
+    // no descriptor.
     for (slot, value) in [(8, 0x11u64), (32, u64::from(USER_SS)), (8, 0x08)] {
         let (mut cpu, _) = at_kernel_entry(6, None, |a| a.enqcmds(rax, ptr(rdx)));
         let at = cpu.regs.rsp + slot;
@@ -1808,19 +1811,463 @@ fn bytes_that_are_no_instruction_get_ud() {
     }
 }
 
+// ---------------------------------------------------------------------------
+// Outside 64-bit mode: compatibility, protected and real mode
+// ---------------------------------------------------------------------------
+
+const CR4_SMEP: u64 = 1 << 20;
+const CR4_SMAP: u64 = 1 << 21;
+/// A 32-bit user code descriptor (GDT index 4, Linux's `__USER32_CS`).
+const USER32_CS: u16 = 0x23;
+/// Linux's `__KERNEL32_CS`.
+const KERNEL32_CS: u16 = 0x08;
+
+/// Puts the mock vCPU in compatibility mode at `dpl` with `bits`-bit code
+/// (CS.D) at UCODE; SMEP and SMAP off, so CPL 0 code may use the user
+/// mappings below 4 GiB.
+fn compat(cpu: &mut MockCpu, dpl: u8, bits: u32) {
+    cpu.sregs.cr4 &= !(CR4_SMEP | CR4_SMAP);
+    let selector = if dpl == 3 { USER32_CS } else { KERNEL32_CS };
+    cpu.sregs.cs = kvm_segment {
+        l: 0,
+        db: u8::from(bits == 32),
+        ..segment(selector, dpl, true)
+    };
+    let stack = if dpl == 3 { USER_SS } else { KERNEL_SS };
+    cpu.sregs.ss = segment(stack, dpl, false);
+    cpu.regs.rip = UCODE;
+}
+
+/// Assembles `bits`-bit code at the vCPU's RIP (which must be UCODE) and
+/// returns its bytes.
+fn place_bits(
+    cpu: &mut MockCpu,
+    bits: u32,
+    f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
+) -> Vec<u8> {
+    let mut a = CodeAssembler::new(bits).unwrap();
+    f(&mut a).unwrap();
+    let bytes = a.assemble(cpu.regs.rip).unwrap();
+    cpu.write(cpu.sregs.cs.base + cpu.regs.rip, &bytes);
+    bytes
+}
+
+/// A compatibility-mode CPL 0 MOVDIR64B of [`descriptor`] at UDATA to the
+/// portal: `edi` and `esi` hold the two offsets (their upper halves are
+/// garbage the 32-bit address size ignores).
+fn compat_movdir64b(bits: u32) -> (MockCpu, Vec<u8>) {
+    let mut cpu = MockCpu::new();
+    compat(&mut cpu, 0, bits);
+    cpu.write(UDATA, &descriptor());
+    cpu.regs.rdi = 0xdead_beef_0000_0000 | PORTAL;
+    cpu.regs.rsi = 0x1234_5678_0000_0000 | UDATA;
+    let bytes = place_bits(&mut cpu, bits, |a| a.movdir64b(edi, ptr(esi)));
+    (cpu, bytes)
+}
+
+fn store_at(kind: StoreKind, linear: u64, gpa: u64) -> Outcome {
+    Outcome::Store(StoreRecord {
+        kind,
+        linear,
+        gpa,
+        reply: StoreReply::Accepted,
+    })
+}
+
 #[test]
-fn outside_64bit_mode_is_not_handled() {
-    let (mut cpu, bytes) = enqcmd_machine();
-    cpu.sregs.cs.l = 0;
-    let outcome = handle_emulation_failure(&mut cpu, &bytes).unwrap();
+fn compat_mode_movdir64b_to_the_portal_completes() {
+    let (mut cpu, bytes) = compat_movdir64b(32);
+    assert_eq!(
+        handle_emulation_failure(&mut cpu, &bytes).unwrap(),
+        store_at(StoreKind::Movdir64b, PORTAL, PORTAL_PA)
+    );
+    assert_eq!(cpu.stores[0].1, descriptor());
+    assert_eq!(cpu.regs.rip, UCODE + bytes.len() as u64);
+    assert!(cpu.injected.is_empty());
+}
+
+#[test]
+fn compat_mode_bytes_missing_from_the_exit_are_fetched_at_cs_base_plus_eip() {
+    let (mut cpu, bytes) = compat_movdir64b(32);
+    // The same code, reached through a CS based 0x1000 below it.
+    cpu.sregs.cs.base = 0x1000;
+    cpu.regs.rip = UCODE - 0x1000;
+    assert_eq!(
+        handle_emulation_failure(&mut cpu, &[]).unwrap(),
+        store_at(StoreKind::Movdir64b, PORTAL, PORTAL_PA)
+    );
+    assert_eq!(cpu.regs.rip, UCODE - 0x1000 + bytes.len() as u64);
+}
+
+#[test]
+fn compat_mode_segment_bases_apply_to_every_segment() {
+    // DS, ES and an SS override have their bases, as in protected mode.
+    let mut cpu = MockCpu::new();
+    compat(&mut cpu, 0, 32);
+    cpu.write(UDATA + 0x80, &descriptor());
+    cpu.sregs.ds.base = 0x100;
+    cpu.sregs.es.base = 0x1000;
+    cpu.sregs.ss.base = 0x80;
+    cpu.regs.rdi = PORTAL + 0x40 - 0x1000;
+    cpu.regs.rsi = UDATA + 0x80 - 0x100;
+    let bytes = place_bits(&mut cpu, 32, |a| a.enqcmds(edi, ptr(esi)));
+    assert_eq!(
+        handle_emulation_failure(&mut cpu, &bytes).unwrap(),
+        store_at(StoreKind::Enqcmds, PORTAL + 0x40, PORTAL_PA + 0x40)
+    );
+    assert_eq!(cpu.stores[0].1[4..], descriptor()[4..]);
+
+    let mut cpu = MockCpu::new();
+    compat(&mut cpu, 0, 32);
+    cpu.write(UDATA + 0x80, &descriptor());
+    cpu.sregs.ss.base = 0x80;
+    cpu.regs.rdi = PORTAL;
+    cpu.regs.rsi = UDATA;
+    let bytes = place_bits(&mut cpu, 32, |a| a.movdir64b(edi, ptr(esi).ss()));
+    assert_eq!(
+        handle_emulation_failure(&mut cpu, &bytes).unwrap(),
+        store_at(StoreKind::Movdir64b, PORTAL, PORTAL_PA)
+    );
+    assert_eq!(cpu.stores[0].1, descriptor());
+}
+
+#[test]
+fn compat_mode_linear_addresses_wrap_at_4_gib() {
+    let (mut cpu, bytes) = compat_movdir64b(32);
+    cpu.sregs.ds.base = 0xffff_0000;
+    cpu.regs.rsi = UDATA + 0x1_0000;
+    assert_eq!(
+        handle_emulation_failure(&mut cpu, &bytes).unwrap(),
+        store_at(StoreKind::Movdir64b, PORTAL, PORTAL_PA)
+    );
+    assert_eq!(cpu.stores[0].1, descriptor());
+}
+
+#[test]
+fn compat_mode_limit_violations_are_gp0_and_ss0() {
+    // The source's last byte one past DS's limit: #GP(0).
+    let (mut cpu, bytes) = compat_movdir64b(32);
+    cpu.sregs.ds.limit = (UDATA + 0x3e) as u32;
+    assert_raises(&mut cpu, &bytes, Exception::gp0());
+
+    // The destination past ES's limit: #GP(0).
+    let (mut cpu, bytes) = compat_movdir64b(32);
+    cpu.sregs.es.limit = (PORTAL + 0x3e) as u32;
+    assert_raises(&mut cpu, &bytes, Exception::gp0());
+
+    // An EBP-based source past SS's limit: #SS(0).
+    let mut cpu = MockCpu::new();
+    compat(&mut cpu, 0, 32);
+    cpu.sregs.ss.limit = (UDATA + 0x20) as u32;
+    cpu.regs.rdi = PORTAL;
+    cpu.regs.rbp = UDATA;
+    let bytes = place_bits(&mut cpu, 32, |a| a.movdir64b(edi, ptr(ebp)));
+    assert_raises(&mut cpu, &bytes, Exception::ss0());
+}
+
+#[test]
+fn compat_mode_segment_types_are_checked() {
+    // A read-only ES cannot be stored to.
+    let (mut cpu, bytes) = compat_movdir64b(32);
+    cpu.sregs.es.type_ = 0x1;
+    assert_raises(&mut cpu, &bytes, Exception::gp0());
+    // An unusable (null) DS cannot be read.
+    let (mut cpu, bytes) = compat_movdir64b(32);
+    cpu.sregs.ds.unusable = 1;
+    assert_raises(&mut cpu, &bytes, Exception::gp0());
+    // An execute-only CS cannot be read through a CS override.
+    let (mut cpu, _) = compat_movdir64b(32);
+    cpu.sregs.cs.type_ = 0x9;
+    let bytes = place_bits(&mut cpu, 32, |a| a.movdir64b(edi, ptr(esi).cs()));
+    assert_raises(&mut cpu, &bytes, Exception::gp0());
+    // An expand-down DS: offsets up to the limit are outside it.
+    let (mut cpu, bytes) = compat_movdir64b(32);
+    cpu.sregs.ds.type_ = 0x7;
+    cpu.sregs.ds.limit = UDATA as u32;
+    assert_raises(&mut cpu, &bytes, Exception::gp0());
+    cpu.sregs.ds.limit = (UDATA - 1) as u32;
+    cpu.injected.clear();
+    assert_eq!(
+        handle_emulation_failure(&mut cpu, &bytes).unwrap(),
+        store_at(StoreKind::Movdir64b, PORTAL, PORTAL_PA)
+    );
+}
+
+#[test]
+fn compat_mode_16bit_address_size_wraps_the_offsets_at_64_kib() {
+    // 32-bit code with a 0x67 prefix, and 16-bit code without one: SI +
+    // 0x10 wraps to 8, the destination is DI, not EDI.
+    for bits in [32, 16] {
+        let mut cpu = MockCpu::new();
+        compat(&mut cpu, 0, bits);
+        // 16-bit code's IP is 16 bits: the code is at CS's base.
+        cpu.sregs.cs.base = UCODE;
+        cpu.regs.rip = 0;
+        cpu.write(UDATA, &descriptor());
+        cpu.sregs.ds.base = UDATA - 8;
+        cpu.sregs.es.base = PORTAL;
+        cpu.regs.rsi = 0xfff8;
+        cpu.regs.rdi = 0x1234_0040;
+        let bytes = place_bits(&mut cpu, bits, |a| a.movdir64b(di, ptr(si + 0x10)));
+        assert_eq!(bytes[0] == 0x67, bits == 32, "{bits}-bit code");
+        assert_eq!(
+            handle_emulation_failure(&mut cpu, &bytes).unwrap(),
+            store_at(StoreKind::Movdir64b, PORTAL + 0x40, PORTAL_PA + 0x40),
+            "{bits}-bit code"
+        );
+        assert_eq!(cpu.stores[0].1, descriptor());
+        assert_eq!(cpu.regs.rip, bytes.len() as u64);
+    }
+}
+
+#[test]
+fn compat_mode_misaligned_destination_is_gp0() {
+    let (mut cpu, bytes) = compat_movdir64b(32);
+    cpu.regs.rdi = PORTAL + 0x20;
+    assert_raises(&mut cpu, &bytes, Exception::gp0());
+    // An aligned offset in an ES whose base is not aligned: the linear
+    // address is not, and the store is refused the same way.
+    let (mut cpu, bytes) = compat_movdir64b(32);
+    cpu.sregs.es.base = 0x20;
+    cpu.regs.rdi = PORTAL - 0x40;
+    assert_raises(&mut cpu, &bytes, Exception::gp0());
+}
+
+#[test]
+fn compat_mode_page_faults_have_the_error_code_and_cr2() {
+    // Not present at CPL 0: error code 0, CR2 the linear address.
+    let (mut cpu, bytes) = compat_movdir64b(32);
+    cpu.unmap(UDATA);
+    cpu.sregs.ds.base = 0x10;
+    cpu.regs.rsi = UDATA - 0x10 + 8;
+    assert_raises(&mut cpu, &bytes, Exception::page_fault(0, UDATA + 8));
+
+    // A CPL 3 store to a supervisor page: present, write, user.
+    let mut cpu = MockCpu::new();
+    compat(&mut cpu, 3, 32);
+    cpu.write(UDATA, &descriptor());
+    cpu.regs.rdi = KSTACK & 0xffff_ffff;
+    cpu.map(KSTACK & 0xffff_ffff, KSTACK_PA, PTE_P | PTE_RW);
+    cpu.regs.rsi = UDATA;
+    let bytes = place_bits(&mut cpu, 32, |a| a.movdir64b(edi, ptr(esi)));
+    assert_raises(
+        &mut cpu,
+        &bytes,
+        Exception::page_fault(
+            pf_error::PRESENT | pf_error::WRITE | pf_error::USER,
+            KSTACK & 0xffff_ffff,
+        ),
+    );
+}
+
+#[test]
+fn compat_mode_user_enqcmd_carries_the_msr_pasid() {
+    let mut cpu = MockCpu::new();
+    compat(&mut cpu, 3, 32);
+    cpu.write(UDATA, &descriptor());
+    cpu.pasid = PASID_VALID | 0x777;
+    cpu.regs.rdi = PORTAL;
+    cpu.regs.rsi = UDATA;
+    let bytes = place_bits(&mut cpu, 32, |a| a.enqcmd(edi, ptr(esi)));
+    assert_eq!(
+        handle_emulation_failure(&mut cpu, &bytes).unwrap(),
+        store_at(StoreKind::Enqcmd, PORTAL, PORTAL_PA)
+    );
+    assert_eq!(dword0(&cpu.stores[0].1), 0x777);
+}
+
+#[test]
+fn compat_mode_fallback_instructions_use_the_segments() {
+    // POPCNT eax, [esi] through DS's base; CLAC at CPL 0.
+    let mut cpu = MockCpu::new();
+    compat(&mut cpu, 0, 32);
+    cpu.write(UDATA, &0x0f0fu32.to_le_bytes());
+    cpu.sregs.ds.base = 0x1000;
+    cpu.regs.rsi = UDATA - 0x1000;
+    let bytes = place_bits(&mut cpu, 32, |a| a.popcnt(eax, dword_ptr(esi)));
+    assert_eq!(
+        handle_emulation_failure(&mut cpu, &bytes).unwrap(),
+        Outcome::Emulated(FallbackInstruction::Popcnt)
+    );
+    assert_eq!(cpu.regs.rax, 8);
+    cpu.sregs.ds.limit = (UDATA - 0x1000 + 2) as u32;
+    cpu.regs.rip = UCODE;
+    assert_raises(&mut cpu, &bytes, Exception::gp0());
+
+    let mut cpu = MockCpu::new();
+    compat(&mut cpu, 0, 32);
+    cpu.regs.rflags |= rflags::AC;
+    let bytes = place_bits(&mut cpu, 32, |a| a.clac());
+    assert_eq!(
+        handle_emulation_failure(&mut cpu, &bytes).unwrap(),
+        Outcome::Emulated(FallbackInstruction::Clac)
+    );
+    assert_eq!(cpu.regs.rflags & rflags::AC, 0);
+    assert_eq!(cpu.regs.rip, UCODE + 3);
+}
+
+#[test]
+fn compat_mode_user_enqcmd_at_ud_entry_returns_to_the_32bit_process() {
+    let (mut cpu, _) = at_ud_entry(0, |a| a.nop());
+    let code = {
+        let mut a = CodeAssembler::new(32).unwrap();
+        a.enqcmd(edi, ptr(esi)).unwrap();
+        a.assemble(UCODE).unwrap()
+    };
+    cpu.write(UCODE, &code);
+    cpu.write(KSTACK + 0x1000 - 32, &u64::from(USER32_CS).to_le_bytes());
+    cpu.regs.rdi = PORTAL;
+    cpu.regs.rsi = UDATA;
+    cpu.pasid = PASID_VALID | 0x32;
+
+    let action = handle_exception_entry(&mut cpu, 6).unwrap();
+
+    assert_eq!(
+        action,
+        EntryAction::Emulated(StoreRecord {
+            kind: StoreKind::Enqcmd,
+            linear: PORTAL,
+            gpa: PORTAL_PA,
+            reply: StoreReply::Accepted,
+        })
+    );
+    assert_eq!(cpu.regs.rip, UCODE + code.len() as u64);
+    assert_eq!(cpu.regs.rsp, USER_RSP);
+    assert_eq!(cpu.sregs.cs.selector, USER32_CS);
+    assert_eq!(
+        (cpu.sregs.cs.dpl, cpu.sregs.cs.l, cpu.sregs.cs.db),
+        (3, 0, 1)
+    );
+    assert_eq!(dword0(&cpu.stores[0].1), 0x32);
+}
+
+/// Protected mode without long mode, paging off, CPL 0, flat 32-bit code
+/// at guest-physical UCODE_PA (linear is physical).
+fn protected_mode(cpu: &mut MockCpu) {
+    cpu.sregs.cr0 = 0x11; // PE, ET
+    cpu.sregs.cr4 = 0;
+    cpu.sregs.efer = 0;
+    cpu.sregs.cs = kvm_segment {
+        l: 0,
+        db: 1,
+        ..segment(KERNEL32_CS, 0, true)
+    };
+    cpu.regs.rip = UCODE_PA;
+}
+
+#[test]
+fn protected_mode_without_paging_stores_to_the_physical_address() {
+    let mut cpu = MockCpu::new();
+    protected_mode(&mut cpu);
+    cpu.mem
+        .write_slice(&descriptor(), GuestAddress(URAM_PA))
+        .unwrap();
+    cpu.regs.rdi = PORTAL_PA + 0x80;
+    cpu.regs.rsi = URAM_PA;
+    let mut a = CodeAssembler::new(32).unwrap();
+    a.movdir64b(edi, ptr(esi)).unwrap();
+    let bytes = a.assemble(UCODE_PA).unwrap();
+    assert_eq!(
+        handle_emulation_failure(&mut cpu, &bytes).unwrap(),
+        store_at(StoreKind::Movdir64b, PORTAL_PA + 0x80, PORTAL_PA + 0x80)
+    );
+    assert_eq!(cpu.stores[0].1, descriptor());
+    assert_eq!(cpu.regs.rip, UCODE_PA + bytes.len() as u64);
+}
+
+#[test]
+fn protected_mode_with_paging_is_reported_not_handled() {
+    let mut cpu = MockCpu::new();
+    protected_mode(&mut cpu);
+    cpu.sregs.cr0 |= 1 << 31;
+    cpu.regs.rdi = PORTAL_PA;
+    cpu.regs.rsi = URAM_PA;
+    let mut a = CodeAssembler::new(32).unwrap();
+    a.movdir64b(edi, ptr(esi)).unwrap();
+    let bytes = a.assemble(UCODE_PA).unwrap();
+    let before = (cpu.regs, cpu.sregs);
     assert!(matches!(
-        outcome,
+        handle_emulation_failure(&mut cpu, &bytes).unwrap(),
         Outcome::NotHandled(Unhandled {
-            reason: UnhandledReason::NotLongMode,
+            reason: UnhandledReason::LegacyPaging,
             ..
         })
     ));
-    assert!(cpu.stores.is_empty());
+    assert_eq!((cpu.regs, cpu.sregs), before);
+    assert!(cpu.stores.is_empty() && cpu.injected.is_empty());
+}
+
+/// Real mode: 16-bit code at CS = 0x3000 (base 0x30000), data in DS =
+/// 0x3100, destination in ES = 0x3200, 64 KiB limits.
+fn real_mode() -> MockCpu {
+    let mut cpu = MockCpu::new();
+    cpu.sregs.cr0 = 0x10;
+    cpu.sregs.cr4 = 0;
+    cpu.sregs.efer = 0;
+    let seg = |selector: u16, type_: u8| kvm_segment {
+        base: u64::from(selector) << 4,
+        limit: 0xffff,
+        selector,
+        type_,
+        present: 1,
+        s: 1,
+        ..Default::default()
+    };
+    cpu.sregs.cs = seg(0x3000, 0xb);
+    cpu.sregs.ds = seg(0x3100, 0x3);
+    cpu.sregs.es = seg(0x3200, 0x3);
+    cpu.sregs.ss = seg(0x3300, 0x3);
+    cpu.regs.rip = 0x10;
+    cpu
+}
+
+fn real_mode_code(cpu: &mut MockCpu, f: Asm) -> Vec<u8> {
+    let mut a = CodeAssembler::new(16).unwrap();
+    f(&mut a).unwrap();
+    let bytes = a.assemble(0x10).unwrap();
+    cpu.mem.write_slice(&bytes, GuestAddress(0x30010)).unwrap();
+    bytes
+}
+
+#[test]
+fn real_mode_movdir64b_stores_to_es_di() {
+    let mut cpu = real_mode();
+    cpu.mem
+        .write_slice(&descriptor(), GuestAddress(0x31000 + 0x20))
+        .unwrap();
+    cpu.regs.rsi = 0x20;
+    cpu.regs.rdi = 0xffff_0000_0000_0080;
+    let bytes = real_mode_code(&mut cpu, |a| a.movdir64b(di, ptr(si)));
+    assert_eq!(
+        handle_emulation_failure(&mut cpu, &[]).unwrap(),
+        store_at(StoreKind::Movdir64b, 0x32080, 0x32080)
+    );
+    assert_eq!(cpu.stores[0].1, descriptor());
+    assert_eq!(cpu.regs.rip, 0x10 + bytes.len() as u64);
+}
+
+#[test]
+fn real_mode_faults_push_no_error_code() {
+    // The source runs past DS's 64 KiB: #GP, without an error code.
+    let mut cpu = real_mode();
+    cpu.regs.rsi = 0xffe0;
+    cpu.regs.rdi = 0x80;
+    let bytes = real_mode_code(&mut cpu, |a| a.movdir64b(di, ptr(si)));
+    let gp = Exception {
+        error_code: None,
+        ..Exception::gp0()
+    };
+    assert_raises(&mut cpu, &bytes, gp);
+    // A BP-based source: #SS, without an error code.
+    let mut cpu = real_mode();
+    cpu.regs.rbp = 0xfff0;
+    cpu.regs.rdi = 0x80;
+    let bytes = real_mode_code(&mut cpu, |a| a.movdir64b(di, ptr(bp)));
+    let stack_fault = Exception {
+        error_code: None,
+        ..Exception::ss0()
+    };
+    assert_raises(&mut cpu, &bytes, stack_fault);
 }
 
 // ---------------------------------------------------------------------------
