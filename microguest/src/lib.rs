@@ -549,6 +549,17 @@ pub fn machine(options: &MicroOptions) -> Result<Machine, MachineError> {
 /// Runs `guest` on [`machine`] with the test MMIO device and the test
 /// portal added, watching the exception entries `options.platform` needs.
 pub fn run(guest: MicroGuest, options: MicroOptions) -> Result<MicroRun, MicroRunError> {
+    run_from(guest, options, |_| {})
+}
+
+/// [`run`], with vCPU 0's initial state changed by `start` after the
+/// program is loaded (e.g. to start in protected or real mode: the tables
+/// the harness writes stay where they are).
+pub fn run_from(
+    guest: MicroGuest,
+    options: MicroOptions,
+    start: impl FnOnce(&mut LoadedGuest),
+) -> Result<MicroRun, MicroRunError> {
     let mut machine = machine(&options)?;
     let portal = Arc::new(PortalLog::default());
     portal.retry.store(options.portal_retry, Ordering::SeqCst);
@@ -571,7 +582,8 @@ pub fn run(guest: MicroGuest, options: MicroOptions) -> Result<MicroRun, MicroRu
         ),
         None => (Vec::new(), Vec::new(), None),
     };
-    let loaded = guest.load(machine.memory())?;
+    let mut loaded = guest.load(machine.memory())?;
+    start(&mut loaded);
     machine.set_boot_state(loaded.regs, loaded.sregs);
     let memory = machine.memory().clone();
     let pasids = machine.vm().pasids().clone();
