@@ -584,3 +584,145 @@ fn compat_user_source_on_a_supervisor_page_is_pf_with_cr2() {
         assert!(stores(&r).is_empty());
     }
 }
+
+/// Starts the guest in protected mode without long mode or paging: flat
+/// 32-bit code (the harness's 0x08) at [`CODE32`], flat data (0x18).
+fn protected_mode(l: &mut microguest::LoadedGuest) {
+    use vmm::x86::{cr0, rflags};
+    l.sregs.cr0 = cr0::PE | cr0::ET | cr0::NE;
+    l.sregs.cr4 = 0;
+    l.sregs.efer = 0;
+    l.sregs.cs = segment::code32(0).to_kvm_segment(KERNEL32_CS);
+    l.regs.rip = CODE32;
+    l.regs.rsp = 0x1f_0000;
+    l.regs.rflags = rflags::FIXED;
+}
+
+#[test]
+fn protected_mode_without_paging_stores_to_the_physical_portal() {
+    let mut g = MicroGuest::new();
+    g.write(SRC, &command(0x8000_0099));
+    g.write(
+        CODE32,
+        &assemble(32, CODE32, |a| {
+            a.mov(edi, (TEST_PORTAL_START + 0xc0) as u32).unwrap();
+            a.mov(esi, SRC as u32).unwrap();
+            a.enqcmds(edi, zmmword_ptr(esi)).unwrap();
+            a.setz(al).unwrap();
+            a.movzx(eax, al).unwrap();
+            a.or(eax, DONE as i32).unwrap();
+            a.out(0xf4, eax).unwrap();
+            a.hlt().unwrap();
+        }),
+    );
+    microguest::require_kvm();
+    let r = microguest::run_from(g, MicroOptions::default(), protected_mode).unwrap();
+    assert_eq!(r.exit, RunExit::TestExit(DONE));
+    assert_eq!(
+        stores(&r),
+        vec![PortalStore {
+            kind: StoreKind::Enqcmds,
+            offset: 0xc0,
+            data: command(0x8000_0099)
+        }]
+    );
+}
+
+/// Real mode: code at 0x6000 (CS 0x600), the command at 0x7000 (DS 0x700),
+/// destination segment ES 0x7100, stack SS 0x800 with SP 0x1000, and a
+/// #GP handler (IVT entry 13) at 0x600:0x200 that exits with
+/// `0x0d0000 | SP`.
+fn real_mode_run(code: impl FnOnce(&mut CodeAssembler)) -> MicroRun {
+    const CODE: u64 = 0x6000;
+    const HANDLER: u64 = 0x200;
+    let mut g = MicroGuest::new();
+    g.write(0x7000, &command(0x1616));
+    g.write(CODE, &assemble(16, 0, code));
+    g.write(
+        CODE + HANDLER,
+        &assemble(16, HANDLER, |a| {
+            a.xor(eax, eax).unwrap();
+            a.mov(ax, sp).unwrap();
+            a.or(eax, 0x0d_0000).unwrap();
+            a.out(0xf4, eax).unwrap();
+            a.hlt().unwrap();
+        }),
+    );
+    // IVT entry 13: offset, segment.
+    g.write(
+        u64::from(GP) * 4,
+        &[HANDLER as u8, (HANDLER >> 8) as u8, 0x00, 0x06],
+    );
+    microguest::require_kvm();
+    microguest::run_from(g, MicroOptions::default(), |l| {
+        use vmm::x86::rflags;
+        l.sregs.cr0 = vmm::x86::cr0::ET;
+        l.sregs.cr4 = 0;
+        l.sregs.efer = 0;
+        let real = |selector: u16, code: bool| {
+            let desc = if code {
+                segment::code16(0)
+            } else {
+                segment::SegmentDescriptor {
+                    limit: 0xffff,
+                    granularity_4k: false,
+                    default_32: false,
+                    ..segment::data(0)
+                }
+            };
+            let mut s = desc.to_kvm_segment(selector);
+            s.base = u64::from(selector) << 4;
+            s
+        };
+        l.sregs.cs = real(0x600, true);
+        l.sregs.ds = real(0x700, false);
+        l.sregs.es = real(0x7100, false);
+        l.sregs.ss = real(0x800, false);
+        l.sregs.fs = real(0, false);
+        l.sregs.gs = real(0, false);
+        l.sregs.idt.base = 0;
+        l.sregs.idt.limit = 0x3ff;
+        l.regs.rip = 0;
+        l.regs.rsp = 0x1000;
+        l.regs.rflags = rflags::FIXED;
+    })
+    .expect("micro-guest machine")
+}
+
+#[test]
+fn real_mode_movdir64b_stores_to_es_di() {
+    let r = real_mode_run(|a| {
+        a.mov(di, 0x40).unwrap();
+        a.xor(si, si).unwrap();
+        a.movdir64b(di, zmmword_ptr(si)).unwrap();
+        a.mov(eax, DONE).unwrap();
+        a.out(0xf4, eax).unwrap();
+        a.hlt().unwrap();
+    });
+    assert_eq!(r.exit, RunExit::TestExit(DONE));
+    let mut back = [0u8; 64];
+    r.memory
+        .read_slice(&mut back, GuestAddress(0x71040))
+        .unwrap();
+    assert_eq!(back, command(0x1616));
+}
+
+#[test]
+fn real_mode_source_past_64_kib_is_gp_without_an_error_code() {
+    // SI = 0xffe0: the 64 bytes run past DS's 64 KiB. The #GP frame is
+    // FLAGS, CS, IP: SP 0x1000 - 6, no error code.
+    let r = real_mode_run(|a| {
+        a.mov(di, 0x40).unwrap();
+        a.mov(si, 0xffe0).unwrap();
+        a.movdir64b(di, zmmword_ptr(si)).unwrap();
+        a.mov(eax, DONE).unwrap();
+        a.out(0xf4, eax).unwrap();
+        a.hlt().unwrap();
+    });
+    assert_eq!(r.exit, RunExit::TestExit(0x0d_0000 | (0x1000 - 6)));
+    let mut back = [0u8; 64];
+    r.memory
+        .read_slice(&mut back, GuestAddress(0x71040))
+        .unwrap();
+    assert_eq!(back, [0; 64], "nothing stored");
+}
