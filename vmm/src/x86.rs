@@ -56,6 +56,8 @@ pub const CR3_ROOT_MASK: u64 = 0x000f_ffff_ffff_f000;
 
 /// CR4 bits.
 pub mod cr4 {
+    /// Page size extensions: 4 MiB pages in 32-bit paging.
+    pub const PSE: u64 = 1 << 4;
     /// Physical address extension, required for long mode.
     pub const PAE: u64 = 1 << 5;
     /// The OS supports FXSAVE/FXRSTOR (SSE).

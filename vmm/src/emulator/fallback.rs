@@ -143,7 +143,6 @@ impl From<AccessError> for Stop {
                 Stop::Unsupported(UnhandledReason::OperandNotRam { gpa })
             }
             AccessError::Contended => Stop::Retry,
-            AccessError::LegacyPaging => Stop::Unsupported(UnhandledReason::LegacyPaging),
         }
     }
 }

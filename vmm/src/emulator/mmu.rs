@@ -4,15 +4,16 @@
 //! compatibility mode) with the vIOMMU's first-level walker
 //! ([`viommu::paging`], the same format), configured from the vCPU's
 //! CR0/CR3/CR4/EFER/RFLAGS. A walk fault becomes the #PF the CPU would
-//! raise, with its architectural error code and CR2. Outside long mode
-//! with paging off a linear address is the physical one; 32-bit and PAE
-//! paging are not walked (reported as not handled).
+//! raise, with its architectural error code and CR2. Outside long mode a
+//! linear address is the physical one with paging off, and goes through
+//! the 32-bit or PAE tables with paging on ([`super::legacy_paging`]).
 
 use viommu::paging::{self, AccessType, WalkConfig, WalkFault};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::context::{CpuContext, LINEAR32_MASK};
 use super::exception::Exception;
+use super::legacy_paging::{self, LegacyPaging};
 use super::GuestCpu;
 use crate::x86::{cr0, cr4, efer, rflags, CR3_ROOT_MASK};
 
@@ -64,9 +65,6 @@ pub(crate) enum AccessError {
     /// Other vCPUs kept changing the paging entries while the walker set
     /// accessed/dirty flags: the instruction is to be executed again.
     Contended,
-    /// The guest uses 32-bit or PAE paging, which the emulator does not
-    /// walk.
-    LegacyPaging,
 }
 
 impl From<Exception> for AccessError {
@@ -115,6 +113,14 @@ fn fault_to_access_error(
     }
 }
 
+fn access_type(kind: AccessKind, privilege: Privilege) -> AccessType {
+    AccessType {
+        write: kind == AccessKind::Write,
+        user: privilege == Privilege::User,
+        execute: kind == AccessKind::Fetch,
+    }
+}
+
 /// Translates one linear address to a guest-physical address.
 pub(crate) fn translate<M: GuestMemory>(
     mem: &M,
@@ -123,21 +129,31 @@ pub(crate) fn translate<M: GuestMemory>(
     kind: AccessKind,
     privilege: Privilege,
 ) -> Result<u64, AccessError> {
-    let access = AccessType {
-        write: kind == AccessKind::Write,
-        user: privilege == Privilege::User,
-        execute: kind == AccessKind::Fetch,
-    };
+    let access = access_type(kind, privilege);
     // The emulator's own peeks (instruction bytes, descriptor tables, the
     // exception frame) are reads the CPU already made or would make; only
     // an instruction's data accesses set accessed/dirty bits.
     if ctx.sregs.efer & efer::LMA == 0 {
         // Protected or real mode: with paging off a linear address (32
         // bits) is the physical address.
+        let va = va & LINEAR32_MASK;
         if ctx.sregs.cr0 & cr0::PG == 0 {
-            return Ok(va & LINEAR32_MASK);
+            return Ok(va);
         }
-        return Err(AccessError::LegacyPaging);
+        let mode = if ctx.sregs.cr4 & cr4::PAE != 0 {
+            LegacyPaging::Pae
+        } else {
+            LegacyPaging::Bits32 {
+                pse: ctx.sregs.cr4 & cr4::PSE != 0,
+            }
+        };
+        let access = access_type(kind, privilege);
+        let set_ad = kind != AccessKind::Fetch && privilege != Privilege::Implicit;
+        let mut cfg = walk_config(ctx, privilege, set_ad);
+        // Execute-disable exists in PAE paging only.
+        cfg.nxe &= mode == LegacyPaging::Pae;
+        return legacy_paging::walk(mem, mode, ctx.sregs.cr3, va, access, &cfg)
+            .map_err(|f| fault_to_access_error(f, va, access, &cfg));
     }
     let set_ad = kind != AccessKind::Fetch && privilege != Privilege::Implicit;
     let cfg = walk_config(ctx, privilege, set_ad);

@@ -25,10 +25,10 @@
 //! mock over a plain [`vm_memory::GuestMemoryMmap`].
 //!
 //! Every mode is emulated: 64-bit mode, compatibility mode (32- and 16-bit
-//! code in long mode, IA-32e paging), protected mode with paging off and
-//! real mode, with the mode's operand and address sizes, segment bases and
-//! limits ([`decode`]). Protected mode with 32-bit or PAE paging is
-//! reported as not handled ([`UnhandledReason::LegacyPaging`]).
+//! code in long mode, IA-32e paging), protected mode (paging off, 32-bit or
+//! PAE paging; virtual-8086 mode included) and real mode, each with its
+//! operand and address sizes, segment bases and limits (`decode`) and
+//! page walk (`mmu`, `legacy_paging`).
 //!
 //! # Wiring it into a vCPU loop
 //!
@@ -60,6 +60,7 @@ mod entry;
 mod exception;
 mod fallback;
 mod guest_atomic;
+mod legacy_paging;
 mod mmu;
 mod syscall;
 mod xsave;
@@ -224,9 +225,6 @@ pub enum UnhandledReason {
     /// The vCPU is not in 64-bit mode (where the VMM watches the
     /// exception handlers it steps over).
     NotLongMode,
-    /// The guest uses 32-bit or PAE paging (protected mode without long
-    /// mode, CR0.PG=1), whose page tables the emulator does not walk.
-    LegacyPaging,
     /// The bytes stop short of a whole instruction (or could not be read);
     /// bytes that are no instruction at all get #UD instead.
     Undecodable,
@@ -245,7 +243,6 @@ impl fmt::Display for UnhandledReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::NotLongMode => write!(f, "vCPU not in 64-bit mode"),
-            Self::LegacyPaging => write!(f, "32-bit or PAE paging is not emulated"),
             Self::Undecodable => write!(f, "not a whole instruction"),
             Self::UnknownInstruction(m) => {
                 write!(f, "no emulation for {}", format!("{m:?}").to_lowercase())
@@ -338,7 +335,6 @@ impl<T> From<mmu::AccessError> for Step<T> {
                 Step::Unsupported(UnhandledReason::OperandNotRam { gpa })
             }
             mmu::AccessError::Contended => Step::Retry,
-            mmu::AccessError::LegacyPaging => Step::Unsupported(UnhandledReason::LegacyPaging),
         }
     }
 }

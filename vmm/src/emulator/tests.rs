@@ -2175,26 +2175,223 @@ fn protected_mode_without_paging_stores_to_the_physical_address() {
     assert_eq!(cpu.regs.rip, UCODE_PA + bytes.len() as u64);
 }
 
-#[test]
-fn protected_mode_with_paging_is_reported_not_handled() {
+/// Page-table pages of the 32-bit and PAE tests (guest-physical).
+const LEGACY_TABLES: u64 = 0x60_0000;
+/// The linear address whose 4 KiB page maps URAM_PA, and the one after it
+/// (read-only), in both legacy paging tests.
+const LEGACY_DATA: u64 = 0x41_0000;
+const LEGACY_RO: u64 = 0x41_1000;
+/// The portal's linear address: a 4 MiB or 2 MiB page at PORTAL_PA.
+const LEGACY_PORTAL: u64 = 0xf000_0000;
+
+fn write_u32(cpu: &MockCpu, pa: u64, v: u32) {
+    cpu.mem.write_obj(v, GuestAddress(pa)).unwrap();
+}
+
+fn write_u64(cpu: &MockCpu, pa: u64, v: u64) {
+    cpu.mem.write_obj(v, GuestAddress(pa)).unwrap();
+}
+
+/// Protected mode with 32-bit paging (CR4.PSE): the page directory at
+/// LEGACY_TABLES maps the portal with a 4 MiB page and LEGACY_DATA /
+/// LEGACY_RO through a page table.
+fn paging32() -> MockCpu {
     let mut cpu = MockCpu::new();
     protected_mode(&mut cpu);
-    cpu.sregs.cr0 |= 1 << 31;
-    cpu.regs.rdi = PORTAL_PA;
-    cpu.regs.rsi = URAM_PA;
+    cpu.sregs.cr0 = 0x8001_0011; // PG, WP, ET, PE
+    cpu.sregs.cr4 = 1 << 4; // PSE
+    cpu.sregs.cr3 = LEGACY_TABLES;
+    let pd = LEGACY_TABLES;
+    let pt = LEGACY_TABLES + 0x1000;
+    let rw = (PTE_P | PTE_RW) as u32;
+    write_u32(
+        &cpu,
+        pd + (LEGACY_PORTAL >> 22) * 4,
+        PORTAL_PA as u32 | rw | 0x80,
+    );
+    write_u32(&cpu, pd + (LEGACY_DATA >> 22) * 4, pt as u32 | rw);
+    write_u32(
+        &cpu,
+        pt + ((LEGACY_DATA >> 12) & 0x3ff) * 4,
+        URAM_PA as u32 | rw,
+    );
+    write_u32(
+        &cpu,
+        pt + ((LEGACY_RO >> 12) & 0x3ff) * 4,
+        URAM_PA as u32 | PTE_P as u32,
+    );
+    cpu.mem
+        .write_slice(&descriptor(), GuestAddress(URAM_PA))
+        .unwrap();
+    cpu
+}
+
+/// Protected mode with PAE paging (EFER.NXE): PDPTEs at LEGACY_TABLES,
+/// the portal in a 2 MiB page, LEGACY_DATA / LEGACY_RO through a page table
+/// (execute-disable).
+fn paging_pae() -> MockCpu {
+    let mut cpu = MockCpu::new();
+    protected_mode(&mut cpu);
+    cpu.sregs.cr0 = 0x8001_0011;
+    cpu.sregs.cr4 = 1 << 5; // PAE
+    cpu.sregs.efer = 1 << 11; // NXE
+    cpu.sregs.cr3 = LEGACY_TABLES;
+    let (pdpt, pd0, pd3, pt) = (
+        LEGACY_TABLES,
+        LEGACY_TABLES + 0x1000,
+        LEGACY_TABLES + 0x2000,
+        LEGACY_TABLES + 0x3000,
+    );
+    let rw = PTE_P | PTE_RW;
+    write_u64(&cpu, pdpt, pd0 | PTE_P);
+    write_u64(&cpu, pdpt + 3 * 8, pd3 | PTE_P);
+    write_u64(
+        &cpu,
+        pd3 + ((LEGACY_PORTAL >> 21) & 0x1ff) * 8,
+        PORTAL_PA | rw | 0x80,
+    );
+    write_u64(&cpu, pd0 + (LEGACY_DATA >> 21) * 8, pt | rw);
+    write_u64(
+        &cpu,
+        pt + ((LEGACY_DATA >> 12) & 0x1ff) * 8,
+        URAM_PA | rw | PTE_NX,
+    );
+    write_u64(
+        &cpu,
+        pt + ((LEGACY_RO >> 12) & 0x1ff) * 8,
+        URAM_PA | PTE_P | PTE_NX,
+    );
+    cpu.mem
+        .write_slice(&descriptor(), GuestAddress(URAM_PA))
+        .unwrap();
+    cpu
+}
+
+/// `movdir64b edi, [esi]` assembled for 32-bit code at UCODE_PA.
+fn movdir64b32() -> Vec<u8> {
     let mut a = CodeAssembler::new(32).unwrap();
     a.movdir64b(edi, ptr(esi)).unwrap();
-    let bytes = a.assemble(UCODE_PA).unwrap();
-    let before = (cpu.regs, cpu.sregs);
+    a.assemble(UCODE_PA).unwrap()
+}
+
+#[test]
+fn legacy_paging_translates_both_operands_and_sets_accessed_dirty() {
+    for (name, mut cpu) in [("32-bit", paging32()), ("PAE", paging_pae())] {
+        cpu.regs.rdi = LEGACY_PORTAL + 0x80;
+        cpu.regs.rsi = LEGACY_DATA;
+        let bytes = movdir64b32();
+        assert_eq!(
+            handle_emulation_failure(&mut cpu, &bytes).unwrap(),
+            store_at(StoreKind::Movdir64b, LEGACY_PORTAL + 0x80, PORTAL_PA + 0x80),
+            "{name}"
+        );
+        assert_eq!(cpu.stores[0].1, descriptor(), "{name}");
+        assert!(cpu.injected.is_empty(), "{name}");
+    }
+    // The 32-bit entries: accessed on the path of the read, accessed and
+    // dirty on the 4 MiB page written.
+    let mut cpu = paging32();
+    cpu.regs.rdi = LEGACY_PORTAL;
+    cpu.regs.rsi = LEGACY_DATA;
+    handle_emulation_failure(&mut cpu, &movdir64b32()).unwrap();
+    let entry = |pa: u64| -> u32 { cpu.mem.read_obj(GuestAddress(pa)).unwrap() };
+    let pd = LEGACY_TABLES;
+    let pt = LEGACY_TABLES + 0x1000;
+    assert_eq!(entry(pd + (LEGACY_DATA >> 22) * 4) & 0x60, 0x20);
+    assert_eq!(entry(pt + ((LEGACY_DATA >> 12) & 0x3ff) * 4) & 0x60, 0x20);
+    assert_eq!(entry(pd + (LEGACY_PORTAL >> 22) * 4) & 0x60, 0x60);
+    assert_eq!(
+        entry(pt + ((LEGACY_RO >> 12) & 0x3ff) * 4) & 0x60,
+        0,
+        "an entry not used is left alone"
+    );
+}
+
+#[test]
+fn legacy_paging_faults_have_the_error_code_and_cr2() {
+    for (name, make) in [("32-bit", paging32 as fn() -> MockCpu), ("PAE", paging_pae)] {
+        // Not present: a read at CPL 0, error code 0.
+        let mut cpu = make();
+        cpu.regs.rdi = LEGACY_PORTAL;
+        cpu.regs.rsi = LEGACY_DATA + 0x2000;
+        let bytes = movdir64b32();
+        assert_raises(
+            &mut cpu,
+            &bytes,
+            Exception::page_fault(0, LEGACY_DATA + 0x2000),
+        );
+        // A supervisor write to a read-only page with CR0.WP: P | W.
+        let mut cpu = make();
+        cpu.regs.rdi = LEGACY_RO + 0x40;
+        cpu.regs.rsi = LEGACY_DATA;
+        assert_raises(
+            &mut cpu,
+            &bytes,
+            Exception::page_fault(pf_error::PRESENT | pf_error::WRITE, LEGACY_RO + 0x40),
+        );
+        // CPL 3 (a 32-bit user segment) on supervisor pages: P | U.
+        let mut cpu = make();
+        cpu.sregs.cs.dpl = 3;
+        cpu.regs.rdi = LEGACY_PORTAL;
+        cpu.regs.rsi = LEGACY_DATA;
+        assert_raises(
+            &mut cpu,
+            &bytes,
+            Exception::page_fault(pf_error::PRESENT | pf_error::USER, LEGACY_DATA),
+        );
+        let _ = name;
+    }
+    // A reserved bit: bit 21 of a 4 MiB page, bit 1 of a PDPTE.
+    let mut cpu = paging32();
+    let pde = LEGACY_TABLES + (LEGACY_PORTAL >> 22) * 4;
+    write_u32(&cpu, pde, PORTAL_PA as u32 | 0x83 | (1 << 21));
+    cpu.regs.rdi = LEGACY_PORTAL;
+    cpu.regs.rsi = LEGACY_DATA;
+    assert_raises(
+        &mut cpu,
+        &movdir64b32(),
+        Exception::page_fault(
+            pf_error::PRESENT | pf_error::WRITE | pf_error::RESERVED,
+            LEGACY_PORTAL,
+        ),
+    );
+    let mut cpu = paging_pae();
+    let pdpte: u64 = cpu.mem.read_obj(GuestAddress(LEGACY_TABLES)).unwrap();
+    write_u64(&cpu, LEGACY_TABLES, pdpte | PTE_RW);
+    cpu.regs.rdi = LEGACY_PORTAL;
+    cpu.regs.rsi = LEGACY_DATA;
+    assert_raises(
+        &mut cpu,
+        &movdir64b32(),
+        Exception::page_fault(pf_error::PRESENT | pf_error::RESERVED, LEGACY_DATA),
+    );
+}
+
+#[test]
+fn pae_paging_execute_disable_stops_a_fetch() {
+    // The instruction bytes are not in the exit: they are fetched at RIP,
+    // which is on an execute-disable page: nothing to decode.
+    let mut cpu = paging_pae();
+    cpu.regs.rip = LEGACY_DATA;
+    let outcome = handle_emulation_failure(&mut cpu, &[]).unwrap();
     assert!(matches!(
-        handle_emulation_failure(&mut cpu, &bytes).unwrap(),
+        outcome,
         Outcome::NotHandled(Unhandled {
-            reason: UnhandledReason::LegacyPaging,
+            reason: UnhandledReason::Undecodable,
             ..
         })
     ));
-    assert_eq!((cpu.regs, cpu.sregs), before);
-    assert!(cpu.stores.is_empty() && cpu.injected.is_empty());
+    // Without NXE, bit 63 is reserved: the fetch fails the same way, and a
+    // data read through it is a reserved-bit #PF.
+    let mut cpu = paging_pae();
+    cpu.sregs.efer = 0;
+    cpu.regs.rdi = LEGACY_PORTAL;
+    cpu.regs.rsi = LEGACY_DATA;
+    assert_raises(
+        &mut cpu,
+        &movdir64b32(),
+        Exception::page_fault(pf_error::PRESENT | pf_error::RESERVED, LEGACY_DATA),
+    );
 }
 
 /// Real mode: 16-bit code at CS = 0x3000 (base 0x30000), data in DS =
