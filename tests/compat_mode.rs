@@ -5,7 +5,10 @@
 //! (the VMM's watch there emulates it); protected mode with paging off and
 //! real mode at CPL 0. Each case asserts the architectural answer: the
 //! store, or the exception with its error code (and CR2), raised from the
-//! interrupted context. These tests need /dev/kvm.
+//! interrupted context. Protected mode with 32-bit or PAE paging is
+//! covered by the emulator's unit tests only: this machine's KVM (PVM)
+//! runs no guest with paging on outside long mode (it shuts the vCPU
+//! down). These tests need /dev/kvm.
 
 use bus::StoreKind;
 use iced_x86::code_asm::*;
