@@ -51,6 +51,18 @@ fn assemble(bitness: u32, ip: u64, f: impl FnOnce(&mut CodeAssembler)) -> Vec<u8
     a.assemble(ip).unwrap()
 }
 
+/// 32-bit `code` at [`CODE32`], then the exit with [`DONE`] | ZF.
+fn code32_reporting_zf(code: impl FnOnce(&mut CodeAssembler)) -> Vec<u8> {
+    assemble(32, CODE32, |a| {
+        code(a);
+        a.setz(al).unwrap();
+        a.movzx(eax, al).unwrap();
+        a.or(eax, DONE as i32).unwrap();
+        a.out(0xf4, eax).unwrap();
+        a.hlt().unwrap();
+    })
+}
+
 fn stores(run: &MicroRun) -> Vec<PortalStore> {
     run.portal.stores.lock().unwrap().clone()
 }
@@ -127,13 +139,8 @@ fn kernel_compat(
     prepare(&mut g);
     g.write(
         CODE32,
-        &assemble(32, CODE32, |a| {
+        &code32_reporting_zf(|a| {
             code(a);
-            a.setz(al).unwrap();
-            a.movzx(eax, al).unwrap();
-            a.or(eax, DONE as i32).unwrap();
-            a.out(0xf4, eax).unwrap();
-            a.hlt().unwrap();
         }),
     );
     far_return_to(&mut g.asm, KERNEL32_CS, CODE32);
@@ -179,15 +186,10 @@ fn compat_kernel_enqcmds_retry_sets_zf() {
     g.write(SRC, &command(0x8000_0042));
     g.write(
         CODE32,
-        &assemble(32, CODE32, |a| {
+        &code32_reporting_zf(|a| {
             a.mov(edi, (TEST_PORTAL_START + 0x80) as u32).unwrap();
             a.mov(esi, SRC as u32).unwrap();
             a.enqcmds(edi, zmmword_ptr(esi)).unwrap();
-            a.setz(al).unwrap();
-            a.movzx(eax, al).unwrap();
-            a.or(eax, DONE as i32).unwrap();
-            a.out(0xf4, eax).unwrap();
-            a.hlt().unwrap();
         }),
     );
     far_return_to(&mut g.asm, KERNEL32_CS, CODE32);
@@ -247,44 +249,58 @@ fn compat_kernel_source_through_a_based_data_segment() {
     assert_eq!(stores(&r)[0].data, command(0x8000_0042));
 }
 
-#[test]
-fn compat_kernel_destination_through_a_based_es() {
-    // ES based at the portal page: ES:EDI = 0x1c0 is its offset 0x1c0.
-    let r = kernel_compat(
+/// A compatibility-mode MOVDIR64B from SRC to ES:`offset`, ES being the
+/// portal's page (base at the portal, limit 0xfff).
+fn store_through_portal_es(offset: u32) -> MicroRun {
+    kernel_compat(
         &[(BASED_DS, data_segment(TEST_PORTAL_START as u32, 0xfff, 0))],
         |_| {},
         |a| {
             a.mov(eax, u32::from(BASED_DS)).unwrap();
             a.mov(es, ax).unwrap();
-            a.mov(edi, 0x1c0u32).unwrap();
+            a.mov(edi, offset).unwrap();
             a.mov(esi, SRC as u32).unwrap();
             a.movdir64b(edi, zmmword_ptr(esi)).unwrap();
         },
-    );
+    )
+}
+
+#[test]
+fn compat_kernel_destination_through_a_based_es() {
+    // ES based at the portal page: ES:EDI = 0x1c0 is its offset 0x1c0.
+    let r = store_through_portal_es(0x1c0);
     assert_eq!(r.exit, RunExit::TestExit(DONE));
     assert_eq!(stores(&r).len(), 1);
     assert_eq!(stores(&r)[0].offset, 0x1c0);
 }
 
-#[test]
-fn compat_kernel_source_past_the_ds_limit_is_gp0() {
-    // DS ends 0x3e bytes after SRC: the 64th byte is outside it.
+/// Loads `segment` (selector `selector`, whose limit ends `limit_after`
+/// bytes after SRC) with `load`, then runs `movdir64b edi, [base]` with
+/// `base` = SRC; asserts that it raises `vector` with error code 0 at the
+/// instruction, from CS 0x08, and stores nothing.
+fn assert_limit_fault(
+    selector: u16,
+    limit_after: u64,
+    load: fn(&mut CodeAssembler),
+    base: AsmRegister32,
+    vector: u8,
+) {
     let setup = |a: &mut CodeAssembler| {
-        a.mov(eax, u32::from(BASED_DS)).unwrap();
-        a.mov(ds, ax).unwrap();
+        a.mov(eax, u32::from(selector)).unwrap();
+        load(a);
         a.mov(edi, TEST_PORTAL_START as u32).unwrap();
-        a.mov(esi, SRC as u32).unwrap();
+        a.mov(base, SRC as u32).unwrap();
     };
     let at = CODE32 + insn_offset(setup);
     let r = kernel_compat(
-        &[(BASED_DS, data_segment(0, (SRC + 0x3e) as u32, 0))],
+        &[(selector, data_segment(0, (SRC + limit_after) as u32, 0))],
         |_| {},
         |a| {
             setup(a);
-            a.movdir64b(edi, zmmword_ptr(esi)).unwrap();
+            a.movdir64b(edi, zmmword_ptr(base)).unwrap();
         },
     );
-    assert_eq!(r.exit, fault(GP, 0));
+    assert_eq!(r.exit, fault(vector, 0));
     let (_, rip, frame_cs) = report(&r);
     assert_eq!(
         (rip, frame_cs),
@@ -295,41 +311,21 @@ fn compat_kernel_source_past_the_ds_limit_is_gp0() {
 }
 
 #[test]
+fn compat_kernel_source_past_the_ds_limit_is_gp0() {
+    // DS ends 0x3e bytes after SRC: the 64th byte is outside it.
+    assert_limit_fault(BASED_DS, 0x3e, |a| a.mov(ds, ax).unwrap(), esi, GP);
+}
+
+#[test]
 fn compat_kernel_stack_source_past_the_ss_limit_is_ss0() {
     // EBP as the base: an SS reference; SS ends below the source's end.
-    let setup = |a: &mut CodeAssembler| {
-        a.mov(eax, u32::from(SMALL_SS)).unwrap();
-        a.mov(ss, ax).unwrap();
-        a.mov(edi, TEST_PORTAL_START as u32).unwrap();
-        a.mov(ebp, SRC as u32).unwrap();
-    };
-    let at = CODE32 + insn_offset(setup);
-    let r = kernel_compat(
-        &[(SMALL_SS, data_segment(0, (SRC + 0x20) as u32, 0))],
-        |_| {},
-        |a| {
-            setup(a);
-            a.movdir64b(edi, zmmword_ptr(ebp)).unwrap();
-        },
-    );
-    assert_eq!(r.exit, fault(SS, 0));
-    assert_eq!(report(&r).1, at);
-    assert!(stores(&r).is_empty());
+    assert_limit_fault(SMALL_SS, 0x20, |a| a.mov(ss, ax).unwrap(), ebp, SS);
 }
 
 #[test]
 fn compat_kernel_destination_past_the_es_limit_is_gp0() {
-    let r = kernel_compat(
-        &[(BASED_DS, data_segment(TEST_PORTAL_START as u32, 0xfff, 0))],
-        |_| {},
-        |a| {
-            a.mov(eax, u32::from(BASED_DS)).unwrap();
-            a.mov(es, ax).unwrap();
-            a.mov(edi, 0x1000u32).unwrap();
-            a.mov(esi, SRC as u32).unwrap();
-            a.movdir64b(edi, zmmword_ptr(esi)).unwrap();
-        },
-    );
+    // ES:0x1000 is one byte past the limit.
+    let r = store_through_portal_es(0x1000);
     assert_eq!(r.exit, fault(GP, 0));
     assert!(stores(&r).is_empty());
 }
@@ -478,13 +474,8 @@ fn user_compat_in(
     g.write(SRC, &command(0x33));
     g.write(
         CODE32,
-        &assemble(32, CODE32, |a| {
+        &code32_reporting_zf(|a| {
             code(a);
-            a.setz(al).unwrap();
-            a.movzx(eax, al).unwrap();
-            a.or(eax, DONE as i32).unwrap();
-            a.out(0xf4, eax).unwrap();
-            a.hlt().unwrap();
         }),
     );
     g.asm.mov(ecx, IA32_PASID).unwrap();
@@ -607,15 +598,10 @@ fn protected_mode_without_paging_stores_to_the_physical_portal() {
     g.write(SRC, &command(0x8000_0099));
     g.write(
         CODE32,
-        &assemble(32, CODE32, |a| {
+        &code32_reporting_zf(|a| {
             a.mov(edi, (TEST_PORTAL_START + 0xc0) as u32).unwrap();
             a.mov(esi, SRC as u32).unwrap();
             a.enqcmds(edi, zmmword_ptr(esi)).unwrap();
-            a.setz(al).unwrap();
-            a.movzx(eax, al).unwrap();
-            a.or(eax, DONE as i32).unwrap();
-            a.out(0xf4, eax).unwrap();
-            a.hlt().unwrap();
         }),
     );
     microguest::require_kvm();

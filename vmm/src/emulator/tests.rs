@@ -1874,14 +1874,21 @@ fn store_at(kind: StoreKind, linear: u64, gpa: u64) -> Outcome {
     })
 }
 
+/// Runs the emulation-failure path on `bytes` and checks that it made one
+/// MOVDIR64B of [`descriptor`] to `linear` (guest-physical `gpa`).
+fn assert_stores_descriptor(cpu: &mut MockCpu, bytes: &[u8], linear: u64, gpa: u64) {
+    assert_eq!(
+        handle_emulation_failure(cpu, bytes).unwrap(),
+        store_at(StoreKind::Movdir64b, linear, gpa)
+    );
+    assert_eq!(cpu.stores.len(), 1);
+    assert_eq!(cpu.stores[0].1, descriptor());
+}
+
 #[test]
 fn compat_mode_movdir64b_to_the_portal_completes() {
     let (mut cpu, bytes) = compat_movdir64b(32);
-    assert_eq!(
-        handle_emulation_failure(&mut cpu, &bytes).unwrap(),
-        store_at(StoreKind::Movdir64b, PORTAL, PORTAL_PA)
-    );
-    assert_eq!(cpu.stores[0].1, descriptor());
+    assert_stores_descriptor(&mut cpu, &bytes, PORTAL, PORTAL_PA);
     assert_eq!(cpu.regs.rip, UCODE + bytes.len() as u64);
     assert!(cpu.injected.is_empty());
 }
@@ -1924,11 +1931,7 @@ fn compat_mode_segment_bases_apply_to_every_segment() {
     cpu.regs.rdi = PORTAL;
     cpu.regs.rsi = UDATA;
     let bytes = place_bits(&mut cpu, 32, |a| a.movdir64b(edi, ptr(esi).ss()));
-    assert_eq!(
-        handle_emulation_failure(&mut cpu, &bytes).unwrap(),
-        store_at(StoreKind::Movdir64b, PORTAL, PORTAL_PA)
-    );
-    assert_eq!(cpu.stores[0].1, descriptor());
+    assert_stores_descriptor(&mut cpu, &bytes, PORTAL, PORTAL_PA);
 }
 
 #[test]
@@ -1936,11 +1939,7 @@ fn compat_mode_linear_addresses_wrap_at_4_gib() {
     let (mut cpu, bytes) = compat_movdir64b(32);
     cpu.sregs.ds.base = 0xffff_0000;
     cpu.regs.rsi = UDATA + 0x1_0000;
-    assert_eq!(
-        handle_emulation_failure(&mut cpu, &bytes).unwrap(),
-        store_at(StoreKind::Movdir64b, PORTAL, PORTAL_PA)
-    );
-    assert_eq!(cpu.stores[0].1, descriptor());
+    assert_stores_descriptor(&mut cpu, &bytes, PORTAL, PORTAL_PA);
 }
 
 #[test]
@@ -2445,26 +2444,32 @@ fn real_mode_movdir64b_stores_to_es_di() {
 
 #[test]
 fn real_mode_faults_push_no_error_code() {
-    // The source runs past DS's 64 KiB: #GP, without an error code.
-    let mut cpu = real_mode();
-    cpu.regs.rsi = 0xffe0;
-    cpu.regs.rdi = 0x80;
-    let bytes = real_mode_code(&mut cpu, |a| a.movdir64b(di, ptr(si)));
-    let gp = Exception {
-        error_code: None,
-        ..Exception::gp0()
-    };
-    assert_raises(&mut cpu, &bytes, gp);
-    // A BP-based source: #SS, without an error code.
-    let mut cpu = real_mode();
-    cpu.regs.rbp = 0xfff0;
-    cpu.regs.rdi = 0x80;
-    let bytes = real_mode_code(&mut cpu, |a| a.movdir64b(di, ptr(bp)));
-    let stack_fault = Exception {
-        error_code: None,
-        ..Exception::ss0()
-    };
-    assert_raises(&mut cpu, &bytes, stack_fault);
+    // The source runs past DS's 64 KiB: #GP; a BP-based one past SS's:
+    // #SS; neither with an error code.
+    type SetSource = fn(&mut MockCpu);
+    let cases: [(SetSource, Asm, Exception); 2] = [
+        (
+            |cpu| cpu.regs.rsi = 0xffe0,
+            |a| a.movdir64b(di, ptr(si)),
+            Exception::gp0(),
+        ),
+        (
+            |cpu| cpu.regs.rbp = 0xfff0,
+            |a| a.movdir64b(di, ptr(bp)),
+            Exception::ss0(),
+        ),
+    ];
+    for (set_source, insn, fault) in cases {
+        let mut cpu = real_mode();
+        set_source(&mut cpu);
+        cpu.regs.rdi = 0x80;
+        let bytes = real_mode_code(&mut cpu, insn);
+        let expected = Exception {
+            error_code: None,
+            ..fault
+        };
+        assert_raises(&mut cpu, &bytes, expected);
+    }
 }
 
 // ---------------------------------------------------------------------------
