@@ -261,8 +261,9 @@ impl MockCpu {
             (3, 0x00cf_9300_0000_ffff),
             (5, 0x00cf_f300_0000_ffff),
             (6, 0x00af_fb00_0000_ffff),
-            // Linux's __USER32_CS 0x23: 32-bit user code.
+            // Linux's __USER32_CS 0x23 and __KERNEL32_CS 0x08: 32-bit code.
             (4, 0x00cf_fb00_0000_ffff),
+            (1, 0x00cf_9b00_0000_ffff),
         ] {
             cpu.mem
                 .write_obj(desc, GuestAddress(GDT_PA + index * 8))
@@ -1362,7 +1363,7 @@ fn kernel_ud2_and_kernel_frames_with_odd_selectors_pass_through() {
 
     // RPL 1 code selector, a user data segment as SS, a CS selector with
     // no descriptor.
-    for (slot, value) in [(8, 0x11u64), (32, u64::from(USER_SS)), (8, 0x08)] {
+    for (slot, value) in [(8, 0x11u64), (32, u64::from(USER_SS)), (8, 0x38)] {
         let (mut cpu, _) = at_kernel_entry(6, None, |a| a.enqcmds(rax, ptr(rdx)));
         let at = cpu.regs.rsp + slot;
         cpu.write(at, &value.to_le_bytes());
@@ -2140,6 +2141,45 @@ fn compat_mode_user_enqcmd_at_ud_entry_returns_to_the_32bit_process() {
     assert_eq!(dword0(&cpu.stores[0].1), 0x32);
 }
 
+#[test]
+fn compat_mode_kernel_movdir64b_at_ud_entry_returns_to_the_32bit_kernel_code() {
+    // A host without MOVDIR64B: 32-bit kernel code (CS 0x08) took #UD; the
+    // frame is the 64-bit one, its CS the compatibility-mode segment.
+    let (mut cpu, _) = at_kernel_entry(6, None, |a| a.nop());
+    cpu.sregs.cr4 &= !(CR4_SMEP | CR4_SMAP);
+    let code = {
+        let mut a = CodeAssembler::new(32).unwrap();
+        a.movdir64b(edi, ptr(esi)).unwrap();
+        a.assemble(UCODE).unwrap()
+    };
+    cpu.write(UCODE, &code);
+    cpu.write(UDATA, &descriptor());
+    cpu.write(cpu.regs.rsp, &UCODE.to_le_bytes());
+    cpu.write(cpu.regs.rsp + 8, &u64::from(KERNEL32_CS).to_le_bytes());
+    cpu.regs.rdi = PORTAL;
+    cpu.regs.rsi = UDATA;
+
+    let action = handle_exception_entry(&mut cpu, 6).unwrap();
+
+    assert_eq!(
+        action,
+        EntryAction::Emulated(StoreRecord {
+            kind: StoreKind::Movdir64b,
+            linear: PORTAL,
+            gpa: PORTAL_PA,
+            reply: StoreReply::Accepted,
+        })
+    );
+    assert_eq!(cpu.stores[0].1, descriptor());
+    assert_eq!(cpu.regs.rip, UCODE + code.len() as u64);
+    assert_eq!(cpu.regs.rsp, KERNEL_RSP, "the frame is popped, as IRETQ");
+    assert_eq!(cpu.sregs.cs.selector, KERNEL32_CS);
+    assert_eq!(
+        (cpu.sregs.cs.dpl, cpu.sregs.cs.l, cpu.sregs.cs.db),
+        (0, 0, 1)
+    );
+}
+
 /// Protected mode without long mode, paging off, CPL 0, flat 32-bit code
 /// at guest-physical UCODE_PA (linear is physical).
 fn protected_mode(cpu: &mut MockCpu) {
@@ -2391,6 +2431,45 @@ fn pae_paging_execute_disable_stops_a_fetch() {
         &movdir64b32(),
         Exception::page_fault(pf_error::PRESENT | pf_error::RESERVED, LEGACY_DATA),
     );
+}
+
+#[test]
+fn virtual_8086_mode_is_cpl3_with_16bit_addresses() {
+    // RFLAGS.VM in protected mode: 16-bit code at CPL 3, segment bases as
+    // the selectors give them. MOVDIR64B stores to ES:DI; ENQCMDS is
+    // #GP(0), with its error code (protected-mode delivery).
+    let mut cpu = MockCpu::new();
+    protected_mode(&mut cpu);
+    cpu.regs.rflags = 0x2 | rflags::VM;
+    let seg = |selector: u16| kvm_segment {
+        base: u64::from(selector) << 4,
+        limit: 0xffff,
+        selector,
+        type_: 0x3,
+        present: 1,
+        dpl: 3,
+        s: 1,
+        ..Default::default()
+    };
+    cpu.sregs.cs = kvm_segment {
+        type_: 0xb,
+        ..seg(0x3000)
+    };
+    cpu.sregs.ds = seg(0x3100);
+    cpu.sregs.es = seg(0x3200);
+    cpu.regs.rip = 0x10;
+    cpu.mem
+        .write_slice(&descriptor(), GuestAddress(0x31000))
+        .unwrap();
+    cpu.regs.rsi = 0x1_0000;
+    cpu.regs.rdi = 0x1_0040;
+    let bytes = real_mode_code(&mut cpu, |a| a.movdir64b(di, ptr(si)));
+    assert_stores_descriptor(&mut cpu, &bytes, 0x32040, 0x32040);
+
+    cpu.regs.rip = 0x10;
+    cpu.stores.clear();
+    let bytes = real_mode_code(&mut cpu, |a| a.enqcmds(di, ptr(si)));
+    assert_raises(&mut cpu, &bytes, Exception::gp0());
 }
 
 /// Real mode: 16-bit code at CS = 0x3000 (base 0x30000), data in DS =
