@@ -166,6 +166,12 @@ pub mod segment {
         /// In a code or data type: the code (bit 3) and conforming (bit 2)
         /// bits, both set in a conforming code segment.
         pub const CODE_CONFORMING: u8 = 0b1100;
+        /// In a code or data type: a code segment.
+        pub const CODE: u8 = 1 << 3;
+        /// In a data type: expand-down (in a code type: conforming).
+        pub const EXPAND_DOWN: u8 = 1 << 2;
+        /// In a data type: writable (in a code type: readable).
+        pub const WRITABLE: u8 = 1 << 1;
     }
 
     /// Flat 64-bit code at `dpl`.

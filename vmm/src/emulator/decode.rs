@@ -9,6 +9,7 @@ use kvm_bindings::kvm_segment;
 use super::context::{CpuContext, CpuMode, LINEAR32_MASK};
 use super::exception::Exception;
 use super::mmu::MAX_INSN_LEN;
+use crate::x86::segment::kind;
 
 /// Decodes the first instruction of `bytes` as `bitness`-bit code (64, 32
 /// or 16: [`CpuContext::code_bitness`]) at `rip`. `None` if the bytes are
@@ -118,13 +119,6 @@ pub(crate) fn check_access(
     }
 }
 
-/// Segment type bits (SDM Vol. 3A, 3.4.5.1).
-const TYPE_CODE: u8 = 1 << 3;
-/// Data: expand-down. Code: conforming.
-const TYPE_EXPAND_DOWN: u8 = 1 << 2;
-/// Data: writable. Code: readable.
-const TYPE_WRITABLE_READABLE: u8 = 1 << 1;
-
 /// Whether bytes `offset ..= offset + len - 1` of `segment` may be read
 /// (or written) outside 64-bit mode: the segment is usable, a write goes
 /// to writable data (real mode: any segment), a read not to execute-only
@@ -143,8 +137,8 @@ pub(crate) fn check_segment(
     if segment.unusable != 0 || (mode != CpuMode::Real && segment.present == 0) {
         return false;
     }
-    let code = segment.type_ & TYPE_CODE != 0;
-    let rw = segment.type_ & TYPE_WRITABLE_READABLE != 0;
+    let code = segment.type_ & kind::CODE != 0;
+    let rw = segment.type_ & kind::WRITABLE != 0;
     let type_ok = if write {
         (mode == CpuMode::Real || !code) && rw
     } else {
@@ -155,7 +149,7 @@ pub(crate) fn check_segment(
     }
     let last = offset.saturating_add(len.saturating_sub(1));
     let limit = u64::from(segment.limit);
-    if !code && segment.type_ & TYPE_EXPAND_DOWN != 0 {
+    if !code && segment.type_ & kind::EXPAND_DOWN != 0 {
         let upper = if segment.db != 0 { 0xffff_ffff } else { 0xffff };
         offset > limit && last <= upper
     } else {

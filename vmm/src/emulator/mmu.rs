@@ -113,14 +113,6 @@ fn fault_to_access_error(
     }
 }
 
-fn access_type(kind: AccessKind, privilege: Privilege) -> AccessType {
-    AccessType {
-        write: kind == AccessKind::Write,
-        user: privilege == Privilege::User,
-        execute: kind == AccessKind::Fetch,
-    }
-}
-
 /// Translates one linear address to a guest-physical address.
 pub(crate) fn translate<M: GuestMemory>(
     mem: &M,
@@ -129,13 +121,19 @@ pub(crate) fn translate<M: GuestMemory>(
     kind: AccessKind,
     privilege: Privilege,
 ) -> Result<u64, AccessError> {
-    let access = access_type(kind, privilege);
+    let access = AccessType {
+        write: kind == AccessKind::Write,
+        user: privilege == Privilege::User,
+        execute: kind == AccessKind::Fetch,
+    };
     // The emulator's own peeks (instruction bytes, descriptor tables, the
     // exception frame) are reads the CPU already made or would make; only
     // an instruction's data accesses set accessed/dirty bits.
+    let set_ad = kind != AccessKind::Fetch && privilege != Privilege::Implicit;
+    let mut cfg = walk_config(ctx, privilege, set_ad);
     if ctx.sregs.efer & efer::LMA == 0 {
-        // Protected or real mode: with paging off a linear address (32
-        // bits) is the physical address.
+        // Protected or real mode: linear addresses are 32 bits; with
+        // paging off a linear address is the physical address.
         let va = va & LINEAR32_MASK;
         if ctx.sregs.cr0 & cr0::PG == 0 {
             return Ok(va);
@@ -147,16 +145,11 @@ pub(crate) fn translate<M: GuestMemory>(
                 pse: ctx.sregs.cr4 & cr4::PSE != 0,
             }
         };
-        let access = access_type(kind, privilege);
-        let set_ad = kind != AccessKind::Fetch && privilege != Privilege::Implicit;
-        let mut cfg = walk_config(ctx, privilege, set_ad);
         // Execute-disable exists in PAE paging only.
         cfg.nxe &= mode == LegacyPaging::Pae;
         return legacy_paging::walk(mem, mode, ctx.sregs.cr3, va, access, &cfg)
             .map_err(|f| fault_to_access_error(f, va, access, &cfg));
     }
-    let set_ad = kind != AccessKind::Fetch && privilege != Privilege::Implicit;
-    let cfg = walk_config(ctx, privilege, set_ad);
     let root = ctx.sregs.cr3 & CR3_ROOT_MASK;
     paging::walk(mem, root, va, access, &cfg)
         .map(|t| t.phys_addr)
