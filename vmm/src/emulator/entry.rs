@@ -212,22 +212,32 @@ pub fn is_exception_entry<C: GuestCpu + ?Sized>(
     Ok(is_entry(&ctx, cpu.memory(), ctx.regs.rip, vector))
 }
 
-/// The segment register state a descriptor in the GDT loads.
+/// The segment register state a descriptor in the GDT, or for a selector
+/// with TI set in the LDT (a 32-bit process's own code segment, as Wine
+/// makes them), loads.
 fn load_descriptor(
     ctx: &CpuContext,
     mem: &vm_memory::GuestMemoryMmap,
     selector: u16,
 ) -> Option<kvm_segment> {
     const DESC_SIZE: u64 = 8;
-    if selector & SELECTOR_TI != 0 {
-        // LDT selectors are not supported.
-        return None;
-    }
     let offset = u64::from(selector & !7);
-    if offset == 0 || offset + DESC_SIZE - 1 > u64::from(ctx.sregs.gdt.limit) {
+    let (base, limit) = if selector & SELECTOR_TI != 0 {
+        let ldt = &ctx.sregs.ldt;
+        if ldt.unusable != 0 || ldt.present == 0 {
+            return None;
+        }
+        (ldt.base, u64::from(ldt.limit))
+    } else if offset == 0 {
+        // The null selector.
+        return None;
+    } else {
+        (ctx.sregs.gdt.base, u64::from(ctx.sregs.gdt.limit))
+    };
+    if offset + DESC_SIZE - 1 > limit {
         return None;
     }
-    let [d] = read_u64s::<1>(ctx, mem, ctx.sregs.gdt.base.wrapping_add(offset))?;
+    let [d] = read_u64s::<1>(ctx, mem, base.wrapping_add(offset))?;
     let access = (d >> 40) as u8;
     let flags = ((d >> 52) & 0xf) as u8;
     let raw_limit = ((d & 0xffff) | ((d >> 32) & 0xf_0000)) as u32;

@@ -2180,6 +2180,58 @@ fn compat_mode_kernel_movdir64b_at_ud_entry_returns_to_the_32bit_kernel_code() {
     );
 }
 
+#[test]
+fn compat_mode_user_code_segment_from_the_ldt() {
+    // A 32-bit process whose CS is its own LDT's entry 0 (selector 0x7,
+    // TI set, RPL 3): the entry logic reads it there.
+    let (mut cpu, _) = at_ud_entry(0, |a| a.nop());
+    let ldt = KDATA + 0x800;
+    cpu.write(ldt, &0x00cf_fb00_0000_ffffu64.to_le_bytes());
+    cpu.sregs.ldt = kvm_segment {
+        base: ldt,
+        limit: 7,
+        selector: 0x48,
+        type_: 2,
+        present: 1,
+        ..Default::default()
+    };
+    let code = {
+        let mut a = CodeAssembler::new(32).unwrap();
+        a.movdir64b(edi, ptr(esi)).unwrap();
+        a.assemble(UCODE).unwrap()
+    };
+    cpu.write(UCODE, &code);
+    cpu.write(KSTACK + 0x1000 - 32, &0x7u64.to_le_bytes());
+    cpu.regs.rdi = PORTAL;
+    cpu.regs.rsi = UDATA;
+
+    assert!(matches!(
+        handle_exception_entry(&mut cpu, 6).unwrap(),
+        EntryAction::Emulated(StoreRecord { linear: PORTAL, .. })
+    ));
+    assert_eq!(cpu.stores[0].1, descriptor());
+    assert_eq!(
+        (cpu.sregs.cs.selector, cpu.sregs.cs.l, cpu.sregs.cs.db),
+        (0x7, 0, 1)
+    );
+    assert_eq!(cpu.regs.rip, UCODE + code.len() as u64);
+
+    // Past the LDT's limit: left to the guest.
+    let (mut cpu, _) = at_ud_entry(0, |a| a.nop());
+    cpu.sregs.ldt = kvm_segment {
+        base: ldt,
+        limit: 7,
+        present: 1,
+        ..Default::default()
+    };
+    cpu.write(UCODE, &code);
+    cpu.write(KSTACK + 0x1000 - 32, &0xfu64.to_le_bytes());
+    assert_eq!(
+        handle_exception_entry(&mut cpu, 6).unwrap(),
+        EntryAction::PassThrough
+    );
+}
+
 /// Protected mode without long mode, paging off, CPL 0, flat 32-bit code
 /// at guest-physical UCODE_PA (linear is physical).
 fn protected_mode(cpu: &mut MockCpu) {
