@@ -45,6 +45,16 @@ const KVM_TESTS: &[BedTest] = &[
     all("entry_routes"),
     all("xsave"),
     all("hypercall"),
+    // Outside long mode the VMM sees a MOVDIR64B/ENQCMD the CPU lacks only
+    // as an emulation failure (an MMIO operand); its #UD watch reads a
+    // long-mode IDT. The bed's CPU (QEMU TCG) has neither instruction, so
+    // there the real-mode and protected-mode guests get #UD from their own
+    // tables: those tests run on PVM, where these guests' instructions
+    // reach the VMM as emulation failures.
+    BedTest {
+        name: "compat_mode",
+        args: "--skip protected_mode_ --skip real_mode_",
+    },
     all("cli"),
     all("run_command"),
     all("linux_boot"),

@@ -482,6 +482,13 @@ fn user_compat_in(
     g.asm.mov(eax, 0x8000_0077u32).unwrap();
     g.asm.xor(edx, edx).unwrap();
     g.asm.wrmsr().unwrap();
+    // DS and ES as a 32-bit process has them. Without this they keep the
+    // kernel's selectors, which the IRET to CPL 3 may leave null, and in
+    // compatibility mode an access through a null DS is #GP(0): the nested
+    // bed's CPU gives exactly that.
+    g.asm.mov(eax, u32::from(USER_DS)).unwrap();
+    g.asm.mov(ds, ax).unwrap();
+    g.asm.mov(es, ax).unwrap();
     // IRETQ to CPL 3: SS, RSP, RFLAGS (IOPL 3), CS, RIP.
     g.asm.push(i32::from(USER_DS)).unwrap();
     g.asm.mov(rax, USER_STACK_TOP).unwrap();
