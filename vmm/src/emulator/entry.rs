@@ -35,8 +35,21 @@
 //! the instruction's exception delivered from that context (RIP at the
 //! instruction). If emulating raises exactly the exception being delivered
 //! (e.g. the guest's own IA32_PASID is not valid either), the guest's
-//! handler already has the architectural answer and runs. Anything else
-//! is left to the guest's own handler, untouched.
+//! handler already has the architectural answer and runs.
+//!
+//! Outside IA-32e mode (a protected-mode or real-mode handler, reached
+//! through an 8-byte gate or the IVT) the frame is the one the gate
+//! pushes: IP, CS, FLAGS as words in real mode and through 16-bit gates,
+//! EIP, CS, EFLAGS as doublewords through 32-bit gates, with the error
+//! code below them (not in real mode) and the outer SS:ESP above them
+//! when the delivery changed privilege. The instruction is emulated in
+//! the context the frame describes, and the vCPU returns there as IRET
+//! would (CS and SS from their descriptors; in real mode CS's base is its
+//! selector times 16), or gets the instruction's exception delivered there
+//! (in real mode without an error code). A frame from virtual-8086 mode is
+//! left to the guest.
+//!
+//! Anything else is left to the guest's own handler, untouched.
 
 use kvm_bindings::kvm_segment;
 
@@ -570,7 +583,9 @@ pub(crate) fn store_entry<C: GuestCpu + ?Sized>(
         (frame, interrupted)
     } else if matches!(handler.mode(), CpuMode::Protected | CpuMode::Real) {
         let Some((frame, interrupted)) = legacy_interrupted(handler, mem, v) else {
-            log::debug!("vector {v}: no frame of a protected- or real-mode context, left to the guest");
+            log::debug!(
+                "vector {v}: no frame of a protected- or real-mode context, left to the guest"
+            );
             return Ok(EntryAction::PassThrough);
         };
         if v == vector::GP && frame.error_code != Some(0) {
@@ -622,7 +637,7 @@ pub(crate) fn store_entry<C: GuestCpu + ?Sized>(
 /// executed except an ENDBR64): by a breakpoint on [`idt_handler`], or, in
 /// Linux on PVM, at the `clac` after ENDBR64, which
 /// [`super::handle_emulation_failure`] routes here itself. For #UD from a
-/// 64-bit or compatibility-mode user or kernel context whose instruction is ENQCMD, ENQCMDS or
+/// user or kernel context in any mode but virtual-8086 whose instruction is ENQCMD, ENQCMDS or
 /// MOVDIR64B, and for #GP(0) from one whose instruction is ENQCMD: emulates
 /// it and returns to the interrupted context, or delivers its exception
 /// there. Anything else: [`EntryAction::PassThrough`].

@@ -2674,12 +2674,32 @@ fn legacy_gates_give_the_handler_per_mode() {
         .write_obj(0x00cf_9b00_1000_ffffu64, GuestAddress(GDT_PA + 7 * 8))
         .unwrap();
     let cases = [
-        (legacy_gate(0x0012_3456, 0x38, 0xe), Some(0x12_4456), "32-bit interrupt gate"),
-        (legacy_gate(0x0012_3456, 0x38, 0xf), Some(0x12_4456), "32-bit trap gate"),
-        (legacy_gate(0xffff_3456, 0x38, 0x7), Some(0x4456), "16-bit gate: 16-bit offset"),
+        (
+            legacy_gate(0x0012_3456, 0x38, 0xe),
+            Some(0x12_4456),
+            "32-bit interrupt gate",
+        ),
+        (
+            legacy_gate(0x0012_3456, 0x38, 0xf),
+            Some(0x12_4456),
+            "32-bit trap gate",
+        ),
+        (
+            legacy_gate(0xffff_3456, 0x38, 0x7),
+            Some(0x4456),
+            "16-bit gate: 16-bit offset",
+        ),
         (legacy_gate(0x0012_3456, 0x38, 0x5), None, "task gate"),
-        (legacy_gate(0x0012_3456, 0x38, 0xe) & !(1 << 47), None, "not present"),
-        (legacy_gate(0x0012_3456, KERNEL_SS, 0xe), None, "data segment"),
+        (
+            legacy_gate(0x0012_3456, 0x38, 0xe) & !(1 << 47),
+            None,
+            "not present",
+        ),
+        (
+            legacy_gate(0x0012_3456, KERNEL_SS, 0xe),
+            None,
+            "data segment",
+        ),
         (legacy_gate(0x0012_3456, 0x78, 0xe), None, "past the GDT"),
     ];
     for (gate, handler, what) in cases {
@@ -2795,7 +2815,10 @@ fn protected_mode_user_ud_entry_returns_to_the_outer_stack() {
         })
     );
     assert_eq!(cpu.regs.rip, UCODE_PA + code.len() as u64);
-    assert_eq!((cpu.regs.rsp, cpu.regs.rflags), (u64::from(user_esp), 0x202));
+    assert_eq!(
+        (cpu.regs.rsp, cpu.regs.rflags),
+        (u64::from(user_esp), 0x202)
+    );
     assert_eq!(
         (cpu.sregs.cs.selector, cpu.sregs.cs.dpl, cpu.sregs.cs.db),
         (USER32_CS, 3, 1)
@@ -2849,7 +2872,10 @@ fn protected_mode_kernel_gp0_entry_pops_the_error_code() {
 fn step_over_outside_long_mode_skips_only_no_ops() {
     let (mut cpu, _) = at_real_mode_ud_entry(|a| a.nop());
     cpu.mem.write_slice(&[0x90], GuestAddress(0x500)).unwrap();
-    assert_eq!(step_over_handler_entry(&mut cpu).unwrap(), StepOver::Skipped(1));
+    assert_eq!(
+        step_over_handler_entry(&mut cpu).unwrap(),
+        StepOver::Skipped(1)
+    );
     assert_eq!(cpu.regs.rip, 0x501);
 
     cpu.regs.rip = 0x500;
