@@ -158,21 +158,26 @@ impl Vcpu {
         let vectors = self
             .platform
             .watched_vectors(self.host_cpu, self.syscall_msrs.configured());
-        if let Ok(sregs) = GuestCpu::sregs(self) {
-            self.armed_idt = Some(IdtKey::of(&sregs));
-        }
+        let key = GuestCpu::sregs(self).ok().map(|sregs| IdtKey::of(&sregs));
+        self.armed_idt = key.or(self.armed_idt);
+        // A real-mode IVT has no present bits: a secondary vCPU's IDTR from
+        // reset until its startup code loads the OS's table reads as one.
+        let real_mode = key.is_some_and(|k| !k.protected);
         let mut handlers = Vec::new();
         for &v in &vectors {
             if let Some(h) = emulator::idt_handler(self, v).map_err(|e| e.to_string())? {
                 handlers.push((v, h));
             }
         }
-        if handlers.is_empty() {
+        let (generation, shared) = self.shared.get(&vectors);
+        if handlers.is_empty() || (real_mode && !shared.is_empty()) {
             // No IDT of its own yet (a secondary vCPU before it starts):
             // the handlers another vCPU found.
-            let (generation, shared) = self.shared.get(&vectors);
             self.applied_generation = generation;
             handlers = shared;
+        } else if real_mode {
+            // A real-mode guest's own IVT: watched, never published.
+            self.applied_generation = generation;
         } else {
             if handlers != self.own_handlers {
                 self.own_handlers = handlers.clone();
