@@ -146,6 +146,13 @@ impl<S: GuestAddressSpace> Iommu<S> {
             .cloned()
     }
 
+    /// The unit's invalidation generation: it moves on with every cache invalidation and
+    /// translation-mode or root-table change, so an answer read through the caches (a
+    /// present entry, which stays cached until invalidated) holds while it stays the same.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
     /// Lock the caches to invalidate some of them: also retires every translation memoised
     /// outside the lock.
     fn caches_for_invalidation(&self) -> MutexGuard<'_, Caches> {

@@ -67,10 +67,37 @@ impl PasidAuthority for ViommuAuthority {
         };
         rids.iter()
             .find_map(|&r| iommu.resolve_pasid(r, gpasid).ok())
-            .map(|entry| PasidSetup {
-                first_stage_root: matches!(entry.pgtt, Pgtt::FirstStage | Pgtt::Nested)
-                    .then(|| address_space_key(entry.flptr)),
+            .map(|entry| setup_of(&entry))
+    }
+
+    fn generation(&self) -> Option<u64> {
+        self.iommu.upgrade().map(|iommu| iommu.generation())
+    }
+
+    /// The first device's present entry lasts (the unit caches it until an
+    /// invalidation); one found for a later device does not: the first
+    /// device's entry may become present without an invalidation.
+    fn lasting_setup(&self, gpasid: u32) -> (Option<PasidSetup>, bool) {
+        let Some(iommu) = self.iommu.upgrade() else {
+            return (None, false);
+        };
+        self.rids
+            .iter()
+            .enumerate()
+            .find_map(|(i, &r)| {
+                iommu
+                    .resolve_pasid(r, gpasid)
+                    .ok()
+                    .map(|entry| (setup_of(&entry), i == 0))
             })
+            .map_or((None, false), |(setup, lasting)| (Some(setup), lasting))
+    }
+}
+
+fn setup_of(entry: &viommu::tables::PasidEntry) -> PasidSetup {
+    PasidSetup {
+        first_stage_root: matches!(entry.pgtt, Pgtt::FirstStage | Pgtt::Nested)
+            .then(|| address_space_key(entry.flptr)),
     }
 }
 
