@@ -82,7 +82,8 @@ pub struct Iommu<S: GuestAddressSpace> {
     unit_id: u64,
     /// Moves on with every cache invalidation and translation-mode change; translations
     /// memoised outside the cache lock are only valid for the generation they were made in.
-    generation: AtomicU64,
+    /// Shared with the [`Generation`] handles given out.
+    generation: Arc<AtomicU64>,
     devices: RwLock<HashMap<PciAddress, Arc<dyn AtsDevice>>>,
     pasid_observers: RwLock<Vec<Arc<dyn PasidObserver>>>,
 }
@@ -106,7 +107,7 @@ impl<S: GuestAddressSpace> Iommu<S> {
             translation_enabled: AtomicBool::new(false),
             root_table: AtomicU64::new(0),
             unit_id: NEXT_UNIT_ID.fetch_add(1, Ordering::Relaxed),
-            generation: AtomicU64::new(0),
+            generation: Arc::new(AtomicU64::new(0)),
             devices: RwLock::new(HashMap::new()),
             pasid_observers: RwLock::new(Vec::new()),
         }
@@ -153,6 +154,11 @@ impl<S: GuestAddressSpace> Iommu<S> {
         self.generation.load(Ordering::Acquire)
     }
 
+    /// A handle on [`Iommu::generation`] that reads it without the unit.
+    pub fn generation_handle(&self) -> Generation {
+        Generation(self.generation.clone())
+    }
+
     /// Lock the caches to invalidate some of them: also retires every translation memoised
     /// outside the lock.
     fn caches_for_invalidation(&self) -> MutexGuard<'_, Caches> {
@@ -165,6 +171,26 @@ impl<S: GuestAddressSpace> Iommu<S> {
         if let Some(msi) = msi {
             msi.deliver(self.msi.as_ref());
         }
+    }
+}
+
+impl<S: GuestAddressSpace> Drop for Iommu<S> {
+    fn drop(&mut self) {
+        // What was memoised through the unit's caches is gone with it.
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// A read-only view of a unit's invalidation generation ([`Iommu::generation`]): a memo of
+/// something read through the unit's caches is checked with one load, without a reference
+/// to the unit. It moves on once more when the unit goes away.
+#[derive(Clone, Debug)]
+pub struct Generation(Arc<AtomicU64>);
+
+impl Generation {
+    /// The generation now.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
     }
 }
 

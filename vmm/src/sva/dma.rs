@@ -22,7 +22,7 @@ use vdsa::dma::{
 };
 use vdsa::DsaIommuHandle;
 use viommu::{
-    tables::Pgtt, AccessType, AtsDevice, DeviceTlbInvalidation, DmaErrorKind, Iommu,
+    tables::Pgtt, AccessType, AtsDevice, DeviceTlbInvalidation, DmaErrorKind, Generation, Iommu,
     PageGroupResponse, ResponseCode,
 };
 use vm_memory::GuestMemoryMmap;
@@ -70,8 +70,8 @@ impl PasidAuthority for ViommuAuthority {
             .map(|entry| setup_of(&entry))
     }
 
-    fn generation(&self) -> Option<u64> {
-        self.iommu.upgrade().map(|iommu| iommu.generation())
+    fn generation(&self) -> Option<Generation> {
+        self.iommu.upgrade().map(|iommu| iommu.generation_handle())
     }
 
     /// The first device's present entry lasts (the unit caches it until an

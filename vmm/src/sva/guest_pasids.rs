@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock, RwLockReadGuard};
 use pasid::{Ia32Pasid, OwnerId, PasidSpace, PasidTable, Scope, PASID_MAX, RESERVED_PASID};
 use pci::PciAddress;
 use thiserror::Error;
-use viommu::{PasidCacheScope, PasidObserver};
+use viommu::{Generation, PasidCacheScope, PasidObserver};
 
 /// CR3 bits that name the page-table root of an address space: PCID
 /// (bits 11:0) and bit 12, which tells Linux's PTI user PGD from its kernel
@@ -45,7 +45,7 @@ pub trait PasidAuthority: Send + Sync {
     /// A count that moves on whenever an answer of
     /// [`PasidAuthority::lasting_setup`] that was lasting may change (the
     /// vIOMMU's invalidation generation); `None` when no answer lasts.
-    fn generation(&self) -> Option<u64> {
+    fn generation(&self) -> Option<Generation> {
         None
     }
 
@@ -140,7 +140,7 @@ pub struct GuestPasids {
     table: PasidTable,
     quarantine: u32,
     unverified: Mutex<Unverified>,
-    authority: OnceLock<Arc<dyn PasidAuthority>>,
+    authority: OnceLock<Authority>,
     /// Address-space key -> guest PASID (see [`GuestPasids::enqcmd_pasid`]).
     address_spaces: Mutex<HashMap<u64, u32>>,
     /// Moves on with every change of `address_spaces` (under its lock):
@@ -158,6 +158,12 @@ pub struct GuestPasids {
     retired: Mutex<Vec<u32>>,
     /// Device requests tagged with a host PASID charged to another owner.
     foreign_requests: AtomicU64,
+}
+
+/// The judge of which guest PASIDs exist, and its generation.
+struct Authority {
+    judge: Arc<dyn PasidAuthority>,
+    generation: Option<Generation>,
 }
 
 /// Host PASIDs of guest PASIDs the vIOMMU did not confirm, both ways.
@@ -217,6 +223,11 @@ impl GuestPasids {
     /// A guest has one vIOMMU for its life: a second authority is refused
     /// (logged) and the first stays.
     pub fn set_authority(&self, authority: Arc<dyn PasidAuthority>) {
+        let generation = authority.generation();
+        let authority = Authority {
+            judge: authority,
+            generation,
+        };
         if self.authority.set(authority).is_err() {
             log::error!("{}: a second PASID authority ignored", self.owner());
         }
@@ -277,7 +288,15 @@ impl GuestPasids {
     }
 
     fn authority(&self) -> Option<&Arc<dyn PasidAuthority>> {
-        self.authority.get()
+        self.authority.get().map(|a| &a.judge)
+    }
+
+    /// The authority's generation now, if its answers can last.
+    fn authority_generation(&self) -> Option<u64> {
+        self.authority
+            .get()
+            .and_then(|a| a.generation.as_ref())
+            .map(Generation::get)
     }
 
     /// The host PASID of `gpasid` for device `rid`, filling the table on a
@@ -476,7 +495,7 @@ impl GuestPasids {
         // Read before the lookup: a change racing with it leaves the memo
         // stale from birth.
         let records = self.records.load(Ordering::Acquire);
-        let authority = self.authority().and_then(|a| a.generation());
+        let authority = self.authority_generation();
         if let Some(m) = hint.memo {
             if m.key == key && m.records == records && m.authority == authority {
                 return m.value;
@@ -522,7 +541,7 @@ impl GuestPasids {
         // A PASID with no entry may get one without an invalidation.
         (
             Ia32Pasid::VALID | u64::from(gpasid),
-            setup.is_some() && lasting && authority.generation().is_some(),
+            setup.is_some() && lasting && self.authority_generation().is_some(),
         )
     }
 
