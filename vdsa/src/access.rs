@@ -316,3 +316,117 @@ impl Access<'_> {
         Ok(Some((hit.target.wrapping_add(offset), hit.len - offset)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc::{channel, Receiver, Sender};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    use super::*;
+    use crate::dma::{MockIommu, PageRequest, Translation};
+
+    const PAGE: u64 = 0x1000;
+    const IOVA: u64 = 0x10_0000;
+    const OLD: u64 = 0x20_0000;
+    const NEW: u64 = 0x30_0000;
+    const TAG: Option<PasidTag> = Some(PasidTag {
+        pasid: 5,
+        privileged: false,
+    });
+
+    /// A port whose first ATS translation request, once armed, tells the test it has its
+    /// answer and holds it until the test lets it go: a translation in flight.
+    struct SlowAts {
+        iommu: MockIommu,
+        hold: Mutex<Option<(Sender<()>, Receiver<()>)>>,
+    }
+
+    impl DmaPort for SlowAts {
+        fn read(&self, space: AddressSpace, addr: u64, buf: &mut [u8]) -> Result<(), DmaFault> {
+            self.iommu.read(space, addr, buf)
+        }
+
+        fn write(&self, space: AddressSpace, addr: u64, data: &[u8]) -> Result<(), DmaFault> {
+            self.iommu.write(space, addr, data)
+        }
+
+        fn translate(
+            &self,
+            pasid: Option<PasidTag>,
+            addr: u64,
+        ) -> Option<Result<Translation, DmaFault>> {
+            let answer = self.iommu.translate(pasid, addr);
+            let hold = self.hold.lock().unwrap().take();
+            if let Some((answered, go)) = hold {
+                answered.send(()).unwrap();
+                go.recv().unwrap();
+            }
+            answer
+        }
+
+        fn page_request(&self, request: PageRequest) {
+            self.iommu.page_request(request);
+        }
+    }
+
+    /// A device-TLB invalidation that arrives while an ATS translation of the same page is
+    /// in flight (the answer predates the IOMMU's own invalidation) must not leave that
+    /// answer cached once it completes: after it, the device's writes reach the new page,
+    /// never the old one, which the guest frees as soon as the invalidation completes.
+    #[test]
+    fn a_translation_in_flight_does_not_outlive_its_invalidation() {
+        let mem =
+            Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap());
+        let (answered_tx, answered) = channel();
+        let (go, go_rx) = channel();
+        let port = SlowAts {
+            iommu: MockIommu::with_ats(mem.clone()),
+            hold: Mutex::new(Some((answered_tx, go_rx))),
+        };
+        port.iommu.remap_page(IOVA, OLD);
+        let (atc, prs, cancel) = (
+            Atc::default(),
+            PageRequester::default(),
+            AtomicBool::new(false),
+        );
+        let access = Access {
+            path: Path {
+                port: &port,
+                atc: &atc,
+                prs: &prs,
+                pri_allocation: 0,
+            },
+            tag: TAG,
+            ats: true,
+            block_on_fault: false,
+            cancel: &cancel,
+            defer: None,
+        };
+        std::thread::scope(|s| {
+            let device = s.spawn(|| access.write(IOVA, &[0xaa; 64]));
+            answered.recv().unwrap();
+            // The guest remaps the page and invalidates the IOMMU's and the device's caches.
+            port.iommu.remap_page(IOVA, NEW);
+            let invalidation = s.spawn(|| atc.invalidate(Some(5), IOVA, PAGE));
+            // Let the invalidation get as far as it can while the translation is in flight.
+            std::thread::sleep(Duration::from_millis(100));
+            go.send(()).unwrap();
+            device.join().unwrap().unwrap();
+            invalidation.join().unwrap();
+        });
+        // The invalidation completed: the guest reuses the old frame.
+        mem.write_slice(&[0x55; 64], GuestAddress(OLD)).unwrap();
+        access.write(IOVA, &[0xbb; 64]).unwrap();
+        assert_eq!(
+            mem.read_obj::<[u8; 8]>(GuestAddress(NEW)).unwrap(),
+            [0xbb; 8]
+        );
+        assert_eq!(
+            mem.read_obj::<[u8; 8]>(GuestAddress(OLD)).unwrap(),
+            [0x55; 8]
+        );
+    }
+}

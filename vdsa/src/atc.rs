@@ -175,17 +175,19 @@ impl Atc {
         }
     }
 
-    /// Drops translations of `pasid` (every PASID and untagged ones when
-    /// `None`) that overlap `[addr, addr + len)`, then waits for accesses
-    /// still using them.
+    /// Waits for accesses still using translations of `pasid` (every PASID
+    /// and untagged ones when `None`) that overlap `[addr, addr + len)`,
+    /// then drops those translations. Cutting only once no access is under
+    /// way also drops what a translation request answered before the
+    /// IOMMU's invalidation put in the cache after this one began.
     pub fn invalidate(&self, pasid: Option<u32>, addr: u64, len: u64) {
+        let _no_access = self.in_use.write().unwrap_or_else(|e| e.into_inner());
         Self::cut(
             &mut self.lock(),
             |tag| pasid.is_none() || tag.map(|t| t.pasid) == pasid,
             addr,
             len,
         );
-        drop(self.in_use.write().unwrap_or_else(|e| e.into_inner()));
     }
 
     /// Drops every translation.

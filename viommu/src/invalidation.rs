@@ -424,8 +424,26 @@ impl<S: GuestAddressSpace> Iommu<S> {
     }
 
     /// Carry out one descriptor; returns the invalidation completion MSI, if one is due.
+    /// An invalidation of translation caches completes only after the DMA windows that may
+    /// have translated through what it removed (the unit drains them, CAP.DRD/DWD), so a
+    /// later wait descriptor tells software the old translations are out of use.
     fn execute(&self, mem: &S::M, descriptor: Descriptor) -> Option<Msi> {
         debug!("viommu: {descriptor:x?}");
+        let msi = self.apply(mem, descriptor);
+        if matches!(
+            descriptor,
+            Descriptor::ContextCache(_)
+                | Descriptor::Iotlb(_)
+                | Descriptor::PasidIotlb { .. }
+                | Descriptor::PasidCache(_)
+        ) {
+            self.drain_dma();
+        }
+        msi
+    }
+
+    /// The cache, device and event effects of one descriptor.
+    fn apply(&self, mem: &S::M, descriptor: Descriptor) -> Option<Msi> {
         match descriptor {
             Descriptor::ContextCache(scope) => {
                 let mut caches = self.caches_for_invalidation();

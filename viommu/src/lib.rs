@@ -38,7 +38,7 @@ mod translate;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 use pci::PciAddress;
 use vm_memory::GuestAddressSpace;
@@ -84,6 +84,11 @@ pub struct Iommu<S: GuestAddressSpace> {
     /// memoised outside the cache lock are only valid for the generation they were made in.
     /// Shared with the [`Generation`] handles given out.
     generation: Arc<AtomicU64>,
+    /// Held shared by each DMA window from its translation to the end of its memory
+    /// accesses, exclusively (and at once released) by an invalidation before it completes:
+    /// the unit drains requests translated with invalidated entries (CAP.DRD/DWD), so once
+    /// software sees an invalidation complete, no DMA writes through what it removed.
+    dma_in_flight: RwLock<()>,
     devices: RwLock<HashMap<PciAddress, Arc<dyn AtsDevice>>>,
     pasid_observers: RwLock<Vec<Arc<dyn PasidObserver>>>,
 }
@@ -108,6 +113,7 @@ impl<S: GuestAddressSpace> Iommu<S> {
             root_table: AtomicU64::new(0),
             unit_id: NEXT_UNIT_ID.fetch_add(1, Ordering::Relaxed),
             generation: Arc::new(AtomicU64::new(0)),
+            dma_in_flight: RwLock::new(()),
             devices: RwLock::new(HashMap::new()),
             pasid_observers: RwLock::new(Vec::new()),
         }
@@ -165,6 +171,23 @@ impl<S: GuestAddressSpace> Iommu<S> {
         let caches = lock(&self.caches);
         self.generation.fetch_add(1, Ordering::AcqRel);
         caches
+    }
+
+    /// Marks a DMA window in flight (see `dma_in_flight`). Never held across another
+    /// acquisition of it, nor while taking the register lock.
+    fn dma_window(&self) -> RwLockReadGuard<'_, ()> {
+        self.dma_in_flight.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits for every DMA window that started before now, so every one that translated
+    /// through entries just invalidated has finished. Call without the cache lock (a window
+    /// takes it while it translates).
+    fn drain_dma(&self) {
+        drop(
+            self.dma_in_flight
+                .write()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
     }
 
     fn deliver(&self, msi: Option<interrupt::Msi>) {

@@ -532,6 +532,7 @@ impl<S: GuestAddressSpace> Iommu<S> {
         while done < len {
             runs.clear();
             let start = iova.wrapping_add(done as u64);
+            let window = self.dma_window();
             let result = self.translate_window(&mem, &request, start, len - done, &mut runs);
             for &(phys, n) in &runs {
                 if !copy(&mem, phys, done..done + n) {
@@ -539,6 +540,7 @@ impl<S: GuestAddressSpace> Iommu<S> {
                 }
                 done += n;
             }
+            drop(window);
             if let Err((addr, failure)) = result {
                 return Err(DmaError {
                     completed: done,
@@ -609,6 +611,7 @@ impl<S: GuestAddressSpace> Iommu<S> {
             from.clear();
             to.clear();
             let at = |base: u64| base.wrapping_add(done as u64);
+            let window = self.dma_window();
             let read_result = self.translate_window(&mem, &read, at(src), len - done, &mut from);
             let readable: usize = from.iter().map(|r| r.1).sum();
             let write_result = self.translate_window(&mem, &write, at(dst), readable, &mut to);
@@ -638,6 +641,7 @@ impl<S: GuestAddressSpace> Iommu<S> {
                     (j, off_d) = (j + 1, 0);
                 }
             }
+            drop(window);
             let failed = match (write_result, read_result) {
                 (Err(failure), _) => Some((failure, &write)),
                 (Ok(()), Err(failure)) => Some((failure, &read)),

@@ -1214,3 +1214,107 @@ fn queue_of_128_bit_descriptors() {
     assert_eq!(g.read64(IQERCD) & 0xf, 5, "invalid descriptor width");
     assert_eq!(g.read64(IQH), 32);
 }
+
+/// Write `descriptors` and a status-write wait descriptor at IQT through a shared reference
+/// (another thread is using the unit meanwhile); whether the wait's status write arrived.
+fn submit_shared(g: &Guest, descriptors: &[[u64; 4]]) -> bool {
+    g.mem.write_obj(0u32, GuestAddress(g.status)).unwrap();
+    let mut tail = g.read64(IQT) >> 5;
+    for d in descriptors
+        .iter()
+        .copied()
+        .chain([qi::wait(g.status, QI_DONE, false)])
+    {
+        g.mem
+            .write_obj(d, GuestAddress(g.queue + tail * 32))
+            .unwrap();
+        tail = (tail + 1) % g.queue_entries;
+    }
+    g.write64(IQT, tail << 5);
+    g.read_obj::<u32>(g.status) == QI_DONE
+}
+
+/// What Linux relies on when it frees a page after unmapping it from an SVA process: once
+/// the wait descriptor after the PASID-based IOTLB invalidation has written its status, no
+/// DMA that translated the page before the invalidation still writes it (CAP.DWD/DRD: the
+/// unit drains such requests before the invalidation completes). The device here writes
+/// 1 MiB (256 pages, the last one the victim) again and again; the guest remaps the last
+/// page, invalidates it, then reuses the old frame and checks nothing overwrote it.
+#[test]
+fn an_invalidation_completes_after_dma_through_the_old_translation() {
+    const VA: u64 = 0x7f12_3400_0000;
+    const PAGES: u64 = 256;
+    const ROUNDS: usize = 20;
+    const PATIENCE: std::time::Duration = std::time::Duration::from_secs(20);
+    let mut g = Guest::new();
+    let mem = g.mem.clone();
+    let mut pt = page_tables(&mem, PagingLevels::Four, TABLES_B);
+    // Frames one apart, so the DMA moves page by page.
+    let frames = g.alloc(2 * PAGES);
+    for i in 0..PAGES {
+        pt.map(
+            VA + i * 0x1000,
+            frames + 2 * i * 0x1000,
+            PAGE_SIZE_4K,
+            USER_RW,
+        )
+        .unwrap();
+    }
+    let (old, new) = (frames + 2 * (PAGES - 1) * 0x1000, g.alloc(1));
+    let last = VA + (PAGES - 1) * 0x1000;
+    let pte = pt.entry_addr(last, 1).unwrap();
+    g.set_context(RID, ContextFlags::default());
+    g.set_pasid_entry(RID, PASID, first_level_entry(pt.root(), DID, false, false));
+    let point_last_page_at = |frame: u64| {
+        g.mem
+            .write_obj(frame | USER_RW | entry::PRESENT, GuestAddress(pte))
+            .unwrap();
+        assert!(submit_shared(&g, &[qi::piotlb_page(DID, PASID, last, 0)]));
+    };
+    let byte = |addr: u64| g.read_obj::<u8>(addr);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let writes = std::sync::atomic::AtomicU64::new(0);
+    let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+        let start = std::time::Instant::now();
+        while !done() {
+            assert!(start.elapsed() < PATIENCE, "device stalled: {what}");
+            std::thread::yield_now();
+        }
+    };
+    std::thread::scope(|s| {
+        let (iommu, stop, writes) = (&g.iommu, &stop, &writes);
+        s.spawn(move || {
+            let data = vec![0xaa_u8; (PAGES * 0x1000) as usize];
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                iommu.dma_write(DEV, user(PASID), VA, &data).unwrap();
+                writes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+        let mut overwritten = 0;
+        for _ in 0..ROUNDS {
+            g.mem.write_slice(&[0; 0x1000], GuestAddress(old)).unwrap();
+            point_last_page_at(old);
+            wait_for("writing the old frame", &|| byte(old) == 0xaa);
+            // munmap: the page goes, its translation is invalidated, and the frame is free.
+            point_last_page_at(new);
+            g.mem
+                .write_slice(&[0x55; 0x1000], GuestAddress(old))
+                .unwrap();
+            let n = writes.load(std::sync::atomic::Ordering::SeqCst);
+            wait_for("writing on", &|| {
+                writes.load(std::sync::atomic::Ordering::SeqCst) >= n + 2
+            });
+            let mut frame = [0u8; 0x1000];
+            g.mem.read_slice(&mut frame, GuestAddress(old)).unwrap();
+            if frame.iter().any(|&b| b != 0x55) {
+                overwritten += 1;
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(
+            overwritten, 0,
+            "rounds in which the device wrote a frame after its invalidation completed"
+        );
+    });
+    assert_eq!(byte(new), 0xaa, "the device writes the new frame");
+}
