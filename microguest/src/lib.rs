@@ -13,8 +13,10 @@
 //! - identity paging of the first 4 GiB (2 MiB pages, all user-accessible),
 //!   except [`DATA_START`]..+2 MiB, mapped with 4 KiB pages whose entries a
 //!   test can change ([`MicroGuest::map_page`]);
-//! - a GDT laid out like Linux's (kernel CS 0x10, DS 0x18, user DS 0x2b,
-//!   user CS 0x33, TSS 0x40) and a TSS whose RSP0 is the kernel stack;
+//! - a GDT laid out like Linux's (kernel 32-bit CS 0x08, CS 0x10, DS 0x18,
+//!   user 32-bit CS 0x23, user DS 0x2b, user CS 0x33, TSS 0x40), entries
+//!   from [`FREE_SELECTOR`] a program defines ([`MicroGuest::segment`]), and
+//!   a TSS whose RSP0 is the kernel stack;
 //! - an IDT whose handlers the program supplies ([`MicroGuest::handler`]);
 //!   like Linux's, a #UD handler must begin with `endbr64` (or `nop`): the
 //!   VMM's breakpoint there steps over it when the guest's handler should
@@ -89,16 +91,27 @@ pub const DATA_START: u64 = 0x20_0000;
 /// Top of the conventional user stack, at the end of the data area.
 pub const USER_STACK_TOP: u64 = 0x3f_f000;
 
+/// Kernel 32-bit (compatibility-mode) code selector, as Linux's
+/// `__KERNEL32_CS`.
+pub const KERNEL32_CS: u16 = 0x08;
 /// Kernel code selector.
 pub const KERNEL_CS: u16 = 0x10;
 /// Kernel data selector.
 pub const KERNEL_DS: u16 = 0x18;
+/// User 32-bit (compatibility-mode) code selector (RPL 3), as Linux's
+/// `__USER32_CS`.
+pub const USER32_CS: u16 = 0x23;
 /// User data selector (RPL 3).
 pub const USER_DS: u16 = 0x2b;
 /// User code selector (RPL 3).
 pub const USER_CS: u16 = 0x33;
 /// TSS selector.
 pub const TSS_SELECTOR: u16 = 0x40;
+/// The first GDT selector a program may define ([`MicroGuest::segment`]);
+/// the GDT ends at [`GDT_ENTRIES`].
+pub const FREE_SELECTOR: u16 = 0x50;
+/// Entries in the GDT.
+pub const GDT_ENTRIES: u16 = 16;
 
 // Page-table entry bits, under the names the programs use.
 use vmm::x86::pte::PAGE_SIZE as PTE_PS;
@@ -112,6 +125,8 @@ const KERNEL_CODE: SegmentDescriptor = segment::code64(0);
 const KERNEL_DATA: SegmentDescriptor = segment::data(0);
 const USER_DATA: SegmentDescriptor = segment::data(3);
 const USER_CODE: SegmentDescriptor = segment::code64(3);
+const KERNEL_CODE32: SegmentDescriptor = segment::code32(0);
+const USER_CODE32: SegmentDescriptor = segment::code32(3);
 const TSS_LIMIT: u32 = 0x67;
 /// TSS.RSP0 offset.
 const TSS_RSP0: u64 = 4;
@@ -139,6 +154,9 @@ pub enum MicroGuestError {
     /// A page edit outside the 4 KiB-mapped data area.
     #[error("{0:#x} is outside the micro-guest data area")]
     NotDataPage(u64),
+    /// A GDT entry the harness uses, or past the GDT's end.
+    #[error("GDT selector {0:#x} is not free for a program")]
+    NotFreeSelector(u16),
 }
 
 /// A micro-guest program being written.
@@ -148,6 +166,7 @@ pub struct MicroGuest {
     handlers: Vec<(u8, CodeLabel)>,
     page_edits: Vec<(u64, u64)>,
     data: Vec<(u64, Vec<u8>)>,
+    segments: Vec<(u16, u64)>,
 }
 
 /// A program loaded into guest memory.
@@ -176,6 +195,7 @@ impl MicroGuest {
             handlers: Vec::new(),
             page_edits: Vec::new(),
             data: Vec::new(),
+            segments: Vec::new(),
         }
     }
 
@@ -192,6 +212,16 @@ impl MicroGuest {
             return Err(MicroGuestError::NotDataPage(addr));
         }
         self.page_edits.push((addr & !0xfff, flags));
+        Ok(())
+    }
+
+    /// Puts the 8-byte descriptor `desc` in the GDT at `selector` (from
+    /// [`FREE_SELECTOR`] up; its RPL bits are ignored).
+    pub fn segment(&mut self, selector: u16, desc: u64) -> Result<(), MicroGuestError> {
+        if !(FREE_SELECTOR..GDT_ENTRIES * 8).contains(&selector) {
+            return Err(MicroGuestError::NotFreeSelector(selector));
+        }
+        self.segments.push((selector & !7, desc));
         Ok(())
     }
 
@@ -236,7 +266,7 @@ impl MicroGuest {
                 handlers.push((vector, addr));
             }
         }
-        write_gdt_and_tss(memory)?;
+        write_gdt_and_tss(memory, &self.segments)?;
         write_page_tables(memory)?;
         for (addr, flags) in &self.page_edits {
             let pte = addr | flags;
@@ -273,8 +303,13 @@ fn write_gate(memory: &GuestMemoryMmap, vector: u8, handler: u64) -> Result<(), 
     Ok(())
 }
 
-fn write_gdt_and_tss(memory: &GuestMemoryMmap) -> Result<(), MicroGuestError> {
-    let mut gdt = [0u64; 10];
+fn write_gdt_and_tss(
+    memory: &GuestMemoryMmap,
+    program_segments: &[(u16, u64)],
+) -> Result<(), MicroGuestError> {
+    let mut gdt = [0u64; GDT_ENTRIES as usize];
+    gdt[usize::from(KERNEL32_CS >> 3)] = KERNEL_CODE32.to_u64();
+    gdt[usize::from(USER32_CS >> 3)] = USER_CODE32.to_u64();
     gdt[usize::from(KERNEL_CS >> 3)] = KERNEL_CODE.to_u64();
     gdt[usize::from(KERNEL_DS >> 3)] = KERNEL_DATA.to_u64();
     gdt[usize::from(USER_DS >> 3)] = USER_DATA.to_u64();
@@ -282,6 +317,9 @@ fn write_gdt_and_tss(memory: &GuestMemoryMmap) -> Result<(), MicroGuestError> {
     let tss = segment::tss64(TSS_LIMIT, segment::kind::TSS64_AVAILABLE).to_system_u64(TSS_START);
     gdt[usize::from(TSS_SELECTOR >> 3)] = tss[0];
     gdt[usize::from(TSS_SELECTOR >> 3) + 1] = tss[1];
+    for &(selector, desc) in program_segments {
+        gdt[usize::from(selector >> 3)] = desc;
+    }
     for (i, d) in gdt.iter().enumerate() {
         memory.write_obj(*d, GuestAddress(GDT_START + i as u64 * 8))?;
     }
@@ -348,7 +386,7 @@ pub fn long_mode_sregs() -> kvm_sregs {
         ..Default::default()
     };
     sregs.gdt.base = GDT_START;
-    sregs.gdt.limit = 10 * 8 - 1;
+    sregs.gdt.limit = GDT_ENTRIES * 8 - 1;
     sregs.idt.base = IDT_START;
     sregs.idt.limit = 256 * 16 - 1;
     sregs
@@ -511,6 +549,17 @@ pub fn machine(options: &MicroOptions) -> Result<Machine, MachineError> {
 /// Runs `guest` on [`machine`] with the test MMIO device and the test
 /// portal added, watching the exception entries `options.platform` needs.
 pub fn run(guest: MicroGuest, options: MicroOptions) -> Result<MicroRun, MicroRunError> {
+    run_from(guest, options, |_| {})
+}
+
+/// [`run`], with vCPU 0's initial state changed by `start` after the
+/// program is loaded (e.g. to start in protected or real mode: the tables
+/// the harness writes stay where they are).
+pub fn run_from(
+    guest: MicroGuest,
+    options: MicroOptions,
+    start: impl FnOnce(&mut LoadedGuest),
+) -> Result<MicroRun, MicroRunError> {
     let mut machine = machine(&options)?;
     let portal = Arc::new(PortalLog::default());
     portal.retry.store(options.portal_retry, Ordering::SeqCst);
@@ -533,7 +582,8 @@ pub fn run(guest: MicroGuest, options: MicroOptions) -> Result<MicroRun, MicroRu
         ),
         None => (Vec::new(), Vec::new(), None),
     };
-    let loaded = guest.load(machine.memory())?;
+    let mut loaded = guest.load(machine.memory())?;
+    start(&mut loaded);
     machine.set_boot_state(loaded.regs, loaded.sregs);
     let memory = machine.memory().clone();
     let pasids = machine.vm().pasids().clone();

@@ -429,8 +429,10 @@ fn reserved_bits(value: u64, level: u8, cfg: &WalkConfig) -> u64 {
     value & reserved
 }
 
-/// Access-rights check on the combined permissions of a translation (SDM 4.6).
-fn check_access(
+/// Access-rights check on the combined permissions of a translation (SDM 4.6): the same rules
+/// in every paging mode, so the CPU trap layer's 32-bit and PAE walks use it too. `level` is
+/// the leaf's, for the fault.
+pub fn check_access(
     t: &Translation,
     access: AccessType,
     cfg: &WalkConfig,

@@ -56,6 +56,8 @@ pub const CR3_ROOT_MASK: u64 = 0x000f_ffff_ffff_f000;
 
 /// CR4 bits.
 pub mod cr4 {
+    /// Page size extensions: 4 MiB pages in 32-bit paging.
+    pub const PSE: u64 = 1 << 4;
     /// Physical address extension, required for long mode.
     pub const PAE: u64 = 1 << 5;
     /// The OS supports FXSAVE/FXRSTOR (SSE).
@@ -164,6 +166,12 @@ pub mod segment {
         /// In a code or data type: the code (bit 3) and conforming (bit 2)
         /// bits, both set in a conforming code segment.
         pub const CODE_CONFORMING: u8 = 0b1100;
+        /// In a code or data type: a code segment.
+        pub const CODE: u8 = 1 << 3;
+        /// In a data type: expand-down (in a code type: conforming).
+        pub const EXPAND_DOWN: u8 = 1 << 2;
+        /// In a data type: writable (in a code type: readable).
+        pub const WRITABLE: u8 = 1 << 1;
     }
 
     /// Flat 64-bit code at `dpl`.
@@ -176,6 +184,33 @@ pub mod segment {
             long: true,
             default_32: false,
             granularity_4k: true,
+        }
+    }
+
+    /// Flat 32-bit code at `dpl` (L=0, D=1): in long mode, a
+    /// compatibility-mode code segment.
+    pub const fn code32(dpl: u8) -> SegmentDescriptor {
+        SegmentDescriptor {
+            limit: 0xf_ffff,
+            kind: kind::CODE_EXEC_READ_ACCESSED,
+            code_or_data: true,
+            dpl,
+            long: false,
+            default_32: true,
+            granularity_4k: true,
+        }
+    }
+
+    /// 64 KiB of 16-bit code at `dpl` (L=0, D=0, byte granularity).
+    pub const fn code16(dpl: u8) -> SegmentDescriptor {
+        SegmentDescriptor {
+            limit: 0xffff,
+            kind: kind::CODE_EXEC_READ_ACCESSED,
+            code_or_data: true,
+            dpl,
+            long: false,
+            default_32: false,
+            granularity_4k: false,
         }
     }
 
@@ -252,10 +287,17 @@ pub mod segment {
             (limit & 0xffff) | ((limit >> 16) << 48) | (access << 40) | (flags << 52)
         }
 
+        /// The 8-byte descriptor (present) of a code or data segment at
+        /// `base` (outside 64-bit mode, bases apply to every segment).
+        pub fn to_u64_at(self, base: u32) -> u64 {
+            let base = u64::from(base);
+            self.to_u64() | ((base & 0xff_ffff) << 16) | ((base >> 24) << 56)
+        }
+
         /// The 16-byte form of a system descriptor (TSS, LDT) at `base`:
         /// two GDT entries.
         pub fn to_system_u64(self, base: u64) -> [u64; 2] {
-            let low = self.to_u64() | ((base & 0xff_ffff) << 16) | (((base >> 24) & 0xff) << 56);
+            let low = self.to_u64_at(base as u32);
             [low, base >> 32]
         }
 

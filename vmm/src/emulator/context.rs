@@ -5,11 +5,31 @@
 //! it was (fault semantics: RIP at the instruction).
 
 use iced_x86::Register;
-use kvm_bindings::{kvm_regs, kvm_sregs};
+use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 use viommu::paging::PagingLevels;
 
-use super::{EmulatorError, GuestCpu};
-use crate::x86::{cr4, efer, rflags};
+use super::{EmulatorError, Exception, GuestCpu};
+use crate::x86::{cr0, cr4, efer, rflags};
+
+/// Outside 64-bit mode linear addresses are 32 bits wide: a segment base
+/// plus an offset wraps at 4 GiB (SDM Vol. 3A, 3.4).
+pub(crate) const LINEAR32_MASK: u64 = 0xffff_ffff;
+
+/// The processor's operating mode (SDM Vol. 3A, 2.2), as far as addressing
+/// and decoding differ.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum CpuMode {
+    /// IA-32e mode with a 64-bit code segment.
+    Long64,
+    /// IA-32e mode with a 32- or 16-bit code segment (compatibility mode):
+    /// segmentation as in protected mode, IA-32e paging.
+    Compat,
+    /// Protected mode (virtual-8086 mode included), paging off, 32-bit or
+    /// PAE.
+    Protected,
+    /// Real-address mode.
+    Real,
+}
 
 /// CPUID facts the page walk needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,15 +70,67 @@ impl CpuContext {
         })
     }
 
-    /// Current privilege level: the DPL of the code segment, which equals
-    /// CS.RPL in protected and long mode.
+    /// Current privilege level: 0 in real mode, 3 in virtual-8086 mode,
+    /// otherwise the DPL of the code segment (which equals CS.RPL).
     pub fn cpl(&self) -> u8 {
-        self.sregs.cs.dpl & 3
+        match self.mode() {
+            CpuMode::Real => 0,
+            CpuMode::Protected if self.regs.rflags & rflags::VM != 0 => 3,
+            _ => self.sregs.cs.dpl & 3,
+        }
     }
 
     /// 64-bit mode: long mode active and a 64-bit code segment.
     pub fn is_64bit_mode(&self) -> bool {
         self.sregs.efer & efer::LMA != 0 && self.sregs.cs.l != 0
+    }
+
+    /// The operating mode (SDM Vol. 3A, 2.2).
+    pub fn mode(&self) -> CpuMode {
+        if self.sregs.efer & efer::LMA != 0 {
+            if self.sregs.cs.l != 0 {
+                CpuMode::Long64
+            } else {
+                CpuMode::Compat
+            }
+        } else if self.sregs.cr0 & cr0::PE != 0 {
+            CpuMode::Protected
+        } else {
+            CpuMode::Real
+        }
+    }
+
+    /// The code's default operand and address size in bits (the decoder's
+    /// bitness): 64 in 64-bit mode, 16 in real and virtual-8086 mode,
+    /// otherwise 32 or 16 by CS.D.
+    pub fn code_bitness(&self) -> u32 {
+        match self.mode() {
+            CpuMode::Long64 => 64,
+            CpuMode::Real => 16,
+            CpuMode::Protected if self.regs.rflags & rflags::VM != 0 => 16,
+            CpuMode::Compat | CpuMode::Protected if self.sregs.cs.db != 0 => 32,
+            CpuMode::Compat | CpuMode::Protected => 16,
+        }
+    }
+
+    /// The instruction pointer after `instr`: EIP and IP wrap at 32 and
+    /// 16 bits outside 64-bit mode.
+    pub fn next_ip(&self, instr: &iced_x86::Instruction) -> u64 {
+        match self.code_bitness() {
+            64 => instr.next_ip(),
+            32 => u64::from(instr.next_ip32()),
+            _ => u64::from(instr.next_ip16()),
+        }
+    }
+
+    /// Linear address of the code at instruction pointer `ip`: CS's base
+    /// applies outside 64-bit mode, where linear addresses are 32 bits.
+    pub fn code_linear(&self, ip: u64) -> u64 {
+        if self.is_64bit_mode() {
+            ip
+        } else {
+            self.sregs.cs.base.wrapping_add(ip) & LINEAR32_MASK
+        }
     }
 
     /// Paging levels in use: 5 with CR4.LA57 (57-bit linear addresses).
@@ -70,14 +142,46 @@ impl CpuContext {
         }
     }
 
-    /// Base address of a segment in 64-bit mode: FS and GS have their bases,
-    /// the others are treated as 0 (SDM Vol. 1, 3.4.2.1).
+    /// The segment register state of `seg` (ES, CS, SS, DS, FS or GS).
+    pub fn segment(&self, seg: Register) -> Option<&kvm_segment> {
+        let s = &self.sregs;
+        Some(match seg {
+            Register::ES => &s.es,
+            Register::CS => &s.cs,
+            Register::SS => &s.ss,
+            Register::DS => &s.ds,
+            Register::FS => &s.fs,
+            Register::GS => &s.gs,
+            _ => return None,
+        })
+    }
+
+    /// Base address of a segment. In 64-bit mode FS and GS have their
+    /// bases and the others are treated as 0 (SDM Vol. 1, 3.4.2.1);
+    /// elsewhere every segment has its base.
     pub fn segment_base(&self, seg: Register) -> Option<u64> {
-        match seg {
-            Register::ES | Register::CS | Register::SS | Register::DS => Some(0),
-            Register::FS => Some(self.sregs.fs.base),
-            Register::GS => Some(self.sregs.gs.base),
-            _ => None,
+        if self.is_64bit_mode() {
+            match seg {
+                Register::ES | Register::CS | Register::SS | Register::DS => Some(0),
+                Register::FS => Some(self.sregs.fs.base),
+                Register::GS => Some(self.sregs.gs.base),
+                _ => None,
+            }
+        } else {
+            self.segment(seg).map(|s| s.base)
+        }
+    }
+
+    /// `e` as the CPU delivers it in this mode: in real mode no error code
+    /// is pushed.
+    pub fn delivered(&self, e: Exception) -> Exception {
+        if self.mode() == CpuMode::Real {
+            Exception {
+                error_code: None,
+                ..e
+            }
+        } else {
+            e
         }
     }
 
@@ -110,16 +214,6 @@ impl CpuContext {
             _ => return None,
         };
         Some(())
-    }
-
-    /// Value for iced-x86's address calculation: a register's value, or a
-    /// segment register's base.
-    pub fn operand_value(&self, reg: Register) -> Option<u64> {
-        if reg.is_segment_register() {
-            self.segment_base(reg)
-        } else {
-            self.gpr(reg)
-        }
     }
 
     /// Clears the six status flags and sets those in `set`.
@@ -199,12 +293,61 @@ mod tests {
     #[test]
     fn segment_bases_in_64bit_mode() {
         let mut c = ctx();
+        c.sregs.efer = efer::LMA;
+        c.sregs.cs.l = 1;
         c.sregs.ds.base = 0x1000;
         c.sregs.fs.base = 0x7000;
         c.sregs.gs.base = 0x9000;
-        assert_eq!(c.operand_value(Register::DS), Some(0));
-        assert_eq!(c.operand_value(Register::FS), Some(0x7000));
-        assert_eq!(c.operand_value(Register::GS), Some(0x9000));
+        assert_eq!(c.segment_base(Register::DS), Some(0));
+        assert_eq!(c.segment_base(Register::FS), Some(0x7000));
+        assert_eq!(c.segment_base(Register::GS), Some(0x9000));
+    }
+
+    #[test]
+    fn segment_bases_outside_64bit_mode() {
+        let mut c = ctx();
+        c.sregs.efer = efer::LMA;
+        c.sregs.ds.base = 0x1000;
+        c.sregs.ss.base = 0x2000;
+        c.sregs.fs.base = 0x7000;
+        assert_eq!(c.mode(), CpuMode::Compat);
+        assert_eq!(c.segment_base(Register::DS), Some(0x1000));
+        assert_eq!(c.segment_base(Register::SS), Some(0x2000));
+        assert_eq!(c.segment_base(Register::FS), Some(0x7000));
+    }
+
+    #[test]
+    fn modes_bitness_and_cpl() {
+        let mut c = ctx();
+        c.sregs.cs.dpl = 3;
+        assert_eq!(
+            (c.mode(), c.code_bitness(), c.cpl()),
+            (CpuMode::Real, 16, 0)
+        );
+        c.sregs.cr0 = cr0::PE;
+        c.sregs.cs.db = 1;
+        assert_eq!(
+            (c.mode(), c.code_bitness(), c.cpl()),
+            (CpuMode::Protected, 32, 3)
+        );
+        c.regs.rflags = rflags::VM;
+        assert_eq!((c.code_bitness(), c.cpl()), (16, 3));
+        c.regs.rflags = 0;
+        c.sregs.efer = efer::LMA;
+        c.sregs.cs.db = 0;
+        assert_eq!((c.mode(), c.code_bitness()), (CpuMode::Compat, 16));
+        c.sregs.cs.l = 1;
+        assert_eq!((c.mode(), c.code_bitness()), (CpuMode::Long64, 64));
+    }
+
+    #[test]
+    fn code_linear_adds_the_cs_base_and_wraps_outside_64bit_mode() {
+        let mut c = ctx();
+        c.sregs.efer = efer::LMA;
+        c.sregs.cs.base = 0xffff_f000;
+        assert_eq!(c.code_linear(0x1234), 0x234);
+        c.sregs.cs.l = 1;
+        assert_eq!(c.code_linear(0x1234), 0x1234);
     }
 
     #[test]

@@ -1,10 +1,12 @@
 //! MOVDIR64B, ENQCMD and ENQCMDS: 64-byte stores to a device portal.
 //!
 //! All three read a 64-byte source from memory (ModRM.rm, any alignment),
-//! and write it as one 64-byte store to the linear address held in the
-//! ModRM.reg register (an offset in ES, which cannot be overridden; 32 bits
-//! wide under a 0x67 prefix), which must be 64-byte aligned (SDM Vol. 2A,
-//! "MOVDIR64B", "ENQCMD", "ENQCMDS"):
+//! and write it as one 64-byte store to the address held in the ModRM.reg
+//! register: an offset in ES, which cannot be overridden, as wide as the
+//! address size (64, 32 or 16 bits: the mode's, or the other under a 0x67
+//! prefix); the offset must be 64-byte aligned (SDM Vol. 2A, "MOVDIR64B",
+//! "ENQCMD", "ENQCMDS"). Outside 64-bit mode both operands go through their
+//! segments' bases and limits ([`super::decode::check_access`]):
 //!
 //! - MOVDIR64B stores the source as is; no flags change.
 //! - ENQCMD needs IA32_PASID.valid (bit 31), else #GP(0) before any memory
@@ -21,10 +23,10 @@
 //! every case completes as on hardware.
 
 use bus::{StoreKind, StoreReply};
-use iced_x86::{Code, Instruction};
+use iced_x86::{Code, Instruction, Register};
 
 use super::context::CpuContext;
-use super::decode::{check_canonical, memory_operand};
+use super::decode::{check_access, memory_operand, MemoryOperand};
 use super::exception::Exception;
 use super::mmu::{read_linear_any, translate, AccessKind, Privilege};
 use super::{EmulatorError, GuestCpu, Step, StoreRecord, UnhandledReason};
@@ -97,19 +99,27 @@ pub(crate) fn execute<C: GuestCpu + ?Sized>(
     let Some(src) = memory_operand(ctx, instr, 1) else {
         return Ok(Step::Unsupported(UnhandledReason::BadOperand));
     };
-    if let Err(e) = check_canonical(ctx, src.linear, STORE_SIZE as u64, src.ss_based) {
+    if let Err(e) = check_access(ctx, &src, STORE_SIZE as u64, false) {
         return Ok(Step::Fault(e));
     }
-    // ES-relative; the ES base is 0 in 64-bit mode.
-    let Some(dest) = ctx.gpr(instr.op0_register()) else {
+    // ES-relative (the ES base is 0 in 64-bit mode); the register is as
+    // wide as the address size.
+    let Some(offset) = ctx.gpr(instr.op0_register()) else {
         return Ok(Step::Unsupported(UnhandledReason::BadOperand));
     };
-    if dest % STORE_SIZE as u64 != 0 {
+    let Some(dest) = MemoryOperand::in_segment(ctx, Register::ES, offset) else {
+        return Ok(Step::Unsupported(UnhandledReason::BadOperand));
+    };
+    // The SDM names the register's offset; an ES base that is not 64-byte
+    // aligned (possible only outside 64-bit mode) would misalign the store
+    // itself, and is refused the same way.
+    if offset % STORE_SIZE as u64 != 0 || dest.linear % STORE_SIZE as u64 != 0 {
         return Ok(Step::Fault(Exception::gp0()));
     }
-    if let Err(e) = check_canonical(ctx, dest, STORE_SIZE as u64, false) {
+    if let Err(e) = check_access(ctx, &dest, STORE_SIZE as u64, true) {
         return Ok(Step::Fault(e));
     }
+    let dest = dest.linear;
 
     let privilege = Privilege::of(ctx);
     // The source is read as the CPU reads it: RAM, a device's registers
@@ -136,7 +146,7 @@ pub(crate) fn execute<C: GuestCpu + ?Sized>(
             0
         });
     }
-    ctx.regs.rip = instr.next_ip();
+    ctx.regs.rip = ctx.next_ip(instr);
     Ok(Step::Completed(StoreRecord {
         kind,
         linear: dest,
@@ -189,7 +199,7 @@ mod tests {
 
     #[test]
     fn kinds_from_codes() {
-        let d = |b: &[u8]| super::super::decode::decode(b, 0).unwrap();
+        let d = |b: &[u8]| super::super::decode::decode(b, 64, 0).unwrap();
         assert_eq!(
             store_kind(&d(&[0x66, 0x0f, 0x38, 0xf8, 0x02])),
             Some(StoreKind::Movdir64b)

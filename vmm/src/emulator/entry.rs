@@ -22,12 +22,14 @@
 //! points (RIP = handler + 4; [`super::handle_emulation_failure`] checks
 //! every CPL 0 `clac` with [`is_exception_entry`] and comes here itself).
 //!
-//! If the frame describes a 64-bit context (user: CS/SS from the GDT; kernel:
-//! the CS and SS the handler runs with, which a same-privilege delivery
-//! keeps) whose instruction at the frame's RIP is one of the three (for #GP
+//! If the frame describes an IA-32e context, 64-bit or compatibility mode
+//! (a 32-bit process, or 32-bit kernel code; the frame itself is the 64-bit
+//! one either way), with CS/SS from the GDT, or for a kernel context the CS
+//! and SS the handler runs with where the frame names them (a
+//! same-privilege delivery keeps them), whose instruction at the frame's RIP is one of the three (for #GP
 //! only ENQCMD, with error code 0), it is emulated in that context, and the
 //! vCPU returns there as IRETQ would: RIP, CS, RFLAGS, RSP and SS from the
-//! frame (in 64-bit mode IRETQ pops SS:RSP at every privilege level, so a
+//! frame (in IA-32e mode IRETQ pops SS:RSP at every privilege level, so a
 //! kernel context gets its own stack pointer back and the frame is
 //! dropped), with RIP advanced and ZF set from the device's answer, or with
 //! the instruction's exception delivered from that context (RIP at the
@@ -210,22 +212,32 @@ pub fn is_exception_entry<C: GuestCpu + ?Sized>(
     Ok(is_entry(&ctx, cpu.memory(), ctx.regs.rip, vector))
 }
 
-/// The segment register state a descriptor in the GDT loads.
+/// The segment register state a descriptor in the GDT, or for a selector
+/// with TI set in the LDT (a 32-bit process's own code segment, as Wine
+/// makes them), loads.
 fn load_descriptor(
     ctx: &CpuContext,
     mem: &vm_memory::GuestMemoryMmap,
     selector: u16,
 ) -> Option<kvm_segment> {
     const DESC_SIZE: u64 = 8;
-    if selector & SELECTOR_TI != 0 {
-        // LDT selectors are not supported.
-        return None;
-    }
     let offset = u64::from(selector & !7);
-    if offset == 0 || offset + DESC_SIZE - 1 > u64::from(ctx.sregs.gdt.limit) {
+    let (base, limit) = if selector & SELECTOR_TI != 0 {
+        let ldt = &ctx.sregs.ldt;
+        if ldt.unusable != 0 || ldt.present == 0 {
+            return None;
+        }
+        (ldt.base, u64::from(ldt.limit))
+    } else if offset == 0 {
+        // The null selector.
+        return None;
+    } else {
+        (ctx.sregs.gdt.base, u64::from(ctx.sregs.gdt.limit))
+    };
+    if offset + DESC_SIZE - 1 > limit {
         return None;
     }
-    let [d] = read_u64s::<1>(ctx, mem, ctx.sregs.gdt.base.wrapping_add(offset))?;
+    let [d] = read_u64s::<1>(ctx, mem, base.wrapping_add(offset))?;
     let access = (d >> 40) as u8;
     let flags = ((d >> 52) & 0xf) as u8;
     let raw_limit = ((d & 0xffff) | ((d >> 32) & 0xf_0000)) as u32;
@@ -252,10 +264,12 @@ fn load_descriptor(
     })
 }
 
-/// A 64-bit user code segment: present, code, DPL 3, L=1, D=0.
-fn is_user_code64(s: &kvm_segment) -> bool {
+/// A code segment of IA-32e mode at `dpl`: present, code, and either
+/// 64-bit (L=1, D=0) or compatibility mode (L=0, D=1 for 32-bit or D=0
+/// for 16-bit code).
+fn is_ia32e_code(s: &kvm_segment, dpl: u8) -> bool {
     const CODE: u8 = 1 << 3;
-    s.present == 1 && s.s == 1 && s.type_ & CODE != 0 && s.dpl == 3 && s.l == 1 && s.db == 0
+    s.present == 1 && s.s == 1 && s.type_ & CODE != 0 && s.dpl == dpl && !(s.l == 1 && s.db == 1)
 }
 
 /// A user stack segment: present, writable data, DPL 3.
@@ -265,9 +279,10 @@ fn is_user_stack(s: &kvm_segment) -> bool {
     s.present == 1 && s.s == 1 && s.type_ & CODE == 0 && s.type_ & WRITABLE != 0 && s.dpl == 3
 }
 
-/// The interrupted 64-bit user context described by `frame`, on top of the
-/// handler-entry state `kernel` (general registers, FS/GS, control
-/// registers are the user's: exception delivery does not change them).
+/// The interrupted user context (64-bit or compatibility mode) described
+/// by `frame`, on top of the handler-entry state `kernel` (general
+/// registers, DS/ES/FS/GS, control registers are the user's: exception
+/// delivery does not change them).
 fn user_context(
     kernel: &CpuContext,
     mem: &vm_memory::GuestMemoryMmap,
@@ -275,7 +290,7 @@ fn user_context(
 ) -> Option<CpuContext> {
     let cs = load_descriptor(kernel, mem, frame.cs)?;
     let ss = load_descriptor(kernel, mem, frame.ss)?;
-    if !is_user_code64(&cs) || !is_user_stack(&ss) {
+    if !is_ia32e_code(&cs, 3) || !is_user_stack(&ss) {
         return None;
     }
     Some(interrupted(kernel, frame, cs, ss))
@@ -299,14 +314,8 @@ fn interrupted(
     ctx
 }
 
-/// A 64-bit kernel code segment: present, code, DPL 0, L=1, D=0.
-fn is_kernel_code64(s: &kvm_segment) -> bool {
-    const CODE: u8 = 1 << 3;
-    s.present == 1 && s.s == 1 && s.type_ & CODE != 0 && s.dpl == 0 && s.l == 1 && s.db == 0
-}
-
-/// The interrupted 64-bit kernel (CPL 0) context described by `frame`, on
-/// top of the handler-entry state `kernel`. An exception at CPL 0 is
+/// The interrupted kernel (CPL 0) context, 64-bit or compatibility mode,
+/// described by `frame`, on top of the handler-entry state `kernel`. An exception at CPL 0 is
 /// delivered without a privilege change: CS is the gate's (Linux's kernel
 /// CS, as the interrupted one) and SS is not reloaded, so both are taken
 /// from the handler's state when the frame names the same selectors; a
@@ -325,7 +334,7 @@ fn kernel_context(
     } else {
         load_descriptor(kernel, mem, frame.cs)?
     };
-    if !is_kernel_code64(&cs) {
+    if !is_ia32e_code(&cs, 0) {
         return None;
     }
     let ss = if frame.ss == kernel.sregs.ss.selector {
@@ -370,7 +379,7 @@ pub(crate) fn store_entry<C: GuestCpu + ?Sized>(
     };
     let Some(interrupted) = interrupted else {
         log::debug!(
-            "vector {v} from RIP {:#x}: CS {:#x}/SS {:#x} not a 64-bit context, left to the guest",
+            "vector {v} from RIP {:#x}: CS {:#x}/SS {:#x} not an IA-32e context, left to the guest",
             frame.rip,
             frame.cs,
             frame.ss
@@ -381,7 +390,7 @@ pub(crate) fn store_entry<C: GuestCpu + ?Sized>(
     let Ok(bytes) = fetch_instruction(mem, &interrupted, frame.rip, privilege) else {
         return Ok(EntryAction::PassThrough);
     };
-    let Some(instr) = decode(&bytes, frame.rip) else {
+    let Some(instr) = decode(&bytes, interrupted.code_bitness(), frame.rip) else {
         return Ok(EntryAction::PassThrough);
     };
     let Some(kind) = store_kind(&instr) else {
@@ -417,7 +426,7 @@ pub(crate) fn store_entry<C: GuestCpu + ?Sized>(
 /// executed except an ENDBR64): by a breakpoint on [`idt_handler`], or, in
 /// Linux on PVM, at the `clac` after ENDBR64, which
 /// [`super::handle_emulation_failure`] routes here itself. For #UD from a
-/// 64-bit user or kernel context whose instruction is ENQCMD, ENQCMDS or
+/// 64-bit or compatibility-mode user or kernel context whose instruction is ENQCMD, ENQCMDS or
 /// MOVDIR64B, and for #GP(0) from one whose instruction is ENQCMD: emulates
 /// it and returns to the interrupted context, or delivers its exception
 /// there. Anything else: [`EntryAction::PassThrough`].
@@ -466,11 +475,11 @@ pub fn step_over_handler_entry<C: GuestCpu + ?Sized>(
     let Ok(bytes) = fetch_instruction(cpu.memory(), &ctx, rip, Privilege::of(&ctx)) else {
         return not_handled(Vec::new(), super::UnhandledReason::Undecodable);
     };
-    let Some(instr) = decode(&bytes, rip) else {
+    let Some(instr) = decode(&bytes, 64, rip) else {
         return not_handled(bytes.to_vec(), super::UnhandledReason::Undecodable);
     };
     if matches!(instr.mnemonic(), Mnemonic::Nop | Mnemonic::Endbr64) {
-        ctx.regs.rip = instr.next_ip();
+        ctx.regs.rip = ctx.next_ip(&instr);
         cpu.set_regs(&ctx.regs)?;
         return Ok(StepOver::Skipped(instr.len() as u64));
     }

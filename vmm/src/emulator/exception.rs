@@ -85,6 +85,13 @@ impl Exception {
     /// #GP(0) or, for an SS-based memory reference, #SS(0): what a
     /// non-canonical address raises (SDM Vol. 3A, 6.15).
     pub const fn non_canonical(ss_based: bool) -> Self {
+        Self::address_fault(ss_based)
+    }
+
+    /// #GP(0) or, for an SS-based memory reference, #SS(0): what an
+    /// address outside its segment's limit or type raises (SDM Vol. 3A,
+    /// 5.3, 6.15).
+    pub const fn address_fault(ss_based: bool) -> Self {
         if ss_based {
             Self::ss0()
         } else {

@@ -9,7 +9,7 @@
 use iced_x86::{Instruction, Mnemonic, OpKind};
 
 use super::context::CpuContext;
-use super::decode::{check_canonical, memory_operand};
+use super::decode::{check_access, memory_operand};
 use super::exception::Exception;
 use super::guest_atomic::{compare_exchange_u128, AtomicAccessError};
 use super::mmu::{read_linear_any, translate, AccessError, AccessKind, Privilege};
@@ -105,11 +105,11 @@ pub(super) fn conclude(
 ) -> Step<FallbackInstruction> {
     match step {
         Ok(()) => {
-            ctx.regs.rip = instr.next_ip();
+            ctx.regs.rip = ctx.next_ip(instr);
             Step::Completed(which)
         }
         Err(Stop::Trap(e)) => {
-            ctx.regs.rip = instr.next_ip();
+            ctx.regs.rip = ctx.next_ip(instr);
             Step::Trap(e)
         }
         Err(Stop::Fault(e)) => Step::Fault(e),
@@ -185,7 +185,7 @@ fn popcnt<C: GuestCpu + ?Sized>(
         OpKind::Memory => {
             let m = memory_operand(ctx, instr, 1)
                 .ok_or(Stop::Unsupported(UnhandledReason::BadOperand))?;
-            check_canonical(ctx, m.linear, size as u64, m.ss_based)?;
+            check_access(ctx, &m, size as u64, false)?;
             // Device memory is read through its device, as the CPU does.
             let mut buf = [0u8; 8];
             read_linear_any(cpu, ctx, m.linear, &mut buf[..size], Privilege::of(ctx))?;
@@ -235,7 +235,7 @@ fn cmpxchg16b<C: GuestCpu + ?Sized>(
     if m.linear % SIZE != 0 {
         return Err(Exception::gp0().into());
     }
-    check_canonical(ctx, m.linear, SIZE, m.ss_based)?;
+    check_access(ctx, &m, SIZE, true)?;
     // A locked read-modify-write: the page must be writable even when the
     // comparison fails (SDM: the destination is always written).
     let gpa = translate(
@@ -310,7 +310,7 @@ fn lsl<C: GuestCpu + ?Sized>(
         OpKind::Memory => {
             let m = memory_operand(ctx, instr, 1)
                 .ok_or(Stop::Unsupported(UnhandledReason::BadOperand))?;
-            check_canonical(ctx, m.linear, 2, m.ss_based)?;
+            check_access(ctx, &m, 2, false)?;
             let mut buf = [0u8; 2];
             read_linear_any(cpu, ctx, m.linear, &mut buf, Privilege::of(ctx))?;
             u16::from_le_bytes(buf)

@@ -1,15 +1,19 @@
 //! Guest linear-address accesses on behalf of an emulated instruction.
 //!
-//! Translation walks the guest's IA-32e page tables with the vIOMMU's
-//! first-level walker ([`viommu::paging`], the same format), configured from
-//! the vCPU's CR0/CR3/CR4/EFER/RFLAGS. A walk fault becomes the #PF the CPU
-//! would raise, with its architectural error code and CR2.
+//! Translation walks the guest's IA-32e page tables (64-bit and
+//! compatibility mode) with the vIOMMU's first-level walker
+//! ([`viommu::paging`], the same format), configured from the vCPU's
+//! CR0/CR3/CR4/EFER/RFLAGS. A walk fault becomes the #PF the CPU would
+//! raise, with its architectural error code and CR2. Outside long mode a
+//! linear address is the physical one with paging off, and goes through
+//! the 32-bit or PAE tables with paging on ([`super::legacy_paging`]).
 
 use viommu::paging::{self, AccessType, WalkConfig, WalkFault};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryRegion};
 
-use super::context::CpuContext;
+use super::context::{CpuContext, LINEAR32_MASK};
 use super::exception::Exception;
+use super::legacy_paging::{self, LegacyPaging};
 use super::GuestCpu;
 use crate::x86::{cr0, cr4, efer, rflags, CR3_ROOT_MASK};
 
@@ -126,7 +130,26 @@ pub(crate) fn translate<M: GuestMemory>(
     // exception frame) are reads the CPU already made or would make; only
     // an instruction's data accesses set accessed/dirty bits.
     let set_ad = kind != AccessKind::Fetch && privilege != Privilege::Implicit;
-    let cfg = walk_config(ctx, privilege, set_ad);
+    let mut cfg = walk_config(ctx, privilege, set_ad);
+    if ctx.sregs.efer & efer::LMA == 0 {
+        // Protected or real mode: linear addresses are 32 bits; with
+        // paging off a linear address is the physical address.
+        let va = va & LINEAR32_MASK;
+        if ctx.sregs.cr0 & cr0::PG == 0 {
+            return Ok(va);
+        }
+        let mode = if ctx.sregs.cr4 & cr4::PAE != 0 {
+            LegacyPaging::Pae
+        } else {
+            LegacyPaging::Bits32 {
+                pse: ctx.sregs.cr4 & cr4::PSE != 0,
+            }
+        };
+        // Execute-disable exists in PAE paging only.
+        cfg.nxe &= mode == LegacyPaging::Pae;
+        return legacy_paging::walk(mem, mode, ctx.sregs.cr3, va, access, &cfg)
+            .map_err(|f| fault_to_access_error(f, va, access, &cfg));
+    }
     let root = ctx.sregs.cr3 & CR3_ROOT_MASK;
     paging::walk(mem, root, va, access, &cfg)
         .map(|t| t.phys_addr)
@@ -289,7 +312,8 @@ impl std::ops::Deref for InsnBytes {
     }
 }
 
-/// Fetches up to 15 instruction bytes at `rip`. The first page must be
+/// Fetches up to 15 instruction bytes at `rip` (an offset in CS outside
+/// 64-bit mode: [`CpuContext::code_linear`]). The first page must be
 /// reachable; bytes on a following page that cannot be fetched are left out
 /// (the decoder then sees a truncated instruction only if it really spans
 /// into that page).
@@ -303,7 +327,7 @@ pub(crate) fn fetch_instruction<M: GuestMemory>(
         bytes: [0; MAX_INSN_LEN],
         len: 0,
     };
-    for (i, (addr, len)) in page_chunks(rip, MAX_INSN_LEN).enumerate() {
+    for (i, (addr, len)) in page_chunks(ctx.code_linear(rip), MAX_INSN_LEN).enumerate() {
         let chunk = &mut insn.bytes[insn.len..insn.len + len];
         match read_linear(mem, ctx, addr, chunk, AccessKind::Fetch, privilege) {
             Ok(()) => insn.len += len,

@@ -24,8 +24,11 @@
 //! [`GuestCpu`] trait, which the VMM's vCPU implements and which a test can
 //! mock over a plain [`vm_memory::GuestMemoryMmap`].
 //!
-//! Only 64-bit mode is emulated (long mode with a 64-bit code segment);
-//! anything else is reported as not handled.
+//! Every mode is emulated: 64-bit mode, compatibility mode (32- and 16-bit
+//! code in long mode, IA-32e paging), protected mode (paging off, 32-bit or
+//! PAE paging; virtual-8086 mode included) and real mode, each with its
+//! operand and address sizes, segment bases and limits (`decode`) and
+//! page walk (`mmu`, `legacy_paging`).
 //!
 //! # Wiring it into a vCPU loop
 //!
@@ -57,6 +60,7 @@ mod entry;
 mod exception;
 mod fallback;
 mod guest_atomic;
+mod legacy_paging;
 mod mmu;
 mod syscall;
 mod xsave;
@@ -218,7 +222,8 @@ pub struct StoreRecord {
 /// Why an instruction was not emulated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UnhandledReason {
-    /// The vCPU is not in 64-bit mode.
+    /// The vCPU is not in 64-bit mode (where the VMM watches the
+    /// exception handlers it steps over).
     NotLongMode,
     /// The bytes stop short of a whole instruction (or could not be read);
     /// bytes that are no instruction at all get #UD instead.
@@ -335,6 +340,16 @@ impl<T> From<mmu::AccessError> for Step<T> {
 }
 
 impl<T> Step<T> {
+    /// The step with its exception as the CPU delivers it in `ctx`'s mode
+    /// (real mode pushes no error code).
+    fn delivered_in(self, ctx: &CpuContext) -> Self {
+        match self {
+            Step::Fault(e) => Step::Fault(ctx.delivered(e)),
+            Step::Trap(e) => Step::Trap(ctx.delivered(e)),
+            other => other,
+        }
+    }
+
     fn map<U>(self, f: impl FnOnce(T) -> U) -> Step<U> {
         match self {
             Step::Completed(t) => Step::Completed(f(t)),
@@ -386,7 +401,8 @@ pub fn handle_emulation_failure<C: GuestCpu + ?Sized>(
 ) -> Result<Outcome, EmulatorError> {
     let mut ctx = CpuContext::capture(cpu)?;
     let rip = ctx.regs.rip;
-    let bytes = if insn_bytes.is_empty() && ctx.is_64bit_mode() {
+    let bitness = ctx.code_bitness();
+    let bytes = if insn_bytes.is_empty() {
         mmu::fetch_instruction(cpu.memory(), &ctx, rip, Privilege::of(&ctx))
             .map(|bytes| bytes.to_vec())
             .unwrap_or_default()
@@ -395,13 +411,10 @@ pub fn handle_emulation_failure<C: GuestCpu + ?Sized>(
     };
     let not_handled =
         |bytes: Vec<u8>, reason| Ok(Outcome::NotHandled(Unhandled { rip, bytes, reason }));
-    if !ctx.is_64bit_mode() {
-        return not_handled(bytes, UnhandledReason::NotLongMode);
-    }
-    let instr = decode::decode(&bytes, rip);
+    let instr = decode::decode(&bytes, bitness, rip);
     let undefined = match &instr {
         Some(i) => matches!(i.mnemonic(), Mnemonic::Ud0 | Mnemonic::Ud1 | Mnemonic::Ud2),
-        None => decode::is_undefined(&bytes, rip),
+        None => decode::is_undefined(&bytes, bitness, rip),
     };
     if undefined {
         // No instruction at all, or one defined to raise it: the CPU's
@@ -418,7 +431,10 @@ pub fn handle_emulation_failure<C: GuestCpu + ?Sized>(
     let step = if let Some(kind) = direct_store::store_kind(&instr) {
         direct_store::execute(cpu, &mut ctx, &instr, kind)?.map(Outcome::Store)
     } else if let Some(which) = FallbackInstruction::of(&instr).filter(|w| cpu.emulates(*w)) {
+        // A handler entry is 64-bit code: in IA-32e mode every IDT gate
+        // leads to a 64-bit code segment.
         if which == FallbackInstruction::Clac
+            && ctx.is_64bit_mode()
             && ctx.cpl() == 0
             && entry::is_entry(&ctx, cpu.memory(), rip, crate::x86::vector::UD)
         {
@@ -440,6 +456,7 @@ pub fn handle_emulation_failure<C: GuestCpu + ?Sized>(
         Step::Unsupported(UnhandledReason::UnknownInstruction(instr.mnemonic()))
     };
 
+    let step = step.delivered_in(&ctx);
     apply_step(cpu, &ctx, &step, false)?;
     Ok(match step {
         Step::Completed(outcome) => outcome,

@@ -261,6 +261,9 @@ impl MockCpu {
             (3, 0x00cf_9300_0000_ffff),
             (5, 0x00cf_f300_0000_ffff),
             (6, 0x00af_fb00_0000_ffff),
+            // Linux's __USER32_CS 0x23 and __KERNEL32_CS 0x08: 32-bit code.
+            (4, 0x00cf_fb00_0000_ffff),
+            (1, 0x00cf_9b00_0000_ffff),
         ] {
             cpu.mem
                 .write_obj(desc, GuestAddress(GDT_PA + index * 8))
@@ -1358,8 +1361,9 @@ fn kernel_ud2_and_kernel_frames_with_odd_selectors_pass_through() {
     );
     assert_eq!((cpu.regs, cpu.sregs), before);
 
-    // RPL 1 code selector, a user data segment as SS, a 32-bit CS.
-    for (slot, value) in [(8, 0x11u64), (32, u64::from(USER_SS)), (8, 0x08)] {
+    // RPL 1 code selector, a user data segment as SS, a CS selector with
+    // no descriptor.
+    for (slot, value) in [(8, 0x11u64), (32, u64::from(USER_SS)), (8, 0x38)] {
         let (mut cpu, _) = at_kernel_entry(6, None, |a| a.enqcmds(rax, ptr(rdx)));
         let at = cpu.regs.rsp + slot;
         cpu.write(at, &value.to_le_bytes());
@@ -1808,19 +1812,795 @@ fn bytes_that_are_no_instruction_get_ud() {
     }
 }
 
+// ---------------------------------------------------------------------------
+// Outside 64-bit mode: compatibility, protected and real mode
+// ---------------------------------------------------------------------------
+
+const CR4_SMEP: u64 = 1 << 20;
+const CR4_SMAP: u64 = 1 << 21;
+/// A 32-bit user code descriptor (GDT index 4, Linux's `__USER32_CS`).
+const USER32_CS: u16 = 0x23;
+/// Linux's `__KERNEL32_CS`.
+const KERNEL32_CS: u16 = 0x08;
+
+/// Puts the mock vCPU in compatibility mode at `dpl` with `bits`-bit code
+/// (CS.D) at UCODE; SMEP and SMAP off, so CPL 0 code may use the user
+/// mappings below 4 GiB.
+fn compat(cpu: &mut MockCpu, dpl: u8, bits: u32) {
+    cpu.sregs.cr4 &= !(CR4_SMEP | CR4_SMAP);
+    let selector = if dpl == 3 { USER32_CS } else { KERNEL32_CS };
+    cpu.sregs.cs = kvm_segment {
+        l: 0,
+        db: u8::from(bits == 32),
+        ..segment(selector, dpl, true)
+    };
+    let stack = if dpl == 3 { USER_SS } else { KERNEL_SS };
+    cpu.sregs.ss = segment(stack, dpl, false);
+    cpu.regs.rip = UCODE;
+}
+
+/// Assembles `bits`-bit code at the vCPU's RIP (which must be UCODE) and
+/// returns its bytes.
+fn place_bits(
+    cpu: &mut MockCpu,
+    bits: u32,
+    f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
+) -> Vec<u8> {
+    let mut a = CodeAssembler::new(bits).unwrap();
+    f(&mut a).unwrap();
+    let bytes = a.assemble(cpu.regs.rip).unwrap();
+    cpu.write(cpu.sregs.cs.base + cpu.regs.rip, &bytes);
+    bytes
+}
+
+/// A compatibility-mode CPL 0 MOVDIR64B of [`descriptor`] at UDATA to the
+/// portal: `edi` and `esi` hold the two offsets (their upper halves are
+/// garbage the 32-bit address size ignores).
+fn compat_movdir64b(bits: u32) -> (MockCpu, Vec<u8>) {
+    let mut cpu = MockCpu::new();
+    compat(&mut cpu, 0, bits);
+    cpu.write(UDATA, &descriptor());
+    cpu.regs.rdi = 0xdead_beef_0000_0000 | PORTAL;
+    cpu.regs.rsi = 0x1234_5678_0000_0000 | UDATA;
+    let bytes = place_bits(&mut cpu, bits, |a| a.movdir64b(edi, ptr(esi)));
+    (cpu, bytes)
+}
+
+fn store_at(kind: StoreKind, linear: u64, gpa: u64) -> Outcome {
+    Outcome::Store(StoreRecord {
+        kind,
+        linear,
+        gpa,
+        reply: StoreReply::Accepted,
+    })
+}
+
+/// Runs the emulation-failure path on `bytes` and checks that it made one
+/// MOVDIR64B of [`descriptor`] to `linear` (guest-physical `gpa`).
+fn assert_stores_descriptor(cpu: &mut MockCpu, bytes: &[u8], linear: u64, gpa: u64) {
+    assert_eq!(
+        handle_emulation_failure(cpu, bytes).unwrap(),
+        store_at(StoreKind::Movdir64b, linear, gpa)
+    );
+    assert_eq!(cpu.stores.len(), 1);
+    assert_eq!(cpu.stores[0].1, descriptor());
+}
+
 #[test]
-fn outside_64bit_mode_is_not_handled() {
-    let (mut cpu, bytes) = enqcmd_machine();
-    cpu.sregs.cs.l = 0;
-    let outcome = handle_emulation_failure(&mut cpu, &bytes).unwrap();
+fn compat_mode_movdir64b_to_the_portal_completes() {
+    let (mut cpu, bytes) = compat_movdir64b(32);
+    assert_stores_descriptor(&mut cpu, &bytes, PORTAL, PORTAL_PA);
+    assert_eq!(cpu.regs.rip, UCODE + bytes.len() as u64);
+    assert!(cpu.injected.is_empty());
+}
+
+#[test]
+fn compat_mode_bytes_missing_from_the_exit_are_fetched_at_cs_base_plus_eip() {
+    let (mut cpu, bytes) = compat_movdir64b(32);
+    // The same code, reached through a CS based 0x1000 below it.
+    cpu.sregs.cs.base = 0x1000;
+    cpu.regs.rip = UCODE - 0x1000;
+    assert_eq!(
+        handle_emulation_failure(&mut cpu, &[]).unwrap(),
+        store_at(StoreKind::Movdir64b, PORTAL, PORTAL_PA)
+    );
+    assert_eq!(cpu.regs.rip, UCODE - 0x1000 + bytes.len() as u64);
+}
+
+#[test]
+fn compat_mode_segment_bases_apply_to_every_segment() {
+    // DS, ES and an SS override have their bases, as in protected mode.
+    let mut cpu = MockCpu::new();
+    compat(&mut cpu, 0, 32);
+    cpu.write(UDATA + 0x80, &descriptor());
+    cpu.sregs.ds.base = 0x100;
+    cpu.sregs.es.base = 0x1000;
+    cpu.sregs.ss.base = 0x80;
+    cpu.regs.rdi = PORTAL + 0x40 - 0x1000;
+    cpu.regs.rsi = UDATA + 0x80 - 0x100;
+    let bytes = place_bits(&mut cpu, 32, |a| a.enqcmds(edi, ptr(esi)));
+    assert_eq!(
+        handle_emulation_failure(&mut cpu, &bytes).unwrap(),
+        store_at(StoreKind::Enqcmds, PORTAL + 0x40, PORTAL_PA + 0x40)
+    );
+    assert_eq!(cpu.stores[0].1[4..], descriptor()[4..]);
+
+    let mut cpu = MockCpu::new();
+    compat(&mut cpu, 0, 32);
+    cpu.write(UDATA + 0x80, &descriptor());
+    cpu.sregs.ss.base = 0x80;
+    cpu.regs.rdi = PORTAL;
+    cpu.regs.rsi = UDATA;
+    let bytes = place_bits(&mut cpu, 32, |a| a.movdir64b(edi, ptr(esi).ss()));
+    assert_stores_descriptor(&mut cpu, &bytes, PORTAL, PORTAL_PA);
+}
+
+#[test]
+fn compat_mode_linear_addresses_wrap_at_4_gib() {
+    let (mut cpu, bytes) = compat_movdir64b(32);
+    cpu.sregs.ds.base = 0xffff_0000;
+    cpu.regs.rsi = UDATA + 0x1_0000;
+    assert_stores_descriptor(&mut cpu, &bytes, PORTAL, PORTAL_PA);
+}
+
+#[test]
+fn compat_mode_limit_violations_are_gp0_and_ss0() {
+    // The source's last byte one past DS's limit: #GP(0).
+    let (mut cpu, bytes) = compat_movdir64b(32);
+    cpu.sregs.ds.limit = (UDATA + 0x3e) as u32;
+    assert_raises(&mut cpu, &bytes, Exception::gp0());
+
+    // The destination past ES's limit: #GP(0).
+    let (mut cpu, bytes) = compat_movdir64b(32);
+    cpu.sregs.es.limit = (PORTAL + 0x3e) as u32;
+    assert_raises(&mut cpu, &bytes, Exception::gp0());
+
+    // An EBP-based source past SS's limit: #SS(0).
+    let mut cpu = MockCpu::new();
+    compat(&mut cpu, 0, 32);
+    cpu.sregs.ss.limit = (UDATA + 0x20) as u32;
+    cpu.regs.rdi = PORTAL;
+    cpu.regs.rbp = UDATA;
+    let bytes = place_bits(&mut cpu, 32, |a| a.movdir64b(edi, ptr(ebp)));
+    assert_raises(&mut cpu, &bytes, Exception::ss0());
+}
+
+#[test]
+fn compat_mode_segment_types_are_checked() {
+    // A read-only ES cannot be stored to.
+    let (mut cpu, bytes) = compat_movdir64b(32);
+    cpu.sregs.es.type_ = 0x1;
+    assert_raises(&mut cpu, &bytes, Exception::gp0());
+    // An unusable (null) DS cannot be read.
+    let (mut cpu, bytes) = compat_movdir64b(32);
+    cpu.sregs.ds.unusable = 1;
+    assert_raises(&mut cpu, &bytes, Exception::gp0());
+    // An execute-only CS cannot be read through a CS override.
+    let (mut cpu, _) = compat_movdir64b(32);
+    cpu.sregs.cs.type_ = 0x9;
+    let bytes = place_bits(&mut cpu, 32, |a| a.movdir64b(edi, ptr(esi).cs()));
+    assert_raises(&mut cpu, &bytes, Exception::gp0());
+    // An expand-down DS: offsets up to the limit are outside it.
+    let (mut cpu, bytes) = compat_movdir64b(32);
+    cpu.sregs.ds.type_ = 0x7;
+    cpu.sregs.ds.limit = UDATA as u32;
+    assert_raises(&mut cpu, &bytes, Exception::gp0());
+    cpu.sregs.ds.limit = (UDATA - 1) as u32;
+    cpu.injected.clear();
+    assert_eq!(
+        handle_emulation_failure(&mut cpu, &bytes).unwrap(),
+        store_at(StoreKind::Movdir64b, PORTAL, PORTAL_PA)
+    );
+}
+
+#[test]
+fn compat_mode_16bit_address_size_wraps_the_offsets_at_64_kib() {
+    // 32-bit code with a 0x67 prefix, and 16-bit code without one: SI +
+    // 0x10 wraps to 8, the destination is DI, not EDI.
+    for bits in [32, 16] {
+        let mut cpu = MockCpu::new();
+        compat(&mut cpu, 0, bits);
+        // 16-bit code's IP is 16 bits: the code is at CS's base.
+        cpu.sregs.cs.base = UCODE;
+        cpu.regs.rip = 0;
+        cpu.write(UDATA, &descriptor());
+        cpu.sregs.ds.base = UDATA - 8;
+        cpu.sregs.es.base = PORTAL;
+        cpu.regs.rsi = 0xfff8;
+        cpu.regs.rdi = 0x1234_0040;
+        let bytes = place_bits(&mut cpu, bits, |a| a.movdir64b(di, ptr(si + 0x10)));
+        assert_eq!(bytes[0] == 0x67, bits == 32, "{bits}-bit code");
+        assert_eq!(
+            handle_emulation_failure(&mut cpu, &bytes).unwrap(),
+            store_at(StoreKind::Movdir64b, PORTAL + 0x40, PORTAL_PA + 0x40),
+            "{bits}-bit code"
+        );
+        assert_eq!(cpu.stores[0].1, descriptor());
+        assert_eq!(cpu.regs.rip, bytes.len() as u64);
+    }
+}
+
+#[test]
+fn compat_mode_misaligned_destination_is_gp0() {
+    let (mut cpu, bytes) = compat_movdir64b(32);
+    cpu.regs.rdi = PORTAL + 0x20;
+    assert_raises(&mut cpu, &bytes, Exception::gp0());
+    // An aligned offset in an ES whose base is not aligned: the linear
+    // address is not, and the store is refused the same way.
+    let (mut cpu, bytes) = compat_movdir64b(32);
+    cpu.sregs.es.base = 0x20;
+    cpu.regs.rdi = PORTAL - 0x40;
+    assert_raises(&mut cpu, &bytes, Exception::gp0());
+}
+
+#[test]
+fn compat_mode_page_faults_have_the_error_code_and_cr2() {
+    // Not present at CPL 0: error code 0, CR2 the linear address.
+    let (mut cpu, bytes) = compat_movdir64b(32);
+    cpu.unmap(UDATA);
+    cpu.sregs.ds.base = 0x10;
+    cpu.regs.rsi = UDATA - 0x10 + 8;
+    assert_raises(&mut cpu, &bytes, Exception::page_fault(0, UDATA + 8));
+
+    // A CPL 3 store to a supervisor page: present, write, user.
+    let mut cpu = MockCpu::new();
+    compat(&mut cpu, 3, 32);
+    cpu.write(UDATA, &descriptor());
+    cpu.regs.rdi = KSTACK & 0xffff_ffff;
+    cpu.map(KSTACK & 0xffff_ffff, KSTACK_PA, PTE_P | PTE_RW);
+    cpu.regs.rsi = UDATA;
+    let bytes = place_bits(&mut cpu, 32, |a| a.movdir64b(edi, ptr(esi)));
+    assert_raises(
+        &mut cpu,
+        &bytes,
+        Exception::page_fault(
+            pf_error::PRESENT | pf_error::WRITE | pf_error::USER,
+            KSTACK & 0xffff_ffff,
+        ),
+    );
+}
+
+#[test]
+fn compat_mode_user_enqcmd_carries_the_msr_pasid() {
+    let mut cpu = MockCpu::new();
+    compat(&mut cpu, 3, 32);
+    cpu.write(UDATA, &descriptor());
+    cpu.pasid = PASID_VALID | 0x777;
+    cpu.regs.rdi = PORTAL;
+    cpu.regs.rsi = UDATA;
+    let bytes = place_bits(&mut cpu, 32, |a| a.enqcmd(edi, ptr(esi)));
+    assert_eq!(
+        handle_emulation_failure(&mut cpu, &bytes).unwrap(),
+        store_at(StoreKind::Enqcmd, PORTAL, PORTAL_PA)
+    );
+    assert_eq!(dword0(&cpu.stores[0].1), 0x777);
+}
+
+#[test]
+fn compat_mode_fallback_instructions_use_the_segments() {
+    // POPCNT eax, [esi] through DS's base; CLAC at CPL 0.
+    let mut cpu = MockCpu::new();
+    compat(&mut cpu, 0, 32);
+    cpu.write(UDATA, &0x0f0fu32.to_le_bytes());
+    cpu.sregs.ds.base = 0x1000;
+    cpu.regs.rsi = UDATA - 0x1000;
+    let bytes = place_bits(&mut cpu, 32, |a| a.popcnt(eax, dword_ptr(esi)));
+    assert_eq!(
+        handle_emulation_failure(&mut cpu, &bytes).unwrap(),
+        Outcome::Emulated(FallbackInstruction::Popcnt)
+    );
+    assert_eq!(cpu.regs.rax, 8);
+    cpu.sregs.ds.limit = (UDATA - 0x1000 + 2) as u32;
+    cpu.regs.rip = UCODE;
+    assert_raises(&mut cpu, &bytes, Exception::gp0());
+
+    let mut cpu = MockCpu::new();
+    compat(&mut cpu, 0, 32);
+    cpu.regs.rflags |= rflags::AC;
+    let bytes = place_bits(&mut cpu, 32, |a| a.clac());
+    assert_eq!(
+        handle_emulation_failure(&mut cpu, &bytes).unwrap(),
+        Outcome::Emulated(FallbackInstruction::Clac)
+    );
+    assert_eq!(cpu.regs.rflags & rflags::AC, 0);
+    assert_eq!(cpu.regs.rip, UCODE + 3);
+}
+
+#[test]
+fn compat_mode_user_enqcmd_at_ud_entry_returns_to_the_32bit_process() {
+    let (mut cpu, _) = at_ud_entry(0, |a| a.nop());
+    let code = {
+        let mut a = CodeAssembler::new(32).unwrap();
+        a.enqcmd(edi, ptr(esi)).unwrap();
+        a.assemble(UCODE).unwrap()
+    };
+    cpu.write(UCODE, &code);
+    cpu.write(KSTACK + 0x1000 - 32, &u64::from(USER32_CS).to_le_bytes());
+    cpu.regs.rdi = PORTAL;
+    cpu.regs.rsi = UDATA;
+    cpu.pasid = PASID_VALID | 0x32;
+
+    let action = handle_exception_entry(&mut cpu, 6).unwrap();
+
+    assert_eq!(
+        action,
+        EntryAction::Emulated(StoreRecord {
+            kind: StoreKind::Enqcmd,
+            linear: PORTAL,
+            gpa: PORTAL_PA,
+            reply: StoreReply::Accepted,
+        })
+    );
+    assert_eq!(cpu.regs.rip, UCODE + code.len() as u64);
+    assert_eq!(cpu.regs.rsp, USER_RSP);
+    assert_eq!(cpu.sregs.cs.selector, USER32_CS);
+    assert_eq!(
+        (cpu.sregs.cs.dpl, cpu.sregs.cs.l, cpu.sregs.cs.db),
+        (3, 0, 1)
+    );
+    assert_eq!(dword0(&cpu.stores[0].1), 0x32);
+}
+
+#[test]
+fn compat_mode_kernel_movdir64b_at_ud_entry_returns_to_the_32bit_kernel_code() {
+    // A host without MOVDIR64B: 32-bit kernel code (CS 0x08) took #UD; the
+    // frame is the 64-bit one, its CS the compatibility-mode segment.
+    let (mut cpu, _) = at_kernel_entry(6, None, |a| a.nop());
+    cpu.sregs.cr4 &= !(CR4_SMEP | CR4_SMAP);
+    let code = {
+        let mut a = CodeAssembler::new(32).unwrap();
+        a.movdir64b(edi, ptr(esi)).unwrap();
+        a.assemble(UCODE).unwrap()
+    };
+    cpu.write(UCODE, &code);
+    cpu.write(UDATA, &descriptor());
+    cpu.write(cpu.regs.rsp, &UCODE.to_le_bytes());
+    cpu.write(cpu.regs.rsp + 8, &u64::from(KERNEL32_CS).to_le_bytes());
+    cpu.regs.rdi = PORTAL;
+    cpu.regs.rsi = UDATA;
+
+    let action = handle_exception_entry(&mut cpu, 6).unwrap();
+
+    assert_eq!(
+        action,
+        EntryAction::Emulated(StoreRecord {
+            kind: StoreKind::Movdir64b,
+            linear: PORTAL,
+            gpa: PORTAL_PA,
+            reply: StoreReply::Accepted,
+        })
+    );
+    assert_eq!(cpu.stores[0].1, descriptor());
+    assert_eq!(cpu.regs.rip, UCODE + code.len() as u64);
+    assert_eq!(cpu.regs.rsp, KERNEL_RSP, "the frame is popped, as IRETQ");
+    assert_eq!(cpu.sregs.cs.selector, KERNEL32_CS);
+    assert_eq!(
+        (cpu.sregs.cs.dpl, cpu.sregs.cs.l, cpu.sregs.cs.db),
+        (0, 0, 1)
+    );
+}
+
+#[test]
+fn compat_mode_user_code_segment_from_the_ldt() {
+    // A 32-bit process whose CS is its own LDT's entry 0 (selector 0x7,
+    // TI set, RPL 3): the entry logic reads it there.
+    let (mut cpu, _) = at_ud_entry(0, |a| a.nop());
+    let ldt = KDATA + 0x800;
+    cpu.write(ldt, &0x00cf_fb00_0000_ffffu64.to_le_bytes());
+    cpu.sregs.ldt = kvm_segment {
+        base: ldt,
+        limit: 7,
+        selector: 0x48,
+        type_: 2,
+        present: 1,
+        ..Default::default()
+    };
+    let code = {
+        let mut a = CodeAssembler::new(32).unwrap();
+        a.movdir64b(edi, ptr(esi)).unwrap();
+        a.assemble(UCODE).unwrap()
+    };
+    cpu.write(UCODE, &code);
+    cpu.write(KSTACK + 0x1000 - 32, &0x7u64.to_le_bytes());
+    cpu.regs.rdi = PORTAL;
+    cpu.regs.rsi = UDATA;
+
+    assert!(matches!(
+        handle_exception_entry(&mut cpu, 6).unwrap(),
+        EntryAction::Emulated(StoreRecord { linear: PORTAL, .. })
+    ));
+    assert_eq!(cpu.stores[0].1, descriptor());
+    assert_eq!(
+        (cpu.sregs.cs.selector, cpu.sregs.cs.l, cpu.sregs.cs.db),
+        (0x7, 0, 1)
+    );
+    assert_eq!(cpu.regs.rip, UCODE + code.len() as u64);
+
+    // Past the LDT's limit: left to the guest.
+    let (mut cpu, _) = at_ud_entry(0, |a| a.nop());
+    cpu.sregs.ldt = kvm_segment {
+        base: ldt,
+        limit: 7,
+        present: 1,
+        ..Default::default()
+    };
+    cpu.write(UCODE, &code);
+    cpu.write(KSTACK + 0x1000 - 32, &0xfu64.to_le_bytes());
+    assert_eq!(
+        handle_exception_entry(&mut cpu, 6).unwrap(),
+        EntryAction::PassThrough
+    );
+}
+
+/// Protected mode without long mode, paging off, CPL 0, flat 32-bit code
+/// at guest-physical UCODE_PA (linear is physical).
+fn protected_mode(cpu: &mut MockCpu) {
+    cpu.sregs.cr0 = 0x11; // PE, ET
+    cpu.sregs.cr4 = 0;
+    cpu.sregs.efer = 0;
+    cpu.sregs.cs = kvm_segment {
+        l: 0,
+        db: 1,
+        ..segment(KERNEL32_CS, 0, true)
+    };
+    cpu.regs.rip = UCODE_PA;
+}
+
+#[test]
+fn protected_mode_without_paging_stores_to_the_physical_address() {
+    let mut cpu = MockCpu::new();
+    protected_mode(&mut cpu);
+    cpu.mem
+        .write_slice(&descriptor(), GuestAddress(URAM_PA))
+        .unwrap();
+    cpu.regs.rdi = PORTAL_PA + 0x80;
+    cpu.regs.rsi = URAM_PA;
+    let mut a = CodeAssembler::new(32).unwrap();
+    a.movdir64b(edi, ptr(esi)).unwrap();
+    let bytes = a.assemble(UCODE_PA).unwrap();
+    assert_eq!(
+        handle_emulation_failure(&mut cpu, &bytes).unwrap(),
+        store_at(StoreKind::Movdir64b, PORTAL_PA + 0x80, PORTAL_PA + 0x80)
+    );
+    assert_eq!(cpu.stores[0].1, descriptor());
+    assert_eq!(cpu.regs.rip, UCODE_PA + bytes.len() as u64);
+}
+
+/// Page-table pages of the 32-bit and PAE tests (guest-physical).
+const LEGACY_TABLES: u64 = 0x60_0000;
+/// The linear address whose 4 KiB page maps URAM_PA, and the one after it
+/// (read-only), in both legacy paging tests.
+const LEGACY_DATA: u64 = 0x41_0000;
+const LEGACY_RO: u64 = 0x41_1000;
+/// The portal's linear address: a 4 MiB or 2 MiB page at PORTAL_PA.
+const LEGACY_PORTAL: u64 = 0xf000_0000;
+
+fn write_u32(cpu: &MockCpu, pa: u64, v: u32) {
+    cpu.mem.write_obj(v, GuestAddress(pa)).unwrap();
+}
+
+fn write_u64(cpu: &MockCpu, pa: u64, v: u64) {
+    cpu.mem.write_obj(v, GuestAddress(pa)).unwrap();
+}
+
+/// Protected mode with 32-bit paging (CR4.PSE): the page directory at
+/// LEGACY_TABLES maps the portal with a 4 MiB page and LEGACY_DATA /
+/// LEGACY_RO through a page table.
+fn paging32() -> MockCpu {
+    let mut cpu = MockCpu::new();
+    protected_mode(&mut cpu);
+    cpu.sregs.cr0 = 0x8001_0011; // PG, WP, ET, PE
+    cpu.sregs.cr4 = 1 << 4; // PSE
+    cpu.sregs.cr3 = LEGACY_TABLES;
+    let pd = LEGACY_TABLES;
+    let pt = LEGACY_TABLES + 0x1000;
+    let rw = (PTE_P | PTE_RW) as u32;
+    write_u32(
+        &cpu,
+        pd + (LEGACY_PORTAL >> 22) * 4,
+        PORTAL_PA as u32 | rw | 0x80,
+    );
+    write_u32(&cpu, pd + (LEGACY_DATA >> 22) * 4, pt as u32 | rw);
+    write_u32(
+        &cpu,
+        pt + ((LEGACY_DATA >> 12) & 0x3ff) * 4,
+        URAM_PA as u32 | rw,
+    );
+    write_u32(
+        &cpu,
+        pt + ((LEGACY_RO >> 12) & 0x3ff) * 4,
+        URAM_PA as u32 | PTE_P as u32,
+    );
+    cpu.mem
+        .write_slice(&descriptor(), GuestAddress(URAM_PA))
+        .unwrap();
+    cpu
+}
+
+/// Protected mode with PAE paging (EFER.NXE): PDPTEs at LEGACY_TABLES,
+/// the portal in a 2 MiB page, LEGACY_DATA / LEGACY_RO through a page table
+/// (execute-disable).
+fn paging_pae() -> MockCpu {
+    let mut cpu = MockCpu::new();
+    protected_mode(&mut cpu);
+    cpu.sregs.cr0 = 0x8001_0011;
+    cpu.sregs.cr4 = 1 << 5; // PAE
+    cpu.sregs.efer = 1 << 11; // NXE
+    cpu.sregs.cr3 = LEGACY_TABLES;
+    let (pdpt, pd0, pd3, pt) = (
+        LEGACY_TABLES,
+        LEGACY_TABLES + 0x1000,
+        LEGACY_TABLES + 0x2000,
+        LEGACY_TABLES + 0x3000,
+    );
+    let rw = PTE_P | PTE_RW;
+    write_u64(&cpu, pdpt, pd0 | PTE_P);
+    write_u64(&cpu, pdpt + 3 * 8, pd3 | PTE_P);
+    write_u64(
+        &cpu,
+        pd3 + ((LEGACY_PORTAL >> 21) & 0x1ff) * 8,
+        PORTAL_PA | rw | 0x80,
+    );
+    write_u64(&cpu, pd0 + (LEGACY_DATA >> 21) * 8, pt | rw);
+    write_u64(
+        &cpu,
+        pt + ((LEGACY_DATA >> 12) & 0x1ff) * 8,
+        URAM_PA | rw | PTE_NX,
+    );
+    write_u64(
+        &cpu,
+        pt + ((LEGACY_RO >> 12) & 0x1ff) * 8,
+        URAM_PA | PTE_P | PTE_NX,
+    );
+    cpu.mem
+        .write_slice(&descriptor(), GuestAddress(URAM_PA))
+        .unwrap();
+    cpu
+}
+
+/// `movdir64b edi, [esi]` assembled for 32-bit code at UCODE_PA.
+fn movdir64b32() -> Vec<u8> {
+    let mut a = CodeAssembler::new(32).unwrap();
+    a.movdir64b(edi, ptr(esi)).unwrap();
+    a.assemble(UCODE_PA).unwrap()
+}
+
+#[test]
+fn legacy_paging_translates_both_operands_and_sets_accessed_dirty() {
+    for (name, mut cpu) in [("32-bit", paging32()), ("PAE", paging_pae())] {
+        cpu.regs.rdi = LEGACY_PORTAL + 0x80;
+        cpu.regs.rsi = LEGACY_DATA;
+        let bytes = movdir64b32();
+        assert_eq!(
+            handle_emulation_failure(&mut cpu, &bytes).unwrap(),
+            store_at(StoreKind::Movdir64b, LEGACY_PORTAL + 0x80, PORTAL_PA + 0x80),
+            "{name}"
+        );
+        assert_eq!(cpu.stores[0].1, descriptor(), "{name}");
+        assert!(cpu.injected.is_empty(), "{name}");
+    }
+    // The 32-bit entries: accessed on the path of the read, accessed and
+    // dirty on the 4 MiB page written.
+    let mut cpu = paging32();
+    cpu.regs.rdi = LEGACY_PORTAL;
+    cpu.regs.rsi = LEGACY_DATA;
+    handle_emulation_failure(&mut cpu, &movdir64b32()).unwrap();
+    let entry = |pa: u64| -> u32 { cpu.mem.read_obj(GuestAddress(pa)).unwrap() };
+    let pd = LEGACY_TABLES;
+    let pt = LEGACY_TABLES + 0x1000;
+    assert_eq!(entry(pd + (LEGACY_DATA >> 22) * 4) & 0x60, 0x20);
+    assert_eq!(entry(pt + ((LEGACY_DATA >> 12) & 0x3ff) * 4) & 0x60, 0x20);
+    assert_eq!(entry(pd + (LEGACY_PORTAL >> 22) * 4) & 0x60, 0x60);
+    assert_eq!(
+        entry(pt + ((LEGACY_RO >> 12) & 0x3ff) * 4) & 0x60,
+        0,
+        "an entry not used is left alone"
+    );
+}
+
+#[test]
+fn legacy_paging_faults_have_the_error_code_and_cr2() {
+    for (name, make) in [("32-bit", paging32 as fn() -> MockCpu), ("PAE", paging_pae)] {
+        // Not present: a read at CPL 0, error code 0.
+        let mut cpu = make();
+        cpu.regs.rdi = LEGACY_PORTAL;
+        cpu.regs.rsi = LEGACY_DATA + 0x2000;
+        let bytes = movdir64b32();
+        assert_raises(
+            &mut cpu,
+            &bytes,
+            Exception::page_fault(0, LEGACY_DATA + 0x2000),
+        );
+        // A supervisor write to a read-only page with CR0.WP: P | W.
+        let mut cpu = make();
+        cpu.regs.rdi = LEGACY_RO + 0x40;
+        cpu.regs.rsi = LEGACY_DATA;
+        assert_raises(
+            &mut cpu,
+            &bytes,
+            Exception::page_fault(pf_error::PRESENT | pf_error::WRITE, LEGACY_RO + 0x40),
+        );
+        // CPL 3 (a 32-bit user segment) on supervisor pages: P | U.
+        let mut cpu = make();
+        cpu.sregs.cs.dpl = 3;
+        cpu.regs.rdi = LEGACY_PORTAL;
+        cpu.regs.rsi = LEGACY_DATA;
+        assert_raises(
+            &mut cpu,
+            &bytes,
+            Exception::page_fault(pf_error::PRESENT | pf_error::USER, LEGACY_DATA),
+        );
+        let _ = name;
+    }
+    // A reserved bit: bit 21 of a 4 MiB page, bit 1 of a PDPTE.
+    let mut cpu = paging32();
+    let pde = LEGACY_TABLES + (LEGACY_PORTAL >> 22) * 4;
+    write_u32(&cpu, pde, PORTAL_PA as u32 | 0x83 | (1 << 21));
+    cpu.regs.rdi = LEGACY_PORTAL;
+    cpu.regs.rsi = LEGACY_DATA;
+    assert_raises(
+        &mut cpu,
+        &movdir64b32(),
+        Exception::page_fault(
+            pf_error::PRESENT | pf_error::WRITE | pf_error::RESERVED,
+            LEGACY_PORTAL,
+        ),
+    );
+    let cpu = paging_pae();
+    let pdpte: u64 = cpu.mem.read_obj(GuestAddress(LEGACY_TABLES)).unwrap();
+    write_u64(&cpu, LEGACY_TABLES, pdpte | PTE_RW);
+    assert_reserved_bit_reading_legacy_data(cpu);
+}
+
+/// A MOVDIR64B from LEGACY_DATA to the portal raises a reserved-bit #PF
+/// (a supervisor read) at LEGACY_DATA.
+fn assert_reserved_bit_reading_legacy_data(mut cpu: MockCpu) {
+    cpu.regs.rdi = LEGACY_PORTAL;
+    cpu.regs.rsi = LEGACY_DATA;
+    assert_raises(
+        &mut cpu,
+        &movdir64b32(),
+        Exception::page_fault(pf_error::PRESENT | pf_error::RESERVED, LEGACY_DATA),
+    );
+}
+
+#[test]
+fn pae_paging_execute_disable_stops_a_fetch() {
+    // The instruction bytes are not in the exit: they are fetched at RIP,
+    // which is on an execute-disable page: nothing to decode.
+    let mut cpu = paging_pae();
+    cpu.regs.rip = LEGACY_DATA;
+    let outcome = handle_emulation_failure(&mut cpu, &[]).unwrap();
     assert!(matches!(
         outcome,
         Outcome::NotHandled(Unhandled {
-            reason: UnhandledReason::NotLongMode,
+            reason: UnhandledReason::Undecodable,
             ..
         })
     ));
-    assert!(cpu.stores.is_empty());
+    // Without NXE, bit 63 is reserved: a data read through that entry is
+    // a reserved-bit #PF.
+    let mut cpu = paging_pae();
+    cpu.sregs.efer = 0;
+    assert_reserved_bit_reading_legacy_data(cpu);
+}
+
+#[test]
+fn virtual_8086_mode_is_cpl3_with_16bit_addresses() {
+    // RFLAGS.VM in protected mode: 16-bit code at CPL 3, segment bases as
+    // the selectors give them. MOVDIR64B stores to ES:DI; ENQCMDS is
+    // #GP(0), with its error code (protected-mode delivery).
+    let mut cpu = MockCpu::new();
+    protected_mode(&mut cpu);
+    cpu.regs.rflags = 0x2 | rflags::VM;
+    let seg = |selector: u16| kvm_segment {
+        base: u64::from(selector) << 4,
+        limit: 0xffff,
+        selector,
+        type_: 0x3,
+        present: 1,
+        dpl: 3,
+        s: 1,
+        ..Default::default()
+    };
+    cpu.sregs.cs = kvm_segment {
+        type_: 0xb,
+        ..seg(0x3000)
+    };
+    cpu.sregs.ds = seg(0x3100);
+    cpu.sregs.es = seg(0x3200);
+    cpu.regs.rip = 0x10;
+    cpu.mem
+        .write_slice(&descriptor(), GuestAddress(0x31000))
+        .unwrap();
+    cpu.regs.rsi = 0x1_0000;
+    cpu.regs.rdi = 0x1_0040;
+    let bytes = real_mode_code(&mut cpu, |a| a.movdir64b(di, ptr(si)));
+    assert_stores_descriptor(&mut cpu, &bytes, 0x32040, 0x32040);
+
+    cpu.regs.rip = 0x10;
+    cpu.stores.clear();
+    let bytes = real_mode_code(&mut cpu, |a| a.enqcmds(di, ptr(si)));
+    assert_raises(&mut cpu, &bytes, Exception::gp0());
+}
+
+/// Real mode: 16-bit code at CS = 0x3000 (base 0x30000), data in DS =
+/// 0x3100, destination in ES = 0x3200, 64 KiB limits.
+fn real_mode() -> MockCpu {
+    let mut cpu = MockCpu::new();
+    cpu.sregs.cr0 = 0x10;
+    cpu.sregs.cr4 = 0;
+    cpu.sregs.efer = 0;
+    let seg = |selector: u16, type_: u8| kvm_segment {
+        base: u64::from(selector) << 4,
+        limit: 0xffff,
+        selector,
+        type_,
+        present: 1,
+        s: 1,
+        ..Default::default()
+    };
+    cpu.sregs.cs = seg(0x3000, 0xb);
+    cpu.sregs.ds = seg(0x3100, 0x3);
+    cpu.sregs.es = seg(0x3200, 0x3);
+    cpu.sregs.ss = seg(0x3300, 0x3);
+    cpu.regs.rip = 0x10;
+    cpu
+}
+
+fn real_mode_code(cpu: &mut MockCpu, f: Asm) -> Vec<u8> {
+    let mut a = CodeAssembler::new(16).unwrap();
+    f(&mut a).unwrap();
+    let bytes = a.assemble(0x10).unwrap();
+    cpu.mem.write_slice(&bytes, GuestAddress(0x30010)).unwrap();
+    bytes
+}
+
+#[test]
+fn real_mode_movdir64b_stores_to_es_di() {
+    let mut cpu = real_mode();
+    cpu.mem
+        .write_slice(&descriptor(), GuestAddress(0x31000 + 0x20))
+        .unwrap();
+    cpu.regs.rsi = 0x20;
+    cpu.regs.rdi = 0xffff_0000_0000_0080;
+    let bytes = real_mode_code(&mut cpu, |a| a.movdir64b(di, ptr(si)));
+    assert_eq!(
+        handle_emulation_failure(&mut cpu, &[]).unwrap(),
+        store_at(StoreKind::Movdir64b, 0x32080, 0x32080)
+    );
+    assert_eq!(cpu.stores[0].1, descriptor());
+    assert_eq!(cpu.regs.rip, 0x10 + bytes.len() as u64);
+}
+
+#[test]
+fn real_mode_faults_push_no_error_code() {
+    // The source runs past DS's 64 KiB: #GP; a BP-based one past SS's:
+    // #SS; neither with an error code.
+    type SetSource = fn(&mut MockCpu);
+    let cases: [(SetSource, Asm, Exception); 2] = [
+        (
+            |cpu| cpu.regs.rsi = 0xffe0,
+            |a| a.movdir64b(di, ptr(si)),
+            Exception::gp0(),
+        ),
+        (
+            |cpu| cpu.regs.rbp = 0xfff0,
+            |a| a.movdir64b(di, ptr(bp)),
+            Exception::ss0(),
+        ),
+    ];
+    for (set_source, insn, fault) in cases {
+        let mut cpu = real_mode();
+        set_source(&mut cpu);
+        cpu.regs.rdi = 0x80;
+        let bytes = real_mode_code(&mut cpu, insn);
+        let expected = Exception {
+            error_code: None,
+            ..fault
+        };
+        assert_raises(&mut cpu, &bytes, expected);
+    }
 }
 
 // ---------------------------------------------------------------------------

@@ -39,7 +39,7 @@
 use iced_x86::{Instruction, Mnemonic};
 
 use super::context::CpuContext;
-use super::decode::{check_canonical, memory_operand};
+use super::decode::{check_access, memory_operand};
 use super::exception::Exception;
 use super::fallback::{conclude, FallbackInstruction, Stop};
 use super::mmu::{translate, AccessKind, Privilege};
@@ -326,7 +326,11 @@ fn area(
         return Err(Exception::gp0().into());
     }
     let m = memory_operand(ctx, instr, 0).ok_or(Stop::Unsupported(UnhandledReason::BadOperand))?;
-    check_canonical(ctx, m.linear, EXTENDED_START as u64, m.ss_based)?;
+    let restore = matches!(
+        which,
+        FallbackInstruction::Xrstor | FallbackInstruction::Xrstors
+    );
+    check_access(ctx, &m, EXTENDED_START as u64, !restore)?;
     if m.linear % ALIGN != 0 {
         return Err(Exception::gp0().into());
     }
