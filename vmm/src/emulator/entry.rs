@@ -45,7 +45,7 @@ use super::context::CpuContext;
 use super::decode::decode;
 use super::direct_store::{self, store_kind};
 use super::exception::Exception;
-use super::mmu::{fetch_instruction, read_linear, translate, AccessKind, Privilege};
+use super::mmu::{fetch_instruction, read_linear, translate, AccessKind, Privilege, PAGE_SIZE};
 use super::{apply_step, EmulatorError, GuestCpu, Step, StoreRecord, Unhandled};
 use crate::x86::{vector, ENDBR64, SELECTOR_RPL_MASK, SELECTOR_TI};
 
@@ -226,9 +226,9 @@ fn read_descriptor(
     va: u64,
     page: &mut TablePage,
 ) -> Option<u64> {
-    const PAGE: u64 = 0x1000;
-    let offset = va & (PAGE - 1);
-    if offset > PAGE - 8 {
+    const DESC_SIZE: u64 = 8;
+    let offset = va % PAGE_SIZE;
+    if offset > PAGE_SIZE - DESC_SIZE {
         // Straddles two pages: walk both.
         return read_u64s::<1>(ctx, mem, va).map(|[d]| d);
     }
