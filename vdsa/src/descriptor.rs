@@ -283,10 +283,10 @@ impl Descriptor {
 
     /// The first byte index in `ranges` that holds a non-zero byte.
     pub fn first_nonzero(&self, ranges: &[std::ops::Range<usize>]) -> Option<usize> {
-        ranges
-            .iter()
-            .flat_map(|r| r.clone())
-            .find(|&i| self.0[i] != 0)
+        ranges.iter().find_map(|r| {
+            let bytes = self.0.get(r.clone())?;
+            bytes.iter().position(|&b| b != 0).map(|i| r.start + i)
+        })
     }
 }
 

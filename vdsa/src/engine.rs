@@ -375,11 +375,12 @@ impl Group {
     ) {
         let ticket = state.next_ticket;
         state.next_ticket += 1;
-        let item = Queued {
+        // Stamped when it is queued: one that runs here needs no clock.
+        let queued = |at| Queued {
             ticket,
             desc,
             pasid,
-            at: Instant::now(),
+            at,
         };
         let long = Opcode::from_u8(desc.opcode()) != Some(Opcode::Batch)
             && desc.xfer_size() >= WAKE_AHEAD_BYTES;
@@ -414,11 +415,11 @@ impl Group {
             // the descriptor to it, so that the guest goes on and may keep
             // several in flight; take it back if the engine does not take
             // it soon (it lost its core).
-            state.wqs[slot].queue.push_back(item);
+            let offered = Instant::now();
+            state.wqs[slot].queue.push_back(queued(offered));
             self.queued.fetch_add(1, Ordering::SeqCst);
             self.wake_one(&mut state);
             drop(state);
-            let offered = Instant::now();
             loop {
                 std::thread::yield_now();
                 let mut again = self.lock();
@@ -440,7 +441,7 @@ impl Group {
         let free = (self.engines..2 * self.engines)
             .find(|&w| state.in_flight.iter().all(|f| f.worker != w));
         let (true, Some(worker)) = (runs_here, free) else {
-            state.wqs[slot].queue.push_back(item);
+            state.wqs[slot].queue.push_back(queued(Instant::now()));
             self.queued.fetch_add(1, Ordering::SeqCst);
             self.wake_one(&mut state);
             return;
@@ -499,7 +500,7 @@ impl Group {
             && !state.shutdown
         {
             // Earlier than anything queued since: first in line.
-            state.wqs[slot].queue.push_front(item);
+            state.wqs[slot].queue.push_front(queued(started));
             self.queued.fetch_add(1, Ordering::SeqCst);
         }
         if !state.idle() || (ran > WAKE_AFTER && (!long || state.overlap > 0)) {

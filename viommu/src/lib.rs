@@ -82,7 +82,8 @@ pub struct Iommu<S: GuestAddressSpace> {
     unit_id: u64,
     /// Moves on with every cache invalidation and translation-mode change; translations
     /// memoised outside the cache lock are only valid for the generation they were made in.
-    generation: AtomicU64,
+    /// Shared with the [`Generation`] handles given out.
+    generation: Arc<AtomicU64>,
     /// Held shared by each DMA window from its translation to the end of its memory
     /// accesses, exclusively (and at once released) by an invalidation before it completes:
     /// the unit drains requests translated with invalidated entries (CAP.DRD/DWD), so once
@@ -111,7 +112,7 @@ impl<S: GuestAddressSpace> Iommu<S> {
             translation_enabled: AtomicBool::new(false),
             root_table: AtomicU64::new(0),
             unit_id: NEXT_UNIT_ID.fetch_add(1, Ordering::Relaxed),
-            generation: AtomicU64::new(0),
+            generation: Arc::new(AtomicU64::new(0)),
             dma_in_flight: RwLock::new(()),
             devices: RwLock::new(HashMap::new()),
             pasid_observers: RwLock::new(Vec::new()),
@@ -152,6 +153,18 @@ impl<S: GuestAddressSpace> Iommu<S> {
             .cloned()
     }
 
+    /// The unit's invalidation generation: it moves on with every cache invalidation and
+    /// translation-mode or root-table change, so an answer read through the caches (a
+    /// present entry, which stays cached until invalidated) holds while it stays the same.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// A handle on [`Iommu::generation`] that reads it without the unit.
+    pub fn generation_handle(&self) -> Generation {
+        Generation(self.generation.clone())
+    }
+
     /// Lock the caches to invalidate some of them: also retires every translation memoised
     /// outside the lock.
     fn caches_for_invalidation(&self) -> MutexGuard<'_, Caches> {
@@ -181,6 +194,26 @@ impl<S: GuestAddressSpace> Iommu<S> {
         if let Some(msi) = msi {
             msi.deliver(self.msi.as_ref());
         }
+    }
+}
+
+impl<S: GuestAddressSpace> Drop for Iommu<S> {
+    fn drop(&mut self) {
+        // What was memoised through the unit's caches is gone with it.
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// A read-only view of a unit's invalidation generation ([`Iommu::generation`]): a memo of
+/// something read through the unit's caches is checked with one load, without a reference
+/// to the unit. It moves on once more when the unit goes away.
+#[derive(Clone, Debug)]
+pub struct Generation(Arc<AtomicU64>);
+
+impl Generation {
+    /// The generation now.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
     }
 }
 

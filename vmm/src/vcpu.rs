@@ -18,7 +18,7 @@ use crate::emulator::{
 };
 use crate::entry_watch::{EntryWatch, SharedHandlers};
 use crate::platform::{vector, HostCpu, Platform};
-use crate::sva::GuestPasids;
+use crate::sva::{EnqcmdPasidHint, GuestPasids};
 use crate::vcpu_trace::{EmulationRoute, EntryRoute, ExitTrace, Route};
 use bus::Bus;
 
@@ -56,6 +56,8 @@ pub struct Vcpu {
     /// The guest's PASIDs; IA32_PASID writes are recorded there per
     /// address space.
     pub(crate) pasids: Arc<GuestPasids>,
+    /// This vCPU's last trapped ENQCMD's PASID, re-validated at each use.
+    enqcmd_hint: EnqcmdPasidHint,
     /// The kind of KVM: which workarounds apply.
     platform: Platform,
     /// What the host CPU runs natively: which exception entries to watch.
@@ -114,6 +116,7 @@ impl Vcpu {
             pio,
             pasid_msr: Ia32Pasid::new(),
             pasids,
+            enqcmd_hint: EnqcmdPasidHint::default(),
             platform: Platform::Kvm,
             host_cpu: HostCpu::default(),
             watch: EntryWatch::default(),
@@ -798,7 +801,7 @@ impl GuestCpu for Vcpu {
     /// PASID-table entry; not the last value written, which may belong to
     /// another task.
     fn enqcmd_pasid(&mut self, cr3: u64) -> u64 {
-        self.pasids.enqcmd_pasid(cr3)
+        self.pasids.enqcmd_pasid_hinted(cr3, &mut self.enqcmd_hint)
     }
 
     fn xstate(&mut self) -> Result<XState, EmulatorError> {

@@ -52,12 +52,13 @@
 //! Anything else is left to the guest's own handler, untouched.
 
 use kvm_bindings::kvm_segment;
+use vm_memory::Bytes;
 
 use super::context::{CpuContext, CpuMode, LINEAR32_MASK};
 use super::decode::decode;
 use super::direct_store::{self, store_kind};
 use super::exception::Exception;
-use super::mmu::{fetch_instruction, read_linear, AccessKind, Privilege};
+use super::mmu::{fetch_instruction, read_linear, translate, AccessKind, Privilege, PAGE_SIZE};
 use super::{apply_step, EmulatorError, GuestCpu, Step, StoreRecord, Unhandled};
 use crate::x86::{efer, rflags, vector, ENDBR64, SELECTOR_RPL_MASK, SELECTOR_TI};
 
@@ -216,7 +217,7 @@ fn legacy_gate(ctx: &CpuContext, mem: &vm_memory::GuestMemoryMmap, v: u8) -> Opt
     };
     let offset = (g & 0xffff) | ((g >> 32) & 0xffff_0000);
     let offset = if slot == 2 { offset & 0xffff } else { offset };
-    let cs = load_descriptor(ctx, mem, (g >> 16) as u16)?;
+    let cs = load_descriptor(ctx, mem, (g >> 16) as u16, &mut None)?;
     if cs.present != 1 || cs.s != 1 || cs.type_ & CODE == 0 {
         return None;
     }
@@ -296,13 +297,48 @@ pub fn is_exception_entry<C: GuestCpu + ?Sized>(
     Ok(is_entry(&ctx, cpu.memory(), ctx.regs.rip, vector))
 }
 
+/// The descriptor-table page a CPU loading several segments walks once:
+/// (linear, guest-physical) page address of the last descriptor read.
+type TablePage = Option<(u64, u64)>;
+
+/// The descriptor at `va`, read through `page` when it is the same page
+/// (an IRET's CS and SS descriptors sit side by side in every OS's GDT),
+/// else translated and remembered there.
+fn read_descriptor(
+    ctx: &CpuContext,
+    mem: &vm_memory::GuestMemoryMmap,
+    va: u64,
+    page: &mut TablePage,
+) -> Option<u64> {
+    const DESC_SIZE: u64 = 8;
+    let offset = va % PAGE_SIZE;
+    if offset > PAGE_SIZE - DESC_SIZE {
+        // Straddles two pages: walk both.
+        return read_u64s::<1>(ctx, mem, va).map(|[d]| d);
+    }
+    let linear = va - offset;
+    let phys = match *page {
+        Some((l, p)) if l == linear => p,
+        _ => {
+            let p = translate(mem, ctx, linear, AccessKind::Read, Privilege::Implicit).ok()?;
+            *page = Some((linear, p));
+            p
+        }
+    };
+    let mut d = [0u8; 8];
+    mem.read_slice(&mut d, vm_memory::GuestAddress(phys + offset))
+        .ok()?;
+    Some(u64::from_le_bytes(d))
+}
+
 /// The segment register state a descriptor in the GDT, or for a selector
 /// with TI set in the LDT (a 32-bit process's own code segment, as Wine
-/// makes them), loads.
+/// makes them), loads; the table's page is walked through `page`.
 fn load_descriptor(
     ctx: &CpuContext,
     mem: &vm_memory::GuestMemoryMmap,
     selector: u16,
+    page: &mut TablePage,
 ) -> Option<kvm_segment> {
     const DESC_SIZE: u64 = 8;
     let offset = u64::from(selector & !7);
@@ -321,7 +357,7 @@ fn load_descriptor(
     if offset + DESC_SIZE - 1 > limit {
         return None;
     }
-    let [d] = read_u64s::<1>(ctx, mem, base.wrapping_add(offset))?;
+    let d = read_descriptor(ctx, mem, base.wrapping_add(offset), page)?;
     let access = (d >> 40) as u8;
     let flags = ((d >> 52) & 0xf) as u8;
     let raw_limit = ((d & 0xffff) | ((d >> 32) & 0xf_0000)) as u32;
@@ -372,8 +408,9 @@ fn user_context(
     mem: &vm_memory::GuestMemoryMmap,
     frame: &ExceptionFrame,
 ) -> Option<CpuContext> {
-    let cs = load_descriptor(kernel, mem, frame.cs)?;
-    let ss = load_descriptor(kernel, mem, frame.ss)?;
+    let mut page = None;
+    let cs = load_descriptor(kernel, mem, frame.cs, &mut page)?;
+    let ss = load_descriptor(kernel, mem, frame.ss, &mut page)?;
     if !is_ia32e_code(&cs, 3) || !is_user_stack(&ss) {
         return None;
     }
@@ -416,7 +453,7 @@ fn kernel_context(
     let cs = if frame.cs == kernel.sregs.cs.selector {
         kernel.sregs.cs
     } else {
-        load_descriptor(kernel, mem, frame.cs)?
+        load_descriptor(kernel, mem, frame.cs, &mut None)?
     };
     if !is_ia32e_code(&cs, 0) {
         return None;
@@ -430,7 +467,7 @@ fn kernel_context(
             ..Default::default()
         }
     } else {
-        let ss = load_descriptor(kernel, mem, frame.ss)?;
+        let ss = load_descriptor(kernel, mem, frame.ss, &mut None)?;
         if ss.dpl != 0 || ss.present != 1 {
             return None;
         }
@@ -489,6 +526,8 @@ fn legacy_interrupted(
     if flags & rflags::VM != 0 {
         return None;
     }
+    // CS and SS descriptors share one walk of their table page.
+    let mut page = None;
     let mut ctx = *handler;
     ctx.regs.rip = ip;
     ctx.regs.rflags = if slot == 2 {
@@ -504,7 +543,7 @@ fn legacy_interrupted(
         ctx.sregs.cs = if cs == handler.sregs.cs.selector {
             handler.sregs.cs
         } else {
-            load_descriptor(handler, mem, cs)?
+            load_descriptor(handler, mem, cs, &mut page)?
         };
         let c = &ctx.sregs.cs;
         let dpl_ok = if c.type_ & CONFORMING != 0 {
@@ -520,7 +559,7 @@ fn legacy_interrupted(
         // An outer-privilege context: its SS:ESP is in the frame.
         let rsp = pop()?;
         let ss = pop()? as u16;
-        let seg = load_descriptor(handler, mem, ss)?;
+        let seg = load_descriptor(handler, mem, ss, &mut page)?;
         let stack_ok = seg.present == 1
             && seg.s == 1
             && seg.type_ & CODE == 0

@@ -18,7 +18,7 @@ use super::GuestCpu;
 use crate::x86::{cr0, cr4, efer, rflags, CR3_ROOT_MASK};
 
 /// Size of the smallest page: accesses are split at this granularity.
-const PAGE_SIZE: u64 = 4096;
+pub(crate) const PAGE_SIZE: u64 = 4096;
 
 /// Longest x86 instruction.
 pub(crate) const MAX_INSN_LEN: usize = 15;

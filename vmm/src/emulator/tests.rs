@@ -993,6 +993,44 @@ fn user_enqcmd_at_ud_or_gp_entry_is_emulated_and_returns_to_user() {
     }
 }
 
+/// The user CS and SS descriptors come each from where the guest's page
+/// tables put their bytes, on two GDT pages that map to physical pages far
+/// apart: SS at the end of the first page and CS at the start of the
+/// second, then SS straddling the two.
+#[test]
+fn user_descriptors_on_two_pages_are_each_read_through_their_own_page() {
+    const GDT2: u64 = 0xffff_fe00_0001_0000;
+    const PAGE_A_PA: u64 = 0x42_0000;
+    const PAGE_B_PA: u64 = 0x44_0000;
+    // SS (0x2b) is at offset 0x28, CS (0x33) at 0x30.
+    for base in [GDT2 + 0x1000 - 0x30, GDT2 + 0x1000 - 0x2c] {
+        let (mut cpu, code) = at_ud_entry(0, |a| a.enqcmd(rax, ptr(rdx)));
+        cpu.map(GDT2, PAGE_A_PA, PTE_P | PTE_NX);
+        cpu.map(GDT2 + 0x1000, PAGE_B_PA, PTE_P | PTE_NX);
+        for index in 0..8u64 {
+            let desc: u64 = cpu.mem.read_obj(GuestAddress(GDT_PA + index * 8)).unwrap();
+            for (i, byte) in desc.to_le_bytes().into_iter().enumerate() {
+                let linear = base + index * 8 + i as u64;
+                let pa = if linear < GDT2 + 0x1000 {
+                    PAGE_A_PA + (linear - GDT2)
+                } else {
+                    PAGE_B_PA + (linear - GDT2 - 0x1000)
+                };
+                cpu.mem.write_obj(byte, GuestAddress(pa)).unwrap();
+            }
+        }
+        cpu.sregs.gdt.base = base;
+
+        let action = handle_exception_entry(&mut cpu, 6).unwrap();
+
+        assert!(
+            matches!(action, EntryAction::Emulated(_)),
+            "GDT at {base:#x}: {action:?}"
+        );
+        assert_back_in_user(&cpu, UCODE + code.len() as u64);
+    }
+}
+
 #[test]
 fn user_enqcmd_through_the_clac_at_linux_entry() {
     let (mut cpu, code) = at_ud_entry(4, |a| a.enqcmd(rax, ptr(rdx)));

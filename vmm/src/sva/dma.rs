@@ -22,7 +22,7 @@ use vdsa::dma::{
 };
 use vdsa::DsaIommuHandle;
 use viommu::{
-    tables::Pgtt, AccessType, AtsDevice, DeviceTlbInvalidation, DmaErrorKind, Iommu,
+    tables::Pgtt, AccessType, AtsDevice, DeviceTlbInvalidation, DmaErrorKind, Generation, Iommu,
     PageGroupResponse, ResponseCode,
 };
 use vm_memory::GuestMemoryMmap;
@@ -67,10 +67,37 @@ impl PasidAuthority for ViommuAuthority {
         };
         rids.iter()
             .find_map(|&r| iommu.resolve_pasid(r, gpasid).ok())
-            .map(|entry| PasidSetup {
-                first_stage_root: matches!(entry.pgtt, Pgtt::FirstStage | Pgtt::Nested)
-                    .then(|| address_space_key(entry.flptr)),
+            .map(|entry| setup_of(&entry))
+    }
+
+    fn generation(&self) -> Option<Generation> {
+        self.iommu.upgrade().map(|iommu| iommu.generation_handle())
+    }
+
+    /// The first device's present entry lasts (the unit caches it until an
+    /// invalidation); one found for a later device does not: the first
+    /// device's entry may become present without an invalidation.
+    fn lasting_setup(&self, gpasid: u32) -> (Option<PasidSetup>, bool) {
+        let Some(iommu) = self.iommu.upgrade() else {
+            return (None, false);
+        };
+        self.rids
+            .iter()
+            .enumerate()
+            .find_map(|(i, &r)| {
+                iommu
+                    .resolve_pasid(r, gpasid)
+                    .ok()
+                    .map(|entry| (setup_of(&entry), i == 0))
             })
+            .map_or((None, false), |(setup, lasting)| (Some(setup), lasting))
+    }
+}
+
+fn setup_of(entry: &viommu::tables::PasidEntry) -> PasidSetup {
+    PasidSetup {
+        first_stage_root: matches!(entry.pgtt, Pgtt::FirstStage | Pgtt::Nested)
+            .then(|| address_space_key(entry.flptr)),
     }
 }
 

@@ -4,12 +4,12 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock, RwLockReadGuard};
 
 use pasid::{Ia32Pasid, OwnerId, PasidSpace, PasidTable, Scope, PASID_MAX, RESERVED_PASID};
 use pci::PciAddress;
 use thiserror::Error;
-use viommu::{PasidCacheScope, PasidObserver};
+use viommu::{Generation, PasidCacheScope, PasidObserver};
 
 /// CR3 bits that name the page-table root of an address space: PCID
 /// (bits 11:0) and bit 12, which tells Linux's PTI user PGD from its kernel
@@ -41,6 +41,38 @@ pub trait PasidAuthority: Send + Sync {
     /// use it (any device behind the unit when `rid` is `None`); `None` when
     /// the guest has no present entry for it.
     fn pasid_setup(&self, rid: Option<PciAddress>, gpasid: u32) -> Option<PasidSetup>;
+
+    /// A count that moves on whenever an answer of
+    /// [`PasidAuthority::lasting_setup`] that was lasting may change (the
+    /// vIOMMU's invalidation generation); `None` when no answer lasts.
+    fn generation(&self) -> Option<Generation> {
+        None
+    }
+
+    /// [`PasidAuthority::pasid_setup`] for any device, and whether the
+    /// answer lasts until [`PasidAuthority::generation`] moves on (a present
+    /// entry the vIOMMU caches: only an invalidation or a translation-mode
+    /// change replaces it).
+    fn lasting_setup(&self, gpasid: u32) -> (Option<PasidSetup>, bool) {
+        (self.pasid_setup(None, gpasid), false)
+    }
+}
+
+/// A vCPU's memo of its last [`GuestPasids::enqcmd_pasid_hinted`] answer:
+/// a hint, re-validated at every use against the generations it was made
+/// in, never trusted past a change of the address-space records or of the
+/// authority's cached entries.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EnqcmdPasidHint {
+    memo: Option<EnqcmdPasidMemo>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct EnqcmdPasidMemo {
+    key: u64,
+    records: u64,
+    authority: Option<u64>,
+    value: u64,
 }
 
 /// Why a guest PASID has no host PASID.
@@ -108,9 +140,12 @@ pub struct GuestPasids {
     table: PasidTable,
     quarantine: u32,
     unverified: Mutex<Unverified>,
-    authority: RwLock<Option<Arc<dyn PasidAuthority>>>,
+    authority: OnceLock<Authority>,
     /// Address-space key -> guest PASID (see [`GuestPasids::enqcmd_pasid`]).
     address_spaces: Mutex<HashMap<u64, u32>>,
+    /// Moves on with every change of `address_spaces` (under its lock):
+    /// what an [`EnqcmdPasidHint`] is re-validated against.
+    records: AtomicU64,
     freed: RwLock<Vec<HostPasidFreed>>,
     /// (requester ID, host PASID) of the DMA requests devices made through
     /// the vIOMMU (see [`GuestPasids::device_requests`]).
@@ -123,6 +158,12 @@ pub struct GuestPasids {
     retired: Mutex<Vec<u32>>,
     /// Device requests tagged with a host PASID charged to another owner.
     foreign_requests: AtomicU64,
+}
+
+/// The judge of which guest PASIDs exist, and its generation.
+struct Authority {
+    judge: Arc<dyn PasidAuthority>,
+    generation: Option<Generation>,
 }
 
 /// Host PASIDs of guest PASIDs the vIOMMU did not confirm, both ways.
@@ -150,8 +191,9 @@ impl GuestPasids {
             table,
             quarantine,
             unverified: Mutex::new(Unverified::default()),
-            authority: RwLock::new(None),
+            authority: OnceLock::new(),
             address_spaces: Mutex::new(HashMap::new()),
+            records: AtomicU64::new(0),
             freed: RwLock::new(Vec::new()),
             device_requests: RwLock::new(BTreeSet::new()),
             submissions: RwLock::new(()),
@@ -178,8 +220,17 @@ impl GuestPasids {
     }
 
     /// Makes `authority` (the vIOMMU) the judge of which guest PASIDs exist.
+    /// A guest has one vIOMMU for its life: a second authority is refused
+    /// (logged) and the first stays.
     pub fn set_authority(&self, authority: Arc<dyn PasidAuthority>) {
-        *write(&self.authority) = Some(authority);
+        let generation = authority.generation();
+        let authority = Authority {
+            judge: authority,
+            generation,
+        };
+        if self.authority.set(authority).is_err() {
+            log::error!("{}: a second PASID authority ignored", self.owner());
+        }
     }
 
     /// Calls `f` with every host PASID the table gives up.
@@ -236,8 +287,16 @@ impl GuestPasids {
         self.foreign_requests.load(Ordering::Relaxed)
     }
 
-    fn authority(&self) -> Option<Arc<dyn PasidAuthority>> {
-        read(&self.authority).clone()
+    fn authority(&self) -> Option<&Arc<dyn PasidAuthority>> {
+        self.authority.get().map(|a| &a.judge)
+    }
+
+    /// The authority's generation now, if its answers can last.
+    fn authority_generation(&self) -> Option<u64> {
+        self.authority
+            .get()
+            .and_then(|a| a.generation.as_ref())
+            .map(Generation::get)
     }
 
     /// The host PASID of `gpasid` for device `rid`, filling the table on a
@@ -408,6 +467,7 @@ impl GuestPasids {
         } else {
             spaces.remove(&key);
         }
+        self.records.fetch_add(1, Ordering::Release);
     }
 
     /// The IA32_PASID value an ENQCMD executed with CR3 `cr3` uses: the
@@ -421,6 +481,39 @@ impl GuestPasids {
     /// record: the ENQCMD goes out with it and the portal refuses it, as
     /// hardware would send it and fail it.
     pub fn enqcmd_pasid(&self, cr3: u64) -> u64 {
+        self.enqcmd_pasid_lasting(cr3).0
+    }
+
+    /// [`GuestPasids::enqcmd_pasid`] for a vCPU that keeps `hint`: the
+    /// vCPU's last answer when it was for the same address space and
+    /// neither the address-space records nor the authority's cached entries
+    /// changed since (two atomic loads instead of a locked map and a
+    /// vIOMMU lookup on every trapped ENQCMD); else looked up and
+    /// remembered where it lasts.
+    pub fn enqcmd_pasid_hinted(&self, cr3: u64, hint: &mut EnqcmdPasidHint) -> u64 {
+        let key = address_space_key(cr3);
+        // Read before the lookup: a change racing with it leaves the memo
+        // stale from birth.
+        let records = self.records.load(Ordering::Acquire);
+        let authority = self.authority_generation();
+        if let Some(m) = hint.memo {
+            if m.key == key && m.records == records && m.authority == authority {
+                return m.value;
+            }
+        }
+        let (value, lasting) = self.enqcmd_pasid_lasting(cr3);
+        hint.memo = lasting.then_some(EnqcmdPasidMemo {
+            key,
+            records,
+            authority,
+            value,
+        });
+        value
+    }
+
+    /// [`GuestPasids::enqcmd_pasid`], and whether the answer lasts until
+    /// the records or the authority's generation change.
+    fn enqcmd_pasid_lasting(&self, cr3: u64) -> (u64, bool) {
         let key = address_space_key(cr3);
         let recorded = self
             .address_spaces
@@ -429,12 +522,13 @@ impl GuestPasids {
             .get(&key)
             .copied();
         let Some(gpasid) = recorded else {
-            return 0;
+            return (0, true);
         };
-        let root = self
-            .authority()
-            .and_then(|a| a.pasid_setup(None, gpasid))
-            .and_then(|s| s.first_stage_root);
+        let Some(authority) = self.authority() else {
+            return (Ia32Pasid::VALID | u64::from(gpasid), true);
+        };
+        let (setup, lasting) = authority.lasting_setup(gpasid);
+        let root = setup.and_then(|s| s.first_stage_root);
         if root.is_some_and(|root| root != key) {
             log::debug!(
                 "address space {key:#x}: guest PASID {gpasid:#x} now translates through \
@@ -442,16 +536,22 @@ impl GuestPasids {
                 root.unwrap_or(0)
             );
             self.forget_address_spaces(|space, _| space == key);
-            return 0;
+            return (0, false);
         }
-        Ia32Pasid::VALID | u64::from(gpasid)
+        // A PASID with no entry may get one without an invalidation.
+        (
+            Ia32Pasid::VALID | u64::from(gpasid),
+            setup.is_some() && lasting && self.authority_generation().is_some(),
+        )
     }
 
     fn forget_address_spaces(&self, pred: impl Fn(u64, u32) -> bool) {
-        self.address_spaces
+        let mut spaces = self
+            .address_spaces
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .retain(|&space, &mut gpasid| !pred(space, gpasid));
+            .unwrap_or_else(PoisonError::into_inner);
+        spaces.retain(|&space, &mut gpasid| !pred(space, gpasid));
+        self.records.fetch_add(1, Ordering::Release);
     }
 
     /// Re-checks the guest PASIDs that `scope` covers (mapped, or recorded

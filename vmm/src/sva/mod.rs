@@ -94,8 +94,8 @@ use crate::pci_root::{PciRoot, PciRootError, SharedPciDevice};
 pub use dma::{DsaAtsBridge, GuestMem, Viommu, ViommuAuthority, ViommuDma};
 pub use function::{translate_enqueue, DevicePasids, DsaFunction};
 pub use guest_pasids::{
-    address_space_key, GuestPasids, HostPasidFreed, HostPasidInUse, PasidAuthority, PasidMiss,
-    PasidSetup, ADDRESS_SPACE_MASK, GUEST_PASID_LIMIT,
+    address_space_key, EnqcmdPasidHint, GuestPasids, HostPasidFreed, HostPasidInUse,
+    PasidAuthority, PasidMiss, PasidSetup, ADDRESS_SPACE_MASK, GUEST_PASID_LIMIT,
 };
 
 /// The accelerator devices of a machine.

@@ -957,3 +957,41 @@ fn find_ext_cap(dev: &mut dyn pci::PciDevice, id: u16) -> u16 {
         assert_ne!(at, 0, "extended capability {id:#x} not found");
     }
 }
+
+#[test]
+fn a_vcpus_enqcmd_pasid_hint_is_revalidated_against_records_and_viommu_invalidations() {
+    let (mut g, pgd) = ScalableGuest::new();
+    let pasids = Arc::new(GuestPasids::new(Arc::new(PasidSpace::new()), "g").unwrap());
+    pasids.set_authority(Arc::new(ViommuAuthority::new(&g.iommu, vec![DEV])));
+    g.iommu.add_pasid_observer(pasids.clone());
+    let other = pgd + 0x10_0000;
+    let mut hint = EnqcmdPasidHint::default();
+    let mut hinted = |cr3| pasids.enqcmd_pasid_hinted(cr3, &mut hint);
+    assert_eq!(hinted(pgd), 0, "nothing recorded: #GP");
+    pasids.record_msr_write(pgd, VALID | u64::from(GPASID));
+    for _ in 0..3 {
+        assert_eq!(hinted(pgd), VALID | u64::from(GPASID));
+        assert_eq!(hinted(other | 0x1003), 0, "another address space");
+    }
+    // Another vCPU's WRMSR in the same address space.
+    pasids.record_msr_write(pgd, VALID | u64::from(GPASID + 1));
+    assert_eq!(hinted(pgd), VALID | u64::from(GPASID + 1));
+    pasids.record_msr_write(pgd, VALID | u64::from(GPASID));
+    assert_eq!(hinted(pgd), VALID | u64::from(GPASID));
+    // The guest points the PASID at other page tables: until it
+    // invalidates, the vIOMMU (and so the check) still uses the cached
+    // entry; after, the record is stale and dropped.
+    g.set_first_stage(other);
+    assert_eq!(hinted(pgd), VALID | u64::from(GPASID));
+    assert_eq!(pasids.enqcmd_pasid(pgd), VALID | u64::from(GPASID));
+    let inv =
+        PASID_DESC_TYPE | PASID_DESC_SELECTIVE | (u64::from(DID) << 16) | (u64::from(GPASID) << 32);
+    g.submit([inv, 0]);
+    assert_eq!(hinted(pgd), 0);
+    assert_eq!(pasids.enqcmd_pasid(pgd), 0);
+    // Recorded for the page tables the entry now has; then torn down.
+    pasids.record_msr_write(other, VALID | u64::from(GPASID));
+    assert_eq!(hinted(other), VALID | u64::from(GPASID));
+    g.tear_down();
+    assert_eq!(hinted(other), 0, "the teardown forgot the address space");
+}
