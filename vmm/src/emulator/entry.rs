@@ -82,7 +82,10 @@ pub enum EntryAction {
     NotHandled(Unhandled),
 }
 
-/// The frame a 64-bit mode CPU pushes when it delivers an exception.
+/// The frame a 64-bit mode CPU pushes when it delivers an exception; for a
+/// protected- or real-mode handler, the frame its gate pushes, with the
+/// interrupted context's stack pointer and SS also where a delivery
+/// without privilege change does not push them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ExceptionFrame {
     /// Error code, for the vectors that push one.
@@ -150,13 +153,17 @@ pub(crate) fn frame_at(
 }
 
 /// Reads the exception frame at the vCPU's RSP, as found at the entry of
-/// the handler for `vector` (64-bit mode). `None` if the stack is not
-/// readable.
+/// the handler for `vector`: the 64-bit frame in IA-32e mode, outside it
+/// the frame its gate pushes (see [`legacy_interrupted`]). `None` if the
+/// stack is not readable or the frame describes no context the VMM takes.
 pub fn read_exception_frame<C: GuestCpu + ?Sized>(
     cpu: &mut C,
     vector: u8,
 ) -> Result<Option<ExceptionFrame>, EmulatorError> {
     let ctx = CpuContext::capture(cpu)?;
+    if ctx.sregs.efer & efer::LMA == 0 {
+        return Ok(legacy_interrupted(&ctx, cpu.memory(), vector).map(|(frame, _)| frame));
+    }
     Ok(frame_at(&ctx, cpu.memory(), vector))
 }
 

@@ -2784,6 +2784,17 @@ fn real_mode_ud_entry_emulates_and_returns_as_iret() {
         .unwrap();
     cpu.regs.rsi = 0x20;
     cpu.regs.rdi = 0x80;
+    assert_eq!(
+        read_exception_frame(&mut cpu, 6).unwrap(),
+        Some(ExceptionFrame {
+            error_code: None,
+            rip: 0x10,
+            cs: 0x3000,
+            rflags: 0x202,
+            rsp: 0xfff0,
+            ss: 0x3300,
+        })
+    );
 
     let action = handle_exception_entry(&mut cpu, 6).unwrap();
 
