@@ -45,16 +45,11 @@ const KVM_TESTS: &[BedTest] = &[
     all("entry_routes"),
     all("xsave"),
     all("hypercall"),
-    // Outside long mode the VMM sees a MOVDIR64B/ENQCMD the CPU lacks only
-    // as an emulation failure (an MMIO operand); its #UD watch reads a
-    // long-mode IDT. The bed's CPU (QEMU TCG) has neither instruction, so
-    // there the real-mode and protected-mode guests get #UD from their own
-    // tables: those tests run on PVM, where these guests' instructions
-    // reach the VMM as emulation failures.
-    BedTest {
-        name: "compat_mode",
-        args: "--skip protected_mode_ --skip real_mode_",
-    },
+    // The bed's CPU (QEMU TCG) lacks MOVDIR64B and ENQCMD: the real-mode
+    // and protected-mode guests' instructions reach the VMM through its
+    // #UD watch on their IVT or 8-byte-gate IDT (on PVM, as emulation
+    // failures).
+    all("compat_mode"),
     all("cli"),
     all("run_command"),
     all("linux_boot"),

@@ -20,8 +20,15 @@
 //! guest has configured SYSCALL (`crate::emulator::complete_syscall`). A
 //! guest pays nothing for the vectors not watched.
 //!
+//! A handler's address is the linear address its gate names, in the
+//! table IDTR points at as the vCPU's mode reads it: 16-byte gates in
+//! IA-32e mode, 8-byte interrupt and trap gates in protected mode (task
+//! gates are not watched), the IVT's segment:offset entries in real mode
+//! (`crate::emulator::idt_handler`).
+//!
 //! The vCPU re-reads the handler addresses from the guest IDT when
-//! (re)arming: at its start (micro-guests have their IDT then) and, on PVM,
+//! (re)arming: at its start (micro-guests have their IDT then), when the
+//! guest loads another IDT or switches modes (CR0.PE, EFER.LMA) and, on PVM,
 //! at every write of a SYSCALL MSR (Linux writes LSTAR in `syscall_init()`,
 //! after `idt_setup_traps()`, on every CPU). On ordinary KVM, where no
 //! SYSCALL MSR exits, the vCPU re-arms at the first debug-register-free

@@ -63,8 +63,8 @@ pub struct Vcpu {
     /// What the host CPU runs natively: which exception entries to watch.
     host_cpu: HostCpu,
     watch: EntryWatch,
-    /// The guest IDT (base, limit) the watch was last armed from.
-    armed_idt: Option<(u64, u16)>,
+    /// The guest IDT and mode the watch was last armed from.
+    armed_idt: Option<IdtKey>,
     /// Handlers found by any vCPU of the VM, and how to have the others
     /// look at them.
     shared: Arc<SharedHandlers>,
@@ -161,21 +161,26 @@ impl Vcpu {
         let vectors = self
             .platform
             .watched_vectors(self.host_cpu, self.syscall_msrs.configured());
-        if let Ok(sregs) = GuestCpu::sregs(self) {
-            self.armed_idt = Some((sregs.idt.base, sregs.idt.limit));
-        }
+        let key = GuestCpu::sregs(self).ok().map(|sregs| IdtKey::of(&sregs));
+        self.armed_idt = key.or(self.armed_idt);
+        // A real-mode IVT has no present bits: a secondary vCPU's IDTR from
+        // reset until its startup code loads the OS's table reads as one.
+        let real_mode = key.is_some_and(|k| !k.protected);
         let mut handlers = Vec::new();
         for &v in &vectors {
             if let Some(h) = emulator::idt_handler(self, v).map_err(|e| e.to_string())? {
                 handlers.push((v, h));
             }
         }
-        if handlers.is_empty() {
+        let (generation, shared) = self.shared.get(&vectors);
+        if handlers.is_empty() || (real_mode && !shared.is_empty()) {
             // No IDT of its own yet (a secondary vCPU before it starts):
             // the handlers another vCPU found.
-            let (generation, shared) = self.shared.get(&vectors);
             self.applied_generation = generation;
             handlers = shared;
+        } else if real_mode {
+            // A real-mode guest's own IVT: watched, never published.
+            self.applied_generation = generation;
         } else {
             if handlers != self.own_handlers {
                 self.own_handlers = handlers.clone();
@@ -197,7 +202,9 @@ impl Vcpu {
     }
 
     /// Re-arms the watch when the guest has loaded another IDT since it
-    /// was armed, or another vCPU published new handlers (see
+    /// was armed, or switched modes so that the same IDTR means other
+    /// gates (real mode's IVT, protected mode's 8-byte or IA-32e mode's
+    /// 16-byte gates), or another vCPU published new handlers (see
     /// [`SharedHandlers`]). Linux fills its IDT's exception gates before it loads the
     /// table at its final (read-only) alias, on every CPU, so the first
     /// exit after that sees the handlers it keeps; before, the gates are
@@ -206,8 +213,8 @@ impl Vcpu {
     fn rearm_on_new_idt(&mut self) -> Result<(), String> {
         let shared_changed = self.shared.generation() != self.applied_generation;
         let idt_changed = self.synced && {
-            let idt = self.fd.sync_regs_mut().sregs.idt;
-            self.armed_idt != Some((idt.base, idt.limit))
+            let key = IdtKey::of(&self.fd.sync_regs_mut().sregs);
+            self.armed_idt != Some(key)
         };
         if shared_changed || idt_changed {
             self.arm_entry_watch()
@@ -609,6 +616,27 @@ impl Vcpu {
     fn fatal(&mut self, e: &EmulatorError) -> String {
         let rip = self.rip();
         format!("vCPU {}: emulator error at RIP {rip:#x}: {e}", self.id)
+    }
+}
+
+/// What the handler addresses of the watch are read from: IDTR, and the
+/// mode that says how its entries are laid out (CR0.PE, EFER.LMA).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct IdtKey {
+    base: u64,
+    limit: u16,
+    protected: bool,
+    long_mode: bool,
+}
+
+impl IdtKey {
+    fn of(sregs: &kvm_sregs) -> Self {
+        IdtKey {
+            base: sregs.idt.base,
+            limit: sregs.idt.limit,
+            protected: sregs.cr0 & crate::x86::cr0::PE != 0,
+            long_mode: sregs.efer & crate::x86::efer::LMA != 0,
+        }
     }
 }
 

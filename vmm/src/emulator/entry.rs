@@ -35,19 +35,32 @@
 //! the instruction's exception delivered from that context (RIP at the
 //! instruction). If emulating raises exactly the exception being delivered
 //! (e.g. the guest's own IA32_PASID is not valid either), the guest's
-//! handler already has the architectural answer and runs. Anything else
-//! is left to the guest's own handler, untouched.
+//! handler already has the architectural answer and runs.
+//!
+//! Outside IA-32e mode (a protected-mode or real-mode handler, reached
+//! through an 8-byte gate or the IVT) the frame is the one the gate
+//! pushes: IP, CS, FLAGS as words in real mode and through 16-bit gates,
+//! EIP, CS, EFLAGS as doublewords through 32-bit gates, with the error
+//! code below them (not in real mode) and the outer SS:ESP above them
+//! when the delivery changed privilege. The instruction is emulated in
+//! the context the frame describes, and the vCPU returns there as IRET
+//! would (CS and SS from their descriptors; in real mode CS's base is its
+//! selector times 16), or gets the instruction's exception delivered there
+//! (in real mode without an error code). A frame from virtual-8086 mode is
+//! left to the guest.
+//!
+//! Anything else is left to the guest's own handler, untouched.
 
 use kvm_bindings::kvm_segment;
 use vm_memory::Bytes;
 
-use super::context::CpuContext;
+use super::context::{CpuContext, CpuMode, LINEAR32_MASK};
 use super::decode::decode;
 use super::direct_store::{self, store_kind};
 use super::exception::Exception;
 use super::mmu::{fetch_instruction, read_linear, translate, AccessKind, Privilege, PAGE_SIZE};
 use super::{apply_step, EmulatorError, GuestCpu, Step, StoreRecord, Unhandled};
-use crate::x86::{vector, ENDBR64, SELECTOR_RPL_MASK, SELECTOR_TI};
+use crate::x86::{efer, rflags, vector, ENDBR64, SELECTOR_RPL_MASK, SELECTOR_TI};
 
 /// What [`handle_exception_entry`] did.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -69,7 +82,10 @@ pub enum EntryAction {
     NotHandled(Unhandled),
 }
 
-/// The frame a 64-bit mode CPU pushes when it delivers an exception.
+/// The frame a 64-bit mode CPU pushes when it delivers an exception; for a
+/// protected- or real-mode handler, the frame its gate pushes, with the
+/// interrupted context's stack pointer and SS also where a delivery
+/// without privilege change does not push them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ExceptionFrame {
     /// Error code, for the vectors that push one.
@@ -137,18 +153,93 @@ pub(crate) fn frame_at(
 }
 
 /// Reads the exception frame at the vCPU's RSP, as found at the entry of
-/// the handler for `vector` (64-bit mode). `None` if the stack is not
-/// readable.
+/// the handler for `vector`: the 64-bit frame in IA-32e mode, outside it
+/// the frame its gate pushes (see [`legacy_interrupted`]). `None` if the
+/// stack is not readable or the frame describes no context the VMM takes.
 pub fn read_exception_frame<C: GuestCpu + ?Sized>(
     cpu: &mut C,
     vector: u8,
 ) -> Result<Option<ExceptionFrame>, EmulatorError> {
     let ctx = CpuContext::capture(cpu)?;
+    if ctx.sregs.efer & efer::LMA == 0 {
+        return Ok(legacy_interrupted(&ctx, cpu.memory(), vector).map(|(frame, _)| frame));
+    }
     Ok(frame_at(&ctx, cpu.memory(), vector))
 }
 
-/// Handler address in the 64-bit IDT gate for `v` (present gates only).
+/// An interrupt or trap gate outside IA-32e mode (SDM Vol. 3A, 6.10-6.12,
+/// 20.1.4): an 8-byte IDT gate in protected mode, a 4-byte IVT entry
+/// (offset, segment) in real mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct LegacyGate {
+    /// Linear address of the handler.
+    handler: u64,
+    /// Bytes per value the delivery pushes: 2 for a 16-bit gate and in
+    /// real mode, 4 for a 32-bit gate.
+    slot: u64,
+}
+
+/// The gate for `v` in the IDT (protected mode) or IVT (real mode) at
+/// IDTR, within its limit. Task gates, absent gates and gates whose
+/// selector names no present code segment are `None`: the VMM does not
+/// watch them.
+fn legacy_gate(ctx: &CpuContext, mem: &vm_memory::GuestMemoryMmap, v: u8) -> Option<LegacyGate> {
+    const IVT_ENTRY: u64 = 4;
+    const GATE_SIZE: u64 = 8;
+    const GATE_PRESENT: u64 = 1 << 47;
+    const GATE16_INTERRUPT: u64 = 0x6;
+    const GATE16_TRAP: u64 = 0x7;
+    const GATE32_INTERRUPT: u64 = 0xe;
+    const GATE32_TRAP: u64 = 0xf;
+    const CODE: u8 = 1 << 3;
+    let idt = &ctx.sregs.idt;
+    let entry_size = match ctx.mode() {
+        CpuMode::Real => IVT_ENTRY,
+        CpuMode::Protected => GATE_SIZE,
+        CpuMode::Long64 | CpuMode::Compat => return None,
+    };
+    let offset = u64::from(v) * entry_size;
+    if offset + entry_size - 1 > u64::from(idt.limit) {
+        return None;
+    }
+    let at = idt.base.wrapping_add(offset) & LINEAR32_MASK;
+    if entry_size == IVT_ENTRY {
+        let mut e = [0u8; IVT_ENTRY as usize];
+        read_linear(mem, ctx, at, &mut e, AccessKind::Read, Privilege::Implicit).ok()?;
+        let ip = u64::from(u16::from_le_bytes([e[0], e[1]]));
+        let segment = u64::from(u16::from_le_bytes([e[2], e[3]]));
+        return Some(LegacyGate {
+            handler: (segment << 4) + ip,
+            slot: 2,
+        });
+    }
+    let [g] = read_u64s::<1>(ctx, mem, at)?;
+    if g & GATE_PRESENT == 0 {
+        return None;
+    }
+    let slot = match (g >> 40) & 0xf {
+        GATE16_INTERRUPT | GATE16_TRAP => 2,
+        GATE32_INTERRUPT | GATE32_TRAP => 4,
+        _ => return None,
+    };
+    let offset = (g & 0xffff) | ((g >> 32) & 0xffff_0000);
+    let offset = if slot == 2 { offset & 0xffff } else { offset };
+    let cs = load_descriptor(ctx, mem, (g >> 16) as u16, &mut None)?;
+    if cs.present != 1 || cs.s != 1 || cs.type_ & CODE == 0 {
+        return None;
+    }
+    Some(LegacyGate {
+        handler: cs.base.wrapping_add(offset) & LINEAR32_MASK,
+        slot,
+    })
+}
+
+/// Handler address in the IDT gate for `v` (present gates only): the
+/// 16-byte gates of IA-32e mode, or outside it [`legacy_gate`].
 fn gate_handler(ctx: &CpuContext, mem: &vm_memory::GuestMemoryMmap, v: u8) -> Option<u64> {
+    if ctx.sregs.efer & efer::LMA == 0 {
+        return legacy_gate(ctx, mem, v).map(|g| g.handler);
+    }
     const GATE_SIZE: u64 = 16;
     const GATE_PRESENT: u64 = 1 << 47;
     let offset = u64::from(v) * GATE_SIZE;
@@ -392,6 +483,117 @@ fn kernel_context(
     Some(interrupted(kernel, frame, cs, ss))
 }
 
+/// The frame and the interrupted context at the entry of the handler for
+/// `v` outside IA-32e mode, on top of the handler-entry state `handler`
+/// (SDM Vol. 3A, 6.12.1 and 20.1.4). The frame's width is the gate's:
+/// real mode and 16-bit gates push IP, CS, FLAGS as words, 32-bit gates
+/// EIP, CS, EFLAGS as doublewords; protected mode adds the error code
+/// below them, and SS:ESP above them when the delivery changed privilege.
+/// The context is what IRET would load from it: in real mode CS's selector
+/// and base (its other attributes stay), in protected mode CS (and SS) from
+/// their descriptors; a 16-bit frame replaces only the low word of FLAGS.
+/// A frame from virtual-8086 mode (EFLAGS.VM) is not handled: `None`.
+fn legacy_interrupted(
+    handler: &CpuContext,
+    mem: &vm_memory::GuestMemoryMmap,
+    v: u8,
+) -> Option<(ExceptionFrame, CpuContext)> {
+    const CODE: u8 = 1 << 3;
+    const CONFORMING: u8 = 1 << 2;
+    const WRITABLE: u8 = 1 << 1;
+    let slot = legacy_gate(handler, mem, v)?.slot;
+    let real = handler.mode() == CpuMode::Real;
+    let stack = handler.sregs.ss;
+    let sp_mask: u64 = if stack.db != 0 { 0xffff_ffff } else { 0xffff };
+    let sp = handler.regs.rsp & sp_mask;
+    let mut popped = 0;
+    let mut pop = || -> Option<u64> {
+        let mut b = [0u8; 4];
+        let at = stack.base.wrapping_add(sp.wrapping_add(popped) & sp_mask) & LINEAR32_MASK;
+        read_linear(
+            mem,
+            handler,
+            at,
+            &mut b[..slot as usize],
+            AccessKind::Read,
+            Privilege::Implicit,
+        )
+        .ok()?;
+        popped += slot;
+        Some(u64::from(u32::from_le_bytes(b)))
+    };
+    let error_code = if !real && vector::has_error_code(v) {
+        Some(pop()?)
+    } else {
+        None
+    };
+    let ip = pop()?;
+    let cs = pop()? as u16;
+    let flags = pop()?;
+    if flags & rflags::VM != 0 {
+        return None;
+    }
+    // CS and SS descriptors share one walk of their table page.
+    let mut page = None;
+    let mut ctx = *handler;
+    ctx.regs.rip = ip;
+    ctx.regs.rflags = if slot == 2 {
+        (handler.regs.rflags & !0xffff) | flags
+    } else {
+        flags
+    } | rflags::FIXED;
+    let rpl = (cs & SELECTOR_RPL_MASK) as u8;
+    if real {
+        ctx.sregs.cs.selector = cs;
+        ctx.sregs.cs.base = u64::from(cs) << 4;
+    } else {
+        ctx.sregs.cs = if cs == handler.sregs.cs.selector {
+            handler.sregs.cs
+        } else {
+            load_descriptor(handler, mem, cs, &mut page)?
+        };
+        let c = &ctx.sregs.cs;
+        let dpl_ok = if c.type_ & CONFORMING != 0 {
+            c.dpl <= rpl
+        } else {
+            c.dpl == rpl
+        };
+        if c.present != 1 || c.s != 1 || c.type_ & CODE == 0 || !dpl_ok {
+            return None;
+        }
+    }
+    let (rsp, ss) = if !real && rpl != handler.cpl() {
+        // An outer-privilege context: its SS:ESP is in the frame.
+        let rsp = pop()?;
+        let ss = pop()? as u16;
+        let seg = load_descriptor(handler, mem, ss, &mut page)?;
+        let stack_ok = seg.present == 1
+            && seg.s == 1
+            && seg.type_ & CODE == 0
+            && seg.type_ & WRITABLE != 0
+            && seg.dpl == rpl
+            && (ss & SELECTOR_RPL_MASK) as u8 == rpl;
+        if !stack_ok {
+            return None;
+        }
+        ctx.sregs.ss = seg;
+        (rsp, ss)
+    } else {
+        let rsp = (handler.regs.rsp & !sp_mask) | (sp.wrapping_add(popped) & sp_mask);
+        (rsp, stack.selector)
+    };
+    ctx.regs.rsp = rsp;
+    let frame = ExceptionFrame {
+        error_code,
+        rip: ip,
+        cs,
+        rflags: ctx.regs.rflags,
+        rsp,
+        ss,
+    };
+    Some((frame, ctx))
+}
+
 /// The entry logic for #UD or #GP on an already captured handler-entry
 /// state (see the module doc).
 pub(crate) fn store_entry<C: GuestCpu + ?Sized>(
@@ -399,28 +601,45 @@ pub(crate) fn store_entry<C: GuestCpu + ?Sized>(
     handler: &CpuContext,
     v: u8,
 ) -> Result<EntryAction, EmulatorError> {
-    if !matches!(v, vector::UD | vector::GP) || !handler.is_64bit_mode() {
+    if !matches!(v, vector::UD | vector::GP) {
         return Ok(EntryAction::PassThrough);
     }
     let mem = cpu.memory();
-    let Some(frame) = frame_at(handler, mem, v) else {
-        return Ok(EntryAction::PassThrough);
-    };
-    if v == vector::GP && frame.error_code != Some(0) {
-        return Ok(EntryAction::PassThrough);
-    }
-    let interrupted = if frame.from_user() {
-        user_context(handler, mem, &frame)
+    let (frame, interrupted) = if handler.is_64bit_mode() {
+        let Some(frame) = frame_at(handler, mem, v) else {
+            return Ok(EntryAction::PassThrough);
+        };
+        if v == vector::GP && frame.error_code != Some(0) {
+            return Ok(EntryAction::PassThrough);
+        }
+        let interrupted = if frame.from_user() {
+            user_context(handler, mem, &frame)
+        } else {
+            kernel_context(handler, mem, &frame)
+        };
+        let Some(interrupted) = interrupted else {
+            log::debug!(
+                "vector {v} from RIP {:#x}: CS {:#x}/SS {:#x} not an IA-32e context, left to the guest",
+                frame.rip,
+                frame.cs,
+                frame.ss
+            );
+            return Ok(EntryAction::PassThrough);
+        };
+        (frame, interrupted)
+    } else if matches!(handler.mode(), CpuMode::Protected | CpuMode::Real) {
+        let Some((frame, interrupted)) = legacy_interrupted(handler, mem, v) else {
+            log::debug!(
+                "vector {v}: no frame of a protected- or real-mode context, left to the guest"
+            );
+            return Ok(EntryAction::PassThrough);
+        };
+        if v == vector::GP && frame.error_code != Some(0) {
+            return Ok(EntryAction::PassThrough);
+        }
+        (frame, interrupted)
     } else {
-        kernel_context(handler, mem, &frame)
-    };
-    let Some(interrupted) = interrupted else {
-        log::debug!(
-            "vector {v} from RIP {:#x}: CS {:#x}/SS {:#x} not an IA-32e context, left to the guest",
-            frame.rip,
-            frame.cs,
-            frame.ss
-        );
+        // IA-32e mode delivers every exception to 64-bit code.
         return Ok(EntryAction::PassThrough);
     };
     let privilege = Privilege::of(&interrupted);
@@ -438,7 +657,8 @@ pub(crate) fn store_entry<C: GuestCpu + ?Sized>(
         return Ok(EntryAction::PassThrough);
     }
     let mut ctx = interrupted;
-    let step = direct_store::execute(cpu, &mut ctx, &instr, kind)?;
+    // Real mode pushes no error code.
+    let step = direct_store::execute(cpu, &mut ctx, &instr, kind)?.delivered_in(&ctx);
     if let Step::Fault(e) = &step {
         if e.vector == v && e.error_code.map(u64::from) == frame.error_code {
             // The exception being delivered is the architectural answer.
@@ -463,7 +683,7 @@ pub(crate) fn store_entry<C: GuestCpu + ?Sized>(
 /// executed except an ENDBR64): by a breakpoint on [`idt_handler`], or, in
 /// Linux on PVM, at the `clac` after ENDBR64, which
 /// [`super::handle_emulation_failure`] routes here itself. For #UD from a
-/// 64-bit or compatibility-mode user or kernel context whose instruction is ENQCMD, ENQCMDS or
+/// user or kernel context in any mode but virtual-8086 whose instruction is ENQCMD, ENQCMDS or
 /// MOVDIR64B, and for #GP(0) from one whose instruction is ENQCMD: emulates
 /// it and returns to the interrupted context, or delivers its exception
 /// there. Anything else: [`EntryAction::PassThrough`].
@@ -496,7 +716,9 @@ pub enum StepOver {
 /// breakpoint whatever RFLAGS.RF says (measured), so resuming at the
 /// breakpoint would loop. Linux's entry points begin with `endbr64` (IBT
 /// kernels) or the slot of `clac` (a 3-byte NOP when SMAP is off, `clac`
-/// when on); micro-guests' handlers with `endbr64` or `nop`.
+/// when on); micro-guests' handlers with `endbr64` or `nop`. Outside
+/// 64-bit mode (a protected- or real-mode handler) only a no-op (`nop`,
+/// `endbr32`) is stepped over.
 pub fn step_over_handler_entry<C: GuestCpu + ?Sized>(
     cpu: &mut C,
 ) -> Result<StepOver, EmulatorError> {
@@ -506,21 +728,25 @@ pub fn step_over_handler_entry<C: GuestCpu + ?Sized>(
     let rip = ctx.regs.rip;
     let not_handled =
         |bytes: Vec<u8>, reason| Ok(StepOver::NotHandled(Unhandled { rip, bytes, reason }));
-    if !ctx.is_64bit_mode() {
-        return not_handled(Vec::new(), super::UnhandledReason::NotLongMode);
-    }
     let Ok(bytes) = fetch_instruction(cpu.memory(), &ctx, rip, Privilege::of(&ctx)) else {
         return not_handled(Vec::new(), super::UnhandledReason::Undecodable);
     };
-    let Some(instr) = decode(&bytes, 64, rip) else {
+    let Some(instr) = decode(&bytes, ctx.code_bitness(), rip) else {
         return not_handled(bytes.to_vec(), super::UnhandledReason::Undecodable);
     };
-    if matches!(instr.mnemonic(), Mnemonic::Nop | Mnemonic::Endbr64) {
+    if matches!(
+        instr.mnemonic(),
+        Mnemonic::Nop | Mnemonic::Endbr64 | Mnemonic::Endbr32
+    ) {
         ctx.regs.rip = ctx.next_ip(&instr);
         cpu.set_regs(&ctx.regs)?;
         return Ok(StepOver::Skipped(instr.len() as u64));
     }
     let bytes = bytes[..instr.len().min(bytes.len())].to_vec();
+    if !ctx.is_64bit_mode() {
+        // Outside 64-bit mode only no-ops are stepped over.
+        return not_handled(bytes, super::UnhandledReason::NotLongMode);
+    }
     let Some(which) = super::FallbackInstruction::of(&instr) else {
         return not_handled(
             bytes,

@@ -222,8 +222,8 @@ pub struct StoreRecord {
 /// Why an instruction was not emulated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UnhandledReason {
-    /// The vCPU is not in 64-bit mode (where the VMM watches the
-    /// exception handlers it steps over).
+    /// The vCPU is not in 64-bit mode, where alone the fallback emulator
+    /// executes the first instruction of a handler it steps over.
     NotLongMode,
     /// The bytes stop short of a whole instruction (or could not be read);
     /// bytes that are no instruction at all get #UD instead.

@@ -2642,6 +2642,305 @@ fn real_mode_faults_push_no_error_code() {
 }
 
 // ---------------------------------------------------------------------------
+// The #UD/#GP entry outside IA-32e mode: IVT, 8-byte gates, 16/32-bit frames
+// ---------------------------------------------------------------------------
+
+/// An 8-byte protected-mode gate: present, DPL 0, of type `type_`.
+fn legacy_gate(offset: u32, selector: u16, type_: u8) -> u64 {
+    u64::from(offset & 0xffff)
+        | (u64::from(selector) << 16)
+        | (u64::from(0x80 | type_) << 40)
+        | (u64::from(offset >> 16) << 48)
+}
+
+/// Where the protected-mode tests' handler is, and their IDT.
+const LEGACY_HANDLER: u64 = KCODE_PA + 0x800;
+const LEGACY_IDT: u64 = IDT_PA;
+
+/// Protected mode (paging off) at the entry of the handler for `vector`,
+/// reached through a 32-bit interrupt gate to kernel CS 0x08, with `frame`
+/// (doublewords, lowest address first) on the kernel stack.
+fn at_protected_entry(vector: u8, frame: &[u32]) -> MockCpu {
+    let mut cpu = MockCpu::new();
+    protected_mode(&mut cpu);
+    cpu.sregs.gdt.base = GDT_PA;
+    cpu.sregs.idt.base = LEGACY_IDT;
+    cpu.sregs.idt.limit = 0x7ff;
+    cpu.sregs.ss = segment(KERNEL_SS, 0, false);
+    cpu.mem
+        .write_obj(
+            legacy_gate(LEGACY_HANDLER as u32, KERNEL32_CS, 0xe),
+            GuestAddress(LEGACY_IDT + u64::from(vector) * 8),
+        )
+        .unwrap();
+    let bytes: Vec<u8> = frame.iter().flat_map(|d| d.to_le_bytes()).collect();
+    let stack = KSTACK_PA + 0x1000 - bytes.len() as u64;
+    cpu.mem.write_slice(&bytes, GuestAddress(stack)).unwrap();
+    cpu.regs.rsp = stack;
+    cpu.regs.rip = LEGACY_HANDLER;
+    cpu.regs.rflags = 0x2;
+    cpu
+}
+
+fn assemble32(at: u64, f: Asm) -> Vec<u8> {
+    let mut a = CodeAssembler::new(32).unwrap();
+    f(&mut a).unwrap();
+    a.assemble(at).unwrap()
+}
+
+#[test]
+fn legacy_gates_give_the_handler_per_mode() {
+    // Real mode: IVT entry 6 is offset 0x0123, segment 0x2000.
+    let mut cpu = real_mode();
+    cpu.sregs.idt.base = 0;
+    cpu.sregs.idt.limit = 0x3ff;
+    cpu.mem
+        .write_slice(&[0x23, 0x01, 0x00, 0x20], GuestAddress(6 * 4))
+        .unwrap();
+    assert_eq!(idt_handler(&mut cpu, 6).unwrap(), Some(0x20123));
+    cpu.sregs.idt.limit = 6 * 4 + 2;
+    assert_eq!(idt_handler(&mut cpu, 6).unwrap(), None, "past IDTR.limit");
+
+    // Protected mode: the gate's offset on the base of its code segment
+    // (0x38, based at 0x1000).
+    let mut cpu = MockCpu::new();
+    protected_mode(&mut cpu);
+    cpu.sregs.gdt.base = GDT_PA;
+    cpu.sregs.idt.base = LEGACY_IDT;
+    cpu.sregs.idt.limit = 0x7ff;
+    cpu.mem
+        .write_obj(0x00cf_9b00_1000_ffffu64, GuestAddress(GDT_PA + 7 * 8))
+        .unwrap();
+    let cases = [
+        (
+            legacy_gate(0x0012_3456, 0x38, 0xe),
+            Some(0x12_4456),
+            "32-bit interrupt gate",
+        ),
+        (
+            legacy_gate(0x0012_3456, 0x38, 0xf),
+            Some(0x12_4456),
+            "32-bit trap gate",
+        ),
+        (
+            legacy_gate(0xffff_3456, 0x38, 0x7),
+            Some(0x4456),
+            "16-bit gate: 16-bit offset",
+        ),
+        (legacy_gate(0x0012_3456, 0x38, 0x5), None, "task gate"),
+        (
+            legacy_gate(0x0012_3456, 0x38, 0xe) & !(1 << 47),
+            None,
+            "not present",
+        ),
+        (
+            legacy_gate(0x0012_3456, KERNEL_SS, 0xe),
+            None,
+            "data segment",
+        ),
+        (legacy_gate(0x0012_3456, 0x78, 0xe), None, "past the GDT"),
+    ];
+    for (gate, handler, what) in cases {
+        cpu.mem
+            .write_obj(gate, GuestAddress(LEGACY_IDT + 6 * 8))
+            .unwrap();
+        assert_eq!(idt_handler(&mut cpu, 6).unwrap(), handler, "{what}");
+    }
+    cpu.sregs.idt.limit = 6 * 8 + 6;
+    assert_eq!(idt_handler(&mut cpu, 6).unwrap(), None, "past IDTR.limit");
+}
+
+/// Real mode at the #UD entry (IVT entry 6: 0x0000:0x0500) for the
+/// instruction at CS:IP 0x3000:0x10: FLAGS, CS, IP pushed on SS:SP
+/// 0x3300:0xfff0.
+fn at_real_mode_ud_entry(f: Asm) -> (MockCpu, Vec<u8>) {
+    let mut cpu = real_mode();
+    let bytes = real_mode_code(&mut cpu, f);
+    cpu.sregs.idt.base = 0;
+    cpu.sregs.idt.limit = 0x3ff;
+    cpu.mem
+        .write_slice(&[0x00, 0x05, 0x00, 0x00], GuestAddress(6 * 4))
+        .unwrap();
+    let frame: Vec<u8> = [0x10u16, 0x3000, 0x0202]
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .collect();
+    cpu.mem
+        .write_slice(&frame, GuestAddress(0x33000 + 0xfff0 - 6))
+        .unwrap();
+    cpu.regs.rsp = 0xfff0 - 6;
+    cpu.regs.rip = 0x500;
+    cpu.regs.rflags = 0x2;
+    cpu.sregs.cs.selector = 0;
+    cpu.sregs.cs.base = 0;
+    (cpu, bytes)
+}
+
+#[test]
+fn real_mode_ud_entry_emulates_and_returns_as_iret() {
+    let (mut cpu, bytes) = at_real_mode_ud_entry(|a| a.movdir64b(di, ptr(si)));
+    cpu.mem
+        .write_slice(&descriptor(), GuestAddress(0x31000 + 0x20))
+        .unwrap();
+    cpu.regs.rsi = 0x20;
+    cpu.regs.rdi = 0x80;
+    assert_eq!(
+        read_exception_frame(&mut cpu, 6).unwrap(),
+        Some(ExceptionFrame {
+            error_code: None,
+            rip: 0x10,
+            cs: 0x3000,
+            rflags: 0x202,
+            rsp: 0xfff0,
+            ss: 0x3300,
+        })
+    );
+
+    let action = handle_exception_entry(&mut cpu, 6).unwrap();
+
+    assert_eq!(
+        action,
+        EntryAction::Emulated(StoreRecord {
+            kind: StoreKind::Movdir64b,
+            linear: 0x32080,
+            gpa: 0x32080,
+            reply: StoreReply::Accepted,
+        })
+    );
+    assert_eq!(cpu.stores[0].1, descriptor());
+    assert_eq!(
+        (cpu.regs.rip, cpu.sregs.cs.selector, cpu.sregs.cs.base),
+        (0x10 + bytes.len() as u64, 0x3000, 0x30000)
+    );
+    assert_eq!((cpu.regs.rsp, cpu.regs.rflags), (0xfff0, 0x202));
+    assert!(cpu.injected.is_empty());
+}
+
+#[test]
+fn real_mode_ud_entry_fault_is_delivered_from_the_instruction_without_error_code() {
+    let (mut cpu, _) = at_real_mode_ud_entry(|a| a.movdir64b(di, ptr(si)));
+    cpu.regs.rsi = 0xffe0;
+
+    let action = handle_exception_entry(&mut cpu, 6).unwrap();
+
+    let gp = Exception {
+        error_code: None,
+        ..Exception::gp0()
+    };
+    assert_eq!(action, EntryAction::Faulted(gp));
+    assert_eq!(cpu.injected, vec![Injected::at(gp, 0x10, 0x3000)]);
+    assert_eq!((cpu.regs.rsp, cpu.sregs.cs.base), (0xfff0, 0x30000));
+    assert!(cpu.stores.is_empty());
+}
+
+#[test]
+fn protected_mode_user_ud_entry_returns_to_the_outer_stack() {
+    let user_esp = 0x7_0000;
+    let code = assemble32(UCODE_PA, |a| a.movdir64b(edi, ptr(esi)));
+    let frame = [
+        UCODE_PA as u32,
+        u32::from(USER32_CS),
+        0x202,
+        user_esp,
+        u32::from(USER_SS),
+    ];
+    let mut cpu = at_protected_entry(6, &frame);
+    cpu.mem.write_slice(&code, GuestAddress(UCODE_PA)).unwrap();
+    cpu.mem
+        .write_slice(&descriptor(), GuestAddress(URAM_PA))
+        .unwrap();
+    cpu.regs.rsi = URAM_PA;
+    cpu.regs.rdi = PORTAL_PA + 0x40;
+
+    let action = handle_exception_entry(&mut cpu, 6).unwrap();
+
+    assert_eq!(
+        action,
+        EntryAction::Emulated(StoreRecord {
+            kind: StoreKind::Movdir64b,
+            linear: PORTAL_PA + 0x40,
+            gpa: PORTAL_PA + 0x40,
+            reply: StoreReply::Accepted,
+        })
+    );
+    assert_eq!(cpu.regs.rip, UCODE_PA + code.len() as u64);
+    assert_eq!(
+        (cpu.regs.rsp, cpu.regs.rflags),
+        (u64::from(user_esp), 0x202)
+    );
+    assert_eq!(
+        (cpu.sregs.cs.selector, cpu.sregs.cs.dpl, cpu.sregs.cs.db),
+        (USER32_CS, 3, 1)
+    );
+    assert_eq!((cpu.sregs.ss.selector, cpu.sregs.ss.dpl), (USER_SS, 3));
+
+    // The same frame from virtual-8086 mode is left to the guest.
+    let mut v86 = frame;
+    v86[2] |= rflags::VM as u32;
+    let mut cpu = at_protected_entry(6, &v86);
+    cpu.mem.write_slice(&code, GuestAddress(UCODE_PA)).unwrap();
+    assert_eq!(
+        handle_exception_entry(&mut cpu, 6).unwrap(),
+        EntryAction::PassThrough
+    );
+}
+
+#[test]
+fn protected_mode_kernel_gp0_entry_pops_the_error_code() {
+    let code = assemble32(UCODE_PA, |a| a.enqcmd(edi, ptr(esi)));
+    let sp_before = KSTACK_PA + 0x1000;
+    for (error_code, handled) in [(0, true), (0x18, false)] {
+        let mut cpu = at_protected_entry(
+            13,
+            &[error_code, UCODE_PA as u32, u32::from(KERNEL32_CS), 0x202],
+        );
+        cpu.mem.write_slice(&code, GuestAddress(UCODE_PA)).unwrap();
+        cpu.mem
+            .write_slice(&descriptor(), GuestAddress(URAM_PA))
+            .unwrap();
+        cpu.regs.rsi = URAM_PA;
+        cpu.regs.rdi = PORTAL_PA;
+        cpu.device_reply = StoreReply::Retry;
+
+        let action = handle_exception_entry(&mut cpu, 13).unwrap();
+
+        if !handled {
+            assert_eq!(action, EntryAction::PassThrough, "#GP({error_code:#x})");
+            assert_eq!(cpu.regs.rip, LEGACY_HANDLER);
+            continue;
+        }
+        assert!(matches!(action, EntryAction::Emulated(_)), "{action:?}");
+        assert_eq!(cpu.regs.rip, UCODE_PA + code.len() as u64);
+        assert_eq!(cpu.regs.rsp, sp_before);
+        assert_eq!(cpu.regs.rflags, 0x202 | rflags::ZF);
+        assert_eq!(cpu.sregs.cs.selector, KERNEL32_CS);
+    }
+}
+
+#[test]
+fn step_over_outside_long_mode_skips_only_no_ops() {
+    let (mut cpu, _) = at_real_mode_ud_entry(|a| a.nop());
+    cpu.mem.write_slice(&[0x90], GuestAddress(0x500)).unwrap();
+    assert_eq!(
+        step_over_handler_entry(&mut cpu).unwrap(),
+        StepOver::Skipped(1)
+    );
+    assert_eq!(cpu.regs.rip, 0x501);
+
+    cpu.regs.rip = 0x500;
+    cpu.mem.write_slice(&[0x50], GuestAddress(0x500)).unwrap(); // push ax
+    assert_eq!(
+        step_over_handler_entry(&mut cpu).unwrap(),
+        StepOver::NotHandled(Unhandled {
+            rip: 0x500,
+            bytes: vec![0x50],
+            reason: UnhandledReason::NotLongMode,
+        })
+    );
+    assert_eq!(cpu.regs.rip, 0x500);
+}
+
+// ---------------------------------------------------------------------------
 // Garbage never panics
 // ---------------------------------------------------------------------------
 
