@@ -147,7 +147,11 @@ const XSTRESS_ROUNDS: u32 = 300;
 
 #[test]
 fn pipelines_keep_each_processes_registers() {
-    let initramfs = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("xstress.cpio");
+    // Cargo makes this directory when it builds the tests; in the bed's L1
+    // only the executable is there.
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    std::fs::create_dir_all(dir).expect("create the tests' temporary directory");
+    let initramfs = dir.join("xstress.cpio");
     let regs = xstress::Registers::host();
     std::fs::write(
         &initramfs,
