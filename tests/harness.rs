@@ -345,6 +345,28 @@ fn triple_fault_reports_the_vcpu_state_and_its_last_exits() {
         "{report}"
     );
     assert!(resumed.contains("EFER 0x"), "{report}");
+    // Why nothing could be delivered, read from guest memory under that
+    // state: the empty IDT has no gate for #DF, #GP or #PF; the current
+    // stack is the harness's, mapped.
+    let path = section("exception delivery path under that state:");
+    for gate in ["#DF", "#GP", "#PF"] {
+        assert!(
+            path.contains(&format!("\n  {gate} gate: beyond the IDT's limit")),
+            "{report}"
+        );
+    }
+    assert!(path.contains("\n  IDT 0x0 limit 0x0: "), "{report}");
+    assert!(
+        path.lines().any(
+            |l| l.contains("current stack RSP 0x") && l.contains("the word below it at GPA 0x")
+        ),
+        "{report}"
+    );
+    // The micro-guest maps only low addresses: no kernel half.
+    assert!(
+        path.contains("kernel half: 256 of 256 entries zero"),
+        "{report}"
+    );
     // The exits, the OUT at its RIP among them, the shutdown last.
     let exits = &report[report.find("\nlast ").expect("an exit list")..];
     // KVMs differ in whether the RIP of an OUT's exit is already past it

@@ -270,7 +270,22 @@ impl Vcpu {
     /// KVM_EXIT_SHUTDOWN: reports the vCPU's state and its last exits.
     fn triple_fault(&mut self) -> VcpuStop {
         self.trace_exit(None);
-        log::error!("{}", self.trace.shutdown_report(self.id, &self.fd));
+        let (phys_addr_bits, page_1g) = (
+            GuestCpu::max_phys_addr_bits(self),
+            GuestCpu::has_1g_pages(self),
+        );
+        let report = self
+            .trace
+            .shutdown_report(self.id, &self.fd, |regs, sregs| {
+                emulator::describe_delivery_path(
+                    self.memory(),
+                    regs,
+                    sregs,
+                    phys_addr_bits,
+                    page_1g,
+                )
+            });
+        log::error!("{report}");
         VcpuStop::TripleFault
     }
 

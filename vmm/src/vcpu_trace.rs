@@ -244,8 +244,14 @@ impl ExitTrace {
     }
 
     /// The report for a triple fault of vCPU `id`: its state as KVM now
-    /// has it, the state it was last resumed with and its last exits.
-    pub fn shutdown_report(&self, id: u8, fd: &VcpuFd) -> String {
+    /// has it, the state it was last resumed with, what `describe` says of
+    /// guest memory under that state, and its last exits.
+    pub fn shutdown_report(
+        &self,
+        id: u8,
+        fd: &VcpuFd,
+        describe: impl FnOnce(&kvm_regs, &kvm_sregs) -> String,
+    ) -> String {
         let mut s = format!(
             "vCPU {id}: KVM_EXIT_SHUTDOWN (triple fault) after exit {}",
             self.seq
@@ -279,6 +285,8 @@ impl ExitTrace {
                     st.after_exit
                 );
                 write_state(&mut s, &st.regs, &st.sregs, &st.events);
+                s += "\n";
+                s += &describe(&st.regs, &st.sregs);
             }
             None => s += "\nno earlier exit: the vCPU was never resumed after one",
         }

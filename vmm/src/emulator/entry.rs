@@ -236,7 +236,11 @@ fn legacy_gate(ctx: &CpuContext, mem: &vm_memory::GuestMemoryMmap, v: u8) -> Opt
 
 /// Handler address in the IDT gate for `v` (present gates only): the
 /// 16-byte gates of IA-32e mode, or outside it [`legacy_gate`].
-fn gate_handler(ctx: &CpuContext, mem: &vm_memory::GuestMemoryMmap, v: u8) -> Option<u64> {
+pub(crate) fn gate_handler(
+    ctx: &CpuContext,
+    mem: &vm_memory::GuestMemoryMmap,
+    v: u8,
+) -> Option<u64> {
     if ctx.sregs.efer & efer::LMA == 0 {
         return legacy_gate(ctx, mem, v).map(|g| g.handler);
     }

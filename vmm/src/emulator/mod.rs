@@ -55,6 +55,7 @@
 
 mod context;
 mod decode;
+mod delivery_path;
 mod direct_store;
 mod entry;
 mod exception;
@@ -79,6 +80,7 @@ use kvm_bindings::{kvm_regs, kvm_sregs};
 use context::CpuContext;
 use mmu::Privilege;
 
+pub use delivery_path::describe_delivery_path;
 pub use entry::{
     handle_exception_entry, idt_handler, is_exception_entry, read_exception_frame,
     step_over_handler_entry, EntryAction, ExceptionFrame, StepOver,

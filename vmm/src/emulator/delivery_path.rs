@@ -1,0 +1,209 @@
+//! What a CPU in IA-32e mode touches to deliver an exception, looked up in
+//! guest memory under a given vCPU state: the IDT, the gates of #DF, #GP
+//! and #PF and their handlers, the TSS with its RSP0 and IST stacks, and
+//! the current stack. A triple fault means even #DF could not be
+//! delivered; on a KVM that resets the vCPU at the shutdown the VMM only
+//! has the state it last resumed the vCPU with, and guest memory, which
+//! the shutdown leaves alone. This says which of those structures are
+//! still reachable under that state, so a report can tell a broken table
+//! or mapping from a broken stack.
+//!
+//! Every access is a supervisor-implicit read or a translation without
+//! accessed/dirty updates: the guest's memory is not changed.
+
+use std::fmt::Write;
+
+use kvm_bindings::{kvm_regs, kvm_sregs};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::context::{CpuContext, CpuFeatures};
+use super::entry::gate_handler;
+use super::mmu::{read_linear, translate, AccessError, AccessKind, Privilege};
+use crate::x86::{efer, vector, CR3_ROOT_MASK};
+
+/// A 64-bit IDT gate is 16 bytes (SDM Vol. 3A, 6.14.1).
+const GATE_SIZE: u64 = 16;
+/// Gate bits of the low quadword: present, and the IST index.
+const GATE_PRESENT: u64 = 1 << 47;
+const GATE_IST_SHIFT: u32 = 32;
+const GATE_IST_MASK: u64 = 0x7;
+/// 64-bit TSS: RSP0 at byte 4, IST1..IST7 from byte 0x24 (SDM Vol. 3A, 8.7).
+const TSS_RSP0: u64 = 4;
+const TSS_IST1: u64 = 0x24;
+/// A 4-level or 5-level top-level table: 512 entries, the upper half the
+/// kernel's (SDM Vol. 3A, 4.5).
+const TOP_LEVEL_ENTRIES: usize = 512;
+const KERNEL_HALF_FIRST: usize = 256;
+/// The vectors whose delivery decides between a handled fault, a double
+/// fault and a triple fault.
+const VECTORS: [(u8, &str); 3] = [
+    (vector::DF, "#DF"),
+    (vector::GP, "#GP"),
+    (vector::PF, "#PF"),
+];
+
+/// Describes, one line each, how the IDT, the #DF/#GP/#PF gates and
+/// handlers, the TSS's stacks and the current stack translate under
+/// `regs`/`sregs` in `mem`.
+pub fn describe_delivery_path(
+    mem: &GuestMemoryMmap,
+    regs: &kvm_regs,
+    sregs: &kvm_sregs,
+    phys_addr_bits: u8,
+    page_1g: bool,
+) -> String {
+    let ctx = CpuContext {
+        regs: *regs,
+        sregs: *sregs,
+        features: CpuFeatures {
+            phys_addr_bits,
+            page_1g,
+        },
+    };
+    let mut s = String::from("exception delivery path under that state:");
+    if sregs.efer & efer::LMA == 0 {
+        s += " not in IA-32e mode, not examined";
+        return s;
+    }
+    let idt = sregs.idt;
+    let _ = write!(
+        s,
+        "\n  IDT {:#x} limit {:#x}: {}",
+        idt.base,
+        idt.limit,
+        where_is(mem, &ctx, idt.base, AccessKind::Read)
+    );
+    let mut stacks = Vec::new();
+    for (v, name) in VECTORS {
+        let offset = u64::from(v) * GATE_SIZE;
+        let _ = write!(s, "\n  {name} gate: ");
+        if offset + GATE_SIZE - 1 > u64::from(idt.limit) {
+            s += "beyond the IDT's limit";
+            continue;
+        }
+        let mut gate = [0u8; GATE_SIZE as usize];
+        let at = idt.base.wrapping_add(offset);
+        if let Err(e) = read_implicit(mem, &ctx, at, &mut gate) {
+            let _ = write!(s, "unreadable at {at:#x}: {}", describe_error(e));
+            continue;
+        }
+        let lo = u64::from_le_bytes(gate[..8].try_into().expect("8 bytes"));
+        if lo & GATE_PRESENT == 0 {
+            let _ = write!(s, "not present ({lo:#018x})");
+            continue;
+        }
+        let ist = ((lo >> GATE_IST_SHIFT) & GATE_IST_MASK) as u8;
+        let Some(handler) = gate_handler(&ctx, mem, v) else {
+            s += "unreadable";
+            continue;
+        };
+        let _ = write!(
+            s,
+            "handler {handler:#x} ({}), selector {:#x}, IST {ist}",
+            where_is(mem, &ctx, handler, AccessKind::Fetch),
+            (lo >> 16) & 0xffff
+        );
+        if !stacks.contains(&ist) {
+            stacks.push(ist);
+        }
+    }
+    let tss = sregs.tr.base;
+    let _ = write!(
+        s,
+        "\n  TSS {tss:#x}: {}",
+        where_is(mem, &ctx, tss, AccessKind::Read)
+    );
+    stacks.sort_unstable();
+    for ist in stacks {
+        let (name, field) = match ist {
+            0 => ("RSP0".to_string(), TSS_RSP0),
+            n => (
+                format!("IST{n}"),
+                TSS_IST1 + 8 * u64::from(n.saturating_sub(1)),
+            ),
+        };
+        let mut top = [0u8; 8];
+        match read_implicit(mem, &ctx, tss.wrapping_add(field), &mut top) {
+            Ok(()) => {
+                let top = u64::from_le_bytes(top);
+                let _ = write!(
+                    s,
+                    "\n  TSS {name} {top:#x}: the word below it {}",
+                    where_is(mem, &ctx, top.wrapping_sub(8), AccessKind::Write)
+                );
+            }
+            Err(e) => {
+                let _ = write!(s, "\n  TSS {name}: unreadable: {}", describe_error(e));
+            }
+        }
+    }
+    let _ = write!(
+        s,
+        "\n  current stack RSP {:#x}: the word below it {}",
+        regs.rsp,
+        where_is(mem, &ctx, regs.rsp.wrapping_sub(8), AccessKind::Write)
+    );
+    write_kernel_half(&mut s, mem, sregs.cr3 & CR3_ROOT_MASK);
+    s
+}
+
+/// The top-level table's kernel half (entries 256-511, which map the
+/// kernel's text, the IDT, GDT and TSS): its non-zero entries, and how many
+/// are zero. Every process's table carries copies of the same entries.
+fn write_kernel_half(s: &mut String, mem: &GuestMemoryMmap, root: u64) {
+    let mut table = [0u8; TOP_LEVEL_ENTRIES * 8];
+    if mem.read_slice(&mut table, GuestAddress(root)).is_err() {
+        let _ = write!(s, "\n  top-level table at GPA {root:#x}: not RAM");
+        return;
+    }
+    let mut zero = 0;
+    let mut present = String::new();
+    for (i, entry) in table.chunks_exact(8).enumerate().skip(KERNEL_HALF_FIRST) {
+        let e = u64::from_le_bytes(entry.try_into().expect("8 bytes"));
+        if e == 0 {
+            zero += 1;
+        } else {
+            let _ = write!(present, " [{i}] {e:#x}");
+        }
+    }
+    let _ = write!(
+        s,
+        "\n  top-level table at GPA {root:#x}, kernel half: {zero} of {} entries zero",
+        TOP_LEVEL_ENTRIES - KERNEL_HALF_FIRST
+    );
+    if !present.is_empty() {
+        let _ = write!(s, "; the others:{present}");
+    }
+}
+
+fn read_implicit(
+    mem: &GuestMemoryMmap,
+    ctx: &CpuContext,
+    va: u64,
+    buf: &mut [u8],
+) -> Result<(), AccessError> {
+    read_linear(mem, ctx, va, buf, AccessKind::Read, Privilege::Implicit)
+}
+
+/// "at GPA ..." or the fault a supervisor access of `kind` at `va` takes.
+fn where_is(mem: &GuestMemoryMmap, ctx: &CpuContext, va: u64, kind: AccessKind) -> String {
+    // Implicit: no accessed/dirty updates, SMAP as for the CPU's own
+    // accesses; a fetch is checked as one (NX, SMEP).
+    let privilege = if kind == AccessKind::Fetch {
+        Privilege::Supervisor
+    } else {
+        Privilege::Implicit
+    };
+    match translate(mem, ctx, va, kind, privilege) {
+        Ok(gpa) => format!("at GPA {gpa:#x}"),
+        Err(e) => describe_error(e),
+    }
+}
+
+fn describe_error(e: AccessError) -> String {
+    match e {
+        AccessError::Fault(x) => format!("faults: {x:?}"),
+        AccessError::NotRam { gpa } => format!("at GPA {gpa:#x}, not RAM"),
+        AccessError::Contended => "page tables changing".to_string(),
+    }
+}
