@@ -362,6 +362,11 @@ fn triple_fault_reports_the_vcpu_state_and_its_last_exits() {
         ),
         "{report}"
     );
+    // No device wrote anything: the micro-guest has none.
+    assert!(
+        report.contains("\nlast 0 device writes through the vIOMMU adapter (oldest first):"),
+        "{report}"
+    );
     // The micro-guest maps only low addresses: no kernel half.
     assert!(
         path.contains("kernel half: 256 of 256 entries zero"),

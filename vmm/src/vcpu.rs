@@ -20,6 +20,7 @@ use crate::entry_watch::{EntryWatch, SharedHandlers};
 use crate::platform::{vector, HostCpu, Platform};
 use crate::sva::{EnqcmdPasidHint, GuestPasids};
 use crate::vcpu_trace::{EmulationRoute, EntryRoute, ExitTrace, Route};
+use crate::x86::{CR3_ROOT_MASK, PAGE_TABLE_SIZE};
 use bus::Bus;
 
 /// KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES.
@@ -277,13 +278,22 @@ impl Vcpu {
         let report = self
             .trace
             .shutdown_report(self.id, &self.fd, |regs, sregs| {
-                emulator::describe_delivery_path(
+                let mut s = emulator::describe_delivery_path(
                     self.memory(),
                     regs,
                     sregs,
                     phys_addr_bits,
                     page_1g,
-                )
+                );
+                // A device write that hit the top-level table would
+                // explain a triple fault the guest never reported.
+                s += "\n";
+                s += &self.pasids.device_writes().report(
+                    sregs.cr3 & CR3_ROOT_MASK,
+                    PAGE_TABLE_SIZE,
+                    "the top-level page table",
+                );
+                s
             });
         log::error!("{report}");
         VcpuStop::TripleFault

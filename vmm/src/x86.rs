@@ -54,6 +54,9 @@ pub mod cr0 {
 /// CR3: bits 51:12 hold the physical address of the root paging table.
 pub const CR3_ROOT_MASK: u64 = 0x000f_ffff_ffff_f000;
 
+/// Every paging-structure table is one 4 KiB page.
+pub const PAGE_TABLE_SIZE: u64 = 0x1000;
+
 /// CR4 bits.
 pub mod cr4 {
     /// Page size extensions: 4 MiB pages in 32-bit paging.

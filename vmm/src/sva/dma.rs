@@ -223,6 +223,9 @@ impl DmaPort for ViommuDma {
 
     fn write(&self, space: AddressSpace, addr: u64, data: &[u8]) -> Result<(), DmaFault> {
         let (iommu, rid) = (&self.iommu, self.rid);
+        self.pasids
+            .device_writes()
+            .record(rid, space, addr, data.len());
         self.access(
             space,
             addr,
@@ -234,6 +237,9 @@ impl DmaPort for ViommuDma {
 
     /// Memory to memory through the vIOMMU, without a bounce buffer.
     fn copy(&self, space: AddressSpace, src: u64, dst: u64, len: usize) -> Result<(), DmaFault> {
+        self.pasids
+            .device_writes()
+            .record(self.rid, space, dst, len);
         let tag = match space {
             AddressSpace::Translated => return self.memory.copy(space, src, dst, len),
             AddressSpace::Untranslated(tag) => tag,

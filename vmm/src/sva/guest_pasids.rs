@@ -6,6 +6,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock, RwLockReadGuard};
 
+use super::write_log::DeviceWriteLog;
 use pasid::{Ia32Pasid, OwnerId, PasidSpace, PasidTable, Scope, PASID_MAX, RESERVED_PASID};
 use pci::PciAddress;
 use thiserror::Error;
@@ -150,6 +151,8 @@ pub struct GuestPasids {
     /// (requester ID, host PASID) of the DMA requests devices made through
     /// the vIOMMU (see [`GuestPasids::device_requests`]).
     device_requests: RwLock<BTreeSet<(PciAddress, u32)>>,
+    /// The devices' last writes (see [`GuestPasids::device_writes`]).
+    device_writes: DeviceWriteLog,
     /// Held shared by each enqueue from its translation to its arrival in
     /// the device, exclusively by a removal between unmapping and retiring.
     submissions: RwLock<()>,
@@ -196,11 +199,18 @@ impl GuestPasids {
             records: AtomicU64::new(0),
             freed: RwLock::new(Vec::new()),
             device_requests: RwLock::new(BTreeSet::new()),
+            device_writes: DeviceWriteLog::default(),
             submissions: RwLock::new(()),
             in_use: RwLock::new(Vec::new()),
             retired: Mutex::new(Vec::new()),
             foreign_requests: AtomicU64::new(0),
         })
+    }
+
+    /// The last writes this guest's devices made through the vIOMMU
+    /// adapter, for a triple-fault report.
+    pub fn device_writes(&self) -> &DeviceWriteLog {
+        &self.device_writes
     }
 
     /// The guest's owner in the host space.

@@ -77,6 +77,7 @@ mod function;
 mod guest_pasids;
 #[cfg(test)]
 mod tests;
+mod write_log;
 
 use std::sync::{Arc, Mutex};
 
@@ -97,6 +98,7 @@ pub use guest_pasids::{
     address_space_key, EnqcmdPasidHint, GuestPasids, HostPasidFreed, HostPasidInUse,
     PasidAuthority, PasidMiss, PasidSetup, ADDRESS_SPACE_MASK, GUEST_PASID_LIMIT,
 };
+pub use write_log::{DeviceWrite, DeviceWriteLog};
 
 /// The accelerator devices of a machine.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
