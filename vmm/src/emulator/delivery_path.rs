@@ -17,16 +17,10 @@ use kvm_bindings::{kvm_regs, kvm_sregs};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::context::{CpuContext, CpuFeatures};
-use super::entry::gate_handler;
+use super::entry::Gate64;
 use super::mmu::{read_linear, translate, AccessError, AccessKind, Privilege};
 use crate::x86::{efer, vector, CR3_ROOT_MASK};
 
-/// A 64-bit IDT gate is 16 bytes (SDM Vol. 3A, 6.14.1).
-const GATE_SIZE: u64 = 16;
-/// Gate bits of the low quadword: present, and the IST index.
-const GATE_PRESENT: u64 = 1 << 47;
-const GATE_IST_SHIFT: u32 = 32;
-const GATE_IST_MASK: u64 = 0x7;
 /// 64-bit TSS: RSP0 at byte 4, IST1..IST7 from byte 0x24 (SDM Vol. 3A, 8.7).
 const TSS_RSP0: u64 = 4;
 const TSS_IST1: u64 = 0x24;
@@ -75,33 +69,29 @@ pub fn describe_delivery_path(
     );
     let mut stacks = Vec::new();
     for (v, name) in VECTORS {
-        let offset = u64::from(v) * GATE_SIZE;
         let _ = write!(s, "\n  {name} gate: ");
-        if offset + GATE_SIZE - 1 > u64::from(idt.limit) {
+        let Some(at) = Gate64::address(idt.base, idt.limit, v) else {
             s += "beyond the IDT's limit";
             continue;
-        }
-        let mut gate = [0u8; GATE_SIZE as usize];
-        let at = idt.base.wrapping_add(offset);
-        if let Err(e) = read_implicit(mem, &ctx, at, &mut gate) {
+        };
+        let mut raw = [0u8; Gate64::SIZE as usize];
+        if let Err(e) = read_implicit(mem, &ctx, at, &mut raw) {
             let _ = write!(s, "unreadable at {at:#x}: {}", describe_error(e));
             continue;
         }
-        let lo = u64::from_le_bytes(gate[..8].try_into().expect("8 bytes"));
-        if lo & GATE_PRESENT == 0 {
-            let _ = write!(s, "not present ({lo:#018x})");
+        let (lo, hi) = raw.split_at(8);
+        let quad = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8 bytes"));
+        let gate = Gate64::from_quads(quad(lo), quad(hi));
+        if !gate.present {
+            let _ = write!(s, "not present ({:#018x})", quad(lo));
             continue;
         }
-        let ist = ((lo >> GATE_IST_SHIFT) & GATE_IST_MASK) as u8;
-        let Some(handler) = gate_handler(&ctx, mem, v) else {
-            s += "unreadable";
-            continue;
-        };
+        let (handler, ist) = (gate.handler, gate.ist);
         let _ = write!(
             s,
             "handler {handler:#x} ({}), selector {:#x}, IST {ist}",
             where_is(mem, &ctx, handler, AccessKind::Fetch),
-            (lo >> 16) & 0xffff
+            gate.selector
         );
         if !stacks.contains(&ist) {
             stacks.push(ist);

@@ -234,6 +234,36 @@ fn legacy_gate(ctx: &CpuContext, mem: &vm_memory::GuestMemoryMmap, v: u8) -> Opt
     })
 }
 
+/// An IA-32e mode IDT gate (SDM Vol. 3A, 6.14.1): 16 bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Gate64 {
+    pub present: bool,
+    pub selector: u16,
+    /// Interrupt-stack-table index (0: none).
+    pub ist: u8,
+    pub handler: u64,
+}
+
+impl Gate64 {
+    pub const SIZE: u64 = 16;
+
+    /// Decodes the gate's two quadwords.
+    pub fn from_quads(lo: u64, hi: u64) -> Self {
+        Gate64 {
+            present: lo & (1 << 47) != 0,
+            selector: (lo >> 16) as u16,
+            ist: ((lo >> 32) & 0x7) as u8,
+            handler: (lo & 0xffff) | ((lo >> 32) & 0xffff_0000) | ((hi & 0xffff_ffff) << 32),
+        }
+    }
+
+    /// Where gate `v` lies in an IDT at `base` with `limit`, if inside it.
+    pub fn address(base: u64, limit: u16, v: u8) -> Option<u64> {
+        let offset = u64::from(v) * Self::SIZE;
+        (offset + Self::SIZE - 1 <= u64::from(limit)).then(|| base.wrapping_add(offset))
+    }
+}
+
 /// Handler address in the IDT gate for `v` (present gates only): the
 /// 16-byte gates of IA-32e mode, or outside it [`legacy_gate`].
 pub(crate) fn gate_handler(
@@ -244,17 +274,10 @@ pub(crate) fn gate_handler(
     if ctx.sregs.efer & efer::LMA == 0 {
         return legacy_gate(ctx, mem, v).map(|g| g.handler);
     }
-    const GATE_SIZE: u64 = 16;
-    const GATE_PRESENT: u64 = 1 << 47;
-    let offset = u64::from(v) * GATE_SIZE;
-    if offset + GATE_SIZE - 1 > u64::from(ctx.sregs.idt.limit) {
-        return None;
-    }
-    let [lo, hi] = read_u64s::<2>(ctx, mem, ctx.sregs.idt.base.wrapping_add(offset))?;
-    if lo & GATE_PRESENT == 0 {
-        return None;
-    }
-    Some((lo & 0xffff) | ((lo >> 32) & 0xffff_0000) | ((hi & 0xffff_ffff) << 32))
+    let at = Gate64::address(ctx.sregs.idt.base, ctx.sregs.idt.limit, v)?;
+    let [lo, hi] = read_u64s::<2>(ctx, mem, at)?;
+    let gate = Gate64::from_quads(lo, hi);
+    gate.present.then_some(gate.handler)
 }
 
 /// The handler address the guest's IDT gives for `vector`: where a VMM puts
