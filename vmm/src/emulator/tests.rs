@@ -104,7 +104,13 @@ struct MockCpu {
     device_reads: Vec<(u64, usize)>,
     /// Device writes the emulator made: (GPA, bytes).
     device_writes: Vec<(u64, Vec<u8>)>,
+    /// The XSAVE family's view of the vCPU (IA32_PASID lives in `pasid`):
+    /// a mock that answers the fallback instructions answers these too.
+    xsave_image: Vec<u8>,
 }
+
+/// XCR0 of the mock: x87, SSE, AVX.
+const MOCK_XCR0: u64 = 0b111;
 
 /// What the mock portal device's registers read as: each byte its
 /// guest-physical address's low byte, inverted.
@@ -122,6 +128,26 @@ impl GuestCpu for MockCpu {
     }
     fn emulates(&self, _which: FallbackInstruction) -> bool {
         self.fallback
+    }
+    fn xstate(&mut self) -> Result<XState, EmulatorError> {
+        Ok(XState {
+            image: self.xsave_image.clone(),
+            xcr0: MOCK_XCR0,
+            xss: 0,
+            pasid: self.pasid,
+            // AVX at its standard offset, 256 bytes; PASID supervisor state.
+            layout: XStateLayout::from_cpuid(|i| match i {
+                2 => (256, 576, 0),
+                10 => (8, 0, 1),
+                _ => (0, 0, 0),
+            }),
+            features: XsaveFeatures::from_leaf_d1_eax(0b1111),
+        })
+    }
+    fn set_xstate(&mut self, state: &XState) -> Result<(), EmulatorError> {
+        self.xsave_image = state.image.clone();
+        self.pasid = state.pasid;
+        Ok(())
     }
     fn inject_exception(
         &mut self,
@@ -239,6 +265,7 @@ impl MockCpu {
             fallback: true,
             device_reads: Vec::new(),
             device_writes: Vec::new(),
+            xsave_image: vec![0; 4096],
         };
         let kernel_rw = PTE_P | PTE_RW | PTE_NX;
         let user_rw = kernel_rw | PTE_US;
@@ -2943,6 +2970,28 @@ fn step_over_outside_long_mode_skips_only_no_ops() {
 // ---------------------------------------------------------------------------
 // Garbage never panics
 // ---------------------------------------------------------------------------
+
+#[test]
+fn xsave_with_cr4_osxsave_clear_is_ud() {
+    // The random-bytes property's first find: `xsave [rax]` (0f ae 20) at
+    // CPL 0. Without CR4.OSXSAVE the family is #UD, before its operand.
+    let mut cpu = MockCpu::new();
+    assert_eq!(cpu.sregs.cr4 & crate::x86::cr4::OSXSAVE, 0);
+    cpu.regs.rip = KCODE;
+    assert_raises(&mut cpu, &[0x0f, 0xae, 0x20], Exception::ud());
+}
+
+#[test]
+fn xsave_to_an_unmapped_area_is_a_page_fault_at_its_header() {
+    // With OSXSAVE the same bytes reach the area: the standard form reads
+    // XSTATE_BV (offset 512) first to keep its bits outside RFBM, so an
+    // area at unmapped VA 0 faults there, a read of a page not present.
+    let mut cpu = MockCpu::new();
+    cpu.sregs.cr4 |= crate::x86::cr4::OSXSAVE;
+    cpu.regs.rax = 0;
+    assert_raises(&mut cpu, &[0x0f, 0xae, 0x20], Exception::page_fault(0, 512));
+    assert_eq!(cpu.xsave_image, vec![0; 4096], "a fault changes no state");
+}
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
