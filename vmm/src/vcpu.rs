@@ -285,14 +285,24 @@ impl Vcpu {
                     phys_addr_bits,
                     page_1g,
                 );
-                // A device write that hit the top-level table would
-                // explain a triple fault the guest never reported.
+                // The fault may have run under another process's table:
+                // a copy of the kernel half that lost entries names it.
+                let root = sregs.cr3 & CR3_ROOT_MASK;
+                let census = emulator::KernelHalfCensus::scan(self.memory(), root);
                 s += "\n";
-                s += &self.pasids.device_writes().report(
-                    sregs.cr3 & CR3_ROOT_MASK,
-                    PAGE_TABLE_SIZE,
-                    "the top-level page table",
-                );
+                s += &census.to_string();
+                // A device write that hit one of those tables would
+                // explain a triple fault the guest never reported.
+                let mut watched = vec![(root, PAGE_TABLE_SIZE, "the top-level page table".into())];
+                watched.extend(census.partial.iter().map(|c| {
+                    (
+                        c.gpa,
+                        PAGE_TABLE_SIZE,
+                        format!("the partial copy at GPA {:#x}", c.gpa),
+                    )
+                }));
+                s += "\n";
+                s += &self.pasids.device_writes().report(&watched);
                 s
             });
         log::error!("{report}");

@@ -64,6 +64,7 @@ mod guest_atomic;
 mod legacy_paging;
 mod mmu;
 mod syscall;
+mod top_level_tables;
 mod xsave;
 
 #[cfg(test)]
@@ -91,6 +92,7 @@ pub use pasid::MSR_IA32_PASID as IA32_PASID_MSR;
 pub use syscall::{
     broken_syscall_entry, complete_syscall, msr as syscall_msr, SyscallEntry, SyscallMsrs,
 };
+pub use top_level_tables::KernelHalfCensus;
 pub use xsave::{XComponent, XState, XStateLayout, XsaveFeatures};
 
 /// Errors of the VMM side: the vCPU or a device could not be reached. A

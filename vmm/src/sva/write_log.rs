@@ -115,9 +115,9 @@ impl DeviceWriteLog {
     }
 
     /// A report section: the recorded writes, oldest first, each
-    /// guest-physical one that touches `[watch_gpa, watch_gpa + watch_len)`
-    /// marked with `watch_name`.
-    pub fn report(&self, watch_gpa: u64, watch_len: u64, watch_name: &str) -> String {
+    /// guest-physical one that touches a watched range `(gpa, len, name)`
+    /// marked with that range's name.
+    pub fn report(&self, watched: &[(u64, u64, String)]) -> String {
         let writes = self.recent();
         let mut s = format!(
             "last {} device writes through the vIOMMU adapter (oldest first):",
@@ -125,8 +125,10 @@ impl DeviceWriteLog {
         );
         for w in &writes {
             let _ = write!(s, "\n  {w}");
-            if w.hits(watch_gpa, watch_len) {
-                let _ = write!(s, "  <-- writes {watch_name}");
+            for (gpa, len, name) in watched {
+                if w.hits(*gpa, *len) {
+                    let _ = write!(s, "  <-- writes {name}");
+                }
             }
         }
         s
@@ -164,7 +166,10 @@ mod tests {
             (last.seq, last.translated, last.pasid, last.addr, last.len),
             (SLOTS as u64 + 4, false, Some(0x42), 0x7f00_0000, 64)
         );
-        let report = log.report(0x10_0fe0, 0x20, "the page table");
+        let report = log.report(&[
+            (0x10_0fe0, 0x20, "the page table".to_string()),
+            (0x20_0000, 0x1000, "another page".to_string()),
+        ]);
         assert!(
             report.contains(&format!(
                 "#{} 00:01.0 GPA 0x100fe0 len 0x20  <-- writes the page table",
