@@ -357,6 +357,10 @@ fn triple_fault_reports_the_vcpu_state_and_its_last_exits() {
     }
     assert!(path.contains("\n  IDT 0x0 limit 0x0: "), "{report}");
     assert!(
+        path.contains(&format!("\n  RIP {ud2_rip:#x}: at GPA {ud2_rip:#x}")),
+        "{report}"
+    );
+    assert!(
         path.lines().any(
             |l| l.contains("current stack RSP 0x") && l.contains("the word below it at GPA 0x")
         ),

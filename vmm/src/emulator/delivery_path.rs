@@ -1,12 +1,12 @@
-//! What a CPU in IA-32e mode touches to deliver an exception, looked up in
-//! guest memory under a given vCPU state: the IDT, the gates of #DF, #GP
-//! and #PF and their handlers, the TSS with its RSP0 and IST stacks, and
-//! the current stack. A triple fault means even #DF could not be
-//! delivered; on a KVM that resets the vCPU at the shutdown the VMM only
-//! has the state it last resumed the vCPU with, and guest memory, which
-//! the shutdown leaves alone. This says which of those structures are
-//! still reachable under that state, so a report can tell a broken table
-//! or mapping from a broken stack.
+//! Where the vCPU fetches next and what a CPU in IA-32e mode touches to
+//! deliver an exception, looked up in guest memory under a given vCPU
+//! state: the IDT, the gates of #DF, #GP and #PF and their handlers, the
+//! TSS with its RSP0 and IST stacks, and the current stack. A triple fault
+//! means even #DF could not be delivered; on a KVM that resets the vCPU at
+//! the shutdown the VMM only has the state it last resumed the vCPU with,
+//! and guest memory, which the shutdown leaves alone. This says which of
+//! those structures are still reachable under that state, so a report can
+//! tell a broken table or mapping from a broken stack.
 //!
 //! Every access is a supervisor-implicit read or a translation without
 //! accessed/dirty updates: the guest's memory is not changed.
@@ -59,6 +59,13 @@ pub fn describe_delivery_path(
         s += " not in IA-32e mode, not examined";
         return s;
     }
+    // The next fetch: a resume whose first fetch faults shuts down there.
+    let _ = write!(
+        s,
+        "\n  RIP {:#x}: {}",
+        regs.rip,
+        where_is(mem, &ctx, regs.rip, AccessKind::Fetch)
+    );
     let idt = sregs.idt;
     let _ = write!(
         s,
