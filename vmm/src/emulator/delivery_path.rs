@@ -14,20 +14,17 @@
 use std::fmt::Write;
 
 use kvm_bindings::{kvm_regs, kvm_sregs};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 
 use super::context::{CpuContext, CpuFeatures};
 use super::entry::Gate64;
 use super::mmu::{read_linear, translate, AccessError, AccessKind, Privilege};
+use super::top_level_tables::{kernel_half, KERNEL_HALF_FIRST, TOP_LEVEL_ENTRIES};
 use crate::x86::{efer, vector, CR3_ROOT_MASK};
 
 /// 64-bit TSS: RSP0 at byte 4, IST1..IST7 from byte 0x24 (SDM Vol. 3A, 8.7).
 const TSS_RSP0: u64 = 4;
 const TSS_IST1: u64 = 0x24;
-/// A 4-level or 5-level top-level table: 512 entries, the upper half the
-/// kernel's (SDM Vol. 3A, 4.5).
-const TOP_LEVEL_ENTRIES: usize = 512;
-const KERNEL_HALF_FIRST: usize = 256;
 /// The vectors whose delivery decides between a handled fault, a double
 /// fault and a triple fault.
 const VECTORS: [(u8, &str); 3] = [
@@ -148,20 +145,14 @@ pub fn describe_delivery_path(
 /// kernel's text, the IDT, GDT and TSS): its non-zero entries, and how many
 /// are zero. Every process's table carries copies of the same entries.
 fn write_kernel_half(s: &mut String, mem: &GuestMemoryMmap, root: u64) {
-    let mut table = [0u8; TOP_LEVEL_ENTRIES * 8];
-    if mem.read_slice(&mut table, GuestAddress(root)).is_err() {
+    let Some(half) = kernel_half(mem, root) else {
         let _ = write!(s, "\n  top-level table at GPA {root:#x}: not RAM");
         return;
-    }
-    let mut zero = 0;
+    };
+    let zero = half.iter().filter(|&&e| e == 0).count();
     let mut present = String::new();
-    for (i, entry) in table.chunks_exact(8).enumerate().skip(KERNEL_HALF_FIRST) {
-        let e = u64::from_le_bytes(entry.try_into().expect("8 bytes"));
-        if e == 0 {
-            zero += 1;
-        } else {
-            let _ = write!(present, " [{i}] {e:#x}");
-        }
+    for (i, e) in half.iter().enumerate().filter(|(_, &e)| e != 0) {
+        let _ = write!(present, " [{}] {e:#x}", KERNEL_HALF_FIRST + i);
     }
     let _ = write!(
         s,

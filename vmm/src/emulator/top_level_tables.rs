@@ -18,8 +18,10 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestM
 
 use crate::x86::PAGE_TABLE_SIZE;
 
-const ENTRIES: usize = 512;
-const KERNEL_HALF_FIRST: usize = 256;
+/// A 4-level or 5-level top-level table: 512 entries, the upper half the
+/// kernel's (SDM Vol. 3A, 4.5).
+pub(super) const TOP_LEVEL_ENTRIES: usize = 512;
+pub(super) const KERNEL_HALF_FIRST: usize = 256;
 const ENTRY_SIZE: u64 = 8;
 /// Differing pages listed in full; the rest are counted.
 const LISTED: usize = 16;
@@ -140,9 +142,9 @@ impl fmt::Display for KernelHalfCensus {
     }
 }
 
-/// Entries 256-511 of the table page at `gpa`.
-fn kernel_half(mem: &GuestMemoryMmap, gpa: u64) -> Option<Vec<u64>> {
-    let mut raw = [0u8; (ENTRIES - KERNEL_HALF_FIRST) * ENTRY_SIZE as usize];
+/// Entries 256-511 of the table page at `gpa`; `None` if it is not RAM.
+pub(super) fn kernel_half(mem: &GuestMemoryMmap, gpa: u64) -> Option<Vec<u64>> {
+    let mut raw = [0u8; (TOP_LEVEL_ENTRIES - KERNEL_HALF_FIRST) * ENTRY_SIZE as usize];
     mem.read_slice(
         &mut raw,
         GuestAddress(gpa + KERNEL_HALF_FIRST as u64 * ENTRY_SIZE),
