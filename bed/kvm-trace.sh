@@ -2,11 +2,14 @@
 # Runs COMMAND inside L1 with L1's KVM recording what it sees of its guests
 # (the VMM's L2): every exit and entry, injected interrupts, MMIO, nested
 # page-table changes, and on Debian's 6.1.0-57 kernel the VMCB's CR3, CR0,
-# CR4, RIP and nested CR3 at every VMRUN and every exit (kprobes). When
-# COMMAND fails, prints the 1,500 trace lines before L2's last shutdown
-# exit (a guest triple fault) and the trace's tail, so a failure in the bed
-# says what L2's CPU was given and where it stopped, which the VMM itself
-# cannot see (SVM resets a vCPU that shuts down). Exits with COMMAND's status.
+# CR4, RIP, CR2, CPL, nested CR3, EVENTINJ and EXITINTINFO at every VMRUN
+# and every exit (kprobes). After COMMAND it prints how many exits the
+# trace holds (all, to user space, MMIO); when COMMAND fails, also the
+# 1,500 trace lines before L2's last shutdown exit (a guest triple fault)
+# and the trace's tail, so a failure in the bed says what L2's CPU was
+# given and where it stopped, which the VMM itself cannot see (SVM resets a
+# vCPU that shuts down; the CR2 of the shutdown exit is the address of the
+# last fault). Exits with COMMAND's status.
 #
 # Usage, from the host:
 #   bed/run.sh --include bed/kvm-trace.sh [--include ...] -- \
@@ -27,12 +30,13 @@ done
 # The VMCB's guest state at each VMRUN (svm_vcpu_run) and exit
 # (svm_handle_exit). Their argument is the vCPU, whose struct vcpu_svm keeps
 # its VMCB pointer at byte 6552 in this kernel's kvm-amd (read from the
-# module's BTF); in the VMCB (AMD APM vol. 2, appendix B) nested_cr3 is at
-# 0xb0, and the save area's CR4, CR3, CR0 and RIP at 0x548, 0x550, 0x558
-# and 0x578. Another kernel has another layout: no probes there.
+# module's BTF); in the VMCB (AMD APM vol. 2, appendix B) EXITINTINFO is at
+# 0x88, EVENTINJ at 0xa8 and nested_cr3 at 0xb0, and the save area's CPL,
+# CR4, CR3, CR0, RIP and CR2 at 0x4cb, 0x548, 0x550, 0x558, 0x578 and
+# 0x640. Another kernel has another layout: no probes there.
 if [ "$(uname -r)" = 6.1.0-57-amd64 ]; then
 	V='+6552(%di)'
-	state="cr3=+1360($V):x64 ncr3=+176($V):x64 cr0=+1368($V):x64 cr4=+1352($V):x64 rip=+1400($V):x64"
+	state="cr3=+1360($V):x64 ncr3=+176($V):x64 cr0=+1368($V):x64 cr4=+1352($V):x64 rip=+1400($V):x64 cr2=+1600($V):x64 cpl=+1227($V):u8 inj=+168($V):x32 eii=+136($V):x32"
 	grep -q '^p:kvmprobe/svm_entry ' $T/kprobe_events ||
 		echo "p:kvmprobe/svm_entry svm_vcpu_run $state" >> $T/kprobe_events
 	grep -q '^p:kvmprobe/svm_exit ' $T/kprobe_events ||
@@ -46,6 +50,8 @@ echo 1 > $T/tracing_on
 "$@"
 status=$?
 echo 0 > $T/tracing_on
+span="$(grep -m1 -o '[0-9]*\.[0-9]*:' $T/trace | tr -d :) to $(tail -n1 $T/trace | grep -o '[0-9]*\.[0-9]*:' | tr -d :)"
+echo "=== L1 KVM trace, $span s: $(grep -c 'kvm_exit:' $T/trace) exits, $(grep -c kvm_userspace_exit $T/trace) to user space ($(grep -c 'KVM_EXIT_MMIO' $T/trace) MMIO)"
 if [ $status != 0 ]; then
 	echo "=== L1 KVM trace: the 1,500 events before L2's shutdown exit (status $status)"
 	grep -B 1500 -A 3 'reason shutdown' $T/trace | tail -n 1504
