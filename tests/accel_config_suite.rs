@@ -169,12 +169,13 @@ fn accel_config_dsa_user_test_runner() {
     // The runner's output (its `set -x` trace included) is kept in the guest
     // and printed when it ends. Streamed, every line is a console
     // notification, a vCPU exit to the VMM: one streamed run in the bed had
-    // made 57,340 exits two-thirds of the way through; kept, a whole run
-    // makes 12,500 to 32,500 (11,000 to 15,500 of them MMIO, the devices'
-    // registers and portals) and ends about 15% sooner. In the nested bed
-    // the emulated CPU sometimes fails the first instruction after an exit
-    // to user space (README, "A known fault of the bed's CPU"): fewer exits,
-    // fewer chances of it. The runner itself is untouched.
+    // made 57,340 exits two-thirds of the way through; kept, whole runs
+    // made 12,500 to 42,000 (11,000 to 15,500 of them MMIO, the devices'
+    // registers and portals; twelve runs) and ended about 15% sooner. In the
+    // nested bed the emulated CPU sometimes fails the first instruction
+    // after an exit to user space (README, "A known fault of the bed's
+    // CPU"): fewer exits, fewer chances of it. The runner itself is
+    // untouched.
     let script = format!("{RUNNER} >/tmp/runner.out 2>&1; s=$?; cat /tmp/runner.out; exit $s");
     let out = linux::vmm_run_with(
         &linux::full_initramfs(),
